@@ -1,0 +1,557 @@
+"""Datasets for R2Rank (Sec. 4.1.1 of the R2Rank paper) and its self-check prompt (Sec. 3.4, Fig. 2).
+
+    python data.py amazon --reviews Video_Games.jsonl.gz --meta meta_Video_Games.jsonl.gz --out data/vg
+    python data.py movielens --path ml-100k --out data/ml100k
+    python data.py synthetic --out data/synthetic
+
+Protocol, every number a flag with the paper's value as default: interactions are implicit positives
+sorted by time (ties by item id); a user's last interaction in the window is the positive and up to
+--history 20 before it the history; users are split 8:1:1 by a seeded shuffle; an instance has
+--candidates 20 items, the positive plus negatives drawn uniformly from items the user never touched,
+in random order. Output: {train,valid,test}.jsonl, one instance per line,
+    {"user_id", "profile", "history": [{"item_id", "title", "text", "timestamp"}],
+     "candidates": [{"item_id", "title", "text"}], "labels": [1 for the positive, else 0]}
+and stats.json: Table 1 sizes, what was dropped and why, each item's count as a training positive.
+
+Prompt length budget: every item is one line "title - text" cut to max_item_chars characters (default
+200, "..." marks a cut), the profile is cut likewise, and the history keeps its most recent
+max_history items (default 20), oldest first. At the defaults a prompt stays under ~5,000 characters.
+
+Departures from the paper (which leaves these points open):
+1. A user who touched the same item twice keeps the first time only, so the positive is never also
+   in its own history.
+2. Negatives avoid every item the user touched, inside or outside the window; the item pool is
+   every titled item that a kept user touched in the window.
+3. stats.json's "items" and "interactions" count the data before the history is cut to --history
+   ("interactions_in_instances" counts what the model is shown).
+4. MovieLens has no time window by default (its 1997-98 dates all fall outside the Amazon one), and
+   its placeholder title "unknown" counts as no title.
+5. Timestamps are stored (Unix seconds) but left out of the prompt, to keep prompts short.
+6. A synthetic source (not in the paper) gives a small set whose labels only the history reveals.
+"""
+import argparse
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, fields
+from datetime import date, datetime, timezone
+
+from tqdm import tqdm
+
+RECOMMEND = "Recommend"
+NOT_RECOMMEND = "Not Recommend"
+SPLITS = ("train", "valid", "test")
+AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
+STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
+MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
+                    "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()
+
+
+class DataError(Exception):
+    """Bad input; the message names the file and, when there is one, the line."""
+
+
+def flag(default, text):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class Protocol:
+    """The data protocol of Sec. 4.1.1; every field is a command-line flag."""
+    history: int = flag(20, "history length L: at most this many interactions before the positive, the latest")
+    candidates: int = flag(20, "candidates K per instance: the positive and K-1 negatives")
+    split: str = flag("8:1:1", "train:valid:test ratio of the users")
+    seed: int = flag(0, "seed of the user split and of the negatives")
+    start: str | None = flag(None, "first day of the time window, YYYY-MM-DD, UTC")
+    end: str | None = flag(None, "last day of the time window, included, YYYY-MM-DD, UTC")
+
+
+@dataclass
+class RawData:
+    """What a source hands to the protocol."""
+    interactions: list  # (user_id, item_id, unix seconds), inside the window
+    items: dict  # item_id -> {"title", "text"}, titled items only
+    profiles: dict  # user_id -> profile text
+    inputs: list  # file names, for messages and stats.json
+    touched_outside: dict = field(default_factory=dict)  # user_id -> items touched outside the window
+    dropped: Counter = field(default_factory=Counter)
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_lines(path, encoding="utf-8"):
+    """Yield (line_number, text) of a plain or gzip file, streamed, with a tqdm bar over its bytes."""
+    try:
+        raw = open(path, "rb")
+        is_gzip = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+    lineno = 0
+    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=os.path.basename(path),
+               disable=None, leave=False)
+    with raw, bar:
+        try:
+            for lineno, line in enumerate(gzip.GzipFile(fileobj=raw) if is_gzip else raw, 1):
+                if lineno % 8192 == 0:
+                    bar.update(raw.tell() - bar.n)
+                try:
+                    text = line.decode(encoding)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid {encoding} (byte {e.start + 1})") from None
+                yield lineno, text.rstrip("\r\n")
+        except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
+            raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from None
+
+
+def read_jsonl(path):
+    """Yield (line_number, dict) for each non-blank line of a JSON-lines file."""
+    for lineno, text in read_lines(path):
+        if text.strip():
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def read_rows(path, sep, count=None, encoding="utf-8"):
+    """Yield (line_number, fields) of a delimited file; each row has `count` fields (default: as many
+    as the first row)."""
+    for lineno, text in read_lines(path, encoding):
+        if text.strip():
+            values = text.split(sep)
+            count = count or len(values)
+            if len(values) != count:
+                raise DataError(f"{path}:{lineno}: expected {count} fields split by {sep!r}, got {len(values)}")
+            yield lineno, values
+
+
+def read_atomic(path, required):
+    """Yield (line_number, {column: value}) of a RecBole atomic file (tab-separated, "name:type" header)."""
+    rows = read_rows(path, "\t")
+    columns = [name.split(":")[0] for name in next(rows, (1, []))[1]]
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise DataError(f"{path}:1: the header lacks column(s) {', '.join(missing)}")
+    for lineno, values in rows:
+        yield lineno, dict(zip(columns, values))
+
+
+def require(record, name, kinds, path, lineno):
+    value = record.get(name)
+    if value is None:
+        raise DataError(f"{path}:{lineno}: missing required field '{name}'")
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise DataError(f"{path}:{lineno}: field '{name}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def as_int(text, path, lineno):
+    try:
+        return int(float(text))
+    except ValueError:
+        raise DataError(f"{path}:{lineno}: not a number: {text!r}") from None
+
+
+def clean(value):
+    """A text-ish JSON value (string, number, list of them) as one line of single-spaced text."""
+    if isinstance(value, list):
+        value = " ".join(clean(v) for v in value)
+    return " ".join(str(value).split()) if value is not None else ""
+
+
+def window_seconds(protocol):
+    """[lo, hi) in Unix seconds, days at UTC midnight; the end day is included."""
+    def day(text):
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    return (day(protocol.start) if protocol.start else float("-inf"),
+            day(protocol.end) + 86400 if protocol.end else float("inf"))
+
+
+def keep_in_window(raw, records, protocol, path, remember_outside=True):
+    """Add the (user, item, seconds) records inside the window to raw; count the others."""
+    lo, hi = window_seconds(protocol)
+    for user, item, seconds in records:
+        if lo <= seconds < hi:
+            raw.interactions.append((user, item, seconds))
+        else:
+            raw.dropped["interactions_outside_window"] += 1
+            if remember_outside:
+                raw.touched_outside.setdefault(user, set()).add(item)
+    if not raw.interactions:
+        window = f"from {protocol.start or 'the start'} to {protocol.end or 'the end'}"
+        raise DataError(f"{path}: no interactions {window}")
+
+
+# ---------------------------------------------------------------- sources
+
+
+def amazon_reviews(path):
+    for lineno, review in read_jsonl(path):
+        user, item = require(review, "user_id", str, path, lineno), require(review, "parent_asin", str, path, lineno)
+        yield user, item, int(require(review, "timestamp", (int, float), path, lineno) // 1000)  # ms -> s
+
+
+def amazon_text(record):
+    categories = [c for c in record.get("categories") or [] if isinstance(c, str)]
+    parts = [f"by {clean(record['store'])}" if record.get("store") else "",
+             " > ".join(categories) or clean(record.get("main_category")),
+             f"price ${record['price']}" if isinstance(record.get("price"), (int, float)) else "",
+             clean(record.get("features")), clean(record.get("description"))]
+    return shorten("; ".join(p for p in parts if p), STORED_TEXT_CHARS)
+
+
+def load_amazon(reviews, meta, protocol):
+    """Amazon Reviews 2023: <Category>.jsonl[.gz] reviews and meta_<Category>.jsonl[.gz] metadata."""
+    raw = RawData([], {}, {}, [reviews, meta])
+    # Millions of lines: keep the in-window ones only, and see the others again in a second pass.
+    keep_in_window(raw, amazon_reviews(reviews), protocol, reviews, remember_outside=False)
+    needed = {item for _, item, _ in raw.interactions}
+    for lineno, record in read_jsonl(meta):
+        item = require(record, "parent_asin", str, meta, lineno)
+        if item in needed and item not in raw.items and clean(record.get("title")):
+            raw.items[item] = {"title": clean(record["title"]), "text": amazon_text(record)}
+    raw.dropped["items_without_title"] = len(needed - raw.items.keys())
+    if raw.dropped["interactions_outside_window"]:  # negatives must avoid these too
+        lo, hi = window_seconds(protocol)
+        in_window = Counter(user for user, item, _ in raw.interactions if item in raw.items)
+        for user, item, seconds in amazon_reviews(reviews):
+            if in_window[user] >= 2 and not lo <= seconds < hi:  # only users who can be kept
+                raw.touched_outside.setdefault(user, set()).add(item)
+    return raw
+
+
+def movie(title, year, genres):
+    """MovieLens writes "unknown" where the title, year or genre is missing."""
+    title = "" if title.strip().lower() in ("unknown", "unkonwn") else clean(title)
+    genres = [genre for genre in genres if genre != "unknown"]
+    parts = [f"year {year}" if year.isdigit() else "", "genres: " + ", ".join(genres) if genres else ""]
+    return {"title": title, "text": "; ".join(p for p in parts if p)}
+
+
+def original_movie(values):
+    """u.item row: id | title (year) | release date | video release | url | 19 genre flags."""
+    match = re.fullmatch(r"(.*?)\s*\((\d{4})\)\s*", values[1])
+    title, year = (match[1], match[2]) if match else (values[1], values[2][-4:])
+    return movie(title, year, [genre for genre, bit in zip(MOVIELENS_GENRES, values[5:]) if bit == "1"])
+
+
+def load_movielens(path, protocol):
+    """MovieLens-100K in its original layout (u.data, u.item, u.user) or as RecBole atomic files."""
+    original = os.path.exists(os.path.join(path, "u.data"))
+    if not original and not os.path.exists(os.path.join(path, "ml-100k.inter")):
+        raise DataError(f"{path}: holds neither u.data (original layout) nor ml-100k.inter (RecBole layout)")
+    names = ("u.data", "u.item", "u.user") if original else ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+    inter, item_file, user_file = files = [os.path.join(path, name) for name in names]
+    raw = RawData([], {}, {}, files)
+    if original:
+        records = ((user, item, as_int(seconds, inter, lineno))
+                   for lineno, (user, item, _, seconds) in read_rows(inter, "\t", 4))
+        movies = {values[0]: original_movie(values) for _, values in read_rows(item_file, "|", 24, "latin-1")}
+        users = (values[:4] for _, values in read_rows(user_file, "|", 5))
+    else:
+        records = ((row["user_id"], row["item_id"], as_int(row["timestamp"], inter, lineno))
+                   for lineno, row in read_atomic(inter, ["user_id", "item_id", "timestamp"]))
+        movies = {row["item_id"]: movie(row["movie_title"], row["release_year"], row["class"].split())
+                  for _, row in read_atomic(item_file, ["item_id", "movie_title", "release_year", "class"])}
+        users = ((row["user_id"], row["age"], row["gender"], row["occupation"])
+                 for _, row in read_atomic(user_file, ["user_id", "age", "gender", "occupation"]))
+    keep_in_window(raw, records, protocol, inter)
+    raw.items = {item: described for item, described in movies.items() if described["title"]}
+    raw.dropped["items_without_title"] = len(movies) - len(raw.items)
+    for user, age, gender, occupation in users:
+        gender = {"M": "male", "F": "female"}.get(gender, gender)
+        raw.profiles[user] = f"Age {age}, {gender}, occupation: {occupation}"
+    return raw
+
+
+SYNTHETIC_CATEGORIES = {
+    "camping": ["tent", "lantern", "sleeping bag"], "cooking": ["skillet", "chef knife", "spice rack"],
+    "music": ["ukulele", "metronome", "guitar strap"], "gardening": ["trowel", "watering can", "seed kit"],
+    "fitness": ["yoga mat", "kettlebell", "jump rope"], "painting": ["easel", "brush set", "canvas pad"],
+    "reading": ["book light", "bookend", "reading stand"], "gaming": ["gamepad", "headset", "racing wheel"],
+}
+SYNTHETIC_COLORS = ["red", "blue", "green", "black"]
+
+
+def synthetic_raw(users=200, seed=0):
+    """96 items in 8 categories. Each user favours 2 categories drawn uniformly; the history (4-10
+    items) and the positive come from them, so a category alone says nothing about the label but the
+    history does: the positive's category always occurs in the history."""
+    rng = random.Random(f"synthetic/{seed}")
+    raw = RawData([], {}, {}, ["synthetic"])
+    by_category, category_of = defaultdict(list), {}
+    for category, nouns in SYNTHETIC_CATEGORIES.items():
+        for noun in nouns:
+            for color in SYNTHETIC_COLORS:
+                item = f"i{len(raw.items):03d}"
+                raw.items[item] = {"title": f"{color.capitalize()} {noun}",
+                                   "text": f"category: {category}; color: {color}"}
+                by_category[category].append(item)
+                category_of[item] = category
+    start = int(datetime(2022, 1, 1, tzinfo=timezone.utc).timestamp())
+    for number in range(users):
+        user = f"u{number:04d}"
+        raw.profiles[user] = f"Age {rng.randint(18, 70)}"  # no signal in it
+        first, second = rng.sample(sorted(by_category), 2)
+        history = rng.sample(by_category[first] + by_category[second], rng.randint(4, 10))
+        shown = sorted({category_of[item] for item in history})
+        positive = rng.choice([i for category in shown for i in by_category[category] if i not in history])
+        for step, item in enumerate(history + [positive]):
+            raw.interactions.append((user, item, start + 86400 * (number + step)))
+    return raw
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+def split_sizes(users, ratio):
+    """(train, valid, test) sizes for an "8:1:1"-style ratio; valid and test round down."""
+    parts = [int(part) for part in ratio.split(":")]
+    valid, test = users * parts[1] // sum(parts), users * parts[2] // sum(parts)
+    return users - valid - test, valid, test
+
+
+def build_instances(raw, protocol):
+    """Apply the protocol (see the module docstring) to raw data. Returns ({split: instances}, stats)."""
+    dropped = Counter(raw.dropped)
+    by_user = defaultdict(list)
+    for user, item, seconds in raw.interactions:
+        if item in raw.items:
+            by_user[user].append((seconds, item))
+        else:
+            dropped["interactions_with_untitled_item"] += 1
+    sequences = {}
+    for user in sorted(by_user):
+        sequence = {}  # item -> seconds, in time order (ties by item id), the first touch only
+        for seconds, item in sorted(by_user[user]):
+            sequence.setdefault(item, seconds)
+        dropped["repeated_interactions"] += len(by_user[user]) - len(sequence)
+        if len(sequence) < 2:
+            dropped["users_without_history"] += 1
+        else:
+            sequences[user] = list(sequence.items())
+    pool = sorted({item for sequence in sequences.values() for item, _ in sequence})
+
+    def entry(item, seconds=None):
+        described = {"item_id": item, "title": raw.items[item]["title"], "text": raw.items[item]["text"]}
+        return described if seconds is None else {**described, "timestamp": seconds}
+
+    instances = {}
+    for user, sequence in sequences.items():
+        touched = {item for item, _ in sequence} | raw.touched_outside.get(user, set())
+        if len(pool) - len(touched.intersection(pool)) < protocol.candidates - 1:
+            dropped["users_with_too_few_negatives"] += 1
+            continue
+        rng = random.Random(f"{protocol.seed}/{user}")  # per user: a user's draw ignores the others
+        positive, negatives = sequence[-1][0], []
+        while len(negatives) < protocol.candidates - 1:  # rejection sampling: uniform, no replacement
+            item = pool[rng.randrange(len(pool))]
+            if item not in touched and item not in negatives:
+                negatives.append(item)
+        candidates = [positive] + negatives
+        rng.shuffle(candidates)
+        instances[user] = {"user_id": user, "profile": raw.profiles.get(user, ""),
+                           "history": [entry(item, s) for item, s in sequence[-1 - protocol.history:-1]],
+                           "candidates": [entry(item) for item in candidates],
+                           "labels": [int(item == positive) for item in candidates]}
+    if not instances:
+        raise DataError(f"{', '.join(raw.inputs)}: no user is left after the protocol ({dict(dropped)})")
+
+    users = sorted(instances)
+    random.Random(protocol.seed).shuffle(users)
+    n_train, n_valid, _ = split_sizes(len(users), protocol.split)
+    groups = (users[:n_train], users[n_train:n_train + n_valid], users[n_train + n_valid:])
+    splits = {name: [instances[user] for user in sorted(group)] for name, group in zip(SPLITS, groups)}
+    frequency = Counter(inst["candidates"][inst["labels"].index(1)]["item_id"] for inst in splits["train"])
+    stats = {"inputs": raw.inputs, "protocol": asdict(protocol), "users": len(users), "items": len(pool),
+             "interactions": sum(len(sequences[user]) for user in users),
+             "interactions_in_instances": sum(len(inst["history"]) + 1 for inst in instances.values()),
+             "instances": {name: len(split) for name, split in splits.items()},
+             "dropped": dict(sorted(dropped.items())),
+             "train_positive_frequency": {item: frequency[item] for item in pool}}
+    return splits, stats
+
+
+# ---------------------------------------------------------------- writing and loading
+
+
+def check_out_dir(out_dir, overwrite):
+    """Refuse an existing output (an empty directory is fine) unless overwrite."""
+    if os.path.exists(out_dir) and not overwrite and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        raise DataError(f"{out_dir}: the output directory exists (pass --overwrite to replace it)")
+
+
+def write_dataset(out_dir, splits, stats, overwrite=False):
+    """Write <split>.jsonl and stats.json into a temporary sibling directory, then rename it to out_dir,
+    so a failure leaves nothing behind."""
+    check_out_dir(out_dir, overwrite)
+    parent, tmp = os.path.dirname(os.path.abspath(out_dir)), None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
+        for name, instances in splits.items():
+            with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(inst, ensure_ascii=False) + "\n" for inst in instances)
+        with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        raise DataError(f"{e.filename or out_dir}: cannot write ({e.strerror})") from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_synthetic(out_dir, users=200, seed=0, overwrite=False, **protocol):
+    """Build the synthetic set into out_dir (missing or empty) and return its stats; `protocol` takes
+    Protocol's fields (history, candidates, split)."""
+    check_out_dir(out_dir, overwrite)
+    splits, stats = build_instances(synthetic_raw(users, seed), Protocol(seed=seed, **protocol))
+    write_dataset(out_dir, splits, stats, overwrite)
+    return stats
+
+
+def load_split(data_dir, split):
+    """Instances of <data_dir>/<split>.jsonl; a DataError names the file and line of a bad record."""
+    path, instances = os.path.join(data_dir, f"{split}.jsonl"), []
+    for lineno, inst in read_jsonl(path):
+        for name, kind in (("user_id", str), ("history", list), ("candidates", list), ("labels", list)):
+            require(inst, name, kind, path, lineno)
+        if len(inst["labels"]) != len(inst["candidates"]):
+            raise DataError(f"{path}:{lineno}: labels and candidates differ in length")
+        instances.append(inst)
+    return instances
+
+
+# ---------------------------------------------------------------- the self-check prompt (Fig. 2)
+
+SYSTEM_PROMPT = "You are a recommendation assistant. You judge one candidate item at a time for one user."
+INSTRUCTIONS = (
+    "Decide whether to recommend the candidate item below to this user. "
+    "Answer in three parts, in this order.\n"
+    "# Initial reasoning: weigh what the user context says about this user's tastes against what the "
+    "candidate item offers.\n"
+    "# Self-check: re-read your initial reasoning and look for errors, claims the context does not "
+    "support, doubts, and signals you leaned on too heavily.\n"
+    "# Final conclusion: state the deciding reasons in a few sentences.\n"
+    f"End with exactly one of <answer>{RECOMMEND}</answer> or <answer>{NOT_RECOMMEND}</answer>.")
+ANSWER_PATTERN = re.compile(r"<answer>\s*(not\s+recommend|recommend)\s*</answer>", re.IGNORECASE)
+
+
+def shorten(text, max_chars):
+    """text cut to at most max_chars characters, "..." marking the cut."""
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars - 3].rstrip() + "..." if max_chars > 3 else text[:max_chars]
+
+
+def candidate_text(candidate, max_item_chars=200):
+    """One item as one line, "title - text", cut to max_item_chars."""
+    line = f"{candidate['title']} - {candidate['text']}" if candidate.get("text") else candidate["title"]
+    return shorten(" ".join(line.split()), max_item_chars)
+
+
+def user_context_text(instance, max_history=20, max_item_chars=200):
+    """The profile and the numbered history, oldest first, cut to its most recent max_history items."""
+    history = instance["history"][-max_history:] if max_history > 0 else []
+    lines = [f"Profile: {shorten(instance.get('profile') or 'not available', max_item_chars)}",
+             "History, oldest first:" if history else "History: none"]
+    lines += [f"{number}. {candidate_text(item, max_item_chars)}" for number, item in enumerate(history, 1)]
+    return "\n".join(lines)
+
+
+def self_check_parts(instance, k, max_history=20, max_item_chars=200):
+    """(system text, user-message prefix shared by all K candidates, candidate k's text). The prefix
+    ends with a newline, so tokenizers split there and its KV cache can serve all K candidates."""
+    context = user_context_text(instance, max_history, max_item_chars)
+    prefix = f"{INSTRUCTIONS}\n\nUSER CONTEXT\n{context}\n\nCANDIDATE ITEM\n"
+    return SYSTEM_PROMPT, prefix, candidate_text(instance["candidates"][k], max_item_chars)
+
+
+def self_check_messages(instance, k, max_history=20, max_item_chars=200):
+    """Chat messages asking for the self-check reasoning about candidate k (Fig. 2 of the paper)."""
+    system, prefix, candidate = self_check_parts(instance, k, max_history, max_item_chars)
+    return [{"role": "system", "content": system}, {"role": "user", "content": prefix + candidate}]
+
+
+def parse_answer(text):
+    """1 if the last <answer> tag says Recommend, 0 if it says Not Recommend, None if there is none."""
+    answers = ANSWER_PATTERN.findall(text)
+    return int(not answers[-1].lower().startswith("not")) if answers else None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def day_arg(text):
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
+
+
+def add_protocol_args(parser, window, no_window_note):
+    for f in fields(Protocol):
+        default = dict(zip(("start", "end"), window)).get(f.name, f.default)
+        if f.name in ("start", "end"):
+            shown = f"{default}, the paper's" if default else no_window_note
+        else:
+            shown = default
+        parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else day_arg,
+                            default=default, help=f"{f.metadata['help']} (default: {shown})")
+    parser.add_argument("--out", required=True, help="output directory; must not exist (or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build R2Rank's train/valid/test instances (Sec. 4.1.1 of the "
+                                     "paper; the protocol defaults are the paper's). See data.py's docstring.")
+    sources = parser.add_subparsers(dest="source", required=True)
+    amazon = sources.add_parser("amazon", help="Amazon Reviews 2023, one category")
+    amazon.add_argument("--reviews", required=True, help="the <Category>.jsonl or .jsonl.gz review file")
+    amazon.add_argument("--meta", required=True, help="the meta_<Category>.jsonl or .jsonl.gz item file")
+    add_protocol_args(amazon, AMAZON_WINDOW, "")
+    movielens = sources.add_parser("movielens", help="MovieLens-100K, original or RecBole layout")
+    movielens.add_argument("--path", required=True, help="directory of u.data, u.item, u.user or of ml-100k.inter, "
+                           ".item, .user (get them: pip download --no-deps recbole, unzip dataset_example/ml-100k)")
+    add_protocol_args(movielens, (None, None), "no window, every interaction is kept")
+    synthetic = sources.add_parser("synthetic", help="a small generated set whose labels need the history")
+    synthetic.add_argument("--users", type=int, default=200, help="number of users (default: 200)")
+    add_protocol_args(synthetic, (None, None), "no window")
+    args = parser.parse_args(argv)
+    protocol = Protocol(**{f.name: getattr(args, f.name) for f in fields(Protocol)})
+    if not re.fullmatch(r"\d+:\d+:\d+", protocol.split) or protocol.history < 1 or protocol.candidates < 2:
+        parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
+    try:
+        check_out_dir(args.out, args.overwrite)  # before the slow part
+        raw = (load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else
+               load_movielens(args.path, protocol) if args.source == "movielens" else
+               synthetic_raw(args.users, protocol.seed))
+        splits, stats = build_instances(raw, protocol)
+        write_dataset(args.out, splits, stats, args.overwrite)
+    except DataError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 1
+    rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
+    rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
+    rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]
+    print(f"wrote {args.out}\n" + "\n".join(f"  {name:<40} {count:>10,}" for name, count in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

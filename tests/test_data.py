@@ -1,0 +1,493 @@
+"""data.py: the protocol of Sec. 4.1.1 on tiny hand-written fixtures, the synthetic set, the Fig. 2
+prompt, and bad inputs through the real command line. Every expectation is worked out by hand from
+the fixture, not read back from the code."""
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+
+import pytest
+
+import data
+from data import DataError, Protocol, RawData
+
+DATA_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, DATA_PY, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+def millis(when):
+    return int(datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def write_jsonl(path, records, compress=False):
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    with (gzip.open(path, "wt", encoding="utf-8") if compress else open(path, "w", encoding="utf-8")) as f:
+        f.write(text)
+    return path
+
+
+def read_all(out_dir):
+    return {split: data.load_split(out_dir, split) for split in data.SPLITS}
+
+
+def ids(items):
+    return [item["item_id"] for item in items]
+
+
+def positives(inst):
+    return [c["item_id"] for c, label in zip(inst["candidates"], inst["labels"]) if label]
+
+
+def negatives(inst):
+    return [c["item_id"] for c, label in zip(inst["candidates"], inst["labels"]) if not label]
+
+
+# ---------------------------------------------------------------- Amazon fixture
+
+def review(user, item, when):
+    return {"rating": 5.0, "title": "ok", "text": "fine", "user_id": user, "parent_asin": item,
+            "asin": item, "timestamp": millis(when), "verified_purchase": True}
+
+
+AMAZON_REVIEWS = [
+    review("alice", "B01", "2021-09-30T23:59:59"),  # one second before the paper's window
+    review("alice", "B02", "2021-10-01T00:00:00"),  # first second of the window
+    review("alice", "B04", "2022-05-01T12:00:00"),  # tie with B03: B03 must come first (item id)
+    review("alice", "B03", "2022-05-01T12:00:00"),
+    review("alice", "NT", "2022-06-01T00:00:00"),  # item whose metadata has no title
+    review("alice", "B05", "2023-10-31T23:59:59"),  # last second of the window: the positive
+    review("alice", "B06", "2023-11-01T00:00:00"),  # just after the window
+    review("bob", "B07", "2022-01-01T00:00:00"),  # one interaction only: no history
+    review("carol", "C5", "2022-03-05T00:00:00"),  # out of file order on purpose
+    *[review("carol", f"C{n}", f"2022-03-0{n}T00:00:00") for n in range(1, 5)],
+    review("dave", "B10", "2022-02-01T00:00:00"),
+    review("dave", "B11", "2022-02-02T00:00:00"),
+    review("dave", "B10", "2022-02-03T00:00:00"),  # the same item again: only the first touch counts
+    review("dave", "C1", "2021-01-01T00:00:00"),  # before the window, yet never a negative for dave
+    review("erin", "MISSING", "2022-01-01T00:00:00"),  # item absent from the metadata file
+    review("erin", "B12", "2022-01-02T00:00:00"),
+    *[review("frank", f"F{n:02d}", f"2022-04-{n:02d}T00:00:00") for n in range(1, 13)],
+]
+AMAZON_ITEMS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B10", "B11", "B12",
+                *[f"C{n}" for n in range(1, 6)], *[f"F{n:02d}" for n in range(1, 13)]]
+
+
+def amazon_meta():
+    records = [{"main_category": "Video Games", "title": f"Game {item}", "parent_asin": item, "store": "Acme",
+                "categories": ["Video Games", "PC"], "features": ["fast"], "description": ["x" * 2000],
+                "price": 9.99, "details": {}} for item in AMAZON_ITEMS]
+    records.append({"main_category": "Video Games", "title": None, "parent_asin": "NT"})
+    return records
+
+
+@pytest.fixture
+def amazon_files(tmp_path):
+    reviews = write_jsonl(tmp_path / "Video_Games.jsonl.gz", AMAZON_REVIEWS, compress=True)
+    meta = write_jsonl(tmp_path / "meta_Video_Games.jsonl", amazon_meta())
+    return reviews, meta
+
+
+def test_amazon_cli_applies_window_order_truncation_and_drops(amazon_files, tmp_path):
+    reviews, meta = amazon_files
+    out = tmp_path / "out"
+    result = run_cli("amazon", "--reviews", reviews, "--meta", meta, "--out", out, "--history", 3, "--candidates", 4)
+    assert result.returncode == 0, result.stderr
+    instances = {inst["user_id"]: inst for split in read_all(out).values() for inst in split}
+    assert set(instances) == {"alice", "carol", "dave", "frank"}  # bob, erin: no history left
+    alice, carol, dave, frank = (instances[u] for u in ("alice", "carol", "dave", "frank"))
+    assert ids(alice["history"]) == ["B02", "B03", "B04"] and positives(alice) == ["B05"]
+    assert [h["timestamp"] for h in alice["history"]] == [millis(t) // 1000 for t in (
+        "2021-10-01T00:00:00", "2022-05-01T12:00:00", "2022-05-01T12:00:00")]
+    assert ids(carol["history"]) == ["C2", "C3", "C4"] and positives(carol) == ["C5"]  # cut to --history 3
+    assert ids(dave["history"]) == ["B10"] and positives(dave) == ["B11"]
+    assert ids(frank["history"]) == ["F09", "F10", "F11"] and positives(frank) == ["F12"]
+    # Negatives avoid everything a user touched, even outside the window (alice's B01, B06; dave's C1).
+    assert not {"B01", "B02", "B03", "B04", "B06"} & set(ids(alice["candidates"]))
+    assert not {"B10", "C1"} & set(negatives(dave))
+    pool = {"B02", "B03", "B04", "B05", "B10", "B11", *[f"C{n}" for n in range(1, 6)],
+            *[f"F{n:02d}" for n in range(1, 13)]}
+    for inst in instances.values():
+        assert set(ids(inst["candidates"])) <= pool and len(set(ids(inst["candidates"]))) == 4
+        assert inst["profile"] == ""
+    item = alice["candidates"][alice["labels"].index(1)]
+    assert item["title"] == "Game B05"
+    assert item["text"].startswith("by Acme; Video Games > PC; price $9.99; fast; xxx")
+    assert len(item["text"]) == data.STORED_TEXT_CHARS and item["text"].endswith("...")
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["users"], stats["items"], stats["interactions"]) == (4, 23, 4 + 5 + 2 + 12)
+    assert stats["interactions_in_instances"] == 4 + 4 + 2 + 4
+    assert stats["dropped"] == {"interactions_outside_window": 3, "items_without_title": 2,
+                                "interactions_with_untitled_item": 2, "users_without_history": 2,
+                                "repeated_interactions": 1}
+    assert stats["protocol"] == {"history": 3, "candidates": 4, "split": "8:1:1", "seed": 0,
+                                 "start": "2021-10-01", "end": "2023-10-31"}
+    # 4 users -> 8:1:1 gives 4/0/0, so every positive is a training positive.
+    assert stats["instances"] == {"train": 4, "valid": 0, "test": 0}
+    frequency = stats["train_positive_frequency"]
+    assert set(frequency) == pool and sum(frequency.values()) == 4
+    assert frequency["B05"] == frequency["C5"] == frequency["B11"] == frequency["F12"] == 1
+    assert "users" in result.stdout and "dropped: users_without_history" in result.stdout
+
+
+def test_amazon_explicit_window(amazon_files, tmp_path):
+    reviews, meta = amazon_files
+    assert data.main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "w"),
+                      "--start", "2022-02-01", "--end", "2022-03-04", "--candidates", "4"]) == 0
+    # In the window: dave's B10, B11, B10 again and carol's C1..C4 (C5, March 5 at 00:00, is just
+    # outside). The pool is B10, B11, C1..C4. Carol touched all of C1..C5, so only B10 and B11 are left
+    # for her 3 negatives: she is dropped. Dave touched C1 before the window: his negatives are C2..C4.
+    (dave,) = read_all(tmp_path / "w")["train"]
+    assert ids(dave["history"]) == ["B10"] and dave["history"][0]["timestamp"] == millis("2022-02-01") // 1000
+    assert sorted(ids(dave["candidates"])) == ["B11", "C2", "C3", "C4"]
+    assert dave["labels"][ids(dave["candidates"]).index("B11")] == 1
+    stats = json.loads((tmp_path / "w" / "stats.json").read_text())
+    assert stats["dropped"]["interactions_outside_window"] == len(AMAZON_REVIEWS) - 7
+    assert stats["dropped"]["users_with_too_few_negatives"] == 1 and stats["users"] == 1
+
+
+# ---------------------------------------------------------------- MovieLens fixtures (both layouts)
+
+GENRE_FLAGS = {"Comedy": 5, "Drama": 8, "Action": 1}  # positions among the 19 u.item flags
+MOVIES = {  # id: (title, year, genres); "unknown" is MovieLens's own placeholder for a missing title
+    "1": ("Café", "1995", ["Comedy", "Drama"]), "2": ("Heat", "1995", ["Action"]),
+    "3": ("Emma", "1996", ["Comedy"]), "4": ("Fargo", "1996", ["Drama"]), "5": ("Alien", "1979", ["Action"]),
+    "6": ("Casino", "1995", ["Drama"]), "7": ("Ran", "1985", ["Drama"]), "8": ("Babe", "1995", ["Comedy"]),
+    "9": ("unknown", "", []),
+}
+RATINGS = [("1", "1", 100), ("1", "3", 200), ("1", "2", 200), ("1", "4", 300),  # tie 2/3 at 200
+           ("2", "5", 50), ("2", "9", 60),  # item 9 has no title: user 2 keeps one interaction
+           ("3", "2", 10), ("3", "6", 20), ("3", "7", 30), ("4", "8", 5), ("4", "1", 6)]
+USERS = [("1", "24", "M", "technician"), ("2", "53", "F", "other"), ("3", "23", "M", "writer"),
+         ("4", "24", "F", "artist")]
+
+
+def write_movielens_original(directory):
+    directory.mkdir()
+    (directory / "u.data").write_text("".join(f"{u}\t{i}\t4\t{t}\n" for u, i, t in RATINGS))
+    lines = []
+    for item, (title, year, genres) in MOVIES.items():
+        flags = ["0"] * 19
+        for genre in genres:
+            flags[GENRE_FLAGS[genre]] = "1"
+        if title == "unknown":
+            flags[0] = "1"
+        full_title = f"{title} ({year})" if year else title
+        released = f"01-Jan-{year}" if year else ""
+        lines.append("|".join([item, full_title, released, "", "http://x"] + flags) + "\n")
+    (directory / "u.item").write_bytes("".join(lines).encode("latin-1"))
+    (directory / "u.user").write_text("".join(f"{u}|{a}|{g}|{o}|00000\n" for u, a, g, o in USERS))
+    return directory
+
+
+def write_movielens_recbole(directory):
+    directory.mkdir()
+    (directory / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"{u}\t{i}\t4\t{t}\n" for u, i, t in RATINGS))
+    rows = [f"{i}\t{t if t != 'unknown' else 'unkonwn'}\t{y or 'unkonwn'}\t{' '.join(g) or 'unknown'}\n"
+            for i, (t, y, g) in MOVIES.items()]
+    (directory / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n" + "".join(rows), encoding="utf-8")
+    (directory / "ml-100k.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        + "".join(f"{u}\t{a}\t{g}\t{o}\t00000\n" for u, a, g, o in USERS))
+    return directory
+
+
+@pytest.mark.parametrize("layout", [write_movielens_original, write_movielens_recbole])
+def test_movielens_both_layouts(layout, tmp_path):
+    path = layout(tmp_path / "ml")
+    out = tmp_path / "out"
+    assert data.main(["movielens", "--path", str(path), "--out", str(out), "--candidates", "3"]) == 0
+    instances = {inst["user_id"]: inst for split in read_all(out).values() for inst in split}
+    assert set(instances) == {"1", "3", "4"}
+    expected = {"1": (["1", "2", "3"], "4"), "3": (["2", "6"], "7"), "4": (["8"], "1")}
+    for user, (history, positive) in expected.items():
+        inst = instances[user]
+        assert ids(inst["history"]) == history and positives(inst) == [positive]
+    assert instances["1"]["profile"] == "Age 24, male, occupation: technician"
+    assert instances["4"]["profile"] == "Age 24, female, occupation: artist"
+    assert instances["4"]["history"][0] == {"item_id": "8", "title": "Babe", "text": "year 1995; genres: Comedy",
+                                            "timestamp": 5}
+    cafe = next(c for c in instances["4"]["candidates"] if c["item_id"] == "1")
+    assert cafe == {"item_id": "1", "title": "Café", "text": "year 1995; genres: Comedy, Drama"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["users"], stats["items"], stats["interactions"]) == (3, 7, 4 + 3 + 2)
+    assert stats["dropped"] == {"items_without_title": 1, "interactions_with_untitled_item": 1,
+                                "users_without_history": 1, "repeated_interactions": 0}
+    assert stats["protocol"]["start"] is None and stats["protocol"]["end"] is None
+
+
+ML100K = os.environ.get("R2RANK_ML100K", os.path.join(os.path.dirname(DATA_PY), "data", "ml-100k"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(ML100K), reason="MovieLens-100K not found (set R2RANK_ML100K)")
+def test_real_movielens_100k(tmp_path):
+    assert data.main(["movielens", "--path", ML100K, "--out", str(tmp_path / "ml")]) == 0
+    stats = json.loads((tmp_path / "ml" / "stats.json").read_text())
+    # 943 users, 1,682 movies, 100,000 ratings; movie 267 is titled "unknown" and has 9 ratings.
+    assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1681, 99991)
+    assert stats["instances"] == {"train": 755, "valid": 94, "test": 94}
+    for inst in data.load_split(tmp_path / "ml", "test"):
+        assert len(inst["history"]) <= 20 and len(inst["candidates"]) == 20 and sum(inst["labels"]) == 1
+
+
+def test_movielens_help_says_no_window(capsys):
+    with pytest.raises(SystemExit):
+        data.main(["movielens", "--help"])
+    assert "no window" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the protocol on many users
+
+
+def many_users(count=500, items=60, per_user=4, seed=1):
+    rng = random.Random(seed)
+    raw = RawData([], {f"m{n:02d}": {"title": f"Movie {n}", "text": ""} for n in range(items)}, {}, ["test"])
+    for number in range(count):
+        for step, item in enumerate(rng.sample(sorted(raw.items), per_user)):
+            raw.interactions.append((f"user{number:03d}", item, 1000 * step))
+    return raw
+
+
+def test_splits_are_disjoint_8_1_1_and_candidates_are_valid():
+    raw = many_users()
+    splits, stats = data.build_instances(raw, Protocol(history=20, candidates=10, seed=3))
+    users = {split: [inst["user_id"] for inst in instances] for split, instances in splits.items()}
+    assert [len(users[s]) for s in data.SPLITS] == [400, 50, 50]
+    assert set(users["train"]) | set(users["valid"]) | set(users["test"]) == {f"user{n:03d}" for n in range(500)}
+    assert not set(users["train"]) & set(users["valid"]) and not set(users["valid"]) & set(users["test"])
+    touched = {}
+    for user, item, _ in raw.interactions:
+        touched.setdefault(user, set()).add(item)
+    for instances in splits.values():
+        for inst in instances:
+            candidates = ids(inst["candidates"])
+            assert len(candidates) == 10 and len(set(candidates)) == 10
+            assert sum(inst["labels"]) == 1 and set(inst["labels"]) == {0, 1}
+            assert not set(negatives(inst)) & touched[inst["user_id"]]
+            assert len(inst["history"]) == 3
+    # The positive is each user's last interaction, step 3 at 3000 s.
+    last = {user: item for user, item, when in raw.interactions if when == 3000}
+    assert all(positives(inst) == [last[inst["user_id"]]] for instances in splits.values() for inst in instances)
+    assert sum(stats["train_positive_frequency"].values()) == 400
+
+
+def test_positive_position_is_uniform_over_slots():
+    splits, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=0))
+    slots = Counter(inst["labels"].index(1) for instances in splits.values() for inst in instances)
+    assert set(slots) == set(range(10))  # every slot hit
+    expected = 500 / 10
+    chi_square = sum((slots[k] - expected) ** 2 / expected for k in range(10))
+    assert chi_square < 27.88  # 9 degrees of freedom, p = 0.001
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    first, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=7))
+    again, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=7))
+    other, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=8))
+    assert json.dumps(first) == json.dumps(again)
+    assert [i["user_id"] for i in first["test"]] != [i["user_id"] for i in other["test"]]
+
+
+def test_synthetic_cli_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert data.main(["synthetic", "--users", "30", "--out", str(tmp_path / name)]) == 0
+    for name in ["train.jsonl", "valid.jsonl", "test.jsonl", "stats.json"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+# ---------------------------------------------------------------- the synthetic set
+
+
+def category(item):
+    return item["text"].split(";")[0].removeprefix("category: ")
+
+
+def test_synthetic_labels_need_the_history(tmp_path):
+    (tmp_path / "syn").mkdir()  # an empty directory is accepted
+    stats = data.build_synthetic(tmp_path / "syn")
+    assert stats["users"] == 200 and stats["instances"] == {"train": 160, "valid": 20, "test": 20}
+    instances = [inst for split in read_all(tmp_path / "syn").values() for inst in split]
+    positive_categories, negative_categories, history_hits = Counter(), Counter(), []
+    for inst in instances:
+        seen = {category(item) for item in inst["history"]}
+        for item, label in zip(inst["candidates"], inst["labels"]):
+            (positive_categories if label else negative_categories)[category(item)] += 1
+            if label:
+                assert category(item) in seen  # the history always points at the positive
+            else:
+                history_hits.append(category(item) in seen)
+        assert 4 <= len(inst["history"]) <= 10 and len(inst["candidates"]) == 20
+    # From the item text alone the label is not identifiable: all 8 categories are about as common
+    # among positives as among negatives (total variation distance between the two shares).
+    categories = set(positive_categories) | set(negative_categories)
+    assert len(categories) == 8
+    distance = sum(abs(positive_categories[c] / 200 - negative_categories[c] / (200 * 19)) for c in categories) / 2
+    assert distance < 0.1
+    # ... while the history does separate them: few negatives share a history category (2 of 8).
+    assert sum(history_hits) / len(history_hits) < 0.35
+    with pytest.raises(DataError, match="exists"):
+        data.build_synthetic(tmp_path / "syn")
+
+
+# ---------------------------------------------------------------- the self-check prompt
+
+
+def instance_with(history_count, text="short"):
+    history = [{"item_id": str(n), "title": f"Title{n}", "text": text, "timestamp": n} for n in range(history_count)]
+    candidates = [{"item_id": "a", "title": "Alpha", "text": "x" * 500}, {"item_id": "b", "title": "Beta", "text": "y"}]
+    return {"user_id": "u", "profile": "Age 30", "history": history, "candidates": candidates, "labels": [1, 0]}
+
+
+def test_candidates_of_one_user_differ_only_in_a_suffix():
+    inst = instance_with(25)
+    first, second = data.self_check_messages(inst, 0), data.self_check_messages(inst, 1)
+    assert [m["role"] for m in first] == ["system", "user"] and first[0] == second[0]
+    system, prefix, block = data.self_check_parts(inst, 1)
+    assert second[1]["content"] == prefix + block and block == "Beta - y"
+    assert first[1]["content"].startswith(prefix) and not first[1]["content"].endswith("Beta - y")
+    assert prefix.endswith("\n") and "Alpha" not in prefix and "Beta" not in prefix
+
+
+def test_prompt_keeps_recent_history_in_order_and_cuts_long_texts():
+    context = data.user_context_text(instance_with(25), max_history=20)
+    lines = context.splitlines()
+    assert lines[0] == "Profile: Age 30"
+    assert lines[2:] == [f"{n + 1}. Title{n + 5} - short" for n in range(20)]  # items 5..24, oldest first
+    assert "Title4 " not in context
+    cut = data.candidate_text({"title": "Alpha", "text": "x" * 500}, max_item_chars=200)
+    assert len(cut) == 200 and cut.startswith("Alpha - xxx") and cut.endswith("...")
+    assert data.candidate_text({"title": "Beta", "text": ""}) == "Beta"
+    assert "History: none" in data.user_context_text(instance_with(0))
+    user = data.self_check_messages(instance_with(3), 0, max_item_chars=50)[1]["content"]
+    for part in ("Initial reasoning", "Self-check", "Final conclusion", "<answer>Recommend</answer>",
+                 "<answer>Not Recommend</answer>", "USER CONTEXT", "CANDIDATE ITEM"):
+        assert part in user
+    assert user.endswith("Alpha - " + "x" * 39 + "...")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("... so <answer>Recommend</answer>", 1),
+    ("<answer>Not Recommend</answer>", 0),
+    ("<answer> not   RECOMMEND </answer>", 0),
+    ("<ANSWER>\nrecommend\n</ANSWER>", 1),
+    ("first <answer>Recommend</answer> then <answer>Not Recommend</answer>", 0),
+    ("first <answer>Not Recommend</answer> then <answer>Recommend</answer>", 1),
+    ("I would Recommend it", None),
+    ("<answer>Maybe</answer>", None),
+    ("", None),
+])
+def test_parse_answer(text, expected):
+    assert data.parse_answer(text) == expected
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_load_split_names_file_and_line(tmp_path):
+    good = {"user_id": "u", "profile": "", "history": [], "candidates": [], "labels": []}
+    (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"train\.jsonl:2: malformed JSON"):
+        data.load_split(tmp_path, "train")
+    (tmp_path / "valid.jsonl").write_text(json.dumps({k: v for k, v in good.items() if k != "labels"}) + "\n")
+    with pytest.raises(DataError, match=r"valid\.jsonl:1: missing required field 'labels'"):
+        data.load_split(tmp_path, "valid")
+
+
+def corrupt(lines_of, index, raw_line):
+    """Write the fixture with line `index` (0-based) replaced by raw bytes."""
+    def write(path):
+        lines = [json.dumps(record).encode() for record in lines_of()]
+        lines[index] = raw_line
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        return path
+    return write
+
+
+def raw_bytes(content):
+    def write(path):
+        path.write_bytes(content)
+        return path
+    return write
+
+
+LONG_LINE = json.dumps({"text": random.Random(0).randbytes(2000).hex()}).encode()  # > 60 bytes compressed
+BAD_AMAZON = {  # name: (which file, how to write it, what the message must say)
+    "malformed_json": ("reviews", corrupt(lambda: AMAZON_REVIEWS, 2, b'{"user_id": "x",'), ":3: malformed JSON"),
+    "missing_field": ("reviews", corrupt(lambda: AMAZON_REVIEWS, 1, b'{"user_id": "x", "parent_asin": "B01"}'),
+                      ":2: missing required field 'timestamp'"),
+    "not_utf8": ("meta", corrupt(amazon_meta, 1, b'{"parent_asin": "B02", "title": "caf\xe9"}'), ":2: not valid utf-8"),
+    "truncated_gzip": ("reviews", raw_bytes(gzip.compress(LONG_LINE)[:60]), ":1: cannot read"),
+    "corrupt_gzip": ("reviews", raw_bytes(b"\x1f\x8b\x08" + b"\x00" * 7 + b"\xff" * 50), ":1: cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_AMAZON))
+def test_bad_amazon_input_fails_cleanly(case, amazon_files, tmp_path):
+    reviews, meta = amazon_files
+    which, write, message = BAD_AMAZON[case]
+    bad = write(tmp_path / f"bad_{which}.jsonl")
+    assert bad.exists()
+    files = {"reviews": reviews, "meta": meta, which: bad}
+    assert_fails(run_cli("amazon", "--reviews", files["reviews"], "--meta", files["meta"], "--out", tmp_path / "o"),
+                 f"{bad}", message, tmp_path / "o")
+
+
+def assert_fails(result, file_name, message, out):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and file_name in result.stderr and message in result.stderr
+    assert not out.exists() and not [n for n in os.listdir(out.parent) if ".tmp-" in n]
+
+
+def test_unreadable_or_empty_inputs_fail_cleanly(amazon_files, tmp_path):
+    reviews, meta = amazon_files
+    out = tmp_path / "o"
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    for bad_reviews, message in [(tmp_path / "nope.jsonl", "cannot read file"), (tmp_path, "cannot read file"),
+                                 (empty, "no interactions from 2021-10-01 to 2023-10-31")]:
+        assert_fails(run_cli("amazon", "--reviews", bad_reviews, "--meta", meta, "--out", out),
+                     str(bad_reviews), message, out)
+    result = run_cli("amazon", "--reviews", reviews, "--meta", meta, "--out", out, "--start", "2030-01-01")
+    assert_fails(result, str(reviews), "no interactions from 2030-01-01 to 2023-10-31", out)
+
+
+def test_bad_movielens_files_fail_cleanly(tmp_path):
+    original = write_movielens_original(tmp_path / "orig")
+    with open(original / "u.data", "a") as f:
+        f.write("5\t1\t3\n")  # line 12: three fields
+    out = tmp_path / "o"
+    assert_fails(run_cli("movielens", "--path", original, "--out", out), f"{original / 'u.data'}:12",
+                 "expected 4 fields", out)
+    recbole = write_movielens_recbole(tmp_path / "rb")
+    text = (recbole / "ml-100k.user").read_text().replace("occupation:token", "job:token")
+    (recbole / "ml-100k.user").write_text(text)
+    assert_fails(run_cli("movielens", "--path", recbole, "--out", out), f"{recbole / 'ml-100k.user'}:1",
+                 "occupation", out)
+    assert_fails(run_cli("movielens", "--path", tmp_path, "--out", out), str(tmp_path), "neither u.data", out)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    with pytest.raises(TypeError):  # not JSON-serializable, halfway through writing
+        data.write_dataset(tmp_path / "o", {"train": [{"a": 1}], "valid": [{"a": object()}]}, {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli("synthetic", "--users", 20, "--out", out)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "--overwrite" in result.stderr
+    assert os.listdir(out) == ["keep.txt"]
+    assert run_cli("synthetic", "--users", 20, "--out", out, "--overwrite").returncode == 0
+    assert sorted(os.listdir(out)) == ["stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"]
