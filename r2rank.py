@@ -1,0 +1,519 @@
+"""R2Rank: the model (LLM + scoring head), its RL training (Algorithm 1 of the R2Rank paper) and the CLI.
+
+    python r2rank.py --stage rl --model tiny            # runs anywhere, no download
+    python r2rank.py --stage rl --data data/ml100k --model Qwen/Qwen2.5-1.5B-Instruct
+
+One RL step, as in Algorithm 1:
+    1) rollout: one reasoning trace y_k per candidate, sampled from the self-check prompt   (Eq. 1)
+    2) scores s_k = f_phi(h_k), h_k the last-layer hidden state at the trace's final token  (Eq. 2)
+    3) S rankings tau ~ Plackett-Luce(s), reward rho(tau) = NDCG@10                         (Eq. 4)
+    4) REINFORCE on the head through log P(tau | s) (Eq. 5); clipped PPO on the tokens (Eq. 6)
+    5) log, checkpoint
+
+Where this departs from the paper (each a flag; the default is the paper's choice unless said):
+1. S rankings per user instead of one (--num-rankings 8): a cheap Monte-Carlo average, since
+   sampling a ranking costs nothing next to the K traces.
+2. The head's REINFORCE subtracts a leave-one-out baseline over the S rankings (--baseline, on by
+   default): NDCG is never negative, so without a baseline every sampled ranking is pushed up.
+3. The LLM's advantage: the paper gives every token of every trace the ranking's reward
+   (--advantage reward, the default; with S rankings, their mean reward). --advantage item gives
+   trace k its own item's share instead: g_k = d E[rho] / d s_k, estimated from the S rankings with
+   the baseline, times (s_k - mean_j s_j): to first order, how much the expected reward would drop if
+   this trace's score were replaced by the user's average score. A trace whose score helped the
+   ranking is reinforced, one that hurt it is pushed down, and the sign differs between the K traces
+   of one user, which a shared reward cannot express. Item advantages are scaled to unit std.
+4. The PPO loss is a per-token mean, not the plain sum of Eq. (6) (see ppo.clipped_token_loss).
+5. Traces are sampled at --temperature but their log-probs (old and new) are taken under the
+   temperature-1 model; top-p is ignored in the log-probs.
+6. The head reads the final hidden state through a LayerNorm (no affine), so its input scale does
+   not depend on the backbone; the head does not back-propagate into the LLM.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+import plackett_luce
+import rollout
+from evaluate import ndcg_at_k, ndcg_from_scores
+from ppo import clipped_token_loss, leave_one_out_baseline, reinforce_loss
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    stage: str = arg("rl", "what to run: rl (end-to-end RL), sft-data (teacher traces), sft (cold start), eval",
+                     ["rl", "sft-data", "sft", "eval"])
+    # data, model, output
+    data: str = arg("", "dataset directory written by data.py; empty = build the synthetic set in <out>/data")
+    model: str = arg(DEFAULT_MODEL, "hub id, local directory, checkpoint, .gguf file, or 'tiny' (random, offline)")
+    out: str = arg("runs/r2rank", "output directory: metrics.jsonl and checkpoint-<step>/")
+    resume: bool = arg(False, "continue from the newest <out>/checkpoint-<step> at its step")
+    seed: int = arg(0, "seeds everything: user order, sampling, the head's initialization, the tiny model")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
+    dtype: str = arg("auto", "model weights: auto (bfloat16 on cuda, else float32)",
+                     ["auto", "float32", "bfloat16", "float16"])
+    gradient_checkpointing: str = arg("auto", "recompute activations in the backward pass: auto (on for cuda)",
+                                      ["auto", "on", "off"])
+    # prompt
+    max_history: int = arg(20, "history items shown in the prompt (the most recent ones)")
+    max_item_chars: int = arg(200, "characters per item line in the prompt (longer texts are cut)")
+    # rollout
+    max_new_tokens: int = arg(256, "token budget of one reasoning trace")
+    temperature: float = arg(1.0, "sampling temperature of the traces (0 = greedy)")
+    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
+    # RL
+    max_steps: int = arg(100, "RL steps (one step = users-per-step users x K candidates traces)")
+    users_per_step: int = arg(4, "users per step")
+    num_rankings: int = arg(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)")
+    reward_k: int = arg(10, "the reward is NDCG@reward-k")
+    baseline: bool = arg(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
+    advantage: str = arg("reward", "LLM advantage: reward (the paper: the rankings' mean reward) or item (credit per trace)",
+                         ["reward", "item"])
+    freeze_llm: bool = arg(False, "train the head only, LLM frozen (the MLP-only variant, Table 3)")
+    ppo_epochs: int = arg(2, "passes over a step's traces, one optimizer step each")
+    clip_eps: float = arg(0.2, "PPO clipping epsilon")
+    micro_batch: int = arg(8, "traces per forward/backward in the update (memory only; same gradient)")
+    lr: float = arg(1e-6, "LLM learning rate (AdamW)")
+    head_lr: float = arg(1e-3, "scoring-head learning rate (AdamW)")
+    head_width: int = arg(256, "hidden width of the scoring head's MLP")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip for the LLM")
+    eval_every: int = arg(0, "every N steps, NDCG@10 of greedy traces on validation users (0 = never)")
+    eval_users: int = arg(32, "validation users in that check")
+    save_every: int = arg(50, "checkpoint every N steps (and at the end)")
+    # SFT cold start (Sec. 3.4): --stage sft-data, then --stage sft
+    traces: str = arg("", "teacher traces (jsonl): written by sft-data, read by sft; default <out>/traces.jsonl")
+    teacher: str = arg("", "sft-data: local teacher model (hub id, directory or .gguf)")
+    teacher_url: str = arg("", "sft-data: OpenAI-compatible endpoint instead, e.g. http://localhost:8000/v1")
+    teacher_model: str = arg("", "sft-data: model name sent to --teacher-url")
+    teacher_key_env: str = arg("OPENAI_API_KEY", "sft-data: environment variable holding the endpoint's API key")
+    num_pairs: int = arg(200, "sft-data: (user, candidate) pairs to ask the teacher about, half positive")
+    sft_epochs: int = arg(2, "sft: passes over the traces")
+    sft_lr: float = arg(1e-5, "sft: learning rate (AdamW)")
+    # evaluation: --stage eval
+    split: str = arg("test", "eval: which split to evaluate")
+    methods: str = arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run")
+    analyses: str = arg("", "eval: comma-separated extra analyses: position,history-order,cold-start,history-length")
+    eval_limit: int = arg(0, "eval: evaluate only the first N users of the split (0 = all)")
+    eval_sample: bool = arg(False, "eval: sample R2Rank's traces at --temperature instead of greedy")
+    history_shuffles: int = arg(5, "eval: R, shuffles of each history in the history-order analysis")
+    bootstrap: int = arg(1000, "eval: bootstrap resamples for the 95% intervals")
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"].replace("%", "%%"))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"],
+                                help=f.metadata["help"].replace("%", "%%"))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.baseline and cfg.num_rankings < 2:
+        parser.error("--baseline needs --num-rankings >= 2 (or pass --no-baseline)")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        # bf16 halves memory on GPU; on CPU bf16 matmuls are slow and inexact.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class ScoreHead(torch.nn.Module):
+    """f_phi of Eq. (2): final hidden state h [..., H] -> relevance score [...], computed in fp32."""
+
+    def __init__(self, hidden_size, width):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.LayerNorm(hidden_size, elementwise_affine=False),
+            torch.nn.Linear(hidden_size, width),
+            torch.nn.GELU(),
+            torch.nn.Linear(width, 1),
+        )
+
+    def forward(self, hidden):
+        return self.net(hidden.float()).squeeze(-1)
+
+
+# The tiny model's chat template: Qwen2's ChatML, without Qwen's default system prompt.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def build_tiny(seed=0, vocab_size=1024, hidden_size=64, layers=2):
+    """A tiny random Qwen2 and a tokenizer trained offline on the project's own prompt text.
+
+    The tokenizer is trained with Qwen2's own pipeline (its split regex, byte-level BPE) and wrapped
+    in transformers' Qwen2Tokenizer, so save_pretrained / AutoTokenizer.from_pretrained rebuild it
+    exactly. Deterministic for a seed; takes about a second.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order: pad, turn start, turn end
+    raw = data.synthetic_raw(users=50, seed=0)
+    corpus = [data.SYSTEM_PROMPT, data.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
+    corpus += [f"The user liked the {i['title'].lower()}, so <answer>{data.RECOMMEND}</answer> or "
+               f"<answer>{data.NOT_RECOMMEND}</answer>." for i in raw.items.values()]
+    bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size - len(special), show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trained = json.loads(bpe.to_str())["model"]
+    vocab = dict(trained["vocab"])
+    vocab.update({token: len(vocab) + i for i, token in enumerate(special)})
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m) for m in trained["merges"]], unk_token=None, bos_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         # with the usual 0.02 a random tied model just repeats its input token
+                         initializer_range=0.3, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):  # do not disturb the caller's global RNG
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_gguf(path):
+    """A GGUF file (e.g. SmolLM2-135M-Instruct) as a plain fp32 transformers model and its tokenizer.
+
+    Needs the optional `gguf` package (pip install gguf). from_pretrained(..., gguf_file=...) would also
+    ask for `accelerate`; its three parts do not: the config from the GGUF metadata, the dequantized
+    weights from load_gguf_checkpoint, and the tokenizer (with its chat template).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = os.path.split(os.path.abspath(path))
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    with no_init_weights():  # every weight is overwritten below
+        model = AutoModelForCausalLM.from_config(config)
+    state_dict = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()) or unexpected:
+        raise RuntimeError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def load_policy(name, device, dtype, seed=0):
+    """(model, tokenizer) for 'tiny', a .gguf file, a local directory or a hub id."""
+    if name == "tiny":
+        model, tokenizer = build_tiny(seed=seed)
+    elif name.endswith(".gguf"):
+        model, tokenizer = load_gguf(name)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def encode_user(tokenizer, instance, cfg):
+    """Token ids of the prompt prefix shared by the user's K candidates, and of each candidate's suffix.
+
+    Prompt k is always prefix + suffix_k (tokenized separately, also when nothing is shared), so the
+    shared-prefix rollout and the update see exactly the same tokens.
+    """
+    texts = [tokenizer.apply_chat_template(data.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars),
+                                           tokenize=False, add_generation_prompt=True)
+             for k in range(len(instance["candidates"]))]
+    _, shared, _ = data.self_check_parts(instance, 0, cfg.max_history, cfg.max_item_chars)
+    cut = texts[0].index(shared) + len(shared)  # the prefix ends after the shared part of the user message
+    assert all(text[:cut] == texts[0][:cut] for text in texts)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(texts[0][:cut]), [encode(text[cut:]) for text in texts]
+
+
+@torch.no_grad()
+def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None):
+    """Phase 1: one reasoning trace per candidate of every user (Eq. 1), with a KV cache whose
+    user-context part is computed once per user. Returns per-user rollout.Samples and the prompts."""
+    samples, prompts = [], []
+    for instance in instances:
+        prefix, suffixes = encode_user(tokenizer, instance, cfg)
+        samples.append(rollout.sample_traces(model, tokenizer, prefix, suffixes, cfg.max_new_tokens,
+                                             cfg.temperature if temperature is None else temperature,
+                                             cfg.top_p, generator))
+        prompts.append([prefix + suffix for suffix in suffixes])
+    return samples, prompts
+
+
+def score_traces(head, samples):
+    """Phase 2: s_k = f_phi(h_k) (Eq. 2) for every user's K traces -> [U, K] fp32."""
+    return torch.stack([head(s.final_hidden) for s in samples])
+
+
+def trace_stats(samples, tokenizer, max_new_tokens):
+    """Share of traces with a parsable <answer>, share cut at the token limit, mean length."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for s in samples for ids in s.token_lists()]
+    lengths = torch.cat([s.lengths for s in samples]).float()
+    return {
+        "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
+        "truncated_share": (lengths >= max_new_tokens).float().mean().item(),
+        "response_len": lengths.mean().item(),
+    }
+
+
+def item_advantages(scores, rankings, reward, baseline):
+    """Trace advantages by item-level credit (departure 3): g_k * (s_k - mean s), scaled to unit std.
+
+    scores [U, K] (detached), rankings [U, S, K], reward / baseline [U, S] -> [U, K].
+    g_k = mean_s (rho_s - b_s) d log P(tau_s | s) / d s_k, the REINFORCE estimate of d E[rho] / d s_k.
+    """
+    leaf = scores.detach().requires_grad_(True)
+    weight = reward - (baseline if baseline is not None else 0.0)
+    objective = (weight * plackett_luce.log_prob(leaf[:, None, :], rankings)).mean(1).sum()
+    (grad,) = torch.autograd.grad(objective, leaf)
+    advantage = grad * (leaf.detach() - leaf.detach().mean(-1, keepdim=True))
+    return advantage / advantage.std().clamp(min=1e-8)
+
+
+def ppo_update(model, optimizer, prompts, samples, advantages, cfg):
+    """Phase 4 for theta: --ppo-epochs passes of clipped PPO over all traces, in micro-batches.
+
+    prompts: flat list of N prompt-id lists; samples: per-user Samples; advantages: [N].
+    Each micro-batch's mean loss is weighted by its share of the valid tokens, so the accumulated
+    gradient equals that of the per-token mean over the whole step (ppo.clipped_token_loss).
+    """
+    responses = [ids for s in samples for ids in s.token_lists()]
+    old_logps = [lp for s in samples for lp in s.logprob_lists()]
+    total_tokens = sum(len(r) for r in responses)
+    stats = {"clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "ppo_loss": 0.0}
+    model.train()
+    for _ in range(cfg.ppo_epochs):
+        for start in range(0, len(responses), cfg.micro_batch):
+            batch = slice(start, start + cfg.micro_batch)
+            logp, mask = rollout.response_logprobs(model, prompts[batch], responses[batch])  # [B, R]
+            old_logp = rollout.pad_right(old_logps[batch], logp.shape[1], 0.0, logp.device)
+            loss, mb_stats = clipped_token_loss(logp, old_logp, advantages[batch].to(logp.device), mask, cfg.clip_eps)
+            share = mask.sum().item() / max(total_tokens, 1)
+            (loss * share).backward()
+            for name, value in mb_stats.items():
+                stats[name] += value * share / cfg.ppo_epochs
+            stats["ppo_loss"] += loss.item() * share / cfg.ppo_epochs
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return stats
+
+
+@torch.no_grad()
+def validate(model, tokenizer, head, instances, cfg):
+    """NDCG@10 of greedy traces ranked by the head's scores."""
+    samples, _ = rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0)
+    scores = score_traces(head, samples)
+    labels = torch.tensor([inst["labels"] for inst in instances])
+    return ndcg_from_scores(scores.cpu(), labels, 10).mean().item()
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(out):
+    steps = [int(m.group(1)) for name in (os.listdir(out) if os.path.isdir(out) else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
+    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg):
+    """<out>/checkpoint-<step>/, written into a temporary directory and renamed into place.
+
+    Holds the model (safetensors) and tokenizer, so the directory works as --model; head.safetensors
+    (unless head is None), the optimizers' states, and r2rank.json (step and run config).
+    """
+    final = os.path.join(out, f"checkpoint-{step}")
+    tmp = os.path.join(out, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    if head is not None:
+        save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))
+    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "r2rank.json"), "w") as f:
+        json.dump({"step": step, "config": dataclasses.asdict(cfg), "head_width": cfg.head_width}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return final
+
+
+def load_head(path, hidden_size, device):
+    """The scoring head saved in checkpoint directory `path` (its width is in r2rank.json)."""
+    with open(os.path.join(path, "r2rank.json")) as f:
+        width = json.load(f)["head_width"]
+    head = ScoreHead(hidden_size, width).to(device)
+    head.load_state_dict(load_file(os.path.join(path, "head.safetensors")))
+    return head
+
+
+def has_head(path):
+    return os.path.isfile(os.path.join(path, "head.safetensors"))
+
+
+# --------------------------------------------------------------------------------------- RL stage
+
+
+def users_for_step(num_users, users_per_step, seed, step):
+    """The step's users: a permutation seeded by (seed, step), so a resumed run sees the same ones."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(num_users, generator=generator)[:users_per_step].tolist()
+
+
+def prepare_data(cfg):
+    if cfg.data:
+        return cfg.data
+    path = os.path.join(cfg.out, "data")
+    if not os.path.exists(os.path.join(path, "train.jsonl")):
+        data.build_synthetic(path, seed=cfg.seed, overwrite=True)
+    return path
+
+
+def train_rl(cfg):
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    data_dir = prepare_data(cfg)
+    train, valid = data.load_split(data_dir, "train"), data.load_split(data_dir, "valid")
+    os.makedirs(cfg.out, exist_ok=True)
+
+    start_step, checkpoint = 0, latest_checkpoint(cfg.out) if cfg.resume else None
+    model, tokenizer = load_policy(checkpoint or cfg.model, device, dtype, cfg.seed)
+    hidden_size = model.config.hidden_size
+    # a checkpoint of this run (--resume) or of an earlier RL run (--model <dir>) brings its head along
+    source = checkpoint or cfg.model
+    torch.manual_seed(cfg.seed)
+    head = load_head(source, hidden_size, device) if has_head(source) else ScoreHead(hidden_size, cfg.head_width).to(device)
+    if cfg.freeze_llm:
+        model.requires_grad_(False)
+    use_checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda")
+    if use_checkpointing and not cfg.freeze_llm:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr)}
+    if not cfg.freeze_llm:
+        optimizers["llm"] = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if checkpoint:
+        states = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)
+        for name, opt in optimizers.items():
+            opt.load_state_dict(states[name])
+        with open(os.path.join(checkpoint, "r2rank.json")) as f:
+            start_step = json.load(f)["step"]
+        print(f"resumed from {checkpoint} at step {start_step}")
+
+    K = len(train[0]["candidates"])
+    print(f"{cfg.users_per_step} users x {K} candidates = {cfg.users_per_step * K} traces per step "
+          f"(<= {cfg.users_per_step * K * cfg.max_new_tokens} new tokens); {cfg.num_rankings} rankings per user; "
+          f"{len(train)} training users; device {device}, {dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}")
+    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
+    for step in bar:
+        started = time.time()
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        instances = [train[i] for i in users_for_step(len(train), cfg.users_per_step, cfg.seed, step)]
+        labels = torch.tensor([inst["labels"] for inst in instances], device=device, dtype=torch.float32)  # [U, K]
+
+        # 1) rollout: one reasoning trace per candidate;  2) scores from the head
+        samples, prompts = rollout_users(model, tokenizer, instances, cfg, generator)
+        scores = score_traces(head, samples)  # [U, K], with grad into phi only
+
+        # 3) sample S rankings from Plackett-Luce, reward = NDCG@10
+        rankings = plackett_luce.sample(scores.detach(), cfg.num_rankings, generator)  # [U, S, K]
+        reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), cfg.reward_k)  # [U, S]
+        baseline = leave_one_out_baseline(reward) if cfg.baseline else None
+
+        # 4) REINFORCE on the head (Eq. 5), clipped PPO on the tokens (Eq. 6)
+        head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
+        optimizers["head"].zero_grad(set_to_none=True)
+        head_loss.backward()
+        optimizers["head"].step()
+        ppo_stats = {}
+        if not cfg.freeze_llm:
+            if cfg.advantage == "item":
+                advantages = item_advantages(scores, rankings, reward, baseline)  # [U, K]
+            else:
+                advantages = reward.mean(1, keepdim=True).expand(-1, scores.shape[1])  # [U, K]
+            flat_prompts = [p for user_prompts in prompts for p in user_prompts]
+            ppo_stats = ppo_update(model, optimizers["llm"], flat_prompts, samples, advantages.reshape(-1), cfg)
+
+        # 5) log, checkpoint
+        row = {"step": step + 1, "reward": reward.mean().item(),
+               "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
+               "head_loss": head_loss.item(), **ppo_stats, **trace_stats(samples, tokenizer, cfg.max_new_tokens)}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            row["valid_ndcg@10"] = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg)
+        row["step_time"] = time.time() - started
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(cfg.out, step + 1, model, tokenizer, head, optimizers, cfg)
+    metrics_file.close()
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        if cfg.stage == "rl":
+            train_rl(cfg)
+        elif cfg.stage in ("sft-data", "sft"):
+            import sft
+
+            sft.build_traces(cfg) if cfg.stage == "sft-data" else sft.train_sft(cfg)
+        elif cfg.stage == "eval":
+            import evaluate
+
+            evaluate.run_eval(cfg)
+        else:
+            sys.exit(f"error: unknown --stage {cfg.stage!r}")
+    except data.DataError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Trace sampling with a shared KV-cache prefix and teacher-forced log-probs, on the tiny model.
+
+Oracles: transformers' own `generate` on the plain, unshared prompts; a fresh unpadded forward pass
+per sequence for the log-probs and the final hidden state.
+"""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import r2rank
+import rollout
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = r2rank.build_tiny(seed=0)
+    return model.eval(), tokenizer
+
+
+def _prompts(tokenizer):
+    prefix = tokenizer("Instructions and a user context, shared by all candidates.\n")["input_ids"]
+    suffixes = [tokenizer(text)["input_ids"] for text in
+                ["Red tent", "Blue watering can - category: gardening; color: blue", "Gamepad"]]
+    assert len({len(s) for s in suffixes}) == 3  # different lengths: padding is exercised
+    return prefix, suffixes
+
+
+def _generate_plain(model, tokenizer, prompts, max_new_tokens):
+    """transformers' generate, one prompt at a time (no padding at all), greedy."""
+    responses = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):]
+        response = []
+        for token in out.tolist():
+            response.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+        responses.append(response)
+    return responses
+
+
+def test_greedy_shared_prefix_equals_plain_generate(tiny):
+    model, tokenizer = tiny
+    prefix, suffixes = _prompts(tokenizer)
+    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=12, temperature=0.0)
+    expected = _generate_plain(model, tokenizer, [prefix + s for s in suffixes], 12)
+    assert samples.token_lists() == expected
+    # The plain path of the same function (empty prefix, whole prompts) agrees too.
+    plain = rollout.sample_traces(model, tokenizer, [], [prefix + s for s in suffixes], max_new_tokens=12, temperature=0.0)
+    assert plain.token_lists() == expected
+
+
+def test_recorded_logprobs_and_final_hidden_match_a_fresh_forward(tiny):
+    model, tokenizer = tiny
+    prefix, suffixes = _prompts(tokenizer)
+    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=10, temperature=1.0,
+                                    generator=torch.Generator().manual_seed(0))
+    prompts = [prefix + s for s in suffixes]
+    with torch.no_grad():
+        logp, mask = rollout.response_logprobs(model, prompts, samples.token_lists())
+    assert torch.equal(mask, samples.mask)
+    for k, (prompt, response) in enumerate(zip(prompts, samples.token_lists())):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        expected = out.logits[0, len(prompt) - 1:-1].float().log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        torch.testing.assert_close(samples.logprobs[k, :len(response)], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logp[k, :len(response)], expected, atol=1e-4, rtol=0)
+        # last-layer hidden state (after the final norm) at the trace's final token
+        torch.testing.assert_close(samples.final_hidden[k], out.hidden_states[-1][0, -1], atol=1e-4, rtol=0)
+
+
+def test_traces_stop_at_eos_or_the_token_limit(tiny):
+    model, tokenizer = tiny
+    prefix, suffixes = _prompts(tokenizer)
+    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=6, temperature=1.0,
+                                    generator=torch.Generator().manual_seed(1))
+    for tokens, finished, length in zip(samples.token_lists(), samples.finished, samples.lengths):
+        assert len(tokens) == length <= 6
+        assert finished == (tokens[-1] == tokenizer.eos_token_id)
+        assert tokenizer.eos_token_id not in tokens[:-1]
+        assert finished or length == 6
+
+
+def test_sampling_is_reproducible_and_logprob_gradient_flows(tiny):
+    model, tokenizer = tiny
+    prefix, suffixes = _prompts(tokenizer)
+    first = rollout.sample_traces(model, tokenizer, prefix, suffixes, 8, generator=torch.Generator().manual_seed(5))
+    second = rollout.sample_traces(model, tokenizer, prefix, suffixes, 8, generator=torch.Generator().manual_seed(5))
+    assert first.token_lists() == second.token_lists()
+    logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes], first.token_lists())
+    logp[mask].sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+def test_tiny_tokenizer_survives_save_and_reload(tiny, tmp_path):
+    _, tokenizer = tiny
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["Blue tent - category: camping; color: blue\n", "<answer>Not Recommend</answer>",
+             "naïve café, 12 ünïcode words!", "<|im_start|>user\nhi<|im_end|>\n"]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert reloaded(text, add_special_tokens=False)["input_ids"] == ids
+        assert tokenizer.decode(ids) == text
+    messages = [{"role": "user", "content": "hello"}]
+    assert (reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+    assert reloaded.eos_token == "<|im_end|>" and reloaded.pad_token == "<|endoftext|>"
