@@ -70,6 +70,8 @@ class Config:
                      ["auto", "float32", "bfloat16", "float16"])
     gradient_checkpointing: str = arg("auto", "recompute activations in the backward pass: auto (on for cuda)",
                                       ["auto", "on", "off"])
+    shared_prefix_update: str = arg("auto", "update: run a user's prompt prefix once for its K traces; auto = "
+                                    "when gradient checkpointing is off (the two do not combine)", ["auto", "on", "off"])
     # prompt
     max_history: int = arg(20, "history items shown in the prompt (the most recent ones)")
     max_item_chars: int = arg(200, "characters per item line in the prompt (longer texts are cut)")
@@ -255,6 +257,14 @@ def load_policy(name, device, dtype, seed=0):
     return model.to(device=device, dtype=dtype), tokenizer
 
 
+def enable_checkpointing(model, cfg, device):
+    """Gradient (activation) checkpointing per --gradient-checkpointing; returns whether it is on."""
+    on = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda")
+    if on:
+        model.activation_checkpointing_enable()  # recompute each layer in backward; use_reentrant=False
+    return on
+
+
 def encode_user(tokenizer, instance, cfg):
     """Token ids of the prompt prefix shared by the user's K candidates, and of each candidate's suffix.
 
@@ -274,14 +284,15 @@ def encode_user(tokenizer, instance, cfg):
 @torch.no_grad()
 def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None):
     """Phase 1: one reasoning trace per candidate of every user (Eq. 1), with a KV cache whose
-    user-context part is computed once per user. Returns per-user rollout.Samples and the prompts."""
+    user-context part is computed once per user. Returns per-user rollout.Samples and per-user
+    prompts as (prefix_ids, [suffix_ids] * K)."""
     samples, prompts = [], []
     for instance in instances:
         prefix, suffixes = encode_user(tokenizer, instance, cfg)
         samples.append(rollout.sample_traces(model, tokenizer, prefix, suffixes, cfg.max_new_tokens,
                                              cfg.temperature if temperature is None else temperature,
                                              cfg.top_p, generator))
-        prompts.append([prefix + suffix for suffix in suffixes])
+        prompts.append((prefix, suffixes))
     return samples, prompts
 
 
@@ -315,29 +326,33 @@ def item_advantages(scores, rankings, reward, baseline):
     return advantage / advantage.std().clamp(min=1e-8)
 
 
-def ppo_update(model, optimizer, prompts, samples, advantages, cfg):
+def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix=False):
     """Phase 4 for theta: --ppo-epochs passes of clipped PPO over all traces, in micro-batches.
 
-    prompts: flat list of N prompt-id lists; samples: per-user Samples; advantages: [N].
+    prompts: per user (prefix_ids, [suffix_ids] * K); samples: per-user Samples; advantages: [U, K].
+    A micro-batch holds up to --micro-batch traces of one user. With shared_prefix the user's prompt
+    prefix is run once per micro-batch instead of once per trace (rollout.response_logprobs_shared).
     Each micro-batch's mean loss is weighted by its share of the valid tokens, so the accumulated
     gradient equals that of the per-token mean over the whole step (ppo.clipped_token_loss).
     """
-    responses = [ids for s in samples for ids in s.token_lists()]
-    old_logps = [lp for s in samples for lp in s.logprob_lists()]
-    total_tokens = sum(len(r) for r in responses)
+    total_tokens = sum(int(s.lengths.sum()) for s in samples)
     stats = {"clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "ppo_loss": 0.0}
     model.train()
     for _ in range(cfg.ppo_epochs):
-        for start in range(0, len(responses), cfg.micro_batch):
-            batch = slice(start, start + cfg.micro_batch)
-            logp, mask = rollout.response_logprobs(model, prompts[batch], responses[batch])  # [B, R]
-            old_logp = rollout.pad_right(old_logps[batch], logp.shape[1], 0.0, logp.device)
-            loss, mb_stats = clipped_token_loss(logp, old_logp, advantages[batch].to(logp.device), mask, cfg.clip_eps)
-            share = mask.sum().item() / max(total_tokens, 1)
-            (loss * share).backward()
-            for name, value in mb_stats.items():
-                stats[name] += value * share / cfg.ppo_epochs
-            stats["ppo_loss"] += loss.item() * share / cfg.ppo_epochs
+        for (prefix, suffixes), user_samples, user_advantages in zip(prompts, samples, advantages):
+            responses, old_logps = user_samples.token_lists(), user_samples.logprob_lists()
+            for start in range(0, len(suffixes), cfg.micro_batch):
+                batch = slice(start, start + cfg.micro_batch)
+                if shared_prefix:
+                    logp, mask = rollout.response_logprobs_shared(model, prefix, suffixes[batch], responses[batch])
+                else:
+                    logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes[batch]], responses[batch])
+                old_logp = rollout.pad_right(old_logps[batch], logp.shape[1], 0.0, logp.device)  # [B, R]
+                loss, mb_stats = clipped_token_loss(logp, old_logp, user_advantages[batch].to(logp.device), mask, cfg.clip_eps)
+                share = mask.sum().item() / max(total_tokens, 1)
+                (loss * share).backward()
+                for name, value in {**mb_stats, "ppo_loss": loss.item()}.items():
+                    stats[name] += value * share / cfg.ppo_epochs
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -431,9 +446,10 @@ def train_rl(cfg):
     head = load_head(source, hidden_size, device) if has_head(source) else ScoreHead(hidden_size, cfg.head_width).to(device)
     if cfg.freeze_llm:
         model.requires_grad_(False)
-    use_checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda")
-    if use_checkpointing and not cfg.freeze_llm:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_checkpointing = enable_checkpointing(model, cfg, device) if not cfg.freeze_llm else False
+    if use_checkpointing and cfg.shared_prefix_update == "on":
+        raise ValueError("--shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
+    shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
     model.eval()
     optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr)}
     if not cfg.freeze_llm:
@@ -449,7 +465,8 @@ def train_rl(cfg):
     K = len(train[0]["candidates"])
     print(f"{cfg.users_per_step} users x {K} candidates = {cfg.users_per_step * K} traces per step "
           f"(<= {cfg.users_per_step * K * cfg.max_new_tokens} new tokens); {cfg.num_rankings} rankings per user; "
-          f"{len(train)} training users; device {device}, {dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}")
+          f"{len(train)} training users; device {device}, {dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
+          f"shared-prefix update {'on' if shared_prefix else 'off'}")
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
     for step in bar:
@@ -478,8 +495,7 @@ def train_rl(cfg):
                 advantages = item_advantages(scores, rankings, reward, baseline)  # [U, K]
             else:
                 advantages = reward.mean(1, keepdim=True).expand(-1, scores.shape[1])  # [U, K]
-            flat_prompts = [p for user_prompts in prompts for p in user_prompts]
-            ppo_stats = ppo_update(model, optimizers["llm"], flat_prompts, samples, advantages.reshape(-1), cfg)
+            ppo_stats = ppo_update(model, optimizers["llm"], prompts, samples, advantages, cfg, shared_prefix)
 
         # 5) log, checkpoint
         row = {"step": step + 1, "reward": reward.mean().item(),
@@ -511,7 +527,7 @@ def main(argv=None):
             evaluate.run_eval(cfg)
         else:
             sys.exit(f"error: unknown --stage {cfg.stage!r}")
-    except data.DataError as error:
+    except (data.DataError, ValueError) as error:
         sys.exit(f"error: {error}")
 
 

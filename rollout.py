@@ -175,3 +175,39 @@ def response_logprobs(model, prompts, responses):
     logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
     mask = attention_mask[:, C:].bool()
     return logp.masked_fill(~mask, 0.0), mask
+
+
+def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses):
+    """response_logprobs for the K prompts prefix + suffix_k, running the shared prefix only once.
+
+    The prefix goes through the model once (with gradient); its KV cache is repeated K times and the
+    K blocks [left pad | suffix | response | right pad] attend to it, so the gradients of all K
+    responses flow back into the one prefix computation. Same result as
+    response_logprobs(model, [prefix + s for s in suffixes], responses), for ~K times fewer prefix tokens.
+
+    Not usable with transformers' gradient checkpointing: a checkpointed layer drops the cache
+    (it would be written twice when the backward pass recomputes the layer), so with checkpointing on
+    use response_logprobs.
+    returns: logp [K, R] (0 on padding), mask [K, R] bool.
+    """
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    device = lm_head.weight.device
+    K, P = len(suffix_ids_list), len(prefix_ids)
+    L = max(len(s) for s in suffix_ids_list)
+    R = max(1, max(len(r) for r in responses))
+    cache = DynamicCache(config=model.config)
+    decoder(input_ids=torch.tensor([prefix_ids], device=device), past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(K)  # [1, kv_heads, P, head_dim] -> [K, ...], differentiable
+    block = torch.zeros((K, L + R), dtype=torch.long, device=device)
+    attention_mask = torch.zeros((K, P + L + R), dtype=torch.long, device=device)
+    attention_mask[:, :P] = 1
+    for k, (suffix, response) in enumerate(zip(suffix_ids_list, responses)):
+        block[k, L - len(suffix):L + len(response)] = torch.tensor(suffix + response, device=device)
+        attention_mask[k, P + L - len(suffix):P + L + len(response)] = 1
+    hidden = decoder(input_ids=block, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                     position_ids=positions_from_mask(attention_mask)[:, P:]).last_hidden_state  # [K, L + R, H]
+    logits = lm_head(hidden[:, L - 1:L + R - 1]).float()  # [K, R, V]: column L - 1 predicts the 1st response token
+    targets = block[:, L:]
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    mask = attention_mask[:, P + L:].bool()
+    return logp.masked_fill(~mask, 0.0), mask

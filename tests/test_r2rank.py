@@ -90,19 +90,23 @@ def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir
     instance = dict(instance, candidates=instance["candidates"][:4], labels=instance["labels"][:4])
     samples, prompts = r2rank.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
     responses = samples[0].token_lists()
+    prefix, suffixes = prompts[0]
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
 
-    def total_logp(m):
+    def total_logp():
         with torch.no_grad():
-            logp, mask = r2rank.rollout.response_logprobs(m, prompts[0], responses)
+            logp, mask = r2rank.rollout.response_logprobs(model, [prefix + s for s in suffixes], responses)
         return (logp * mask).sum(-1)
 
-    before = total_logp(model)
-    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    stats = r2rank.ppo_update(model, optimizer, prompts[0], samples, advantages, cfg)
-    after = total_logp(model)
-    assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
-    assert stats["ratio"] == pytest.approx(1.0, abs=1e-3)  # first epoch: the sampling policy itself
+    before = total_logp()
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    for shared_prefix in (False, True):
+        model.load_state_dict(initial)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        stats = r2rank.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix)
+        after = total_logp()
+        assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
+        assert stats["ratio"] == pytest.approx(1.0, abs=1e-3)  # first epoch: the sampling policy itself
 
 
 def test_cli_trains_logs_checkpoints_and_resumes(tmp_path, synthetic_dir):
@@ -122,9 +126,11 @@ def test_cli_trains_logs_checkpoints_and_resumes(tmp_path, synthetic_dir):
         assert os.path.isfile(os.path.join(checkpoint, name)), name
     assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
 
-    second = run_cli("--stage", "rl", "--max-steps", "3", "--resume", *common)
+    # the resumed run also exercises gradient checkpointing (and with it the per-candidate update)
+    second = run_cli("--stage", "rl", "--max-steps", "3", "--resume", "--gradient-checkpointing", "on", *common)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "checkpoint-2" in second.stdout
+    assert "gradient checkpointing on, shared-prefix update off" in second.stdout
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [row["step"] for row in rows] == [1, 2, 3]
     # The resumed head is the saved one, not a fresh initialization.

@@ -114,3 +114,25 @@ def test_tiny_tokenizer_survives_save_and_reload(tiny, tmp_path):
     assert (reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
     assert reloaded.eos_token == "<|im_end|>" and reloaded.pad_token == "<|endoftext|>"
+
+
+def test_shared_prefix_update_matches_the_plain_path_in_value_and_gradient(tiny):
+    model, tokenizer = tiny
+    prefix, suffixes = _prompts(tokenizer)
+    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, 7, generator=torch.Generator().manual_seed(2))
+    responses = samples.token_lists()
+    weights = torch.randn(len(suffixes), samples.tokens.shape[1], generator=torch.Generator().manual_seed(3))
+
+    def loss_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        logp, mask = fn()
+        (logp * weights[:, :logp.shape[1]] * mask).sum().backward()
+        return logp.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = loss_and_grads(lambda: rollout.response_logprobs(model, [prefix + s for s in suffixes], responses))
+    shared = loss_and_grads(lambda: rollout.response_logprobs_shared(model, prefix, suffixes, responses))
+    model.zero_grad(set_to_none=True)
+    assert torch.equal(plain[1], shared[1])
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=0)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(shared[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
