@@ -10,7 +10,9 @@ prefix it is plain batched sampling of whole prompts.
 
 Both functions take any transformers causal LM with the usual `get_decoder()` / `get_output_embeddings()`
 (Qwen2, Llama, ...). The decoder's last hidden state is taken after the final norm, i.e. exactly
-what the LM head reads; logits are computed only where they are needed.
+what the LM head reads; logits are computed only where they are needed, by calling the LM head
+directly (so models whose forward post-processes logits, such as Gemma's soft-capping, would need
+that step added here).
 """
 from dataclasses import dataclass
 
