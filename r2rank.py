@@ -10,6 +10,10 @@ One RL step, as in Algorithm 1:
     4) REINFORCE on the head through log P(tau | s) (Eq. 5); clipped PPO on the tokens (Eq. 6)
     5) log, checkpoint
 
+A trace cut at --max-new-tokens, or one without an <answer> tag, is scored like any other: the head
+reads the hidden state at its last token. The log counts both (truncated_share, answer_share), since
+a policy that never finishes its reasoning gives the head little to read.
+
 Where this departs from the paper (each a flag; the default is the paper's choice unless said):
 1. S rankings per user instead of one (--num-rankings 8): a cheap Monte-Carlo average, since
    sampling a ranking costs nothing next to the K traces.
