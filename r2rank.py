@@ -111,6 +111,7 @@ class Config:
     num_pairs: int = arg(200, "sft-data: (user, candidate) pairs to ask the teacher about, half positive")
     sft_epochs: int = arg(2, "sft: passes over the traces")
     sft_lr: float = arg(1e-5, "sft: learning rate (AdamW)")
+    sft_batch: int = arg(16, "sft: traces per optimizer step, in micro-batches of --micro-batch")
     # evaluation: --stage eval
     split: str = arg("test", "eval: which split to evaluate")
     methods: str = arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run")
@@ -442,6 +443,13 @@ def train_rl(cfg):
     os.makedirs(cfg.out, exist_ok=True)
 
     start_step, checkpoint = 0, latest_checkpoint(cfg.out) if cfg.resume else None
+    if checkpoint:
+        with open(os.path.join(checkpoint, "r2rank.json")) as f:
+            saved = json.load(f)
+        if saved["config"]["stage"] != "rl":
+            sys.exit(f"error: {checkpoint}: not an RL checkpoint (stage {saved['config']['stage']}); "
+                     "start RL from it with --model and another --out")
+        start_step = saved["step"]
     model, tokenizer = load_policy(checkpoint or cfg.model, device, dtype, cfg.seed)
     hidden_size = model.config.hidden_size
     # a checkpoint of this run (--resume) or of an earlier RL run (--model <dir>) brings its head along
@@ -452,7 +460,7 @@ def train_rl(cfg):
         model.requires_grad_(False)
     use_checkpointing = enable_checkpointing(model, cfg, device) if not cfg.freeze_llm else False
     if use_checkpointing and cfg.shared_prefix_update == "on":
-        raise ValueError("--shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
+        sys.exit("error: --shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
     shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
     model.eval()
     optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr)}
@@ -462,8 +470,6 @@ def train_rl(cfg):
         states = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)
         for name, opt in optimizers.items():
             opt.load_state_dict(states[name])
-        with open(os.path.join(checkpoint, "r2rank.json")) as f:
-            start_step = json.load(f)["step"]
         print(f"resumed from {checkpoint} at step {start_step}")
 
     K = len(train[0]["candidates"])
@@ -531,7 +537,7 @@ def main(argv=None):
             evaluate.run_eval(cfg)
         else:
             sys.exit(f"error: unknown --stage {cfg.stage!r}")
-    except (data.DataError, ValueError) as error:
+    except data.DataError as error:
         sys.exit(f"error: {error}")
 
 

