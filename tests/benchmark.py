@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import os
 import pickle
+import resource
 import sys
 import time
 
@@ -45,7 +46,7 @@ def rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def measure(fn, device):
+def measure(fn, device, memory_limit_gib=12.0):
     """(seconds, peak extra memory in MiB, result) of fn().
 
     On CPU fn runs in a forked child: a fresh process is the only place where the growth of the peak
@@ -63,20 +64,29 @@ def measure(fn, device):
     pid = os.fork()
     if pid == 0:  # child
         os.close(read_end)
+        # Cap the child's address space so a phase that does not fit fails alone instead of waking
+        # the out-of-memory killer (which may pick another process).
+        limit = rss_kib("VmSize") * 1024 + int(memory_limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS to the current RSS
         base = rss_kib("VmRSS")
-        start = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            result = fn()
+            outcome = (time.perf_counter() - start, (rss_kib("VmHWM") - base) / 1024, result)
+        except (RuntimeError, MemoryError) as error:  # torch reports a failed allocation as RuntimeError
+            outcome = (float("nan"), float("inf"), f"failed: {str(error).splitlines()[0][:120]}")
         with os.fdopen(write_end, "wb") as pipe:
-            pickle.dump((seconds, (rss_kib("VmHWM") - base) / 1024, result), pipe)
+            pickle.dump(outcome, pipe)
         os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
-        outcome = pickle.load(pipe)
-    os.waitpid(pid, 0)
-    return outcome
+        data_bytes = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if not data_bytes:
+        return float("nan"), float("inf"), f"failed: the measuring process died (status {status})"
+    return pickle.loads(data_bytes)
 
 
 def benchmark_instance(history, candidates):
@@ -136,7 +146,7 @@ def bench_model(name, args, device):
 
     rows = {}
     for label, shared in (("plain", False), ("shared", True)):
-        seconds, mib, samples = measure(lambda: sample(shared), device)
+        seconds, mib, samples = measure(lambda: sample(shared), device, args.memory_limit_gib)
         new = int(samples.lengths.sum())
         rows[label] = seconds
         print(f"rollout {label:7s} {seconds:7.2f} s  {new / seconds:8.1f} new tokens/s  "
@@ -162,18 +172,23 @@ def bench_model(name, args, device):
         if checkpointing:
             model.activation_checkpointing_enable()
         model.zero_grad(set_to_none=True)
-        seconds, mib, _ = measure(fn, device)
+        seconds, mib, outcome = measure(fn, device, args.memory_limit_gib)
         if checkpointing:
             model.activation_checkpointing_disable()
         results[label] = (seconds, mib)
         tokens = update_tokens[label.split("+")[0]]
-        print(f"update  {label:10s} {seconds:7.2f} s  {tokens:7d} tokens through the model  peak +{mib:8.1f} MiB")
+        note = f"  {outcome}" if isinstance(outcome, str) else ""
+        print(f"update  {label:10s} {seconds:7.2f} s  {tokens:7d} tokens through the model  peak +{mib:8.1f} MiB{note}")
     model.zero_grad(set_to_none=True)
     model.eval()
-    naive_s, naive_mib = results["naive"]
+    naive_mib = results["naive"][1]
     print(f"update time  plain / shared: {results['plain'][0] / results['shared'][0]:.2f}x faster (goal >= 2x)")
     for label in ("plain", "plain+ckpt", "shared"):
-        print(f"update peak memory {label} / naive: {results[label][1] / max(naive_mib, 1e-9):.2f} (goal <= 0.3)")
+        if naive_mib == float("inf"):  # the naive update did not fit: it needs more than the cap
+            print(f"update peak memory {label} / naive: < {results[label][1] / (args.memory_limit_gib * 1024):.2f} "
+                  f"(naive needs > {args.memory_limit_gib:g} GiB; goal <= 0.3)")
+        else:
+            print(f"update peak memory {label} / naive: {results[label][1] / max(naive_mib, 1e-9):.2f} (goal <= 0.3)")
     del model
 
 
@@ -213,6 +228,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per trace")
     parser.add_argument("--micro-batch", type=int, default=8, help="traces per forward in the update")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    parser.add_argument("--memory-limit-gib", type=float, default=12.0,
+                        help="CPU: address-space cap per measured phase, beyond what the process holds")
     args = parser.parse_args()
     device = r2rank.pick_device("auto")
     if args.threads:
