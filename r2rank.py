@@ -70,7 +70,7 @@ class Config:
     resume: bool = arg(False, "continue from the newest <out>/checkpoint-<step> at its step")
     seed: int = arg(0, "seeds everything: user order, sampling, the head's initialization, the tiny model")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
-    dtype: str = arg("auto", "model weights: auto (bfloat16 on cuda, else float32)",
+    dtype: str = arg("auto", "compute precision: auto (bfloat16 on cuda, else float32); training keeps fp32 weights",
                      ["auto", "float32", "bfloat16", "float16"])
     gradient_checkpointing: str = arg("auto", "recompute activations in the backward pass: auto (on for cuda)",
                                       ["auto", "on", "off"])
@@ -170,7 +170,8 @@ class ScoreHead(torch.nn.Module):
         )
 
     def forward(self, hidden):
-        return self.net(hidden.float()).squeeze(-1)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head stays fp32
+            return self.net(hidden.float()).squeeze(-1)
 
 
 # The tiny model's chat template: Qwen2's ChatML, without Qwen's default system prompt.
@@ -244,6 +245,13 @@ def load_gguf(path):
         raise RuntimeError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def mixed_precision(device, dtype):
+    """Autocast forward passes to dtype (bf16 on GPU). The training stages keep weights, gradients and
+    optimizer states in fp32: bf16 weights cannot absorb updates of ~1e-6 (near 0.02 their spacing is
+    ~1e-4), so a pure-bf16 model would mostly not move at the learning rates used here."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def load_policy(name, device, dtype, seed=0):
@@ -450,7 +458,7 @@ def train_rl(cfg):
             sys.exit(f"error: {checkpoint}: not an RL checkpoint (stage {saved['config']['stage']}); "
                      "start RL from it with --model and another --out")
         start_step = saved["step"]
-    model, tokenizer = load_policy(checkpoint or cfg.model, device, dtype, cfg.seed)
+    model, tokenizer = load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
     hidden_size = model.config.hidden_size
     # a checkpoint of this run (--resume) or of an earlier RL run (--model <dir>) brings its head along
     source = checkpoint or cfg.model
@@ -475,7 +483,7 @@ def train_rl(cfg):
     K = len(train[0]["candidates"])
     print(f"{cfg.users_per_step} users x {K} candidates = {cfg.users_per_step * K} traces per step "
           f"(<= {cfg.users_per_step * K * cfg.max_new_tokens} new tokens); {cfg.num_rankings} rankings per user; "
-          f"{len(train)} training users; device {device}, {dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
+          f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
           f"shared-prefix update {'on' if shared_prefix else 'off'}")
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
@@ -486,7 +494,8 @@ def train_rl(cfg):
         labels = torch.tensor([inst["labels"] for inst in instances], device=device, dtype=torch.float32)  # [U, K]
 
         # 1) rollout: one reasoning trace per candidate;  2) scores from the head
-        samples, prompts = rollout_users(model, tokenizer, instances, cfg, generator)
+        with mixed_precision(device, dtype):
+            samples, prompts = rollout_users(model, tokenizer, instances, cfg, generator)
         scores = score_traces(head, samples)  # [U, K], with grad into phi only
 
         # 3) sample S rankings from Plackett-Luce, reward = NDCG@10
@@ -505,14 +514,16 @@ def train_rl(cfg):
                 advantages = item_advantages(scores, rankings, reward, baseline)  # [U, K]
             else:
                 advantages = reward.mean(1, keepdim=True).expand(-1, scores.shape[1])  # [U, K]
-            ppo_stats = ppo_update(model, optimizers["llm"], prompts, samples, advantages, cfg, shared_prefix)
+            with mixed_precision(device, dtype):
+                ppo_stats = ppo_update(model, optimizers["llm"], prompts, samples, advantages, cfg, shared_prefix)
 
         # 5) log, checkpoint
         row = {"step": step + 1, "reward": reward.mean().item(),
                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
                "head_loss": head_loss.item(), **ppo_stats, **trace_stats(samples, tokenizer, cfg.max_new_tokens)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            row["valid_ndcg@10"] = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg)
+            with mixed_precision(device, dtype):
+                row["valid_ndcg@10"] = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg)
         row["step_time"] = time.time() - started
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()

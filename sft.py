@@ -324,7 +324,7 @@ def train_sft(cfg):
         if saved["config"]["stage"] != "sft":
             raise data.DataError(f"{checkpoint}: not an SFT checkpoint (stage {saved['config']['stage']}); use another --out")
         start_step = saved["step"]
-    model, tokenizer = r2rank.load_policy(checkpoint or cfg.model, device, dtype, cfg.seed)
+    model, tokenizer = r2rank.load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
 
     # prompt tokens exactly as in the RL stage; response = teacher text + eos (the end of the turn)
     prompts, responses, encoded = [], [], {}
@@ -361,8 +361,9 @@ def train_sft(cfg):
 
         # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
         model.train()
-        loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch],
-                                    cfg.micro_batch, tokenizer.pad_token_id)
+        with r2rank.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
+            loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch],
+                                        cfg.micro_batch, tokenizer.pad_token_id)
 
         # 3) update
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
