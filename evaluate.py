@@ -1,11 +1,52 @@
-"""Ranking metrics for R2Rank: NDCG (Sec. 3.1 of the R2Rank paper).
+"""Evaluation of R2Rank (Sec. 4.1.1, 4.4 and 4.5 of the R2Rank paper): NDCG, significance, baselines, analyses.
+
+    python r2rank.py --stage eval --model runs/r2rank/checkpoint-100 --data data/ml100k
+    python r2rank.py --stage eval --model tiny --methods random,popularity,pointwise --analyses position
+
+    ndcg_at_k, ndcg_from_scores     NDCG@k (Sec. 3.1): the RL reward and the metric of Table 2
+    wilcoxon_signed_rank(x, y)      the paired two-sided test behind the markers †/‡/§ (p < .05/.01/.001)
+    bootstrap_ci(values)            95% percentile-bootstrap interval of a mean (Fig. 4's error bars)
+    run_eval(cfg)                   every method on the same candidates -> <out>/eval-<split>.json, Table 2
 
     DCG@k(tau)  = sum_{i=1..min(k, K)} (2^rel_tau(i) - 1) / log2(i + 1)
     NDCG@k(tau) = DCG@k(tau) / DCG@k(ideal ranking), and 0 when no item is relevant.
 
-NDCG@10 is both the training reward rho(tau) and the headline evaluation metric.
+Where this departs from the paper (which leaves these points open unless said):
+1. Baselines: random, popularity and zero-shot prompts of the same LLM, not the paper's trained
+   recommenders (see baselines.py).
+2. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
+   them at --temperature. A model without a trained head (head.safetensors) skips R2Rank.
+3. Markers: in each column the best method is bold and marked by its test against the runner-up in
+   that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10.
+4. Wilcoxon: zero differences are dropped (zero_method "wilcox", as R and scipy by default); users on
+   whom two methods rank the positive equally are common and carry no sign.
+5. Cold start (Fig. 3): users sorted by the training frequency of their positive, cut into four
+   equal-size bins; when more than half of the positives never were a training positive, the paper's
+   industrial tiers 0 / 1-5 / >5 instead.
+6. History length (Fig. 4): four equal-width buckets of the history length shown (1..--max-history);
+   the paper's second variant (cutting 20-item histories to their last k) is not implemented.
+7. History order (Table 7): the shown history (its last --max-history items) is shuffled R times per
+   user. "std" and "range" are each user's spread of NDCG@10 over the R shuffles, averaged over users;
+   the spread of the split's mean over the shuffles is reported beside them.
+8. Position (Fig. 5): the positive moves to the first, middle and last position, the other candidates
+   keeping their order. Only the methods that read the prompt are checked (R2Rank, pointwise, listwise);
+   for the per-candidate ones the positive's rank must not move, and the share of users where it
+   does is reported with the largest change of any candidate's score.
 """
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
 import torch
+from tqdm import tqdm
+
+import baselines
+import data
 
 
 def ndcg_at_k(relevance, k):
@@ -48,3 +89,409 @@ def ndcg_from_scores(scores, labels, k):
     """
     order = rank_by_scores(scores, labels)
     return ndcg_at_k(labels.gather(-1, order), k)
+
+
+# ------------------------------------------------------------------------------------- statistics
+
+
+def average_ranks(values):
+    """[N] -> [N] ranks 1..N of the values, ascending; equal values share their average rank."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # rank of the last member of each group of equal values
+    return (last - (counts - 1) / 2)[inverse]
+
+
+def wilcoxon_signed_rank(x, y, zero_method="wilcox", exact_max_n=25):
+    """Two-sided paired Wilcoxon signed-rank test of x against y (e.g. two methods' per-user NDCG@10).
+
+    x, y: [N] paired values. returns (statistic, p_value), statistic T = min(W+, W-), where W+ (W-) is
+    the sum of the ranks of |x - y| over the positive (negative) differences; equal |differences|
+    share their average rank (|differences| equal to 12 decimals count as equal: float noise).
+    zero_method: "wilcox" drops zero differences before ranking (R's wilcox.test, scipy's default);
+    "pratt" ranks them with the rest and leaves their ranks out of both sums (Pratt, 1959).
+    p-value, with n the differences ranked and n0 the zeros among them:
+      exact when n <= exact_max_n, no ties and no zeros: p = min(1, 2 P(W+ <= T)) under H0, where
+      the 2^n equally likely sign assignments are counted by dynamic programming over the ranks;
+      else the normal approximation without continuity correction (scipy's default):
+        mu = (n(n+1) - n0(n0+1)) / 4
+        sigma^2 = (n(n+1)(2n+1) - n0(n0+1)(2n0+1)) / 24 - sum_ties (t^3 - t) / 48
+        p = 2 (1 - Phi(|T - mu| / sigma)).
+    All differences zero: (0.0, 1.0).
+    """
+    if zero_method not in ("wilcox", "pratt"):
+        raise ValueError(f"zero_method must be 'wilcox' or 'pratt', got {zero_method!r}")
+    diffs = np.round(np.asarray(x, dtype=float) - np.asarray(y, dtype=float), 12)
+    if zero_method == "wilcox":
+        diffs = diffs[diffs != 0]
+    n, n_zero = len(diffs), int((diffs == 0).sum())
+    if n == n_zero:
+        return 0.0, 1.0
+    ranks = average_ranks(np.abs(diffs))
+    statistic = float(min(ranks[diffs > 0].sum(), ranks[diffs < 0].sum()))
+    tie_sizes = np.unique(np.abs(diffs[diffs != 0]), return_counts=True)[1]
+    if n <= exact_max_n and n_zero == 0 and (tie_sizes == 1).all():
+        ways = np.zeros(n * (n + 1) // 2 + 1)  # ways[w] = sign assignments with W+ = w
+        ways[0] = 1
+        for rank in range(1, n + 1):
+            ways[rank:] = ways[rank:] + ways[:-rank]
+        return statistic, min(1.0, 2 * ways[:int(statistic) + 1].sum() / 2.0 ** n)
+    mean = (n * (n + 1) - n_zero * (n_zero + 1)) / 4
+    variance = ((n * (n + 1) * (2 * n + 1) - n_zero * (n_zero + 1) * (2 * n_zero + 1)) / 24
+                - (tie_sizes ** 3 - tie_sizes).sum() / 48)
+    z = (statistic - mean) / math.sqrt(variance)
+    return statistic, math.erfc(abs(z) / math.sqrt(2))  # = 2 (1 - Phi(|z|))
+
+
+def bootstrap_ci(values, resamples=1000, seed=0, level=0.95):
+    """Percentile-bootstrap interval of the mean of values [N]: (low, high), seeded."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    picks = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(values[picks].mean(1), [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def significance_marker(p_value):
+    """The paper's markers: † p < 0.05, ‡ p < 0.01, § p < 0.001, else none."""
+    return "§" if p_value < 0.001 else "‡" if p_value < 0.01 else "†" if p_value < 0.05 else ""
+
+
+# --------------------------------------------------------------------------------- per-user results
+
+KS = (1, 5, 10)
+METHODS = ("r2rank", "random", "popularity", "pointwise", "listwise")
+PROMPTED = ("r2rank", "pointwise", "listwise")  # the methods that read the prompt (and need the LLM)
+ANALYSES = ("position", "history-order", "cold-start", "history-length")
+TITLES = {"r2rank": "R2Rank", "random": "Random", "popularity": "Popularity",
+          "pointwise": "Pointwise, zero-shot", "listwise": "Listwise, zero-shot"}
+
+
+def positive_ranks(scores, labels):
+    """[U, K] scores and labels -> [U] long, 1-based rank of each user's (first) most relevant item,
+    ties broken pessimistically as in ndcg_from_scores."""
+    order = rank_by_scores(scores, labels)
+    return (order == labels.argmax(-1, keepdim=True)).long().argmax(-1) + 1
+
+
+def labels_of(instances):
+    return torch.tensor([inst["labels"] for inst in instances], dtype=torch.float32)  # [U, K]
+
+
+def summarize(scores, instances, resamples, seed):
+    """NDCG@1/5/10 means, their 95% bootstrap intervals and the per-user values of one method."""
+    labels = labels_of(instances)
+    per_user = {f"ndcg@{k}": ndcg_from_scores(scores, labels, k).tolist() for k in KS}
+    ranks = positive_ranks(scores, labels).tolist()
+    return {**{metric: float(np.mean(values)) for metric, values in per_user.items()},
+            "ci95": {metric: list(bootstrap_ci(values, resamples, seed)) for metric, values in per_user.items()},
+            "per_user": [{"user_id": inst["user_id"], **{metric: values[i] for metric, values in per_user.items()},
+                          "positive_rank": ranks[i]} for i, inst in enumerate(instances)]}
+
+
+def metric_values(result, metric):
+    return [user[metric] for user in result["per_user"]]
+
+
+def pairwise_tests(results):
+    """Wilcoxon test of every pair of methods on every NDCG@k, paired by user."""
+    pairs = {}
+    for a, b in itertools.combinations(results, 2):
+        pairs[f"{a} vs {b}"] = {}
+        for metric in (f"ndcg@{k}" for k in KS):
+            x, y = metric_values(results[a], metric), metric_values(results[b], metric)
+            statistic, p_value = wilcoxon_signed_rank(x, y)
+            pairs[f"{a} vs {b}"][metric] = {"statistic": statistic, "p_value": p_value,
+                                            "nonzero": int(np.count_nonzero(np.round(np.subtract(x, y), 12)))}
+    return {"test": "two-sided paired Wilcoxon signed-rank on per-user values, zero differences dropped",
+            "markers": "† p < 0.05, ‡ p < 0.01, § p < 0.001", "pairs": pairs}
+
+
+def pair_test(tests, a, b, metric):
+    return (tests["pairs"].get(f"{a} vs {b}") or tests["pairs"][f"{b} vs {a}"])[metric]
+
+
+# ------------------------------------------------------------------------------------------ rankers
+
+
+def make_rankers(cfg, model, tokenizer, head, frequency):
+    """name -> rank(instances, desc) -> (scores [U, K] fp32 on the CPU, info dict).
+
+    Every ranker scores the candidates of each instance in the order given, so the analyses can run
+    the same ranker on reordered candidates or shuffled histories.
+    """
+    import r2rank  # here, not at the top: r2rank imports this module for its metrics
+
+    def rank_r2rank(instances, desc):
+        # greedy traces by default; sampled ones from one seeded generator, the same for every call
+        generator = torch.Generator(device=model.device).manual_seed(cfg.seed) if cfg.eval_sample else None
+        samples = []
+        for instance in tqdm(instances, desc=desc, dynamic_ncols=True):
+            samples += r2rank.rollout_users(model, tokenizer, [instance], cfg, generator,
+                                            temperature=cfg.temperature if cfg.eval_sample else 0.0)[0]
+        with torch.no_grad():
+            scores = r2rank.score_traces(head, samples)
+        return scores.float().cpu(), r2rank.trace_stats(samples, tokenizer, cfg.max_new_tokens)
+
+    def rank_pointwise(instances, desc):
+        encode_user = lambda instance: r2rank.encode_user(tokenizer, instance, cfg)  # the self-check prompt
+        return baselines.rank_pointwise(model, tokenizer, instances, encode_user, desc), {}
+
+    def rank_listwise(instances, desc):
+        return baselines.rank_listwise(model, tokenizer, instances, cfg.max_history, cfg.max_item_chars,
+                                       cfg.max_new_tokens, desc)
+
+    def rank_random(instances, desc):
+        return baselines.random_scores(len(instances), len(instances[0]["candidates"]), cfg.seed), {}
+
+    def rank_popularity(instances, desc):
+        return baselines.popularity_scores(instances, frequency), {}
+
+    return {"r2rank": rank_r2rank, "random": rank_random, "popularity": rank_popularity,
+            "pointwise": rank_pointwise, "listwise": rank_listwise}
+
+
+# ----------------------------------------------------------------------------------------- analyses
+
+
+def move_positive(instance, index):
+    """(copy of instance with its positive at candidate position index, the others in their order,
+    order): order[j] is the original position of the new candidate j."""
+    labels = instance["labels"]
+    positive = labels.index(max(labels))
+    others = [k for k in range(len(labels)) if k != positive]
+    order = others[:index] + [positive] + others[index:]
+    return {**instance, "candidates": [instance["candidates"][k] for k in order],
+            "labels": [labels[k] for k in order]}, order
+
+
+def shuffle_history(instance, max_history, seed):
+    """Copy of instance whose shown history (its last max_history items) is shuffled, seeded."""
+    shown = list(instance["history"][-max_history:] if max_history > 0 else [])
+    random.Random(seed).shuffle(shown)
+    return {**instance, "history": shown}
+
+
+def position_analysis(rankers, names, instances):
+    """Fig. 5: the positive's rank when it is shown first, in the middle and last."""
+    K = len(instances[0]["candidates"])
+    placements = {"first": 0, "middle": (K + 1) // 2 - 1, "last": K - 1}
+    out = {}
+    for name in names:
+        out[name], ranks, item_scores = {}, [], []
+        for where, index in placements.items():
+            moved = [move_positive(inst, index) for inst in instances]
+            scores, _ = rankers[name]([inst for inst, _ in moved], f"{name}, positive {where}")
+            rank = positive_ranks(scores, labels_of([inst for inst, _ in moved]))  # [U]
+            original = torch.empty_like(scores)  # each candidate's score, back in the original order
+            for u, (_, order) in enumerate(moved):
+                original[u, order] = scores[u]
+            ranks.append(rank)
+            item_scores.append(original)
+            out[name][where] = {"position": index + 1, "mean_rank": rank.float().mean().item(),
+                                "rank_counts": torch.bincount(rank - 1, minlength=K).tolist()}
+        ranks, item_scores = torch.stack(ranks), torch.stack(item_scores)  # [3, U], [3, U, K]
+        out[name]["rank_changed_share"] = (ranks != ranks[0]).any(0).float().mean().item()
+        out[name]["max_score_change"] = (item_scores - item_scores[0]).abs().max().item()
+    return out
+
+
+def history_order_analysis(rankers, names, instances, results, cfg):
+    """Table 7: NDCG@10 over R shuffles of each user's shown history."""
+    labels, out = labels_of(instances), {}
+    for name in names:
+        values = []
+        for r in range(cfg.history_shuffles):
+            shuffled = [shuffle_history(inst, cfg.max_history, f"{cfg.seed}/{r}/{inst['user_id']}") for inst in instances]
+            scores, _ = rankers[name](shuffled, f"{name}, history shuffle {r + 1}/{cfg.history_shuffles}")
+            values.append(ndcg_from_scores(scores, labels, 10))
+        values = torch.stack(values).double()  # [R, U]
+        split_means = values.mean(1)
+        out[name] = {"avg": values.mean().item(), "std": values.std(0).mean().item(),
+                     "range": (values.max(0).values - values.min(0).values).mean().item(),
+                     "original_avg": results[name]["ndcg@10"], "split_mean_per_shuffle": split_means.tolist(),
+                     "split_mean_std": split_means.std().item(),
+                     "split_mean_range": (split_means.max() - split_means.min()).item()}
+    return out
+
+
+def grouped(results, groups, resamples, seed):
+    """[{"group", "users", method: {"ndcg@10", "ci95"}}] for groups [(label, user indices)]."""
+    rows = []
+    for label, users in groups:
+        if len(users):
+            row = {"group": label, "users": len(users)}
+            for name, result in results.items():
+                values = np.asarray(metric_values(result, "ndcg@10"))[users]
+                row[name] = {"ndcg@10": float(values.mean()), "ci95": list(bootstrap_ci(values, resamples, seed))}
+            rows.append(row)
+    return rows
+
+
+def cold_start_analysis(results, instances, frequency, resamples, seed):
+    """Fig. 3: NDCG@10 by the positive's frequency as a training positive."""
+    counts = np.array([frequency.get(inst["candidates"][inst["labels"].index(max(inst["labels"]))]["item_id"], 0)
+                       for inst in instances])
+    if (counts == 0).mean() > 0.5:
+        tiering = "0 / 1-5 / >5 (most positives were never a training positive)"
+        groups = [("0", np.flatnonzero(counts == 0)), ("1-5", np.flatnonzero((counts >= 1) & (counts <= 5))),
+                  (">5", np.flatnonzero(counts > 5))]
+    else:
+        tiering = "four equal-size bins of users sorted by frequency"
+        bins = np.array_split(np.argsort(counts, kind="stable"), 4)
+        groups = [(f"{counts[b].min()}-{counts[b].max()}", b) for b in bins if len(b)]
+    return {"tiering": tiering, "tiers": grouped(results, groups, resamples, seed)}
+
+
+def history_length_analysis(results, instances, max_history, resamples, seed):
+    """Fig. 4: NDCG@10 (mean and 95% interval) by the history length shown."""
+    shown = np.array([min(len(inst["history"]), max_history) for inst in instances])
+    width = max(1, math.ceil(max_history / 4))
+    groups = [("0", np.flatnonzero(shown == 0))]
+    groups += [(f"{lo}-{min(lo + width - 1, max_history)}", np.flatnonzero((shown >= lo) & (shown < lo + width)))
+               for lo in range(1, max_history + 1, width)]
+    return {"buckets": grouped(results, groups, resamples, seed)}
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def markdown_table(results, tests, dataset, model_name):
+    """Table 2's layout: a row per method in groups, NDCG@1/5/10; each column's best is bold and
+    marked by its test against the column's runner-up."""
+    cells = {name: {} for name in results}
+    for metric in (f"ndcg@{k}" for k in KS):
+        ranked = sorted(results, key=lambda name: results[name][metric], reverse=True)
+        for name in ranked:
+            cells[name][metric] = f"{results[name][metric]:.3f}"
+        if len(ranked) > 1 and results[ranked[0]][metric] > results[ranked[1]][metric]:
+            marker = significance_marker(pair_test(tests, ranked[0], ranked[1], metric)["p_value"])
+            cells[ranked[0]][metric] = f"**{cells[ranked[0]][metric]}**{marker}"
+    lines = [f"| Method | {dataset} @1 | @5 | @10 |", "|---|---:|---:|---:|"]
+    for group, names in (("Baselines", ("random", "popularity")), (f"Prompted LLM: {model_name}", ("pointwise", "listwise")),
+                         (f"Ours: {model_name}", ("r2rank",))):
+        if any(name in results for name in names):
+            lines.append(f"| *{group}* | | | |")
+            lines += [f"| {TITLES[name]} | " + " | ".join(cells[name].values()) + " |" for name in names if name in results]
+    return "\n".join(lines)
+
+
+def analysis_lines(analyses):
+    """One printed line per method and analysis (the JSON holds the details)."""
+    lines = []
+    for name, found in analyses.get("position", {}).items():
+        where = ", ".join(f"{w} {found[w]['mean_rank']:.2f}" for w in ("first", "middle", "last"))
+        lines.append(f"position, {name}: mean rank of the positive shown {where}; its rank moved for "
+                     f"{100 * found['rank_changed_share']:.0f}% of users (largest score change {found['max_score_change']:.2g})")
+    for name, found in analyses.get("history-order", {}).items():
+        lines.append(f"history order, {name}: NDCG@10 avg {found['avg']:.3f}, per-user std {found['std']:.3f}, "
+                     f"range {found['range']:.3f} (split mean std {found['split_mean_std']:.3f}); original {found['original_avg']:.3f}")
+    rows = [("cold start, positive's training frequency", row) for row in analyses.get("cold-start", {}).get("tiers", [])]
+    rows += [("history length", row) for row in analyses.get("history-length", {}).get("buckets", [])]
+    for title, row in rows:
+        means = ", ".join(f"{name} {row[name]['ndcg@10']:.3f}" for name in row if name not in ("group", "users"))
+        lines.append(f"{title} {row['group']} ({row['users']} users): NDCG@10 {means}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- the stage
+
+
+def chosen(text, allowed, flag):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise data.DataError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def read_frequency(data_dir):
+    path = os.path.join(data_dir, "stats.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["train_positive_frequency"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise data.DataError(f"{path}: cannot read train_positive_frequency ({error!r}); data.py writes it") from None
+
+
+def run_eval(cfg):
+    """--stage eval: every method of --methods on the same instances of --split, then --analyses."""
+    import r2rank  # here, not at the top: r2rank imports this module for its metrics
+
+    methods, analyses = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
+    if "history-order" in analyses and cfg.history_shuffles < 2:
+        raise data.DataError("--history-shuffles must be >= 2 for the history-order analysis")
+    if cfg.bootstrap < 1:
+        raise data.DataError("--bootstrap must be >= 1")
+    data_dir = r2rank.prepare_data(cfg)
+    instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]
+    if not instances:
+        raise data.DataError(f"{os.path.join(data_dir, cfg.split)}.jsonl: no instances")
+    K = len(instances[0]["candidates"])
+    if any(len(inst["candidates"]) != K or max(inst["labels"]) <= 0 for inst in instances):
+        raise data.DataError(f"{data_dir}/{cfg.split}.jsonl: every instance needs {K} candidates and a positive")
+    if "r2rank" in methods and not r2rank.has_head(cfg.model):
+        print(f"note: {cfg.model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
+              f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")
+        methods.remove("r2rank")
+    if not methods:
+        raise data.DataError("--methods: nothing left to evaluate")
+
+    device = r2rank.pick_device(cfg.device)
+    dtype = r2rank.pick_dtype(cfg.dtype, device)
+    model = tokenizer = head = None
+    if any(name in PROMPTED for name in methods):
+        try:
+            model, tokenizer = r2rank.load_policy(cfg.model, device, dtype, cfg.seed)
+        except (OSError, ValueError) as error:
+            raise data.DataError(f"{cfg.model}: cannot load the model ({error})") from None
+        model.eval()
+        if "r2rank" in methods:
+            head = r2rank.load_head(cfg.model, model.config.hidden_size, device).eval()
+    frequency = read_frequency(data_dir) if "popularity" in methods or "cold-start" in analyses else None
+    rankers = make_rankers(cfg, model, tokenizer, head, frequency)
+    traces = "sampled" if cfg.eval_sample else "greedy"
+    print(f"{len(instances)} users x {K} candidates of {data_dir}/{cfg.split}.jsonl; methods {', '.join(methods)}; "
+          + (f"R2Rank: {len(instances) * K} {traces} traces of <= {cfg.max_new_tokens} tokens; " if "r2rank" in methods else "")
+          + f"device {device}, {dtype}")
+
+    results = {}
+    for name in methods:
+        started = time.time()
+        scores, info = rankers[name](instances, name)
+        results[name] = {**summarize(scores, instances, cfg.bootstrap, cfg.seed), **info, "seconds": time.time() - started}
+    tests = pairwise_tests(results)
+
+    found, prompted = {}, [name for name in methods if name in PROMPTED]
+    if "position" in analyses:  # only the methods that read the prompt; none run: an empty result
+        found["position"] = position_analysis(rankers, prompted, instances)
+    if "history-order" in analyses:
+        found["history-order"] = history_order_analysis(rankers, prompted, instances, results, cfg)
+    if "cold-start" in analyses:
+        found["cold-start"] = cold_start_analysis(results, instances, frequency, cfg.bootstrap, cfg.seed)
+    if "history-length" in analyses:
+        found["history-length"] = history_length_analysis(results, instances, cfg.max_history, cfg.bootstrap, cfg.seed)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
+    config = {**dataclasses.asdict(cfg), "data_dir": data_dir, "users": len(instances), "candidates": K,
+              "device": str(device), "dtype": str(dtype), "traces": traces}
+    with open(path, "w") as f:
+        json.dump({"methods": results, "tests": tests, "analyses": found, "config": config}, f, indent=1)
+
+    model_name = os.path.basename(os.path.normpath(cfg.model))
+    print("\n" + markdown_table(results, tests, os.path.basename(os.path.normpath(data_dir)), model_name) + "\n")
+    print(f"{tests['markers']}; bold: best in the column, tested against the runner-up ({tests['test']}).")
+    for name, result in results.items():
+        low, high = result["ci95"]["ndcg@10"]
+        extra = "".join(f", {key} {value}" for key, value in result.get("parse", {}).items())
+        print(f"{name}: NDCG@10 {result['ndcg@10']:.3f}, 95% CI [{low:.3f}, {high:.3f}], {result['seconds']:.1f} s{extra}")
+    if "r2rank" in results and len(results) > 1:
+        best = max((name for name in results if name != "r2rank"), key=lambda name: results[name]["ndcg@10"])
+        test = pair_test(tests, "r2rank", best, "ndcg@10")
+        print(f"r2rank vs the best other method ({best}) on NDCG@10: T = {test['statistic']:g}, p = {test['p_value']:.3g}")
+    for line in analysis_lines(found):
+        print(line)
+    print(f"wrote {path}")
+    return path

@@ -70,6 +70,7 @@ class Config:
     resume: bool = arg(False, "continue from the newest <out>/checkpoint-<step> at its step")
     seed: int = arg(0, "seeds everything: user order, sampling, the head's initialization, the tiny model")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
+    threads: int = arg(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy shared machine)")
     dtype: str = arg("auto", "compute precision: auto (bfloat16 on cuda, else float32); training keeps fp32 weights",
                      ["auto", "float32", "bfloat16", "float16"])
     gradient_checkpointing: str = arg("auto", "recompute activations in the backward pass: auto (on for cuda)",
@@ -132,6 +133,8 @@ def parse_config(argv=None):
             parser.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"],
                                 help=f.metadata["help"].replace("%", "%%"))
     cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.baseline and cfg.num_rankings < 2:
         parser.error("--baseline needs --num-rankings >= 2 (or pass --no-baseline)")
     return cfg
