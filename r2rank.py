@@ -92,7 +92,8 @@ class Config:
     baseline: bool = arg(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
     advantage: str = arg("reward", "LLM advantage: reward (the paper: the rankings' mean reward) or item (credit per trace)",
                          ["reward", "item"])
-    freeze_llm: bool = arg(False, "train the head only, LLM frozen (the MLP-only variant, Table 3)")
+    freeze_llm: bool = arg(False, "train the head only, LLM frozen (the MLP-only variant, Table 3); each "
+                           "user's traces are then sampled once and reused (saved with the checkpoints)")
     ppo_epochs: int = arg(2, "passes over a step's traces, one optimizer step each")
     clip_eps: float = arg(0.2, "PPO clipping epsilon")
     micro_batch: int = arg(8, "traces per forward/backward in the update (memory only; same gradient)")
@@ -394,11 +395,12 @@ def latest_checkpoint(out):
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
 
 
-def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg):
+def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_cache=None):
     """<out>/checkpoint-<step>/, written into a temporary directory and renamed into place.
 
     Holds the model (safetensors) and tokenizer, so the directory works as --model; head.safetensors
-    (unless head is None), the optimizers' states, and r2rank.json (step and run config).
+    (unless head is None), the optimizers' states, r2rank.json (step and run config), and with
+    --freeze-llm the cached traces (trace-cache.pt: {user_id: rollout.Samples fields}).
     """
     final = os.path.join(out, f"checkpoint-{step}")
     tmp = os.path.join(out, f".tmp-checkpoint-{step}")
@@ -408,6 +410,9 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg):
     if head is not None:
         save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))
     torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
+    if trace_cache is not None:
+        torch.save({user: dataclasses.asdict(samples) for user, samples in trace_cache.items()},
+                   os.path.join(tmp, "trace-cache.pt"))
     with open(os.path.join(tmp, "r2rank.json"), "w") as f:
         json.dump({"step": step, "config": dataclasses.asdict(cfg), "head_width": cfg.head_width}, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
@@ -482,6 +487,12 @@ def train_rl(cfg):
         for name, opt in optimizers.items():
             opt.load_state_dict(states[name])
         print(f"resumed from {checkpoint} at step {start_step}")
+    # MLP-only (--freeze-llm): the policy never changes, so a user's K traces are sampled at its first
+    # step and reused whenever it comes back (a fixed sample instead of a fresh one: much cheaper).
+    trace_cache = {}
+    if cfg.freeze_llm and checkpoint and os.path.isfile(os.path.join(checkpoint, "trace-cache.pt")):
+        saved_cache = torch.load(os.path.join(checkpoint, "trace-cache.pt"), map_location=device)
+        trace_cache = {user: rollout.Samples(**fields) for user, fields in saved_cache.items()}
 
     K = len(train[0]["candidates"])
     print(f"{cfg.users_per_step} users x {K} candidates = {cfg.users_per_step * K} traces per step "
@@ -497,8 +508,15 @@ def train_rl(cfg):
         labels = torch.tensor([inst["labels"] for inst in instances], device=device, dtype=torch.float32)  # [U, K]
 
         # 1) rollout: one reasoning trace per candidate;  2) scores from the head
-        with mixed_precision(device, dtype):
-            samples, prompts = rollout_users(model, tokenizer, instances, cfg, generator)
+        if cfg.freeze_llm:
+            missing = [inst for inst in instances if inst["user_id"] not in trace_cache]
+            with mixed_precision(device, dtype):
+                trace_cache.update(zip([inst["user_id"] for inst in missing],
+                                       rollout_users(model, tokenizer, missing, cfg, generator)[0]))
+            samples = [trace_cache[inst["user_id"]] for inst in instances]
+        else:
+            with mixed_precision(device, dtype):
+                samples, prompts = rollout_users(model, tokenizer, instances, cfg, generator)
         scores = score_traces(head, samples)  # [U, K], with grad into phi only
 
         # 3) sample S rankings from Plackett-Luce, reward = NDCG@10
@@ -532,7 +550,8 @@ def train_rl(cfg):
         metrics_file.flush()
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(cfg.out, step + 1, model, tokenizer, head, optimizers, cfg)
+            save_checkpoint(cfg.out, step + 1, model, tokenizer, head, optimizers, cfg,
+                            trace_cache if cfg.freeze_llm else None)
     metrics_file.close()
 
 

@@ -186,6 +186,26 @@ def test_cli_trains_logs_checkpoints_and_resumes(tmp_path, synthetic_dir):
     assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), resumed.state_dict().values()))
 
 
+def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_path, synthetic_dir):
+    out = str(tmp_path / "mlp")
+    result = run_cli("--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
+                     "--max-steps", "3", "--users-per-step", "4", "--max-new-tokens", "4", "--max-history", "3",
+                     "--save-every", "1")
+    assert result.returncode == 0, result.stderr
+    num_train = len(data.load_split(synthetic_dir, "train"))
+    seen = {data.load_split(synthetic_dir, "train")[i]["user_id"]
+            for step in range(3) for i in r2rank.users_for_step(num_train, 4, 0, step)}
+    cache = torch.load(os.path.join(out, "checkpoint-3", "trace-cache.pt"))
+    assert set(cache) == seen  # every user sampled once, none missing
+    early = torch.load(os.path.join(out, "checkpoint-1", "trace-cache.pt"))
+    assert all(torch.equal(early[user]["tokens"], cache[user]["tokens"]) for user in early)  # reused, not redrawn
+    first = load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))
+    last = load_file(os.path.join(out, "checkpoint-3", "model.safetensors"))
+    assert all(torch.equal(first[name], last[name]) for name in first)
+    assert not all(torch.equal(a, b) for a, b in zip(load_file(os.path.join(out, "checkpoint-1", "head.safetensors")).values(),
+                                                     load_file(os.path.join(out, "checkpoint-3", "head.safetensors")).values()))
+
+
 def test_cli_bad_input_is_one_clear_line(tmp_path):
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0
