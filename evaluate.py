@@ -357,9 +357,17 @@ def history_length_analysis(results, instances, max_history, resamples, seed):
 # ------------------------------------------------------------------------------------------- report
 
 
-def markdown_table(results, tests, dataset, model_name):
+def default_groups(model_name):
+    """The rows of Table 2 for the methods of one evaluation: [(group title, [(method, row title)])]."""
+    return [("Baselines", [("random", TITLES["random"]), ("popularity", TITLES["popularity"])]),
+            (f"Prompted LLM: {model_name}", [("pointwise", TITLES["pointwise"]), ("listwise", TITLES["listwise"])]),
+            (f"Ours: {model_name}", [("r2rank", TITLES["r2rank"])])]
+
+
+def markdown_table(results, tests, dataset, groups):
     """Table 2's layout: a row per method in groups, NDCG@1/5/10; each column's best is bold and
-    marked by its test against the column's runner-up."""
+    marked by its test against the column's runner-up. groups: [(group title, [(method, row title)])];
+    methods missing from results are left out."""
     cells = {name: {} for name in results}
     for metric in (f"ndcg@{k}" for k in KS):
         ranked = sorted(results, key=lambda name: results[name][metric], reverse=True)
@@ -369,11 +377,11 @@ def markdown_table(results, tests, dataset, model_name):
             marker = significance_marker(pair_test(tests, ranked[0], ranked[1], metric)["p_value"])
             cells[ranked[0]][metric] = f"**{cells[ranked[0]][metric]}**{marker}"
     lines = [f"| Method | {dataset} @1 | @5 | @10 |", "|---|---:|---:|---:|"]
-    for group, names in (("Baselines", ("random", "popularity")), (f"Prompted LLM: {model_name}", ("pointwise", "listwise")),
-                         (f"Ours: {model_name}", ("r2rank",))):
-        if any(name in results for name in names):
+    for group, rows in groups:
+        rows = [(name, title) for name, title in rows if name in results]
+        if rows:
             lines.append(f"| *{group}* | | | |")
-            lines += [f"| {TITLES[name]} | " + " | ".join(cells[name].values()) + " |" for name in names if name in results]
+            lines += [f"| {title} | " + " | ".join(cells[name].values()) + " |" for name, title in rows]
     return "\n".join(lines)
 
 
@@ -481,7 +489,7 @@ def run_eval(cfg):
         json.dump({"methods": results, "tests": tests, "analyses": found, "config": config}, f, indent=1)
 
     model_name = os.path.basename(os.path.normpath(cfg.model))
-    print("\n" + markdown_table(results, tests, os.path.basename(os.path.normpath(data_dir)), model_name) + "\n")
+    print("\n" + markdown_table(results, tests, os.path.basename(os.path.normpath(data_dir)), default_groups(model_name)) + "\n")
     print(f"{tests['markers']}; bold: best in the column, tested against the runner-up ({tests['test']}).")
     for name, result in results.items():
         low, high = result["ci95"]["ndcg@10"]

@@ -86,6 +86,7 @@ class Config:
     top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
     # RL
     max_steps: int = arg(100, "RL steps (one step = users-per-step users x K candidates traces)")
+    train_users: int = arg(0, "train on the first N training users only (0 = all): a smaller set to roll out on a CPU")
     users_per_step: int = arg(4, "users per step")
     num_rankings: int = arg(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)")
     reward_k: int = arg(10, "the reward is NDCG@reward-k")
@@ -378,12 +379,14 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
 
 
 @torch.no_grad()
-def validate(model, tokenizer, head, instances, cfg):
-    """NDCG@10 of greedy traces ranked by the head's scores."""
-    samples, _ = rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0)
+def validate(model, tokenizer, head, instances, cfg, samples=None):
+    """(NDCG@10 of greedy traces ranked by the head's scores, the traces). Pass the traces of an
+    earlier call as samples to skip the rollout (they do not change while the LLM is frozen)."""
+    if samples is None:
+        samples, _ = rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0)
     scores = score_traces(head, samples)
     labels = torch.tensor([inst["labels"] for inst in instances])
-    return ndcg_from_scores(scores.cpu(), labels, 10).mean().item()
+    return ndcg_from_scores(scores.cpu(), labels, 10).mean().item(), samples
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -456,6 +459,7 @@ def train_rl(cfg):
     dtype = pick_dtype(cfg.dtype, device)
     data_dir = prepare_data(cfg)
     train, valid = data.load_split(data_dir, "train"), data.load_split(data_dir, "valid")
+    train = train[: cfg.train_users or None]
     os.makedirs(cfg.out, exist_ok=True)
 
     start_step, checkpoint = 0, latest_checkpoint(cfg.out) if cfg.resume else None
@@ -489,7 +493,7 @@ def train_rl(cfg):
         print(f"resumed from {checkpoint} at step {start_step}")
     # MLP-only (--freeze-llm): the policy never changes, so a user's K traces are sampled at its first
     # step and reused whenever it comes back (a fixed sample instead of a fresh one: much cheaper).
-    trace_cache = {}
+    trace_cache, valid_samples = {}, None
     if cfg.freeze_llm and checkpoint and os.path.isfile(os.path.join(checkpoint, "trace-cache.pt")):
         saved_cache = torch.load(os.path.join(checkpoint, "trace-cache.pt"), map_location=device)
         trace_cache = {user: rollout.Samples(**fields) for user, fields in saved_cache.items()}
@@ -544,7 +548,8 @@ def train_rl(cfg):
                "head_loss": head_loss.item(), **ppo_stats, **trace_stats(samples, tokenizer, cfg.max_new_tokens)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             with mixed_precision(device, dtype):
-                row["valid_ndcg@10"] = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg)
+                row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg, valid_samples)
+            valid_samples = checked if cfg.freeze_llm else None
         row["step_time"] = time.time() - started
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()

@@ -206,6 +206,28 @@ def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_pat
                                                      load_file(os.path.join(out, "checkpoint-3", "head.safetensors")).values()))
 
 
+def test_freeze_llm_uses_only_the_first_train_users_and_rolls_out_validation_once(synthetic_dir, tmp_path, monkeypatch):
+    greedy_rollouts, rollout_users = [], r2rank.rollout_users
+
+    def counting(model, tokenizer, instances, cfg, generator, temperature=None):
+        if temperature == 0.0:
+            greedy_rollouts.append([inst["user_id"] for inst in instances])
+        return rollout_users(model, tokenizer, instances, cfg, generator, temperature)
+
+    monkeypatch.setattr(r2rank, "rollout_users", counting)
+    out = str(tmp_path / "run")
+    r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
+                 "--max-steps", "6", "--users-per-step", "4", "--max-new-tokens", "4", "--max-history", "3",
+                 "--train-users", "5", "--eval-every", "2", "--eval-users", "3"])
+    first_five = {inst["user_id"] for inst in data.load_split(synthetic_dir, "train")[:5]}
+    assert set(torch.load(os.path.join(out, "checkpoint-6", "trace-cache.pt"))) == first_five
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [row["step"] for row in rows if "valid_ndcg@10" in row] == [2, 4, 6]
+    assert len(greedy_rollouts) == 1  # the frozen LLM's validation traces are reused
+    assert greedy_rollouts[0] == [inst["user_id"] for inst in data.load_split(synthetic_dir, "valid")[:3]]
+
+
 def test_cli_bad_input_is_one_clear_line(tmp_path):
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0

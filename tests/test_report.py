@@ -1,0 +1,75 @@
+"""report.py: the merged results table and the text learning curve."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import report
+
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+
+
+def eval_file(path, methods, users=("u1", "u2", "u3", "u4", "u5", "u6"), data_dir="data/ml100k"):
+    """An eval-test.json as --stage eval writes it; methods: {name: per-user NDCG@10 values}
+    (NDCG@1 and @5 get the same values)."""
+    body = {name: {**{f"ndcg@{k}": sum(values) / len(values) for k in (1, 5, 10)},
+                   "per_user": [{"user_id": user, **{f"ndcg@{k}": value for k in (1, 5, 10)}}
+                                for user, value in zip(users, values)]}
+            for name, values in methods.items()}
+    path.write_text(json.dumps({"methods": body, "config": {"model": "/models/Small.gguf", "data_dir": data_dir,
+                                                           "users": len(users), "split": "test"}}))
+    return str(path)
+
+
+def test_moving_average_by_hand():
+    assert report.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert report.moving_average([2.0, 4.0], 10) == [2.0, 3.0]
+
+
+def test_ascii_chart_puts_the_extremes_in_the_corners():
+    lines = report.ascii_chart([("a", "*", [(0, 1.0), (10, 3.0)]), ("b", "o", [(5, 2.0)])], width=11, height=3)
+    assert lines[0] == " 3.000 |          *"
+    assert lines[1] == " 2.000 |     o     "
+    assert lines[2] == " 1.000 |*          "
+    assert "* a" in lines[-1] and "o b" in lines[-1]
+
+
+def test_merged_table_keeps_each_baseline_once_and_tests_the_pairs(tmp_path, capsys):
+    random = [0.1, 0.2, 0.1, 0.2, 0.1, 0.2]
+    base = eval_file(tmp_path / "base.json", {"random": random, "pointwise": [0.3] * 6})
+    # six distinct differences, all of one sign: exact two-sided p = 2 / 2**6 = 0.03125 (marker †)
+    mlp = eval_file(tmp_path / "mlp.json", {"r2rank": [0.3, 0.5, 0.5, 0.7, 0.7, 0.9], "random": random})
+    rl = eval_file(tmp_path / "rl.json", {"r2rank": [0.2, 0.25, 0.21, 0.22, 0.23, 0.24]})
+    results, groups, dataset = report.merge_evals([base, mlp + "=MLP-only", rl + "=RL"])
+    assert list(results) == ["random", "pointwise", "r2rank:MLP-only", "r2rank:RL"]
+    assert dataset == "ml100k"
+    assert groups[-1] == ("Ours", [("r2rank:MLP-only", "MLP-only"), ("r2rank:RL", "RL")])
+    report.table([base, mlp + "=MLP-only", rl + "=RL"])
+    out = capsys.readouterr().out
+    assert "| MLP-only | **0.600**" in out and "| Random | 0.150" in out and "| Pointwise, zero-shot | 0.300" in out
+    assert "MLP-only vs random 0.031† (+)" in out
+    assert "RL vs random 0.031† (+), pointwise 0.031† (-), MLP-only 0.031† (-)" in out
+
+
+def test_table_refuses_files_of_other_users(tmp_path):
+    a = eval_file(tmp_path / "a.json", {"random": [0.1] * 6})
+    b = eval_file(tmp_path / "b.json", {"r2rank": [0.2] * 6}, users=("x1", "x2", "x3", "x4", "x5", "x6"))
+    with pytest.raises(report.ReportError, match="users differ"):
+        report.merge_evals([a, b])
+
+
+def test_curve_cli_draws_and_names_a_bad_line(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "reward": 0.2 + 0.01 * s, "step_time": 30.0} for s in range(1, 21)]
+    rows[9]["valid_ndcg@10"], rows[19]["valid_ndcg@10"] = 0.25, 0.35
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = subprocess.run([sys.executable, "report.py", "curve", str(metrics), "--window", "5"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    # reward 0.21 at step 1; at step 20 the mean of 0.36 .. 0.40
+    assert run.stdout.startswith(" 0.380 |") and "\n 0.210 |." in run.stdout and "o validation" in run.stdout
+    assert "20 steps, 0.17 h of step time; validation NDCG@10 first 0.250, best 0.350, last 0.350" in run.stdout
+    metrics.write_text(json.dumps(rows[0]) + "\n{oops\n")
+    run = subprocess.run([sys.executable, "report.py", "curve", str(metrics)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1 and f"{metrics}:2: not a JSON line" in run.stderr and "Traceback" not in run.stderr
