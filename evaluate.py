@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import baselines
 import data
+import models
 
 
 def ndcg_at_k(relevance, k):
@@ -446,12 +447,12 @@ def run_eval(cfg):
     if not methods:
         raise data.DataError("--methods: nothing left to evaluate")
 
-    device = r2rank.pick_device(cfg.device)
-    dtype = r2rank.pick_dtype(cfg.dtype, device)
+    device = models.pick_device(cfg.device)
+    dtype = models.pick_dtype(cfg.dtype, device)
     model = tokenizer = head = None
     if any(name in PROMPTED for name in methods):
         try:
-            model, tokenizer = r2rank.load_policy(cfg.model, device, dtype, cfg.seed)
+            model, tokenizer = models.load_policy(cfg.model, device, dtype, cfg.seed)
         except (OSError, ValueError) as error:
             raise data.DataError(f"{cfg.model}: cannot load the model ({error})") from None
         model.eval()

@@ -50,6 +50,7 @@ import data
 import plackett_luce
 import rollout
 from evaluate import ndcg_at_k, ndcg_from_scores
+from models import enable_checkpointing, load_policy, mixed_precision, pick_device, pick_dtype
 from ppo import clipped_token_loss, leave_one_out_baseline, reinforce_loss
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -145,23 +146,6 @@ def parse_config(argv=None):
 # ---------------------------------------------------------------------------------------- model
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        # bf16 halves memory on GPU; on CPU bf16 matmuls are slow and inexact.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 class ScoreHead(torch.nn.Module):
     """f_phi of Eq. (2): final hidden state h [..., H] -> relevance score [...], computed in fp32."""
 
@@ -177,110 +161,6 @@ class ScoreHead(torch.nn.Module):
     def forward(self, hidden):
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head stays fp32
             return self.net(hidden.float()).squeeze(-1)
-
-
-# The tiny model's chat template: Qwen2's ChatML, without Qwen's default system prompt.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def build_tiny(seed=0, vocab_size=1024, hidden_size=64, layers=2):
-    """A tiny random Qwen2 and a tokenizer trained offline on the project's own prompt text.
-
-    The tokenizer is trained with Qwen2's own pipeline (its split regex, byte-level BPE) and wrapped
-    in transformers' Qwen2Tokenizer, so save_pretrained / AutoTokenizer.from_pretrained rebuild it
-    exactly. Deterministic for a seed; takes about a second.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order: pad, turn start, turn end
-    raw = data.synthetic_raw(users=50, seed=0)
-    corpus = [data.SYSTEM_PROMPT, data.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
-    corpus += [f"The user liked the {i['title'].lower()}, so <answer>{data.RECOMMEND}</answer> or "
-               f"<answer>{data.NOT_RECOMMEND}</answer>." for i in raw.items.values()]
-    bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size - len(special), show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    trained = json.loads(bpe.to_str())["model"]
-    vocab = dict(trained["vocab"])
-    vocab.update({token: len(vocab) + i for i, token in enumerate(special)})
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m) for m in trained["merges"]], unk_token=None, bos_token=None,
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=True,
-                         # with the usual 0.02 a random tied model just repeats its input token
-                         initializer_range=0.3, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):  # do not disturb the caller's global RNG
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def load_gguf(path):
-    """A GGUF file (e.g. SmolLM2-135M-Instruct) as a plain fp32 transformers model and its tokenizer.
-
-    Needs the optional `gguf` package (pip install gguf). from_pretrained(..., gguf_file=...) would also
-    ask for `accelerate`; its three parts do not: the config from the GGUF metadata, the dequantized
-    weights from load_gguf_checkpoint, and the tokenizer (with its chat template).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    folder, name = os.path.split(os.path.abspath(path))
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    with no_init_weights():  # every weight is overwritten below
-        model = AutoModelForCausalLM.from_config(config)
-    state_dict = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()) or unexpected:
-        raise RuntimeError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-    model.tie_weights()
-    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
-def mixed_precision(device, dtype):
-    """Autocast forward passes to dtype (bf16 on GPU). The training stages keep weights, gradients and
-    optimizer states in fp32: bf16 weights cannot absorb updates of ~1e-6 (near 0.02 their spacing is
-    ~1e-4), so a pure-bf16 model would mostly not move at the learning rates used here."""
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def load_policy(name, device, dtype, seed=0):
-    """(model, tokenizer) for 'tiny', a .gguf file, a local directory or a hub id."""
-    if name == "tiny":
-        model, tokenizer = build_tiny(seed=seed)
-    elif name.endswith(".gguf"):
-        model, tokenizer = load_gguf(name)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device=device, dtype=dtype), tokenizer
-
-
-def enable_checkpointing(model, cfg, device):
-    """Gradient (activation) checkpointing per --gradient-checkpointing; returns whether it is on."""
-    on = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda")
-    if on:
-        model.activation_checkpointing_enable()  # recompute each layer in backward; use_reentrant=False
-    return on
 
 
 def encode_user(tokenizer, instance, cfg):
@@ -478,7 +358,7 @@ def train_rl(cfg):
     head = load_head(source, hidden_size, device) if has_head(source) else ScoreHead(hidden_size, cfg.head_width).to(device)
     if cfg.freeze_llm:
         model.requires_grad_(False)
-    use_checkpointing = enable_checkpointing(model, cfg, device) if not cfg.freeze_llm else False
+    use_checkpointing = enable_checkpointing(model, cfg.gradient_checkpointing, device) if not cfg.freeze_llm else False
     if use_checkpointing and cfg.shared_prefix_update == "on":
         sys.exit("error: --shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
     shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
@@ -544,6 +424,8 @@ def train_rl(cfg):
 
         # 5) log, checkpoint
         row = {"step": step + 1, "reward": reward.mean().item(),
+               "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
+               "score_std": scores.detach().std(1, correction=0).mean().item(),  # spread of the K scores: how peaked PL is
                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
                "head_loss": head_loss.item(), **ppo_stats, **trace_stats(samples, tokenizer, cfg.max_new_tokens)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:

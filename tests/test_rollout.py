@@ -3,20 +3,18 @@
 Oracles: transformers' own `generate` on the plain, unshared prompts; a fresh unpadded forward pass
 per sequence for the log-probs and the final hidden state.
 """
-import json
-import os
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-import r2rank
+import models
 import rollout
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = r2rank.build_tiny(seed=0)
+    model, tokenizer = models.build_tiny(seed=0)
     return model.eval(), tokenizer
 
 

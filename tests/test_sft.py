@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+import models
 import r2rank
 import rollout
 import sft
@@ -42,7 +43,7 @@ def train(data_dir):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = r2rank.build_tiny(seed=0)
+    model, tokenizer = models.build_tiny(seed=0)
     return model, tokenizer
 
 
@@ -392,7 +393,7 @@ def test_sft_cli_lowers_the_loss_of_its_traces_and_feeds_rl(data_dir, train, tin
 
     # the traces' log-likelihood, before (the same seeded tiny model) and after, computed independently
     before, tokenizer = tiny
-    after, _ = r2rank.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
+    after, _ = models.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
     prompts, responses = encode_traces(tokenizer, train, traces)
     with torch.no_grad():
         mean_logp = [(lambda lp, m: (lp[m].sum() / m.sum()).item())(*rollout.response_logprobs(model, prompts, responses))
@@ -432,7 +433,7 @@ def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path
     assert resumed.endswith("checkpoint-3")
     losses = lambda out: [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses(tmp_path / "stopped") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
-    weights = [r2rank.load_policy(path, torch.device("cpu"), torch.float32)[0].state_dict() for path in (straight, resumed)]
+    weights = [models.load_policy(path, torch.device("cpu"), torch.float32)[0].state_dict() for path in (straight, resumed)]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, atol=1e-6, rtol=1e-5)
 

@@ -1,0 +1,133 @@
+"""Loading the policy LLM: a hub id, a local directory, a GGUF file, or a tiny random model built offline;
+device and precision choices; activation checkpointing.
+
+    model, tokenizer = load_policy("Qwen/Qwen2.5-1.5B-Instruct", pick_device("auto"), torch.float32)
+    model, tokenizer = load_policy("tiny", torch.device("cpu"), torch.float32)   # no download
+"""
+import json
+import os
+
+import torch
+
+import data
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        # bf16 halves memory on GPU; on CPU bf16 matmuls are slow and inexact.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+# The tiny model's chat template: Qwen2's ChatML, without Qwen's default system prompt.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def build_tiny(seed=0, vocab_size=1024, hidden_size=64, layers=2):
+    """A tiny random Qwen2 and a tokenizer trained offline on the project's own prompt text.
+
+    The tokenizer is trained with Qwen2's own pipeline (its split regex, byte-level BPE) and wrapped
+    in transformers' Qwen2Tokenizer, so save_pretrained / AutoTokenizer.from_pretrained rebuild it
+    exactly. Deterministic for a seed; takes about a second.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order: pad, turn start, turn end
+    raw = data.synthetic_raw(users=50, seed=0)
+    corpus = [data.SYSTEM_PROMPT, data.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
+    corpus += [f"The user liked the {i['title'].lower()}, so <answer>{data.RECOMMEND}</answer> or "
+               f"<answer>{data.NOT_RECOMMEND}</answer>." for i in raw.items.values()]
+    bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size - len(special), show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trained = json.loads(bpe.to_str())["model"]
+    vocab = dict(trained["vocab"])
+    vocab.update({token: len(vocab) + i for i, token in enumerate(special)})
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m) for m in trained["merges"]], unk_token=None, bos_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         # with the usual 0.02 a random tied model just repeats its input token
+                         initializer_range=0.3, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):  # do not disturb the caller's global RNG
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_gguf(path):
+    """A GGUF file (e.g. SmolLM2-135M-Instruct) as a plain fp32 transformers model and its tokenizer.
+
+    Needs the optional `gguf` package (pip install gguf). from_pretrained(..., gguf_file=...) would also
+    ask for `accelerate`; its three parts do not: the config from the GGUF metadata, the dequantized
+    weights from load_gguf_checkpoint, and the tokenizer (with its chat template).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = os.path.split(os.path.abspath(path))
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    with no_init_weights():  # every weight is overwritten below
+        model = AutoModelForCausalLM.from_config(config)
+    state_dict = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()) or unexpected:
+        raise RuntimeError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def mixed_precision(device, dtype):
+    """Autocast forward passes to dtype (bf16 on GPU). The training stages keep weights, gradients and
+    optimizer states in fp32: bf16 weights cannot absorb updates of ~1e-6 (near 0.02 their spacing is
+    ~1e-4), so a pure-bf16 model would mostly not move at the learning rates used here."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def load_policy(name, device, dtype, seed=0):
+    """(model, tokenizer) for 'tiny', a .gguf file, a local directory or a hub id."""
+    if name == "tiny":
+        model, tokenizer = build_tiny(seed=seed)
+    elif name.endswith(".gguf"):
+        model, tokenizer = load_gguf(name)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def enable_checkpointing(model, setting, device):
+    """Gradient (activation) checkpointing: setting "on", "off" or "auto" (on for cuda); returns whether it is on."""
+    on = setting == "on" or (setting == "auto" and device.type == "cuda")
+    if on:
+        model.activation_checkpointing_enable()  # recompute each layer in backward; use_reentrant=False
+    return on
