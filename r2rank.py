@@ -96,12 +96,15 @@ class Config:
                          ["reward", "item"])
     freeze_llm: bool = arg(False, "train the head only, LLM frozen (the MLP-only variant, Table 3); each "
                            "user's traces are then sampled once and reused (saved with the checkpoints)")
+    trace_cache: str = arg("", "--freeze-llm: start from the traces of an earlier --freeze-llm run "
+                           "(<its checkpoint>/trace-cache.pt), e.g. to train another head on them")
     ppo_epochs: int = arg(2, "passes over a step's traces, one optimizer step each")
     clip_eps: float = arg(0.2, "PPO clipping epsilon")
     micro_batch: int = arg(8, "traces per forward/backward in the update (memory only; same gradient)")
     lr: float = arg(1e-6, "LLM learning rate (AdamW)")
     head_lr: float = arg(1e-3, "scoring-head learning rate (AdamW)")
     head_width: int = arg(256, "hidden width of the scoring head's MLP")
+    head_weight_decay: float = arg(0.01, "scoring-head weight decay (AdamW)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip for the LLM")
     eval_every: int = arg(0, "every N steps, NDCG@10 of greedy traces on validation users (0 = never)")
     eval_users: int = arg(32, "validation users in that check")
@@ -303,6 +306,25 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_ca
     return final
 
 
+TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars")
+
+
+def load_trace_cache(path, cfg, device):
+    """{user_id: rollout.Samples} from a trace-cache.pt; refuses traces made with other trace settings
+    (read from the r2rank.json beside it)."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: {path}: no such trace cache (a checkpoint of a --freeze-llm run holds trace-cache.pt)")
+    settings = os.path.join(os.path.dirname(path), "r2rank.json")
+    if os.path.isfile(settings):
+        with open(settings) as f:
+            saved = json.load(f)["config"]
+        differ = [name for name in TRACE_SETTINGS if saved.get(name) != getattr(cfg, name)]
+        if differ:
+            sys.exit(f"error: {path}: its traces were made with " + ", ".join(f"--{n.replace('_', '-')} {saved.get(n)}" for n in differ)
+                     + "; this run has " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ))
+    return {user: rollout.Samples(**fields) for user, fields in torch.load(path, map_location=device).items()}
+
+
 def load_head(path, hidden_size, device):
     """The scoring head saved in checkpoint directory `path` (its width is in r2rank.json)."""
     with open(os.path.join(path, "r2rank.json")) as f:
@@ -363,7 +385,7 @@ def train_rl(cfg):
         sys.exit("error: --shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
     shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
     model.eval()
-    optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr)}
+    optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)}
     if not cfg.freeze_llm:
         optimizers["llm"] = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     if checkpoint:
@@ -375,8 +397,9 @@ def train_rl(cfg):
     # step and reused whenever it comes back (a fixed sample instead of a fresh one: much cheaper).
     trace_cache, valid_samples = {}, None
     if cfg.freeze_llm and checkpoint and os.path.isfile(os.path.join(checkpoint, "trace-cache.pt")):
-        saved_cache = torch.load(os.path.join(checkpoint, "trace-cache.pt"), map_location=device)
-        trace_cache = {user: rollout.Samples(**fields) for user, fields in saved_cache.items()}
+        trace_cache = load_trace_cache(os.path.join(checkpoint, "trace-cache.pt"), cfg, device)
+    elif cfg.freeze_llm and cfg.trace_cache:
+        trace_cache = load_trace_cache(cfg.trace_cache, cfg, device)
 
     K = len(train[0]["candidates"])
     print(f"{cfg.users_per_step} users x {K} candidates = {cfg.users_per_step * K} traces per step "

@@ -229,6 +229,29 @@ def test_freeze_llm_uses_only_the_first_train_users_and_rolls_out_validation_onc
     assert greedy_rollouts[0] == [inst["user_id"] for inst in data.load_split(synthetic_dir, "valid")[:3]]
 
 
+def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_path, monkeypatch):
+    common = ["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--max-history", "3",
+              "--users-per-step", "3", "--train-users", "3", "--max-new-tokens", "4"]
+    first = str(tmp_path / "first")
+    r2rank.main(common + ["--out", first, "--max-steps", "1"])
+    cache = os.path.join(first, "checkpoint-1", "trace-cache.pt")
+    rolled_out, rollout_users = [], r2rank.rollout_users
+
+    def counting(model, tokenizer, instances, cfg, generator, temperature=None):
+        rolled_out.extend(inst["user_id"] for inst in instances)
+        return rollout_users(model, tokenizer, instances, cfg, generator, temperature)
+
+    monkeypatch.setattr(r2rank, "rollout_users", counting)
+    second = str(tmp_path / "second")
+    r2rank.main(common + ["--out", second, "--max-steps", "2", "--head-width", "8", "--trace-cache", cache])
+    assert rolled_out == []  # the three users' traces came from the first run
+    reused = torch.load(os.path.join(second, "checkpoint-2", "trace-cache.pt"))
+    assert all(torch.equal(reused[user]["tokens"], fields["tokens"]) for user, fields in torch.load(cache).items())
+    other = run_cli(*common, "--out", str(tmp_path / "third"), "--trace-cache", cache, "--max-new-tokens", "5")
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert "traces were made with --max-new-tokens 4; this run has --max-new-tokens 5" in other.stderr
+
+
 def test_cli_bad_input_is_one_clear_line(tmp_path):
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0
