@@ -38,7 +38,7 @@ def read_eval(path):
 def merge_evals(specs):
     """specs: ["path" or "path=Title", ...] -> (results {key: method result}, groups for
     evaluate.markdown_table, dataset name). A method met twice (e.g. random) is kept once."""
-    results, baseline_rows, ours, first = {}, {}, [], None
+    results, baseline_rows, ours, first, prompted_model = {}, {}, [], None, None
     for spec in specs:
         path, _, title = spec.partition("=")
         methods, config = read_eval(path)
@@ -58,7 +58,9 @@ def merge_evals(specs):
             elif name not in results:
                 results[name] = result
                 baseline_rows[name] = evaluate.TITLES[name]
-    model = os.path.basename(os.path.normpath(first[2]["model"]))
+                if name in evaluate.PROMPTED and prompted_model is None:
+                    prompted_model = config["model"]  # the model the zero-shot rows ran on
+    model = os.path.basename(os.path.normpath(prompted_model or first[2]["model"]))
     groups = [(group, [(name, title) for name, title in rows if name in baseline_rows])
               for group, rows in evaluate.default_groups(model)[:2]] + [("Ours", ours)]
     return results, groups, os.path.basename(os.path.normpath(first[2]["data_dir"]))
@@ -76,8 +78,9 @@ def significance_lines(results, tests, metric="ndcg@10"):
     return lines
 
 
-def table(specs):
-    results, groups, dataset = merge_evals(specs)
+def table(specs, dataset=None):
+    results, groups, found_dataset = merge_evals(specs)
+    dataset = dataset or found_dataset
     tests = evaluate.pairwise_tests(results)
     print(evaluate.markdown_table(results, tests, dataset, groups))
     print(f"\n{tests['markers']}; bold: best in the column, tested against the runner-up ({tests['test']}).")
@@ -156,12 +159,13 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     table_args = commands.add_parser("table", help="one Table-2 layout from several eval-<split>.json files")
     table_args.add_argument("files", nargs="+", help="eval-<split>.json of --stage eval, optionally =Title for its R2Rank row")
+    table_args.add_argument("--dataset", help="the dataset's name in the header (default: the data directory's name)")
     curve_args = commands.add_parser("curve", help="reward and validation NDCG@10 per step of a run, as text")
     curve_args.add_argument("metrics", help="metrics.jsonl of --stage rl")
     curve_args.add_argument("--window", type=int, default=10, help="steps in the reward's moving average")
     args = parser.parse_args(argv)
     try:
-        table(args.files) if args.command == "table" else curve(args.metrics, max(args.window, 1))
+        table(args.files, args.dataset) if args.command == "table" else curve(args.metrics, max(args.window, 1))
     except ReportError as error:
         sys.exit(f"error: {error}")
 

@@ -10,14 +10,14 @@ import report
 ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
 
 
-def eval_file(path, methods, users=("u1", "u2", "u3", "u4", "u5", "u6"), data_dir="data/ml100k"):
+def eval_file(path, methods, users=("u1", "u2", "u3", "u4", "u5", "u6"), data_dir="data/ml100k", model="/models/Small.gguf"):
     """An eval-test.json as --stage eval writes it; methods: {name: per-user NDCG@10 values}
     (NDCG@1 and @5 get the same values)."""
     body = {name: {**{f"ndcg@{k}": sum(values) / len(values) for k in (1, 5, 10)},
                    "per_user": [{"user_id": user, **{f"ndcg@{k}": value for k in (1, 5, 10)}}
                                 for user, value in zip(users, values)]}
             for name, values in methods.items()}
-    path.write_text(json.dumps({"methods": body, "config": {"model": "/models/Small.gguf", "data_dir": data_dir,
+    path.write_text(json.dumps({"methods": body, "config": {"model": model, "data_dir": data_dir,
                                                            "users": len(users), "split": "test"}}))
     return str(path)
 
@@ -39,10 +39,12 @@ def test_merged_table_keeps_each_baseline_once_and_tests_the_pairs(tmp_path, cap
     random = [0.1, 0.2, 0.1, 0.2, 0.1, 0.2]
     base = eval_file(tmp_path / "base.json", {"random": random, "pointwise": [0.3] * 6})
     # six distinct differences, all of one sign: exact two-sided p = 2 / 2**6 = 0.03125 (marker †)
-    mlp = eval_file(tmp_path / "mlp.json", {"r2rank": [0.3, 0.5, 0.5, 0.7, 0.7, 0.9], "random": random})
+    mlp = eval_file(tmp_path / "mlp.json", {"r2rank": [0.3, 0.5, 0.5, 0.7, 0.7, 0.9], "random": random},
+                    model="runs/mlp/checkpoint-9")
     rl = eval_file(tmp_path / "rl.json", {"r2rank": [0.2, 0.25, 0.21, 0.22, 0.23, 0.24]})
-    results, groups, dataset = report.merge_evals([base, mlp + "=MLP-only", rl + "=RL"])
-    assert list(results) == ["random", "pointwise", "r2rank:MLP-only", "r2rank:RL"]
+    results, groups, dataset = report.merge_evals([mlp + "=MLP-only", base, rl + "=RL"])
+    assert list(results) == ["r2rank:MLP-only", "random", "pointwise", "r2rank:RL"]
+    assert groups[1][0] == "Prompted LLM: Small.gguf"  # named after the model the zero-shot rows ran on
     assert dataset == "ml100k"
     assert groups[-1] == ("Ours", [("r2rank:MLP-only", "MLP-only"), ("r2rank:RL", "RL")])
     report.table([base, mlp + "=MLP-only", rl + "=RL"])
