@@ -109,6 +109,7 @@ class Config:
     eval_every: int = arg(0, "every N steps, NDCG@10 of greedy traces on validation users (0 = never)")
     eval_users: int = arg(32, "validation users in that check")
     save_every: int = arg(50, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = arg(0, "keep only the newest N checkpoints of the run (0 = keep all)")
     # SFT cold start (Sec. 3.4): --stage sft-data, then --stage sft
     traces: str = arg("", "teacher traces (jsonl): written by sft-data, read by sft; default <out>/traces.jsonl")
     teacher: str = arg("", "sft-data: local teacher model (hub id, directory or .gguf)")
@@ -275,10 +276,21 @@ def validate(model, tokenizer, head, instances, cfg, samples=None):
 # ----------------------------------------------------------------------------------- checkpoints
 
 
+def checkpoint_steps(out):
+    """Steps of the checkpoint-<step> directories in out, ascending."""
+    return sorted(int(m.group(1)) for name in (os.listdir(out) if os.path.isdir(out) else [])
+                  if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
+
+
 def latest_checkpoint(out):
-    steps = [int(m.group(1)) for name in (os.listdir(out) if os.path.isdir(out) else [])
-             if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
-    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+    steps = checkpoint_steps(out)
+    return os.path.join(out, f"checkpoint-{steps[-1]}") if steps else None
+
+
+def prune_checkpoints(out, keep):
+    """Delete all but the newest `keep` checkpoint directories of out."""
+    for step in checkpoint_steps(out)[:-keep]:
+        shutil.rmtree(os.path.join(out, f"checkpoint-{step}"))
 
 
 def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_cache=None):
@@ -462,6 +474,8 @@ def train_rl(cfg):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(cfg.out, step + 1, model, tokenizer, head, optimizers, cfg,
                             trace_cache if cfg.freeze_llm else None)
+            if cfg.keep_checkpoints:
+                prune_checkpoints(cfg.out, cfg.keep_checkpoints)
     metrics_file.close()
 
 

@@ -207,7 +207,7 @@ def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_pat
                                                      load_file(os.path.join(out, "checkpoint-3", "head.safetensors")).values()))
 
 
-def test_freeze_llm_uses_only_the_first_train_users_and_rolls_out_validation_once(synthetic_dir, tmp_path, monkeypatch):
+def test_freeze_llm_first_train_users_validation_rolled_out_once_old_checkpoints_pruned(synthetic_dir, tmp_path, monkeypatch):
     greedy_rollouts, rollout_users = [], r2rank.rollout_users
 
     def counting(model, tokenizer, instances, cfg, generator, temperature=None):
@@ -219,7 +219,8 @@ def test_freeze_llm_uses_only_the_first_train_users_and_rolls_out_validation_onc
     out = str(tmp_path / "run")
     r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
                  "--max-steps", "6", "--users-per-step", "4", "--max-new-tokens", "4", "--max-history", "3",
-                 "--train-users", "5", "--eval-every", "2", "--eval-users", "3"])
+                 "--train-users", "5", "--eval-every", "2", "--eval-users", "3", "--save-every", "1", "--keep-checkpoints", "2"])
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-5", "checkpoint-6"]
     first_five = {inst["user_id"] for inst in data.load_split(synthetic_dir, "train")[:5]}
     assert set(torch.load(os.path.join(out, "checkpoint-6", "trace-cache.pt"))) == first_five
     with open(os.path.join(out, "metrics.jsonl")) as f:
