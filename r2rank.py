@@ -12,7 +12,10 @@ One RL step, as in Algorithm 1:
 
 A trace cut at --max-new-tokens, or one without an <answer> tag, is scored like any other: the head
 reads the hidden state at its last token. The log counts both (truncated_share, answer_share), since
-a policy that never finishes its reasoning gives the head little to read.
+a policy that never finishes its reasoning gives the head little to read. It also logs distinct_share
+(distinct traces among a user's K) and token_logp (mean log-prob of the sampled tokens): when both
+fall towards their floor (1/K and 0), the policy writes the same text for every candidate and the
+head has nothing left to tell the candidates apart by.
 
 Where this departs from the paper (each a flag; the default is the paper's choice unless said):
 1. S rankings per user instead of one (--num-rankings 8): a cheap Monte-Carlo average, since
@@ -204,13 +207,18 @@ def score_traces(head, samples):
 
 
 def trace_stats(samples, tokenizer, max_new_tokens):
-    """Share of traces with a parsable <answer>, share cut at the token limit, mean length."""
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for s in samples for ids in s.token_lists()]
+    """Share of traces with a parsable <answer>, share cut at the token limit, mean length; and two
+    signs of a collapsing policy: the share of a user's K traces that are distinct texts, and the mean
+    log-prob of the sampled tokens (near 0 when the policy has stopped exploring)."""
+    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in s.token_lists()] for s in samples]
+    flat = [text for user in texts for text in user]
     lengths = torch.cat([s.lengths for s in samples]).float()
     return {
-        "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
+        "answer_share": sum(data.parse_answer(t) is not None for t in flat) / len(flat),
         "truncated_share": (lengths >= max_new_tokens).float().mean().item(),
         "response_len": lengths.mean().item(),
+        "distinct_share": sum(len(set(user)) / len(user) for user in texts) / len(texts),
+        "token_logp": (sum(s.logprobs[s.mask].sum().item() for s in samples) / max(lengths.sum().item(), 1)),
     }
 
 

@@ -13,6 +13,7 @@ import data
 import models
 import plackett_luce
 import r2rank
+import rollout
 from evaluate import ndcg_at_k, ndcg_from_scores
 from ppo import leave_one_out_baseline, reinforce_loss
 
@@ -266,3 +267,20 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for field in r2rank.dataclasses.fields(r2rank.Config):
         assert "--" + field.name.replace("_", "-") in result.stdout
+
+
+def test_trace_stats_count_distinct_traces_and_mean_token_logprob_by_hand():
+    _, tokenizer = models.build_tiny()
+    pad = tokenizer.pad_token_id
+
+    def user(tokens, logprobs, lengths):
+        tokens, logprobs, lengths = torch.tensor(tokens), torch.tensor(logprobs), torch.tensor(lengths)
+        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        return rollout.Samples(tokens, logprobs, mask, lengths, torch.zeros(2, dtype=torch.bool), torch.zeros(2, 4))
+
+    same = user([[5, 6], [5, 6]], [[-1.0, -1.0], [-1.0, -1.0]], [2, 2])  # 1 distinct text of 2
+    different = user([[5, 6], [7, pad]], [[-0.5, -0.5], [-3.0, -9.0]], [2, 1])  # 2 of 2; the -9 is padding
+    stats = r2rank.trace_stats([same, different], tokenizer, max_new_tokens=2)
+    assert stats["distinct_share"] == pytest.approx((1 / 2 + 2 / 2) / 2)
+    assert stats["token_logp"] == pytest.approx((-4.0 - 1.0 - 3.0) / 7)
+    assert stats["truncated_share"] == pytest.approx(3 / 4) and stats["response_len"] == pytest.approx(7 / 4)
