@@ -70,11 +70,12 @@ def significance_lines(results, tests, metric="ndcg@10"):
     """For every R2Rank row: its Wilcoxon p-value against each other row on metric."""
     lines = []
     for name in (n for n in results if n.startswith("r2rank:")):
-        others = [f"{other.removeprefix('r2rank:')} {evaluate.pair_test(tests, name, other, metric)['p_value']:.2g}"
-                  f"{evaluate.significance_marker(evaluate.pair_test(tests, name, other, metric)['p_value'])}"
-                  f" ({'+' if results[name][metric] > results[other][metric] else '-'})"
-                  for other in results if other != name]
-        lines.append(f"{name[7:]} vs " + ", ".join(others))
+        others = []
+        for other in (o for o in results if o != name):
+            p_value = evaluate.pair_test(tests, name, other, metric)["p_value"]
+            sign = "+" if results[name][metric] > results[other][metric] else "-"
+            others.append(f"{other.removeprefix('r2rank:')} {p_value:.2g}{evaluate.significance_marker(p_value)} ({sign})")
+        lines.append(f"{name.removeprefix('r2rank:')} vs " + ", ".join(others))
     return lines
 
 
