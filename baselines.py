@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from data import NOT_RECOMMEND, RECOMMEND, candidate_text, user_context_text
+from prompt import NOT_RECOMMEND, RECOMMEND, candidate_text, user_context_text
 from rollout import positions_from_mask, sample_traces
 
 # The listwise answer gets min(--max-new-tokens, 8 K) new tokens: "[12] > " takes about 4 to 5 tokens.

@@ -1,4 +1,4 @@
-"""Datasets for R2Rank (Sec. 4.1.1 of the R2Rank paper) and its self-check prompt (Sec. 3.4, Fig. 2).
+"""Datasets for R2Rank (Sec. 4.1.1 of the R2Rank paper); the prompt built from them is in prompt.py.
 
     python data.py amazon --reviews Video_Games.jsonl.gz --meta meta_Video_Games.jsonl.gz --out data/vg
     python data.py movielens --path ml-100k --out data/ml100k
@@ -13,10 +13,6 @@ in random order. Output: {train,valid,test}.jsonl, one instance per line,
      "candidates": [{"item_id", "title", "text"}], "labels": [1 for the positive, else 0]}
 and stats.json: Table 1 sizes, what was dropped and why, each item's count as a training positive.
 
-Prompt length budget: every item is one line "title - text" cut to max_item_chars characters (default
-200, "..." marks a cut), the profile is cut likewise, and the history keeps its most recent
-max_history items (default 20), oldest first. At the defaults a prompt stays under ~5,000 characters.
-
 Departures from the paper (which leaves these points open):
 1. A user who touched the same item twice keeps the first time only, so the positive is never also
    in its own history.
@@ -26,7 +22,7 @@ Departures from the paper (which leaves these points open):
    ("interactions_in_instances" counts what the model is shown).
 4. MovieLens has no time window by default (its 1997-98 dates all fall outside the Amazon one), and
    its placeholder title "unknown" counts as no title.
-5. Timestamps are stored (Unix seconds) but left out of the prompt, to keep prompts short.
+5. Timestamps are stored (Unix seconds) but left out of the prompt.
 6. A synthetic source (not in the paper) gives a small set whose labels only the history reveals.
 """
 import argparse
@@ -45,8 +41,6 @@ from datetime import date, datetime, timezone
 
 from tqdm import tqdm
 
-RECOMMEND = "Recommend"
-NOT_RECOMMEND = "Not Recommend"
 SPLITS = ("train", "valid", "test")
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
 STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
@@ -201,6 +195,13 @@ def amazon_reviews(path):
     for lineno, review in read_jsonl(path):
         user, item = require(review, "user_id", str, path, lineno), require(review, "parent_asin", str, path, lineno)
         yield user, item, int(require(review, "timestamp", (int, float), path, lineno) // 1000)  # ms -> s
+
+
+def shorten(text, max_chars):
+    """text cut to at most max_chars characters, "..." marking the cut."""
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars - 3].rstrip() + "..." if max_chars > 3 else text[:max_chars]
 
 
 def amazon_text(record):
@@ -435,63 +436,6 @@ def load_split(data_dir, split):
             raise DataError(f"{path}:{lineno}: labels and candidates differ in length")
         instances.append(inst)
     return instances
-
-
-# ---------------------------------------------------------------- the self-check prompt (Fig. 2)
-
-SYSTEM_PROMPT = "You are a recommendation assistant. You judge one candidate item at a time for one user."
-INSTRUCTIONS = (
-    "Decide whether to recommend the candidate item below to this user. "
-    "Answer in three parts, in this order.\n"
-    "# Initial reasoning: weigh what the user context says about this user's tastes against what the "
-    "candidate item offers.\n"
-    "# Self-check: re-read your initial reasoning and look for errors, claims the context does not "
-    "support, doubts, and signals you leaned on too heavily.\n"
-    "# Final conclusion: state the deciding reasons in a few sentences.\n"
-    f"End with exactly one of <answer>{RECOMMEND}</answer> or <answer>{NOT_RECOMMEND}</answer>.")
-ANSWER_PATTERN = re.compile(r"<answer>\s*(not\s+recommend|recommend)\s*</answer>", re.IGNORECASE)
-
-
-def shorten(text, max_chars):
-    """text cut to at most max_chars characters, "..." marking the cut."""
-    if len(text) <= max_chars:
-        return text
-    return text[:max_chars - 3].rstrip() + "..." if max_chars > 3 else text[:max_chars]
-
-
-def candidate_text(candidate, max_item_chars=200):
-    """One item as one line, "title - text", cut to max_item_chars."""
-    line = f"{candidate['title']} - {candidate['text']}" if candidate.get("text") else candidate["title"]
-    return shorten(" ".join(line.split()), max_item_chars)
-
-
-def user_context_text(instance, max_history=20, max_item_chars=200):
-    """The profile and the numbered history, oldest first, cut to its most recent max_history items."""
-    history = instance["history"][-max_history:] if max_history > 0 else []
-    lines = [f"Profile: {shorten(instance.get('profile') or 'not available', max_item_chars)}",
-             "History, oldest first:" if history else "History: none"]
-    lines += [f"{number}. {candidate_text(item, max_item_chars)}" for number, item in enumerate(history, 1)]
-    return "\n".join(lines)
-
-
-def self_check_parts(instance, k, max_history=20, max_item_chars=200):
-    """(system text, user-message prefix shared by all K candidates, candidate k's text). The prefix
-    ends with a newline, so tokenizers split there and its KV cache can serve all K candidates."""
-    context = user_context_text(instance, max_history, max_item_chars)
-    prefix = f"{INSTRUCTIONS}\n\nUSER CONTEXT\n{context}\n\nCANDIDATE ITEM\n"
-    return SYSTEM_PROMPT, prefix, candidate_text(instance["candidates"][k], max_item_chars)
-
-
-def self_check_messages(instance, k, max_history=20, max_item_chars=200):
-    """Chat messages asking for the self-check reasoning about candidate k (Fig. 2 of the paper)."""
-    system, prefix, candidate = self_check_parts(instance, k, max_history, max_item_chars)
-    return [{"role": "system", "content": system}, {"role": "user", "content": prefix + candidate}]
-
-
-def parse_answer(text):
-    """1 if the last <answer> tag says Recommend, 0 if it says Not Recommend, None if there is none."""
-    answers = ANSWER_PATTERN.findall(text)
-    return int(not answers[-1].lower().startswith("not")) if answers else None
 
 
 # ---------------------------------------------------------------- command line

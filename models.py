@@ -10,6 +10,7 @@ import os
 import torch
 
 import data
+import prompt
 
 
 def pick_device(name):
@@ -48,9 +49,9 @@ def build_tiny(seed=0, vocab_size=1024, hidden_size=64, layers=2):
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order: pad, turn start, turn end
     raw = data.synthetic_raw(users=50, seed=0)
-    corpus = [data.SYSTEM_PROMPT, data.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
-    corpus += [f"The user liked the {i['title'].lower()}, so <answer>{data.RECOMMEND}</answer> or "
-               f"<answer>{data.NOT_RECOMMEND}</answer>." for i in raw.items.values()]
+    corpus = [prompt.SYSTEM_PROMPT, prompt.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
+    corpus += [f"The user liked the {i['title'].lower()}, so <answer>{prompt.RECOMMEND}</answer> or "
+               f"<answer>{prompt.NOT_RECOMMEND}</answer>." for i in raw.items.values()]
     bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([

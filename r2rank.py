@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import data
 import plackett_luce
+import prompt
 import rollout
 from evaluate import ndcg_at_k, ndcg_from_scores
 from models import enable_checkpointing, load_policy, mixed_precision, pick_device, pick_dtype
@@ -176,10 +177,10 @@ def encode_user(tokenizer, instance, cfg):
     Prompt k is always prefix + suffix_k (tokenized separately, also when nothing is shared), so the
     shared-prefix rollout and the update see exactly the same tokens.
     """
-    texts = [tokenizer.apply_chat_template(data.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars),
+    texts = [tokenizer.apply_chat_template(prompt.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars),
                                            tokenize=False, add_generation_prompt=True)
              for k in range(len(instance["candidates"]))]
-    _, shared, _ = data.self_check_parts(instance, 0, cfg.max_history, cfg.max_item_chars)
+    _, shared, _ = prompt.self_check_parts(instance, 0, cfg.max_history, cfg.max_item_chars)
     cut = texts[0].index(shared) + len(shared)  # the prefix ends after the shared part of the user message
     assert all(text[:cut] == texts[0][:cut] for text in texts)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -214,7 +215,7 @@ def trace_stats(samples, tokenizer, max_new_tokens):
     flat = [text for user in texts for text in user]
     lengths = torch.cat([s.lengths for s in samples]).float()
     return {
-        "answer_share": sum(data.parse_answer(t) is not None for t in flat) / len(flat),
+        "answer_share": sum(prompt.parse_answer(t) is not None for t in flat) / len(flat),
         "truncated_share": (lengths >= max_new_tokens).float().mean().item(),
         "response_len": lengths.mean().item(),
         "distinct_share": sum(len(set(user)) / len(user) for user in texts) / len(texts),

@@ -6,7 +6,7 @@
     python r2rank.py --stage rl --model runs/sft/checkpoint-N --out runs/rl
 
 sft-data: for (user, candidate) pairs of the training split, ask the teacher for the self-check response
-(data.self_check_messages, Fig. 2) and keep it only when its <answer> matches the label. Kept traces
+(prompt.self_check_messages, Fig. 2) and keep it only when its <answer> matches the label. Kept traces
 go to traces.jsonl, the others to traces.rejected.jsonl, one line per asked pair, appended and flushed
 one at a time: a rerun skips every pair found in either file, so an interrupted run resumes where it
 stopped (a torn last line is cut off and its pair asked again). traces.summary.json has the counts.
@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import data
 import models
+import prompt
 import r2rank
 import rollout
 
@@ -199,9 +200,9 @@ def build_traces(cfg):
         bar = tqdm(pending, desc="sft-data", dynamic_ncols=True)
         for done, (u, k) in enumerate(bar, 1):
             instance = instances[u]
-            messages = data.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars)
+            messages = prompt.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars)
             response = ask(instance, k, messages)
-            decision, label = data.parse_answer(response), instance["labels"][k]
+            decision, label = prompt.parse_answer(response), instance["labels"][k]
             record = {"user_id": instance["user_id"], "item_id": instance["candidates"][k]["item_id"], "label": label,
                       "decision": decision, "teacher": teacher, "messages": messages, "response": response}
             out = kept if decision == label else dropped
@@ -251,13 +252,13 @@ def read_traces(path, instances, max_history, max_item_chars):
         if record["item_id"] not in items:
             raise data.DataError(f"{path}:{lineno}: item {record['item_id']!r} is not a candidate of user {record['user_id']!r}")
         k = items.index(record["item_id"])
-        decision = data.parse_answer(record["response"])
+        decision = prompt.parse_answer(record["response"])
         if decision is None:
-            raise data.DataError(f"{path}:{lineno}: the response has no <answer>{data.RECOMMEND}</answer> or "
-                                 f"<answer>{data.NOT_RECOMMEND}</answer> tag")
+            raise data.DataError(f"{path}:{lineno}: the response has no <answer>{prompt.RECOMMEND}</answer> or "
+                                 f"<answer>{prompt.NOT_RECOMMEND}</answer> tag")
         if decision != instance["labels"][k]:
             raise data.DataError(f"{path}:{lineno}: the response's answer contradicts the label {instance['labels'][k]}")
-        if "messages" in record and record["messages"] != data.self_check_messages(instance, k, max_history, max_item_chars):
+        if "messages" in record and record["messages"] != prompt.self_check_messages(instance, k, max_history, max_item_chars):
             raise data.DataError(f"{path}:{lineno}: the prompt differs from the one built from this data with "
                                  "--max-history / --max-item-chars (were the traces made with other settings?)")
         traces.append((instance, k, record["response"]))
@@ -277,9 +278,9 @@ def sft_batch(prompts, responses, pad_id):
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
     labels = torch.full((len(prompts), T), IGNORE, dtype=torch.long)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        P, R = len(prompt), len(response)
-        input_ids[i, :P + R] = torch.tensor(prompt + response)
+    for i, (prompt_ids, response) in enumerate(zip(prompts, responses)):
+        P, R = len(prompt_ids), len(response)
+        input_ids[i, :P + R] = torch.tensor(prompt_ids + response)
         attention_mask[i, :P + R] = 1
         labels[i, P:P + R] = torch.tensor(response)
     return input_ids, attention_mask, labels

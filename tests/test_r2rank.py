@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import data
 import models
 import plackett_luce
+import prompt
 import r2rank
 import rollout
 from evaluate import ndcg_at_k, ndcg_from_scores
@@ -39,7 +40,7 @@ def test_encode_user_prefix_plus_suffix_is_the_chat_prompt(synthetic_dir):
     prefix, suffixes = r2rank.encode_user(tokenizer, instance, cfg)
     assert len(suffixes) == len(instance["candidates"])
     for k, suffix in enumerate(suffixes):
-        expected = tokenizer.apply_chat_template(data.self_check_messages(instance, k), tokenize=False,
+        expected = tokenizer.apply_chat_template(prompt.self_check_messages(instance, k), tokenize=False,
                                                  add_generation_prompt=True)
         assert tokenizer.decode(prefix + suffix) == expected
     assert instance["candidates"][0]["title"] not in tokenizer.decode(prefix)

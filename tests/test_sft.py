@@ -18,6 +18,7 @@ import torch
 
 import data
 import models
+import prompt
 import r2rank
 import rollout
 import sft
@@ -58,7 +59,7 @@ def stub_answer(candidate_line):
     """The stub's rule: red or blue items are recommended, green ones not, black ones get no tag."""
     if "color: black" in candidate_line:
         return "# Initial reasoning: hard to say.\n# Self-check: no idea.\n# Final conclusion: unsure."
-    decision = data.RECOMMEND if ("color: red" in candidate_line or "color: blue" in candidate_line) else data.NOT_RECOMMEND
+    decision = prompt.RECOMMEND if ("color: red" in candidate_line or "color: blue" in candidate_line) else prompt.NOT_RECOMMEND
     return f"# Initial reasoning: the color.\n# Self-check: fine.\n# Final conclusion: color.\n<answer>{decision}</answer>"
 
 
@@ -130,7 +131,7 @@ def expected_split(train, num_pairs, seed=0):
     kept, rejected = [], []
     for u, k in sft.choose_pairs(train, num_pairs, seed):
         inst = train[u]
-        decision = data.parse_answer(stub_answer(data.candidate_text(inst["candidates"][k])))
+        decision = prompt.parse_answer(stub_answer(prompt.candidate_text(inst["candidates"][k])))
         (kept if decision == inst["labels"][k] else rejected).append((inst["user_id"], inst["candidates"][k]["item_id"]))
     return kept, rejected
 
@@ -183,9 +184,9 @@ def test_sft_data_keeps_exactly_the_label_matching_replies(data_dir, train, tmp_
     record = json.loads((tmp_path / "traces.jsonl").read_text().splitlines()[0])
     inst = next(i for i in train if i["user_id"] == record["user_id"])
     k = [c["item_id"] for c in inst["candidates"]].index(record["item_id"])
-    assert record["messages"] == data.self_check_messages(inst, k)
+    assert record["messages"] == prompt.self_check_messages(inst, k)
     assert record["messages"] in [r["body"]["messages"] for r in stub.requests]
-    assert record["label"] == inst["labels"][k] == data.parse_answer(record["response"])
+    assert record["label"] == inst["labels"][k] == prompt.parse_answer(record["response"])
     assert record["teacher"] == "stub-model"
 
 
@@ -291,7 +292,7 @@ def test_smollm2_as_local_teacher(data_dir, tmp_path):
     summary = sft.build_traces(cfg)
     assert summary["asked"] == 2 and summary["teacher"] == path
     for record in sft.read_appended(str(tmp_path / "traces.rejected.jsonl")):
-        assert record["response"] and data.parse_answer(record["response"]) != record["label"]
+        assert record["response"] and prompt.parse_answer(record["response"]) != record["label"]
 
 
 # ---------------------------------------------------------------- sft
@@ -302,11 +303,11 @@ def hand_written_traces(train, count):
     for u, k in sft.choose_pairs(train, count, seed=0):
         inst = train[u]
         title = inst["candidates"][k]["title"]
-        decision = data.RECOMMEND if inst["labels"][k] else data.NOT_RECOMMEND
+        decision = prompt.RECOMMEND if inst["labels"][k] else prompt.NOT_RECOMMEND
         response = (f"# Initial reasoning: the user bought {inst['history'][-1]['title']}; the candidate is {title}.\n"
                     f"# Self-check: the categories decide.\n# Final conclusion: {decision}.\n<answer>{decision}</answer>")
         traces.append({"user_id": inst["user_id"], "item_id": inst["candidates"][k]["item_id"], "label": inst["labels"][k],
-                       "messages": data.self_check_messages(inst, k), "response": response})
+                       "messages": prompt.self_check_messages(inst, k), "response": response})
     return traces
 
 
@@ -328,13 +329,13 @@ def test_labels_mask_exactly_the_prompt(train, tiny):
     traces = hand_written_traces(train, 3)
     prompts, responses = encode_traces(tokenizer, train, traces)
     input_ids, attention_mask, labels = sft.sft_batch(prompts, responses, tokenizer.pad_token_id)
-    for row, (prompt, response, trace) in enumerate(zip(prompts, responses, traces)):
-        P, R = len(prompt), len(response)
+    for row, (prompt_ids, response, trace) in enumerate(zip(prompts, responses, traces)):
+        P, R = len(prompt_ids), len(response)
         unmasked = (labels[row] != sft.IGNORE).nonzero().squeeze(-1).tolist()
         assert unmasked == list(range(P, P + R))
         assert tokenizer.decode(input_ids[row, unmasked]) == trace["response"] + tokenizer.eos_token
         assert labels[row, unmasked].tolist() == input_ids[row, unmasked].tolist()
-        assert input_ids[row, :P].tolist() == prompt
+        assert input_ids[row, :P].tolist() == prompt_ids
         assert attention_mask[row].tolist() == [1] * (P + R) + [0] * (labels.shape[1] - P - R)
 
 
@@ -367,7 +368,7 @@ def test_bad_trace_lines_name_file_and_line(train, tmp_path, line, message):
     if line == "NO_TAG":
         line = {**good[1], "response": "I would recommend it."}
     elif line == "WRONG":
-        flipped = data.NOT_RECOMMEND if good[1]["label"] else data.RECOMMEND
+        flipped = prompt.NOT_RECOMMEND if good[1]["label"] else prompt.RECOMMEND
         line = {**good[1], "response": good[1]["response"].rsplit("<answer>", 1)[0] + f"<answer>{flipped}</answer>"}
     path = tmp_path / "traces.jsonl"
     path.write_text(json.dumps(good[0]) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
