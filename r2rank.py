@@ -39,14 +39,12 @@ import argparse
 import dataclasses
 import json
 import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import data
@@ -54,7 +52,8 @@ import plackett_luce
 import prompt
 import rollout
 from evaluate import ndcg_at_k, ndcg_from_scores
-from models import enable_checkpointing, load_policy, mixed_precision, pick_device, pick_dtype
+from models import (enable_checkpointing, latest_checkpoint, load_policy, load_trace_cache, mixed_precision,
+                    pick_device, pick_dtype, prune_checkpoints, save_checkpoint)
 from ppo import clipped_token_loss, leave_one_out_baseline, reinforce_loss
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -282,68 +281,7 @@ def validate(model, tokenizer, head, instances, cfg, samples=None):
     return ndcg_from_scores(scores.cpu(), labels, 10).mean().item(), samples
 
 
-# ----------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_steps(out):
-    """Steps of the checkpoint-<step> directories in out, ascending."""
-    return sorted(int(m.group(1)) for name in (os.listdir(out) if os.path.isdir(out) else [])
-                  if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
-
-
-def latest_checkpoint(out):
-    steps = checkpoint_steps(out)
-    return os.path.join(out, f"checkpoint-{steps[-1]}") if steps else None
-
-
-def prune_checkpoints(out, keep):
-    """Delete all but the newest `keep` checkpoint directories of out."""
-    for step in checkpoint_steps(out)[:-keep]:
-        shutil.rmtree(os.path.join(out, f"checkpoint-{step}"))
-
-
-def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_cache=None):
-    """<out>/checkpoint-<step>/, written into a temporary directory and renamed into place.
-
-    Holds the model (safetensors) and tokenizer, so the directory works as --model; head.safetensors
-    (unless head is None), the optimizers' states, r2rank.json (step and run config), and with
-    --freeze-llm the cached traces (trace-cache.pt: {user_id: rollout.Samples fields}).
-    """
-    final = os.path.join(out, f"checkpoint-{step}")
-    tmp = os.path.join(out, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors
-    tokenizer.save_pretrained(tmp)
-    if head is not None:
-        save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))
-    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
-    if trace_cache is not None:
-        torch.save({user: dataclasses.asdict(samples) for user, samples in trace_cache.items()},
-                   os.path.join(tmp, "trace-cache.pt"))
-    with open(os.path.join(tmp, "r2rank.json"), "w") as f:
-        json.dump({"step": step, "config": dataclasses.asdict(cfg), "head_width": cfg.head_width}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
-
-
-TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars")
-
-
-def load_trace_cache(path, cfg, device):
-    """{user_id: rollout.Samples} from a trace-cache.pt; refuses traces made with other trace settings
-    (read from the r2rank.json beside it)."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: {path}: no such trace cache (a checkpoint of a --freeze-llm run holds trace-cache.pt)")
-    settings = os.path.join(os.path.dirname(path), "r2rank.json")
-    if os.path.isfile(settings):
-        with open(settings) as f:
-            saved = json.load(f)["config"]
-        differ = [name for name in TRACE_SETTINGS if saved.get(name) != getattr(cfg, name)]
-        if differ:
-            sys.exit(f"error: {path}: its traces were made with " + ", ".join(f"--{n.replace('_', '-')} {saved.get(n)}" for n in differ)
-                     + "; this run has " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ))
-    return {user: rollout.Samples(**fields) for user, fields in torch.load(path, map_location=device).items()}
+# ------------------------------------------------------------------------------------------ heads
 
 
 def load_head(path, hidden_size, device):

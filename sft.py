@@ -319,7 +319,7 @@ def train_sft(cfg):
     traces = read_traces(path, instances, cfg.max_history, cfg.max_item_chars)  # fail before loading a model
     os.makedirs(cfg.out, exist_ok=True)
 
-    start_step, checkpoint = 0, r2rank.latest_checkpoint(cfg.out) if cfg.resume else None
+    start_step, checkpoint = 0, models.latest_checkpoint(cfg.out) if cfg.resume else None
     if checkpoint:
         with open(os.path.join(checkpoint, "r2rank.json")) as f:
             saved = json.load(f)
@@ -380,6 +380,6 @@ def train_sft(cfg):
         metrics_file.flush()
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps:
-            r2rank.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg)
+            models.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg)
     metrics_file.close()
-    return r2rank.latest_checkpoint(cfg.out)
+    return models.latest_checkpoint(cfg.out)

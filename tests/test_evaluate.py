@@ -291,7 +291,7 @@ def checkpoint(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     head = r2rank.ScoreHead(model.config.hidden_size, 16)
-    return r2rank.save_checkpoint(str(out), 1, model, tokenizer, head, {}, r2rank.Config(head_width=16))
+    return models.save_checkpoint(str(out), 1, model, tokenizer, head, {}, r2rank.Config(head_width=16))
 
 
 def test_run_eval_with_every_method_and_analysis(checkpoint, synthetic, tmp_path):

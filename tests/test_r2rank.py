@@ -145,8 +145,8 @@ def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
         return r2rank.score_traces(h, r2rank.rollout_users(m, t, instances, cfg, None, 0.0)[0])
 
     expected = greedy_scores(model, tokenizer, head)
-    path = r2rank.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, optimizers, cfg)
-    assert path.endswith("checkpoint-7") and r2rank.latest_checkpoint(str(tmp_path)) == path
+    path = models.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, optimizers, cfg)
+    assert path.endswith("checkpoint-7") and models.latest_checkpoint(str(tmp_path)) == path
     model2, tokenizer2 = models.load_policy(path, torch.device("cpu"), torch.float32)
     head2 = r2rank.load_head(path, model2.config.hidden_size, "cpu")
     torch.testing.assert_close(greedy_scores(model2, tokenizer2, head2), expected)
