@@ -11,7 +11,8 @@ sorted by time (ties by item id); a user's last interaction in the window is the
 in random order. Output: {train,valid,test}.jsonl, one instance per line,
     {"user_id", "profile", "history": [{"item_id", "title", "text", "timestamp"}],
      "candidates": [{"item_id", "title", "text"}], "labels": [1 for the positive, else 0]}
-and stats.json: Table 1 sizes, what was dropped and why, each item's count as a training positive.
+and stats.json: Table 1 sizes, what was dropped and why, each item's count as a training positive
+(the synthetic set adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split).
 
 Departures from the paper (which leaves these points open):
 1. A user who touched the same item twice keeps the first time only, so the positive is never also
@@ -28,6 +29,7 @@ Departures from the paper (which leaves these points open):
 import argparse
 import gzip
 import json
+import math
 import os
 import random
 import re
@@ -286,10 +288,12 @@ SYNTHETIC_CATEGORIES = {
 SYNTHETIC_COLORS = ["red", "blue", "green", "black"]
 
 
-def synthetic_raw(users=200, seed=0):
-    """96 items in 8 categories. Each user favours 2 categories drawn uniformly; the history (4-10
-    items) and the positive come from them, so a category alone says nothing about the label but the
-    history does: the positive's category always occurs in the history."""
+def synthetic_raw(users=200, seed=0, categories_per_user=2):
+    """96 items in 8 categories. Each user favours `categories_per_user` categories drawn uniformly; the
+    history (4-10 items) and the positive come from them, so a category alone says nothing about the
+    label but the history does: the positive's category always occurs in the history."""
+    if not 1 <= categories_per_user <= len(SYNTHETIC_CATEGORIES):
+        raise DataError(f"--categories-per-user must be 1 to {len(SYNTHETIC_CATEGORIES)}, not {categories_per_user}")
     rng = random.Random(f"synthetic/{seed}")
     raw = RawData([], {}, {}, ["synthetic"])
     by_category, category_of = defaultdict(list), {}
@@ -305,13 +309,39 @@ def synthetic_raw(users=200, seed=0):
     for number in range(users):
         user = f"u{number:04d}"
         raw.profiles[user] = f"Age {rng.randint(18, 70)}"  # no signal in it
-        first, second = rng.sample(sorted(by_category), 2)
-        history = rng.sample(by_category[first] + by_category[second], rng.randint(4, 10))
+        favoured = rng.sample(sorted(by_category), categories_per_user)
+        history = rng.sample([item for category in favoured for item in by_category[category]], rng.randint(4, 10))
         shown = sorted({category_of[item] for item in history})
         positive = rng.choice([i for category in shown for i in by_category[category] if i not in history])
         for step, item in enumerate(history + [positive]):
             raw.interactions.append((user, item, start + 86400 * (number + step)))
     return raw
+
+
+def synthetic_category(item):
+    return item["text"].split(";")[0].removeprefix("category: ")
+
+
+def category_match_ndcg(instances, k=10):
+    """Expected NDCG@k of ranking first the candidates whose category occurs in the history, ties at
+    random. With the whole history shown this is the best any ranker can expect: given the candidates,
+    each of those is equally likely to be the positive (a uniform draw from the unseen items of the
+    history's categories) and no other candidate can be. For m such candidates out of n, the positive's
+    rank is uniform over 1..m if it is one of them, else over m+1..n."""
+    total = 0.0
+    for inst in instances:
+        seen = {synthetic_category(item) for item in inst["history"]}
+        matches = [synthetic_category(item) in seen for item in inst["candidates"]]
+        m, n = sum(matches), len(matches)
+        ranks = range(1, m + 1) if matches[inst["labels"].index(1)] else range(m + 1, n + 1)
+        total += sum(1 / math.log2(rank + 1) for rank in ranks if rank <= k) / len(ranks)
+    return total / len(instances)
+
+
+def with_ceiling(splits, stats):
+    """stats plus the synthetic set's category-match NDCG@10 per split (see category_match_ndcg)."""
+    return {**stats, "category_match_ndcg@10": {name: round(category_match_ndcg(split), 4)
+                                                for name, split in splits.items() if split}}
 
 
 # ---------------------------------------------------------------- the protocol
@@ -417,11 +447,12 @@ def write_dataset(out_dir, splits, stats, overwrite=False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_synthetic(out_dir, users=200, seed=0, overwrite=False, **protocol):
+def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, **protocol):
     """Build the synthetic set into out_dir (missing or empty) and return its stats; `protocol` takes
     Protocol's fields (history, candidates, split)."""
     check_out_dir(out_dir, overwrite)
-    splits, stats = build_instances(synthetic_raw(users, seed), Protocol(seed=seed, **protocol))
+    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user), Protocol(seed=seed, **protocol))
+    stats = with_ceiling(splits, stats)
     write_dataset(out_dir, splits, stats, overwrite)
     return stats
 
@@ -475,6 +506,8 @@ def main(argv=None):
     add_protocol_args(movielens, (None, None), "no window, every interaction is kept")
     synthetic = sources.add_parser("synthetic", help="a small generated set whose labels need the history")
     synthetic.add_argument("--users", type=int, default=200, help="number of users (default: 200)")
+    synthetic.add_argument("--categories-per-user", type=int, default=2, help="categories each user's history and "
+                           "positive come from, 1 to 8; fewer make the task easier (default: 2)")
     add_protocol_args(synthetic, (None, None), "no window")
     args = parser.parse_args(argv)
     protocol = Protocol(**{f.name: getattr(args, f.name) for f in fields(Protocol)})
@@ -484,8 +517,10 @@ def main(argv=None):
         check_out_dir(args.out, args.overwrite)  # before the slow part
         raw = (load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else
                load_movielens(args.path, protocol) if args.source == "movielens" else
-               synthetic_raw(args.users, protocol.seed))
+               synthetic_raw(args.users, protocol.seed, args.categories_per_user))
         splits, stats = build_instances(raw, protocol)
+        if args.source == "synthetic":
+            stats = with_ceiling(splits, stats)
         write_dataset(args.out, splits, stats, args.overwrite)
     except DataError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
@@ -493,6 +528,7 @@ def main(argv=None):
     rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
     rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
     rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]
+    rows += [(f"category-match NDCG@10, {name}", value) for name, value in stats.get("category_match_ndcg@10", {}).items()]
     print(f"wrote {args.out}\n" + "\n".join(f"  {name:<40} {count:>10,}" for name, count in rows))
     return 0
 

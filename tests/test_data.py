@@ -340,6 +340,53 @@ def test_synthetic_labels_need_the_history(tmp_path):
         data.build_synthetic(tmp_path / "syn")
 
 
+def fake(history, candidates, positive):
+    """An instance of the synthetic set's shape from category names (the colour is always red)."""
+    item = lambda category: {"title": "x", "text": f"category: {category}; color: red"}
+    return {"history": [item(c) for c in history], "candidates": [item(c) for c in candidates],
+            "labels": [int(i == positive) for i in range(len(candidates))]}
+
+
+def test_category_match_ndcg_by_hand():
+    # two candidates match the history, the positive among them: rank 1 or 2, each half the time
+    matched = fake(["A", "A"], ["A", "B", "A", "B"], positive=0)
+    assert data.category_match_ndcg([matched]) == pytest.approx((1 + 1 / 1.5849625) / 2)
+    # a cut history that misses the positive's category: rank 2, 3 or 4 behind the one match
+    missed = fake(["B"], ["A", "B", "A", "A"], positive=0)
+    assert data.category_match_ndcg([missed]) == pytest.approx((1 / 1.5849625 + 1 / 2 + 1 / 2.3219281) / 3)
+    assert data.category_match_ndcg([missed], k=2) == pytest.approx(1 / 1.5849625 / 3)
+    assert data.category_match_ndcg([matched, missed]) == pytest.approx((0.8154649 + 0.5205354) / 2)
+
+
+def test_category_match_ndcg_equals_random_tie_breaking(tmp_path):
+    """A second estimate: rank by evaluate.py's NDCG with the matches first and random tie-breaks."""
+    import torch
+    from evaluate import ndcg_from_scores
+    stats = data.build_synthetic(tmp_path / "syn", users=100)
+    instances = data.load_split(tmp_path / "syn", "test")
+    generator, estimates = torch.Generator().manual_seed(0), []
+    for inst in instances:
+        seen = {data.synthetic_category(item) for item in inst["history"]}
+        match = torch.tensor([float(data.synthetic_category(item) in seen) for item in inst["candidates"]])
+        scores = match + 0.5 * torch.rand(20000, len(match), generator=generator)  # ties broken at random
+        labels = torch.tensor(inst["labels"], dtype=torch.float32).expand(20000, -1)
+        estimates.append(ndcg_from_scores(scores, labels, 10).mean().item())
+    assert stats["category_match_ndcg@10"]["test"] == pytest.approx(sum(estimates) / len(estimates), abs=0.005)
+
+
+def test_one_category_per_user(tmp_path):
+    stats = data.build_synthetic(tmp_path / "one", users=200, categories_per_user=1)
+    for inst in [inst for split in read_all(tmp_path / "one").values() for inst in split]:
+        assert len({category(item) for item in inst["history"]}) == 1
+    # about 19 * 4 / 88 negatives now share the history's category (7 of 95 items seen), against 3.5
+    # with two categories, so the best NDCG@10 is much higher than the default set's
+    default = data.build_synthetic(tmp_path / "two", users=200)
+    assert stats["category_match_ndcg@10"]["train"] > default["category_match_ndcg@10"]["train"] + 0.15
+    for bad in (0, 9):
+        with pytest.raises(DataError, match="--categories-per-user must be 1 to 8"):
+            data.synthetic_raw(users=5, categories_per_user=bad)
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
