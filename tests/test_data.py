@@ -1,6 +1,6 @@
-"""data.py: the protocol of Sec. 4.1.1 on tiny hand-written fixtures, the synthetic set, and bad
-inputs through the real command line. Every expectation is worked out by hand from the fixture,
-not read back from the code."""
+"""data.py: the protocol of Sec. 4.1.1 on tiny hand-written fixtures and bad inputs through the
+real command line (the synthetic set is in test_synthetic.py). Every expectation is worked out by
+hand from the fixture, not read back from the code."""
 import gzip
 import json
 import os
@@ -297,94 +297,6 @@ def test_same_seed_same_data_other_seed_other_data():
     other, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=8))
     assert json.dumps(first) == json.dumps(again)
     assert [i["user_id"] for i in first["test"]] != [i["user_id"] for i in other["test"]]
-
-
-def test_synthetic_cli_is_deterministic(tmp_path):
-    for name in ("a", "b"):
-        assert data.main(["synthetic", "--users", "30", "--out", str(tmp_path / name)]) == 0
-    for name in ["train.jsonl", "valid.jsonl", "test.jsonl", "stats.json"]:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-
-
-# ---------------------------------------------------------------- the synthetic set
-
-
-def category(item):
-    return item["text"].split(";")[0].removeprefix("category: ")
-
-
-def test_synthetic_labels_need_the_history(tmp_path):
-    (tmp_path / "syn").mkdir()  # an empty directory is accepted
-    stats = data.build_synthetic(tmp_path / "syn")
-    assert stats["users"] == 200 and stats["instances"] == {"train": 160, "valid": 20, "test": 20}
-    instances = [inst for split in read_all(tmp_path / "syn").values() for inst in split]
-    positive_categories, negative_categories, history_hits = Counter(), Counter(), []
-    for inst in instances:
-        seen = {category(item) for item in inst["history"]}
-        for item, label in zip(inst["candidates"], inst["labels"]):
-            (positive_categories if label else negative_categories)[category(item)] += 1
-            if label:
-                assert category(item) in seen  # the history always points at the positive
-            else:
-                history_hits.append(category(item) in seen)
-        assert 4 <= len(inst["history"]) <= 10 and len(inst["candidates"]) == 20
-    # From the item text alone the label is not identifiable: all 8 categories are about as common
-    # among positives as among negatives (total variation distance between the two shares).
-    categories = set(positive_categories) | set(negative_categories)
-    assert len(categories) == 8
-    distance = sum(abs(positive_categories[c] / 200 - negative_categories[c] / (200 * 19)) for c in categories) / 2
-    assert distance < 0.1
-    # ... while the history does separate them: few negatives share a history category (2 of 8).
-    assert sum(history_hits) / len(history_hits) < 0.35
-    with pytest.raises(DataError, match="exists"):
-        data.build_synthetic(tmp_path / "syn")
-
-
-def fake(history, candidates, positive):
-    """An instance of the synthetic set's shape from category names (the colour is always red)."""
-    item = lambda category: {"title": "x", "text": f"category: {category}; color: red"}
-    return {"history": [item(c) for c in history], "candidates": [item(c) for c in candidates],
-            "labels": [int(i == positive) for i in range(len(candidates))]}
-
-
-def test_category_match_ndcg_by_hand():
-    # two candidates match the history, the positive among them: rank 1 or 2, each half the time
-    matched = fake(["A", "A"], ["A", "B", "A", "B"], positive=0)
-    assert data.category_match_ndcg([matched]) == pytest.approx((1 + 1 / 1.5849625) / 2)
-    # a cut history that misses the positive's category: rank 2, 3 or 4 behind the one match
-    missed = fake(["B"], ["A", "B", "A", "A"], positive=0)
-    assert data.category_match_ndcg([missed]) == pytest.approx((1 / 1.5849625 + 1 / 2 + 1 / 2.3219281) / 3)
-    assert data.category_match_ndcg([missed], k=2) == pytest.approx(1 / 1.5849625 / 3)
-    assert data.category_match_ndcg([matched, missed]) == pytest.approx((0.8154649 + 0.5205354) / 2)
-
-
-def test_category_match_ndcg_equals_random_tie_breaking(tmp_path):
-    """A second estimate: rank by evaluate.py's NDCG with the matches first and random tie-breaks."""
-    import torch
-    from evaluate import ndcg_from_scores
-    stats = data.build_synthetic(tmp_path / "syn", users=100)
-    instances = data.load_split(tmp_path / "syn", "test")
-    generator, estimates = torch.Generator().manual_seed(0), []
-    for inst in instances:
-        seen = {data.synthetic_category(item) for item in inst["history"]}
-        match = torch.tensor([float(data.synthetic_category(item) in seen) for item in inst["candidates"]])
-        scores = match + 0.5 * torch.rand(20000, len(match), generator=generator)  # ties broken at random
-        labels = torch.tensor(inst["labels"], dtype=torch.float32).expand(20000, -1)
-        estimates.append(ndcg_from_scores(scores, labels, 10).mean().item())
-    assert stats["category_match_ndcg@10"]["test"] == pytest.approx(sum(estimates) / len(estimates), abs=0.005)
-
-
-def test_one_category_per_user(tmp_path):
-    stats = data.build_synthetic(tmp_path / "one", users=200, categories_per_user=1)
-    for inst in [inst for split in read_all(tmp_path / "one").values() for inst in split]:
-        assert len({category(item) for item in inst["history"]}) == 1
-    # about 19 * 4 / 88 negatives now share the history's category (7 of 95 items seen), against 3.5
-    # with two categories, so the best NDCG@10 is much higher than the default set's
-    default = data.build_synthetic(tmp_path / "two", users=200)
-    assert stats["category_match_ndcg@10"]["train"] > default["category_match_ndcg@10"]["train"] + 0.15
-    for bad in (0, 9):
-        with pytest.raises(DataError, match="--categories-per-user must be 1 to 8"):
-            data.synthetic_raw(users=5, categories_per_user=bad)
 
 
 # ---------------------------------------------------------------- bad inputs
