@@ -9,7 +9,7 @@
     rank_pointwise(model, tokenizer, instances, encode_user)   -> [U, K]  with a progress bar over users
     rank_listwise(model, tokenizer, instances, ...)            -> [U, K], parse counts (greedy answers)
 
-Every ranker returns scores, so every method is ranked the same way, by evaluate.ndcg_from_scores
+Every ranker returns scores, so every method is ranked the same way, by metrics.ndcg_from_scores
 (ties pessimistic: a ranker gains nothing from the order the candidates came in).
 
 Where these depart from the paper's baselines (Sec. 4.1.2 of the R2Rank paper):

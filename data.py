@@ -24,34 +24,29 @@ Departures from the paper (which leaves these points open):
 4. MovieLens has no time window by default (its 1997-98 dates all fall outside the Amazon one), and
    its placeholder title "unknown" counts as no title.
 5. Timestamps are stored (Unix seconds) but left out of the prompt.
-6. A synthetic source (not in the paper) gives a small set whose labels only the history reveals.
+6. A synthetic source (not in the paper, see synthetic.py) gives a small set whose labels only the
+   history reveals.
 """
 import argparse
-import gzip
 import json
-import math
 import os
 import random
 import re
 import shutil
 import sys
 import tempfile
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime, timezone
 
-from tqdm import tqdm
+import synthetic
+from readers import DataError, as_int, read_atomic, read_jsonl, read_rows, require
 
 SPLITS = ("train", "valid", "test")
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
 STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
 MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
                     "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()
-
-
-class DataError(Exception):
-    """Bad input; the message names the file and, when there is one, the line."""
 
 
 def flag(default, text):
@@ -80,84 +75,7 @@ class RawData:
     dropped: Counter = field(default_factory=Counter)
 
 
-# ---------------------------------------------------------------- reading files
-
-
-def read_lines(path, encoding="utf-8"):
-    """Yield (line_number, text) of a plain or gzip file, streamed, with a tqdm bar over its bytes."""
-    try:
-        raw = open(path, "rb")
-        is_gzip = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
-    lineno = 0
-    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=os.path.basename(path),
-               disable=None, leave=False)
-    with raw, bar:
-        try:
-            for lineno, line in enumerate(gzip.GzipFile(fileobj=raw) if is_gzip else raw, 1):
-                if lineno % 8192 == 0:
-                    bar.update(raw.tell() - bar.n)
-                try:
-                    text = line.decode(encoding)
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid {encoding} (byte {e.start + 1})") from None
-                yield lineno, text.rstrip("\r\n")
-        except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
-            raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from None
-
-
-def read_jsonl(path):
-    """Yield (line_number, dict) for each non-blank line of a JSON-lines file."""
-    for lineno, text in read_lines(path):
-        if text.strip():
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
-
-
-def read_rows(path, sep, count=None, encoding="utf-8"):
-    """Yield (line_number, fields) of a delimited file; each row has `count` fields (default: as many
-    as the first row)."""
-    for lineno, text in read_lines(path, encoding):
-        if text.strip():
-            values = text.split(sep)
-            count = count or len(values)
-            if len(values) != count:
-                raise DataError(f"{path}:{lineno}: expected {count} fields split by {sep!r}, got {len(values)}")
-            yield lineno, values
-
-
-def read_atomic(path, required):
-    """Yield (line_number, {column: value}) of a RecBole atomic file (tab-separated, "name:type" header)."""
-    rows = read_rows(path, "\t")
-    columns = [name.split(":")[0] for name in next(rows, (1, []))[1]]
-    missing = [name for name in required if name not in columns]
-    if missing:
-        raise DataError(f"{path}:1: the header lacks column(s) {', '.join(missing)}")
-    for lineno, values in rows:
-        yield lineno, dict(zip(columns, values))
-
-
-def require(record, name, kinds, path, lineno):
-    value = record.get(name)
-    if value is None:
-        raise DataError(f"{path}:{lineno}: missing required field '{name}'")
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise DataError(f"{path}:{lineno}: field '{name}' has the wrong type ({type(value).__name__})")
-    return value
-
-
-def as_int(text, path, lineno):
-    try:
-        return int(float(text))
-    except ValueError:
-        raise DataError(f"{path}:{lineno}: not a number: {text!r}") from None
+# ---------------------------------------------------------------- sources
 
 
 def clean(value):
@@ -188,9 +106,6 @@ def keep_in_window(raw, records, protocol, path, remember_outside=True):
     if not raw.interactions:
         window = f"from {protocol.start or 'the start'} to {protocol.end or 'the end'}"
         raise DataError(f"{path}: no interactions {window}")
-
-
-# ---------------------------------------------------------------- sources
 
 
 def amazon_reviews(path):
@@ -279,69 +194,13 @@ def load_movielens(path, protocol):
     return raw
 
 
-SYNTHETIC_CATEGORIES = {
-    "camping": ["tent", "lantern", "sleeping bag"], "cooking": ["skillet", "chef knife", "spice rack"],
-    "music": ["ukulele", "metronome", "guitar strap"], "gardening": ["trowel", "watering can", "seed kit"],
-    "fitness": ["yoga mat", "kettlebell", "jump rope"], "painting": ["easel", "brush set", "canvas pad"],
-    "reading": ["book light", "bookend", "reading stand"], "gaming": ["gamepad", "headset", "racing wheel"],
-}
-SYNTHETIC_COLORS = ["red", "blue", "green", "black"]
-
-
 def synthetic_raw(users=200, seed=0, categories_per_user=2):
-    """96 items in 8 categories. Each user favours `categories_per_user` categories drawn uniformly; the
-    history (4-10 items) and the positive come from them, so a category alone says nothing about the
-    label but the history does: the positive's category always occurs in the history."""
-    if not 1 <= categories_per_user <= len(SYNTHETIC_CATEGORIES):
-        raise DataError(f"--categories-per-user must be 1 to {len(SYNTHETIC_CATEGORIES)}, not {categories_per_user}")
-    rng = random.Random(f"synthetic/{seed}")
-    raw = RawData([], {}, {}, ["synthetic"])
-    by_category, category_of = defaultdict(list), {}
-    for category, nouns in SYNTHETIC_CATEGORIES.items():
-        for noun in nouns:
-            for color in SYNTHETIC_COLORS:
-                item = f"i{len(raw.items):03d}"
-                raw.items[item] = {"title": f"{color.capitalize()} {noun}",
-                                   "text": f"category: {category}; color: {color}"}
-                by_category[category].append(item)
-                category_of[item] = category
-    start = int(datetime(2022, 1, 1, tzinfo=timezone.utc).timestamp())
-    for number in range(users):
-        user = f"u{number:04d}"
-        raw.profiles[user] = f"Age {rng.randint(18, 70)}"  # no signal in it
-        favoured = rng.sample(sorted(by_category), categories_per_user)
-        history = rng.sample([item for category in favoured for item in by_category[category]], rng.randint(4, 10))
-        shown = sorted({category_of[item] for item in history})
-        positive = rng.choice([i for category in shown for i in by_category[category] if i not in history])
-        for step, item in enumerate(history + [positive]):
-            raw.interactions.append((user, item, start + 86400 * (number + step)))
-    return raw
-
-
-def synthetic_category(item):
-    return item["text"].split(";")[0].removeprefix("category: ")
-
-
-def category_match_ndcg(instances, k=10):
-    """Expected NDCG@k of ranking first the candidates whose category occurs in the history, ties at
-    random. With the whole history shown this is the best any ranker can expect: given the candidates,
-    each of those is equally likely to be the positive (a uniform draw from the unseen items of the
-    history's categories) and no other candidate can be. For m such candidates out of n, the positive's
-    rank is uniform over 1..m if it is one of them, else over m+1..n."""
-    total = 0.0
-    for inst in instances:
-        seen = {synthetic_category(item) for item in inst["history"]}
-        matches = [synthetic_category(item) in seen for item in inst["candidates"]]
-        m, n = sum(matches), len(matches)
-        ranks = range(1, m + 1) if matches[inst["labels"].index(1)] else range(m + 1, n + 1)
-        total += sum(1 / math.log2(rank + 1) for rank in ranks if rank <= k) / len(ranks)
-    return total / len(instances)
-
-
-def with_ceiling(splits, stats):
-    """stats plus the synthetic set's category-match NDCG@10 per split (see category_match_ndcg)."""
-    return {**stats, "category_match_ndcg@10": {name: round(category_match_ndcg(split), 4)
-                                                for name, split in splits.items() if split}}
+    """The synthetic set (see synthetic.py) as RawData."""
+    try:
+        items, profiles, interactions = synthetic.generate(users, seed, categories_per_user)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return RawData(interactions, items, profiles, ["synthetic"])
 
 
 # ---------------------------------------------------------------- the protocol
@@ -449,10 +308,12 @@ def write_dataset(out_dir, splits, stats, overwrite=False):
 
 def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, **protocol):
     """Build the synthetic set into out_dir (missing or empty) and return its stats; `protocol` takes
-    Protocol's fields (history, candidates, split)."""
+    Protocol's other fields (history, candidates, split). stats.json adds "category_match_ndcg@10",
+    the best NDCG@10 a ranker can expect on each split (synthetic.category_match_ndcg)."""
     check_out_dir(out_dir, overwrite)
     splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user), Protocol(seed=seed, **protocol))
-    stats = with_ceiling(splits, stats)
+    stats["category_match_ndcg@10"] = {name: round(synthetic.category_match_ndcg(split), 4)
+                                       for name, split in splits.items() if split}
     write_dataset(out_dir, splits, stats, overwrite)
     return stats
 
@@ -515,13 +376,14 @@ def main(argv=None):
         parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
     try:
         check_out_dir(args.out, args.overwrite)  # before the slow part
-        raw = (load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else
-               load_movielens(args.path, protocol) if args.source == "movielens" else
-               synthetic_raw(args.users, protocol.seed, args.categories_per_user))
-        splits, stats = build_instances(raw, protocol)
         if args.source == "synthetic":
-            stats = with_ceiling(splits, stats)
-        write_dataset(args.out, splits, stats, args.overwrite)
+            stats = build_synthetic(args.out, args.users, overwrite=args.overwrite,
+                                    categories_per_user=args.categories_per_user, **asdict(protocol))
+        else:
+            raw = (load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else
+                   load_movielens(args.path, protocol))
+            splits, stats = build_instances(raw, protocol)
+            write_dataset(args.out, splits, stats, args.overwrite)
     except DataError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 1

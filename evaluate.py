@@ -1,15 +1,11 @@
-"""Evaluation of R2Rank (Sec. 4.1.1, 4.4 and 4.5 of the R2Rank paper): NDCG, significance, baselines, analyses.
+"""Evaluation of R2Rank (Sec. 4.1.1, 4.4 and 4.5 of the R2Rank paper): Table 2, baselines, analyses.
 
     python r2rank.py --stage eval --model runs/r2rank/checkpoint-100 --data data/ml100k
     python r2rank.py --stage eval --model tiny --methods random,popularity,pointwise --analyses position
 
-    ndcg_at_k, ndcg_from_scores     NDCG@k (Sec. 3.1): the RL reward and the metric of Table 2
-    wilcoxon_signed_rank(x, y)      the paired two-sided test behind the markers †/‡/§ (p < .05/.01/.001)
-    bootstrap_ci(values)            95% percentile-bootstrap interval of a mean (Fig. 4's error bars)
-    run_eval(cfg)                   every method on the same candidates -> <out>/eval-<split>.json, Table 2
+    run_eval(cfg)   every method on the same candidates -> <out>/eval-<split>.json, Table 2
 
-    DCG@k(tau)  = sum_{i=1..min(k, K)} (2^rel_tau(i) - 1) / log2(i + 1)
-    NDCG@k(tau) = DCG@k(tau) / DCG@k(ideal ranking), and 0 when no item is relevant.
+NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines.py.
 
 Where this departs from the paper (which leaves these points open unless said):
 1. Baselines: random, popularity and zero-shot prompts of the same LLM, not the paper's trained
@@ -18,8 +14,7 @@ Where this departs from the paper (which leaves these points open unless said):
    them at --temperature. A model without a trained head (head.safetensors) skips R2Rank.
 3. Markers: in each column the best method is bold and marked by its test against the runner-up in
    that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10.
-4. Wilcoxon: zero differences are dropped (zero_method "wilcox", as R and scipy by default); users on
-   whom two methods rank the positive equally are common and carry no sign.
+4. Wilcoxon: zero differences are dropped (see metrics.py).
 5. Cold start (Fig. 3): users sorted by the training frequency of their positive, cut into four
    equal-size bins; when more than half of the positives never were a training positive, the paper's
    industrial tiers 0 / 1-5 / >5 instead.
@@ -48,115 +43,7 @@ from tqdm import tqdm
 import baselines
 import data
 import models
-
-
-def ndcg_at_k(relevance, k):
-    """NDCG@k of rankings whose relevance labels are already in ranked order.
-
-    relevance: [..., K] graded (or binary) relevance, relevance[..., 0] is the top-ranked item.
-    k:         cut-off, any integer >= 1 (k > K means "the whole list").
-    returns:   [...] float, in [0, 1]; 0 for lists with no relevant item.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    relevance = relevance.to(torch.promote_types(relevance.dtype, torch.float32))
-    cutoff = min(k, relevance.shape[-1])
-    positions = torch.arange(cutoff, device=relevance.device, dtype=relevance.dtype)
-    discounts = 1.0 / torch.log2(positions + 2.0)  # rank i (1-based) -> 1 / log2(i + 1)
-    gains = torch.exp2(relevance) - 1.0
-    ideal_gains = gains.sort(dim=-1, descending=True).values
-    dcg = (gains[..., :cutoff] * discounts).sum(-1)
-    ideal_dcg = (ideal_gains[..., :cutoff] * discounts).sum(-1)
-    return torch.where(ideal_dcg > 0, dcg / ideal_dcg.clamp(min=torch.finfo(dcg.dtype).tiny), 0.0)
-
-
-def rank_by_scores(scores, labels):
-    """Item indices sorted by score, best first, with ties broken pessimistically.
-
-    Among items with equal scores the less relevant ones are ranked first, so a model can never gain
-    from ties: constant scores get the worst ranking, not one that depends on candidate order.
-    scores, labels: [..., K]; returns [..., K] long.
-    """
-    # Two stable sorts: the second (by score) keeps the first's order (relevance ascending) on ties.
-    by_label = torch.argsort(labels, dim=-1, stable=True)
-    by_score = torch.argsort(scores.gather(-1, by_label), dim=-1, descending=True, stable=True)
-    return by_label.gather(-1, by_score)
-
-
-def ndcg_from_scores(scores, labels, k):
-    """NDCG@k of the ranking induced by sorting scores (descending; ties pessimistic, see rank_by_scores).
-
-    scores: [..., K] float, labels: [..., K] relevance aligned with the scores. returns [...].
-    """
-    order = rank_by_scores(scores, labels)
-    return ndcg_at_k(labels.gather(-1, order), k)
-
-
-# ------------------------------------------------------------------------------------- statistics
-
-
-def average_ranks(values):
-    """[N] -> [N] ranks 1..N of the values, ascending; equal values share their average rank."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # rank of the last member of each group of equal values
-    return (last - (counts - 1) / 2)[inverse]
-
-
-def wilcoxon_signed_rank(x, y, zero_method="wilcox", exact_max_n=25):
-    """Two-sided paired Wilcoxon signed-rank test of x against y (e.g. two methods' per-user NDCG@10).
-
-    x, y: [N] paired values. returns (statistic, p_value), statistic T = min(W+, W-), where W+ (W-) is
-    the sum of the ranks of |x - y| over the positive (negative) differences; equal |differences|
-    share their average rank (|differences| equal to 12 decimals count as equal: float noise).
-    zero_method: "wilcox" drops zero differences before ranking (R's wilcox.test, scipy's default);
-    "pratt" ranks them with the rest and leaves their ranks out of both sums (Pratt, 1959).
-    p-value, with n the differences ranked and n0 the zeros among them:
-      exact when n <= exact_max_n, no ties and no zeros: p = min(1, 2 P(W+ <= T)) under H0, where
-      the 2^n equally likely sign assignments are counted by dynamic programming over the ranks;
-      else the normal approximation without continuity correction (scipy's default):
-        mu = (n(n+1) - n0(n0+1)) / 4
-        sigma^2 = (n(n+1)(2n+1) - n0(n0+1)(2n0+1)) / 24 - sum_ties (t^3 - t) / 48
-        p = 2 (1 - Phi(|T - mu| / sigma)).
-    All differences zero: (0.0, 1.0).
-    """
-    if zero_method not in ("wilcox", "pratt"):
-        raise ValueError(f"zero_method must be 'wilcox' or 'pratt', got {zero_method!r}")
-    diffs = np.round(np.asarray(x, dtype=float) - np.asarray(y, dtype=float), 12)
-    if zero_method == "wilcox":
-        diffs = diffs[diffs != 0]
-    n, n_zero = len(diffs), int((diffs == 0).sum())
-    if n == n_zero:
-        return 0.0, 1.0
-    ranks = average_ranks(np.abs(diffs))
-    statistic = float(min(ranks[diffs > 0].sum(), ranks[diffs < 0].sum()))
-    tie_sizes = np.unique(np.abs(diffs[diffs != 0]), return_counts=True)[1]
-    if n <= exact_max_n and n_zero == 0 and (tie_sizes == 1).all():
-        ways = np.zeros(n * (n + 1) // 2 + 1)  # ways[w] = sign assignments with W+ = w
-        ways[0] = 1
-        for rank in range(1, n + 1):
-            ways[rank:] = ways[rank:] + ways[:-rank]
-        return statistic, min(1.0, 2 * ways[:int(statistic) + 1].sum() / 2.0 ** n)
-    mean = (n * (n + 1) - n_zero * (n_zero + 1)) / 4
-    variance = ((n * (n + 1) * (2 * n + 1) - n_zero * (n_zero + 1) * (2 * n_zero + 1)) / 24
-                - (tie_sizes ** 3 - tie_sizes).sum() / 48)
-    z = (statistic - mean) / math.sqrt(variance)
-    return statistic, math.erfc(abs(z) / math.sqrt(2))  # = 2 (1 - Phi(|z|))
-
-
-def bootstrap_ci(values, resamples=1000, seed=0, level=0.95):
-    """Percentile-bootstrap interval of the mean of values [N]: (low, high), seeded."""
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    picks = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(values[picks].mean(1), [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def significance_marker(p_value):
-    """The paper's markers: † p < 0.05, ‡ p < 0.01, § p < 0.001, else none."""
-    return "§" if p_value < 0.001 else "‡" if p_value < 0.01 else "†" if p_value < 0.05 else ""
+from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
 
 
 # --------------------------------------------------------------------------------- per-user results

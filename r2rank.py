@@ -51,7 +51,7 @@ import data
 import plackett_luce
 import prompt
 import rollout
-from evaluate import ndcg_at_k, ndcg_from_scores
+from metrics import ndcg_at_k, ndcg_from_scores
 from models import (enable_checkpointing, latest_checkpoint, load_policy, load_trace_cache, mixed_precision,
                     pick_device, pick_dtype, prune_checkpoints, save_checkpoint)
 from ppo import clipped_token_loss, leave_one_out_baseline, reinforce_loss

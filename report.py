@@ -17,6 +17,7 @@ import os
 import sys
 
 import evaluate
+import metrics
 
 
 class ReportError(ValueError):
@@ -74,7 +75,7 @@ def significance_lines(results, tests, metric="ndcg@10"):
         for other in (o for o in results if o != name):
             p_value = evaluate.pair_test(tests, name, other, metric)["p_value"]
             sign = "+" if results[name][metric] > results[other][metric] else "-"
-            others.append(f"{other.removeprefix('r2rank:')} {p_value:.2g}{evaluate.significance_marker(p_value)} ({sign})")
+            others.append(f"{other.removeprefix('r2rank:')} {p_value:.2g}{metrics.significance_marker(p_value)} ({sign})")
         lines.append(f"{name.removeprefix('r2rank:')} vs " + ", ".join(others))
     return lines
 

@@ -46,6 +46,7 @@ from tqdm import tqdm
 import data
 import models
 import prompt
+import readers
 import r2rank
 import rollout
 
@@ -242,9 +243,9 @@ def read_traces(path, instances, max_history, max_item_chars):
     """Validated traces -> [(instance, candidate index, response text)]. instances: user_id -> instance
     of the training split. A bad line is a DataError naming file:line."""
     traces = []
-    for lineno, record in data.read_jsonl(path):
+    for lineno, record in readers.read_jsonl(path):
         for name in ("user_id", "item_id", "response"):
-            data.require(record, name, str, path, lineno)
+            readers.require(record, name, str, path, lineno)
         instance = instances.get(record["user_id"])
         if instance is None:
             raise data.DataError(f"{path}:{lineno}: user {record['user_id']!r} is not in the training split")

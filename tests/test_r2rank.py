@@ -15,7 +15,7 @@ import plackett_luce
 import prompt
 import r2rank
 import rollout
-from evaluate import ndcg_at_k, ndcg_from_scores
+from metrics import ndcg_at_k, ndcg_from_scores
 from ppo import leave_one_out_baseline, reinforce_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

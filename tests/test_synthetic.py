@@ -1,10 +1,12 @@
-"""data.py's synthetic set: its labels need the history, the --categories-per-user option, and the
-best NDCG@10 a ranker can expect on it, checked by hand and by random tie-breaking through evaluate.py."""
+"""The synthetic set (synthetic.py, built by data.py): its labels need the history, the
+--categories-per-user option, and the best NDCG@10 a ranker can expect on it, checked by hand and by
+random tie-breaking through metrics.py."""
 from collections import Counter
 
 import pytest
 
 import data
+import synthetic
 from data import DataError
 
 
@@ -60,24 +62,24 @@ def fake(history, candidates, positive):
 def test_category_match_ndcg_by_hand():
     # two candidates match the history, the positive among them: rank 1 or 2, each half the time
     matched = fake(["A", "A"], ["A", "B", "A", "B"], positive=0)
-    assert data.category_match_ndcg([matched]) == pytest.approx((1 + 1 / 1.5849625) / 2)
+    assert synthetic.category_match_ndcg([matched]) == pytest.approx((1 + 1 / 1.5849625) / 2)
     # a cut history that misses the positive's category: rank 2, 3 or 4 behind the one match
     missed = fake(["B"], ["A", "B", "A", "A"], positive=0)
-    assert data.category_match_ndcg([missed]) == pytest.approx((1 / 1.5849625 + 1 / 2 + 1 / 2.3219281) / 3)
-    assert data.category_match_ndcg([missed], k=2) == pytest.approx(1 / 1.5849625 / 3)
-    assert data.category_match_ndcg([matched, missed]) == pytest.approx((0.8154649 + 0.5205354) / 2)
+    assert synthetic.category_match_ndcg([missed]) == pytest.approx((1 / 1.5849625 + 1 / 2 + 1 / 2.3219281) / 3)
+    assert synthetic.category_match_ndcg([missed], k=2) == pytest.approx(1 / 1.5849625 / 3)
+    assert synthetic.category_match_ndcg([matched, missed]) == pytest.approx((0.8154649 + 0.5205354) / 2)
 
 
 def test_category_match_ndcg_equals_random_tie_breaking(tmp_path):
-    """A second estimate: rank by evaluate.py's NDCG with the matches first and random tie-breaks."""
+    """A second estimate: rank by metrics.py's NDCG with the matches first and random tie-breaks."""
     import torch
-    from evaluate import ndcg_from_scores
+    from metrics import ndcg_from_scores
     stats = data.build_synthetic(tmp_path / "syn", users=100)
     instances = data.load_split(tmp_path / "syn", "test")
     generator, estimates = torch.Generator().manual_seed(0), []
     for inst in instances:
-        seen = {data.synthetic_category(item) for item in inst["history"]}
-        match = torch.tensor([float(data.synthetic_category(item) in seen) for item in inst["candidates"]])
+        seen = {synthetic.category(item) for item in inst["history"]}
+        match = torch.tensor([float(synthetic.category(item) in seen) for item in inst["candidates"]])
         scores = match + 0.5 * torch.rand(20000, len(match), generator=generator)  # ties broken at random
         labels = torch.tensor(inst["labels"], dtype=torch.float32).expand(20000, -1)
         estimates.append(ndcg_from_scores(scores, labels, 10).mean().item())
