@@ -82,4 +82,9 @@ def leave_one_out_baseline(reward, dim=-1):
     count = reward.shape[dim]
     if count < 2:
         raise ValueError("a leave-one-out baseline needs at least 2 samples per group")
-    return (reward.sum(dim, keepdim=True) - reward) / (count - 1)
+    baseline = (reward.sum(dim, keepdim=True) - reward) / (count - 1)
+    # Where a group's rewards are all equal the baseline is the reward itself, exactly. The formula
+    # above can miss it by one rounding step, and an advantage scaled to unit std (as item-level
+    # credit is) would turn that into a full-size update in a direction set by rounding alone.
+    same = (reward == reward.narrow(dim, 0, 1)).all(dim, keepdim=True)
+    return torch.where(same, reward, baseline)

@@ -107,3 +107,18 @@ def test_leave_one_out_baseline_by_hand():
     torch.testing.assert_close(leave_one_out_baseline(reward), torch.tensor([[2.5, 2.0, 1.5], [3.0, 3.0, 0.0]]))
     with pytest.raises(ValueError):
         leave_one_out_baseline(torch.ones(3, 1))
+
+
+def test_leave_one_out_baseline_is_exact_for_equal_rewards():
+    """When all S rewards of a group are equal, reward - baseline must be exactly 0. The plain
+    formula (S r - r) / (S - 1) misses r by one rounding step for many values, e.g. the NDCG of a
+    positive at rank 2 (1 / log2(3)) with S = 8."""
+    ndcg_values = [1 / math.log2(rank + 1) for rank in range(1, 21)]
+    values = torch.cat([torch.tensor(ndcg_values), torch.rand(200, generator=torch.Generator().manual_seed(0))])
+    for samples in (2, 3, 7, 8, 16):
+        reward = values[:, None].expand(-1, samples).contiguous()
+        assert (reward - leave_one_out_baseline(reward) == 0).all()
+        assert (reward - leave_one_out_baseline(reward.T.contiguous(), dim=0).T == 0).all()
+    # a group with one different reward keeps the mean of the others (by hand), beside an equal group
+    reward = torch.tensor([[0.3, 0.3, 0.3, 0.9], [0.2, 0.2, 0.2, 0.2]])
+    torch.testing.assert_close(leave_one_out_baseline(reward), torch.tensor([[0.5, 0.5, 0.5, 0.3], [0.2, 0.2, 0.2, 0.2]]))

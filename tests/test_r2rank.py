@@ -94,6 +94,20 @@ def test_item_advantages_follow_the_exact_reward_gradient():
     assert estimate[0, 1] < 0 and estimate[0, 2] < 0
 
 
+def test_item_advantages_are_zero_when_no_ranking_differs():
+    """Scores so spread that all S rankings agree: no trace has any credit. Rounding in the baseline
+    used to leave +-1e-17 weights, which the unit-std scaling blew up to advantages as large as 9."""
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(8, 20, generator=generator) * 300
+    rankings = plackett_luce.sample(scores, 8, generator)
+    labels = torch.zeros(8, 20)
+    labels[torch.arange(8), torch.randint(0, 20, (8,), generator=generator)] = 1
+    reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), 10)
+    assert (reward == reward[:, :1]).all()  # the premise: every user's S rewards are equal
+    advantages = r2rank.item_advantages(scores, rankings, reward, leave_one_out_baseline(reward))
+    assert (advantages == 0).all()
+
+
 def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir):
     model, tokenizer = models.build_tiny()
     cfg = r2rank.Config(max_new_tokens=6, lr=1e-3, ppo_epochs=1, micro_batch=3, max_history=3)
