@@ -34,6 +34,10 @@ Where this departs from the paper (each a flag; the default is the paper's choic
    temperature-1 model; top-p is ignored in the log-probs.
 6. The head reads the final hidden state through a LayerNorm (no affine), so its input scale does
    not depend on the backbone; the head does not back-propagate into the LLM.
+7. --pl-std (off by default) standardizes a user's K scores to a fixed std before Plackett-Luce.
+   Trained by REINFORCE, the head keeps spreading its scores (std ~100 on MovieLens) until all
+   sampled rankings agree, and then neither the head nor the item-level credit gets any signal.
+   A fixed std keeps the rankings random enough to compare.
 """
 import argparse
 import dataclasses
@@ -95,6 +99,8 @@ class Config:
     num_rankings: int = arg(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)")
     reward_k: int = arg(10, "the reward is NDCG@reward-k")
     baseline: bool = arg(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
+    pl_std: float = arg(0.0, "if > 0, each user's K scores are standardized to this std before Plackett-Luce "
+                        "(a PL temperature that follows the head's scale, departure 7; 0 = the paper's raw scores)")
     advantage: str = arg("reward", "LLM advantage: reward (the paper: the rankings' mean reward) or item (credit per trace)",
                          ["reward", "item"])
     freeze_llm: bool = arg(False, "train the head only, LLM frozen (the MLP-only variant, Table 3); each "
@@ -147,6 +153,8 @@ def parse_config(argv=None):
         torch.set_num_threads(cfg.threads)
     if cfg.baseline and cfg.num_rankings < 2:
         parser.error("--baseline needs --num-rankings >= 2 (or pass --no-baseline)")
+    if cfg.pl_std < 0:
+        parser.error("--pl-std must be >= 0")
     return cfg
 
 
@@ -204,6 +212,16 @@ def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None)
 def score_traces(head, samples):
     """Phase 2: s_k = f_phi(h_k) (Eq. 2) for every user's K traces -> [U, K] fp32."""
     return torch.stack([head(s.final_hidden) for s in samples])
+
+
+def standardized(scores, std):
+    """Departure 7: each user's K scores [U, K] shifted to mean 0 and scaled to std `std`; std 0 leaves
+    them as they are (the paper). PL is shift-invariant, so this fixes only how sharp it is, and the
+    order of the scores (all that evaluation uses) does not change."""
+    if not std:
+        return scores
+    centered = scores - scores.mean(-1, keepdim=True)
+    return std * centered / centered.std(-1, keepdim=True, correction=0).clamp(min=1e-6)
 
 
 def trace_stats(samples, tokenizer, max_new_tokens):
@@ -383,7 +401,8 @@ def train_rl(cfg):
         else:
             with mixed_precision(device, dtype):
                 samples, prompts = rollout_users(model, tokenizer, instances, cfg, generator)
-        scores = score_traces(head, samples)  # [U, K], with grad into phi only
+        raw_scores = score_traces(head, samples)  # [U, K], with grad into phi only
+        scores = standardized(raw_scores, cfg.pl_std)
 
         # 3) sample S rankings from Plackett-Luce, reward = NDCG@10
         rankings = plackett_luce.sample(scores.detach(), cfg.num_rankings, generator)  # [U, S, K]
@@ -407,7 +426,7 @@ def train_rl(cfg):
         # 5) log, checkpoint
         row = {"step": step + 1, "reward": reward.mean().item(),
                "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
-               "score_std": scores.detach().std(1, correction=0).mean().item(),  # spread of the K scores: how peaked PL is
+               "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
                "head_loss": head_loss.item(), **ppo_stats, **trace_stats(samples, tokenizer, cfg.max_new_tokens)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:

@@ -246,6 +246,26 @@ def test_freeze_llm_first_train_users_validation_rolled_out_once_old_checkpoints
     assert greedy_rollouts[0] == [inst["user_id"] for inst in data.load_split(synthetic_dir, "valid")[:3]]
 
 
+def test_standardized_scores_by_hand():
+    scores = torch.tensor([[0.0, 10.0, 20.0], [5.0, 5.0, 5.0]])
+    # population std of (0, 10, 20) is sqrt(200 / 3) = 8.16497; 2 * 10 / 8.16497 = 2.44949
+    torch.testing.assert_close(r2rank.standardized(scores, 2.0), torch.tensor([[-2.44949, 0.0, 2.44949], [0.0, 0.0, 0.0]]))
+    assert r2rank.standardized(scores, 0.0) is scores  # off: the paper's raw scores
+
+
+def test_pl_std_reaches_the_plackett_luce_sampler(synthetic_dir, tmp_path, monkeypatch):
+    seen, sample = [], plackett_luce.sample
+    monkeypatch.setattr(plackett_luce, "sample", lambda scores, *args: seen.append(scores) or sample(scores, *args))
+    out = str(tmp_path / "run")
+    r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--pl-std", "3",
+                 "--max-steps", "2", "--users-per-step", "2", "--max-new-tokens", "2", "--max-history", "3"])
+    assert len(seen) == 2
+    for scores in seen:
+        torch.testing.assert_close(scores.std(-1, correction=0), torch.full((2,), 3.0))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert all(abs(json.loads(line)["score_std"] - 3.0) > 1e-3 for line in f)  # the head's own spread is logged
+
+
 def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_path, monkeypatch):
     common = ["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--max-history", "3",
               "--users-per-step", "3", "--train-users", "3", "--max-new-tokens", "4"]
