@@ -15,7 +15,9 @@ reads the hidden state at its last token. The log counts both (truncated_share, 
 a policy that never finishes its reasoning gives the head little to read. It also logs distinct_share
 (distinct traces among a user's K) and token_logp (mean log-prob of the sampled tokens): when both
 fall towards their floor (1/K and 0), the policy writes the same text for every candidate and the
-head has nothing left to tell the candidates apart by.
+head has nothing left to tell the candidates apart by. signal_share is the share of a step's users
+whose S rankings do not all get the same reward: only those give the head or item-level credit a
+signal (see --pl-std when it stays low).
 
 Where this departs from the paper (each a flag; the default is the paper's choice unless said):
 1. S rankings per user instead of one (--num-rankings 8): a cheap Monte-Carlo average, since
@@ -224,6 +226,12 @@ def standardized(scores, std):
     return std * centered / centered.std(-1, keepdim=True, correction=0).clamp(min=1e-6)
 
 
+def signal_share(reward):
+    """Share of users [U, S] whose S rankings do not all get the same reward: the only users whose
+    rankings the head's REINFORCE and the item-level credit can learn from."""
+    return (reward != reward[:, :1]).any(1).float().mean().item()
+
+
 def trace_stats(samples, tokenizer, max_new_tokens):
     """Share of traces with a parsable <answer>, share cut at the token limit, mean length; and two
     signs of a collapsing policy: the share of a user's K traces that are distinct texts, and the mean
@@ -426,6 +434,7 @@ def train_rl(cfg):
         # 5) log, checkpoint
         row = {"step": step + 1, "reward": reward.mean().item(),
                "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
+               "signal_share": signal_share(reward),
                "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
                "head_loss": head_loss.item(), **ppo_stats, **trace_stats(samples, tokenizer, cfg.max_new_tokens)}

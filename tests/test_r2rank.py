@@ -263,7 +263,10 @@ def test_pl_std_reaches_the_plackett_luce_sampler(synthetic_dir, tmp_path, monke
     for scores in seen:
         torch.testing.assert_close(scores.std(-1, correction=0), torch.full((2,), 3.0))
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        assert all(abs(json.loads(line)["score_std"] - 3.0) > 1e-3 for line in f)  # the head's own spread is logged
+        rows = [json.loads(line) for line in f]
+    assert all(abs(row["score_std"] - 3.0) > 1e-3 for row in rows)  # the head's own spread is logged
+    assert all(0.0 <= row["signal_share"] <= 1.0 for row in rows)
+    assert r2rank.signal_share(torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.3, 0.2], [0.1, 0.1, 0.1], [0.0, 0.0, 1.0]])) == 0.5
 
 
 def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_path, monkeypatch):
