@@ -43,6 +43,8 @@ from tqdm import tqdm
 import baselines
 import data
 import models
+import r2rank
+from head import has_head, load_head, score_traces
 from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
 
 
@@ -109,8 +111,6 @@ def make_rankers(cfg, model, tokenizer, head, frequency):
     Every ranker scores the candidates of each instance in the order given, so the analyses can run
     the same ranker on reordered candidates or shuffled histories.
     """
-    import r2rank  # here, not at the top: r2rank imports this module for its metrics
-
     def rank_r2rank(instances, desc):
         # greedy traces by default; sampled ones from one seeded generator, the same for every call
         generator = torch.Generator(device=model.device).manual_seed(cfg.seed) if cfg.eval_sample else None
@@ -119,7 +119,7 @@ def make_rankers(cfg, model, tokenizer, head, frequency):
             samples += r2rank.rollout_users(model, tokenizer, [instance], cfg, generator,
                                             temperature=cfg.temperature if cfg.eval_sample else 0.0)[0]
         with torch.no_grad():
-            scores = r2rank.score_traces(head, samples)
+            scores = score_traces(head, samples)
         return scores.float().cpu(), r2rank.trace_stats(samples, tokenizer, cfg.max_new_tokens)
 
     def rank_pointwise(instances, desc):
@@ -313,8 +313,6 @@ def read_frequency(data_dir):
 
 def run_eval(cfg):
     """--stage eval: every method of --methods on the same instances of --split, then --analyses."""
-    import r2rank  # here, not at the top: r2rank imports this module for its metrics
-
     methods, analyses = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
     if "history-order" in analyses and cfg.history_shuffles < 2:
         raise data.DataError("--history-shuffles must be >= 2 for the history-order analysis")
@@ -327,7 +325,7 @@ def run_eval(cfg):
     K = len(instances[0]["candidates"])
     if any(len(inst["candidates"]) != K or max(inst["labels"]) <= 0 for inst in instances):
         raise data.DataError(f"{data_dir}/{cfg.split}.jsonl: every instance needs {K} candidates and a positive")
-    if "r2rank" in methods and not r2rank.has_head(cfg.model):
+    if "r2rank" in methods and not has_head(cfg.model):
         print(f"note: {cfg.model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
               f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")
         methods.remove("r2rank")
@@ -344,7 +342,7 @@ def run_eval(cfg):
             raise data.DataError(f"{cfg.model}: cannot load the model ({error})") from None
         model.eval()
         if "r2rank" in methods:
-            head = r2rank.load_head(cfg.model, model.config.hidden_size, device).eval()
+            head = load_head(cfg.model, model.config.hidden_size, device).eval()
     frequency = read_frequency(data_dir) if "popularity" in methods or "cold-start" in analyses else None
     rankers = make_rankers(cfg, model, tokenizer, head, frequency)
     traces = "sampled" if cfg.eval_sample else "greedy"

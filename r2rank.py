@@ -1,9 +1,9 @@
-"""R2Rank: the model (LLM + scoring head), its RL training (Algorithm 1 of the R2Rank paper) and the CLI.
+"""R2Rank: RL training of an LLM and its scoring head (Algorithm 1 of the R2Rank paper), and the CLI.
 
     python r2rank.py --stage rl --model tiny            # runs anywhere, no download
     python r2rank.py --stage rl --data data/ml100k --model Qwen/Qwen2.5-1.5B-Instruct
 
-One RL step, as in Algorithm 1:
+One RL step, as in Algorithm 1 (the scoring head f_phi is in head.py):
     1) rollout: one reasoning trace y_k per candidate, sampled from the self-check prompt   (Eq. 1)
     2) scores s_k = f_phi(h_k), h_k the last-layer hidden state at the trace's final token  (Eq. 2)
     3) S rankings tau ~ Plackett-Luce(s), reward rho(tau) = NDCG@10                         (Eq. 4)
@@ -50,13 +50,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 import data
 import plackett_luce
 import prompt
 import rollout
+from head import ScoreHead, has_head, load_head, score_traces, standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from models import (enable_checkpointing, latest_checkpoint, load_policy, load_trace_cache, mixed_precision,
                     pick_device, pick_dtype, prune_checkpoints, save_checkpoint)
@@ -113,11 +113,13 @@ class Config:
     clip_eps: float = arg(0.2, "PPO clipping epsilon")
     micro_batch: int = arg(8, "traces per forward/backward in the update (memory only; same gradient)")
     lr: float = arg(1e-6, "LLM learning rate (AdamW)")
-    head_lr: float = arg(1e-3, "scoring-head learning rate (AdamW)")
+    head_lr: float = arg(1e-3, "scoring-head learning rate (AdamW); 0 freezes the head, e.g. RL of the LLM alone "
+                                 "under a head trained MLP-only")
     head_width: int = arg(256, "hidden width of the scoring head's MLP")
     head_weight_decay: float = arg(0.01, "scoring-head weight decay (AdamW)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip for the LLM")
-    eval_every: int = arg(0, "every N steps, NDCG@10 of greedy traces on validation users (0 = never)")
+    eval_every: int = arg(0, "every N steps, NDCG@10 of greedy traces on validation users, logged; also "
+                                 "the start's, as step 0 (0 = never)")
     eval_users: int = arg(32, "validation users in that check")
     save_every: int = arg(50, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = arg(0, "keep only the newest N checkpoints of the run (0 = keep all)")
@@ -160,24 +162,7 @@ def parse_config(argv=None):
     return cfg
 
 
-# ---------------------------------------------------------------------------------------- model
-
-
-class ScoreHead(torch.nn.Module):
-    """f_phi of Eq. (2): final hidden state h [..., H] -> relevance score [...], computed in fp32."""
-
-    def __init__(self, hidden_size, width):
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.LayerNorm(hidden_size, elementwise_affine=False),
-            torch.nn.Linear(hidden_size, width),
-            torch.nn.GELU(),
-            torch.nn.Linear(width, 1),
-        )
-
-    def forward(self, hidden):
-        with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head stays fp32
-            return self.net(hidden.float()).squeeze(-1)
+# ------------------------------------------------------------------------- phases of one step
 
 
 def encode_user(tokenizer, instance, cfg):
@@ -209,21 +194,6 @@ def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None)
                                              cfg.top_p, generator))
         prompts.append((prefix, suffixes))
     return samples, prompts
-
-
-def score_traces(head, samples):
-    """Phase 2: s_k = f_phi(h_k) (Eq. 2) for every user's K traces -> [U, K] fp32."""
-    return torch.stack([head(s.final_hidden) for s in samples])
-
-
-def standardized(scores, std):
-    """Departure 7: each user's K scores [U, K] shifted to mean 0 and scaled to std `std`; std 0 leaves
-    them as they are (the paper). PL is shift-invariant, so this fixes only how sharp it is, and the
-    order of the scores (all that evaluation uses) does not change."""
-    if not std:
-        return scores
-    centered = scores - scores.mean(-1, keepdim=True)
-    return std * centered / centered.std(-1, keepdim=True, correction=0).clamp(min=1e-6)
 
 
 def signal_share(reward):
@@ -307,22 +277,6 @@ def validate(model, tokenizer, head, instances, cfg, samples=None):
     return ndcg_from_scores(scores.cpu(), labels, 10).mean().item(), samples
 
 
-# ------------------------------------------------------------------------------------------ heads
-
-
-def load_head(path, hidden_size, device):
-    """The scoring head saved in checkpoint directory `path` (its width is in r2rank.json)."""
-    with open(os.path.join(path, "r2rank.json")) as f:
-        width = json.load(f)["head_width"]
-    head = ScoreHead(hidden_size, width).to(device)
-    head.load_state_dict(load_file(os.path.join(path, "head.safetensors")))
-    return head
-
-
-def has_head(path):
-    return os.path.isfile(os.path.join(path, "head.safetensors"))
-
-
 # --------------------------------------------------------------------------------------- RL stage
 
 
@@ -392,6 +346,12 @@ def train_rl(cfg):
           f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
           f"shared-prefix update {'on' if shared_prefix else 'off'}")
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    if cfg.eval_every and start_step == 0:  # the start's validation (step 0): picking the best step can keep the start
+        started = time.time()
+        with mixed_precision(device, dtype):
+            start_ndcg, checked = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg)
+        valid_samples = checked if cfg.freeze_llm else None
+        log_row(metrics_file, {"step": 0, "valid_ndcg@10": start_ndcg, "step_time": time.time() - started}, print)
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
     for step in bar:
         started = time.time()
@@ -443,15 +403,20 @@ def train_rl(cfg):
                 row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg, valid_samples)
             valid_samples = checked if cfg.freeze_llm else None
         row["step_time"] = time.time() - started
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        log_row(metrics_file, row, bar.write)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(cfg.out, step + 1, model, tokenizer, head, optimizers, cfg,
                             trace_cache if cfg.freeze_llm else None)
             if cfg.keep_checkpoints:
                 prune_checkpoints(cfg.out, cfg.keep_checkpoints)
     metrics_file.close()
+
+
+def log_row(metrics_file, row, write):
+    """Append row to metrics.jsonl (flushed, so a crash keeps it) and show it as one line."""
+    metrics_file.write(json.dumps(row) + "\n")
+    metrics_file.flush()
+    write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
 def main(argv=None):

@@ -141,19 +141,20 @@ def ascii_chart(series, width=64, height=14):
 
 def curve(path, window):
     rows = read_metrics(path)
-    steps = [row["step"] for row in rows]
-    reward = moving_average([row["reward"] for row in rows], window)
+    trained = [row for row in rows if "reward" in row]  # step 0 holds only the start's validation
+    reward = moving_average([row["reward"] for row in trained], window)
     valid = [(row["step"], row["valid_ndcg@10"]) for row in rows if "valid_ndcg@10" in row]
     series = [(f"training reward (NDCG@10 of sampled rankings), mean of the last {window} steps", ".",
-               list(zip(steps, reward)))]
+               list(zip([row["step"] for row in trained], reward)))]
     if valid:
         series.append(("validation NDCG@10 (greedy traces, ranked by score)", "o", valid))
     for line in ascii_chart(series):
         print(line)
     seconds = sum(row.get("step_time", 0.0) for row in rows)
-    print(f"{len(rows)} steps, {seconds / 3600:.2f} h of step time; " + (
-        f"validation NDCG@10 first {valid[0][1]:.3f}, best {max(v for _, v in valid):.3f}, last {valid[-1][1]:.3f}"
-        if valid else "no validation rows (--eval-every)"))
+    best_step, best = max(valid, key=lambda point: point[1]) if valid else (None, None)  # the first of equals
+    print(f"{len(trained)} steps, {seconds / 3600:.2f} h of step time; " + (
+        f"validation NDCG@10 first {valid[0][1]:.3f} (step {valid[0][0]}), best {best:.3f} (step {best_step}), "
+        f"last {valid[-1][1]:.3f}" if valid else "no validation rows (--eval-every)"))
 
 
 def main(argv=None):

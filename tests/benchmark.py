@@ -32,6 +32,7 @@ import models  # noqa: E402
 import plackett_luce  # noqa: E402
 import r2rank  # noqa: E402
 import rollout  # noqa: E402
+from head import ScoreHead  # noqa: E402
 
 
 def smollm2_path():
@@ -155,7 +156,7 @@ def bench_model(name, args, device):
               f"peak +{mib:7.1f} MiB")
     print(f"rollout shared / plain: {rows['plain'] / rows['shared']:.2f}x tokens/s")
 
-    head = r2rank.ScoreHead(model.config.hidden_size, 256).to(device)
+    head = ScoreHead(model.config.hidden_size, 256).to(device)
     seconds, _, _ = measure(lambda: head(samples.final_hidden), device)
     print(f"scoring (head over {K} hidden states) {seconds * 1000:.2f} ms")
 

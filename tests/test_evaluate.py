@@ -17,6 +17,7 @@ import data
 import evaluate
 import models
 import r2rank
+from head import ScoreHead
 from metrics import rank_by_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +164,7 @@ def checkpoint(tiny, tmp_path_factory):
     model, tokenizer = tiny
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    head = r2rank.ScoreHead(model.config.hidden_size, 16)
+    head = ScoreHead(model.config.hidden_size, 16)
     return models.save_checkpoint(str(out), 1, model, tokenizer, head, {}, r2rank.Config(head_width=16))
 
 

@@ -15,6 +15,7 @@ import plackett_luce
 import prompt
 import r2rank
 import rollout
+from head import ScoreHead, load_head, score_traces, standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from ppo import leave_one_out_baseline, reinforce_loss
 
@@ -61,7 +62,7 @@ def test_head_learns_to_rank_by_reinforce_through_plackett_luce():
     train_x, train_y, test_x, test_y = features[:users], labels[:users], features[users:], labels[users:]
     random_ndcg = ndcg_from_scores(torch.rand(users, K, generator=generator), test_y, 10).mean().item()
     torch.manual_seed(0)
-    head = r2rank.ScoreHead(H, 64)
+    head = ScoreHead(H, 64)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
     before = ndcg_from_scores(head(test_x).detach(), test_y, 10).mean().item()
     for _ in range(200):
@@ -141,9 +142,9 @@ def test_scores_do_not_depend_on_candidate_order_under_greedy_decoding(synthetic
     order = torch.randperm(len(instance["candidates"]), generator=torch.Generator().manual_seed(0)).tolist()
     shuffled = dict(instance, candidates=[instance["candidates"][i] for i in order], labels=[instance["labels"][i] for i in order])
     torch.manual_seed(0)
-    head = r2rank.ScoreHead(model.config.hidden_size, 16)
-    scores = r2rank.score_traces(head, r2rank.rollout_users(model, tokenizer, [instance], cfg, None, 0.0)[0])[0]
-    shuffled_scores = r2rank.score_traces(head, r2rank.rollout_users(model, tokenizer, [shuffled], cfg, None, 0.0)[0])[0]
+    head = ScoreHead(model.config.hidden_size, 16)
+    scores = score_traces(head, r2rank.rollout_users(model, tokenizer, [instance], cfg, None, 0.0)[0])[0]
+    shuffled_scores = score_traces(head, r2rank.rollout_users(model, tokenizer, [shuffled], cfg, None, 0.0)[0])[0]
     torch.testing.assert_close(shuffled_scores, scores[order], atol=1e-5, rtol=0)
 
 
@@ -151,18 +152,18 @@ def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
     model, tokenizer = models.build_tiny(seed=3)
     cfg = r2rank.Config(max_new_tokens=5, max_history=4, head_width=16)
     torch.manual_seed(0)
-    head = r2rank.ScoreHead(model.config.hidden_size, cfg.head_width)
+    head = ScoreHead(model.config.hidden_size, cfg.head_width)
     optimizers = {"head": torch.optim.AdamW(head.parameters())}
     instances = data.load_split(synthetic_dir, "valid")[:2]
 
     def greedy_scores(m, t, h):
-        return r2rank.score_traces(h, r2rank.rollout_users(m, t, instances, cfg, None, 0.0)[0])
+        return score_traces(h, r2rank.rollout_users(m, t, instances, cfg, None, 0.0)[0])
 
     expected = greedy_scores(model, tokenizer, head)
     path = models.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, optimizers, cfg)
     assert path.endswith("checkpoint-7") and models.latest_checkpoint(str(tmp_path)) == path
     model2, tokenizer2 = models.load_policy(path, torch.device("cpu"), torch.float32)
-    head2 = r2rank.load_head(path, model2.config.hidden_size, "cpu")
+    head2 = load_head(path, model2.config.hidden_size, "cpu")
     torch.testing.assert_close(greedy_scores(model2, tokenizer2, head2), expected)
 
 
@@ -198,8 +199,8 @@ def test_cli_trains_logs_checkpoints_and_resumes(tmp_path, synthetic_dir):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [row["step"] for row in rows] == [1, 2, 3]
     # The resumed head is the saved one, not a fresh initialization.
-    saved = r2rank.load_head(checkpoint, 64, "cpu")
-    resumed = r2rank.load_head(os.path.join(out, "checkpoint-3"), 64, "cpu")
+    saved = load_head(checkpoint, 64, "cpu")
+    resumed = load_head(os.path.join(out, "checkpoint-3"), 64, "cpu")
     assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), resumed.state_dict().values()))
 
 
@@ -241,16 +242,36 @@ def test_freeze_llm_first_train_users_validation_rolled_out_once_old_checkpoints
     assert set(torch.load(os.path.join(out, "checkpoint-6", "trace-cache.pt"))) == first_five
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert [row["step"] for row in rows if "valid_ndcg@10" in row] == [2, 4, 6]
+    assert [row["step"] for row in rows if "valid_ndcg@10" in row] == [0, 2, 4, 6]  # 0: the start
     assert len(greedy_rollouts) == 1  # the frozen LLM's validation traces are reused
     assert greedy_rollouts[0] == [inst["user_id"] for inst in data.load_split(synthetic_dir, "valid")[:3]]
+
+
+def test_head_lr_0_freezes_the_head_and_the_start_is_validated_as_step_0(synthetic_dir, tmp_path):
+    out = str(tmp_path / "run")
+    r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--head-lr", "0",
+                 "--lr", "1e-3", "--max-steps", "2", "--users-per-step", "2", "--max-new-tokens", "3",
+                 "--max-history", "3", "--eval-every", "2", "--eval-users", "3", "--save-every", "1"])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [row["step"] for row in rows] == [0, 1, 2] and set(rows[0]) == {"step", "valid_ndcg@10", "step_time"}
+    heads = [load_file(os.path.join(out, f"checkpoint-{step}", "head.safetensors")) for step in (1, 2)]
+    assert all(torch.equal(heads[0][name], heads[1][name]) for name in heads[0])  # AdamW at lr 0: no step, no decay
+    llms = [load_file(os.path.join(out, f"checkpoint-{step}", "model.safetensors")) for step in (1, 2)]
+    assert any(not torch.equal(llms[0][name], llms[1][name]) for name in llms[0])  # while the LLM learns
+    # step 0 is the untrained LLM under that (unchanged) head
+    cfg = r2rank.parse_config(["--max-new-tokens", "3", "--max-history", "3"])
+    model, tokenizer = models.load_policy("tiny", torch.device("cpu"), torch.float32)
+    head = load_head(os.path.join(out, "checkpoint-1"), model.config.hidden_size, "cpu")
+    start, _ = r2rank.validate(model, tokenizer, head, data.load_split(synthetic_dir, "valid")[:3], cfg)
+    assert rows[0]["valid_ndcg@10"] == pytest.approx(start)
 
 
 def test_standardized_scores_by_hand():
     scores = torch.tensor([[0.0, 10.0, 20.0], [5.0, 5.0, 5.0]])
     # population std of (0, 10, 20) is sqrt(200 / 3) = 8.16497; 2 * 10 / 8.16497 = 2.44949
-    torch.testing.assert_close(r2rank.standardized(scores, 2.0), torch.tensor([[-2.44949, 0.0, 2.44949], [0.0, 0.0, 0.0]]))
-    assert r2rank.standardized(scores, 0.0) is scores  # off: the paper's raw scores
+    torch.testing.assert_close(standardized(scores, 2.0), torch.tensor([[-2.44949, 0.0, 2.44949], [0.0, 0.0, 0.0]]))
+    assert standardized(scores, 0.0) is scores  # off: the paper's raw scores
 
 
 def test_pl_std_reaches_the_plackett_luce_sampler(synthetic_dir, tmp_path, monkeypatch):
