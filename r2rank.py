@@ -109,6 +109,8 @@ class Config:
                            "user's traces are then sampled once and reused (saved with the checkpoints)")
     trace_cache: str = arg("", "--freeze-llm: start from the traces of an earlier --freeze-llm run "
                            "(<its checkpoint>/trace-cache.pt), e.g. to train another head on them")
+    new_head: bool = arg(False, "start a new scoring head even when --model is a checkpoint that has one, "
+                         "e.g. to train a head MLP-only on the LLM of an RL run")
     ppo_epochs: int = arg(2, "passes over a step's traces, one optimizer step each")
     clip_eps: float = arg(0.2, "PPO clipping epsilon")
     micro_batch: int = arg(8, "traces per forward/backward in the update (memory only; same gradient)")
@@ -314,9 +316,12 @@ def train_rl(cfg):
     model, tokenizer = load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
     hidden_size = model.config.hidden_size
     # a checkpoint of this run (--resume) or of an earlier RL run (--model <dir>) brings its head along
-    source = checkpoint or cfg.model
+    source = checkpoint or (None if cfg.new_head else cfg.model)
     torch.manual_seed(cfg.seed)
-    head = load_head(source, hidden_size, device) if has_head(source) else ScoreHead(hidden_size, cfg.head_width).to(device)
+    if source and has_head(source):
+        head = load_head(source, hidden_size, device)
+    else:
+        head = ScoreHead(hidden_size, cfg.head_width).to(device)
     if cfg.freeze_llm:
         model.requires_grad_(False)
     use_checkpointing = enable_checkpointing(model, cfg.gradient_checkpointing, device) if not cfg.freeze_llm else False

@@ -267,6 +267,20 @@ def test_head_lr_0_freezes_the_head_and_the_start_is_validated_as_step_0(synthet
     assert rows[0]["valid_ndcg@10"] == pytest.approx(start)
 
 
+def test_new_head_ignores_the_head_saved_with_the_model(synthetic_dir, tmp_path):
+    common = ["--stage", "rl", "--freeze-llm", "--data", synthetic_dir, "--max-steps", "1", "--users-per-step", "1",
+              "--max-new-tokens", "2", "--max-history", "3", "--head-width", "8"]
+    r2rank.main(common + ["--model", "tiny", "--out", str(tmp_path / "first"), "--seed", "1"])  # a trained head
+    source = str(tmp_path / "first" / "checkpoint-1")
+    r2rank.main(common + ["--model", "tiny", "--out", str(tmp_path / "fresh"), "--head-lr", "0"])
+    r2rank.main(common + ["--model", source, "--out", str(tmp_path / "kept"), "--head-lr", "0"])
+    r2rank.main(common + ["--model", source, "--out", str(tmp_path / "new"), "--head-lr", "0", "--new-head"])
+    heads = {name: load_file(str(tmp_path / name / "checkpoint-1" / "head.safetensors")) for name in ("first", "fresh", "kept", "new")}
+    same = lambda a, b: all(torch.equal(heads[a][key], heads[b][key]) for key in heads[a])
+    assert same("kept", "first") and not same("new", "first")
+    assert same("new", "fresh")  # the seeded initialization of a run from the bare LLM
+
+
 def test_standardized_scores_by_hand():
     scores = torch.tensor([[0.0, 10.0, 20.0], [5.0, 5.0, 5.0]])
     # population std of (0, 10, 20) is sqrt(200 / 3) = 8.16497; 2 * 10 / 8.16497 = 2.44949
