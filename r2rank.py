@@ -115,13 +115,13 @@ class Config:
     clip_eps: float = arg(0.2, "PPO clipping epsilon")
     micro_batch: int = arg(8, "traces per forward/backward in the update (memory only; same gradient)")
     lr: float = arg(1e-6, "LLM learning rate (AdamW)")
-    head_lr: float = arg(1e-3, "scoring-head learning rate (AdamW); 0 freezes the head, e.g. RL of the LLM alone "
-                                 "under a head trained MLP-only")
+    head_lr: float = arg(1e-3, "scoring-head learning rate (AdamW); 0 freezes the head, e.g. RL of the LLM "
+                         "alone under a head trained MLP-only")
     head_width: int = arg(256, "hidden width of the scoring head's MLP")
     head_weight_decay: float = arg(0.01, "scoring-head weight decay (AdamW)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip for the LLM")
     eval_every: int = arg(0, "every N steps, NDCG@10 of greedy traces on validation users, logged; also "
-                                 "the start's, as step 0 (0 = never)")
+                          "the start's, as step 0 (0 = never)")
     eval_users: int = arg(32, "validation users in that check")
     save_every: int = arg(50, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = arg(0, "keep only the newest N checkpoints of the run (0 = keep all)")
