@@ -91,7 +91,8 @@ class Config:
     max_history: int = arg(20, "history items shown in the prompt (the most recent ones)")
     max_item_chars: int = arg(200, "characters per item line in the prompt (longer texts are cut)")
     # rollout
-    max_new_tokens: int = arg(256, "token budget of one reasoning trace")
+    max_new_tokens: int = arg(256, "token budget of one reasoning trace; 0 = no reasoning, the head reads the "
+                              "prompt's last hidden state (a control: with --freeze-llm, or in eval without listwise)")
     temperature: float = arg(1.0, "sampling temperature of the traces (0 = greedy)")
     top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
     # RL
@@ -161,6 +162,12 @@ def parse_config(argv=None):
         parser.error("--baseline needs --num-rankings >= 2 (or pass --no-baseline)")
     if cfg.pl_std < 0:
         parser.error("--pl-std must be >= 0")
+    if cfg.max_new_tokens < 0:
+        parser.error("--max-new-tokens must be >= 0")
+    if cfg.max_new_tokens == 0 and (cfg.stage in ("sft-data", "sft") or (cfg.stage == "rl" and not cfg.freeze_llm)):
+        parser.error("--max-new-tokens 0 writes no trace, so there are no tokens to train: use it with --stage rl --freeze-llm or --stage eval")
+    if cfg.max_new_tokens == 0 and cfg.stage == "eval" and "listwise" in cfg.methods.split(","):
+        parser.error("--max-new-tokens 0 leaves the listwise baseline no tokens to answer with: leave it out of --methods")
     return cfg
 
 

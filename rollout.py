@@ -76,7 +76,9 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     2. the K suffixes go through in one batch, left-padded inside the suffix block
        (prefix | pad | suffix), so every row's last prompt token is in the last column;
     3. decoding feeds one token per row per step; a row stops at an eos or at max_new_tokens.
-    The token that ends a trace is fed too: its hidden state is the scoring head's input.
+    The token that ends a trace is fed too: its hidden state is the scoring head's input. With
+    max_new_tokens 0 there is no trace, and the head's input is the hidden state at the prompt's last
+    token (a no-reasoning control).
     Log-probs are those of the temperature-1 model (what response_logprobs recomputes).
     """
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
@@ -111,7 +113,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     # 3) decode
     tokens = torch.full((K, max_new_tokens), pad_id, device=device)
     logprobs = torch.zeros((K, max_new_tokens), device=device)
-    final_hidden = torch.zeros((K, lm_head.weight.shape[1]), device=device, dtype=lm_head.weight.dtype)
+    final_hidden = out.last_hidden_state[:, -1].clone()  # kept only with max_new_tokens 0 (no trace)
     done = torch.zeros(K, dtype=torch.bool, device=device)
     finished = torch.zeros(K, dtype=torch.bool, device=device)
     lengths = torch.zeros(K, dtype=torch.long, device=device)

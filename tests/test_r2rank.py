@@ -327,12 +327,38 @@ def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_pat
     assert "traces were made with --max-new-tokens 4; this run has --max-new-tokens 5" in other.stderr
 
 
+def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(synthetic_dir, tmp_path):
+    out = str(tmp_path / "no-trace")
+    r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
+                 "--max-steps", "2", "--users-per-step", "2", "--max-new-tokens", "0", "--max-history", "3"])
+    checkpoint = os.path.join(out, "checkpoint-2")
+    model, tokenizer = models.load_policy(checkpoint, "cpu", torch.float32)
+    train = {inst["user_id"]: inst for inst in data.load_split(synthetic_dir, "train")}
+    cache = torch.load(os.path.join(checkpoint, "trace-cache.pt"))
+    assert len(cache) == 4
+    for user, fields in cache.items():
+        assert fields["tokens"].shape == (20, 0)
+        prefix, suffixes = r2rank.encode_user(tokenizer, train[user], r2rank.parse_config(["--max-history", "3"]))
+        with torch.no_grad():  # the whole prompt of the last candidate, one plain forward
+            forward = model(input_ids=torch.tensor([prefix + suffixes[-1]]), output_hidden_states=True)
+        torch.testing.assert_close(fields["final_hidden"][-1], forward.hidden_states[-1][0, -1], atol=1e-4, rtol=0)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [(row["response_len"], row["distinct_share"]) for row in rows] == [(0.0, 1 / 20)] * 2
+
+
 def test_cli_bad_input_is_one_clear_line(tmp_path):
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0
     assert "missing/train.jsonl" in result.stderr and "Traceback" not in result.stderr
     bad = run_cli("--num-rankings", "1")
     assert bad.returncode != 0 and "--baseline needs" in bad.stderr
+    for args, message in [(["--max-new-tokens", "0"], "no tokens to train"),
+                          (["--stage", "sft", "--max-new-tokens", "0"], "no tokens to train"),
+                          (["--stage", "eval", "--max-new-tokens", "0"], "leave it out of --methods"),
+                          (["--max-new-tokens", "-1"], "must be >= 0")]:
+        bad = run_cli(*args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_help_explains_every_flag():

@@ -73,6 +73,19 @@ def test_recorded_logprobs_and_final_hidden_match_a_fresh_forward(tiny):
         torch.testing.assert_close(samples.final_hidden[k], out.hidden_states[-1][0, -1], atol=1e-4, rtol=0)
 
 
+def test_no_trace_reads_the_hidden_state_at_the_prompts_last_token(tiny):
+    model, tokenizer = tiny
+    prefix, suffixes = _prompts(tokenizer)
+    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=0, temperature=1.0,
+                                    generator=torch.Generator().manual_seed(0))
+    assert samples.token_lists() == [[], [], []] and samples.tokens.shape == (3, 0)
+    assert samples.lengths.tolist() == [0, 0, 0] and not samples.finished.any()
+    for k, suffix in enumerate(suffixes):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([prefix + suffix]), output_hidden_states=True)
+        torch.testing.assert_close(samples.final_hidden[k], out.hidden_states[-1][0, -1], atol=1e-4, rtol=0)
+
+
 def test_traces_stop_at_eos_or_the_token_limit(tiny):
     model, tokenizer = tiny
     prefix, suffixes = _prompts(tokenizer)
