@@ -113,7 +113,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     # 3) decode
     tokens = torch.full((K, max_new_tokens), pad_id, device=device)
     logprobs = torch.zeros((K, max_new_tokens), device=device)
-    final_hidden = out.last_hidden_state[:, -1].clone()  # kept only with max_new_tokens 0 (no trace)
+    final_hidden = out.last_hidden_state[:, -1].to(lm_head.weight.dtype, copy=True)  # kept only with no trace
     done = torch.zeros(K, dtype=torch.bool, device=device)
     finished = torch.zeros(K, dtype=torch.bool, device=device)
     lengths = torch.zeros(K, dtype=torch.long, device=device)
