@@ -93,6 +93,8 @@ class Config:
     # rollout
     max_new_tokens: int = arg(256, "token budget of one reasoning trace; 0 = no reasoning, the head reads the "
                               "prompt's last hidden state (a control: with --freeze-llm, or in eval without listwise)")
+    response_prefix: str = arg("", "text every reply is forced to start with, fed as part of the prompt and never "
+                               "trained (e.g. '<think>'); pass the same to --stage eval")
     temperature: float = arg(1.0, "sampling temperature of the traces (0 = greedy)")
     top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
     # RL
@@ -166,6 +168,8 @@ def parse_config(argv=None):
         parser.error("--max-new-tokens must be >= 0")
     if cfg.max_new_tokens == 0 and (cfg.stage in ("sft-data", "sft") or (cfg.stage == "rl" and not cfg.freeze_llm)):
         parser.error("--max-new-tokens 0 writes no trace, so there are no tokens to train: use it with --stage rl --freeze-llm or --stage eval")
+    if cfg.response_prefix and cfg.stage in ("sft-data", "sft"):
+        parser.error("--response-prefix does not go with SFT: the teacher's replies do not start with it")
     if cfg.max_new_tokens == 0 and cfg.stage == "eval" and "listwise" in cfg.methods.split(","):
         parser.error("--max-new-tokens 0 leaves the listwise baseline no tokens to answer with: leave it out of --methods")
     return cfg
@@ -181,7 +185,7 @@ def encode_user(tokenizer, instance, cfg):
     shared-prefix rollout and the update see exactly the same tokens.
     """
     texts = [tokenizer.apply_chat_template(prompt.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars),
-                                           tokenize=False, add_generation_prompt=True)
+                                           tokenize=False, add_generation_prompt=True) + cfg.response_prefix
              for k in range(len(instance["candidates"]))]
     _, shared, _ = prompt.self_check_parts(instance, 0, cfg.max_history, cfg.max_item_chars)
     cut = texts[0].index(shared) + len(shared)  # the prefix ends after the shared part of the user message

@@ -347,6 +347,16 @@ def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(syn
     assert [(row["response_len"], row["distinct_share"]) for row in rows] == [(0.0, 1 / 20)] * 2
 
 
+def test_response_prefix_ends_every_candidates_prompt(synthetic_dir):
+    _, tokenizer = models.build_tiny()
+    instance = data.load_split(synthetic_dir, "train")[0]
+    prefix, suffixes = r2rank.encode_user(tokenizer, instance, r2rank.parse_config([]))
+    forced_prefix, forced = r2rank.encode_user(tokenizer, instance, r2rank.parse_config(["--response-prefix", "Yes, the"]))
+    assert forced_prefix == prefix and len(forced) == len(suffixes) == 20
+    for plain, suffix in zip(suffixes, forced):
+        assert tokenizer.decode(suffix) == tokenizer.decode(plain) + "Yes, the"
+
+
 def test_cli_bad_input_is_one_clear_line(tmp_path):
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0
@@ -356,7 +366,8 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     for args, message in [(["--max-new-tokens", "0"], "no tokens to train"),
                           (["--stage", "sft", "--max-new-tokens", "0"], "no tokens to train"),
                           (["--stage", "eval", "--max-new-tokens", "0"], "leave it out of --methods"),
-                          (["--max-new-tokens", "-1"], "must be >= 0")]:
+                          (["--max-new-tokens", "-1"], "must be >= 0"),
+                          (["--stage", "sft", "--response-prefix", "User"], "does not go with SFT")]:
         bad = run_cli(*args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
