@@ -186,7 +186,7 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_ca
     return final
 
 
-TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars")
+TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars", "response_prefix")
 
 
 def load_trace_cache(path, cfg, device):
@@ -198,7 +198,9 @@ def load_trace_cache(path, cfg, device):
     if os.path.isfile(settings):
         with open(settings) as f:
             saved = json.load(f)["config"]
-        differ = [name for name in TRACE_SETTINGS if saved.get(name) != getattr(cfg, name)]
+        defaults = type(cfg)()  # a setting newer than the cache was at its default when the cache was made
+        saved = {name: saved.get(name, getattr(defaults, name)) for name in TRACE_SETTINGS}
+        differ = [name for name in TRACE_SETTINGS if saved[name] != getattr(cfg, name)]
         if differ:
             sys.exit(f"error: {path}: its traces were made with " + ", ".join(f"--{n.replace('_', '-')} {saved.get(n)}" for n in differ)
                      + "; this run has " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ))
