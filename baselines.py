@@ -26,10 +26,9 @@ import re
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from prompt import NOT_RECOMMEND, RECOMMEND, candidate_text, user_context_text
-from rollout import positions_from_mask, sample_traces
+from rollout import cache_kwargs, positions_from_mask, prefill, sample_traces, token_logprobs
 
 # The listwise answer gets min(--max-new-tokens, 8 K) new tokens: "[12] > " takes about 4 to 5 tokens.
 LISTWISE_TOKENS_PER_ITEM = 8
@@ -69,9 +68,7 @@ def pointwise_scores(model, prefix_ids, suffix_ids_list, yes_ids, no_ids, rows_p
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     device = lm_head.weight.device
     P = len(prefix_ids)
-    prefix_cache = DynamicCache(config=model.config)
-    if P:
-        decoder(input_ids=torch.tensor([prefix_ids], device=device), past_key_values=prefix_cache, use_cache=True)
+    prefix_cache = prefill(decoder, prefix_ids, 1, device)
     totals = []
     for start in range(0, len(rows), rows_per_forward):
         batch, counts = rows[start:start + rows_per_forward], scored[start:start + rows_per_forward]
@@ -89,12 +86,10 @@ def pointwise_scores(model, prefix_ids, suffix_ids_list, yes_ids, no_ids, rows_p
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(B)
         hidden = decoder(input_ids=block, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask)[:, P:], past_key_values=cache,
-                         use_cache=cache is not None).last_hidden_state  # [B, L, H]
+                         position_ids=positions_from_mask(attention_mask)[:, P:],
+                         **cache_kwargs(decoder, cache)).last_hidden_state  # [B, L, H]
         # Column t predicts token t + 1: the last T columns' tokens are predicted by the T before them.
-        logits = lm_head(hidden[:, L - T - 1:L - 1]).float()  # [B, T, V]
-        targets = block[:, L - T:]  # [B, T]
-        logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, T]
+        logp = token_logprobs(lm_head(hidden[:, L - T - 1:L - 1]), block[:, L - T:])  # [B, T]
         keep = torch.arange(T, device=device)[None, :] >= T - counts.to(device)[:, None]  # each row's own tokens
         totals.append((logp * keep).sum(-1))
     totals = torch.cat(totals).view(-1, 2)  # [K, 2]: yes, no
@@ -143,7 +138,7 @@ def scores_from_order(order):
 
 def rank_pointwise(model, tokenizer, instances, encode_user, desc="pointwise"):
     """[U, K] pointwise scores of every instance; encode_user(instance) -> (prefix_ids, suffix_ids_list)
-    splits the self-check prompt (r2rank.encode_user), whose assistant turn the answers continue."""
+    splits the self-check prompt (prompt.encode_user), whose assistant turn the answers continue."""
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     yes_ids, no_ids = encode(f"<answer>{RECOMMEND}</answer>"), encode(f"<answer>{NOT_RECOMMEND}</answer>")
     return torch.stack([pointwise_scores(model, *encode_user(instance), yes_ids, no_ids)

@@ -333,6 +333,16 @@ def load_split(data_dir, split):
 # ---------------------------------------------------------------- command line
 
 
+def prepare_data(data_dir, out, seed=0):
+    """data_dir when given; otherwise the built-in synthetic set in <out>/data, built once."""
+    if data_dir:
+        return data_dir
+    path = os.path.join(out, "data")
+    if not os.path.exists(os.path.join(path, "train.jsonl")):
+        build_synthetic(path, seed=seed, overwrite=True)
+    return path
+
+
 def day_arg(text):
     try:
         return date.fromisoformat(text).isoformat()

@@ -43,7 +43,8 @@ from tqdm import tqdm
 import baselines
 import data
 import models
-import r2rank
+import prompt
+import rollout
 from head import has_head, load_head, score_traces
 from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
 
@@ -116,14 +117,15 @@ def make_rankers(cfg, model, tokenizer, head, frequency):
         generator = torch.Generator(device=model.device).manual_seed(cfg.seed) if cfg.eval_sample else None
         samples = []
         for instance in tqdm(instances, desc=desc, dynamic_ncols=True):
-            samples += r2rank.rollout_users(model, tokenizer, [instance], cfg, generator,
+            samples += rollout.rollout_users(model, tokenizer, [instance], cfg, generator,
                                             temperature=cfg.temperature if cfg.eval_sample else 0.0)[0]
         with torch.no_grad():
             scores = score_traces(head, samples)
-        return scores.float().cpu(), r2rank.trace_stats(samples, tokenizer, cfg.max_new_tokens)
+        return scores.float().cpu(), rollout.trace_stats(samples, tokenizer)
 
     def rank_pointwise(instances, desc):
-        encode_user = lambda instance: r2rank.encode_user(tokenizer, instance, cfg)  # the self-check prompt
+        encode_user = lambda instance: prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars,
+                                                          cfg.response_prefix)  # the self-check prompt
         return baselines.rank_pointwise(model, tokenizer, instances, encode_user, desc), {}
 
     def rank_listwise(instances, desc):
@@ -318,7 +320,7 @@ def run_eval(cfg):
         raise data.DataError("--history-shuffles must be >= 2 for the history-order analysis")
     if cfg.bootstrap < 1:
         raise data.DataError("--bootstrap must be >= 1")
-    data_dir = r2rank.prepare_data(cfg)
+    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]
     if not instances:
         raise data.DataError(f"{os.path.join(data_dir, cfg.split)}.jsonl: no instances")

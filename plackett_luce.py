@@ -22,24 +22,31 @@ def _working_dtype(scores):
     return torch.promote_types(scores.dtype, torch.float32)
 
 
-def sample(scores, num_samples=1, generator=None, mask=None):
+def sample(scores, num_samples=1, generator=None, mask=None, gumbel=None):
     """Draw rankings from PL(scores).
 
     scores:  [..., K] float
     mask:    [..., K] bool, True = real candidate (optional). Masked items are placed after all real
              items in every sample (in index order), so rows with fewer than K candidates can share
              a batch.
+    gumbel:  [..., num_samples, K] Gumbel(0, 1) noise to use instead of fresh draws (optional,
+             broadcast against the scores): the same noise under several score vectors gives
+             common random numbers, so differences between them are not drowned in sampling noise.
     returns: [..., num_samples, K] long, item indices, best first.
     """
     keys = scores.detach().to(_working_dtype(scores)).unsqueeze(-2)  # [..., 1, K]
-    shape = keys.shape[:-2] + (num_samples, keys.shape[-1])  # [..., S, K]
-    # Gumbel(0, 1) = -log(E) with E ~ Exponential(1).
-    exponential = torch.empty(shape, dtype=keys.dtype, device=keys.device).exponential_(generator=generator)
-    keys = keys - exponential.log()
+    if gumbel is None:
+        gumbel = gumbel_noise(keys.shape[:-2] + (num_samples, keys.shape[-1]), generator, keys.dtype, keys.device)
+    keys = keys + gumbel  # [..., S, K]
     if mask is not None:
         keys = keys.masked_fill(~mask.unsqueeze(-2), float("-inf"))
     # stable=True keeps masked items (all -inf) in index order.
     return torch.argsort(keys, dim=-1, descending=True, stable=True)
+
+
+def gumbel_noise(shape, generator=None, dtype=torch.float32, device=None):
+    """Independent Gumbel(0, 1) draws of the given shape: -log(E) with E ~ Exponential(1)."""
+    return -torch.empty(shape, dtype=dtype, device=device).exponential_(generator=generator).log()
 
 
 def log_prob(scores, rankings, mask=None):

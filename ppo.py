@@ -1,8 +1,11 @@
-"""Policy-gradient losses of R2Rank (Eqs. 5-6 of the R2Rank paper), as pure functions.
+"""Policy-gradient losses of R2Rank (Eqs. 5-6 of the R2Rank paper) and the LLM's advantages, as pure
+functions.
 
-    clipped_token_loss  token-level clipped PPO for the LLM's reasoning tokens       (Eq. 6)
-    reinforce_loss      REINFORCE for the scoring head through log P(tau | s)        (Eq. 5)
-    leave_one_out_baseline   the mean reward of the other samples of the same user   (beyond the paper)
+    clipped_token_loss          token-level clipped PPO for the LLM's reasoning tokens     (Eq. 6)
+    reinforce_loss              REINFORCE for the scoring head through log P(tau | s)      (Eq. 5)
+    leave_one_out_baseline      the mean reward of the other samples of a group         (beyond the paper)
+    counterfactual_advantages   per-trace credit: V(s) - V(s with s_k replaced)         (beyond the paper)
+    batch_baseline_advantages   a user's reward minus the other users' mean reward      (beyond the paper)
 
 Where this departs from the paper:
 1. Eq. (6) sums the clipped objective over all tokens of all K traces. We divide by the number of
@@ -10,8 +13,14 @@ Where this departs from the paper:
 2. The paper's REINFORCE uses the raw reward rho(tau) as the weight. A baseline is optional here;
    with one, the estimate stays unbiased and its variance drops (every NDCG is >= 0, so without a
    baseline every sampled ranking is pushed up, just some more than others).
+3. Eq. (6) gives every token the ranking's reward rho(tau) (no baseline). That is an unbiased policy
+   gradient, but every step raises the log-prob of every sampled token, and its variance is large.
+   counterfactual_advantages and batch_baseline_advantages are unbiased too, with a baseline.
 """
 import torch
+
+import plackett_luce
+from metrics import ndcg_at_k
 
 
 def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
@@ -33,7 +42,8 @@ def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
     one in proportion to its length (as in the plain sum); only the overall scale changes. (A
     per-trace mean instead would give every trace equal weight and shrink each token of a long trace.)
 
-    returns: (loss, stats) with stats = {"clip_frac": share of valid tokens with |r - 1| > eps,
+    returns: (loss, stats) with stats = {"clip_frac": share of valid tokens whose clipped term is the
+             one taken (r beyond 1 + eps with A > 0, or below 1 - eps with A < 0: no gradient),
              "approx_kl": mean of (r - 1) - log r (the k3 estimator of KL(old || new)),
              "ratio": mean r}, all over valid tokens, as Python floats.
     """
@@ -52,7 +62,7 @@ def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
 
     with torch.no_grad():
         stats = {
-            "clip_frac": (((ratio - 1.0).abs() > clip_eps).to(mask.dtype) * mask).sum() / num_valid,
+            "clip_frac": ((clipped < unclipped).to(mask.dtype) * mask).sum() / num_valid,
             "approx_kl": (((ratio - 1.0) - log_ratio) * mask).sum() / num_valid,
             "ratio": (ratio * mask).sum() / num_valid,
         }
@@ -88,3 +98,55 @@ def leave_one_out_baseline(reward, dim=-1):
     # credit is) would turn that into a full-size update in a direction set by rounding alone.
     same = (reward == reward.narrow(dim, 0, 1)).all(dim, keepdim=True)
     return torch.where(same, reward, baseline)
+
+
+def counterfactual_advantages(scores, labels, k=10, num_samples=256, generator=None):
+    """Per-trace advantage by a counterfactual (difference) reward: what trace k's score is worth.
+
+    scores: [U, K] the head's scores s (detached), labels: [U, K] relevance, k: NDCG cut-off.
+    returns: [U, K], A_k = V(s) - V(s^(k)), unscaled (a caller may scale by one constant per step).
+
+    V(s) = E_{tau ~ PL(s)} NDCG@k(tau), the expected reward of the scores, estimated from
+    `num_samples` Plackett-Luce rankings. s^(k) is s with s_k replaced by the mean of the user's other
+    K - 1 scores: the score a trace with no information about item k would be expected to give.
+    All K + 1 score vectors of a user are ranked with the same Gumbel noise (common random numbers),
+    so V(s) - V(s^(k)) is exactly 0 when s_k already equals that mean, and small score changes are
+    not drowned in sampling noise. Costs PL samples only, no LLM call.
+
+    Why it is unbiased. The LLM's objective is J(theta) = E_y[V(s(y))], y = (y_1, ..., y_K) the
+    traces, drawn independently given the prompts; s_k depends on y_k alone. Its gradient is
+    sum_k E[grad log pi(y_k) V(s)], which Eq. (6) estimates with V(s) replaced by a sampled
+    rho(tau). Subtracting b_k = V(s^(k)) from trace k's weight changes nothing in expectation,
+    because b_k depends on the other traces y_{-k} only (s_k has been replaced) and
+    E_{y_k}[grad log pi(y_k)] = 0:  E[grad log pi(y_k) b_k] = E_{y_-k}[b_k E_{y_k}[grad log pi(y_k)]] = 0.
+    The Monte-Carlo estimates of V(s) and V(s^(k)) are unbiased for any fixed scores and their
+    noise is independent of the traces, so they add variance, not bias. What is left,
+    V(s) - V(s^(k)), is large where trace k decided the ranking and 0 where it did not, with its
+    own sign per trace (a shared reward cannot tell the K traces of a user apart).
+    """
+    U, K = scores.shape
+    if K < 2:
+        raise ValueError("counterfactual advantages need at least 2 candidates per user")
+    scores = scores.detach().to(torch.promote_types(scores.dtype, torch.float32))
+    others_mean = (scores.sum(-1, keepdim=True) - scores) / (K - 1)  # [U, K]
+    # K + 1 score vectors per user: s itself, then s^(k) for k = 1..K
+    variants = scores[:, None, :].repeat(1, K + 1, 1)  # [U, K + 1, K]
+    item = torch.arange(K, device=scores.device)
+    variants[:, item + 1, item] = others_mean
+    noise = plackett_luce.gumbel_noise((U, 1, num_samples, K), generator, scores.dtype, scores.device)
+    rankings = plackett_luce.sample(variants, num_samples, gumbel=noise)  # [U, K + 1, S, K]
+    relevance = labels.to(scores.dtype)[:, None, None, :].expand_as(rankings).gather(-1, rankings)
+    value = ndcg_at_k(relevance, k).mean(-1)  # [U, K + 1]
+    return value[:, :1] - value[:, 1:]
+
+
+def batch_baseline_advantages(reward):
+    """The paper's advantage with a baseline: a user's mean reward minus the other users' mean reward.
+
+    reward: [U, S] rewards of the S rankings sampled for each of the step's U users (U >= 2).
+    returns: [U], one advantage for all K traces of a user.
+    Unbiased: the other users' traces are drawn independently of this user's, so their mean reward
+    is a baseline that does not depend on the traces it is subtracted from (leave_one_out_baseline).
+    """
+    user_reward = reward.mean(-1)
+    return user_reward - leave_one_out_baseline(user_reward, dim=0)

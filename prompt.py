@@ -3,6 +3,7 @@
     self_check_messages(instance, k)  -> [system, user] chat messages about candidate k
     self_check_parts(instance, k)     -> (system, prefix shared by all K candidates, candidate text)
     parse_answer(text)                -> 1 Recommend / 0 Not Recommend / None
+    encode_user(tokenizer, instance)  -> token ids: (prefix shared by the K prompts, [suffix_k])
 
 Length budget: every item is one line "title - text" cut to max_item_chars characters (default 200,
 "..." marks a cut), the profile is cut likewise, and the history keeps its most recent max_history
@@ -63,3 +64,21 @@ def parse_answer(text):
     answers = ANSWER_PATTERN.findall(text)
     return int(not answers[-1].lower().startswith("not")) if answers else None
 
+
+
+def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, response_prefix=""):
+    """Token ids of the prompt prefix shared by the user's K candidates, and of each candidate's suffix.
+
+    Prompt k is the chat template of self_check_messages(instance, k) with the assistant turn opened,
+    followed by response_prefix (text every reply is forced to start with; empty by default). It is
+    always prefix + suffix_k (tokenized separately, also when nothing is shared), so the shared-prefix
+    rollout and the update see exactly the same tokens.
+    """
+    texts = [tokenizer.apply_chat_template(self_check_messages(instance, k, max_history, max_item_chars),
+                                           tokenize=False, add_generation_prompt=True) + response_prefix
+             for k in range(len(instance["candidates"]))]
+    _, shared, _ = self_check_parts(instance, 0, max_history, max_item_chars)
+    cut = texts[0].index(shared) + len(shared)  # the prefix ends after the shared part of the user message
+    assert all(text[:cut] == texts[0][:cut] for text in texts)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(texts[0][:cut]), [encode(text[cut:]) for text in texts]

@@ -16,29 +16,31 @@ a policy that never finishes its reasoning gives the head little to read. It als
 (distinct traces among a user's K) and token_logp (mean log-prob of the sampled tokens): when both
 fall towards their floor (1/K and 0), the policy writes the same text for every candidate and the
 head has nothing left to tell the candidates apart by. signal_share is the share of a step's users
-whose S rankings do not all get the same reward: only those give the head or item-level credit a
-signal (see --pl-std when it stays low).
+whose S rankings do not all get the same reward: only those give the head a signal (see --pl-std
+when it stays low). decode_logp_gap is the mean |log-prob at decoding - log-prob in the update's
+first forward| of the sampled tokens: how far the two code paths (KV cache, eval mode, vs. teacher
+forcing, train mode) differ; theta_old is the update's own, so it costs no clipping.
 
 Where this departs from the paper (each a flag; the default is the paper's choice unless said):
 1. S rankings per user instead of one (--num-rankings 8): a cheap Monte-Carlo average, since
    sampling a ranking costs nothing next to the K traces.
 2. The head's REINFORCE subtracts a leave-one-out baseline over the S rankings (--baseline, on by
    default): NDCG is never negative, so without a baseline every sampled ranking is pushed up.
-3. The LLM's advantage: the paper gives every token of every trace the ranking's reward
-   (--advantage reward, the default; with S rankings, their mean reward). --advantage item gives
-   trace k its own item's share instead: g_k = d E[rho] / d s_k, estimated from the S rankings with
-   the baseline, times (s_k - mean_j s_j): to first order, how much the expected reward would drop if
-   this trace's score were replaced by the user's average score. A trace whose score helped the
-   ranking is reinforced, one that hurt it is pushed down, and the sign differs between the K traces
-   of one user, which a shared reward cannot express. Item advantages are scaled to unit std.
+3. The LLM's advantage (--advantage): the paper gives every token of every trace the ranking's
+   reward (`reward`, the default; with S rankings, their mean). `batch` subtracts the mean reward of
+   the step's other users; `counterfactual` gives trace k A_k = V(s) - V(s with s_k replaced by the
+   mean of the other scores), V the expected NDCG under Plackett-Luce. All three are unbiased (see
+   ppo.counterfactual_advantages); they differ in variance (tests/benchmark.py --toy measures it).
 4. The PPO loss is a per-token mean, not the plain sum of Eq. (6) (see ppo.clipped_token_loss).
-5. Traces are sampled at --temperature but their log-probs (old and new) are taken under the
-   temperature-1 model; top-p is ignored in the log-probs.
+5. theta_old's log-probs are those of the update's first forward pass (detached), not the ones
+   recorded while decoding, so the first PPO epoch has ratio exactly 1 (same code path, precision
+   and mode as the gradient). Log-probs are those of softmax(logits / --temperature), the
+   distribution the tokens were drawn from; RL refuses --temperature 0 and --top-p < 1.
 6. The head reads the final hidden state through a LayerNorm (no affine), so its input scale does
    not depend on the backbone; the head does not back-propagate into the LLM.
 7. --pl-std (off by default) standardizes a user's K scores to a fixed std before Plackett-Luce.
    Trained by REINFORCE, the head keeps spreading its scores (std ~100 on MovieLens) until all
-   sampled rankings agree, and then neither the head nor the item-level credit gets any signal.
+   sampled rankings agree, and then neither the head nor the counterfactual credit gets any signal.
    A fixed std keeps the rankings random enough to compare.
 """
 import argparse
@@ -54,13 +56,13 @@ from tqdm import tqdm
 
 import data
 import plackett_luce
-import prompt
 import rollout
 from head import ScoreHead, has_head, load_head, score_traces, standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from models import (enable_checkpointing, latest_checkpoint, load_policy, load_trace_cache, mixed_precision,
                     pick_device, pick_dtype, prune_checkpoints, save_checkpoint)
-from ppo import clipped_token_loss, leave_one_out_baseline, reinforce_loss
+from ppo import (batch_baseline_advantages, clipped_token_loss, counterfactual_advantages, leave_one_out_baseline,
+                 reinforce_loss)
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 
@@ -95,8 +97,10 @@ class Config:
                               "prompt's last hidden state (a control: with --freeze-llm, or in eval without listwise)")
     response_prefix: str = arg("", "text every reply is forced to start with, fed as part of the prompt and never "
                                "trained (e.g. '<think>'); pass the same to --stage eval")
-    temperature: float = arg(1.0, "sampling temperature of the traces (0 = greedy)")
-    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
+    temperature: float = arg(1.0, "sampling temperature of the traces (0 = greedy: not for training the LLM, "
+                             "greedy traces have no policy gradient)")
+    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this mass (1 when training "
+                       "the LLM: the log-probs of Eq. 6 do not include the cut)")
     # RL
     max_steps: int = arg(100, "RL steps (one step = users-per-step users x K candidates traces)")
     train_users: int = arg(0, "train on the first N training users only (0 = all): a smaller set to roll out on a CPU")
@@ -106,8 +110,10 @@ class Config:
     baseline: bool = arg(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
     pl_std: float = arg(0.0, "if > 0, each user's K scores are standardized to this std before Plackett-Luce "
                         "(a PL temperature that follows the head's scale, departure 7; 0 = the paper's raw scores)")
-    advantage: str = arg("reward", "LLM advantage: reward (the paper: the rankings' mean reward) or item (credit per trace)",
-                         ["reward", "item"])
+    advantage: str = arg("reward", "LLM advantage: reward (the paper, Eq. 6: the rankings' mean reward), batch (minus "
+                         "the other users' mean reward) or counterfactual (per trace: V(s) - V(s with s_k replaced))",
+                         ["reward", "batch", "counterfactual"])
+    advantage_samples: int = arg(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)")
     freeze_llm: bool = arg(False, "train the head only, LLM frozen (the MLP-only variant, Table 3); each "
                            "user's traces are then sampled once and reused (saved with the checkpoints)")
     trace_cache: str = arg("", "--freeze-llm: start from the traces of an earlier --freeze-llm run "
@@ -170,6 +176,21 @@ def parse_config(argv=None):
         parser.error("--max-new-tokens 0 writes no trace, so there are no tokens to train: use it with --stage rl --freeze-llm or --stage eval")
     if cfg.response_prefix and cfg.stage in ("sft-data", "sft"):
         parser.error("--response-prefix does not go with SFT: the teacher's replies do not start with it")
+    if cfg.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    trains_llm = cfg.stage == "rl" and not cfg.freeze_llm
+    if trains_llm and cfg.temperature == 0:
+        parser.error("--temperature 0 samples greedy traces, which have no policy gradient: use a temperature > 0 "
+                     "for --stage rl (or --freeze-llm to train the head alone)")
+    if trains_llm and cfg.top_p < 1:
+        parser.error("--top-p < 1 is not supported for --stage rl: the PPO log-probs do not include nucleus "
+                     "truncation (use --top-p 1, or --freeze-llm)")
+    if trains_llm and cfg.advantage == "batch" and cfg.users_per_step < 2:
+        parser.error("--advantage batch needs --users-per-step >= 2 (the baseline is the other users' mean reward)")
+    if cfg.advantage_samples < 1:
+        parser.error(f"--advantage-samples must be >= 1, got {cfg.advantage_samples}")
     if cfg.max_new_tokens == 0 and cfg.stage == "eval" and "listwise" in cfg.methods.split(","):
         parser.error("--max-new-tokens 0 leaves the listwise baseline no tokens to answer with: leave it out of --methods")
     return cfg
@@ -178,71 +199,10 @@ def parse_config(argv=None):
 # ------------------------------------------------------------------------- phases of one step
 
 
-def encode_user(tokenizer, instance, cfg):
-    """Token ids of the prompt prefix shared by the user's K candidates, and of each candidate's suffix.
-
-    Prompt k is always prefix + suffix_k (tokenized separately, also when nothing is shared), so the
-    shared-prefix rollout and the update see exactly the same tokens.
-    """
-    texts = [tokenizer.apply_chat_template(prompt.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars),
-                                           tokenize=False, add_generation_prompt=True) + cfg.response_prefix
-             for k in range(len(instance["candidates"]))]
-    _, shared, _ = prompt.self_check_parts(instance, 0, cfg.max_history, cfg.max_item_chars)
-    cut = texts[0].index(shared) + len(shared)  # the prefix ends after the shared part of the user message
-    assert all(text[:cut] == texts[0][:cut] for text in texts)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-    return encode(texts[0][:cut]), [encode(text[cut:]) for text in texts]
-
-
-@torch.no_grad()
-def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None):
-    """Phase 1: one reasoning trace per candidate of every user (Eq. 1), with a KV cache whose
-    user-context part is computed once per user. Returns per-user rollout.Samples and per-user
-    prompts as (prefix_ids, [suffix_ids] * K)."""
-    samples, prompts = [], []
-    for instance in instances:
-        prefix, suffixes = encode_user(tokenizer, instance, cfg)
-        samples.append(rollout.sample_traces(model, tokenizer, prefix, suffixes, cfg.max_new_tokens,
-                                             cfg.temperature if temperature is None else temperature,
-                                             cfg.top_p, generator))
-        prompts.append((prefix, suffixes))
-    return samples, prompts
-
-
 def signal_share(reward):
     """Share of users [U, S] whose S rankings do not all get the same reward: the only users whose
-    rankings the head's REINFORCE and the item-level credit can learn from."""
+    rankings the head's REINFORCE can learn from."""
     return (reward != reward[:, :1]).any(1).float().mean().item()
-
-
-def trace_stats(samples, tokenizer, max_new_tokens):
-    """Share of traces with a parsable <answer>, share cut at the token limit, mean length; and two
-    signs of a collapsing policy: the share of a user's K traces that are distinct texts, and the mean
-    log-prob of the sampled tokens (near 0 when the policy has stopped exploring)."""
-    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in s.token_lists()] for s in samples]
-    flat = [text for user in texts for text in user]
-    lengths = torch.cat([s.lengths for s in samples]).float()
-    return {
-        "answer_share": sum(prompt.parse_answer(t) is not None for t in flat) / len(flat),
-        "truncated_share": (lengths >= max_new_tokens).float().mean().item(),
-        "response_len": lengths.mean().item(),
-        "distinct_share": sum(len(set(user)) / len(user) for user in texts) / len(texts),
-        "token_logp": (sum(s.logprobs[s.mask].sum().item() for s in samples) / max(lengths.sum().item(), 1)),
-    }
-
-
-def item_advantages(scores, rankings, reward, baseline):
-    """Trace advantages by item-level credit (departure 3): g_k * (s_k - mean s), scaled to unit std.
-
-    scores [U, K] (detached), rankings [U, S, K], reward / baseline [U, S] -> [U, K].
-    g_k = mean_s (rho_s - b_s) d log P(tau_s | s) / d s_k, the REINFORCE estimate of d E[rho] / d s_k.
-    """
-    leaf = scores.detach().requires_grad_(True)
-    weight = reward - (baseline if baseline is not None else 0.0)
-    objective = (weight * plackett_luce.log_prob(leaf[:, None, :], rankings)).mean(1).sum()
-    (grad,) = torch.autograd.grad(objective, leaf)
-    advantage = grad * (leaf.detach() - leaf.detach().mean(-1, keepdim=True))
-    return advantage / advantage.std().clamp(min=1e-8)
 
 
 def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix=False):
@@ -253,21 +213,34 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
     prefix is run once per micro-batch instead of once per trace (rollout.response_logprobs_shared).
     Each micro-batch's mean loss is weighted by its share of the valid tokens, so the accumulated
     gradient equals that of the per-token mean over the whole step (ppo.clipped_token_loss).
+
+    theta_old (departure 5): the first epoch's own log-probs, detached, so its ratio is exactly 1 and
+    later epochs compare against the same forward pass (code path, precision, train mode) as the
+    gradient. The log-probs recorded while decoding only measure how far the two paths differ.
     """
     total_tokens = sum(int(s.lengths.sum()) for s in samples)
     stats = {"clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "ppo_loss": 0.0}
+    gap_sum, gap_max, old_logps = 0.0, 0.0, {}
     model.train()
-    for _ in range(cfg.ppo_epochs):
-        for (prefix, suffixes), user_samples, user_advantages in zip(prompts, samples, advantages):
-            responses, old_logps = user_samples.token_lists(), user_samples.logprob_lists()
+    for epoch in range(cfg.ppo_epochs):
+        for user, ((prefix, suffixes), user_samples, user_advantages) in enumerate(zip(prompts, samples, advantages)):
+            responses = user_samples.token_lists()
             for start in range(0, len(suffixes), cfg.micro_batch):
                 batch = slice(start, start + cfg.micro_batch)
                 if shared_prefix:
-                    logp, mask = rollout.response_logprobs_shared(model, prefix, suffixes[batch], responses[batch])
+                    logp, mask = rollout.response_logprobs_shared(model, prefix, suffixes[batch], responses[batch],
+                                                                  cfg.temperature)
                 else:
-                    logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes[batch]], responses[batch])
-                old_logp = rollout.pad_right(old_logps[batch], logp.shape[1], 0.0, logp.device)  # [B, R]
-                loss, mb_stats = clipped_token_loss(logp, old_logp, user_advantages[batch].to(logp.device), mask, cfg.clip_eps)
+                    logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes[batch]],
+                                                           responses[batch], cfg.temperature)
+                if epoch == 0:
+                    old_logps[user, start] = logp.detach()
+                    decoded = user_samples.logprobs[batch, :logp.shape[1]].to(logp.device)  # [B, R]
+                    gap = (logp.detach() - decoded).abs()[mask]
+                    if gap.numel():
+                        gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
+                loss, mb_stats = clipped_token_loss(logp, old_logps[user, start], user_advantages[batch].to(logp.device),
+                                                    mask, cfg.clip_eps)
                 share = mask.sum().item() / max(total_tokens, 1)
                 (loss * share).backward()
                 for name, value in {**mb_stats, "ppo_loss": loss.item()}.items():
@@ -276,7 +249,7 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return stats
+    return {**stats, "decode_logp_gap": gap_sum / max(total_tokens, 1), "decode_logp_gap_max": gap_max}
 
 
 @torch.no_grad()
@@ -284,7 +257,7 @@ def validate(model, tokenizer, head, instances, cfg, samples=None):
     """(NDCG@10 of greedy traces ranked by the head's scores, the traces). Pass the traces of an
     earlier call as samples to skip the rollout (they do not change while the LLM is frozen)."""
     if samples is None:
-        samples, _ = rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0)
+        samples, _ = rollout.rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0)
     scores = score_traces(head, samples)
     labels = torch.tensor([inst["labels"] for inst in instances])
     return ndcg_from_scores(scores.cpu(), labels, 10).mean().item(), samples
@@ -299,19 +272,10 @@ def users_for_step(num_users, users_per_step, seed, step):
     return torch.randperm(num_users, generator=generator)[:users_per_step].tolist()
 
 
-def prepare_data(cfg):
-    if cfg.data:
-        return cfg.data
-    path = os.path.join(cfg.out, "data")
-    if not os.path.exists(os.path.join(path, "train.jsonl")):
-        data.build_synthetic(path, seed=cfg.seed, overwrite=True)
-    return path
-
-
 def train_rl(cfg):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    data_dir = prepare_data(cfg)
+    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
     train, valid = data.load_split(data_dir, "train"), data.load_split(data_dir, "valid")
     train = train[: cfg.train_users or None]
     os.makedirs(cfg.out, exist_ok=True)
@@ -380,11 +344,11 @@ def train_rl(cfg):
             missing = [inst for inst in instances if inst["user_id"] not in trace_cache]
             with mixed_precision(device, dtype):
                 trace_cache.update(zip([inst["user_id"] for inst in missing],
-                                       rollout_users(model, tokenizer, missing, cfg, generator)[0]))
+                                       rollout.rollout_users(model, tokenizer, missing, cfg, generator)[0]))
             samples = [trace_cache[inst["user_id"]] for inst in instances]
         else:
             with mixed_precision(device, dtype):
-                samples, prompts = rollout_users(model, tokenizer, instances, cfg, generator)
+                samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generator)
         raw_scores = score_traces(head, samples)  # [U, K], with grad into phi only
         scores = standardized(raw_scores, cfg.pl_std)
 
@@ -400,10 +364,14 @@ def train_rl(cfg):
         optimizers["head"].step()
         ppo_stats = {}
         if not cfg.freeze_llm:
-            if cfg.advantage == "item":
-                advantages = item_advantages(scores, rankings, reward, baseline)  # [U, K]
-            else:
-                advantages = reward.mean(1, keepdim=True).expand(-1, scores.shape[1])  # [U, K]
+            K = scores.shape[1]
+            if cfg.advantage == "counterfactual":  # per trace: V(s) - V(s with s_k replaced)
+                advantages = counterfactual_advantages(scores.detach(), labels, cfg.reward_k, cfg.advantage_samples,
+                                                       generator)  # [U, K]
+            elif cfg.advantage == "batch":  # the user's mean reward minus the other users'
+                advantages = batch_baseline_advantages(reward)[:, None].expand(-1, K)
+            else:  # the paper's Eq. (6): the rankings' mean reward, no baseline
+                advantages = reward.mean(1, keepdim=True).expand(-1, K)  # [U, K]
             with mixed_precision(device, dtype):
                 ppo_stats = ppo_update(model, optimizers["llm"], prompts, samples, advantages, cfg, shared_prefix)
 
@@ -413,7 +381,7 @@ def train_rl(cfg):
                "signal_share": signal_share(reward),
                "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
-               "head_loss": head_loss.item(), **ppo_stats, **trace_stats(samples, tokenizer, cfg.max_new_tokens)}
+               "head_loss": head_loss.item(), **ppo_stats, **rollout.trace_stats(samples, tokenizer)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             with mixed_precision(device, dtype):
                 row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg, valid_samples)

@@ -1,7 +1,9 @@
 """The policy side of R2Rank: sample reasoning traces with a KV cache, and their token log-probs.
 
     sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, ...)  -> Samples      (Eq. 1)
+    rollout_users(model, tokenizer, instances, cfg, generator)        -> Samples and prompts per user
     response_logprobs(model, prompts, responses)                      -> logp, mask   (Eq. 6's pi_theta)
+    trace_stats(samples, tokenizer)                                   -> health of the traces, for the log
 
 All K prompts of one user share their beginning (instructions + user context) and differ only in the
 candidate at the end. sample_traces runs that shared prefix through the model once, copies its KV
@@ -14,10 +16,14 @@ what the LM head reads; logits are computed only where they are needed, by calli
 directly (so models whose forward post-processes logits, such as Gemma's soft-capping, would need
 that step added here).
 """
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+import prompt
 
 
 def positions_from_mask(attention_mask):
@@ -27,6 +33,43 @@ def positions_from_mask(attention_mask):
     cache length, not from the mask (only `generate` derives them from the mask).
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwargs(decoder, cache):
+    """The decoder's keywords for a KV cache: `cache` from transformers 5.24 on, `past_key_values`
+    before (5.24 still takes the old name, with a warning, until 5.40 removes it)."""
+    return {_cache_keyword(type(decoder)): cache, "use_cache": cache is not None}
+
+
+@functools.cache
+def _cache_keyword(decoder_class):
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
+def prefill(decoder, prefix_ids, copies, device):
+    """KV cache of prefix_ids run once (batch 1), repeated `copies` times along the batch: the part
+    of a user's K prompts that they share. Differentiable when called with gradient enabled.
+    An empty prefix gives an empty cache."""
+    cache = DynamicCache(config=decoder.config)
+    if prefix_ids:
+        decoder(input_ids=torch.tensor([prefix_ids], device=device), **cache_kwargs(decoder, cache))
+        cache.batch_repeat_interleave(copies)  # [1, kv_heads, P, head_dim] -> [copies, ...]
+    return cache
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log softmax(logits / T) at the targets, in fp32 or wider: the log-prob of each token under the
+    distribution it was sampled from. logits [..., V], targets [...] -> [...].
+
+    Temperature 0 (greedy) has no sampling distribution; the untempered model's log-probs are
+    returned then (they are only logged). Nucleus truncation (top-p < 1) is not included: the RL
+    stage refuses it (r2rank.parse_config), since the kept set itself depends on theta.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 from bf16, fp64 stays
+    if temperature > 0:
+        logits = logits / temperature
+    # gather minus logsumexp: the log softmax at the target only, without a second [..., V] tensor
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def stop_token_ids(model, tokenizer):
@@ -41,7 +84,7 @@ def stop_token_ids(model, tokenizer):
 @dataclass
 class Samples:
     tokens: torch.Tensor  # [K, R] response ids, pad after the end
-    logprobs: torch.Tensor  # [K, R] fp32 log pi(token | state) under the temperature-1 model, 0 after the end
+    logprobs: torch.Tensor  # [K, R] fp32 log-prob of each token under the sampling distribution, 0 after the end
     mask: torch.Tensor  # [K, R] bool, True on real response tokens (including a final eos)
     lengths: torch.Tensor  # [K] real response tokens per trace
     finished: torch.Tensor  # [K] bool, the trace ended with an eos (False: cut at the token limit)
@@ -79,7 +122,8 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     The token that ends a trace is fed too: its hidden state is the scoring head's input. With
     max_new_tokens 0 there is no trace, and the head's input is the hidden state at the prompt's last
     token (a no-reasoning control).
-    Log-probs are those of the temperature-1 model (what response_logprobs recomputes).
+    Log-probs are those of the distribution each token was drawn from, softmax(logits / temperature)
+    (token_logprobs), what response_logprobs recomputes at the same temperature.
     """
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     device = lm_head.weight.device
@@ -92,10 +136,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     model.eval()
 
     # 1) the shared prefix, once; then its cache per layer [1, kv_heads, P, head_dim] -> [K, ...]
-    cache = DynamicCache(config=model.config)
-    if P:
-        decoder(input_ids=torch.tensor([prefix_ids], device=device), past_key_values=cache, use_cache=True)
-        cache.batch_repeat_interleave(K)
+    cache = prefill(decoder, prefix_ids, K, device)
 
     # 2) the suffixes, [K, L], left-padded; the mask always spans cache + new tokens
     block = torch.full((K, L), pad_id, device=device)
@@ -106,7 +147,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     attention_mask = torch.cat([torch.ones((K, P), dtype=torch.long, device=device), block_mask], dim=1)
     position_ids = positions_from_mask(attention_mask)[:, P:]  # suffix token i of a row sits at P + i
     out = decoder(input_ids=block, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=cache, use_cache=True)
+                  **cache_kwargs(decoder, cache))
     logits = lm_head(out.last_hidden_state[:, -1]).float()  # [K, V]
     position = P + suffix_lengths  # [K] position of the next token
 
@@ -121,7 +162,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
         alive = ~done
         token = next_tokens(logits, temperature, top_p, generator).masked_fill(done, pad_id)  # [K]
         tokens[:, step] = token
-        logprobs[:, step] = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0)
+        logprobs[:, step] = token_logprobs(logits, token, temperature).masked_fill(done, 0.0)
         lengths += alive.long()
         is_stop = alive & torch.isin(token, stop_ids)
         ends_here = is_stop | (alive & (step == max_new_tokens - 1))
@@ -129,7 +170,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
         # Feed the token (rows already done feed a masked pad): next logits, and the hidden state at it.
         attention_mask = torch.cat([attention_mask, alive[:, None].long()], dim=1)
         out = decoder(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position[:, None],
-                      past_key_values=cache, use_cache=True)
+                      **cache_kwargs(decoder, cache))
         hidden = out.last_hidden_state[:, -1]  # [K, H]
         final_hidden[ends_here] = hidden[ends_here]
         done |= ends_here
@@ -144,6 +185,38 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     return Samples(tokens[:, :width], logprobs[:, :width], mask, lengths, finished, final_hidden.float())
 
 
+@torch.no_grad()
+def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None):
+    """Phase 1 of an RL step: one reasoning trace per candidate of every user (Eq. 1), each user's
+    shared prompt prefix computed once. cfg supplies the prompt settings (max_history,
+    max_item_chars, response_prefix) and the sampling ones (max_new_tokens, temperature, top_p);
+    temperature overrides cfg's (0 = greedy). Returns per-user Samples and per-user prompts as
+    (prefix_ids, [suffix_ids] * K)."""
+    samples, prompts = [], []
+    for instance in instances:
+        prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+        samples.append(sample_traces(model, tokenizer, prefix, suffixes, cfg.max_new_tokens,
+                                     cfg.temperature if temperature is None else temperature, cfg.top_p, generator))
+        prompts.append((prefix, suffixes))
+    return samples, prompts
+
+
+def trace_stats(samples, tokenizer):
+    """Share of traces with a parsable <answer>, share cut at the token limit (no eos), mean length;
+    and two signs of a collapsing policy: the share of a user's K traces that are distinct texts, and
+    the mean log-prob of the sampled tokens (near 0 when the policy has stopped exploring)."""
+    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in s.token_lists()] for s in samples]
+    flat = [text for user in texts for text in user]
+    lengths = torch.cat([s.lengths for s in samples]).float()
+    return {
+        "answer_share": sum(prompt.parse_answer(t) is not None for t in flat) / len(flat),
+        "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
+        "response_len": lengths.mean().item(),
+        "distinct_share": sum(len(set(user)) / len(user) for user in texts) / len(texts),
+        "token_logp": (sum(s.logprobs[s.mask].sum().item() for s in samples) / max(lengths.sum().item(), 1)),
+    }
+
+
 def pad_right(rows, width, value, device, dtype=torch.float32):
     """List of lists -> [len(rows), width] tensor, each row padded (or cut) on the right."""
     out = torch.full((len(rows), width), value, dtype=dtype, device=device)
@@ -153,13 +226,14 @@ def pad_right(rows, width, value, device, dtype=torch.float32):
     return out
 
 
-def response_logprobs(model, prompts, responses):
+def response_logprobs(model, prompts, responses, temperature=1.0):
     """Teacher-forced log pi_theta of every response token, in one forward, with gradient.
 
     prompts, responses: lists of B token-id lists. The batch is laid out as
     [left pad | prompt | response | right pad], so every response starts in the same column C, and
     logits are computed only for the R columns that predict response tokens (never the full
-    vocabulary over the prompt). Log-probs are in fp32 whatever the model's dtype.
+    vocabulary over the prompt). Log-probs are in fp32 whatever the model's dtype, under
+    softmax(logits / temperature), the distribution the responses were sampled from (token_logprobs).
     returns: logp [B, R] (0 on padding), mask [B, R] bool.
     """
     device = model.get_output_embeddings().weight.device
@@ -173,15 +247,13 @@ def response_logprobs(model, prompts, responses):
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
     # Column t predicts token t + 1: columns C-1 .. C+R-2 predict the response.
-    logits = model.get_output_embeddings()(hidden[:, C - 1:C + R - 1]).float()  # [B, R, V]
-    targets = input_ids[:, C:]  # [B, R]
-    # log softmax at the target only: gather minus logsumexp, without a second [B, R, V] tensor
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    logits = model.get_output_embeddings()(hidden[:, C - 1:C + R - 1])  # [B, R, V]
+    logp = token_logprobs(logits, input_ids[:, C:], temperature)  # [B, R]
     mask = attention_mask[:, C:].bool()
     return logp.masked_fill(~mask, 0.0), mask
 
 
-def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses):
+def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses, temperature=1.0):
     """response_logprobs for the K prompts prefix + suffix_k, running the shared prefix only once.
 
     The prefix goes through the model once (with gradient); its KV cache is repeated K times and the
@@ -199,19 +271,16 @@ def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses):
     K, P = len(suffix_ids_list), len(prefix_ids)
     L = max(len(s) for s in suffix_ids_list)
     R = max(1, max(len(r) for r in responses))
-    cache = DynamicCache(config=model.config)
-    decoder(input_ids=torch.tensor([prefix_ids], device=device), past_key_values=cache, use_cache=True)
-    cache.batch_repeat_interleave(K)  # [1, kv_heads, P, head_dim] -> [K, ...], differentiable
+    cache = prefill(decoder, prefix_ids, K, device)  # with gradient: all K responses flow back into it
     block = torch.zeros((K, L + R), dtype=torch.long, device=device)
     attention_mask = torch.zeros((K, P + L + R), dtype=torch.long, device=device)
     attention_mask[:, :P] = 1
     for k, (suffix, response) in enumerate(zip(suffix_ids_list, responses)):
         block[k, L - len(suffix):L + len(response)] = torch.tensor(suffix + response, device=device)
         attention_mask[k, P + L - len(suffix):P + L + len(response)] = 1
-    hidden = decoder(input_ids=block, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+    hidden = decoder(input_ids=block, attention_mask=attention_mask, **cache_kwargs(decoder, cache),
                      position_ids=positions_from_mask(attention_mask)[:, P:]).last_hidden_state  # [K, L + R, H]
-    logits = lm_head(hidden[:, L - 1:L + R - 1]).float()  # [K, R, V]: column L - 1 predicts the 1st response token
-    targets = block[:, L:]
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    logits = lm_head(hidden[:, L - 1:L + R - 1])  # [K, R, V]: column L - 1 predicts the 1st response token
+    logp = token_logprobs(logits, block[:, L:], temperature)
     mask = attention_mask[:, P + L:].bool()
     return logp.masked_fill(~mask, 0.0), mask

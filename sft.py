@@ -12,7 +12,7 @@ one at a time: a rerun skips every pair found in either file, so an interrupted 
 stopped (a torn last line is cut off and its pair asked again). traces.summary.json has the counts.
 
 sft: next-token loss on the response tokens only; the prompt is exactly what the RL stage feeds the
-policy (r2rank.encode_user), the response is the teacher's text followed by the tokenizer's eos.
+policy (prompt.encode_user), the response is the teacher's text followed by the tokenizer's eos.
 Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head.
 
 Where this departs from the paper (which gives no SFT details beyond the data filter):
@@ -47,7 +47,6 @@ import data
 import models
 import prompt
 import readers
-import r2rank
 import rollout
 
 IGNORE = -100  # label of a position without loss (prompt and padding), as in transformers
@@ -157,7 +156,7 @@ def local_teacher(cfg):
     model.eval()
 
     def ask(instance, k, messages):
-        prefix, suffixes = r2rank.encode_user(tokenizer, instance, cfg)
+        prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
         key = f"{cfg.seed}/{instance['user_id']}/{instance['candidates'][k]['item_id']}"
         generator = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
         samples = rollout.sample_traces(model, tokenizer, prefix, [suffixes[k]], cfg.max_new_tokens, cfg.temperature,
@@ -175,7 +174,7 @@ def build_traces(cfg):
     if bool(cfg.teacher) == bool(cfg.teacher_url):
         raise data.DataError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
     started = time.time()
-    instances = data.load_split(r2rank.prepare_data(cfg), "train")
+    instances = data.load_split(data.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     rejected_path = sidecar(path, ".rejected.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -315,7 +314,7 @@ def train_sft(cfg):
     """--stage sft: fine-tune --model on the traces, loss on the response tokens only."""
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
-    instances = {inst["user_id"]: inst for inst in data.load_split(r2rank.prepare_data(cfg), "train")}
+    instances = {inst["user_id"]: inst for inst in data.load_split(data.prepare_data(cfg.data, cfg.out, cfg.seed), "train")}
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     traces = read_traces(path, instances, cfg.max_history, cfg.max_item_chars)  # fail before loading a model
     os.makedirs(cfg.out, exist_ok=True)
@@ -333,7 +332,7 @@ def train_sft(cfg):
     prompts, responses, encoded = [], [], {}
     for instance, k, response in traces:
         if instance["user_id"] not in encoded:
-            encoded[instance["user_id"]] = r2rank.encode_user(tokenizer, instance, cfg)
+            encoded[instance["user_id"]] = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
         prefix, suffixes = encoded[instance["user_id"]]
         prompts.append(prefix + suffixes[k])
         responses.append(tokenizer(response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import models  # noqa: E402
 import plackett_luce  # noqa: E402
+import prompt  # noqa: E402
 import r2rank  # noqa: E402
 import rollout  # noqa: E402
 from head import ScoreHead  # noqa: E402
@@ -134,7 +135,7 @@ def bench_model(name, args, device):
     model.eval()
     cfg = r2rank.Config(max_history=args.history)
     instance = benchmark_instance(args.history, args.candidates)
-    prefix, suffixes = r2rank.encode_user(tokenizer, instance, cfg)
+    prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     K = len(suffixes)
     prompt_tokens = sum(len(prefix) + len(s) for s in suffixes)
     print(f"\n== {name}: K = {K}, history {args.history} items, prompt {len(prefix)} shared + "

@@ -16,6 +16,7 @@ import baselines
 import data
 import evaluate
 import models
+import prompt
 import r2rank
 from head import ScoreHead
 from metrics import rank_by_scores
@@ -123,7 +124,7 @@ def plain_pointwise(model, tokenizer, prompts, yes_ids, no_ids):
 
 
 def check_pointwise(model, tokenizer, instance, cfg):
-    prefix, suffixes = r2rank.encode_user(tokenizer, instance, cfg)
+    prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     yes_ids, no_ids = encode("<answer>Recommend</answer>"), encode("<answer>Not Recommend</answer>")
     expected = plain_pointwise(model, tokenizer, [prefix + s for s in suffixes], yes_ids, no_ids)
@@ -131,7 +132,7 @@ def check_pointwise(model, tokenizer, instance, cfg):
     unshared = baselines.pointwise_scores(model, [], [prefix + s for s in suffixes], yes_ids, no_ids)
     torch.testing.assert_close(shared, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(unshared, expected, atol=1e-4, rtol=1e-5)
-    ranked = baselines.rank_pointwise(model, tokenizer, [instance], lambda inst: r2rank.encode_user(tokenizer, inst, cfg))
+    ranked = baselines.rank_pointwise(model, tokenizer, [instance], lambda inst: prompt.encode_user(tokenizer, inst, cfg.max_history, cfg.max_item_chars, cfg.response_prefix))
     torch.testing.assert_close(ranked[0], expected, atol=1e-4, rtol=1e-5)
 
 

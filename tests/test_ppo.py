@@ -1,11 +1,15 @@
-"""PPO and REINFORCE losses: gradients against hand-derived values and finite differences."""
+"""PPO and REINFORCE losses: gradients against hand-derived values and finite differences; the LLM's
+advantages, and the update each drives, against exact enumeration on a toy."""
+import itertools
 import math
 
 import pytest
 import torch
 
 import plackett_luce
-from ppo import clipped_token_loss, leave_one_out_baseline, reinforce_loss
+from metrics import ndcg_at_k
+from ppo import (batch_baseline_advantages, clipped_token_loss, counterfactual_advantages, leave_one_out_baseline,
+                 reinforce_loss)
 
 
 def test_gradient_at_ratio_one_is_minus_advantage_over_valid_tokens():
@@ -38,7 +42,9 @@ def test_clipped_side_gets_zero_gradient_other_side_does_not():
     # Rows 2, 3: the unclipped branch is the minimum: d(-r A / N)/d logp = -r A / N.
     assert grad[2].item() == pytest.approx(-0.5 * 1.0 / 4)
     assert grad[3].item() == pytest.approx(-1.5 * -1.0 / 4)
-    assert stats["clip_frac"] == pytest.approx(1.0)
+    # Only rows 0 and 1 take the clipped term; rows 2 and 3 lie outside the range, but the unclipped
+    # term is the smaller one there and its gradient flows.
+    assert stats["clip_frac"] == pytest.approx(0.5)
     # Hand-computed objective: min(1.5, 1.2), min(-0.5, -0.8), min(0.5, 0.8), min(-1.5, -1.2)
     assert loss.item() == pytest.approx(-(1.2 - 0.8 + 0.5 - 1.5) / 4)
     # k3 estimator: mean of (r - 1) - log r
@@ -48,10 +54,11 @@ def test_clipped_side_gets_zero_gradient_other_side_does_not():
 
 
 def test_masked_tokens_get_zero_gradient_and_do_not_count():
-    old_logp = torch.randn(2, 4)
-    logp = (old_logp + 0.1 * torch.randn(2, 4)).requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    old_logp = torch.randn(2, 4, generator=generator)
+    logp = (old_logp + 0.05 * torch.randn(2, 4, generator=generator)).requires_grad_(True)  # ratios inside 1 +- eps
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    advantages = torch.randn(2, 4)  # per-token advantages
+    advantages = torch.randn(2, 4, generator=generator)  # per-token advantages
     loss, _ = clipped_token_loss(logp, old_logp, advantages, mask)
     loss.backward()
     assert (logp.grad[~mask] == 0).all() and (logp.grad[mask] != 0).all()
@@ -122,3 +129,98 @@ def test_leave_one_out_baseline_is_exact_for_equal_rewards():
     # a group with one different reward keeps the mean of the others (by hand), beside an equal group
     reward = torch.tensor([[0.3, 0.3, 0.3, 0.9], [0.2, 0.2, 0.2, 0.2]])
     torch.testing.assert_close(leave_one_out_baseline(reward), torch.tensor([[0.5, 0.5, 0.5, 0.3], [0.2, 0.2, 0.2, 0.2]]))
+
+
+# ----------------------------------------------------------------------------- the LLM's advantages
+
+
+def _exact_value(scores, labels, k=10):
+    """E_{tau ~ PL(s)} NDCG@k(tau) by enumerating all K! rankings. scores [..., K], labels [K]."""
+    K = labels.shape[-1]
+    perms = torch.tensor(list(itertools.permutations(range(K))))  # [K!, K]
+    log_p = plackett_luce.log_prob(scores[..., None, :], perms)  # [..., K!]
+    return (log_p.exp() * ndcg_at_k(labels[perms], k)).sum(-1)
+
+
+def test_counterfactual_advantages_match_exact_values():
+    scores = torch.tensor([[0.5, -0.3, 1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 3.0, -1.0]], dtype=torch.float64)
+    labels = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    estimate = counterfactual_advantages(scores, labels, k=3, num_samples=100_000,
+                                         generator=torch.Generator().manual_seed(0))
+    for u in range(2):
+        exact = []
+        for k in range(5):
+            replaced = scores[u].clone()
+            replaced[k] = (scores[u].sum() - scores[u, k]) / 4  # the mean of the other four scores
+            exact.append(_exact_value(scores[u], labels[u], 3) - _exact_value(replaced, labels[u], 3))
+        torch.testing.assert_close(estimate[u], torch.stack(exact), atol=4e-3, rtol=0)
+    # equal scores: each already is the mean of the others, and common random numbers make every
+    # advantage exactly 0 (independent noise would leave Monte-Carlo noise of about 0.05)
+    same = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    assert (counterfactual_advantages(same, torch.tensor([[0.0, 1.0, 0.0, 0.0]]), num_samples=64) == 0).all()
+
+
+def test_batch_baseline_advantages_by_hand():
+    reward = torch.tensor([[0.2, 0.4], [0.6, 0.6], [1.0, 0.0]])  # user means 0.3, 0.6, 0.5
+    torch.testing.assert_close(batch_baseline_advantages(reward), torch.tensor([0.3 - 0.55, 0.6 - 0.4, 0.5 - 0.45]))
+
+
+def _toy():
+    """K = 4 items, one positive (item 1). Trace k is a binary rationale y_k ~ Bernoulli(sigmoid(theta_k));
+    a fixed head scores it s_k = base_k + lift_k y_k. The positive's rationale lifts its score a lot
+    (it decides the ranking), a negative's a little."""
+    theta = torch.tensor([0.3, -0.5, 0.8, 0.0], dtype=torch.float64)
+    base = torch.tensor([1.0, 0.0, 0.5, -0.5], dtype=torch.float64)
+    lift = torch.tensor([0.5, 6.0, 1.0, 0.3], dtype=torch.float64)
+    labels = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    ys = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)), dtype=torch.float64)  # all 16 rationales
+    return theta, base, lift, labels, ys
+
+
+def _exact_gradient_and_update(advantage_fn):
+    """(grad of E_y[V(s(y))] w.r.t. theta, E_y[sum_k grad log pi(y_k) E[A_k | y]]), both by enumeration
+    over the 16 rationale vectors (and all 24 rankings for V)."""
+    theta, base, lift, labels, ys = _toy()
+    leaf = theta.clone().requires_grad_(True)
+    p1 = torch.sigmoid(leaf)
+    prob_y = torch.where(ys == 1, p1, 1 - p1).prod(-1)  # [16]
+    scores = base + lift * ys  # [16, 4]
+    values = _exact_value(scores, labels)
+    (true_grad,) = torch.autograd.grad((prob_y * values).sum(), leaf)
+    grad_log_pi = ys - torch.sigmoid(theta)  # [16, 4]: d log pi(y_k) / d theta_k
+    advantages = advantage_fn(scores, labels.expand(16, -1))  # [16, 4]
+    update = (prob_y.detach()[:, None] * grad_log_pi * advantages).sum(0)
+    return true_grad, update
+
+
+def test_counterfactual_update_is_the_exact_policy_gradient():
+    """The update the counterfactual advantage drives equals grad E[NDCG] on the toy (up to the PL
+    Monte-Carlo error), including the coordinate whose rationale decides the ranking."""
+    generator = torch.Generator().manual_seed(0)
+    true_grad, update = _exact_gradient_and_update(
+        lambda s, y: counterfactual_advantages(s, y, num_samples=20_000, generator=generator))
+    torch.testing.assert_close(update, true_grad, atol=2e-3, rtol=0)
+    assert true_grad[1] > 0.01  # the positive's rationale helps: pushed up
+    # Power of the check: a baseline that depends on the trace itself (the mean of all K scores,
+    # s_k included) is biased, and the same comparison catches it.
+    def biased(scores, labels):
+        variants = scores[:, None, :].repeat(1, 4, 1)
+        variants[:, range(4), range(4)] = scores.mean(-1, keepdim=True)
+        return _exact_value(scores, labels[0]) [:, None] - _exact_value(variants, labels[0])
+    _, biased_update = _exact_gradient_and_update(biased)
+    assert (biased_update - true_grad).abs().max() > 0.01
+
+
+def test_reward_and_batch_baseline_updates_are_the_exact_policy_gradient():
+    """The paper's advantage (the expected reward V(s), what the mean of S rewards estimates) drives the
+    exact gradient; so does it minus another user's reward, which does not depend on this user's traces."""
+    true_grad, update = _exact_gradient_and_update(lambda s, y: _exact_value(s, y[0])[:, None].expand(-1, 4))
+    torch.testing.assert_close(update, true_grad, atol=1e-12, rtol=0)
+    other_user = torch.tensor([0.7, 0.3], dtype=torch.float64)  # an independent user's S = 2 rewards
+
+    def batch(scores, labels):
+        values = _exact_value(scores, labels[0])  # [16]
+        return torch.stack([batch_baseline_advantages(torch.stack([value.expand(2), other_user]))[0]
+                            for value in values])[:, None].expand(-1, 4)
+    true_grad, update = _exact_gradient_and_update(batch)
+    torch.testing.assert_close(update, true_grad, atol=1e-12, rtol=0)

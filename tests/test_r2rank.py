@@ -1,5 +1,5 @@
 """The RL stage: its pieces against independent computations, and the real CLI on the tiny model."""
-import itertools
+import dataclasses
 import json
 import os
 import subprocess
@@ -38,7 +38,7 @@ def test_encode_user_prefix_plus_suffix_is_the_chat_prompt(synthetic_dir):
     _, tokenizer = models.build_tiny()
     cfg = r2rank.Config()
     instance = data.load_split(synthetic_dir, "train")[0]
-    prefix, suffixes = r2rank.encode_user(tokenizer, instance, cfg)
+    prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     assert len(suffixes) == len(instance["candidates"])
     for k, suffix in enumerate(suffixes):
         expected = tokenizer.apply_chat_template(prompt.self_check_messages(instance, k), tokenize=False,
@@ -77,51 +77,19 @@ def test_head_learns_to_rank_by_reinforce_through_plackett_luce():
     assert random_ndcg < 0.35 and before < 0.5 and after > 0.8, (random_ndcg, before, after)
 
 
-def test_item_advantages_follow_the_exact_reward_gradient():
-    """g_k estimated from many PL samples vs d E[NDCG] / d s_k by enumerating all 4! rankings."""
-    scores = torch.tensor([[0.5, -0.3, 1.0, 0.0]])
-    labels = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
-    perms = torch.tensor(list(itertools.permutations(range(4))))
-    leaf = scores.clone().requires_grad_(True)
-    expected_reward = (plackett_luce.log_prob(leaf, perms).exp() * ndcg_at_k(labels[0][perms], 10)).sum()
-    (exact_grad,) = torch.autograd.grad(expected_reward, leaf)
-    exact = exact_grad * (scores - scores.mean())
-    exact = exact / exact.std()
-    rankings = plackett_luce.sample(scores, 200_000, torch.Generator().manual_seed(0))
-    reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), 10)
-    estimate = r2rank.item_advantages(scores, rankings, reward, leave_one_out_baseline(reward))
-    torch.testing.assert_close(estimate, exact, atol=0.05, rtol=0)
-    # The positive scored below the mean is pushed down (its trace hurt), the top negative too.
-    assert estimate[0, 1] < 0 and estimate[0, 2] < 0
-
-
-def test_item_advantages_are_zero_when_no_ranking_differs():
-    """Scores so spread that all S rankings agree: no trace has any credit. Rounding in the baseline
-    used to leave +-1e-17 weights, which the unit-std scaling blew up to advantages as large as 9."""
-    generator = torch.Generator().manual_seed(1)
-    scores = torch.randn(8, 20, generator=generator) * 300
-    rankings = plackett_luce.sample(scores, 8, generator)
-    labels = torch.zeros(8, 20)
-    labels[torch.arange(8), torch.randint(0, 20, (8,), generator=generator)] = 1
-    reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), 10)
-    assert (reward == reward[:, :1]).all()  # the premise: every user's S rewards are equal
-    advantages = r2rank.item_advantages(scores, rankings, reward, leave_one_out_baseline(reward))
-    assert (advantages == 0).all()
-
-
 def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir):
     model, tokenizer = models.build_tiny()
     cfg = r2rank.Config(max_new_tokens=6, lr=1e-3, ppo_epochs=1, micro_batch=3, max_history=3)
     instance = data.load_split(synthetic_dir, "train")[0]
     instance = dict(instance, candidates=instance["candidates"][:4], labels=instance["labels"][:4])
-    samples, prompts = r2rank.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
+    samples, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
     responses = samples[0].token_lists()
     prefix, suffixes = prompts[0]
     initial = {name: value.clone() for name, value in model.state_dict().items()}
 
     def total_logp():
         with torch.no_grad():
-            logp, mask = r2rank.rollout.response_logprobs(model, [prefix + s for s in suffixes], responses)
+            logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes], responses)
         return (logp * mask).sum(-1)
 
     before = total_logp()
@@ -132,7 +100,41 @@ def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir
         stats = r2rank.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix)
         after = total_logp()
         assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
-        assert stats["ratio"] == pytest.approx(1.0, abs=1e-3)  # first epoch: the sampling policy itself
+        assert stats["ratio"] == pytest.approx(1.0, abs=1e-12) and stats["clip_frac"] == 0.0  # theta_old: its own forward
+
+
+def test_theta_old_is_the_updates_own_forward_not_the_decoding_log_probs(synthetic_dir):
+    """Decode-time log-probs shifted by 0.5 (as a different code path or precision could shift them)
+    change nothing in the update: epoch 1's ratio is exactly 1, and epoch 2's ratio measures only how
+    far epoch 1 moved the policy. The shift shows up in decode_logp_gap alone."""
+    model, tokenizer = models.build_tiny()
+    cfg = r2rank.Config(max_new_tokens=5, lr=1e-3, ppo_epochs=2, micro_batch=2, max_history=3, temperature=0.8)
+    instance = data.load_split(synthetic_dir, "train")[0]
+    instance = dict(instance, candidates=instance["candidates"][:3], labels=instance["labels"][:3])
+    samples, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
+    advantages = torch.tensor([[1.0, -1.0, 0.5]])
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    results = []
+    for shift in (0.0, 0.5):
+        model.load_state_dict(initial)
+        shifted = [rollout.Samples(**{**vars(samples[0]), "logprobs": samples[0].logprobs - shift * samples[0].mask})]
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        stats = r2rank.ppo_update(model, optimizer, prompts, shifted, advantages, cfg)
+        results.append((stats, {name: value.clone() for name, value in model.state_dict().items()}))
+    (plain, plain_weights), (shifted, shifted_weights) = results
+    for name in plain_weights:
+        assert torch.equal(plain_weights[name], shifted_weights[name]), name
+    for name in ("ratio", "clip_frac", "approx_kl", "ppo_loss"):
+        assert plain[name] == shifted[name]
+    assert plain["decode_logp_gap"] < 1e-4 and shifted["decode_logp_gap"] == pytest.approx(0.5, abs=1e-4)
+
+    # By hand, with one epoch: ratio 1 exactly, so the loss is minus the token-weighted mean advantage.
+    model.load_state_dict(initial)
+    one_epoch = r2rank.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, samples, advantages,
+                                  dataclasses.replace(cfg, ppo_epochs=1))
+    lengths = samples[0].lengths.float()
+    assert one_epoch["ratio"] == pytest.approx(1.0, abs=1e-12) and one_epoch["approx_kl"] == 0.0
+    assert one_epoch["ppo_loss"] == pytest.approx(-(advantages[0] * lengths).sum().item() / lengths.sum().item())
 
 
 def test_scores_do_not_depend_on_candidate_order_under_greedy_decoding(synthetic_dir):
@@ -143,8 +145,8 @@ def test_scores_do_not_depend_on_candidate_order_under_greedy_decoding(synthetic
     shuffled = dict(instance, candidates=[instance["candidates"][i] for i in order], labels=[instance["labels"][i] for i in order])
     torch.manual_seed(0)
     head = ScoreHead(model.config.hidden_size, 16)
-    scores = score_traces(head, r2rank.rollout_users(model, tokenizer, [instance], cfg, None, 0.0)[0])[0]
-    shuffled_scores = score_traces(head, r2rank.rollout_users(model, tokenizer, [shuffled], cfg, None, 0.0)[0])[0]
+    scores = score_traces(head, rollout.rollout_users(model, tokenizer, [instance], cfg, None, 0.0)[0])[0]
+    shuffled_scores = score_traces(head, rollout.rollout_users(model, tokenizer, [shuffled], cfg, None, 0.0)[0])[0]
     torch.testing.assert_close(shuffled_scores, scores[order], atol=1e-5, rtol=0)
 
 
@@ -157,7 +159,7 @@ def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
     instances = data.load_split(synthetic_dir, "valid")[:2]
 
     def greedy_scores(m, t, h):
-        return score_traces(h, r2rank.rollout_users(m, t, instances, cfg, None, 0.0)[0])
+        return score_traces(h, rollout.rollout_users(m, t, instances, cfg, None, 0.0)[0])
 
     expected = greedy_scores(model, tokenizer, head)
     path = models.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, optimizers, cfg)
@@ -204,6 +206,22 @@ def test_cli_trains_logs_checkpoints_and_resumes(tmp_path, synthetic_dir):
     assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), resumed.state_dict().values()))
 
 
+@pytest.mark.parametrize("advantage", ["batch", "counterfactual"])
+def test_cli_trains_the_llm_with_each_advantage(tmp_path, synthetic_dir, advantage):
+    out = str(tmp_path / advantage)
+    result = run_cli("--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--users-per-step", "2",
+                     "--max-new-tokens", "3", "--max-history", "3", "--max-steps", "1", "--lr", "1e-3",
+                     "--advantage", advantage, "--advantage-samples", "16", "--temperature", "0.8", "--ppo-epochs", "1")
+    assert result.returncode == 0, result.stderr
+    (row,) = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    # one epoch: theta_old is the update's own forward (ratio 1 up to summing the micro-batches' shares)
+    assert row["ratio"] == pytest.approx(1.0, abs=1e-12) and row["clip_frac"] == 0.0 and row["approx_kl"] == 0.0
+    assert 0.0 <= row["decode_logp_gap"] < 1e-3  # fp32 on a CPU: decoding and the update agree closely
+    start, _ = models.build_tiny()
+    trained = load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))
+    assert any(not torch.equal(trained[name], value) for name, value in start.state_dict().items() if name in trained)
+
+
 def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_path, synthetic_dir):
     out = str(tmp_path / "mlp")
     result = run_cli("--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
@@ -225,14 +243,14 @@ def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_pat
 
 
 def test_freeze_llm_first_train_users_validation_rolled_out_once_old_checkpoints_pruned(synthetic_dir, tmp_path, monkeypatch):
-    greedy_rollouts, rollout_users = [], r2rank.rollout_users
+    greedy_rollouts, rollout_users = [], rollout.rollout_users
 
     def counting(model, tokenizer, instances, cfg, generator, temperature=None):
         if temperature == 0.0:
             greedy_rollouts.append([inst["user_id"] for inst in instances])
         return rollout_users(model, tokenizer, instances, cfg, generator, temperature)
 
-    monkeypatch.setattr(r2rank, "rollout_users", counting)
+    monkeypatch.setattr(rollout, "rollout_users", counting)
     out = str(tmp_path / "run")
     r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
                  "--max-steps", "6", "--users-per-step", "4", "--max-new-tokens", "4", "--max-history", "3",
@@ -310,13 +328,13 @@ def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_pat
     first = str(tmp_path / "first")
     r2rank.main(common + ["--out", first, "--max-steps", "1"])
     cache = os.path.join(first, "checkpoint-1", "trace-cache.pt")
-    rolled_out, rollout_users = [], r2rank.rollout_users
+    rolled_out, rollout_users = [], rollout.rollout_users
 
     def counting(model, tokenizer, instances, cfg, generator, temperature=None):
         rolled_out.extend(inst["user_id"] for inst in instances)
         return rollout_users(model, tokenizer, instances, cfg, generator, temperature)
 
-    monkeypatch.setattr(r2rank, "rollout_users", counting)
+    monkeypatch.setattr(rollout, "rollout_users", counting)
     second = str(tmp_path / "second")
     r2rank.main(common + ["--out", second, "--max-steps", "2", "--head-width", "8", "--trace-cache", cache])
     assert rolled_out == []  # the three users' traces came from the first run
@@ -347,7 +365,7 @@ def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(syn
     assert len(cache) == 4
     for user, fields in cache.items():
         assert fields["tokens"].shape == (20, 0)
-        prefix, suffixes = r2rank.encode_user(tokenizer, train[user], r2rank.parse_config(["--max-history", "3"]))
+        prefix, suffixes = prompt.encode_user(tokenizer, train[user], max_history=3)
         with torch.no_grad():  # the whole prompt of the last candidate, one plain forward
             forward = model(input_ids=torch.tensor([prefix + suffixes[-1]]), output_hidden_states=True)
         torch.testing.assert_close(fields["final_hidden"][-1], forward.hidden_states[-1][0, -1], atol=1e-4, rtol=0)
@@ -359,8 +377,8 @@ def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(syn
 def test_response_prefix_ends_every_candidates_prompt(synthetic_dir):
     _, tokenizer = models.build_tiny()
     instance = data.load_split(synthetic_dir, "train")[0]
-    prefix, suffixes = r2rank.encode_user(tokenizer, instance, r2rank.parse_config([]))
-    forced_prefix, forced = r2rank.encode_user(tokenizer, instance, r2rank.parse_config(["--response-prefix", "Yes, the"]))
+    prefix, suffixes = prompt.encode_user(tokenizer, instance)
+    forced_prefix, forced = prompt.encode_user(tokenizer, instance, response_prefix="Yes, the")
     assert forced_prefix == prefix and len(forced) == len(suffixes) == 20
     for plain, suffix in zip(suffixes, forced):
         assert tokenizer.decode(suffix) == tokenizer.decode(plain) + "Yes, the"
@@ -376,7 +394,14 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
                           (["--stage", "sft", "--max-new-tokens", "0"], "no tokens to train"),
                           (["--stage", "eval", "--max-new-tokens", "0"], "leave it out of --methods"),
                           (["--max-new-tokens", "-1"], "must be >= 0"),
-                          (["--stage", "sft", "--response-prefix", "User"], "does not go with SFT")]:
+                          (["--stage", "sft", "--response-prefix", "User"], "does not go with SFT"),
+                          (["--temperature", "0"], "no policy gradient"),
+                          (["--temperature", "-1"], "--temperature must be >= 0"),
+                          (["--top-p", "0.9"], "--top-p < 1 is not supported"),
+                          (["--top-p", "0"], "--top-p must be in (0, 1]"),
+                          (["--advantage", "batch", "--users-per-step", "1"], "needs --users-per-step >= 2"),
+                          (["--advantage", "item"], "invalid choice"),
+                          (["--advantage-samples", "0"], "must be >= 1")]:
         bad = run_cli(*args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
@@ -392,14 +417,15 @@ def test_trace_stats_count_distinct_traces_and_mean_token_logprob_by_hand():
     _, tokenizer = models.build_tiny()
     pad = tokenizer.pad_token_id
 
-    def user(tokens, logprobs, lengths):
+    def user(tokens, logprobs, lengths, finished):
         tokens, logprobs, lengths = torch.tensor(tokens), torch.tensor(logprobs), torch.tensor(lengths)
         mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        return rollout.Samples(tokens, logprobs, mask, lengths, torch.zeros(2, dtype=torch.bool), torch.zeros(2, 4))
+        return rollout.Samples(tokens, logprobs, mask, lengths, torch.tensor(finished), torch.zeros(2, 4))
 
-    same = user([[5, 6], [5, 6]], [[-1.0, -1.0], [-1.0, -1.0]], [2, 2])  # 1 distinct text of 2
-    different = user([[5, 6], [7, pad]], [[-0.5, -0.5], [-3.0, -9.0]], [2, 1])  # 2 of 2; the -9 is padding
-    stats = r2rank.trace_stats([same, different], tokenizer, max_new_tokens=2)
+    same = user([[5, 6], [5, 6]], [[-1.0, -1.0], [-1.0, -1.0]], [2, 2], [False, False])  # 1 distinct text of 2
+    # 2 of 2; the -9 is padding; the first trace ended with an eos exactly at the limit: not truncated
+    different = user([[5, 6], [7, pad]], [[-0.5, -0.5], [-3.0, -9.0]], [2, 1], [True, True])
+    stats = rollout.trace_stats([same, different], tokenizer)
     assert stats["distinct_share"] == pytest.approx((1 / 2 + 2 / 2) / 2)
     assert stats["token_logp"] == pytest.approx((-4.0 - 1.0 - 3.0) / 7)
-    assert stats["truncated_share"] == pytest.approx(3 / 4) and stats["response_len"] == pytest.approx(7 / 4)
+    assert stats["truncated_share"] == pytest.approx(2 / 4) and stats["response_len"] == pytest.approx(7 / 4)

@@ -3,6 +3,9 @@
 Oracles: transformers' own `generate` on the plain, unshared prompts; a fresh unpadded forward pass
 per sequence for the log-probs and the final hidden state.
 """
+import copy
+import types
+import warnings
 
 import pytest
 import torch
@@ -127,12 +130,29 @@ def test_tiny_tokenizer_survives_save_and_reload(tiny, tmp_path):
     assert reloaded.eos_token == "<|im_end|>" and reloaded.pad_token == "<|endoftext|>"
 
 
+def _float64_copy(model):
+    """The model in fp64, RMSNorm included (transformers' RMSNorm computes in fp32 whatever the input):
+    two exact computations of the same function then agree to ~1e-14, so a tight tolerance can tell
+    a real difference from rounding."""
+    model = copy.deepcopy(model).double()
+
+    def rms_norm(self, hidden):
+        return self.weight * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(rms_norm, module)
+    return model
+
+
 def test_shared_prefix_update_matches_the_plain_path_in_value_and_gradient(tiny):
     model, tokenizer = tiny
     prefix, suffixes = _prompts(tokenizer)
     samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, 7, generator=torch.Generator().manual_seed(2))
     responses = samples.token_lists()
-    weights = torch.randn(len(suffixes), samples.tokens.shape[1], generator=torch.Generator().manual_seed(3))
+    model = _float64_copy(model)
+    weights = torch.randn(len(suffixes), samples.tokens.shape[1], generator=torch.Generator().manual_seed(3),
+                          dtype=torch.float64)
 
     def loss_and_grads(fn):
         model.zero_grad(set_to_none=True)
@@ -140,10 +160,40 @@ def test_shared_prefix_update_matches_the_plain_path_in_value_and_gradient(tiny)
         (logp * weights[:, :logp.shape[1]] * mask).sum().backward()
         return logp.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    plain = loss_and_grads(lambda: rollout.response_logprobs(model, [prefix + s for s in suffixes], responses))
-    shared = loss_and_grads(lambda: rollout.response_logprobs_shared(model, prefix, suffixes, responses))
-    model.zero_grad(set_to_none=True)
+    plain = loss_and_grads(lambda: rollout.response_logprobs(model, [prefix + s for s in suffixes], responses, 0.7))
+    shared = loss_and_grads(lambda: rollout.response_logprobs_shared(model, prefix, suffixes, responses, 0.7))
+    assert plain[0].dtype == torch.float64
     assert torch.equal(plain[1], shared[1])
-    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-12, rtol=0)
     for name, grad in plain[2].items():
-        torch.testing.assert_close(shared[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(shared[2][name], grad, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_logprobs_are_those_of_the_sampling_temperature(tiny):
+    """Recorded and recomputed log-probs at T = 0.7 against log softmax(logits / 0.7) of a plain forward."""
+    model, tokenizer = tiny
+    prefix, suffixes = _prompts(tokenizer)
+    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=6, temperature=0.7,
+                                    generator=torch.Generator().manual_seed(4))
+    prompts = [prefix + s for s in suffixes]
+    with torch.no_grad():
+        logp, mask = rollout.response_logprobs(model, prompts, samples.token_lists(), temperature=0.7)
+        untempered, _ = rollout.response_logprobs(model, prompts, samples.token_lists())
+    for k, (prompt, response) in enumerate(zip(prompts, samples.token_lists())):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].float()
+        expected = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        torch.testing.assert_close(samples.logprobs[k, :len(response)], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logp[k, :len(response)], expected, atol=1e-4, rtol=0)
+    assert (logp - untempered)[mask].abs().max() > 0.01  # the temperature does change them
+
+
+def test_decoding_uses_the_installed_transformers_cache_keyword(tiny):
+    """No deprecated keyword reaches the model: transformers 5.24 renamed past_key_values to cache and
+    removes the old name in 5.40; versions before 5.24 know only past_key_values."""
+    model, tokenizer = tiny
+    prefix, suffixes = _prompts(tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        rollout.sample_traces(model, tokenizer, prefix, suffixes, 3, generator=torch.Generator().manual_seed(0))
+        rollout.response_logprobs_shared(model, prefix, suffixes, [[1, 2], [3], [4, 5]])

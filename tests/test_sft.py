@@ -318,7 +318,7 @@ def encode_traces(tokenizer, train, traces):
     for trace in traces:
         inst = by_user[trace["user_id"]]
         k = [c["item_id"] for c in inst["candidates"]].index(trace["item_id"])
-        prefix, suffixes = r2rank.encode_user(tokenizer, inst, r2rank.Config())
+        prefix, suffixes = prompt.encode_user(tokenizer, inst)
         prompts.append(prefix + suffixes[k])
         responses.append(tokenizer(trace["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
     return prompts, responses
