@@ -338,10 +338,7 @@ def run_eval(cfg):
     dtype = models.pick_dtype(cfg.dtype, device)
     model = tokenizer = head = None
     if any(name in PROMPTED for name in methods):
-        try:
-            model, tokenizer = models.load_policy(cfg.model, device, dtype, cfg.seed)
-        except (OSError, ValueError) as error:
-            raise data.DataError(f"{cfg.model}: cannot load the model ({error})") from None
+        model, tokenizer = models.load_policy(cfg.model, device, dtype, cfg.seed)  # a DataError if it cannot
         model.eval()
         if "r2rank" in methods:
             head = load_head(cfg.model, model.config.hidden_size, device).eval()

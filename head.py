@@ -2,7 +2,7 @@
 trace's last token to one relevance score; the scores of every user's K traces; and how a head is
 saved and found in a checkpoint directory (next to the LLM, models.save_checkpoint).
 
-Departures 6 (the LayerNorm in front of the MLP) and 7 (--pl-std, `standardized`) of the list at the
+Departures 7 (the LayerNorm in front of the MLP) and 8 (--pl-std, `standardized`) of the list at the
 top of r2rank.py are implemented here.
 """
 import json
@@ -35,7 +35,7 @@ def score_traces(head, samples):
 
 
 def standardized(scores, std):
-    """Departure 7: each user's K scores [U, K] shifted to mean 0 and scaled to std `std`; std 0 leaves
+    """Departure 8: each user's K scores [U, K] shifted to mean 0 and scaled to std `std`; std 0 leaves
     them as they are (the paper). PL is shift-invariant, so this fixes only how sharp it is, and the
     order of the scores (all that evaluation uses) does not change."""
     if not std:

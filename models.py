@@ -118,7 +118,8 @@ def mixed_precision(device, dtype):
 
 
 def load_policy(name, device, dtype, seed=0):
-    """(model, tokenizer) for 'tiny', a .gguf file, a local directory or a hub id."""
+    """(model, tokenizer) for 'tiny', a .gguf file, a local directory or a hub id. A model that cannot
+    be loaded is a data.DataError naming it (one line for the CLI)."""
     if name == "tiny":
         model, tokenizer = build_tiny(seed=seed)
     elif name.endswith(".gguf"):
@@ -126,8 +127,14 @@ def load_policy(name, device, dtype, seed=0):
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        if not os.path.isdir(name):
+            print(f"loading {name} from the Hugging Face hub (downloaded once, then cached; --model tiny needs none)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:  # not found, no network, not a model directory
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise data.DataError(f"--model {name}: cannot load it ({reason})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device=device, dtype=dtype), tokenizer

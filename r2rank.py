@@ -3,48 +3,31 @@
     python r2rank.py --stage rl --model tiny            # runs anywhere, no download
     python r2rank.py --stage rl --data data/ml100k --model Qwen/Qwen2.5-1.5B-Instruct
 
-One RL step, as in Algorithm 1 (the scoring head f_phi is in head.py):
-    1) rollout: one reasoning trace y_k per candidate, sampled from the self-check prompt   (Eq. 1)
-    2) scores s_k = f_phi(h_k), h_k the last-layer hidden state at the trace's final token  (Eq. 2)
-    3) S rankings tau ~ Plackett-Luce(s), reward rho(tau) = NDCG@10                         (Eq. 4)
-    4) REINFORCE on the head through log P(tau | s) (Eq. 5); clipped PPO on the tokens (Eq. 6)
-    5) log, checkpoint
+One RL step (train_rl), tagged with Algorithm 1's lines:
+    1) rollout: one reasoning trace y_k per candidate, from the self-check prompt   lines 1-3, Eq. 1
+    2) scores s_k = f_phi(h_k), h_k the last hidden state at the trace's end         line 4, Eq. 2
+    3) S rankings tau ~ Plackett-Luce(s), reward rho(tau) = NDCG@10                  lines 6-7, Eq. 4
+    4) clipped PPO on the tokens, then REINFORCE on the head                         lines 8-12, Eqs. 5-6
+    5) log, validate, checkpoint
 
-A trace cut at --max-new-tokens, or one without an <answer> tag, is scored like any other: the head
-reads the hidden state at its last token. The log counts both (truncated_share, answer_share), since
-a policy that never finishes its reasoning gives the head little to read. It also logs distinct_share
-(distinct traces among a user's K) and token_logp (mean log-prob of the sampled tokens): when both
-fall towards their floor (1/K and 0), the policy writes the same text for every candidate and the
-head has nothing left to tell the candidates apart by. signal_share is the share of a step's users
-whose S rankings do not all get the same reward: only those give the head a signal (see --pl-std
-when it stays low). decode_logp_gap is the mean |log-prob at decoding - log-prob in the update's
-first forward| of the sampled tokens: how far the two code paths (KV cache, eval mode, vs. teacher
-forcing, train mode) differ; theta_old is the update's own, so it costs no clipping.
+The log line's health signs: answer_share and truncated_share (traces that reach an <answer>, or are
+cut at the token limit); distinct_share and token_logp (fall towards 1/K and 0 when the policy writes
+one text for every candidate); signal_share (users whose S rankings differ in reward: the head learns
+only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update log-probs|).
 
-Where this departs from the paper (each a flag; the default is the paper's choice unless said):
-1. S rankings per user instead of one (--num-rankings 8): a cheap Monte-Carlo average, since
-   sampling a ranking costs nothing next to the K traces.
-2. The head's REINFORCE subtracts a leave-one-out baseline over the S rankings (--baseline, on by
-   default): NDCG is never negative, so without a baseline every sampled ranking is pushed up.
-3. The LLM's advantage (--advantage): the paper gives every token of every trace the ranking's
-   reward (`reward`, the default; with S rankings, their mean). `batch` subtracts the mean reward of
-   the step's other users; `counterfactual` gives trace k A_k = V(s) - V(s with s_k replaced by the
-   mean of the other scores), V the expected NDCG under Plackett-Luce. All three are unbiased (see
-   ppo.counterfactual_advantages); they differ in variance (tests/benchmark.py --toy measures it).
-4. The PPO loss is a per-token mean, not the plain sum of Eq. (6) (see ppo.clipped_token_loss).
-5. theta_old's log-probs are those of the update's first forward pass (detached), not the ones
-   recorded while decoding, so the first PPO epoch has ratio exactly 1 (same code path, precision
-   and mode as the gradient). Log-probs are those of softmax(logits / --temperature), the
-   distribution the tokens were drawn from; RL refuses --temperature 0 and --top-p < 1.
-6. The head reads the final hidden state through a LayerNorm (no affine), so its input scale does
-   not depend on the backbone; the head does not back-propagate into the LLM.
-7. --pl-std (off by default) standardizes a user's K scores to a fixed std before Plackett-Luce.
-   Trained by REINFORCE, the head keeps spreading its scores (std ~100 on MovieLens) until all
-   sampled rankings agree, and then neither the head nor the counterfactual credit gets any signal.
-   A fixed std keeps the rankings random enough to compare.
+Where this departs from the paper (defaults are the paper's unless said; details where implemented):
+1. S rankings per user instead of one (--num-rankings 8): sampling one costs nothing next to K traces.
+2. A leave-one-out baseline over the S rankings in the head's REINFORCE (--baseline, on; ppo.py).
+3. --advantage batch or counterfactual adds a baseline to Eq. 6's advantage, unbiased (ppo.py).
+4. The PPO loss is a per-token mean, not Eq. 6's plain sum (ppo.clipped_token_loss).
+5. theta_old is the first PPO epoch's own forward, not the decoding pass (rollout.ppo_update).
+6. Log-probs at the sampling temperature; RL refuses --temperature 0 and --top-p < 1 (rollout.py).
+7. The head reads the hidden state through a LayerNorm and does not back-propagate into the LLM (head.py).
+8. --pl-std (off) fixes the std of a user's scores before Plackett-Luce (head.standardized).
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -61,108 +44,119 @@ from head import ScoreHead, has_head, load_head, score_traces, standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from models import (enable_checkpointing, latest_checkpoint, load_policy, load_trace_cache, mixed_precision,
                     pick_device, pick_dtype, prune_checkpoints, save_checkpoint)
-from ppo import (batch_baseline_advantages, clipped_token_loss, counterfactual_advantages, leave_one_out_baseline,
-                 reinforce_loss)
+from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 
 
-def arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def arg(default, help, choices=None, group="common"):
+    """A Config field: its default, its --help line, its allowed values, its --help section."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+common = functools.partial(arg, group="common to every stage")
+rl = functools.partial(arg, group="--stage rl: Algorithm 1")
+beyond = functools.partial(arg, group="--stage rl, beyond the paper (the departures listed at the top)")
+sft_arg = functools.partial(arg, group="--stage sft-data, then --stage sft: the cold start (Sec. 3.4)")
+eval_arg = functools.partial(arg, group="--stage eval: Table 2 and the analyses of Sec. 4")
 
 
 @dataclass
 class Config:
-    stage: str = arg("rl", "what to run: rl (end-to-end RL), sft-data (teacher traces), sft (cold start), eval",
-                     ["rl", "sft-data", "sft", "eval"])
-    # data, model, output
-    data: str = arg("", "dataset directory written by data.py; empty = build the synthetic set in <out>/data")
-    model: str = arg(DEFAULT_MODEL, "hub id, local directory, checkpoint, .gguf file, or 'tiny' (random, offline)")
-    out: str = arg("runs/r2rank", "output directory: metrics.jsonl and checkpoint-<step>/")
-    resume: bool = arg(False, "continue from the newest <out>/checkpoint-<step> at its step")
-    seed: int = arg(0, "seeds everything: user order, sampling, the head's initialization, the tiny model")
-    device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
-    threads: int = arg(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy shared machine)")
-    dtype: str = arg("auto", "compute precision: auto (bfloat16 on cuda, else float32); training keeps fp32 weights",
-                     ["auto", "float32", "bfloat16", "float16"])
-    gradient_checkpointing: str = arg("auto", "recompute activations in the backward pass: auto (on for cuda)",
-                                      ["auto", "on", "off"])
-    shared_prefix_update: str = arg("auto", "update: run a user's prompt prefix once for its K traces; auto = "
-                                    "when gradient checkpointing is off (the two do not combine)", ["auto", "on", "off"])
-    # prompt
-    max_history: int = arg(20, "history items shown in the prompt (the most recent ones)")
-    max_item_chars: int = arg(200, "characters per item line in the prompt (longer texts are cut)")
-    # rollout
-    max_new_tokens: int = arg(256, "token budget of one reasoning trace; 0 = no reasoning, the head reads the "
-                              "prompt's last hidden state (a control: with --freeze-llm, or in eval without listwise)")
-    response_prefix: str = arg("", "text every reply is forced to start with, fed as part of the prompt and never "
-                               "trained (e.g. '<think>'); pass the same to --stage eval")
-    temperature: float = arg(1.0, "sampling temperature of the traces (0 = greedy: not for training the LLM, "
-                             "greedy traces have no policy gradient)")
-    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this mass (1 when training "
-                       "the LLM: the log-probs of Eq. 6 do not include the cut)")
-    # RL
-    max_steps: int = arg(100, "RL steps (one step = users-per-step users x K candidates traces)")
-    train_users: int = arg(0, "train on the first N training users only (0 = all): a smaller set to roll out on a CPU")
-    users_per_step: int = arg(4, "users per step")
-    num_rankings: int = arg(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)")
-    reward_k: int = arg(10, "the reward is NDCG@reward-k")
-    baseline: bool = arg(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
-    pl_std: float = arg(0.0, "if > 0, each user's K scores are standardized to this std before Plackett-Luce "
-                        "(a PL temperature that follows the head's scale, departure 7; 0 = the paper's raw scores)")
-    advantage: str = arg("reward", "LLM advantage: reward (the paper, Eq. 6: the rankings' mean reward), batch (minus "
-                         "the other users' mean reward) or counterfactual (per trace: V(s) - V(s with s_k replaced))",
-                         ["reward", "batch", "counterfactual"])
-    advantage_samples: int = arg(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)")
-    freeze_llm: bool = arg(False, "train the head only, LLM frozen (the MLP-only variant, Table 3); each "
-                           "user's traces are then sampled once and reused (saved with the checkpoints)")
-    trace_cache: str = arg("", "--freeze-llm: start from the traces of an earlier --freeze-llm run "
-                           "(<its checkpoint>/trace-cache.pt), e.g. to train another head on them")
-    new_head: bool = arg(False, "start a new scoring head even when --model is a checkpoint that has one, "
-                         "e.g. to train a head MLP-only on the LLM of an RL run")
-    ppo_epochs: int = arg(2, "passes over a step's traces, one optimizer step each")
-    clip_eps: float = arg(0.2, "PPO clipping epsilon")
-    micro_batch: int = arg(8, "traces per forward/backward in the update (memory only; same gradient)")
-    lr: float = arg(1e-6, "LLM learning rate (AdamW)")
-    head_lr: float = arg(1e-3, "scoring-head learning rate (AdamW); 0 freezes the head, e.g. RL of the LLM "
-                         "alone under a head trained MLP-only")
-    head_width: int = arg(256, "hidden width of the scoring head's MLP")
-    head_weight_decay: float = arg(0.01, "scoring-head weight decay (AdamW)")
-    max_grad_norm: float = arg(1.0, "gradient-norm clip for the LLM")
-    eval_every: int = arg(0, "every N steps, NDCG@10 of greedy traces on validation users, logged; also "
-                          "the start's, as step 0 (0 = never)")
-    eval_users: int = arg(32, "validation users in that check")
-    save_every: int = arg(50, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = arg(0, "keep only the newest N checkpoints of the run (0 = keep all)")
-    # SFT cold start (Sec. 3.4): --stage sft-data, then --stage sft
-    traces: str = arg("", "teacher traces (jsonl): written by sft-data, read by sft; default <out>/traces.jsonl")
-    teacher: str = arg("", "sft-data: local teacher model (hub id, directory or .gguf)")
-    teacher_url: str = arg("", "sft-data: OpenAI-compatible endpoint instead, e.g. http://localhost:8000/v1")
-    teacher_model: str = arg("", "sft-data: model name sent to --teacher-url")
-    teacher_key_env: str = arg("OPENAI_API_KEY", "sft-data: environment variable holding the endpoint's API key")
-    num_pairs: int = arg(200, "sft-data: (user, candidate) pairs to ask the teacher about, half positive")
-    sft_epochs: int = arg(2, "sft: passes over the traces")
-    sft_lr: float = arg(1e-5, "sft: learning rate (AdamW)")
-    sft_batch: int = arg(16, "sft: traces per optimizer step, in micro-batches of --micro-batch")
-    # evaluation: --stage eval
-    split: str = arg("test", "eval: which split to evaluate")
-    methods: str = arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run")
-    analyses: str = arg("", "eval: comma-separated extra analyses: position,history-order,cold-start,history-length")
-    eval_limit: int = arg(0, "eval: evaluate only the first N users of the split (0 = all)")
-    eval_sample: bool = arg(False, "eval: sample R2Rank's traces at --temperature instead of greedy")
-    history_shuffles: int = arg(5, "eval: R, shuffles of each history in the history-order analysis")
-    bootstrap: int = arg(1000, "eval: bootstrap resamples for the 95% intervals")
+    # common to every stage: data, model, output, precision; the prompt (Fig. 2) and the traces (Eq. 1)
+    stage: str = common("rl", "what to run: rl (end-to-end RL), sft-data (teacher traces), sft (cold start), eval",
+                        ["rl", "sft-data", "sft", "eval"])
+    data: str = common("", "dataset directory written by data.py; empty = build the synthetic set in <out>/data")
+    model: str = common(DEFAULT_MODEL, "hub id, local directory, checkpoint, .gguf file, or 'tiny' (random, offline)")
+    out: str = common("runs/r2rank", "output directory: metrics.jsonl and checkpoint-<step>/")
+    resume: bool = common(False, "continue from the newest <out>/checkpoint-<step> at its step")
+    seed: int = common(0, "seeds everything: user order, sampling, the head's initialization, the tiny model")
+    device: str = common("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
+    threads: int = common(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy shared machine)")
+    dtype: str = common("auto", "compute precision: auto (bfloat16 on cuda, else float32); training keeps fp32 weights",
+                        ["auto", "float32", "bfloat16", "float16"])
+    gradient_checkpointing: str = common("auto", "recompute activations in the backward pass: auto (on for cuda)",
+                                         ["auto", "on", "off"])
+    max_history: int = common(20, "history items shown in the prompt (the most recent ones)")
+    max_item_chars: int = common(200, "characters per item line in the prompt (longer texts are cut)")
+    max_new_tokens: int = common(256, "token budget of one reasoning trace; 0 = no reasoning, the head reads the "
+                                 "prompt's last hidden state (a control: with --freeze-llm, or in eval without listwise)")
+    temperature: float = common(1.0, "sampling temperature of the traces (0 = greedy: not for training the LLM, "
+                                "greedy traces have no policy gradient)")
+    top_p: float = common(1.0, "nucleus sampling: keep the most likely tokens up to this mass (1 when training "
+                          "the LLM: the log-probs of Eq. 6 do not include the cut)")
+    micro_batch: int = common(8, "traces per forward/backward in the update (memory only; same gradient)")
+
+    # --stage rl: Algorithm 1
+    max_steps: int = rl(100, "RL steps (one step = users-per-step users x K candidates traces)")
+    users_per_step: int = rl(4, "users per step")
+    reward_k: int = rl(10, "the reward is NDCG@reward-k")
+    advantage: str = rl("reward", "LLM advantage: reward (the paper, Eq. 6: the rankings' mean reward), batch (minus "
+                        "the other users' mean reward) or counterfactual (per trace: V(s) - V(s with s_k replaced))",
+                        ["reward", "batch", "counterfactual"])
+    ppo_epochs: int = rl(2, "passes over a step's traces, one optimizer step each")
+    clip_eps: float = rl(0.2, "PPO clipping epsilon")
+    lr: float = rl(1e-6, "LLM learning rate (AdamW)")
+    head_lr: float = rl(1e-3, "scoring-head learning rate (AdamW); 0 freezes the head, e.g. RL of the LLM "
+                        "alone under a head trained MLP-only")
+    head_width: int = rl(256, "hidden width of the scoring head's MLP")
+    head_weight_decay: float = rl(0.01, "scoring-head weight decay (AdamW)")
+    max_grad_norm: float = rl(1.0, "gradient-norm clip for the LLM")
+    freeze_llm: bool = rl(False, "train the head only, LLM frozen (the MLP-only variant, Table 3); each "
+                          "user's traces are then sampled once and reused (saved with the checkpoints)")
+    eval_every: int = rl(0, "every N steps, NDCG@10 of greedy traces on validation users, logged; also "
+                         "the start's, as step 0 (0 = never)")
+    eval_users: int = rl(32, "validation users in that check")
+    save_every: int = rl(50, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = rl(0, "keep only the newest N checkpoints of the run (0 = keep all)")
+
+    # --stage rl, beyond the paper (each departure's default and why: the module docstring)
+    num_rankings: int = beyond(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)")
+    baseline: bool = beyond(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
+    advantage_samples: int = beyond(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)")
+    pl_std: float = beyond(0.0, "if > 0, each user's K scores are standardized to this std before Plackett-Luce "
+                           "(a PL temperature that follows the head's scale, departure 8; 0 = the paper's raw scores)")
+    shared_prefix_update: str = beyond("auto", "update: run a user's prompt prefix once for its K traces; auto = "
+                                       "when gradient checkpointing is off (the two do not combine)", ["auto", "on", "off"])
+    train_users: int = beyond(0, "train on the first N training users only (0 = all): a smaller set to roll out on a CPU")
+    response_prefix: str = beyond("", "text every reply is forced to start with, fed as part of the prompt and never "
+                                  "trained (e.g. '<think>'); pass the same to --stage eval")
+    trace_cache: str = beyond("", "--freeze-llm: start from the traces of an earlier --freeze-llm run "
+                              "(<its checkpoint>/trace-cache.pt), e.g. to train another head on them")
+    new_head: bool = beyond(False, "start a new scoring head even when --model is a checkpoint that has one, "
+                            "e.g. to train a head MLP-only on the LLM of an RL run")
+
+    # --stage sft-data, then --stage sft: the cold start (Sec. 3.4)
+    traces: str = sft_arg("", "teacher traces (jsonl): written by sft-data, read by sft; default <out>/traces.jsonl")
+    teacher: str = sft_arg("", "sft-data: local teacher model (hub id, directory or .gguf)")
+    teacher_url: str = sft_arg("", "sft-data: OpenAI-compatible endpoint instead, e.g. http://localhost:8000/v1")
+    teacher_model: str = sft_arg("", "sft-data: model name sent to --teacher-url")
+    teacher_key_env: str = sft_arg("OPENAI_API_KEY", "sft-data: environment variable holding the endpoint's API key")
+    num_pairs: int = sft_arg(200, "sft-data: (user, candidate) pairs to ask the teacher about, half positive")
+    sft_epochs: int = sft_arg(2, "sft: passes over the traces")
+    sft_lr: float = sft_arg(1e-5, "sft: learning rate (AdamW)")
+    sft_batch: int = sft_arg(16, "sft: traces per optimizer step, in micro-batches of --micro-batch")
+
+    # --stage eval: Table 2 and the analyses of Sec. 4
+    split: str = eval_arg("test", "eval: which split to evaluate")
+    methods: str = eval_arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run")
+    analyses: str = eval_arg("", "eval: comma-separated extra analyses: position,history-order,cold-start,history-length")
+    eval_limit: int = eval_arg(0, "eval: evaluate only the first N users of the split (0 = all)")
+    eval_sample: bool = eval_arg(False, "eval: sample R2Rank's traces at --temperature instead of greedy")
+    history_shuffles: int = eval_arg(5, "eval: R, shuffles of each history in the history-order analysis")
+    bootstrap: int = eval_arg(1000, "eval: bootstrap resamples for the 95% intervals")
 
 
 def parse_config(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sections = {}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
+        section = sections.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"].replace("%", "%%"))
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"],
-                                help=f.metadata["help"].replace("%", "%%"))
+            section.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"], help=help)
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -205,53 +199,6 @@ def signal_share(reward):
     return (reward != reward[:, :1]).any(1).float().mean().item()
 
 
-def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix=False):
-    """Phase 4 for theta: --ppo-epochs passes of clipped PPO over all traces, in micro-batches.
-
-    prompts: per user (prefix_ids, [suffix_ids] * K); samples: per-user Samples; advantages: [U, K].
-    A micro-batch holds up to --micro-batch traces of one user. With shared_prefix the user's prompt
-    prefix is run once per micro-batch instead of once per trace (rollout.response_logprobs_shared).
-    Each micro-batch's mean loss is weighted by its share of the valid tokens, so the accumulated
-    gradient equals that of the per-token mean over the whole step (ppo.clipped_token_loss).
-
-    theta_old (departure 5): the first epoch's own log-probs, detached, so its ratio is exactly 1 and
-    later epochs compare against the same forward pass (code path, precision, train mode) as the
-    gradient. The log-probs recorded while decoding only measure how far the two paths differ.
-    """
-    total_tokens = sum(int(s.lengths.sum()) for s in samples)
-    stats = {"clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "ppo_loss": 0.0}
-    gap_sum, gap_max, old_logps = 0.0, 0.0, {}
-    model.train()
-    for epoch in range(cfg.ppo_epochs):
-        for user, ((prefix, suffixes), user_samples, user_advantages) in enumerate(zip(prompts, samples, advantages)):
-            responses = user_samples.token_lists()
-            for start in range(0, len(suffixes), cfg.micro_batch):
-                batch = slice(start, start + cfg.micro_batch)
-                if shared_prefix:
-                    logp, mask = rollout.response_logprobs_shared(model, prefix, suffixes[batch], responses[batch],
-                                                                  cfg.temperature)
-                else:
-                    logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes[batch]],
-                                                           responses[batch], cfg.temperature)
-                if epoch == 0:
-                    old_logps[user, start] = logp.detach()
-                    decoded = user_samples.logprobs[batch, :logp.shape[1]].to(logp.device)  # [B, R]
-                    gap = (logp.detach() - decoded).abs()[mask]
-                    if gap.numel():
-                        gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
-                loss, mb_stats = clipped_token_loss(logp, old_logps[user, start], user_advantages[batch].to(logp.device),
-                                                    mask, cfg.clip_eps)
-                share = mask.sum().item() / max(total_tokens, 1)
-                (loss * share).backward()
-                for name, value in {**mb_stats, "ppo_loss": loss.item()}.items():
-                    stats[name] += value * share / cfg.ppo_epochs
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    return {**stats, "decode_logp_gap": gap_sum / max(total_tokens, 1), "decode_logp_gap_max": gap_max}
-
-
 @torch.no_grad()
 def validate(model, tokenizer, head, instances, cfg, samples=None):
     """(NDCG@10 of greedy traces ranked by the head's scores, the traces). Pass the traces of an
@@ -272,14 +219,26 @@ def users_for_step(num_users, users_per_step, seed, step):
     return torch.randperm(num_users, generator=generator)[:users_per_step].tolist()
 
 
-def train_rl(cfg):
+@dataclass
+class RLRun:
+    """What the RL loop works on, built once by setup_rl."""
+    device: torch.device
+    dtype: torch.dtype
+    train: list  # training instances
+    valid: list
+    model: torch.nn.Module  # the LLM, fp32 master weights
+    tokenizer: object
+    head: ScoreHead
+    optimizers: dict  # "head", and "llm" unless --freeze-llm
+    start_step: int  # 0, or the step of the checkpoint resumed from
+    shared_prefix: bool  # the update runs a user's prompt prefix once per micro-batch
+    trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused
+
+
+def setup_rl(cfg):
+    """Data, model and head (from --model, or the newest checkpoint with --resume), optimizers."""
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
-    train, valid = data.load_split(data_dir, "train"), data.load_split(data_dir, "valid")
-    train = train[: cfg.train_users or None]
-    os.makedirs(cfg.out, exist_ok=True)
-
     start_step, checkpoint = 0, latest_checkpoint(cfg.out) if cfg.resume else None
     if checkpoint:
         with open(os.path.join(checkpoint, "r2rank.json")) as f:
@@ -289,14 +248,17 @@ def train_rl(cfg):
                      "start RL from it with --model and another --out")
         start_step = saved["step"]
     model, tokenizer = load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
+    # the data after the model, so that a model that cannot be loaded leaves nothing behind
+    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+    train, valid = data.load_split(data_dir, "train"), data.load_split(data_dir, "valid")
+    train = train[: cfg.train_users or None]
+    os.makedirs(cfg.out, exist_ok=True)
     hidden_size = model.config.hidden_size
     # a checkpoint of this run (--resume) or of an earlier RL run (--model <dir>) brings its head along
     source = checkpoint or (None if cfg.new_head else cfg.model)
     torch.manual_seed(cfg.seed)
-    if source and has_head(source):
-        head = load_head(source, hidden_size, device)
-    else:
-        head = ScoreHead(hidden_size, cfg.head_width).to(device)
+    head = (load_head(source, hidden_size, device) if source and has_head(source)
+            else ScoreHead(hidden_size, cfg.head_width).to(device))
     if cfg.freeze_llm:
         model.requires_grad_(False)
     use_checkpointing = enable_checkpointing(model, cfg.gradient_checkpointing, device) if not cfg.freeze_llm else False
@@ -314,7 +276,7 @@ def train_rl(cfg):
         print(f"resumed from {checkpoint} at step {start_step}")
     # MLP-only (--freeze-llm): the policy never changes, so a user's K traces are sampled at its first
     # step and reused whenever it comes back (a fixed sample instead of a fresh one: much cheaper).
-    trace_cache, valid_samples = {}, None
+    trace_cache = {}
     if cfg.freeze_llm and checkpoint and os.path.isfile(os.path.join(checkpoint, "trace-cache.pt")):
         trace_cache = load_trace_cache(os.path.join(checkpoint, "trace-cache.pt"), cfg, device)
     elif cfg.freeze_llm and cfg.trace_cache:
@@ -325,57 +287,70 @@ def train_rl(cfg):
           f"(<= {cfg.users_per_step * K * cfg.max_new_tokens} new tokens); {cfg.num_rankings} rankings per user; "
           f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
           f"shared-prefix update {'on' if shared_prefix else 'off'}")
+    return RLRun(device, dtype, train, valid, model, tokenizer, head, optimizers, start_step, shared_prefix, trace_cache)
+
+
+def llm_advantages(cfg, scores, labels, reward, generator):
+    """[U, K] advantage of each trace (--advantage; departure 3). scores, labels [U, K]; reward [U, S]."""
+    K = scores.shape[1]
+    if cfg.advantage == "counterfactual":  # per trace: V(s) - V(s with s_k replaced by the others' mean)
+        return counterfactual_advantages(scores.detach(), labels, cfg.reward_k, cfg.advantage_samples, generator)
+    if cfg.advantage == "batch":  # the user's mean reward minus the other users'
+        return batch_baseline_advantages(reward)[:, None].expand(-1, K)
+    return reward.mean(1, keepdim=True).expand(-1, K)  # the paper's Eq. (6): the mean reward, no baseline
+
+
+def train_rl(cfg):
+    run = setup_rl(cfg)
+    model, tokenizer, head, device, valid_users = run.model, run.tokenizer, run.head, run.device, run.valid[: cfg.eval_users]
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-    if cfg.eval_every and start_step == 0:  # the start's validation (step 0): picking the best step can keep the start
+    valid_samples = None  # MLP-only: the validation traces, rolled out once
+    if cfg.eval_every and run.start_step == 0:  # the start's validation (step 0): picking the best step can keep the start
         started = time.time()
-        with mixed_precision(device, dtype):
-            start_ndcg, checked = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg)
+        with mixed_precision(device, run.dtype):
+            start_ndcg, checked = validate(model, tokenizer, head, valid_users, cfg)
         valid_samples = checked if cfg.freeze_llm else None
         log_row(metrics_file, {"step": 0, "valid_ndcg@10": start_ndcg, "step_time": time.time() - started}, print)
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
+    bar = tqdm(range(run.start_step, cfg.max_steps), initial=run.start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
     for step in bar:
         started = time.time()
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-        instances = [train[i] for i in users_for_step(len(train), cfg.users_per_step, cfg.seed, step)]
+        # the minibatch B of Algorithm 1: the step's users
+        instances = [run.train[i] for i in users_for_step(len(run.train), cfg.users_per_step, cfg.seed, step)]
         labels = torch.tensor([inst["labels"] for inst in instances], device=device, dtype=torch.float32)  # [U, K]
 
-        # 1) rollout: one reasoning trace per candidate;  2) scores from the head
-        if cfg.freeze_llm:
-            missing = [inst for inst in instances if inst["user_id"] not in trace_cache]
-            with mixed_precision(device, dtype):
-                trace_cache.update(zip([inst["user_id"] for inst in missing],
-                                       rollout.rollout_users(model, tokenizer, missing, cfg, generator)[0]))
-            samples = [trace_cache[inst["user_id"]] for inst in instances]
-        else:
-            with mixed_precision(device, dtype):
+        # 1) Alg. 1 lines 1-3: one reasoning trace per candidate (MLP-only: sampled once per user, cached)
+        with mixed_precision(device, run.dtype):
+            if cfg.freeze_llm:
+                missing = [inst for inst in instances if inst["user_id"] not in run.trace_cache]
+                run.trace_cache.update(zip([inst["user_id"] for inst in missing],
+                                           rollout.rollout_users(model, tokenizer, missing, cfg, generator)[0]))
+                samples = [run.trace_cache[inst["user_id"]] for inst in instances]
+            else:
                 samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generator)
-        raw_scores = score_traces(head, samples)  # [U, K], with grad into phi only
+        # 2) line 4: scores s_k = f_phi(h_k), [U, K], with grad into phi only
+        raw_scores = score_traces(head, samples)
         scores = standardized(raw_scores, cfg.pl_std)
 
-        # 3) sample S rankings from Plackett-Luce, reward = NDCG@10
+        # 3) lines 6-7: S rankings from Plackett-Luce, reward = NDCG@reward-k
         rankings = plackett_luce.sample(scores.detach(), cfg.num_rankings, generator)  # [U, S, K]
         reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), cfg.reward_k)  # [U, S]
-        baseline = leave_one_out_baseline(reward) if cfg.baseline else None
 
-        # 4) REINFORCE on the head (Eq. 5), clipped PPO on the tokens (Eq. 6)
-        head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
-        optimizers["head"].zero_grad(set_to_none=True)
-        head_loss.backward()
-        optimizers["head"].step()
+        # 4) lines 8 and 11: clipped PPO on the tokens (Eq. 6), theta updated
         ppo_stats = {}
         if not cfg.freeze_llm:
-            K = scores.shape[1]
-            if cfg.advantage == "counterfactual":  # per trace: V(s) - V(s with s_k replaced)
-                advantages = counterfactual_advantages(scores.detach(), labels, cfg.reward_k, cfg.advantage_samples,
-                                                       generator)  # [U, K]
-            elif cfg.advantage == "batch":  # the user's mean reward minus the other users'
-                advantages = batch_baseline_advantages(reward)[:, None].expand(-1, K)
-            else:  # the paper's Eq. (6): the rankings' mean reward, no baseline
-                advantages = reward.mean(1, keepdim=True).expand(-1, K)  # [U, K]
-            with mixed_precision(device, dtype):
-                ppo_stats = ppo_update(model, optimizers["llm"], prompts, samples, advantages, cfg, shared_prefix)
+            advantages = llm_advantages(cfg, scores, labels, reward, generator)  # [U, K]
+            with mixed_precision(device, run.dtype):
+                ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg, run.shared_prefix)
+        #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. Both updates
+        #    use this step's scores, computed before either, so their order does not matter.
+        baseline = leave_one_out_baseline(reward) if cfg.baseline else None
+        head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
+        run.optimizers["head"].zero_grad(set_to_none=True)
+        head_loss.backward()
+        run.optimizers["head"].step()
 
-        # 5) log, checkpoint
+        # 5) log, validate, checkpoint
         row = {"step": step + 1, "reward": reward.mean().item(),
                "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
                "signal_share": signal_share(reward),
@@ -383,17 +358,18 @@ def train_rl(cfg):
                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
                "head_loss": head_loss.item(), **ppo_stats, **rollout.trace_stats(samples, tokenizer)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            with mixed_precision(device, dtype):
-                row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid[: cfg.eval_users], cfg, valid_samples)
+            with mixed_precision(device, run.dtype):
+                row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid_users, cfg, valid_samples)
             valid_samples = checked if cfg.freeze_llm else None
         row["step_time"] = time.time() - started
         log_row(metrics_file, row, bar.write)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(cfg.out, step + 1, model, tokenizer, head, optimizers, cfg,
-                            trace_cache if cfg.freeze_llm else None)
+            save_checkpoint(cfg.out, step + 1, model, tokenizer, head, run.optimizers, cfg,
+                            run.trace_cache if cfg.freeze_llm else None)
             if cfg.keep_checkpoints:
                 prune_checkpoints(cfg.out, cfg.keep_checkpoints)
     metrics_file.close()
+    print(f"wrote {os.path.join(cfg.out, 'metrics.jsonl')} and {cfg.out}/checkpoint-<step>/")
 
 
 def log_row(metrics_file, row, write):

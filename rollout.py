@@ -4,6 +4,7 @@
     rollout_users(model, tokenizer, instances, cfg, generator)        -> Samples and prompts per user
     response_logprobs(model, prompts, responses)                      -> logp, mask   (Eq. 6's pi_theta)
     trace_stats(samples, tokenizer)                                   -> health of the traces, for the log
+    ppo_update(model, optimizer, prompts, samples, advantages, cfg)   -> theta updated by Eq. 6's clipped PPO
 
 All K prompts of one user share their beginning (instructions + user context) and differ only in the
 candidate at the end. sample_traces runs that shared prefix through the model once, copies its KV
@@ -24,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 import prompt
+from ppo import clipped_token_loss
 
 
 def positions_from_mask(attention_mask):
@@ -284,3 +286,51 @@ def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses, temp
     logp = token_logprobs(logits, block[:, L:], temperature)
     mask = attention_mask[:, P + L:].bool()
     return logp.masked_fill(~mask, 0.0), mask
+
+
+def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix=False):
+    """Phase 4 of an RL step for theta: cfg.ppo_epochs passes of clipped PPO (Eq. 6) over all
+    traces, in micro-batches of cfg.micro_batch traces; cfg.temperature, clip_eps, max_grad_norm too.
+
+    prompts: per user (prefix_ids, [suffix_ids] * K); samples: per-user Samples; advantages: [U, K].
+    A micro-batch holds up to --micro-batch traces of one user. With shared_prefix the user's prompt
+    prefix is run once per micro-batch instead of once per trace (response_logprobs_shared).
+    Each micro-batch's mean loss is weighted by its share of the valid tokens, so the accumulated
+    gradient equals that of the per-token mean over the whole step (ppo.clipped_token_loss).
+
+    theta_old (departure 5 in r2rank.py): the first epoch's own log-probs, detached, so its ratio is exactly 1 and
+    later epochs compare against the same forward pass (code path, precision, train mode) as the
+    gradient. The log-probs recorded while decoding only measure how far the two paths differ.
+    """
+    total_tokens = sum(int(s.lengths.sum()) for s in samples)
+    stats = {"clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "ppo_loss": 0.0}
+    gap_sum, gap_max, old_logps = 0.0, 0.0, {}
+    model.train()
+    for epoch in range(cfg.ppo_epochs):
+        for user, ((prefix, suffixes), user_samples, user_advantages) in enumerate(zip(prompts, samples, advantages)):
+            responses = user_samples.token_lists()
+            for start in range(0, len(suffixes), cfg.micro_batch):
+                batch = slice(start, start + cfg.micro_batch)
+                if shared_prefix:
+                    logp, mask = response_logprobs_shared(model, prefix, suffixes[batch], responses[batch],
+                                                                  cfg.temperature)
+                else:
+                    logp, mask = response_logprobs(model, [prefix + s for s in suffixes[batch]],
+                                                           responses[batch], cfg.temperature)
+                if epoch == 0:
+                    old_logps[user, start] = logp.detach()
+                    decoded = user_samples.logprobs[batch, :logp.shape[1]].to(logp.device)  # [B, R]
+                    gap = (logp.detach() - decoded).abs()[mask]
+                    if gap.numel():
+                        gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
+                loss, mb_stats = clipped_token_loss(logp, old_logps[user, start], user_advantages[batch].to(logp.device),
+                                                    mask, cfg.clip_eps)
+                share = mask.sum().item() / max(total_tokens, 1)
+                (loss * share).backward()
+                for name, value in {**mb_stats, "ppo_loss": loss.item()}.items():
+                    stats[name] += value * share / cfg.ppo_epochs
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return {**stats, "decode_logp_gap": gap_sum / max(total_tokens, 1), "decode_logp_gap_max": gap_max}

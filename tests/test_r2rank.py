@@ -97,7 +97,7 @@ def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir
     for shared_prefix in (False, True):
         model.load_state_dict(initial)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        stats = r2rank.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix)
+        stats = rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix)
         after = total_logp()
         assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
         assert stats["ratio"] == pytest.approx(1.0, abs=1e-12) and stats["clip_frac"] == 0.0  # theta_old: its own forward
@@ -119,7 +119,7 @@ def test_theta_old_is_the_updates_own_forward_not_the_decoding_log_probs(synthet
         model.load_state_dict(initial)
         shifted = [rollout.Samples(**{**vars(samples[0]), "logprobs": samples[0].logprobs - shift * samples[0].mask})]
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        stats = r2rank.ppo_update(model, optimizer, prompts, shifted, advantages, cfg)
+        stats = rollout.ppo_update(model, optimizer, prompts, shifted, advantages, cfg)
         results.append((stats, {name: value.clone() for name, value in model.state_dict().items()}))
     (plain, plain_weights), (shifted, shifted_weights) = results
     for name in plain_weights:
@@ -130,7 +130,7 @@ def test_theta_old_is_the_updates_own_forward_not_the_decoding_log_probs(synthet
 
     # By hand, with one epoch: ratio 1 exactly, so the loss is minus the token-weighted mean advantage.
     model.load_state_dict(initial)
-    one_epoch = r2rank.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, samples, advantages,
+    one_epoch = rollout.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, samples, advantages,
                                   dataclasses.replace(cfg, ppo_epochs=1))
     lengths = samples[0].lengths.float()
     assert one_epoch["ratio"] == pytest.approx(1.0, abs=1e-12) and one_epoch["approx_kl"] == 0.0
@@ -388,6 +388,10 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0
     assert "missing/train.jsonl" in result.stderr and "Traceback" not in result.stderr
+    missing_model = run_cli("--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o2"))
+    assert missing_model.returncode == 1 and "Traceback" not in missing_model.stderr
+    assert "--model " in missing_model.stderr and "cannot load it" in missing_model.stderr
+    assert not (tmp_path / "o2").exists()  # nothing written before the model loaded
     bad = run_cli("--num-rankings", "1")
     assert bad.returncode != 0 and "--baseline needs" in bad.stderr
     for args, message in [(["--max-new-tokens", "0"], "no tokens to train"),
