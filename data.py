@@ -1,4 +1,5 @@
-"""Datasets for R2Rank (Sec. 4.1.1 of the R2Rank paper); the prompt built from them is in prompt.py.
+"""Datasets for R2Rank under the paper's protocol (Sec. 4.1.1), and the self-check prompt (Fig. 2) that
+shows one (user, candidate) pair of an instance to the LLM. The raw sources are in sources.py.
 
     python data.py amazon --reviews Video_Games.jsonl.gz --meta meta_Video_Games.jsonl.gz --out data/vg
     python data.py movielens --path ml-100k --out data/ml100k
@@ -24,7 +25,7 @@ Departures from the paper (which leaves these points open):
 4. MovieLens has no time window by default (its 1997-98 dates all fall outside the Amazon one), and
    its placeholder title "unknown" counts as no title.
 5. Timestamps are stored (Unix seconds) but left out of the prompt.
-6. A synthetic source (not in the paper, see synthetic.py) gives a small set whose labels only the
+6. A synthetic source (not in the paper, see sources.py) gives a small set whose labels only the
    history reveals.
 """
 import argparse
@@ -37,16 +38,13 @@ import sys
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
-from datetime import date, datetime, timezone
+from datetime import date
 
-import synthetic
-from readers import DataError, as_int, read_atomic, read_jsonl, read_rows, require
+from sources import (DataError, category_match_ndcg, load_amazon, load_movielens, read_jsonl, require, shorten,
+                     synthetic_raw)
 
 SPLITS = ("train", "valid", "test")
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
-STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
-MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
-                    "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()
 
 
 def flag(default, text):
@@ -62,145 +60,6 @@ class Protocol:
     seed: int = flag(0, "seed of the user split and of the negatives")
     start: str | None = flag(None, "first day of the time window, YYYY-MM-DD, UTC")
     end: str | None = flag(None, "last day of the time window, included, YYYY-MM-DD, UTC")
-
-
-@dataclass
-class RawData:
-    """What a source hands to the protocol."""
-    interactions: list  # (user_id, item_id, unix seconds), inside the window
-    items: dict  # item_id -> {"title", "text"}, titled items only
-    profiles: dict  # user_id -> profile text
-    inputs: list  # file names, for messages and stats.json
-    touched_outside: dict = field(default_factory=dict)  # user_id -> items touched outside the window
-    dropped: Counter = field(default_factory=Counter)
-
-
-# ---------------------------------------------------------------- sources
-
-
-def clean(value):
-    """A text-ish JSON value (string, number, list of them) as one line of single-spaced text."""
-    if isinstance(value, list):
-        value = " ".join(clean(v) for v in value)
-    return " ".join(str(value).split()) if value is not None else ""
-
-
-def window_seconds(protocol):
-    """[lo, hi) in Unix seconds, days at UTC midnight; the end day is included."""
-    def day(text):
-        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
-    return (day(protocol.start) if protocol.start else float("-inf"),
-            day(protocol.end) + 86400 if protocol.end else float("inf"))
-
-
-def keep_in_window(raw, records, protocol, path, remember_outside=True):
-    """Add the (user, item, seconds) records inside the window to raw; count the others."""
-    lo, hi = window_seconds(protocol)
-    for user, item, seconds in records:
-        if lo <= seconds < hi:
-            raw.interactions.append((user, item, seconds))
-        else:
-            raw.dropped["interactions_outside_window"] += 1
-            if remember_outside:
-                raw.touched_outside.setdefault(user, set()).add(item)
-    if not raw.interactions:
-        window = f"from {protocol.start or 'the start'} to {protocol.end or 'the end'}"
-        raise DataError(f"{path}: no interactions {window}")
-
-
-def amazon_reviews(path):
-    for lineno, review in read_jsonl(path):
-        user, item = require(review, "user_id", str, path, lineno), require(review, "parent_asin", str, path, lineno)
-        yield user, item, int(require(review, "timestamp", (int, float), path, lineno) // 1000)  # ms -> s
-
-
-def shorten(text, max_chars):
-    """text cut to at most max_chars characters, "..." marking the cut."""
-    if len(text) <= max_chars:
-        return text
-    return text[:max_chars - 3].rstrip() + "..." if max_chars > 3 else text[:max_chars]
-
-
-def amazon_text(record):
-    categories = [c for c in record.get("categories") or [] if isinstance(c, str)]
-    parts = [f"by {clean(record['store'])}" if record.get("store") else "",
-             " > ".join(categories) or clean(record.get("main_category")),
-             f"price ${record['price']}" if isinstance(record.get("price"), (int, float)) else "",
-             clean(record.get("features")), clean(record.get("description"))]
-    return shorten("; ".join(p for p in parts if p), STORED_TEXT_CHARS)
-
-
-def load_amazon(reviews, meta, protocol):
-    """Amazon Reviews 2023: <Category>.jsonl[.gz] reviews and meta_<Category>.jsonl[.gz] metadata."""
-    raw = RawData([], {}, {}, [reviews, meta])
-    # Millions of lines: keep the in-window ones only, and see the others again in a second pass.
-    keep_in_window(raw, amazon_reviews(reviews), protocol, reviews, remember_outside=False)
-    needed = {item for _, item, _ in raw.interactions}
-    for lineno, record in read_jsonl(meta):
-        item = require(record, "parent_asin", str, meta, lineno)
-        if item in needed and item not in raw.items and clean(record.get("title")):
-            raw.items[item] = {"title": clean(record["title"]), "text": amazon_text(record)}
-    raw.dropped["items_without_title"] = len(needed - raw.items.keys())
-    if raw.dropped["interactions_outside_window"]:  # negatives must avoid these too
-        lo, hi = window_seconds(protocol)
-        in_window = Counter(user for user, item, _ in raw.interactions if item in raw.items)
-        for user, item, seconds in amazon_reviews(reviews):
-            if in_window[user] >= 2 and not lo <= seconds < hi:  # only users who can be kept
-                raw.touched_outside.setdefault(user, set()).add(item)
-    return raw
-
-
-def movie(title, year, genres):
-    """MovieLens writes "unknown" where the title, year or genre is missing."""
-    title = "" if title.strip().lower() in ("unknown", "unkonwn") else clean(title)
-    genres = [genre for genre in genres if genre != "unknown"]
-    parts = [f"year {year}" if year.isdigit() else "", "genres: " + ", ".join(genres) if genres else ""]
-    return {"title": title, "text": "; ".join(p for p in parts if p)}
-
-
-def original_movie(values):
-    """u.item row: id | title (year) | release date | video release | url | 19 genre flags."""
-    match = re.fullmatch(r"(.*?)\s*\((\d{4})\)\s*", values[1])
-    title, year = (match[1], match[2]) if match else (values[1], values[2][-4:])
-    return movie(title, year, [genre for genre, bit in zip(MOVIELENS_GENRES, values[5:]) if bit == "1"])
-
-
-def load_movielens(path, protocol):
-    """MovieLens-100K in its original layout (u.data, u.item, u.user) or as RecBole atomic files."""
-    original = os.path.exists(os.path.join(path, "u.data"))
-    if not original and not os.path.exists(os.path.join(path, "ml-100k.inter")):
-        raise DataError(f"{path}: holds neither u.data (original layout) nor ml-100k.inter (RecBole layout)")
-    names = ("u.data", "u.item", "u.user") if original else ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
-    inter, item_file, user_file = files = [os.path.join(path, name) for name in names]
-    raw = RawData([], {}, {}, files)
-    if original:
-        records = ((user, item, as_int(seconds, inter, lineno))
-                   for lineno, (user, item, _, seconds) in read_rows(inter, "\t", 4))
-        movies = {values[0]: original_movie(values) for _, values in read_rows(item_file, "|", 24, "latin-1")}
-        users = (values[:4] for _, values in read_rows(user_file, "|", 5))
-    else:
-        records = ((row["user_id"], row["item_id"], as_int(row["timestamp"], inter, lineno))
-                   for lineno, row in read_atomic(inter, ["user_id", "item_id", "timestamp"]))
-        movies = {row["item_id"]: movie(row["movie_title"], row["release_year"], row["class"].split())
-                  for _, row in read_atomic(item_file, ["item_id", "movie_title", "release_year", "class"])}
-        users = ((row["user_id"], row["age"], row["gender"], row["occupation"])
-                 for _, row in read_atomic(user_file, ["user_id", "age", "gender", "occupation"]))
-    keep_in_window(raw, records, protocol, inter)
-    raw.items = {item: described for item, described in movies.items() if described["title"]}
-    raw.dropped["items_without_title"] = len(movies) - len(raw.items)
-    for user, age, gender, occupation in users:
-        gender = {"M": "male", "F": "female"}.get(gender, gender)
-        raw.profiles[user] = f"Age {age}, {gender}, occupation: {occupation}"
-    return raw
-
-
-def synthetic_raw(users=200, seed=0, categories_per_user=2):
-    """The synthetic set (see synthetic.py) as RawData."""
-    try:
-        items, profiles, interactions = synthetic.generate(users, seed, categories_per_user)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    return RawData(interactions, items, profiles, ["synthetic"])
 
 
 # ---------------------------------------------------------------- the protocol
@@ -309,10 +168,10 @@ def write_dataset(out_dir, splits, stats, overwrite=False):
 def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, **protocol):
     """Build the synthetic set into out_dir (missing or empty) and return its stats; `protocol` takes
     Protocol's other fields (history, candidates, split). stats.json adds "category_match_ndcg@10",
-    the best NDCG@10 a ranker can expect on each split (synthetic.category_match_ndcg)."""
+    the best NDCG@10 a ranker can expect on each split (sources.category_match_ndcg)."""
     check_out_dir(out_dir, overwrite)
     splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user), Protocol(seed=seed, **protocol))
-    stats["category_match_ndcg@10"] = {name: round(synthetic.category_match_ndcg(split), 4)
+    stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split), 4)
                                        for name, split in splits.items() if split}
     write_dataset(out_dir, splits, stats, overwrite)
     return stats
@@ -341,6 +200,92 @@ def prepare_data(data_dir, out, seed=0):
     if not os.path.exists(os.path.join(path, "train.jsonl")):
         build_synthetic(path, seed=seed, overwrite=True)
     return path
+
+
+# ---------------------------------------------------------------- the prompt (Fig. 2)
+
+
+# The self-check prompt of Sec. 3.4 / Fig. 2: one chat per (user, candidate).
+#     self_check_messages(instance, k)  -> [system, user] chat messages about candidate k
+#     self_check_parts(instance, k)     -> (system, prefix shared by all K candidates, candidate text)
+#     parse_answer(text)                -> 1 Recommend / 0 Not Recommend / None
+#     encode_user(tokenizer, instance)  -> token ids: (prefix shared by the K prompts, [suffix_k])
+# Length budget: every item is one line "title - text" cut to max_item_chars characters (default 200,
+# "..." marks a cut), the profile is cut likewise, and the history keeps its most recent max_history
+# items (default 20), oldest first. At the defaults a prompt stays under ~5,000 characters.
+# Timestamps are left out, to keep prompts short.
+
+RECOMMEND = "Recommend"
+NOT_RECOMMEND = "Not Recommend"
+
+SYSTEM_PROMPT = "You are a recommendation assistant. You judge one candidate item at a time for one user."
+INSTRUCTIONS = (
+    "Decide whether to recommend the candidate item below to this user. "
+    "Answer in three parts, in this order.\n"
+    "# Initial reasoning: weigh what the user context says about this user's tastes against what the "
+    "candidate item offers.\n"
+    "# Self-check: re-read your initial reasoning and look for errors, claims the context does not "
+    "support, doubts, and signals you leaned on too heavily.\n"
+    "# Final conclusion: state the deciding reasons in a few sentences.\n"
+    f"End with exactly one of <answer>{RECOMMEND}</answer> or <answer>{NOT_RECOMMEND}</answer>.")
+ANSWER_PATTERN = re.compile(r"<answer>\s*(not\s+recommend|recommend)\s*</answer>", re.IGNORECASE)
+
+
+def candidate_text(candidate, max_item_chars=200):
+    """One item as one line, "title - text", cut to max_item_chars."""
+    line = f"{candidate['title']} - {candidate['text']}" if candidate.get("text") else candidate["title"]
+    return shorten(" ".join(line.split()), max_item_chars)
+
+
+def user_context_text(instance, max_history=20, max_item_chars=200):
+    """The profile and the numbered history, oldest first, cut to its most recent max_history items."""
+    history = instance["history"][-max_history:] if max_history > 0 else []
+    lines = [f"Profile: {shorten(instance.get('profile') or 'not available', max_item_chars)}",
+             "History, oldest first:" if history else "History: none"]
+    lines += [f"{number}. {candidate_text(item, max_item_chars)}" for number, item in enumerate(history, 1)]
+    return "\n".join(lines)
+
+
+def self_check_parts(instance, k, max_history=20, max_item_chars=200):
+    """(system text, user-message prefix shared by all K candidates, candidate k's text). The prefix
+    ends with a newline, so tokenizers split there and its KV cache can serve all K candidates."""
+    context = user_context_text(instance, max_history, max_item_chars)
+    prefix = f"{INSTRUCTIONS}\n\nUSER CONTEXT\n{context}\n\nCANDIDATE ITEM\n"
+    return SYSTEM_PROMPT, prefix, candidate_text(instance["candidates"][k], max_item_chars)
+
+
+def self_check_messages(instance, k, max_history=20, max_item_chars=200):
+    """Chat messages asking for the self-check reasoning about candidate k (Fig. 2 of the paper)."""
+    system, prefix, candidate = self_check_parts(instance, k, max_history, max_item_chars)
+    return [{"role": "system", "content": system}, {"role": "user", "content": prefix + candidate}]
+
+
+def parse_answer(text):
+    """1 if the last <answer> tag says Recommend, 0 if it says Not Recommend, None if there is none."""
+    answers = ANSWER_PATTERN.findall(text)
+    return int(not answers[-1].lower().startswith("not")) if answers else None
+
+
+
+def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, response_prefix=""):
+    """Token ids of the prompt prefix shared by the user's K candidates, and of each candidate's suffix.
+
+    Prompt k is the chat template of self_check_messages(instance, k) with the assistant turn opened,
+    followed by response_prefix (text every reply is forced to start with; empty by default). It is
+    always prefix + suffix_k (tokenized separately, also when nothing is shared), so the shared-prefix
+    rollout and the update see exactly the same tokens.
+    """
+    texts = [tokenizer.apply_chat_template(self_check_messages(instance, k, max_history, max_item_chars),
+                                           tokenize=False, add_generation_prompt=True) + response_prefix
+             for k in range(len(instance["candidates"]))]
+    _, shared, _ = self_check_parts(instance, 0, max_history, max_item_chars)
+    cut = texts[0].index(shared) + len(shared)  # the prefix ends after the shared part of the user message
+    assert all(text[:cut] == texts[0][:cut] for text in texts)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(texts[0][:cut]), [encode(text[cut:]) for text in texts]
+
+
+# ---------------------------------------------------------------- the command line
 
 
 def day_arg(text):

@@ -5,11 +5,11 @@
 
     run_eval(cfg)   every method on the same candidates -> <out>/eval-<split>.json, Table 2
 
-NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines.py.
+NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines/untrained.py.
 
 Where this departs from the paper (which leaves these points open unless said):
 1. Baselines: random, popularity and zero-shot prompts of the same LLM, not the paper's trained
-   recommenders (see baselines.py).
+   recommenders (see baselines/untrained.py).
 2. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
    them at --temperature. A model without a trained head (head.safetensors) skips R2Rank.
 3. Markers: in each column the best method is bold and marked by its test against the runner-up in
@@ -40,12 +40,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import baselines
 import data
+from baselines import untrained
 import models
-import prompt
 import rollout
-from head import has_head, load_head, score_traces
 from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
 
 
@@ -120,23 +118,23 @@ def make_rankers(cfg, model, tokenizer, head, frequency):
             samples += rollout.rollout_users(model, tokenizer, [instance], cfg, generator,
                                             temperature=cfg.temperature if cfg.eval_sample else 0.0)[0]
         with torch.no_grad():
-            scores = score_traces(head, samples)
+            scores = models.score_traces(head, samples)
         return scores.float().cpu(), rollout.trace_stats(samples, tokenizer)
 
     def rank_pointwise(instances, desc):
-        encode_user = lambda instance: prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars,
+        encode_user = lambda instance: data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars,
                                                           cfg.response_prefix)  # the self-check prompt
-        return baselines.rank_pointwise(model, tokenizer, instances, encode_user, desc), {}
+        return untrained.rank_pointwise(model, tokenizer, instances, encode_user, desc), {}
 
     def rank_listwise(instances, desc):
-        return baselines.rank_listwise(model, tokenizer, instances, cfg.max_history, cfg.max_item_chars,
+        return untrained.rank_listwise(model, tokenizer, instances, cfg.max_history, cfg.max_item_chars,
                                        cfg.max_new_tokens, desc)
 
     def rank_random(instances, desc):
-        return baselines.random_scores(len(instances), len(instances[0]["candidates"]), cfg.seed), {}
+        return untrained.random_scores(len(instances), len(instances[0]["candidates"]), cfg.seed), {}
 
     def rank_popularity(instances, desc):
-        return baselines.popularity_scores(instances, frequency), {}
+        return untrained.popularity_scores(instances, frequency), {}
 
     return {"r2rank": rank_r2rank, "random": rank_random, "popularity": rank_popularity,
             "pointwise": rank_pointwise, "listwise": rank_listwise}
@@ -327,7 +325,7 @@ def run_eval(cfg):
     K = len(instances[0]["candidates"])
     if any(len(inst["candidates"]) != K or max(inst["labels"]) <= 0 for inst in instances):
         raise data.DataError(f"{data_dir}/{cfg.split}.jsonl: every instance needs {K} candidates and a positive")
-    if "r2rank" in methods and not has_head(cfg.model):
+    if "r2rank" in methods and not models.has_head(cfg.model):
         print(f"note: {cfg.model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
               f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")
         methods.remove("r2rank")
@@ -341,7 +339,7 @@ def run_eval(cfg):
         model, tokenizer = models.load_policy(cfg.model, device, dtype, cfg.seed)  # a DataError if it cannot
         model.eval()
         if "r2rank" in methods:
-            head = load_head(cfg.model, model.config.hidden_size, device).eval()
+            head = models.load_head(cfg.model, model.config.hidden_size, device).eval()
     frequency = read_frequency(data_dir) if "popularity" in methods or "cold-start" in analyses else None
     rankers = make_rankers(cfg, model, tokenizer, head, frequency)
     traces = "sampled" if cfg.eval_sample else "greedy"

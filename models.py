@@ -1,6 +1,10 @@
-"""Loading the policy LLM: a hub id, a local directory, a GGUF file, or a tiny random model built offline;
-device and precision choices; activation checkpointing; saving and finding checkpoints (also the
-frozen-LLM trace cache).
+"""The two models of R2Rank and their files: the policy LLM pi_theta (a hub id, a local directory, a
+GGUF file, or a tiny random model built offline), the scoring head f_phi of Eq. (2), device and
+precision choices, activation checkpointing, and checkpoints (LLM, head and, for MLP-only, the
+frozen LLM's trace cache).
+
+Departures 7 (the LayerNorm in front of the head's MLP) and 8 (--pl-std, `standardized`) of the list
+at the top of r2rank.py are implemented here.
 
     model, tokenizer = load_policy("Qwen/Qwen2.5-1.5B-Instruct", pick_device("auto"), torch.float32)
     model, tokenizer = load_policy("tiny", torch.device("cpu"), torch.float32)   # no download
@@ -13,10 +17,9 @@ import shutil
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import data
-import prompt
 import rollout
 
 
@@ -56,9 +59,9 @@ def build_tiny(seed=0, vocab_size=1024, hidden_size=64, layers=2):
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order: pad, turn start, turn end
     raw = data.synthetic_raw(users=50, seed=0)
-    corpus = [prompt.SYSTEM_PROMPT, prompt.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
-    corpus += [f"The user liked the {i['title'].lower()}, so <answer>{prompt.RECOMMEND}</answer> or "
-               f"<answer>{prompt.NOT_RECOMMEND}</answer>." for i in raw.items.values()]
+    corpus = [data.SYSTEM_PROMPT, data.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
+    corpus += [f"The user liked the {i['title'].lower()}, so <answer>{data.RECOMMEND}</answer> or "
+               f"<answer>{data.NOT_RECOMMEND}</answer>." for i in raw.items.values()]
     bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -212,3 +215,51 @@ def load_trace_cache(path, cfg, device):
             sys.exit(f"error: {path}: its traces were made with " + ", ".join(f"--{n.replace('_', '-')} {saved.get(n)}" for n in differ)
                      + "; this run has " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ))
     return {user: rollout.Samples(**fields) for user, fields in torch.load(path, map_location=device).items()}
+
+
+# --------------------------------------------------------------------- the scoring head f_phi
+
+
+class ScoreHead(torch.nn.Module):
+    """f_phi of Eq. (2): final hidden state h [..., H] -> relevance score [...], computed in fp32."""
+
+    def __init__(self, hidden_size, width):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.LayerNorm(hidden_size, elementwise_affine=False),
+            torch.nn.Linear(hidden_size, width),
+            torch.nn.GELU(),
+            torch.nn.Linear(width, 1),
+        )
+
+    def forward(self, hidden):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head stays fp32
+            return self.net(hidden.float()).squeeze(-1)
+
+
+def score_traces(head, samples):
+    """Phase 2: s_k = f_phi(h_k) (Eq. 2) for every user's K traces -> [U, K] fp32."""
+    return torch.stack([head(s.final_hidden) for s in samples])
+
+
+def standardized(scores, std):
+    """Departure 8: each user's K scores [U, K] shifted to mean 0 and scaled to std `std`; std 0 leaves
+    them as they are (the paper). PL is shift-invariant, so this fixes only how sharp it is, and the
+    order of the scores (all that evaluation uses) does not change."""
+    if not std:
+        return scores
+    centered = scores - scores.mean(-1, keepdim=True)
+    return std * centered / centered.std(-1, keepdim=True, correction=0).clamp(min=1e-6)
+
+
+def load_head(path, hidden_size, device):
+    """The scoring head saved in checkpoint directory `path` (its width is in r2rank.json)."""
+    with open(os.path.join(path, "r2rank.json")) as f:
+        width = json.load(f)["head_width"]
+    head = ScoreHead(hidden_size, width).to(device)
+    head.load_state_dict(load_file(os.path.join(path, "head.safetensors")))
+    return head
+
+
+def has_head(path):
+    return os.path.isfile(os.path.join(path, "head.safetensors"))

@@ -22,8 +22,8 @@ Where this departs from the paper (defaults are the paper's unless said; details
 4. The PPO loss is a per-token mean, not Eq. 6's plain sum (ppo.clipped_token_loss).
 5. theta_old is the first PPO epoch's own forward, not the decoding pass (rollout.ppo_update).
 6. Log-probs at the sampling temperature; RL refuses --temperature 0 and --top-p < 1 (rollout.py).
-7. The head reads the hidden state through a LayerNorm and does not back-propagate into the LLM (head.py).
-8. --pl-std (off) fixes the std of a user's scores before Plackett-Luce (head.standardized).
+7. The head reads the hidden state through a LayerNorm and does not back-propagate into the LLM (models.py).
+8. --pl-std (off) fixes the std of a user's scores before Plackett-Luce (models.standardized).
 """
 import argparse
 import dataclasses
@@ -40,10 +40,10 @@ from tqdm import tqdm
 import data
 import plackett_luce
 import rollout
-from head import ScoreHead, has_head, load_head, score_traces, standardized
 from metrics import ndcg_at_k, ndcg_from_scores
-from models import (enable_checkpointing, latest_checkpoint, load_policy, load_trace_cache, mixed_precision,
-                    pick_device, pick_dtype, prune_checkpoints, save_checkpoint)
+from models import (ScoreHead, enable_checkpointing, has_head, latest_checkpoint, load_head, load_policy,
+                    load_trace_cache, mixed_precision, pick_device, pick_dtype, prune_checkpoints, save_checkpoint,
+                    score_traces, standardized)
 from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-import prompt
+import data
 from ppo import clipped_token_loss
 
 
@@ -196,7 +196,7 @@ def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None)
     (prefix_ids, [suffix_ids] * K)."""
     samples, prompts = [], []
     for instance in instances:
-        prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+        prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
         samples.append(sample_traces(model, tokenizer, prefix, suffixes, cfg.max_new_tokens,
                                      cfg.temperature if temperature is None else temperature, cfg.top_p, generator))
         prompts.append((prefix, suffixes))
@@ -211,7 +211,7 @@ def trace_stats(samples, tokenizer):
     flat = [text for user in texts for text in user]
     lengths = torch.cat([s.lengths for s in samples]).float()
     return {
-        "answer_share": sum(prompt.parse_answer(t) is not None for t in flat) / len(flat),
+        "answer_share": sum(data.parse_answer(t) is not None for t in flat) / len(flat),
         "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
         "response_len": lengths.mean().item(),
         "distinct_share": sum(len(set(user)) / len(user) for user in texts) / len(texts),

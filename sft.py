@@ -6,13 +6,13 @@
     python r2rank.py --stage rl --model runs/sft/checkpoint-N --out runs/rl
 
 sft-data: for (user, candidate) pairs of the training split, ask the teacher for the self-check response
-(prompt.self_check_messages, Fig. 2) and keep it only when its <answer> matches the label. Kept traces
+(data.self_check_messages, Fig. 2) and keep it only when its <answer> matches the label. Kept traces
 go to traces.jsonl, the others to traces.rejected.jsonl, one line per asked pair, appended and flushed
 one at a time: a rerun skips every pair found in either file, so an interrupted run resumes where it
 stopped (a torn last line is cut off and its pair asked again). traces.summary.json has the counts.
 
 sft: next-token loss on the response tokens only; the prompt is exactly what the RL stage feeds the
-policy (prompt.encode_user), the response is the teacher's text followed by the tokenizer's eos.
+policy (data.encode_user), the response is the teacher's text followed by the tokenizer's eos.
 Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head.
 
 Where this departs from the paper (which gives no SFT details beyond the data filter):
@@ -45,8 +45,7 @@ from tqdm import tqdm
 
 import data
 import models
-import prompt
-import readers
+import sources
 import rollout
 
 IGNORE = -100  # label of a position without loss (prompt and padding), as in transformers
@@ -156,7 +155,7 @@ def local_teacher(cfg):
     model.eval()
 
     def ask(instance, k, messages):
-        prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+        prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
         key = f"{cfg.seed}/{instance['user_id']}/{instance['candidates'][k]['item_id']}"
         generator = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
         samples = rollout.sample_traces(model, tokenizer, prefix, [suffixes[k]], cfg.max_new_tokens, cfg.temperature,
@@ -200,9 +199,9 @@ def build_traces(cfg):
         bar = tqdm(pending, desc="sft-data", dynamic_ncols=True)
         for done, (u, k) in enumerate(bar, 1):
             instance = instances[u]
-            messages = prompt.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars)
+            messages = data.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars)
             response = ask(instance, k, messages)
-            decision, label = prompt.parse_answer(response), instance["labels"][k]
+            decision, label = data.parse_answer(response), instance["labels"][k]
             record = {"user_id": instance["user_id"], "item_id": instance["candidates"][k]["item_id"], "label": label,
                       "decision": decision, "teacher": teacher, "messages": messages, "response": response}
             out = kept if decision == label else dropped
@@ -242,9 +241,9 @@ def read_traces(path, instances, max_history, max_item_chars):
     """Validated traces -> [(instance, candidate index, response text)]. instances: user_id -> instance
     of the training split. A bad line is a DataError naming file:line."""
     traces = []
-    for lineno, record in readers.read_jsonl(path):
+    for lineno, record in sources.read_jsonl(path):
         for name in ("user_id", "item_id", "response"):
-            readers.require(record, name, str, path, lineno)
+            sources.require(record, name, str, path, lineno)
         instance = instances.get(record["user_id"])
         if instance is None:
             raise data.DataError(f"{path}:{lineno}: user {record['user_id']!r} is not in the training split")
@@ -252,13 +251,13 @@ def read_traces(path, instances, max_history, max_item_chars):
         if record["item_id"] not in items:
             raise data.DataError(f"{path}:{lineno}: item {record['item_id']!r} is not a candidate of user {record['user_id']!r}")
         k = items.index(record["item_id"])
-        decision = prompt.parse_answer(record["response"])
+        decision = data.parse_answer(record["response"])
         if decision is None:
-            raise data.DataError(f"{path}:{lineno}: the response has no <answer>{prompt.RECOMMEND}</answer> or "
-                                 f"<answer>{prompt.NOT_RECOMMEND}</answer> tag")
+            raise data.DataError(f"{path}:{lineno}: the response has no <answer>{data.RECOMMEND}</answer> or "
+                                 f"<answer>{data.NOT_RECOMMEND}</answer> tag")
         if decision != instance["labels"][k]:
             raise data.DataError(f"{path}:{lineno}: the response's answer contradicts the label {instance['labels'][k]}")
-        if "messages" in record and record["messages"] != prompt.self_check_messages(instance, k, max_history, max_item_chars):
+        if "messages" in record and record["messages"] != data.self_check_messages(instance, k, max_history, max_item_chars):
             raise data.DataError(f"{path}:{lineno}: the prompt differs from the one built from this data with "
                                  "--max-history / --max-item-chars (were the traces made with other settings?)")
         traces.append((instance, k, record["response"]))
@@ -332,7 +331,7 @@ def train_sft(cfg):
     prompts, responses, encoded = [], [], {}
     for instance, k, response in traces:
         if instance["user_id"] not in encoded:
-            encoded[instance["user_id"]] = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+            encoded[instance["user_id"]] = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
         prefix, suffixes = encoded[instance["user_id"]]
         prompts.append(prefix + suffixes[k])
         responses.append(tokenizer(response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])

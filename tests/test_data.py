@@ -13,7 +13,9 @@ from datetime import datetime, timezone
 import pytest
 
 import data
-from data import DataError, Protocol, RawData
+from data import DataError, Protocol
+import sources
+from sources import RawData
 
 DATA_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
 
@@ -119,7 +121,7 @@ def test_amazon_cli_applies_window_order_truncation_and_drops(amazon_files, tmp_
     item = alice["candidates"][alice["labels"].index(1)]
     assert item["title"] == "Game B05"
     assert item["text"].startswith("by Acme; Video Games > PC; price $9.99; fast; xxx")
-    assert len(item["text"]) == data.STORED_TEXT_CHARS and item["text"].endswith("...")
+    assert len(item["text"]) == sources.STORED_TEXT_CHARS and item["text"].endswith("...")
 
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["users"], stats["items"], stats["interactions"]) == (4, 23, 4 + 5 + 2 + 12)

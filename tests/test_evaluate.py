@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import baselines
 import data
+from baselines import untrained
 import evaluate
 import models
-import prompt
 import r2rank
-from head import ScoreHead
+from models import ScoreHead
 from metrics import rank_by_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,20 +44,20 @@ def fixture_instance(positive=1):
 
 def test_popularity_puts_the_most_frequent_item_first_and_ties_are_pessimistic():
     instance = fixture_instance(positive=2)
-    scores = baselines.popularity_scores([instance], {"a": 1, "b": 7, "c": 3})  # "d" never a positive: 0
+    scores = untrained.popularity_scores([instance], {"a": 1, "b": 7, "c": 3})  # "d" never a positive: 0
     assert scores.tolist() == [[1.0, 7.0, 3.0, 0.0]]
     labels = torch.tensor([instance["labels"]])
     assert rank_by_scores(scores, labels).tolist() == [[1, 2, 0, 3]]
     assert evaluate.positive_ranks(scores, labels).tolist() == [2]
     # all counts equal: the positive ranks last among the tie, whatever its position
-    flat = baselines.popularity_scores([instance], {})
+    flat = untrained.popularity_scores([instance], {})
     assert evaluate.positive_ranks(flat, labels).tolist() == [4]
 
 
 def test_random_scores_are_seeded():
-    first, again = baselines.random_scores(3, 5, seed=4), baselines.random_scores(3, 5, seed=4)
+    first, again = untrained.random_scores(3, 5, seed=4), untrained.random_scores(3, 5, seed=4)
     assert first.shape == (3, 5) and torch.equal(first, again)
-    assert not torch.equal(first, baselines.random_scores(3, 5, seed=5))
+    assert not torch.equal(first, untrained.random_scores(3, 5, seed=5))
 
 
 @pytest.mark.parametrize("text, order, counts", [
@@ -71,12 +70,12 @@ def test_random_scores_are_seeded():
     ("", [0, 1, 2], {"parsed": 0, "missing": 3, "repeated": 0, "out_of_range": 0}),
 ])
 def test_listwise_parser(text, order, counts):
-    assert baselines.parse_ranking(text, 3) == (order, counts)
+    assert untrained.parse_ranking(text, 3) == (order, counts)
 
 
 def test_scores_from_order_sort_back_into_the_order():
     order = [2, 0, 3, 1]
-    scores = baselines.scores_from_order(order)
+    scores = untrained.scores_from_order(order)
     assert rank_by_scores(scores, torch.zeros(4)).tolist() == order
 
 
@@ -124,15 +123,15 @@ def plain_pointwise(model, tokenizer, prompts, yes_ids, no_ids):
 
 
 def check_pointwise(model, tokenizer, instance, cfg):
-    prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+    prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     yes_ids, no_ids = encode("<answer>Recommend</answer>"), encode("<answer>Not Recommend</answer>")
     expected = plain_pointwise(model, tokenizer, [prefix + s for s in suffixes], yes_ids, no_ids)
-    shared = baselines.pointwise_scores(model, prefix, suffixes, yes_ids, no_ids, rows_per_forward=7)
-    unshared = baselines.pointwise_scores(model, [], [prefix + s for s in suffixes], yes_ids, no_ids)
+    shared = untrained.pointwise_scores(model, prefix, suffixes, yes_ids, no_ids, rows_per_forward=7)
+    unshared = untrained.pointwise_scores(model, [], [prefix + s for s in suffixes], yes_ids, no_ids)
     torch.testing.assert_close(shared, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(unshared, expected, atol=1e-4, rtol=1e-5)
-    ranked = baselines.rank_pointwise(model, tokenizer, [instance], lambda inst: prompt.encode_user(tokenizer, inst, cfg.max_history, cfg.max_item_chars, cfg.response_prefix))
+    ranked = untrained.rank_pointwise(model, tokenizer, [instance], lambda inst: data.encode_user(tokenizer, inst, cfg.max_history, cfg.max_item_chars, cfg.response_prefix))
     torch.testing.assert_close(ranked[0], expected, atol=1e-4, rtol=1e-5)
 
 

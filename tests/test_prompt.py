@@ -1,7 +1,7 @@
-"""prompt.py: the self-check prompt of Fig. 2 on a hand-made instance, and the answer parser."""
+"""data.py's self-check prompt of Fig. 2 on a hand-made instance, and the answer parser."""
 import pytest
 
-import prompt
+import data
 
 
 def instance_with(history_count, text="short"):
@@ -12,25 +12,25 @@ def instance_with(history_count, text="short"):
 
 def test_candidates_of_one_user_differ_only_in_a_suffix():
     inst = instance_with(25)
-    first, second = prompt.self_check_messages(inst, 0), prompt.self_check_messages(inst, 1)
+    first, second = data.self_check_messages(inst, 0), data.self_check_messages(inst, 1)
     assert [m["role"] for m in first] == ["system", "user"] and first[0] == second[0]
-    system, prefix, block = prompt.self_check_parts(inst, 1)
+    system, prefix, block = data.self_check_parts(inst, 1)
     assert second[1]["content"] == prefix + block and block == "Beta - y"
     assert first[1]["content"].startswith(prefix) and not first[1]["content"].endswith("Beta - y")
     assert prefix.endswith("\n") and "Alpha" not in prefix and "Beta" not in prefix
 
 
 def test_prompt_keeps_recent_history_in_order_and_cuts_long_texts():
-    context = prompt.user_context_text(instance_with(25), max_history=20)
+    context = data.user_context_text(instance_with(25), max_history=20)
     lines = context.splitlines()
     assert lines[0] == "Profile: Age 30"
     assert lines[2:] == [f"{n + 1}. Title{n + 5} - short" for n in range(20)]  # items 5..24, oldest first
     assert "Title4 " not in context
-    cut = prompt.candidate_text({"title": "Alpha", "text": "x" * 500}, max_item_chars=200)
+    cut = data.candidate_text({"title": "Alpha", "text": "x" * 500}, max_item_chars=200)
     assert len(cut) == 200 and cut.startswith("Alpha - xxx") and cut.endswith("...")
-    assert prompt.candidate_text({"title": "Beta", "text": ""}) == "Beta"
-    assert "History: none" in prompt.user_context_text(instance_with(0))
-    user = prompt.self_check_messages(instance_with(3), 0, max_item_chars=50)[1]["content"]
+    assert data.candidate_text({"title": "Beta", "text": ""}) == "Beta"
+    assert "History: none" in data.user_context_text(instance_with(0))
+    user = data.self_check_messages(instance_with(3), 0, max_item_chars=50)[1]["content"]
     for part in ("Initial reasoning", "Self-check", "Final conclusion", "<answer>Recommend</answer>",
                  "<answer>Not Recommend</answer>", "USER CONTEXT", "CANDIDATE ITEM"):
         assert part in user
@@ -49,4 +49,4 @@ def test_prompt_keeps_recent_history_in_order_and_cuts_long_texts():
     ("", None),
 ])
 def test_parse_answer(text, expected):
-    assert prompt.parse_answer(text) == expected
+    assert data.parse_answer(text) == expected

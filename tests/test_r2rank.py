@@ -12,10 +12,9 @@ from safetensors.torch import load_file
 import data
 import models
 import plackett_luce
-import prompt
 import r2rank
 import rollout
-from head import ScoreHead, load_head, score_traces, standardized
+from models import ScoreHead, load_head, score_traces, standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from ppo import leave_one_out_baseline, reinforce_loss
 
@@ -38,10 +37,10 @@ def test_encode_user_prefix_plus_suffix_is_the_chat_prompt(synthetic_dir):
     _, tokenizer = models.build_tiny()
     cfg = r2rank.Config()
     instance = data.load_split(synthetic_dir, "train")[0]
-    prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+    prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     assert len(suffixes) == len(instance["candidates"])
     for k, suffix in enumerate(suffixes):
-        expected = tokenizer.apply_chat_template(prompt.self_check_messages(instance, k), tokenize=False,
+        expected = tokenizer.apply_chat_template(data.self_check_messages(instance, k), tokenize=False,
                                                  add_generation_prompt=True)
         assert tokenizer.decode(prefix + suffix) == expected
     assert instance["candidates"][0]["title"] not in tokenizer.decode(prefix)
@@ -365,7 +364,7 @@ def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(syn
     assert len(cache) == 4
     for user, fields in cache.items():
         assert fields["tokens"].shape == (20, 0)
-        prefix, suffixes = prompt.encode_user(tokenizer, train[user], max_history=3)
+        prefix, suffixes = data.encode_user(tokenizer, train[user], max_history=3)
         with torch.no_grad():  # the whole prompt of the last candidate, one plain forward
             forward = model(input_ids=torch.tensor([prefix + suffixes[-1]]), output_hidden_states=True)
         torch.testing.assert_close(fields["final_hidden"][-1], forward.hidden_states[-1][0, -1], atol=1e-4, rtol=0)
@@ -377,8 +376,8 @@ def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(syn
 def test_response_prefix_ends_every_candidates_prompt(synthetic_dir):
     _, tokenizer = models.build_tiny()
     instance = data.load_split(synthetic_dir, "train")[0]
-    prefix, suffixes = prompt.encode_user(tokenizer, instance)
-    forced_prefix, forced = prompt.encode_user(tokenizer, instance, response_prefix="Yes, the")
+    prefix, suffixes = data.encode_user(tokenizer, instance)
+    forced_prefix, forced = data.encode_user(tokenizer, instance, response_prefix="Yes, the")
     assert forced_prefix == prefix and len(forced) == len(suffixes) == 20
     for plain, suffix in zip(suffixes, forced):
         assert tokenizer.decode(suffix) == tokenizer.decode(plain) + "Yes, the"

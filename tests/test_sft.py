@@ -18,7 +18,6 @@ import torch
 
 import data
 import models
-import prompt
 import r2rank
 import rollout
 import sft
@@ -59,7 +58,7 @@ def stub_answer(candidate_line):
     """The stub's rule: red or blue items are recommended, green ones not, black ones get no tag."""
     if "color: black" in candidate_line:
         return "# Initial reasoning: hard to say.\n# Self-check: no idea.\n# Final conclusion: unsure."
-    decision = prompt.RECOMMEND if ("color: red" in candidate_line or "color: blue" in candidate_line) else prompt.NOT_RECOMMEND
+    decision = data.RECOMMEND if ("color: red" in candidate_line or "color: blue" in candidate_line) else data.NOT_RECOMMEND
     return f"# Initial reasoning: the color.\n# Self-check: fine.\n# Final conclusion: color.\n<answer>{decision}</answer>"
 
 
@@ -131,7 +130,7 @@ def expected_split(train, num_pairs, seed=0):
     kept, rejected = [], []
     for u, k in sft.choose_pairs(train, num_pairs, seed):
         inst = train[u]
-        decision = prompt.parse_answer(stub_answer(prompt.candidate_text(inst["candidates"][k])))
+        decision = data.parse_answer(stub_answer(data.candidate_text(inst["candidates"][k])))
         (kept if decision == inst["labels"][k] else rejected).append((inst["user_id"], inst["candidates"][k]["item_id"]))
     return kept, rejected
 
@@ -184,9 +183,9 @@ def test_sft_data_keeps_exactly_the_label_matching_replies(data_dir, train, tmp_
     record = json.loads((tmp_path / "traces.jsonl").read_text().splitlines()[0])
     inst = next(i for i in train if i["user_id"] == record["user_id"])
     k = [c["item_id"] for c in inst["candidates"]].index(record["item_id"])
-    assert record["messages"] == prompt.self_check_messages(inst, k)
+    assert record["messages"] == data.self_check_messages(inst, k)
     assert record["messages"] in [r["body"]["messages"] for r in stub.requests]
-    assert record["label"] == inst["labels"][k] == prompt.parse_answer(record["response"])
+    assert record["label"] == inst["labels"][k] == data.parse_answer(record["response"])
     assert record["teacher"] == "stub-model"
 
 
@@ -292,7 +291,7 @@ def test_smollm2_as_local_teacher(data_dir, tmp_path):
     summary = sft.build_traces(cfg)
     assert summary["asked"] == 2 and summary["teacher"] == path
     for record in sft.read_appended(str(tmp_path / "traces.rejected.jsonl")):
-        assert record["response"] and prompt.parse_answer(record["response"]) != record["label"]
+        assert record["response"] and data.parse_answer(record["response"]) != record["label"]
 
 
 # ---------------------------------------------------------------- sft
@@ -303,11 +302,11 @@ def hand_written_traces(train, count):
     for u, k in sft.choose_pairs(train, count, seed=0):
         inst = train[u]
         title = inst["candidates"][k]["title"]
-        decision = prompt.RECOMMEND if inst["labels"][k] else prompt.NOT_RECOMMEND
+        decision = data.RECOMMEND if inst["labels"][k] else data.NOT_RECOMMEND
         response = (f"# Initial reasoning: the user bought {inst['history'][-1]['title']}; the candidate is {title}.\n"
                     f"# Self-check: the categories decide.\n# Final conclusion: {decision}.\n<answer>{decision}</answer>")
         traces.append({"user_id": inst["user_id"], "item_id": inst["candidates"][k]["item_id"], "label": inst["labels"][k],
-                       "messages": prompt.self_check_messages(inst, k), "response": response})
+                       "messages": data.self_check_messages(inst, k), "response": response})
     return traces
 
 
@@ -318,7 +317,7 @@ def encode_traces(tokenizer, train, traces):
     for trace in traces:
         inst = by_user[trace["user_id"]]
         k = [c["item_id"] for c in inst["candidates"]].index(trace["item_id"])
-        prefix, suffixes = prompt.encode_user(tokenizer, inst)
+        prefix, suffixes = data.encode_user(tokenizer, inst)
         prompts.append(prefix + suffixes[k])
         responses.append(tokenizer(trace["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
     return prompts, responses
@@ -368,7 +367,7 @@ def test_bad_trace_lines_name_file_and_line(train, tmp_path, line, message):
     if line == "NO_TAG":
         line = {**good[1], "response": "I would recommend it."}
     elif line == "WRONG":
-        flipped = prompt.NOT_RECOMMEND if good[1]["label"] else prompt.RECOMMEND
+        flipped = data.NOT_RECOMMEND if good[1]["label"] else data.RECOMMEND
         line = {**good[1], "response": good[1]["response"].rsplit("<answer>", 1)[0] + f"<answer>{flipped}</answer>"}
     path = tmp_path / "traces.jsonl"
     path.write_text(json.dumps(good[0]) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")

@@ -1,4 +1,4 @@
-"""The synthetic set (synthetic.py, built by data.py): its labels need the history, the
+"""The synthetic set (sources.py, built by data.py): its labels need the history, the
 --categories-per-user option, and the best NDCG@10 a ranker can expect on it, checked by hand and by
 random tie-breaking through metrics.py."""
 from collections import Counter
@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 import data
-import synthetic
+import sources
 from data import DataError
 
 
@@ -62,12 +62,12 @@ def fake(history, candidates, positive):
 def test_category_match_ndcg_by_hand():
     # two candidates match the history, the positive among them: rank 1 or 2, each half the time
     matched = fake(["A", "A"], ["A", "B", "A", "B"], positive=0)
-    assert synthetic.category_match_ndcg([matched]) == pytest.approx((1 + 1 / 1.5849625) / 2)
+    assert sources.category_match_ndcg([matched]) == pytest.approx((1 + 1 / 1.5849625) / 2)
     # a cut history that misses the positive's category: rank 2, 3 or 4 behind the one match
     missed = fake(["B"], ["A", "B", "A", "A"], positive=0)
-    assert synthetic.category_match_ndcg([missed]) == pytest.approx((1 / 1.5849625 + 1 / 2 + 1 / 2.3219281) / 3)
-    assert synthetic.category_match_ndcg([missed], k=2) == pytest.approx(1 / 1.5849625 / 3)
-    assert synthetic.category_match_ndcg([matched, missed]) == pytest.approx((0.8154649 + 0.5205354) / 2)
+    assert sources.category_match_ndcg([missed]) == pytest.approx((1 / 1.5849625 + 1 / 2 + 1 / 2.3219281) / 3)
+    assert sources.category_match_ndcg([missed], k=2) == pytest.approx(1 / 1.5849625 / 3)
+    assert sources.category_match_ndcg([matched, missed]) == pytest.approx((0.8154649 + 0.5205354) / 2)
 
 
 def test_category_match_ndcg_equals_random_tie_breaking(tmp_path):
@@ -78,8 +78,8 @@ def test_category_match_ndcg_equals_random_tie_breaking(tmp_path):
     instances = data.load_split(tmp_path / "syn", "test")
     generator, estimates = torch.Generator().manual_seed(0), []
     for inst in instances:
-        seen = {synthetic.category(item) for item in inst["history"]}
-        match = torch.tensor([float(synthetic.category(item) in seen) for item in inst["candidates"]])
+        seen = {sources.item_category(item) for item in inst["history"]}
+        match = torch.tensor([float(sources.item_category(item) in seen) for item in inst["candidates"]])
         scores = match + 0.5 * torch.rand(20000, len(match), generator=generator)  # ties broken at random
         labels = torch.tensor(inst["labels"], dtype=torch.float32).expand(20000, -1)
         estimates.append(ndcg_from_scores(scores, labels, 10).mean().item())

@@ -1,7 +1,7 @@
 """Speed and memory of one RL step's phases, plain vs optimized paths side by side in one run.
 
-    python tests/benchmark.py                   # tiny model, and SmolLM2-135M when installed
-    python tests/benchmark.py --models tiny --new-tokens 32
+    python tools/benchmark.py                   # tiny model, and SmolLM2-135M when installed
+    python tools/benchmark.py --models tiny --new-tokens 32
 
 Not collected by pytest (no test_ prefix): timings on a shared machine are figures to read, not
 assertions. Every comparison runs on the same traces in the same process.
@@ -30,10 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import models  # noqa: E402
 import plackett_luce  # noqa: E402
-import prompt  # noqa: E402
 import r2rank  # noqa: E402
 import rollout  # noqa: E402
-from head import ScoreHead  # noqa: E402
+from models import ScoreHead  # noqa: E402
 
 
 def smollm2_path():
@@ -135,7 +134,7 @@ def bench_model(name, args, device):
     model.eval()
     cfg = r2rank.Config(max_history=args.history)
     instance = benchmark_instance(args.history, args.candidates)
-    prefix, suffixes = prompt.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+    prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     K = len(suffixes)
     prompt_tokens = sum(len(prefix) + len(s) for s in suffixes)
     print(f"\n== {name}: K = {K}, history {args.history} items, prompt {len(prefix)} shared + "

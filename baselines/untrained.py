@@ -27,7 +27,7 @@ import re
 import torch
 from tqdm import tqdm
 
-from prompt import NOT_RECOMMEND, RECOMMEND, candidate_text, user_context_text
+from data import NOT_RECOMMEND, RECOMMEND, candidate_text, user_context_text
 from rollout import cache_kwargs, positions_from_mask, prefill, sample_traces, token_logprobs
 
 # The listwise answer gets min(--max-new-tokens, 8 K) new tokens: "[12] > " takes about 4 to 5 tokens.
@@ -138,7 +138,7 @@ def scores_from_order(order):
 
 def rank_pointwise(model, tokenizer, instances, encode_user, desc="pointwise"):
     """[U, K] pointwise scores of every instance; encode_user(instance) -> (prefix_ids, suffix_ids_list)
-    splits the self-check prompt (prompt.encode_user), whose assistant turn the answers continue."""
+    splits the self-check prompt (data.encode_user), whose assistant turn the answers continue."""
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     yes_ids, no_ids = encode(f"<answer>{RECOMMEND}</answer>"), encode(f"<answer>{NOT_RECOMMEND}</answer>")
     return torch.stack([pointwise_scores(model, *encode_user(instance), yes_ids, no_ids)

@@ -1,7 +1,7 @@
 """Results across runs: one table from several `--stage eval` files, and a learning curve as text.
 
-    python report.py table runs/baselines/eval-test.json runs/ml-mlp/eval-test.json=MLP-only ...
-    python report.py curve runs/ml-rl/metrics.jsonl
+    python tools/report.py table runs/baselines/eval-test.json runs/ml-mlp/eval-test.json=MLP-only ...
+    python tools/report.py curve runs/ml-rl/metrics.jsonl
 
 `table` reads the per-user NDCG values that `python r2rank.py --stage eval` writes (eval-<split>.json),
 puts every method of every file in one table in the layout of the paper's Table 2, and tests every
@@ -16,8 +16,9 @@ import json
 import os
 import sys
 
-import evaluate
-import metrics
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 
 class ReportError(ValueError):

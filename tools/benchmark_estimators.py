@@ -1,7 +1,7 @@
 """Bias and variance of the LLM's policy-gradient estimators (--advantage), on exact toys.
 
-    python tests/benchmark_estimators.py                  # K = 4, 5, 6; 20 toys each
-    python tests/benchmark_estimators.py --toys 50 --steps 4000
+    python tools/benchmark_estimators.py                  # K = 4, 5, 6; 20 toys each
+    python tools/benchmark_estimators.py --toys 50 --steps 4000
 
 Not collected by pytest: it prints figures to read. The toy is Algorithm 1 with the LLM cut down to
 what can be enumerated. U users per step, K candidates each, one positive. Trace k of user u is a

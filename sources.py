@@ -1,0 +1,317 @@
+"""Where R2Rank's data comes from, before the protocol of data.py: input files read with errors that name
+the file and line, the Amazon Reviews 2023 and MovieLens-100K sources, and the built-in synthetic set.
+
+    read_lines(path)            (line number, text) of a plain or gzip file, with a progress bar
+    read_jsonl(path)            (line number, dict) of a JSON-lines file
+    read_rows(path, sep)        (line number, fields) of a delimited file
+    read_atomic(path, required) (line number, {column: value}) of a RecBole atomic file
+    load_amazon(reviews, meta, protocol), load_movielens(path, protocol), synthetic_raw(...)  -> RawData
+    generate_synthetic(users, seed, categories_per_user)  -> (items, profiles, interactions)
+    category_match_ndcg(instances, k)   the best NDCG@k any ranker can expect on synthetic instances
+
+The synthetic set (not in the paper): a small generated set whose labels only the history reveals.
+96 items, "<Color> <noun>" with the text "category: <c>; color: <color>", in 8 categories of 3 nouns
+x 4 colours. Each user favours `categories_per_user` categories drawn uniformly; the history (4-10
+items) and the positive come from them, so an item's text alone says nothing about its label but the
+history does: the positive's category always occurs in the history. The profile carries no signal.
+"""
+import gzip
+import json
+import math
+import os
+import random
+import re
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from tqdm import tqdm
+
+STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
+MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
+                    "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()
+
+
+# ------------------------------------------------------------------- input files
+
+
+class DataError(Exception):
+    """Bad input; the message names the file and, when there is one, the line."""
+
+
+def read_lines(path, encoding="utf-8"):
+    """Yield (line_number, text) of a plain or gzip file, streamed, with a tqdm bar over its bytes."""
+    try:
+        raw = open(path, "rb")
+        is_gzip = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+    lineno = 0
+    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=os.path.basename(path),
+               disable=None, leave=False)
+    with raw, bar:
+        try:
+            for lineno, line in enumerate(gzip.GzipFile(fileobj=raw) if is_gzip else raw, 1):
+                if lineno % 8192 == 0:
+                    bar.update(raw.tell() - bar.n)
+                try:
+                    text = line.decode(encoding)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid {encoding} (byte {e.start + 1})") from None
+                yield lineno, text.rstrip("\r\n")
+        except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
+            raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from None
+
+
+def read_jsonl(path):
+    """Yield (line_number, dict) for each non-blank line of a JSON-lines file."""
+    for lineno, text in read_lines(path):
+        if text.strip():
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def read_rows(path, sep, count=None, encoding="utf-8"):
+    """Yield (line_number, fields) of a delimited file; each row has `count` fields (default: as many
+    as the first row)."""
+    for lineno, text in read_lines(path, encoding):
+        if text.strip():
+            values = text.split(sep)
+            count = count or len(values)
+            if len(values) != count:
+                raise DataError(f"{path}:{lineno}: expected {count} fields split by {sep!r}, got {len(values)}")
+            yield lineno, values
+
+
+def read_atomic(path, required):
+    """Yield (line_number, {column: value}) of a RecBole atomic file (tab-separated, "name:type" header)."""
+    rows = read_rows(path, "\t")
+    columns = [name.split(":")[0] for name in next(rows, (1, []))[1]]
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise DataError(f"{path}:1: the header lacks column(s) {', '.join(missing)}")
+    for lineno, values in rows:
+        yield lineno, dict(zip(columns, values))
+
+
+def require(record, name, kinds, path, lineno):
+    value = record.get(name)
+    if value is None:
+        raise DataError(f"{path}:{lineno}: missing required field '{name}'")
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise DataError(f"{path}:{lineno}: field '{name}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def as_int(text, path, lineno):
+    try:
+        return int(float(text))
+    except ValueError:
+        raise DataError(f"{path}:{lineno}: not a number: {text!r}") from None
+
+
+# ------------------------------------------------------------------- Amazon, MovieLens
+
+
+@dataclass
+class RawData:
+    """What a source hands to the protocol."""
+    interactions: list  # (user_id, item_id, unix seconds), inside the window
+    items: dict  # item_id -> {"title", "text"}, titled items only
+    profiles: dict  # user_id -> profile text
+    inputs: list  # file names, for messages and stats.json
+    touched_outside: dict = field(default_factory=dict)  # user_id -> items touched outside the window
+    dropped: Counter = field(default_factory=Counter)
+
+
+def clean(value):
+    """A text-ish JSON value (string, number, list of them) as one line of single-spaced text."""
+    if isinstance(value, list):
+        value = " ".join(clean(v) for v in value)
+    return " ".join(str(value).split()) if value is not None else ""
+
+
+def window_seconds(protocol):
+    """[lo, hi) in Unix seconds, days at UTC midnight; the end day is included."""
+    def day(text):
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    return (day(protocol.start) if protocol.start else float("-inf"),
+            day(protocol.end) + 86400 if protocol.end else float("inf"))
+
+
+def keep_in_window(raw, records, protocol, path, remember_outside=True):
+    """Add the (user, item, seconds) records inside the window to raw; count the others."""
+    lo, hi = window_seconds(protocol)
+    for user, item, seconds in records:
+        if lo <= seconds < hi:
+            raw.interactions.append((user, item, seconds))
+        else:
+            raw.dropped["interactions_outside_window"] += 1
+            if remember_outside:
+                raw.touched_outside.setdefault(user, set()).add(item)
+    if not raw.interactions:
+        window = f"from {protocol.start or 'the start'} to {protocol.end or 'the end'}"
+        raise DataError(f"{path}: no interactions {window}")
+
+
+def amazon_reviews(path):
+    for lineno, review in read_jsonl(path):
+        user, item = require(review, "user_id", str, path, lineno), require(review, "parent_asin", str, path, lineno)
+        yield user, item, int(require(review, "timestamp", (int, float), path, lineno) // 1000)  # ms -> s
+
+
+def shorten(text, max_chars):
+    """text cut to at most max_chars characters, "..." marking the cut."""
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars - 3].rstrip() + "..." if max_chars > 3 else text[:max_chars]
+
+
+def amazon_text(record):
+    categories = [c for c in record.get("categories") or [] if isinstance(c, str)]
+    parts = [f"by {clean(record['store'])}" if record.get("store") else "",
+             " > ".join(categories) or clean(record.get("main_category")),
+             f"price ${record['price']}" if isinstance(record.get("price"), (int, float)) else "",
+             clean(record.get("features")), clean(record.get("description"))]
+    return shorten("; ".join(p for p in parts if p), STORED_TEXT_CHARS)
+
+
+def load_amazon(reviews, meta, protocol):
+    """Amazon Reviews 2023: <Category>.jsonl[.gz] reviews and meta_<Category>.jsonl[.gz] metadata."""
+    raw = RawData([], {}, {}, [reviews, meta])
+    # Millions of lines: keep the in-window ones only, and see the others again in a second pass.
+    keep_in_window(raw, amazon_reviews(reviews), protocol, reviews, remember_outside=False)
+    needed = {item for _, item, _ in raw.interactions}
+    for lineno, record in read_jsonl(meta):
+        item = require(record, "parent_asin", str, meta, lineno)
+        if item in needed and item not in raw.items and clean(record.get("title")):
+            raw.items[item] = {"title": clean(record["title"]), "text": amazon_text(record)}
+    raw.dropped["items_without_title"] = len(needed - raw.items.keys())
+    if raw.dropped["interactions_outside_window"]:  # negatives must avoid these too
+        lo, hi = window_seconds(protocol)
+        in_window = Counter(user for user, item, _ in raw.interactions if item in raw.items)
+        for user, item, seconds in amazon_reviews(reviews):
+            if in_window[user] >= 2 and not lo <= seconds < hi:  # only users who can be kept
+                raw.touched_outside.setdefault(user, set()).add(item)
+    return raw
+
+
+def movie(title, year, genres):
+    """MovieLens writes "unknown" where the title, year or genre is missing."""
+    title = "" if title.strip().lower() in ("unknown", "unkonwn") else clean(title)
+    genres = [genre for genre in genres if genre != "unknown"]
+    parts = [f"year {year}" if year.isdigit() else "", "genres: " + ", ".join(genres) if genres else ""]
+    return {"title": title, "text": "; ".join(p for p in parts if p)}
+
+
+def original_movie(values):
+    """u.item row: id | title (year) | release date | video release | url | 19 genre flags."""
+    match = re.fullmatch(r"(.*?)\s*\((\d{4})\)\s*", values[1])
+    title, year = (match[1], match[2]) if match else (values[1], values[2][-4:])
+    return movie(title, year, [genre for genre, bit in zip(MOVIELENS_GENRES, values[5:]) if bit == "1"])
+
+
+def load_movielens(path, protocol):
+    """MovieLens-100K in its original layout (u.data, u.item, u.user) or as RecBole atomic files."""
+    original = os.path.exists(os.path.join(path, "u.data"))
+    if not original and not os.path.exists(os.path.join(path, "ml-100k.inter")):
+        raise DataError(f"{path}: holds neither u.data (original layout) nor ml-100k.inter (RecBole layout)")
+    names = ("u.data", "u.item", "u.user") if original else ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+    inter, item_file, user_file = files = [os.path.join(path, name) for name in names]
+    raw = RawData([], {}, {}, files)
+    if original:
+        records = ((user, item, as_int(seconds, inter, lineno))
+                   for lineno, (user, item, _, seconds) in read_rows(inter, "\t", 4))
+        movies = {values[0]: original_movie(values) for _, values in read_rows(item_file, "|", 24, "latin-1")}
+        users = (values[:4] for _, values in read_rows(user_file, "|", 5))
+    else:
+        records = ((row["user_id"], row["item_id"], as_int(row["timestamp"], inter, lineno))
+                   for lineno, row in read_atomic(inter, ["user_id", "item_id", "timestamp"]))
+        movies = {row["item_id"]: movie(row["movie_title"], row["release_year"], row["class"].split())
+                  for _, row in read_atomic(item_file, ["item_id", "movie_title", "release_year", "class"])}
+        users = ((row["user_id"], row["age"], row["gender"], row["occupation"])
+                 for _, row in read_atomic(user_file, ["user_id", "age", "gender", "occupation"]))
+    keep_in_window(raw, records, protocol, inter)
+    raw.items = {item: described for item, described in movies.items() if described["title"]}
+    raw.dropped["items_without_title"] = len(movies) - len(raw.items)
+    for user, age, gender, occupation in users:
+        gender = {"M": "male", "F": "female"}.get(gender, gender)
+        raw.profiles[user] = f"Age {age}, {gender}, occupation: {occupation}"
+    return raw
+
+
+def synthetic_raw(users=200, seed=0, categories_per_user=2):
+    """The synthetic set (generate_synthetic) as RawData."""
+    try:
+        items, profiles, interactions = generate_synthetic(users, seed, categories_per_user)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return RawData(interactions, items, profiles, ["synthetic"])
+
+
+# ------------------------------------------------------------------- the synthetic set
+
+
+CATEGORIES = {
+    "camping": ["tent", "lantern", "sleeping bag"], "cooking": ["skillet", "chef knife", "spice rack"],
+    "music": ["ukulele", "metronome", "guitar strap"], "gardening": ["trowel", "watering can", "seed kit"],
+    "fitness": ["yoga mat", "kettlebell", "jump rope"], "painting": ["easel", "brush set", "canvas pad"],
+    "reading": ["book light", "bookend", "reading stand"], "gaming": ["gamepad", "headset", "racing wheel"],
+}
+COLORS = ["red", "blue", "green", "black"]
+START = int(datetime(2022, 1, 1, tzinfo=timezone.utc).timestamp())  # the first user's first interaction
+
+
+def generate_synthetic(users=200, seed=0, categories_per_user=2):
+    """(items {item_id: {"title", "text"}}, profiles {user_id: text}, interactions [(user_id, item_id,
+    unix seconds)]), deterministic for a seed; the positive is each user's last interaction."""
+    if not 1 <= categories_per_user <= len(CATEGORIES):
+        raise ValueError(f"--categories-per-user must be 1 to {len(CATEGORIES)}, not {categories_per_user}")
+    rng = random.Random(f"synthetic/{seed}")
+    items, profiles, interactions = {}, {}, []
+    by_category, category_of = defaultdict(list), {}
+    for name, nouns in CATEGORIES.items():
+        for noun in nouns:
+            for color in COLORS:
+                item = f"i{len(items):03d}"
+                items[item] = {"title": f"{color.capitalize()} {noun}", "text": f"category: {name}; color: {color}"}
+                by_category[name].append(item)
+                category_of[item] = name
+    for number in range(users):
+        user = f"u{number:04d}"
+        profiles[user] = f"Age {rng.randint(18, 70)}"  # no signal in it
+        favoured = rng.sample(sorted(by_category), categories_per_user)
+        history = rng.sample([item for name in favoured for item in by_category[name]], rng.randint(4, 10))
+        shown = sorted({category_of[item] for item in history})
+        positive = rng.choice([i for name in shown for i in by_category[name] if i not in history])
+        for step, item in enumerate(history + [positive]):
+            interactions.append((user, item, START + 86400 * (number + step)))
+    return items, profiles, interactions
+
+
+def item_category(item):
+    """The category written in a synthetic item's text."""
+    return item["text"].split(";")[0].removeprefix("category: ")
+
+
+def category_match_ndcg(instances, k=10):
+    """Expected NDCG@k of ranking first the candidates whose category occurs in the history, ties at
+    random. With the whole history shown this is the best any ranker can expect: given the candidates,
+    each of those is equally likely to be the positive (a uniform draw from the unseen items of the
+    history's categories) and no other candidate can be. For m such candidates out of n, the positive's
+    rank is uniform over 1..m if it is one of them, else over m+1..n."""
+    total = 0.0
+    for inst in instances:
+        seen = {item_category(item) for item in inst["history"]}
+        matches = [item_category(item) in seen for item in inst["candidates"]]
+        m, n = sum(matches), len(matches)
+        ranks = range(1, m + 1) if matches[inst["labels"].index(1)] else range(m + 1, n + 1)
+        total += sum(1 / math.log2(rank + 1) for rank in ranks if rank <= k) / len(ranks)
+    return total / len(instances)
