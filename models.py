@@ -199,6 +199,13 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_ca
 TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars", "response_prefix")
 
 
+def log_row(metrics_file, row, write):
+    """Append row to metrics.jsonl (flushed, so a crash keeps it) and show it as one line."""
+    metrics_file.write(json.dumps(row) + "\n")
+    metrics_file.flush()
+    write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
 def load_trace_cache(path, cfg, device):
     """{user_id: rollout.Samples} from a trace-cache.pt; refuses traces made with other trace settings
     (read from the r2rank.json beside it)."""

@@ -41,7 +41,7 @@ import data
 import plackett_luce
 import rollout
 from metrics import ndcg_at_k, ndcg_from_scores
-from models import (ScoreHead, enable_checkpointing, has_head, latest_checkpoint, load_head, load_policy,
+from models import (ScoreHead, enable_checkpointing, has_head, latest_checkpoint, load_head, load_policy, log_row,
                     load_trace_cache, mixed_precision, pick_device, pick_dtype, prune_checkpoints, save_checkpoint,
                     score_traces, standardized)
 from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss
@@ -370,13 +370,6 @@ def train_rl(cfg):
                 prune_checkpoints(cfg.out, cfg.keep_checkpoints)
     metrics_file.close()
     print(f"wrote {os.path.join(cfg.out, 'metrics.jsonl')} and {cfg.out}/checkpoint-<step>/")
-
-
-def log_row(metrics_file, row, write):
-    """Append row to metrics.jsonl (flushed, so a crash keeps it) and show it as one line."""
-    metrics_file.write(json.dumps(row) + "\n")
-    metrics_file.flush()
-    write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
 def main(argv=None):

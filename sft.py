@@ -40,7 +40,6 @@ import urllib.request
 import zlib
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -48,7 +47,6 @@ import models
 import sources
 import rollout
 
-IGNORE = -100  # label of a position without loss (prompt and padding), as in transformers
 RETRIES = 5  # an endpoint request is retried this often on connection errors, 5xx and 429 ...
 BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds
 TIMEOUT_SECONDS = 600  # per request; reasoning models can take minutes
@@ -266,44 +264,15 @@ def read_traces(path, instances, max_history, max_item_chars):
     return traces
 
 
-def sft_batch(prompts, responses, pad_id):
-    """Right-padded rows [prompt | response | pad] for teacher forcing.
-
-    prompts, responses: lists of B token-id lists.
-    returns input_ids [B, T], attention_mask [B, T], labels [B, T]: the token itself on response
-    positions, IGNORE on prompt and padding (transformers' convention: position t is predicted from t - 1).
-    """
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    labels = torch.full((len(prompts), T), IGNORE, dtype=torch.long)
-    for i, (prompt_ids, response) in enumerate(zip(prompts, responses)):
-        P, R = len(prompt_ids), len(response)
-        input_ids[i, :P + R] = torch.tensor(prompt_ids + response)
-        attention_mask[i, :P + R] = 1
-        labels[i, P:P + R] = torch.tensor(response)
-    return input_ids, attention_mask, labels
-
-
-def response_nll(model, input_ids, attention_mask, labels):
-    """Summed negative log-likelihood (fp32) of the labelled tokens, and their count. Logits are
-    computed only at the positions that predict a label, never over the prompt."""
-    device = model.get_output_embeddings().weight.device
-    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    predicts = labels[:, 1:] != IGNORE  # [B, T-1]: column t predicts token t + 1
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()  # [N, V]
-    return F.cross_entropy(logits, labels[:, 1:][predicts], reduction="sum"), predicts.sum().item()
-
-
-def accumulate_gradients(model, prompts, responses, micro_batch, pad_id):
-    """Backward of the per-token mean NLL over all responses, in micro-batches of micro_batch traces:
-    each micro-batch's summed NLL is divided by the whole batch's token count. Returns that mean."""
+def accumulate_gradients(model, prompts, responses, micro_batch):
+    """Backward of the per-token mean NLL of the responses given their prompts, in micro-batches of
+    micro_batch traces: each micro-batch's summed NLL is divided by the whole batch's token count (the
+    same teacher-forced log-probs as the RL update, rollout.response_logprobs). Returns that mean."""
     total_tokens = sum(len(r) for r in responses)
     loss_sum = 0.0
     for start in range(0, len(prompts), micro_batch):
-        batch = sft_batch(prompts[start:start + micro_batch], responses[start:start + micro_batch], pad_id)
-        nll, _ = response_nll(model, *batch)
+        logp, mask = rollout.response_logprobs(model, prompts[start:start + micro_batch], responses[start:start + micro_batch])
+        nll = -(logp * mask).sum()
         (nll / max(total_tokens, 1)).backward()
         loss_sum += nll.item()
     return loss_sum / max(total_tokens, 1)
@@ -363,8 +332,7 @@ def train_sft(cfg):
         # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
         model.train()
         with models.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
-            loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch],
-                                        cfg.micro_batch, tokenizer.pad_token_id)
+            loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch], cfg.micro_batch)
 
         # 3) update
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
@@ -375,9 +343,7 @@ def train_sft(cfg):
         # 4) log, checkpoint
         row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
                "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        models.log_row(metrics_file, row, bar.write)
         if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps:
             models.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg)
     metrics_file.close()

@@ -77,4 +77,4 @@ def test_curve_cli_draws_and_names_a_bad_line(tmp_path):
             "last 0.350") in run.stdout
     metrics.write_text(json.dumps(rows[1]) + "\n{oops\n")
     run = subprocess.run([sys.executable, "tools/report.py", "curve", str(metrics)], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 1 and f"{metrics}:2: not a JSON line" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 1 and f"{metrics}:2: malformed JSON" in run.stderr and "Traceback" not in run.stderr

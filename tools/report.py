@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
+import sources  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -97,17 +98,10 @@ def table(specs, dataset=None):
 
 def read_metrics(path):
     """metrics.jsonl -> list of row dicts; a bad line raises ReportError with its number."""
-    rows = []
     try:
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as error:
-                        raise ReportError(f"{path}:{number}: not a JSON line ({error})") from None
-    except OSError as error:
-        raise ReportError(f"{path}: {error.strerror}") from None
+        rows = [row for _, row in sources.read_jsonl(path)]
+    except sources.DataError as error:
+        raise ReportError(str(error)) from None
     if not rows:
         raise ReportError(f"{path}: no metrics yet")
     return rows
