@@ -215,9 +215,7 @@ def load_trace_cache(path, cfg, device):
     if os.path.isfile(settings):
         with open(settings) as f:
             saved = json.load(f)["config"]
-        defaults = type(cfg)()  # a setting newer than the cache was at its default when the cache was made
-        saved = {name: saved.get(name, getattr(defaults, name)) for name in TRACE_SETTINGS}
-        differ = [name for name in TRACE_SETTINGS if saved[name] != getattr(cfg, name)]
+        differ = [name for name in TRACE_SETTINGS if saved.get(name) != getattr(cfg, name)]
         if differ:
             sys.exit(f"error: {path}: its traces were made with " + ", ".join(f"--{n.replace('_', '-')} {saved.get(n)}" for n in differ)
                      + "; this run has " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ))

@@ -342,15 +342,16 @@ def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_pat
     other = run_cli(*common, "--out", str(tmp_path / "third"), "--trace-cache", cache, "--max-new-tokens", "5")
     assert other.returncode == 1 and "Traceback" not in other.stderr
     assert "traces were made with --max-new-tokens 4; this run has --max-new-tokens 5" in other.stderr
+    forced = run_cli(*common, "--out", str(tmp_path / "fourth"), "--trace-cache", cache, "--response-prefix", "User")
+    assert forced.returncode == 1 and "made with --response-prefix ; this run has --response-prefix User" in forced.stderr
     settings = os.path.join(first, "checkpoint-1", "r2rank.json")
     with open(settings) as f:
         saved = json.load(f)
-    del saved["config"]["response_prefix"]  # a cache from before the setting existed: made without a prefix
+    del saved["config"]["response_prefix"]  # a cache that does not record a setting is refused, not guessed
     with open(settings, "w") as f:
         json.dump(saved, f)
-    assert models.load_trace_cache(cache, r2rank.parse_config(common), "cpu").keys() == reused.keys()
-    forced = run_cli(*common, "--out", str(tmp_path / "fourth"), "--trace-cache", cache, "--response-prefix", "User")
-    assert forced.returncode == 1 and "made with --response-prefix ; this run has --response-prefix User" in forced.stderr
+    unknown = run_cli(*common, "--out", str(tmp_path / "fifth"), "--trace-cache", cache)
+    assert unknown.returncode == 1 and "made with --response-prefix None" in unknown.stderr
 
 
 def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(synthetic_dir, tmp_path):
