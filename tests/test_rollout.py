@@ -56,20 +56,26 @@ def test_greedy_shared_prefix_equals_plain_generate(tiny):
     assert plain.token_lists() == expected
 
 
-def test_recorded_logprobs_and_final_hidden_match_a_fresh_forward(tiny):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recorded_logprobs_and_final_hidden_match_a_fresh_forward(tiny, temperature):
+    """Log-probs of the distribution the tokens were drawn from, log softmax(logits / T), recorded while
+    decoding and recomputed by teacher forcing, against a plain unpadded forward per sequence."""
     model, tokenizer = tiny
     prefix, suffixes = _prompts(tokenizer)
-    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=10, temperature=1.0,
+    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=10, temperature=temperature,
                                     generator=torch.Generator().manual_seed(0))
     prompts = [prefix + s for s in suffixes]
     with torch.no_grad():
-        logp, mask = rollout.response_logprobs(model, prompts, samples.token_lists())
+        logp, mask = rollout.response_logprobs(model, prompts, samples.token_lists(), temperature)
+        untempered, _ = rollout.response_logprobs(model, prompts, samples.token_lists())
     assert torch.equal(mask, samples.mask)
+    assert temperature == 1.0 or (logp - untempered)[mask].abs().max() > 0.01  # T does change them
     for k, (prompt, response) in enumerate(zip(prompts, samples.token_lists())):
         ids = torch.tensor([prompt + response])
         with torch.no_grad():
             out = model(input_ids=ids, output_hidden_states=True)
-        expected = out.logits[0, len(prompt) - 1:-1].float().log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        logits = out.logits[0, len(prompt) - 1:-1].float() / temperature
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
         torch.testing.assert_close(samples.logprobs[k, :len(response)], expected, atol=1e-4, rtol=0)
         torch.testing.assert_close(logp[k, :len(response)], expected, atol=1e-4, rtol=0)
         # last-layer hidden state (after the final norm) at the trace's final token
@@ -167,25 +173,6 @@ def test_shared_prefix_update_matches_the_plain_path_in_value_and_gradient(tiny)
     torch.testing.assert_close(shared[0], plain[0], atol=1e-12, rtol=0)
     for name, grad in plain[2].items():
         torch.testing.assert_close(shared[2][name], grad, atol=1e-10, rtol=1e-10, msg=name)
-
-
-def test_logprobs_are_those_of_the_sampling_temperature(tiny):
-    """Recorded and recomputed log-probs at T = 0.7 against log softmax(logits / 0.7) of a plain forward."""
-    model, tokenizer = tiny
-    prefix, suffixes = _prompts(tokenizer)
-    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=6, temperature=0.7,
-                                    generator=torch.Generator().manual_seed(4))
-    prompts = [prefix + s for s in suffixes]
-    with torch.no_grad():
-        logp, mask = rollout.response_logprobs(model, prompts, samples.token_lists(), temperature=0.7)
-        untempered, _ = rollout.response_logprobs(model, prompts, samples.token_lists())
-    for k, (prompt, response) in enumerate(zip(prompts, samples.token_lists())):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].float()
-        expected = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
-        torch.testing.assert_close(samples.logprobs[k, :len(response)], expected, atol=1e-4, rtol=0)
-        torch.testing.assert_close(logp[k, :len(response)], expected, atol=1e-4, rtol=0)
-    assert (logp - untempered)[mask].abs().max() > 0.01  # the temperature does change them
 
 
 def test_decoding_uses_the_installed_transformers_cache_keyword(tiny):
