@@ -24,8 +24,15 @@ import rollout
 
 
 def pick_device(name):
+    """'auto' (cuda, then mps, then cpu) or a torch device name; one a machine lacks is a data.DataError."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as error:
+            raise data.DataError(f"--device {name}: not a torch device ({error})") from None
+        if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not torch.backends.mps.is_available()):
+            raise data.DataError(f"--device {name}: this machine has no {device.type.upper()} device (try --device auto)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
