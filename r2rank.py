@@ -13,7 +13,8 @@ One RL step (train_rl), tagged with Algorithm 1's lines:
 The log line's health signs: answer_share and truncated_share (traces that reach an <answer>, or are
 cut at the token limit); distinct_share and token_logp (fall towards 1/K and 0 when the policy writes
 one text for every candidate); signal_share (users whose S rankings differ in reward: the head learns
-only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update log-probs|).
+only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update log-probs|);
+advantage_abs and advantage_nonzero (the mean |advantage| and the share of traces with one).
 
 Where this departs from the paper (defaults are the paper's unless said; details where implemented):
 1. S rankings per user instead of one (--num-rankings 8): sampling one costs nothing next to K traces.
@@ -358,6 +359,7 @@ def train_rl(cfg):
             advantages = llm_advantages(cfg, scores, labels, reward, generator)  # [U, K]
             with mixed_precision(device, run.dtype):
                 ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg, run.shared_prefix)
+            ppo_stats.update(advantage_abs=advantages.abs().mean().item(), advantage_nonzero=(advantages != 0).float().mean().item())
         #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. Both updates
         #    use this step's scores, computed before either, so their order does not matter.
         baseline = leave_one_out_baseline(reward) if cfg.baseline else None

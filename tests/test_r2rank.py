@@ -216,6 +216,7 @@ def test_cli_trains_the_llm_with_each_advantage(tmp_path, synthetic_dir, advanta
     # one epoch: theta_old is the update's own forward (ratio 1 up to summing the micro-batches' shares)
     assert row["ratio"] == pytest.approx(1.0, abs=1e-12) and row["clip_frac"] == 0.0 and row["approx_kl"] == 0.0
     assert 0.0 <= row["decode_logp_gap"] < 1e-3  # fp32 on a CPU: decoding and the update agree closely
+    assert 0.0 <= row["advantage_nonzero"] <= 1.0 and row["advantage_abs"] >= 0.0
     start, _ = models.build_tiny()
     trained = load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))
     assert any(not torch.equal(trained[name], value) for name, value in start.state_dict().items() if name in trained)
