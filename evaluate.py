@@ -316,8 +316,6 @@ def run_eval(cfg):
     methods, analyses = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
     if "history-order" in analyses and cfg.history_shuffles < 2:
         raise data.DataError("--history-shuffles must be >= 2 for the history-order analysis")
-    if cfg.bootstrap < 1:
-        raise data.DataError("--bootstrap must be >= 1")
     data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]
     if not instances:
