@@ -16,6 +16,13 @@ Where this departs from the paper:
 3. Eq. (6) gives every token the ranking's reward rho(tau) (no baseline). That is an unbiased policy
    gradient, but every step raises the log-prob of every sampled token, and its variance is large.
    counterfactual_advantages and batch_baseline_advantages are unbiased too, with a baseline.
+
+Where the update is not exactly unbiased, and why: (a) the per-token mean divides by the step's token
+count, which depends on the sampled traces; with traces of different lengths this ratio is not an
+unbiased estimate of grad E[reward] (a fixed divisor, such as the step's token budget, would be; with
+equal lengths, as with 1-token traces, it is exact). (b) After the first PPO epoch (ratio 1, the plain
+policy gradient) the same traces are reused under a changed policy; the clipping bounds that step,
+as in any PPO.
 """
 import torch
 
