@@ -153,8 +153,11 @@ def load_policy(name, device, dtype, seed=0):
 def enable_checkpointing(model, setting, device):
     """Gradient (activation) checkpointing: setting "on", "off" or "auto" (on for cuda); returns whether it is on."""
     on = setting == "on" or (setting == "auto" and device.type == "cuda")
-    if on:
-        model.activation_checkpointing_enable()  # recompute each layer in backward; use_reentrant=False
+    if on:  # recompute each layer in backward, use_reentrant=False (the default of both methods)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns)
+            model.activation_checkpointing_enable()
+        else:  # before 5.24
+            model.gradient_checkpointing_enable()
     return on
 
 
