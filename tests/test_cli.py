@@ -1,29 +1,12 @@
 """The command line of every stage: each flag explained in --help, each numeric flag's bounds, and bad
 settings or inputs stopped before any work with one line that names them."""
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import data
 import r2rank
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "r2rank.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("synthetic") / "data"
-    data.build_synthetic(str(path), users=40, seed=0)
-    return str(path)
+from conftest import run_cli
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):

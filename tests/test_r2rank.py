@@ -2,8 +2,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,19 +16,7 @@ from models import ScoreHead, load_head, score_traces, standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from ppo import leave_one_out_baseline, reinforce_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "r2rank.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("synthetic") / "data"
-    data.build_synthetic(str(path), users=40, seed=0)
-    return str(path)
+from conftest import run_cli
 
 
 def test_encode_user_prefix_plus_suffix_is_the_chat_prompt(synthetic_dir):
