@@ -177,15 +177,43 @@ def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_
     return stats
 
 
-def load_split(data_dir, split):
-    """Instances of <data_dir>/<split>.jsonl; a DataError names the file and line of a bad record."""
-    path, instances = os.path.join(data_dir, f"{split}.jsonl"), []
+def check_instance(inst, path, lineno):
+    """The instance format of the module docstring, as every stage reads it; a DataError names file and
+    line. labels are 0/1 integers, one per candidate, with at least one 1 (the protocol has exactly one:
+    NDCG also works with several); every item has a non-empty title (the prompt's line for it)."""
+    for name, kind in (("user_id", str), ("history", list), ("candidates", list), ("labels", list)):
+        require(inst, name, kind, path, lineno)
+    if not isinstance(inst.get("profile", ""), (str, type(None))):
+        raise DataError(f"{path}:{lineno}: field 'profile' has the wrong type ({type(inst['profile']).__name__})")
+    for where in ("history", "candidates"):
+        for i, item in enumerate(inst[where]):
+            if not isinstance(item, dict) or not isinstance(item.get("title"), str) or not item["title"].strip():
+                raise DataError(f"{path}:{lineno}: {where}[{i}] has no title (every item needs a non-empty 'title')")
+            if not isinstance(item.get("text", ""), (str, type(None))) or not isinstance(item.get("item_id"), (str, int)):
+                raise DataError(f"{path}:{lineno}: {where}[{i}] needs an 'item_id' (string) and a string 'text' if any")
+    labels = inst["labels"]
+    if len(labels) != len(inst["candidates"]) or len(labels) < 2:
+        raise DataError(f"{path}:{lineno}: {len(labels)} labels for {len(inst['candidates'])} candidates "
+                        "(one label per candidate, at least 2 candidates)")
+    if any(type(label) is not int or label not in (0, 1) for label in labels) or 1 not in labels:
+        raise DataError(f"{path}:{lineno}: labels must be 0 or 1 (integers) with at least one 1, got {labels}")
+
+
+def load_split(data_dir, split, allow_empty=False):
+    """Instances of <data_dir>/<split>.jsonl, each checked by check_instance, all with the same number
+    of candidates K and distinct user_ids; a DataError names the file and line of a bad record."""
+    path, instances, first_line = os.path.join(data_dir, f"{split}.jsonl"), [], {}
     for lineno, inst in read_jsonl(path):
-        for name, kind in (("user_id", str), ("history", list), ("candidates", list), ("labels", list)):
-            require(inst, name, kind, path, lineno)
-        if len(inst["labels"]) != len(inst["candidates"]):
-            raise DataError(f"{path}:{lineno}: labels and candidates differ in length")
+        check_instance(inst, path, lineno)
+        if instances and len(inst["candidates"]) != len(instances[0]["candidates"]):
+            raise DataError(f"{path}:{lineno}: {len(inst['candidates'])} candidates, but the first instance has "
+                            f"{len(instances[0]['candidates'])} (K must be the same across a split)")
+        if inst["user_id"] in first_line:
+            raise DataError(f"{path}:{lineno}: user_id {inst['user_id']!r} again (first on line {first_line[inst['user_id']]})")
+        first_line[inst["user_id"]] = lineno
         instances.append(inst)
+    if not instances and not allow_empty:
+        raise DataError(f"{path}: no instances")
     return instances
 
 

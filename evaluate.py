@@ -317,12 +317,11 @@ def run_eval(cfg):
     if "history-order" in analyses and cfg.history_shuffles < 2:
         raise data.DataError("--history-shuffles must be >= 2 for the history-order analysis")
     data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
-    instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]
-    if not instances:
-        raise data.DataError(f"{os.path.join(data_dir, cfg.split)}.jsonl: no instances")
+    instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
     K = len(instances[0]["candidates"])
-    if any(len(inst["candidates"]) != K or max(inst["labels"]) <= 0 for inst in instances):
-        raise data.DataError(f"{data_dir}/{cfg.split}.jsonl: every instance needs {K} candidates and a positive")
+    path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
+    if os.path.exists(path) and not cfg.overwrite:
+        raise data.DataError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
     if "r2rank" in methods and not models.has_head(cfg.model):
         print(f"note: {cfg.model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
               f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")
@@ -363,11 +362,11 @@ def run_eval(cfg):
         found["history-length"] = history_length_analysis(results, instances, cfg.max_history, cfg.bootstrap, cfg.seed)
 
     os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
     config = {**dataclasses.asdict(cfg), "data_dir": data_dir, "users": len(instances), "candidates": K,
               "device": str(device), "dtype": str(dtype), "traces": traces}
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # then renamed: a crash never leaves half a file
         json.dump({"methods": results, "tests": tests, "analyses": found, "config": config}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
     model_name = os.path.basename(os.path.normpath(cfg.model))
     print("\n" + markdown_table(results, tests, os.path.basename(os.path.normpath(data_dir)), default_groups(model_name)) + "\n")

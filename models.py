@@ -1,7 +1,7 @@
 """The two models of R2Rank and their files: the policy LLM pi_theta (a hub id, a local directory, a
 GGUF file, or a tiny random model built offline), the scoring head f_phi of Eq. (2), device and
-precision choices, activation checkpointing, and checkpoints (LLM, head and, for MLP-only, the
-frozen LLM's trace cache).
+precision choices, activation checkpointing, and reading what a checkpoint holds (the head and, for
+MLP-only, the frozen LLM's trace cache). Writing checkpoints and the run's directory: runs.py.
 
 Departures 7 (the LayerNorm in front of the head's MLP) and 8 (--pl-std, `standardized`) of the list
 at the top of r2rank.py are implemented here.
@@ -9,15 +9,12 @@ at the top of r2rank.py are implemented here.
     model, tokenizer = load_policy("Qwen/Qwen2.5-1.5B-Instruct", pick_device("auto"), torch.float32)
     model, tokenizer = load_policy("tiny", torch.device("cpu"), torch.float32)   # no download
 """
-import dataclasses
 import json
 import os
-import re
-import shutil
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import data
 import rollout
@@ -133,7 +130,12 @@ def load_policy(name, device, dtype, seed=0):
     if name == "tiny":
         model, tokenizer = build_tiny(seed=seed)
     elif name.endswith(".gguf"):
-        model, tokenizer = load_gguf(name)
+        if not os.path.isfile(name):
+            raise data.DataError(f"--model {name}: no such file")
+        try:
+            model, tokenizer = load_gguf(name)
+        except ImportError as error:
+            raise data.DataError(f"--model {name}: reading GGUF needs the optional gguf package (pip install gguf; {error})") from None
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,59 +163,10 @@ def enable_checkpointing(model, setting, device):
     return on
 
 
-# ----------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_steps(out):
-    """Steps of the checkpoint-<step> directories in out, ascending."""
-    return sorted(int(m.group(1)) for name in (os.listdir(out) if os.path.isdir(out) else [])
-                  if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
-
-
-def latest_checkpoint(out):
-    steps = checkpoint_steps(out)
-    return os.path.join(out, f"checkpoint-{steps[-1]}") if steps else None
-
-
-def prune_checkpoints(out, keep):
-    """Delete all but the newest `keep` checkpoint directories of out."""
-    for step in checkpoint_steps(out)[:-keep]:
-        shutil.rmtree(os.path.join(out, f"checkpoint-{step}"))
-
-
-def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_cache=None):
-    """<out>/checkpoint-<step>/, written into a temporary directory and renamed into place.
-
-    Holds the model (safetensors) and tokenizer, so the directory works as --model; head.safetensors
-    (unless head is None), the optimizers' states, r2rank.json (step and run config), and with
-    --freeze-llm the cached traces (trace-cache.pt: {user_id: rollout.Samples fields}).
-    """
-    final = os.path.join(out, f"checkpoint-{step}")
-    tmp = os.path.join(out, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors
-    tokenizer.save_pretrained(tmp)
-    if head is not None:
-        save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))
-    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
-    if trace_cache is not None:
-        torch.save({user: dataclasses.asdict(samples) for user, samples in trace_cache.items()},
-                   os.path.join(tmp, "trace-cache.pt"))
-    with open(os.path.join(tmp, "r2rank.json"), "w") as f:
-        json.dump({"step": step, "config": dataclasses.asdict(cfg), "head_width": cfg.head_width}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
+# ------------------------------------------------------------------ the MLP-only trace cache
 
 
 TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars", "response_prefix")
-
-
-def log_row(metrics_file, row, write):
-    """Append row to metrics.jsonl (flushed, so a crash keeps it) and show it as one line."""
-    metrics_file.write(json.dumps(row) + "\n")
-    metrics_file.flush()
-    write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
 def load_trace_cache(path, cfg, device):

@@ -29,7 +29,6 @@ Where this departs from the paper (defaults are the paper's unless said; details
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -42,9 +41,9 @@ import data
 import plackett_luce
 import rollout
 from metrics import ndcg_at_k, ndcg_from_scores
-from models import (ScoreHead, enable_checkpointing, has_head, latest_checkpoint, load_head, load_policy, log_row,
-                    load_trace_cache, mixed_precision, pick_device, pick_dtype, prune_checkpoints, save_checkpoint,
-                    score_traces, standardized)
+import runs
+from models import (ScoreHead, enable_checkpointing, has_head, load_head, load_policy, load_trace_cache, mixed_precision,
+                    pick_device, pick_dtype, score_traces, standardized)
 from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -89,7 +88,10 @@ class Config:
     data: str = common("", "dataset directory written by data.py; empty = build the synthetic set in <out>/data")
     model: str = common(DEFAULT_MODEL, "hub id, local directory, checkpoint, .gguf file, or 'tiny' (random, offline)")
     out: str = common("runs/r2rank", "output directory: metrics.jsonl and checkpoint-<step>/")
-    resume: bool = common(False, "continue from the newest <out>/checkpoint-<step> at its step")
+    resume: bool = common(False, "continue from the newest <out>/checkpoint-<step> at its step; the settings that "
+                          "define the run must be unchanged (runs.py lists which may change)")
+    overwrite: bool = common(False, "replace the run (or eval-<split>.json) already in --out; without it, or "
+                             "--resume, another run's --out is refused")
     seed: int = common(0, "seeds everything: user order, sampling, the head's initialization, the tiny model", allowed=AT_LEAST_0)
     device: str = common("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     threads: int = common(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy shared machine)", allowed=AT_LEAST_0)
@@ -244,7 +246,7 @@ class RLRun:
     tokenizer: object
     head: ScoreHead
     optimizers: dict  # "head", and "llm" unless --freeze-llm
-    start_step: int  # 0, or the step of the checkpoint resumed from
+    plan: runs.Plan  # the step it starts at (0, or the checkpoint's), what --resume changed
     shared_prefix: bool  # the update runs a user's prompt prefix once per micro-batch
     trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused
 
@@ -253,23 +255,19 @@ def setup_rl(cfg):
     """Data, model and head (from --model, or the newest checkpoint with --resume), optimizers."""
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    start_step, checkpoint = 0, latest_checkpoint(cfg.out) if cfg.resume else None
-    if checkpoint:
-        with open(os.path.join(checkpoint, "r2rank.json")) as f:
-            saved = json.load(f)
-        if saved["config"]["stage"] != "rl":
-            sys.exit(f"error: {checkpoint}: not an RL checkpoint (stage {saved['config']['stage']}); "
-                     "start RL from it with --model and another --out")
-        start_step = saved["step"]
-    model, tokenizer = load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
-    # the data after the model, so that a model that cannot be loaded leaves nothing behind
+    # the data and --out are checked before the model loads: a bad input costs no download
     data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
-    train, valid = data.load_split(data_dir, "train"), data.load_split(data_dir, "valid")
-    train = train[: cfg.train_users or None]
+    train = data.load_split(data_dir, "train")[: cfg.train_users or None]
+    valid = data.load_split(data_dir, "valid", allow_empty=not cfg.eval_every)
     if cfg.users_per_step > len(train):
         sys.exit(f"error: --users-per-step {cfg.users_per_step} is more than the {len(train)} training users "
                  f"of {data_dir}" + (" kept by --train-users" if cfg.train_users else ""))
-    os.makedirs(cfg.out, exist_ok=True)
+    plan = runs.plan_out(cfg, data_dir, cfg.max_steps)
+    start_step, checkpoint = plan.start_step, plan.checkpoint
+    if start_step == cfg.max_steps:
+        print(f"{checkpoint} is at --max-steps {cfg.max_steps} already: nothing to train (raise --max-steps to go on)")
+        return None
+    model, tokenizer = load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
     hidden_size = model.config.hidden_size
     # a checkpoint of this run (--resume) or of an earlier RL run (--model <dir>) brings its head along
     source = checkpoint or (None if cfg.new_head else cfg.model)
@@ -291,6 +289,8 @@ def setup_rl(cfg):
         for name, opt in optimizers.items():
             opt.load_state_dict(states[name])
         print(f"resumed from {checkpoint} at step {start_step}")
+    for name, opt in optimizers.items():  # a changed --lr / --head-lr applies to the restored optimizer too
+        runs.set_lr(opt, cfg.head_lr if name == "head" else cfg.lr)
     # MLP-only (--freeze-llm): the policy never changes, so a user's K traces are sampled at its first
     # step and reused whenever it comes back (a fixed sample instead of a fresh one: much cheaper).
     trace_cache = {}
@@ -304,7 +304,8 @@ def setup_rl(cfg):
           f"(<= {cfg.users_per_step * K * cfg.max_new_tokens} new tokens); {cfg.num_rankings} rankings per user; "
           f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
           f"shared-prefix update {'on' if shared_prefix else 'off'}")
-    return RLRun(device, dtype, train, valid, model, tokenizer, head, optimizers, start_step, shared_prefix, trace_cache)
+    runs.start(cfg.out, plan)  # the first write into --out
+    return RLRun(device, dtype, train, valid, model, tokenizer, head, optimizers, plan, shared_prefix, trace_cache)
 
 
 def llm_advantages(cfg, scores, labels, reward, generator):
@@ -319,73 +320,79 @@ def llm_advantages(cfg, scores, labels, reward, generator):
 
 def train_rl(cfg):
     run = setup_rl(cfg)
+    if run is None:
+        return
     model, tokenizer, head, device, valid_users = run.model, run.tokenizer, run.head, run.device, run.valid[: cfg.eval_users]
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     valid_samples = None  # MLP-only: the validation traces, rolled out once
-    if cfg.eval_every and run.start_step == 0:  # the start's validation (step 0): picking the best step can keep the start
+    if cfg.eval_every and run.plan.start_step == 0:  # the start's validation (step 0): picking the best step can keep the start
         started = time.time()
         with mixed_precision(device, run.dtype):
             start_ndcg, checked = validate(model, tokenizer, head, valid_users, cfg)
         valid_samples = checked if cfg.freeze_llm else None
-        log_row(metrics_file, {"step": 0, "valid_ndcg@10": start_ndcg, "step_time": time.time() - started}, print)
-    bar = tqdm(range(run.start_step, cfg.max_steps), initial=run.start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
-    for step in bar:
-        started = time.time()
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-        # the minibatch B of Algorithm 1: the step's users
-        instances = [run.train[i] for i in users_for_step(len(run.train), cfg.users_per_step, cfg.seed, step)]
-        labels = torch.tensor([inst["labels"] for inst in instances], device=device, dtype=torch.float32)  # [U, K]
+        runs.log_row(metrics_file, {"step": 0, "valid_ndcg@10": start_ndcg, "step_time": time.time() - started}, print)
+    bar = tqdm(range(run.plan.start_step, cfg.max_steps), initial=run.plan.start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
+    with runs.StopOnSignal() as stop:  # Ctrl-C, SIGTERM: the step in flight finishes and is saved, then the run stops
+        for step in bar:
+            started = time.time()
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+            # the minibatch B of Algorithm 1: the step's users
+            instances = [run.train[i] for i in users_for_step(len(run.train), cfg.users_per_step, cfg.seed, step)]
+            labels = torch.tensor([inst["labels"] for inst in instances], device=device, dtype=torch.float32)  # [U, K]
 
-        # 1) Alg. 1 lines 1-3: one reasoning trace per candidate (MLP-only: sampled once per user, cached)
-        with mixed_precision(device, run.dtype):
-            if cfg.freeze_llm:
-                missing = [inst for inst in instances if inst["user_id"] not in run.trace_cache]
-                run.trace_cache.update(zip([inst["user_id"] for inst in missing],
-                                           rollout.rollout_users(model, tokenizer, missing, cfg, generator)[0]))
-                samples = [run.trace_cache[inst["user_id"]] for inst in instances]
-            else:
-                samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generator)
-        # 2) line 4: scores s_k = f_phi(h_k), [U, K], with grad into phi only
-        raw_scores = score_traces(head, samples)
-        scores = standardized(raw_scores, cfg.pl_std)
-
-        # 3) lines 6-7: S rankings from Plackett-Luce, reward = NDCG@reward-k
-        rankings = plackett_luce.sample(scores.detach(), cfg.num_rankings, generator)  # [U, S, K]
-        reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), cfg.reward_k)  # [U, S]
-
-        # 4) lines 8 and 11: clipped PPO on the tokens (Eq. 6), theta updated
-        ppo_stats = {}
-        if not cfg.freeze_llm:
-            advantages = llm_advantages(cfg, scores, labels, reward, generator)  # [U, K]
+            # 1) Alg. 1 lines 1-3: one reasoning trace per candidate (MLP-only: sampled once per user, cached)
             with mixed_precision(device, run.dtype):
-                ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg, run.shared_prefix)
-            ppo_stats.update(advantage_abs=advantages.abs().mean().item(), advantage_nonzero=(advantages != 0).float().mean().item())
-        #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. Both updates
-        #    use this step's scores, computed before either, so their order does not matter.
-        baseline = leave_one_out_baseline(reward) if cfg.baseline else None
-        head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
-        run.optimizers["head"].zero_grad(set_to_none=True)
-        head_loss.backward()
-        run.optimizers["head"].step()
+                if cfg.freeze_llm:
+                    missing = [inst for inst in instances if inst["user_id"] not in run.trace_cache]
+                    run.trace_cache.update(zip([inst["user_id"] for inst in missing],
+                                               rollout.rollout_users(model, tokenizer, missing, cfg, generator)[0]))
+                    samples = [run.trace_cache[inst["user_id"]] for inst in instances]
+                else:
+                    samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generator)
+            # 2) line 4: scores s_k = f_phi(h_k), [U, K], with grad into phi only
+            raw_scores = score_traces(head, samples)
+            scores = standardized(raw_scores, cfg.pl_std)
 
-        # 5) log, validate, checkpoint
-        row = {"step": step + 1, "reward": reward.mean().item(),
-               "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
-               "signal_share": signal_share(reward),
-               "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
-               "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
-               "head_loss": head_loss.item(), **ppo_stats, **rollout.trace_stats(samples, tokenizer)}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            with mixed_precision(device, run.dtype):
-                row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid_users, cfg, valid_samples)
-            valid_samples = checked if cfg.freeze_llm else None
-        row["step_time"] = time.time() - started
-        log_row(metrics_file, row, bar.write)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(cfg.out, step + 1, model, tokenizer, head, run.optimizers, cfg,
-                            run.trace_cache if cfg.freeze_llm else None)
-            if cfg.keep_checkpoints:
-                prune_checkpoints(cfg.out, cfg.keep_checkpoints)
+            # 3) lines 6-7: S rankings from Plackett-Luce, reward = NDCG@reward-k
+            rankings = plackett_luce.sample(scores.detach(), cfg.num_rankings, generator)  # [U, S, K]
+            reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), cfg.reward_k)  # [U, S]
+
+            # 4) lines 8 and 11: clipped PPO on the tokens (Eq. 6), theta updated
+            ppo_stats = {}
+            if not cfg.freeze_llm:
+                advantages = llm_advantages(cfg, scores, labels, reward, generator)  # [U, K]
+                with mixed_precision(device, run.dtype):
+                    ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg, run.shared_prefix)
+                ppo_stats.update(advantage_abs=advantages.abs().mean().item(), advantage_nonzero=(advantages != 0).float().mean().item())
+            #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. Both updates
+            #    use this step's scores, computed before either, so their order does not matter.
+            baseline = leave_one_out_baseline(reward) if cfg.baseline else None
+            head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
+            run.optimizers["head"].zero_grad(set_to_none=True)
+            head_loss.backward()
+            run.optimizers["head"].step()
+
+            # 5) log, validate, checkpoint
+            row = {"step": step + 1, "reward": reward.mean().item(),
+                   "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
+                   "signal_share": signal_share(reward),
+                   "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
+                   "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
+                   "head_loss": head_loss.item(), **ppo_stats, **rollout.trace_stats(samples, tokenizer)}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                with mixed_precision(device, run.dtype):
+                    row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid_users, cfg, valid_samples)
+                valid_samples = checked if cfg.freeze_llm else None
+            row["step_time"] = time.time() - started
+            runs.log_row(metrics_file, row, bar.write)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop.requested:
+                saved = runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, head, run.optimizers, cfg,
+                                             run.trace_cache if cfg.freeze_llm else None, run.plan.record())
+                if cfg.keep_checkpoints:
+                    runs.prune_checkpoints(cfg.out, cfg.keep_checkpoints)
+                if stop.requested:
+                    metrics_file.close()
+                    raise stop.exit(saved)
     metrics_file.close()
     print(f"wrote {os.path.join(cfg.out, 'metrics.jsonl')} and {cfg.out}/checkpoint-<step>/")
 
@@ -407,6 +414,9 @@ def main(argv=None):
             sys.exit(f"error: unknown --stage {cfg.stage!r}")
     except data.DataError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        print("interrupted (the newest checkpoint in --out, if any, is where --resume continues)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

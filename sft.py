@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import data
 import models
+import runs
 import sources
 import rollout
 
@@ -282,18 +283,18 @@ def train_sft(cfg):
     """--stage sft: fine-tune --model on the traces, loss on the response tokens only."""
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
-    instances = {inst["user_id"]: inst for inst in data.load_split(data.prepare_data(cfg.data, cfg.out, cfg.seed), "train")}
+    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+    instances = {inst["user_id"]: inst for inst in data.load_split(data_dir, "train")}
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     traces = read_traces(path, instances, cfg.max_history, cfg.max_item_chars)  # fail before loading a model
-    os.makedirs(cfg.out, exist_ok=True)
-
-    start_step, checkpoint = 0, models.latest_checkpoint(cfg.out) if cfg.resume else None
-    if checkpoint:
-        with open(os.path.join(checkpoint, "r2rank.json")) as f:
-            saved = json.load(f)
-        if saved["config"]["stage"] != "sft":
-            raise data.DataError(f"{checkpoint}: not an SFT checkpoint (stage {saved['config']['stage']}); use another --out")
-        start_step = saved["step"]
+    batch_size = cfg.sft_batch
+    steps_per_epoch = math.ceil(len(traces) / batch_size)
+    max_steps = cfg.sft_epochs * steps_per_epoch
+    plan = runs.plan_out(cfg, data_dir, max_steps)  # refuses another run's --out, or a resume that would mix two
+    start_step, checkpoint = plan.start_step, plan.checkpoint
+    if start_step == max_steps:
+        print(f"{checkpoint} is at the last step ({max_steps}) already: nothing to train (raise --sft-epochs to go on)")
+        return checkpoint
     model, tokenizer = models.load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
 
     # prompt tokens exactly as in the RL stage; response = teacher text + eos (the end of the turn)
@@ -310,41 +311,43 @@ def train_sft(cfg):
     if checkpoint:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)["llm"])
         print(f"resumed from {checkpoint} at step {start_step}")
-
-    batch_size = cfg.sft_batch
-    steps_per_epoch = math.ceil(len(traces) / batch_size)
-    max_steps = cfg.sft_epochs * steps_per_epoch
+    runs.set_lr(optimizer, cfg.sft_lr)  # a changed --sft-lr applies to the restored optimizer too
     lengths = [len(r) for r in responses]
     n_pos = sum(instance["labels"][k] for instance, k, _ in traces)
     print(f"{len(traces)} traces ({n_pos} positive) x {cfg.sft_epochs} epochs, {batch_size} per step in micro-batches of "
           f"{cfg.micro_batch} = {max_steps} steps; response tokens mean {sum(lengths) / len(lengths):.0f}, max "
           f"{max(lengths)} ({sum(n > cfg.max_new_tokens for n in lengths)} over --max-new-tokens); device {device}, "
           f"{dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}")
+    runs.start(cfg.out, plan)  # the first write into --out
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft", dynamic_ncols=True)
-    for step in bar:
-        started = time.time()
-        # 1) the step's traces: a seeded shuffle per epoch, so a resumed run sees the same batches
-        epoch, index = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(traces), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
-        batch = order[index * batch_size:(index + 1) * batch_size]
+    with runs.StopOnSignal() as stop:  # Ctrl-C, SIGTERM: the step in flight finishes and is saved, then the run stops
+        for step in bar:
+            started = time.time()
+            # 1) the step's traces: a seeded shuffle per epoch, so a resumed run sees the same batches
+            epoch, index = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(traces), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
+            batch = order[index * batch_size:(index + 1) * batch_size]
 
-        # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
-        model.train()
-        with models.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
-            loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch], cfg.micro_batch)
+            # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
+            model.train()
+            with models.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
+                loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch], cfg.micro_batch)
 
-        # 3) update
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.eval()
+            # 3) update
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.eval()
 
-        # 4) log, checkpoint
-        row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
-               "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
-        models.log_row(metrics_file, row, bar.write)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps:
-            models.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg)
+            # 4) log, checkpoint
+            row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
+                   "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
+            runs.log_row(metrics_file, row, bar.write)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps or stop.requested:
+                saved = runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
+                if stop.requested:
+                    metrics_file.close()
+                    raise stop.exit(saved)
     metrics_file.close()
-    return models.latest_checkpoint(cfg.out)
+    return runs.latest_checkpoint(cfg.out)

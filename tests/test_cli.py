@@ -1,6 +1,7 @@
 """The command line of every stage: each flag explained in --help, each numeric flag's bounds, and bad
 settings or inputs stopped before any work with one line that names them."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -14,10 +15,12 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0
     assert "missing/train.jsonl" in result.stderr and "Traceback" not in result.stderr
-    missing_model = run_cli("--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o2"))
+    missing_model = run_cli("--model", str(tmp_path / "no-model"), "--data", synthetic, "--out", str(tmp_path / "o2"))
     assert missing_model.returncode == 1 and "Traceback" not in missing_model.stderr
     assert "--model " in missing_model.stderr and "cannot load it" in missing_model.stderr
     assert not (tmp_path / "o2").exists()  # nothing written before the model loaded
+    missing_gguf = run_cli("--model", str(tmp_path / "m.gguf"), "--data", synthetic, "--out", str(tmp_path / "o2"))
+    assert missing_gguf.returncode == 1 and missing_gguf.stderr.strip() == f"error: --model {tmp_path}/m.gguf: no such file"
     too_many = run_cli("--model", "tiny", "--data", synthetic, "--users-per-step", "500", "--out", str(tmp_path / "o3"))
     assert too_many.returncode == 1 and "--users-per-step 500 is more than the" in too_many.stderr
     if not torch.cuda.is_available():
@@ -67,3 +70,24 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for field in r2rank.dataclasses.fields(r2rank.Config):
         assert "--" + field.name.replace("_", "-") in result.stdout
+
+
+def test_every_stage_rejects_a_bad_instance_on_its_line_before_loading_a_model(tmp_path, synthetic_dir):
+    """The RL, SFT and eval stages read instances through one validator (data.load_split), before any
+    model is loaded: a missing --model here would otherwise be the first error."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lines = open(f"{synthetic_dir}/train.jsonl").read().splitlines()
+    record = json.loads(lines[1])
+    record["candidates"], record["labels"] = record["candidates"][:19], record["labels"][:19]
+    (bad / "train.jsonl").write_text("\n".join([lines[0], json.dumps(record)] + lines[2:]) + "\n")
+    (bad / "valid.jsonl").write_text("")
+    for stage in (["--stage", "rl"], ["--stage", "sft"], ["--stage", "eval", "--split", "train"]):
+        result = run_cli(*stage, "--model", str(tmp_path / "no-model"), "--data", str(bad), "--out", str(tmp_path / "o"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == f"error: {bad}/train.jsonl:2: 19 candidates, but the first instance has 20 " \
+                                        "(K must be the same across a split)"
+    (bad / "train.jsonl").write_text("\n".join(lines) + "\n")
+    empty_valid = run_cli("--model", str(tmp_path / "no-model"), "--data", str(bad), "--out", str(tmp_path / "o"), "--eval-every", "2")
+    assert empty_valid.returncode == 1 and empty_valid.stderr.strip() == f"error: {bad}/valid.jsonl: no instances"
+    assert not (tmp_path / "o").exists()

@@ -36,7 +36,7 @@ def write_jsonl(path, records, compress=False):
 
 
 def read_all(out_dir):
-    return {split: data.load_split(out_dir, split) for split in data.SPLITS}
+    return {split: data.load_split(out_dir, split, allow_empty=True) for split in data.SPLITS}
 
 
 def ids(items):
@@ -304,14 +304,56 @@ def test_same_seed_same_data_other_seed_other_data():
 # ---------------------------------------------------------------- bad inputs
 
 
+def instance(user="u", k=3, positive=0):
+    item = lambda i: {"item_id": f"i{i}", "title": f"Item {i}", "text": ""}
+    return {"user_id": user, "profile": "", "history": [item(9)], "candidates": [item(i) for i in range(k)],
+            "labels": [int(i == positive) for i in range(k)]}
+
+
 def test_load_split_names_file_and_line(tmp_path):
-    good = {"user_id": "u", "profile": "", "history": [], "candidates": [], "labels": []}
-    (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n{not json\n")
+    (tmp_path / "train.jsonl").write_text(json.dumps(instance()) + "\n{not json\n")
     with pytest.raises(DataError, match=r"train\.jsonl:2: malformed JSON"):
         data.load_split(tmp_path, "train")
-    (tmp_path / "valid.jsonl").write_text(json.dumps({k: v for k, v in good.items() if k != "labels"}) + "\n")
+    (tmp_path / "valid.jsonl").write_text(json.dumps({k: v for k, v in instance().items() if k != "labels"}) + "\n")
     with pytest.raises(DataError, match=r"valid\.jsonl:1: missing required field 'labels'"):
         data.load_split(tmp_path, "valid")
+
+
+def edited(change):
+    record = instance("v")
+    change(record)
+    return record
+
+
+@pytest.mark.parametrize("second, message", [
+    (instance("v", k=4), r":2: 4 candidates, but the first instance has 3 \(K must be the same"),
+    (edited(lambda r: r.update(labels=[0, 0, 0])), r":2: labels must be 0 or 1 \(integers\) with at least one 1"),
+    (edited(lambda r: r.update(labels=["1", "0", "0"])), r":2: labels must be 0 or 1"),
+    (edited(lambda r: r.update(labels=[True, False, False])), r":2: labels must be 0 or 1"),
+    (edited(lambda r: r.update(labels=[2, 0, 0])), r":2: labels must be 0 or 1"),
+    (edited(lambda r: r.update(labels=[1, 0])), r":2: 2 labels for 3 candidates"),
+    (edited(lambda r: r["candidates"][1].pop("title")), r":2: candidates\[1\] has no title"),
+    (edited(lambda r: r["candidates"][2].update(title="  ")), r":2: candidates\[2\] has no title"),
+    (edited(lambda r: r["history"][0].pop("title")), r":2: history\[0\] has no title"),
+    (edited(lambda r: r["candidates"][0].pop("item_id")), r":2: candidates\[0\] needs an 'item_id'"),
+    (edited(lambda r: r.update(profile=3)), r":2: field 'profile' has the wrong type"),
+    (instance("u"), r":2: user_id 'u' again \(first on line 1\)"),
+])
+def test_one_instance_validator_names_file_line_and_field(tmp_path, second, message):
+    """load_split, which the RL, SFT and eval stages all read through, rejects each departure from the
+    instance format on its line; the first, well-formed instance is line 1."""
+    (tmp_path / "train.jsonl").write_text(json.dumps(instance()) + "\n" + json.dumps(second) + "\n")
+    with pytest.raises(DataError, match=r"train\.jsonl" + message):
+        data.load_split(tmp_path, "train")
+    (tmp_path / "train.jsonl").write_text(json.dumps(instance()) + "\n" + json.dumps(instance("w", positive=2)) + "\n")
+    assert [inst["user_id"] for inst in data.load_split(tmp_path, "train")] == ["u", "w"]
+
+
+def test_an_empty_split_is_refused_unless_allowed(tmp_path):
+    (tmp_path / "valid.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"valid\.jsonl: no instances"):
+        data.load_split(tmp_path, "valid")
+    assert data.load_split(tmp_path, "valid", allow_empty=True) == []
 
 
 def corrupt(lines_of, index, raw_line):

@@ -17,6 +17,7 @@ from baselines import untrained
 import evaluate
 import models
 import r2rank
+import runs
 from models import ScoreHead
 from metrics import rank_by_scores
 
@@ -165,7 +166,7 @@ def checkpoint(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     head = ScoreHead(model.config.hidden_size, 16)
-    return models.save_checkpoint(str(out), 1, model, tokenizer, head, {}, r2rank.Config(head_width=16))
+    return runs.save_checkpoint(str(out), 1, model, tokenizer, head, {}, r2rank.Config(head_width=16))
 
 
 def test_run_eval_with_every_method_and_analysis(checkpoint, synthetic, tmp_path):
@@ -234,6 +235,15 @@ def test_cli_writes_the_json_and_skips_r2rank_without_a_head(synthetic, tmp_path
     report = json.loads((out / "eval-test.json").read_text())
     assert set(report["methods"]) == {"random", "popularity", "pointwise"}
     assert all(len(r["per_user"]) == 3 for r in report["methods"].values())
+    # a second evaluation into the same --out does not silently replace the first
+    again = run_cli("--model", "tiny", "--data", synthetic, "--out", str(out), "--methods", "random", cwd=tmp_path)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert "eval-test.json: an earlier evaluation is there; pass --overwrite" in again.stderr
+    assert json.loads((out / "eval-test.json").read_text()) == report
+    replaced = run_cli("--model", "tiny", "--data", synthetic, "--out", str(out), "--methods", "random",
+                       "--eval-limit", "2", "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert list(json.loads((out / "eval-test.json").read_text())["methods"]) == ["random"]
 
 
 def test_cli_missing_split_is_a_clear_error(synthetic, tmp_path):

@@ -1,0 +1,116 @@
+"""A training run's --out (runs.py): one run per directory, an honest resume, a clean stop.
+
+Each bad input or fault tried as a new user would, and what it gets now (the tests below, test_cli.py's
+and test_data.py's check each row):
+
+| input or fault | before | now |
+|---|---|---|
+| a numeric flag out of range (--keep-checkpoints -1, --lr -1, --micro-batch 0, ...) | traceback, NaN, or exit 0 with nothing kept | exit 2 before any work: "--flag must be ..., got ..." |
+| --device cuda without CUDA, a missing --model | traceback | one line, exit 1, nothing written |
+| an instance with another K, no positive, string labels, an item without a title, a repeated user_id | traceback or trained on | "file:line: ..." from the one validator every stage reads through |
+| an empty train.jsonl / valid.jsonl (with --eval-every) | IndexError after the model loaded | "file: no instances", before the model loads |
+| another run's --out without --resume | both runs mixed | refused; --overwrite replaces it |
+| --resume with another --seed, --model, K, trace setting, or edited data | accepted silently | refused, each difference named |
+| --resume with another --lr / --head-lr | ignored, but recorded as applied | applied to the restored optimizer, printed, kept in r2rank.json "changes" |
+| kill, then --resume | re-run steps appended to metrics.jsonl again | metrics.jsonl cut back to the checkpoint's step |
+| --resume with no checkpoint / at --max-steps / past it | silent fresh start / silent no-op | says so / says so, exit 0 / refused |
+| Ctrl-C or SIGTERM during training | traceback, the step lost | the step finishes, a checkpoint is saved, one line, exit 130 / 143 |
+| a second eval into the same --out | eval-<split>.json silently replaced | refused; --overwrite replaces it |
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import ROOT, run_cli
+
+
+def rl(out, data_dir, *args):
+    return run_cli("--stage", "rl", "--model", "tiny", "--data", data_dir, "--out", str(out), "--users-per-step", "1",
+                   "--max-new-tokens", "4", "--max-history", "2", "--save-every", "1", "--lr", "1e-4", *args)
+
+
+def steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def last_line(result):
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_another_runs_out_is_refused_unless_resumed_or_overwritten(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    assert rl(out, synthetic_dir, "--max-steps", "2").returncode == 0
+    again = rl(out, synthetic_dir, "--max-steps", "1")
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert "holds another run (checkpoint-1, checkpoint-2, metrics.jsonl); pass --resume" in last_line(again)
+    assert steps(out) == [1, 2]
+    replaced = rl(out, synthetic_dir, "--max-steps", "1", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert steps(out) == [1] and sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1"]
+
+
+def test_resume_refuses_other_defining_settings_and_applies_changed_ones(tmp_path, synthetic_dir):
+    out, moved = tmp_path / "run", tmp_path / "moved-data"
+    assert rl(out, synthetic_dir, "--max-steps", "2").returncode == 0
+    for args, named in [(["--seed", "1"], "--seed 0 -> 1"), (["--max-new-tokens", "5"], "--max-new-tokens 4 -> 5"),
+                        (["--advantage", "counterfactual"], "--advantage 'reward' -> 'counterfactual'")]:
+        refused = rl(out, synthetic_dir, "--max-steps", "3", "--resume", *args)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr and named in last_line(refused), refused.stderr
+    shutil.copytree(synthetic_dir, moved)  # the same data elsewhere is fine; edited data is not
+    lines = (moved / "valid.jsonl").read_text().splitlines(True)
+    (moved / "valid.jsonl").write_text("".join(lines[:-1]))
+    edited = rl(out, str(moved), "--max-steps", "3", "--resume")
+    assert edited.returncode == 1 and "the data (" in last_line(edited)
+    (moved / "valid.jsonl").write_text("".join(lines))
+    resumed = rl(out, str(moved), "--max-steps", "3", "--resume", "--lr", "1e-3", "--head-lr", "0.5")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume at step 2, changed: --head-lr 0.001 -> 0.5, --lr 0.0001 -> 0.001" in resumed.stdout
+    saved = os.path.join(out, "checkpoint-3")
+    groups = {name: state["param_groups"] for name, state in torch.load(os.path.join(saved, "optimizer.pt")).items()}
+    assert {g["lr"] for g in groups["llm"]} == {1e-3} and {g["lr"] for g in groups["head"]} == {0.5}
+    record = json.load(open(os.path.join(saved, "r2rank.json")))
+    assert record["changes"] == [{"step": 2, "--head-lr": [1e-3, 0.5], "--lr": [1e-4, 1e-3], "--max-steps": [2, 3]}]
+    assert record["config"]["lr"] == 1e-3
+
+
+def test_resume_cuts_metrics_back_and_says_when_there_is_nothing_to_do(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    assert rl(out, synthetic_dir, "--max-steps", "3").returncode == 0
+    shutil.rmtree(out / "checkpoint-3")  # as if killed after step 3 was logged, before its save
+    resumed = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    assert steps(out) == [1, 2, 3]  # not 1, 2, 3, 3
+    done = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
+    assert done.returncode == 0 and "at --max-steps 3 already: nothing to train" in done.stdout
+    past = rl(out, synthetic_dir, "--max-steps", "2", "--resume")
+    assert past.returncode == 1 and "already past --max-steps 2" in last_line(past)
+    fresh = rl(tmp_path / "new", synthetic_dir, "--max-steps", "1", "--resume")
+    assert fresh.returncode == 0 and "--resume: no checkpoint in" in fresh.stdout and steps(tmp_path / "new") == [1]
+
+
+def test_a_signal_saves_the_step_in_flight_and_exits_with_one_line(tmp_path, synthetic_dir):
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / signum.name
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "r2rank.py"), "--stage", "rl", "--model", "tiny", "--data", synthetic_dir,
+             "--out", str(out), "--users-per-step", "1", "--max-new-tokens", "4", "--max-history", "2",
+             "--max-steps", "1000", "--save-every", "1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics, deadline = out / "metrics.jsonl", time.time() + 300
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 128 + signum, stderr
+        last = steps(out)[-1]
+        assert "Traceback" not in stderr and f"stopped by {signum.name}: saved {out}/checkpoint-{last}; continue with --resume" in stderr
+        assert os.path.isdir(out / f"checkpoint-{last}") and 2 <= last < 1000
+    resumed = run_cli("--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
+                      "--max-new-tokens", "4", "--max-history", "2", "--max-steps", str(last + 1), "--save-every", "1000", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert steps(out) == list(range(1, last + 2))
