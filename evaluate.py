@@ -320,6 +320,8 @@ def run_eval(cfg):
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
     K = len(instances[0]["candidates"])
     path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise data.DataError(f"--out {cfg.out}: exists and is not a directory")
     if os.path.exists(path) and not cfg.overwrite:
         raise data.DataError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
     if "r2rank" in methods and not models.has_head(cfg.model):
@@ -361,7 +363,10 @@ def run_eval(cfg):
     if "history-length" in analyses:
         found["history-length"] = history_length_analysis(results, instances, cfg.max_history, cfg.bootstrap, cfg.seed)
 
-    os.makedirs(cfg.out, exist_ok=True)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as error:
+        raise data.DataError(f"--out {cfg.out}: cannot create it ({error.strerror})") from None
     config = {**dataclasses.asdict(cfg), "data_dir": data_dir, "users": len(instances), "candidates": K,
               "device": str(device), "dtype": str(dtype), "traces": traces}
     with open(path + ".tmp", "w") as f:  # then renamed: a crash never leaves half a file

@@ -91,6 +91,8 @@ def plan_out(cfg, data_dir, max_steps):
     - out holds another run and neither --resume nor --overwrite is given;
     - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings.
     --resume with no checkpoint says so and starts at step 0."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise DataError(f"--out {cfg.out}: exists and is not a directory")
     found, fingerprint = run_files(cfg.out), data_fingerprint(data_dir)
     if not cfg.resume:
         if found and not cfg.overwrite:
@@ -129,7 +131,10 @@ def plan_out(cfg, data_dir, max_steps):
 def start(out, plan):
     """Make out ready to write: --overwrite removes the other run's files; a resume cuts metrics.jsonl
     back to the checkpoint's step (rows after it were written by steps that are run again)."""
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"--out {out}: cannot create it ({error.strerror})") from None
     if plan.overwrite:
         for name in run_files(out):
             path = os.path.join(out, name)

@@ -19,6 +19,11 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
     assert missing_model.returncode == 1 and "Traceback" not in missing_model.stderr
     assert "--model " in missing_model.stderr and "cannot load it" in missing_model.stderr
     assert not (tmp_path / "o2").exists()  # nothing written before the model loaded
+    for out, message in [("README.md", "exists and is not a directory"), ("/proc/none/o", "cannot create it")]:
+        for stage in (["--stage", "rl"], ["--stage", "eval", "--methods", "random"]):
+            result = run_cli(*stage, "--model", "tiny", "--data", synthetic, "--out", out)
+            assert result.returncode == 1 and result.stderr.startswith(f"error: --out {out}: {message}"), result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
     missing_gguf = run_cli("--model", str(tmp_path / "m.gguf"), "--data", synthetic, "--out", str(tmp_path / "o2"))
     assert missing_gguf.returncode == 1 and missing_gguf.stderr.strip() == f"error: --model {tmp_path}/m.gguf: no such file"
     too_many = run_cli("--model", "tiny", "--data", synthetic, "--users-per-step", "500", "--out", str(tmp_path / "o3"))
