@@ -104,7 +104,7 @@ def pair_test(tests, a, b, metric):
 # ------------------------------------------------------------------------------------------ rankers
 
 
-def make_rankers(cfg, model, tokenizer, head, frequency):
+def make_rankers(cfg, model, tokenizer, head, counts):
     """name -> rank(instances, desc) -> (scores [U, K] fp32 on the CPU, info dict).
 
     Every ranker scores the candidates of each instance in the order given, so the analyses can run
@@ -134,7 +134,7 @@ def make_rankers(cfg, model, tokenizer, head, frequency):
         return untrained.random_scores(len(instances), len(instances[0]["candidates"]), cfg.seed), {}
 
     def rank_popularity(instances, desc):
-        return untrained.popularity_scores(instances, frequency), {}
+        return untrained.popularity_scores(instances, counts), {}
 
     return {"r2rank": rank_r2rank, "random": rank_random, "popularity": rank_popularity,
             "pointwise": rank_pointwise, "listwise": rank_listwise}
@@ -339,8 +339,9 @@ def run_eval(cfg):
         model.eval()
         if "r2rank" in methods:
             head = models.load_head(cfg.model, model.config.hidden_size, device).eval()
-    frequency = read_frequency(data_dir) if "popularity" in methods or "cold-start" in analyses else None
-    rankers = make_rankers(cfg, model, tokenizer, head, frequency)
+    frequency = read_frequency(data_dir) if "cold-start" in analyses else None  # the paper's tiers: training positives
+    counts = untrained.interaction_counts(data.load_split(data_dir, "train")) if "popularity" in methods else None
+    rankers = make_rankers(cfg, model, tokenizer, head, counts)
     traces = "sampled" if cfg.eval_sample else "greedy"
     print(f"{len(instances)} users x {K} candidates of {data_dir}/{cfg.split}.jsonl; methods {', '.join(methods)}; "
           + (f"R2Rank: {len(instances) * K} {traces} traces of <= {cfg.max_new_tokens} tokens; " if "r2rank" in methods else "")

@@ -1,7 +1,8 @@
 """Baseline rankers for R2Rank's evaluation, scoring the same K candidates R2Rank scores.
 
     random_scores(num_users, num_items, seed)                  -> [U, K]  seeded uniform noise
-    popularity_scores(instances, frequency)                    -> [U, K]  training-positive counts
+    interaction_counts(train_instances)                        -> {item_id: count} over training interactions
+    popularity_scores(instances, counts)                       -> [U, K]  each candidate's count
     pointwise_scores(model, prefix_ids, suffix_ids_list, yes_ids, no_ids) -> [K]
         log P(<answer>Recommend</answer>) - log P(<answer>Not Recommend</answer>), teacher-forced
     listwise_messages(instance, ...), parse_ranking(text, K), scores_from_order(order)
@@ -23,6 +24,7 @@ Where these depart from the paper's baselines (Sec. 4.1.2 of the R2Rank paper):
 """
 import copy
 import re
+from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -40,10 +42,20 @@ def random_scores(num_users, num_items, seed):
     return torch.rand(num_users, num_items, generator=torch.Generator().manual_seed(seed))
 
 
-def popularity_scores(instances, frequency):
-    """[U, K] each candidate's count as a training positive (stats.json's train_positive_frequency;
-    items never a training positive count 0). Equal counts tie, and ties are broken pessimistically."""
-    return torch.tensor([[float(frequency.get(c["item_id"], 0)) for c in inst["candidates"]] for inst in instances])
+def interaction_counts(train_instances):
+    """{item_id: how often the training users interacted with it}: every item of each training user's
+    history and its positive (the usual most-popular count; the positives alone leave most items at 0)."""
+    counts = Counter()
+    for inst in train_instances:
+        counts.update(item["item_id"] for item in inst["history"])
+        counts.update(c["item_id"] for c, label in zip(inst["candidates"], inst["labels"]) if label > 0)
+    return counts
+
+
+def popularity_scores(instances, counts):
+    """[U, K] each candidate's count in `counts` (interaction_counts; items never seen count 0). Equal
+    counts tie, and ties are broken pessimistically."""
+    return torch.tensor([[float(counts.get(c["item_id"], 0)) for c in inst["candidates"]] for inst in instances])
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def fixture_instance(positive=1):
 
 def test_popularity_puts_the_most_frequent_item_first_and_ties_are_pessimistic():
     instance = fixture_instance(positive=2)
-    scores = untrained.popularity_scores([instance], {"a": 1, "b": 7, "c": 3})  # "d" never a positive: 0
+    scores = untrained.popularity_scores([instance], {"a": 1, "b": 7, "c": 3})  # "d" never seen: 0
     assert scores.tolist() == [[1.0, 7.0, 3.0, 0.0]]
     labels = torch.tensor([instance["labels"]])
     assert rank_by_scores(scores, labels).tolist() == [[1, 2, 0, 3]]
@@ -53,6 +53,15 @@ def test_popularity_puts_the_most_frequent_item_first_and_ties_are_pessimistic()
     # all counts equal: the positive ranks last among the tie, whatever its position
     flat = untrained.popularity_scores([instance], {})
     assert evaluate.positive_ranks(flat, labels).tolist() == [4]
+
+
+def test_popularity_counts_every_training_interaction_history_and_positive():
+    item = lambda name: {"item_id": name, "title": name.upper(), "text": ""}
+    train = [{"user_id": "u1", "history": [item("a"), item("b")], "candidates": [item("c"), item("x")], "labels": [1, 0]},
+             {"user_id": "u2", "history": [item("b"), item("c")], "candidates": [item("y"), item("b")], "labels": [0, 1]}]
+    # by hand: a once (u1's history), b three times (both histories, u2's positive), c twice (u1's
+    # positive, u2's history); x and y were negatives only, which are not interactions
+    assert dict(untrained.interaction_counts(train)) == {"a": 1, "b": 3, "c": 2}
 
 
 def test_random_scores_are_seeded():
