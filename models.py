@@ -49,16 +49,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' +
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def build_tiny(seed=0, vocab_size=1024, hidden_size=64, layers=2):
-    """A tiny random Qwen2 and a tokenizer trained offline on the project's own prompt text.
-
-    The tokenizer is trained with Qwen2's own pipeline (its split regex, byte-level BPE) and wrapped
-    in transformers' Qwen2Tokenizer, so save_pretrained / AutoTokenizer.from_pretrained rebuild it
-    exactly. Deterministic for a seed; takes about a second.
-    """
+def offline_tokenizer(vocab_size=1024):
+    """A byte-level BPE tokenizer trained offline on the project's own prompt text, with Qwen2's
+    pipeline (its split regex, its special tokens) wrapped in transformers' Qwen2Tokenizer, so
+    save_pretrained / AutoTokenizer.from_pretrained rebuild it exactly. Deterministic; about a second."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order: pad, turn start, turn end
@@ -80,18 +76,56 @@ def build_tiny(seed=0, vocab_size=1024, hidden_size=64, layers=2):
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m) for m in trained["merges"]], unk_token=None, bos_token=None,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=True,
-                         # with the usual 0.02 a random tied model just repeats its input token
-                         initializer_range=0.3, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):  # do not disturb the caller's global RNG
+    return tokenizer
+
+
+def random_model(config, tokenizer, seed, device="cpu"):
+    """Qwen2ForCausalLM(config) with seeded random weights, built on `device` ("meta": no memory)."""
+    from transformers import Qwen2ForCausalLM
+
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = None, tokenizer.eos_token_id, tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # do not disturb the caller's global RNG
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return model
+
+
+def build_tiny(seed=0, hidden_size=64, layers=2):
+    """A tiny random Qwen2 (2 layers of width 64) and the offline tokenizer: --model tiny."""
+    from transformers import Qwen2Config
+
+    tokenizer = offline_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         initializer_range=0.3)  # with the usual 0.02 a random tied model just repeats its input token
+    return random_model(config, tokenizer, seed), tokenizer
+
+
+# The published Qwen2.5-Instruct architectures (each model's config.json), for --model random:<name>:
+# memory and speed do not depend on the weights' values, so a random model costs what the real one
+# costs. It rarely writes an end token, so its traces run to --max-new-tokens: the worst case.
+QWEN25 = {  # hidden, intermediate, layers, attention heads, key-value heads, tied embeddings
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, True),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, True),
+    "qwen2.5-3b": (2048, 11008, 36, 16, 2, True),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, False),
+}
+
+
+def qwen25_config(name):
+    """The Qwen2Config of a QWEN25 architecture: vocabulary 151,936, rope theta 1e6, RMSNorm eps 1e-6."""
+    from transformers import Qwen2Config
+
+    if name not in QWEN25:
+        raise data.DataError(f"--model random:{name}: unknown architecture; choose from {', '.join('random:' + n for n in QWEN25)}")
+    hidden, intermediate, layers, heads, kv_heads, tied = QWEN25[name]
+    return Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
 
 
 def load_gguf(path):
@@ -129,6 +163,9 @@ def load_policy(name, device, dtype, seed=0):
     be loaded is a data.DataError naming it (one line for the CLI)."""
     if name == "tiny":
         model, tokenizer = build_tiny(seed=seed)
+    elif name.startswith("random:"):
+        config, tokenizer = qwen25_config(name.removeprefix("random:")), offline_tokenizer()
+        model = random_model(config, tokenizer, seed, device)  # built where it runs: no fp32 copy on the CPU first
     elif name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise data.DataError(f"--model {name}: no such file")

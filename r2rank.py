@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import lora
 import plackett_luce
 import rollout
 from metrics import ndcg_at_k, ndcg_from_scores
@@ -86,7 +87,8 @@ class Config:
     stage: str = common("rl", "what to run: rl (end-to-end RL), sft-data (teacher traces), sft (cold start), eval",
                         ["rl", "sft-data", "sft", "eval"])
     data: str = common("", "dataset directory written by data.py; empty = build the synthetic set in <out>/data")
-    model: str = common(DEFAULT_MODEL, "hub id, local directory, checkpoint, .gguf file, or 'tiny' (random, offline)")
+    model: str = common(DEFAULT_MODEL, "hub id, local directory, checkpoint, .gguf file, 'tiny' (random, offline), or "
+                        "random:qwen2.5-0.5b / 1.5b / 3b / 7b (the published architecture, random weights: memory and speed checks)")
     out: str = common("runs/r2rank", "output directory: metrics.jsonl and checkpoint-<step>/")
     resume: bool = common(False, "continue from the newest <out>/checkpoint-<step> at its step; the settings that "
                           "define the run must be unchanged (runs.py lists which may change)")
@@ -107,6 +109,8 @@ class Config:
                                 "greedy traces have no policy gradient)", allowed=AT_LEAST_0)
     top_p: float = common(1.0, "nucleus sampling: keep the most likely tokens up to this mass (1 when training "
                           "the LLM: the log-probs of Eq. 6 do not include the cut)", allowed=UNIT_INTERVAL)
+    lora_rank: int = common(0, "train rank-R LoRA adapters beside the attention and MLP projections instead of every "
+                            "weight (0 = all weights); take a larger --lr / --sft-lr, e.g. 1e-4 (lora.py)", allowed=AT_LEAST_0)
     micro_batch: int = common(8, "traces per forward/backward in the update (memory only; same gradient)", allowed=AT_LEAST_1)
 
     # --stage rl: Algorithm 1
@@ -191,6 +195,8 @@ def parse_config(argv=None):
     if cfg.response_prefix and cfg.stage in ("sft-data", "sft"):
         parser.error("--response-prefix does not go with SFT: the teacher's replies do not start with it")
     trains_llm = cfg.stage == "rl" and not cfg.freeze_llm
+    if cfg.lora_rank and not (trains_llm or cfg.stage == "sft"):
+        parser.error("--lora-rank trains adapters of the LLM: it goes with --stage rl (without --freeze-llm) or --stage sft")
     if trains_llm and cfg.temperature == 0:
         parser.error("--temperature 0 samples greedy traces, which have no policy gradient: use a temperature > 0 "
                      "for --stage rl (or --freeze-llm to train the head alone)")
@@ -282,8 +288,9 @@ def setup_rl(cfg):
     shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
     model.eval()
     optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)}
-    if not cfg.freeze_llm:
-        optimizers["llm"] = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if not cfg.freeze_llm:  # every weight, or only the LoRA adapters (drawn after the head: the same head either way)
+        trained = lora.attach(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
+        optimizers["llm"] = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
     if checkpoint:
         states = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)
         for name, opt in optimizers.items():

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
+import lora
 from sources import DataError
 
 # The flags --resume lets change; every other flag of the stage defines the run.
@@ -157,14 +158,19 @@ def prune_checkpoints(out, keep):
 def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_cache=None, record=None):
     """<out>/checkpoint-<step>/, written into a temporary directory and renamed into place.
 
-    Holds the model (safetensors) and tokenizer, so the directory works as --model; head.safetensors
+    Holds the model (safetensors; LoRA adapters merged in, and also apart in lora.safetensors) and
+    tokenizer, so the directory works as --model; head.safetensors
     (unless head is None), the optimizers' states, r2rank.json (step and run config), and with
     --freeze-llm the cached traces (trace-cache.pt: {user_id: rollout.Samples fields}).
     """
     final = os.path.join(out, f"checkpoint-{step}")
     tmp = os.path.join(out, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors
+    if lora.adapted(model):  # LoRA: the adapters merged into the weights, and kept apart for --resume
+        model.save_pretrained(tmp, state_dict=lora.merged_state_dict(model))
+        save_file(lora.adapter_state_dict(model), os.path.join(tmp, "lora.safetensors"))
+    else:
+        model.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
     if head is not None:
         save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))

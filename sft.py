@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import lora
 import models
 import runs
 import sources
@@ -307,7 +308,9 @@ def train_sft(cfg):
         responses.append(tokenizer(response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
 
     use_checkpointing = models.enable_checkpointing(model, cfg.gradient_checkpointing, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    torch.manual_seed(cfg.seed)  # --lora-rank: the adapters A are drawn from it
+    trained = lora.attach(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
+    optimizer = torch.optim.AdamW(trained, lr=cfg.sft_lr, weight_decay=0.0)
     if checkpoint:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)["llm"])
         print(f"resumed from {checkpoint} at step {start_step}")
