@@ -26,19 +26,17 @@ Where this departs from the paper (defaults are the paper's unless said; details
 7. The head reads the hidden state through a LayerNorm and does not back-propagate into the LLM (models.py).
 8. --pl-std (off) fixes the std of a user's scores before Plackett-Luce (models.standardized).
 """
-import argparse
-import dataclasses
-import functools
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 import data
 import lora
+from config import parse_config
 import plackett_luce
 import rollout
 from metrics import ndcg_at_k, ndcg_from_scores
@@ -46,171 +44,6 @@ import runs
 from models import (ScoreHead, enable_checkpointing, has_head, load_head, load_policy, load_trace_cache, mixed_precision,
                     pick_device, pick_dtype, score_traces, standardized)
 from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss
-
-DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The values a numeric flag allows: above `low` (strictly, or not), and at most `high` if given."""
-    low: float
-    strict: bool = False
-    high: float | None = None
-
-    def allows(self, value):
-        return (value > self.low if self.strict else value >= self.low) and (self.high is None or value <= self.high)
-
-    def __str__(self):
-        if self.high is not None:
-            return f"in {'(' if self.strict else '['}{self.low:g}, {self.high:g}]"
-        return f"{'>' if self.strict else '>='} {self.low:g}"
-
-
-AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT_INTERVAL = Bound(0), Bound(1), Bound(0, strict=True), Bound(0, True, 1.0)
-
-
-def arg(default, help, choices=None, group="common", allowed=None):
-    """A Config field: its default, its --help line, its choices or Bound, its --help section."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "allowed": allowed})
-
-
-common = functools.partial(arg, group="common to every stage")
-rl = functools.partial(arg, group="--stage rl: Algorithm 1")
-beyond = functools.partial(arg, group="--stage rl, beyond the paper (the departures listed at the top)")
-sft_arg = functools.partial(arg, group="--stage sft-data, then --stage sft: the cold start (Sec. 3.4)")
-eval_arg = functools.partial(arg, group="--stage eval: Table 2 and the analyses of Sec. 4")
-
-
-@dataclass
-class Config:
-    # common to every stage: data, model, output, precision; the prompt (Fig. 2) and the traces (Eq. 1)
-    stage: str = common("rl", "what to run: rl (end-to-end RL), sft-data (teacher traces), sft (cold start), eval",
-                        ["rl", "sft-data", "sft", "eval"])
-    data: str = common("", "dataset directory written by data.py; empty = build the synthetic set in <out>/data")
-    model: str = common(DEFAULT_MODEL, "hub id, local directory, checkpoint, .gguf file, 'tiny' (random, offline), or "
-                        "random:qwen2.5-0.5b / 1.5b / 3b / 7b (the published architecture, random weights: memory and speed checks)")
-    out: str = common("runs/r2rank", "output directory: metrics.jsonl and checkpoint-<step>/")
-    resume: bool = common(False, "continue from the newest <out>/checkpoint-<step> at its step; the settings that "
-                          "define the run must be unchanged (runs.py lists which may change)")
-    overwrite: bool = common(False, "replace the run (or eval-<split>.json) already in --out; without it, or "
-                             "--resume, another run's --out is refused")
-    seed: int = common(0, "seeds everything: user order, sampling, the head's initialization, the tiny model", allowed=AT_LEAST_0)
-    device: str = common("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
-    threads: int = common(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy shared machine)", allowed=AT_LEAST_0)
-    dtype: str = common("auto", "compute precision: auto (bfloat16 on cuda, else float32); training keeps fp32 weights",
-                        ["auto", "float32", "bfloat16", "float16"])
-    gradient_checkpointing: str = common("auto", "recompute activations in the backward pass: auto (on for cuda)",
-                                         ["auto", "on", "off"])
-    max_history: int = common(20, "history items shown in the prompt (the most recent ones)", allowed=AT_LEAST_0)
-    max_item_chars: int = common(200, "characters per item line in the prompt (longer texts are cut)", allowed=AT_LEAST_1)
-    max_new_tokens: int = common(256, "token budget of one reasoning trace; 0 = no reasoning, the head reads the "
-                                 "prompt's last hidden state (a control: with --freeze-llm, or in eval without listwise)", allowed=AT_LEAST_0)
-    temperature: float = common(1.0, "sampling temperature of the traces (0 = greedy: not for training the LLM, "
-                                "greedy traces have no policy gradient)", allowed=AT_LEAST_0)
-    top_p: float = common(1.0, "nucleus sampling: keep the most likely tokens up to this mass (1 when training "
-                          "the LLM: the log-probs of Eq. 6 do not include the cut)", allowed=UNIT_INTERVAL)
-    lora_rank: int = common(0, "train rank-R LoRA adapters beside the attention and MLP projections instead of every "
-                            "weight (0 = all weights); take a larger --lr / --sft-lr, e.g. 1e-4 (lora.py)", allowed=AT_LEAST_0)
-    micro_batch: int = common(8, "traces per forward/backward in the update (memory only; same gradient)", allowed=AT_LEAST_1)
-
-    # --stage rl: Algorithm 1
-    max_steps: int = rl(100, "RL steps (one step = users-per-step users x K candidates traces)", allowed=AT_LEAST_1)
-    users_per_step: int = rl(4, "users per step", allowed=AT_LEAST_1)
-    reward_k: int = rl(10, "the reward is NDCG@reward-k", allowed=AT_LEAST_1)
-    advantage: str = rl("reward", "LLM advantage: reward (the paper, Eq. 6: the rankings' mean reward), batch (minus "
-                        "the other users' mean reward) or counterfactual (per trace: V(s) - V(s with s_k replaced))",
-                        ["reward", "batch", "counterfactual"])
-    ppo_epochs: int = rl(2, "passes over a step's traces, one optimizer step each", allowed=AT_LEAST_1)
-    clip_eps: float = rl(0.2, "PPO clipping epsilon", allowed=POSITIVE)
-    lr: float = rl(1e-6, "LLM learning rate (AdamW)", allowed=AT_LEAST_0)
-    head_lr: float = rl(1e-3, "scoring-head learning rate (AdamW); 0 freezes the head, e.g. RL of the LLM "
-                        "alone under a head trained MLP-only", allowed=AT_LEAST_0)
-    head_width: int = rl(256, "hidden width of the scoring head's MLP", allowed=AT_LEAST_1)
-    head_weight_decay: float = rl(0.01, "scoring-head weight decay (AdamW)", allowed=AT_LEAST_0)
-    max_grad_norm: float = rl(1.0, "gradient-norm clip for the LLM", allowed=POSITIVE)
-    freeze_llm: bool = rl(False, "train the head only, LLM frozen (the MLP-only variant, Table 3); each "
-                          "user's traces are then sampled once and reused (saved with the checkpoints)")
-    eval_every: int = rl(0, "every N steps, NDCG@10 of greedy traces on validation users, logged; also "
-                         "the start's, as step 0 (0 = never)", allowed=AT_LEAST_0)
-    eval_users: int = rl(32, "validation users in that check", allowed=AT_LEAST_1)
-    save_every: int = rl(50, "checkpoint every N steps (and at the end)", allowed=AT_LEAST_1)
-    keep_checkpoints: int = rl(0, "keep only the newest N checkpoints of the run (0 = keep all)", allowed=AT_LEAST_0)
-
-    # --stage rl, beyond the paper (each departure's default and why: the module docstring)
-    num_rankings: int = beyond(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)", allowed=AT_LEAST_1)
-    baseline: bool = beyond(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
-    advantage_samples: int = beyond(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)", allowed=AT_LEAST_1)
-    pl_std: float = beyond(0.0, "if > 0, each user's K scores are standardized to this std before Plackett-Luce "
-                           "(a PL temperature that follows the head's scale, departure 8; 0 = the paper's raw scores)", allowed=AT_LEAST_0)
-    shared_prefix_update: str = beyond("auto", "update: run a user's prompt prefix once for its K traces; auto = "
-                                       "when gradient checkpointing is off (the two do not combine)", ["auto", "on", "off"])
-    train_users: int = beyond(0, "train on the first N training users only (0 = all): a smaller set to roll out on a CPU", allowed=AT_LEAST_0)
-    response_prefix: str = beyond("", "text every reply is forced to start with, fed as part of the prompt and never "
-                                  "trained (e.g. '<think>'); pass the same to --stage eval")
-    trace_cache: str = beyond("", "--freeze-llm: start from the traces of an earlier --freeze-llm run "
-                              "(<its checkpoint>/trace-cache.pt), e.g. to train another head on them")
-    new_head: bool = beyond(False, "start a new scoring head even when --model is a checkpoint that has one, "
-                            "e.g. to train a head MLP-only on the LLM of an RL run")
-
-    # --stage sft-data, then --stage sft: the cold start (Sec. 3.4)
-    traces: str = sft_arg("", "teacher traces (jsonl): written by sft-data, read by sft; default <out>/traces.jsonl")
-    teacher: str = sft_arg("", "sft-data: local teacher model (hub id, directory or .gguf)")
-    teacher_url: str = sft_arg("", "sft-data: OpenAI-compatible endpoint instead, e.g. http://localhost:8000/v1")
-    teacher_model: str = sft_arg("", "sft-data: model name sent to --teacher-url")
-    teacher_key_env: str = sft_arg("OPENAI_API_KEY", "sft-data: environment variable holding the endpoint's API key")
-    num_pairs: int = sft_arg(200, "sft-data: (user, candidate) pairs to ask the teacher about, half positive", allowed=AT_LEAST_1)
-    sft_epochs: int = sft_arg(2, "sft: passes over the traces", allowed=AT_LEAST_1)
-    sft_lr: float = sft_arg(1e-5, "sft: learning rate (AdamW)", allowed=AT_LEAST_0)
-    sft_batch: int = sft_arg(16, "sft: traces per optimizer step, in micro-batches of --micro-batch", allowed=AT_LEAST_1)
-
-    # --stage eval: Table 2 and the analyses of Sec. 4
-    split: str = eval_arg("test", "eval: which split to evaluate")
-    methods: str = eval_arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run")
-    analyses: str = eval_arg("", "eval: comma-separated extra analyses: position,history-order,cold-start,history-length")
-    eval_limit: int = eval_arg(0, "eval: evaluate only the first N users of the split (0 = all)", allowed=AT_LEAST_0)
-    eval_sample: bool = eval_arg(False, "eval: sample R2Rank's traces at --temperature instead of greedy")
-    history_shuffles: int = eval_arg(5, "eval: R, shuffles of each history in the history-order analysis", allowed=AT_LEAST_1)
-    bootstrap: int = eval_arg(1000, "eval: bootstrap resamples for the 95% intervals", allowed=AT_LEAST_1)
-
-
-def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sections = {}
-    for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
-        section = sections.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-        if f.type is bool or f.type == "bool":
-            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        else:
-            section.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"], help=help)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    for f in dataclasses.fields(Config):  # every numeric flag declares its Bound (tests/test_r2rank.py checks)
-        value, allowed = getattr(cfg, f.name), f.metadata["allowed"]
-        if allowed is not None and not allowed.allows(value):
-            parser.error(f"--{f.name.replace('_', '-')} must be {allowed}, got {value:g}")
-    if cfg.baseline and cfg.num_rankings < 2:
-        parser.error("--baseline needs --num-rankings >= 2 (or pass --no-baseline)")
-    if cfg.max_new_tokens == 0 and (cfg.stage in ("sft-data", "sft") or (cfg.stage == "rl" and not cfg.freeze_llm)):
-        parser.error("--max-new-tokens 0 writes no trace, so there are no tokens to train: use it with --stage rl --freeze-llm or --stage eval")
-    if cfg.response_prefix and cfg.stage in ("sft-data", "sft"):
-        parser.error("--response-prefix does not go with SFT: the teacher's replies do not start with it")
-    trains_llm = cfg.stage == "rl" and not cfg.freeze_llm
-    if cfg.lora_rank and not (trains_llm or cfg.stage == "sft"):
-        parser.error("--lora-rank trains adapters of the LLM: it goes with --stage rl (without --freeze-llm) or --stage sft")
-    if trains_llm and cfg.temperature == 0:
-        parser.error("--temperature 0 samples greedy traces, which have no policy gradient: use a temperature > 0 "
-                     "for --stage rl (or --freeze-llm to train the head alone)")
-    if trains_llm and cfg.top_p < 1:
-        parser.error("--top-p < 1 is not supported for --stage rl: the PPO log-probs do not include nucleus "
-                     "truncation (use --top-p 1, or --freeze-llm)")
-    if trains_llm and cfg.advantage == "batch" and cfg.users_per_step < 2:
-        parser.error("--advantage batch needs --users-per-step >= 2 (the baseline is the other users' mean reward)")
-    if cfg.max_new_tokens == 0 and cfg.stage == "eval" and "listwise" in cfg.methods.split(","):
-        parser.error("--max-new-tokens 0 leaves the listwise baseline no tokens to answer with: leave it out of --methods")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return cfg
-
 
 # ------------------------------------------------------------------------- phases of one step
 
@@ -405,7 +238,7 @@ def train_rl(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, __doc__.split("\n")[0])
     try:
         if cfg.stage == "rl":
             train_rl(cfg)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import r2rank
+import config
 from conftest import run_cli
 
 
@@ -54,26 +54,26 @@ def test_every_numeric_flag_declares_its_bounds_and_they_are_enforced(capsys):
     """A new numeric flag cannot skip validation: each declares a Bound. Just outside it, parsing stops
     with a one-line error naming the flag (exit 2, before any work); at its edge, the value is taken."""
     base = ["--stage", "eval", "--no-baseline", "--methods", "r2rank"]  # no cross-flag rule fires at an edge
-    numeric = [f for f in dataclasses.fields(r2rank.Config) if f.type in (int, float, "int", "float")]
+    numeric = [f for f in dataclasses.fields(config.Config) if f.type in (int, float, "int", "float")]
     assert len(numeric) > 25
     for f in numeric:
         allowed, flag = f.metadata["allowed"], "--" + f.name.replace("_", "-")
-        assert isinstance(allowed, r2rank.Bound), f"{flag} declares no Bound"
+        assert isinstance(allowed, config.Bound), f"{flag} declares no Bound"
         outside = [allowed.low if allowed.strict else allowed.low - 1] + ([allowed.high + 1] if allowed.high else [])
         for value in outside:
             with pytest.raises(SystemExit) as exit_info:
-                r2rank.parse_config(base + [flag, str(int(value) if f.type in (int, "int") else value)])
+                config.parse_config(base + [flag, str(int(value) if f.type in (int, "int") else value)])
             message = capsys.readouterr().err.strip().splitlines()[-1]
             assert exit_info.value.code == 2 and message.endswith(f"error: {flag} must be {allowed}, got {value:g}"), message
         edge = allowed.high if allowed.high else (allowed.low + 0.5 if allowed.strict else allowed.low)
         edge = int(edge) if f.type in (int, "int") else edge
-        assert getattr(r2rank.parse_config(base + [flag, str(edge)]), f.name) == edge
+        assert getattr(config.parse_config(base + [flag, str(edge)]), f.name) == edge
 
 
 def test_help_explains_every_flag():
     result = run_cli("--help")
     assert result.returncode == 0
-    for field in r2rank.dataclasses.fields(r2rank.Config):
+    for field in dataclasses.fields(config.Config):
         assert "--" + field.name.replace("_", "-") in result.stdout
 
 

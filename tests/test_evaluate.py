@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 from baselines import untrained
 import evaluate
@@ -147,7 +148,7 @@ def check_pointwise(model, tokenizer, instance, cfg):
 
 def test_pointwise_scores_equal_a_full_unshared_forward_pass(tiny, synthetic):
     model, tokenizer = tiny
-    check_pointwise(model, tokenizer, data.load_split(synthetic, "test")[0], r2rank.Config(max_history=5))
+    check_pointwise(model, tokenizer, data.load_split(synthetic, "test")[0], config.Config(max_history=5))
 
 
 SMOLLM = None
@@ -162,7 +163,7 @@ def test_pointwise_scores_on_smollm2(synthetic):
     model, tokenizer = models.load_policy(SMOLLM, torch.device("cpu"), torch.float32)
     instance = data.load_split(synthetic, "test")[0]
     instance = {**instance, "candidates": instance["candidates"][:4], "labels": instance["labels"][:4]}
-    check_pointwise(model.eval(), tokenizer, instance, r2rank.Config(max_history=5))
+    check_pointwise(model.eval(), tokenizer, instance, config.Config(max_history=5))
 
 
 # ---------------------------------------------------------------- the eval stage end to end
@@ -175,11 +176,11 @@ def checkpoint(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     head = ScoreHead(model.config.hidden_size, 16)
-    return runs.save_checkpoint(str(out), 1, model, tokenizer, head, {}, r2rank.Config(head_width=16))
+    return runs.save_checkpoint(str(out), 1, model, tokenizer, head, {}, config.Config(head_width=16))
 
 
 def test_run_eval_with_every_method_and_analysis(checkpoint, synthetic, tmp_path):
-    cfg = r2rank.Config(stage="eval", model=checkpoint, data=synthetic, out=str(tmp_path / "eval"), eval_limit=3,
+    cfg = config.Config(stage="eval", model=checkpoint, data=synthetic, out=str(tmp_path / "eval"), eval_limit=3,
                         max_new_tokens=4, max_history=6, analyses="position,history-order,cold-start,history-length",
                         history_shuffles=2, bootstrap=200)
     path = evaluate.run_eval(cfg)
@@ -221,7 +222,7 @@ def test_run_eval_with_every_method_and_analysis(checkpoint, synthetic, tmp_path
 def test_sampled_traces_are_reproducible(checkpoint, synthetic, tmp_path):
     reports = []
     for run in ("a", "b"):
-        cfg = r2rank.Config(stage="eval", model=checkpoint, data=synthetic, out=str(tmp_path / run), eval_limit=2,
+        cfg = config.Config(stage="eval", model=checkpoint, data=synthetic, out=str(tmp_path / run), eval_limit=2,
                             max_new_tokens=4, methods="r2rank", eval_sample=True, temperature=1.0, bootstrap=50)
         with open(evaluate.run_eval(cfg)) as f:
             reports.append(json.load(f))

