@@ -35,12 +35,14 @@ import math
 import os
 import random
 import time
+import zlib
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import data
+import distributed
 from baselines import untrained
 import models
 import rollout
@@ -111,10 +113,11 @@ def make_rankers(cfg, model, tokenizer, head, counts):
     the same ranker on reordered candidates or shuffled histories.
     """
     def rank_r2rank(instances, desc):
-        # greedy traces by default; sampled ones from one seeded generator, the same for every call
-        generator = torch.Generator(device=model.device).manual_seed(cfg.seed) if cfg.eval_sample else None
+        # greedy traces by default; sampled ones from a generator seeded by (seed, user), the same for every call
         samples = []
-        for instance in tqdm(instances, desc=desc, dynamic_ncols=True):
+        for instance in tqdm(instances, desc=desc, dynamic_ncols=True, disable=not distributed.is_main()):
+            generator = (torch.Generator(device=model.device).manual_seed(cfg.seed * 1_000_003 + zlib.crc32(
+                instance["user_id"].encode())) if cfg.eval_sample else None)
             samples += rollout.rollout_users(model, tokenizer, [instance], cfg, generator,
                                             temperature=cfg.temperature if cfg.eval_sample else 0.0)[0]
         with torch.no_grad():
@@ -136,8 +139,34 @@ def make_rankers(cfg, model, tokenizer, head, counts):
     def rank_popularity(instances, desc):
         return untrained.popularity_scores(instances, counts), {}
 
-    return {"r2rank": rank_r2rank, "random": rank_random, "popularity": rank_popularity,
-            "pointwise": rank_pointwise, "listwise": rank_listwise}
+    return {"r2rank": sharded(rank_r2rank), "random": rank_random, "popularity": rank_popularity,
+            "pointwise": sharded(rank_pointwise), "listwise": sharded(rank_listwise)}
+
+
+def sharded(rank):
+    """A ranker that, under torchrun, scores this rank's share of the users and returns every rank's
+    scores in the users' order (counts in its info summed, means weighted by users); alone, rank itself."""
+    def merge(infos):  # [(users, info)] -> info
+        merged = {}
+        for key, value in infos[0][1].items():
+            values = [(n, info[key]) for n, info in infos]
+            if isinstance(value, dict):
+                merged[key] = merge(values)
+            elif isinstance(value, int):
+                merged[key] = sum(v for _, v in values)
+            else:
+                merged[key] = sum(n * v for n, v in values) / max(sum(n for n, _ in values), 1)
+        return merged
+
+    def rank_all(instances, desc):
+        if distributed.world() == 1:
+            return rank(instances, desc)
+        mine = distributed.shard(instances)
+        scores, info = rank(mine, desc) if mine else (torch.zeros(0, len(instances[0]["candidates"])), None)
+        rows = distributed.gather(scores.tolist())
+        infos = [(n, part) for n, part in distributed.per_rank((len(mine), info)) if part is not None]
+        return torch.tensor(rows, dtype=torch.float32), merge(infos)
+    return rank_all
 
 
 # ----------------------------------------------------------------------------------------- analyses
@@ -311,8 +340,10 @@ def read_frequency(data_dir):
         raise data.DataError(f"{path}: cannot read train_positive_frequency ({error!r}); data.py writes it") from None
 
 
-def run_eval(cfg):
-    """--stage eval: every method of --methods on the same instances of --split, then --analyses."""
+def run_eval(cfg, rank_device=None):
+    """--stage eval: every method of --methods on the same instances of --split, then --analyses.
+    Under torchrun (rank_device: this rank's GPU, if any) the prompted methods split the users
+    across ranks (sharded) and rank 0 writes the results."""
     methods, analyses = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
     if "history-order" in analyses and cfg.history_shuffles < 2:
         raise data.DataError("--history-shuffles must be >= 2 for the history-order analysis")
@@ -331,7 +362,7 @@ def run_eval(cfg):
     if not methods:
         raise data.DataError("--methods: nothing left to evaluate")
 
-    device = models.pick_device(cfg.device)
+    device = rank_device if rank_device is not None and cfg.device == "auto" else models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     model = tokenizer = head = None
     if any(name in PROMPTED for name in methods):
@@ -364,6 +395,8 @@ def run_eval(cfg):
     if "history-length" in analyses:
         found["history-length"] = history_length_analysis(results, instances, cfg.max_history, cfg.bootstrap, cfg.seed)
 
+    if not distributed.is_main():
+        return path  # rank 0 writes
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as error:

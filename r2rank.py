@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import distributed
 import lora
 from config import parse_config
 import plackett_luce
@@ -90,17 +91,28 @@ class RLRun:
     trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused
 
 
-def setup_rl(cfg):
-    """Data, model and head (from --model, or the newest checkpoint with --resume), optimizers."""
-    device = pick_device(cfg.device)
+def setup_rl(cfg, rank_device=None):
+    """Data, model and head (from --model, or the newest checkpoint with --resume), optimizers.
+    rank_device: this rank's GPU under torchrun (distributed.start)."""
+    device = rank_device if rank_device is not None and cfg.device == "auto" else pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.freeze_llm and distributed.world() > 1:
+        raise data.DataError("--freeze-llm is not supported under torchrun yet (each rank would cache its own users' "
+                             "traces); run it as one process")
+    if cfg.users_per_step < distributed.world():
+        raise data.DataError(f"--users-per-step {cfg.users_per_step} leaves some of the {distributed.world()} ranks "
+                             "without a user: give each rank at least one")
     # the data and --out are checked before the model loads: a bad input costs no download
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 builds the synthetic set, if it is the data
     data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+    if distributed.is_main():
+        distributed.barrier()
     train = data.load_split(data_dir, "train")[: cfg.train_users or None]
     valid = data.load_split(data_dir, "valid", allow_empty=not cfg.eval_every)
     if cfg.users_per_step > len(train):
-        sys.exit(f"error: --users-per-step {cfg.users_per_step} is more than the {len(train)} training users "
-                 f"of {data_dir}" + (" kept by --train-users" if cfg.train_users else ""))
+        raise data.DataError(f"--users-per-step {cfg.users_per_step} is more than the {len(train)} training users "
+                             f"of {data_dir}" + (" kept by --train-users" if cfg.train_users else ""))
     plan = runs.plan_out(cfg, data_dir, cfg.max_steps)
     start_step, checkpoint = plan.start_step, plan.checkpoint
     if start_step == cfg.max_steps:
@@ -117,7 +129,7 @@ def setup_rl(cfg):
         model.requires_grad_(False)
     use_checkpointing = enable_checkpointing(model, cfg.gradient_checkpointing, device) if not cfg.freeze_llm else False
     if use_checkpointing and cfg.shared_prefix_update == "on":
-        sys.exit("error: --shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
+        raise data.DataError("--shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
     shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
     model.eval()
     optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)}
@@ -144,104 +156,139 @@ def setup_rl(cfg):
           f"(<= {cfg.users_per_step * K * cfg.max_new_tokens} new tokens); {cfg.num_rankings} rankings per user; "
           f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
           f"shared-prefix update {'on' if shared_prefix else 'off'}")
-    runs.start(cfg.out, plan)  # the first write into --out
+    if distributed.is_main():
+        runs.start(cfg.out, plan)  # the first write into --out
+    distributed.barrier()
     return RLRun(device, dtype, train, valid, model, tokenizer, head, optimizers, plan, shared_prefix, trace_cache)
 
 
-def llm_advantages(cfg, scores, labels, reward, generator):
-    """[U, K] advantage of each trace (--advantage; departure 3). scores, labels [U, K]; reward [U, S]."""
+def user_generator(seed, step, user, device):
+    """The random stream of one user's traces and rankings at one step: seeded by (seed, step, user),
+    so it is the same whichever rank draws it, and in whatever order."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_000_003 + user)
+
+
+def llm_advantages(cfg, scores, labels, reward, generators):
+    """[U, K] advantage of each trace (--advantage; departure 3). scores, labels [U, K]; reward [U, S];
+    one generator per user. Under torchrun, U is this rank's users; batch reads every rank's."""
     K = scores.shape[1]
     if cfg.advantage == "counterfactual":  # per trace: V(s) - V(s with s_k replaced by the others' mean)
-        return counterfactual_advantages(scores.detach(), labels, cfg.reward_k, cfg.advantage_samples, generator)
-    if cfg.advantage == "batch":  # the user's mean reward minus the other users'
-        return batch_baseline_advantages(reward)[:, None].expand(-1, K)
+        return torch.cat([counterfactual_advantages(scores[u:u + 1].detach(), labels[u:u + 1], cfg.reward_k,
+                                                    cfg.advantage_samples, g) for u, g in enumerate(generators)])
+    if cfg.advantage == "batch":  # the user's mean reward minus the other users' (all of the step's users)
+        means = torch.tensor(distributed.gather(reward.mean(1).tolist()), device=reward.device)  # [all users]
+        return batch_baseline_advantages(means[:, None])[distributed.shard(list(range(len(means))))][:, None].expand(-1, K)
     return reward.mean(1, keepdim=True).expand(-1, K)  # the paper's Eq. (6): the mean reward, no baseline
 
 
-def train_rl(cfg):
-    run = setup_rl(cfg)
+def train_rl(cfg, rank_device=None):
+    run = setup_rl(cfg, rank_device)
     if run is None:
         return
     model, tokenizer, head, device, valid_users = run.model, run.tokenizer, run.head, run.device, run.valid[: cfg.eval_users]
-    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    main = distributed.is_main()  # rank 0 (or the only process) validates, logs and saves
+    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if main else None
     valid_samples = None  # MLP-only: the validation traces, rolled out once
-    if cfg.eval_every and run.plan.start_step == 0:  # the start's validation (step 0): picking the best step can keep the start
+    if cfg.eval_every and run.plan.start_step == 0 and main:  # the start's validation (step 0): picking the best step can keep the start
         started = time.time()
         with mixed_precision(device, run.dtype):
             start_ndcg, checked = validate(model, tokenizer, head, valid_users, cfg)
         valid_samples = checked if cfg.freeze_llm else None
         runs.log_row(metrics_file, {"step": 0, "valid_ndcg@10": start_ndcg, "step_time": time.time() - started}, print)
-    bar = tqdm(range(run.plan.start_step, cfg.max_steps), initial=run.plan.start_step, total=cfg.max_steps, desc="rl", dynamic_ncols=True)
+    bar = tqdm(range(run.plan.start_step, cfg.max_steps), initial=run.plan.start_step, total=cfg.max_steps, desc="rl",
+               dynamic_ncols=True, disable=not main)
     with runs.StopOnSignal() as stop:  # Ctrl-C, SIGTERM: the step in flight finishes and is saved, then the run stops
         for step in bar:
             started = time.time()
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-            # the minibatch B of Algorithm 1: the step's users
-            instances = [run.train[i] for i in users_for_step(len(run.train), cfg.users_per_step, cfg.seed, step)]
+            # the minibatch B of Algorithm 1: the step's users (under torchrun, this rank's share of them)
+            users = distributed.shard(users_for_step(len(run.train), cfg.users_per_step, cfg.seed, step))
+            instances = [run.train[i] for i in users]
+            generators = [user_generator(cfg.seed, step, i, device) for i in users]
+            share = len(users) / cfg.users_per_step  # this rank's part of every mean over the step's users
             labels = torch.tensor([inst["labels"] for inst in instances], device=device, dtype=torch.float32)  # [U, K]
 
             # 1) Alg. 1 lines 1-3: one reasoning trace per candidate (MLP-only: sampled once per user, cached)
             with mixed_precision(device, run.dtype):
                 if cfg.freeze_llm:
-                    missing = [inst for inst in instances if inst["user_id"] not in run.trace_cache]
-                    run.trace_cache.update(zip([inst["user_id"] for inst in missing],
-                                               rollout.rollout_users(model, tokenizer, missing, cfg, generator)[0]))
+                    missing = [u for u, inst in enumerate(instances) if inst["user_id"] not in run.trace_cache]
+                    sampled = rollout.rollout_users(model, tokenizer, [instances[u] for u in missing], cfg,
+                                                    [generators[u] for u in missing])[0]
+                    run.trace_cache.update(zip([instances[u]["user_id"] for u in missing], sampled))
                     samples = [run.trace_cache[inst["user_id"]] for inst in instances]
                 else:
-                    samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generator)
+                    samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generators)
             # 2) line 4: scores s_k = f_phi(h_k), [U, K], with grad into phi only
             raw_scores = score_traces(head, samples)
             scores = standardized(raw_scores, cfg.pl_std)
 
             # 3) lines 6-7: S rankings from Plackett-Luce, reward = NDCG@reward-k
-            rankings = plackett_luce.sample(scores.detach(), cfg.num_rankings, generator)  # [U, S, K]
+            rankings = torch.stack([plackett_luce.sample(scores[u].detach(), cfg.num_rankings, g)
+                                    for u, g in enumerate(generators)])  # [U, S, K]
             reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), cfg.reward_k)  # [U, S]
 
             # 4) lines 8 and 11: clipped PPO on the tokens (Eq. 6), theta updated
-            ppo_stats = {}
+            ppo_stats, local = {}, {}
             if not cfg.freeze_llm:
-                advantages = llm_advantages(cfg, scores, labels, reward, generator)  # [U, K]
+                advantages = llm_advantages(cfg, scores, labels, reward, generators)  # [U, K]
+                step_tokens = distributed.total(sum(int(s.lengths.sum()) for s in samples))  # every rank's
                 with mixed_precision(device, run.dtype):
-                    ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg, run.shared_prefix)
-                ppo_stats.update(advantage_abs=advantages.abs().mean().item(), advantage_nonzero=(advantages != 0).float().mean().item())
+                    ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg,
+                                                   run.shared_prefix, step_tokens, distributed.sum_gradients)
+                local.update(advantage_abs=advantages.abs().mean().item(), advantage_nonzero=(advantages != 0).float().mean().item())
             #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. Both updates
             #    use this step's scores, computed before either, so their order does not matter.
             baseline = leave_one_out_baseline(reward) if cfg.baseline else None
             head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
             run.optimizers["head"].zero_grad(set_to_none=True)
-            head_loss.backward()
+            (head_loss * share).backward()  # this rank's share of the mean over all the step's users
+            distributed.sum_gradients(head.parameters())
             run.optimizers["head"].step()
 
-            # 5) log, validate, checkpoint
-            row = {"step": step + 1, "reward": reward.mean().item(),
-                   "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
-                   "signal_share": signal_share(reward),
-                   "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
-                   "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
-                   "head_loss": head_loss.item(), **ppo_stats, **rollout.trace_stats(samples, tokenizer)}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            # 5) log, validate, checkpoint (means over all the step's users, every rank's)
+            local.update({"reward": reward.mean().item(),
+                          "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
+                          "signal_share": signal_share(reward),
+                          "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
+                          "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
+                          "head_loss": head_loss.item(), **rollout.trace_stats(samples, tokenizer)})
+            tokens = sum(int(s.lengths.sum()) for s in samples)  # token_logp is a mean over tokens, not users
+            token_logp = distributed.total(local.pop("token_logp") * tokens) / max(distributed.total(tokens), 1)
+            row = {"step": step + 1, **ppo_stats, **{name: distributed.total(value * share) for name, value in local.items()},
+                   "token_logp": token_logp}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and main:
                 with mixed_precision(device, run.dtype):
                     row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid_users, cfg, valid_samples)
                 valid_samples = checked if cfg.freeze_llm else None
             row["step_time"] = time.time() - started
-            runs.log_row(metrics_file, row, bar.write)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop.requested:
-                saved = runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, head, run.optimizers, cfg,
-                                             run.trace_cache if cfg.freeze_llm else None, run.plan.record())
+            stop.requested = int(distributed.total(stop.requested or 0, "max")) or None  # a signal to any rank stops all
+            if main:
+                runs.log_row(metrics_file, row, bar.write)
+            if main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop.requested):
+                runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, head, run.optimizers, cfg,
+                                     run.trace_cache if cfg.freeze_llm else None, run.plan.record())
                 if cfg.keep_checkpoints:
                     runs.prune_checkpoints(cfg.out, cfg.keep_checkpoints)
-                if stop.requested:
+            if stop.requested:
+                distributed.barrier()  # the checkpoint is written
+                if metrics_file:
                     metrics_file.close()
-                    raise stop.exit(saved)
+                raise stop.exit(os.path.join(cfg.out, f"checkpoint-{step + 1}"))
+    if not main:
+        return
     metrics_file.close()
     print(f"wrote {os.path.join(cfg.out, 'metrics.jsonl')} and {cfg.out}/checkpoint-<step>/")
 
 
 def main(argv=None):
     cfg = parse_config(argv, __doc__.split("\n")[0])
+    rank_device = distributed.start()  # under torchrun: join the process group (a plain run: nothing)
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
     try:
+        if distributed.world() > 1 and cfg.stage in ("sft-data", "sft"):
+            raise data.DataError(f"--stage {cfg.stage} runs as one process (torchrun covers rl and eval)")
         if cfg.stage == "rl":
-            train_rl(cfg)
+            train_rl(cfg, rank_device)
         elif cfg.stage in ("sft-data", "sft"):
             import sft
 
@@ -249,14 +296,18 @@ def main(argv=None):
         elif cfg.stage == "eval":
             import evaluate
 
-            evaluate.run_eval(cfg)
+            evaluate.run_eval(cfg, rank_device)
         else:
             sys.exit(f"error: unknown --stage {cfg.stage!r}")
-    except data.DataError as error:
-        sys.exit(f"error: {error}")
+    except data.DataError as error:  # every rank meets the same bad input; rank 0 says so
+        if distributed.is_main():
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
         print("interrupted (the newest checkpoint in --out, if any, is where --resume continues)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":

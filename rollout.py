@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 import data
+import distributed
 from ppo import clipped_token_loss
 
 
@@ -192,10 +193,11 @@ def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None)
     """Phase 1 of an RL step: one reasoning trace per candidate of every user (Eq. 1), each user's
     shared prompt prefix computed once. cfg supplies the prompt settings (max_history,
     max_item_chars, response_prefix) and the sampling ones (max_new_tokens, temperature, top_p);
-    temperature overrides cfg's (0 = greedy). Returns per-user Samples and per-user prompts as
-    (prefix_ids, [suffix_ids] * K)."""
+    temperature overrides cfg's (0 = greedy). generator: one torch.Generator for all users, or a list
+    with one per user. Returns per-user Samples and per-user prompts as (prefix_ids, [suffix_ids] * K)."""
     samples, prompts = [], []
-    for instance in instances:
+    generators = generator if isinstance(generator, list) else [generator] * len(instances)
+    for instance, generator in zip(instances, generators):
         prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
         samples.append(sample_traces(model, tokenizer, prefix, suffixes, cfg.max_new_tokens,
                                      cfg.temperature if temperature is None else temperature, cfg.top_p, generator))
@@ -288,7 +290,8 @@ def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses, temp
     return logp.masked_fill(~mask, 0.0), mask
 
 
-def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix=False):
+def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix=False, total_tokens=None,
+               sum_gradients=None):
     """Phase 4 of an RL step for theta: cfg.ppo_epochs passes of clipped PPO (Eq. 6) over all
     traces, in micro-batches of cfg.micro_batch traces; cfg.temperature, clip_eps, max_grad_norm too.
 
@@ -297,12 +300,14 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
     prefix is run once per micro-batch instead of once per trace (response_logprobs_shared).
     Each micro-batch's mean loss is weighted by its share of the valid tokens, so the accumulated
     gradient equals that of the per-token mean over the whole step (ppo.clipped_token_loss).
+    Under torchrun, samples are this rank's users: total_tokens is the whole step's token count and
+    sum_gradients(parameters) adds up every rank's gradient before clipping (distributed.py).
 
     theta_old (departure 5 in r2rank.py): the first epoch's own log-probs, detached, so its ratio is exactly 1 and
     later epochs compare against the same forward pass (code path, precision, train mode) as the
     gradient. The log-probs recorded while decoding only measure how far the two paths differ.
     """
-    total_tokens = sum(int(s.lengths.sum()) for s in samples)
+    total_tokens = total_tokens or sum(int(s.lengths.sum()) for s in samples)
     stats = {"clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "ppo_loss": 0.0}
     gap_sum, gap_max, old_logps = 0.0, 0.0, {}
     model.train()
@@ -329,8 +334,13 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
                 (loss * share).backward()
                 for name, value in {**mb_stats, "ppo_loss": loss.item()}.items():
                     stats[name] += value * share / cfg.ppo_epochs
+        if sum_gradients:
+            sum_gradients(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
+    if sum_gradients:  # the statistics of every rank's tokens
+        stats = {name: distributed.total(value) for name, value in stats.items()}
+        gap_sum, gap_max = distributed.total(gap_sum), distributed.total(gap_max, "max")
     return {**stats, "decode_logp_gap": gap_sum / max(total_tokens, 1), "decode_logp_gap_max": gap_max}
