@@ -267,8 +267,9 @@ def test_cli_missing_split_is_a_clear_error(synthetic, tmp_path):
     (["--methods", "random,sasrec"], "unknown 'sasrec'"),
     (["--analyses", "history-order", "--history-shuffles", "1"], "--history-shuffles must be >= 2"),
 ])
-def test_bad_settings_are_clear_errors(synthetic, tmp_path, args, message):
+def test_bad_settings_are_clear_errors(synthetic, tmp_path, args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:  # r2rank.main turns the error into a message, no traceback
         r2rank.main(["--stage", "eval", "--model", "tiny", "--data", synthetic, "--out", str(tmp_path),
                      "--methods", "random", *args])
-    assert message in str(exit_info.value.code)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: ") and message in err, err

@@ -300,9 +300,9 @@ def test_pl_std_reaches_the_plackett_luce_sampler(synthetic_dir, tmp_path, monke
     out = str(tmp_path / "run")
     r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--pl-std", "3",
                  "--max-steps", "2", "--users-per-step", "2", "--max-new-tokens", "2", "--max-history", "3"])
-    assert len(seen) == 2
+    assert len(seen) == 2 * 2  # per user, each from its own generator
     for scores in seen:
-        torch.testing.assert_close(scores.std(-1, correction=0), torch.full((2,), 3.0))
+        torch.testing.assert_close(scores.std(-1, correction=0), torch.tensor(3.0))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert all(abs(row["score_std"] - 3.0) > 1e-3 for row in rows)  # the head's own spread is logged
