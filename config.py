@@ -135,6 +135,8 @@ class Config:
     methods: str = eval_arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run")
     analyses: str = eval_arg("", "eval: comma-separated extra analyses: position,history-order,cold-start,history-length")
     eval_limit: int = eval_arg(0, "eval: evaluate only the first N users of the split (0 = all)", allowed=AT_LEAST_0)
+    sasrec: str = eval_arg("", "eval: the model file of --methods sasrec, written by python baselines/sasrec.py "
+                           "--data DIR --out OUT (OUT/sasrec.pt)")
     eval_sample: bool = eval_arg(False, "eval: sample R2Rank's traces at --temperature instead of greedy")
     history_shuffles: int = eval_arg(5, "eval: R, shuffles of each history in the history-order analysis", allowed=AT_LEAST_1)
     bootstrap: int = eval_arg(1000, "eval: bootstrap resamples for the 95% intervals", allowed=AT_LEAST_1)

@@ -8,8 +8,8 @@
 NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines/untrained.py.
 
 Where this departs from the paper (which leaves these points open unless said):
-1. Baselines: random, popularity and zero-shot prompts of the same LLM, not the paper's trained
-   recommenders (see baselines/untrained.py).
+1. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py) and zero-shot prompts of
+   the same LLM; not the paper's other trained recommenders (see baselines/).
 2. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
    them at --temperature. A model without a trained head (head.safetensors) skips R2Rank.
 3. Markers: in each column the best method is bold and marked by its test against the runner-up in
@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import data
 import distributed
-from baselines import untrained
+from baselines import sasrec, untrained
 import models
 import rollout
 from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
@@ -52,10 +52,10 @@ from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance
 # --------------------------------------------------------------------------------- per-user results
 
 KS = (1, 5, 10)
-METHODS = ("r2rank", "random", "popularity", "pointwise", "listwise")
+METHODS = ("r2rank", "random", "popularity", "sasrec", "pointwise", "listwise")
 PROMPTED = ("r2rank", "pointwise", "listwise")  # the methods that read the prompt (and need the LLM)
 ANALYSES = ("position", "history-order", "cold-start", "history-length")
-TITLES = {"r2rank": "R2Rank", "random": "Random", "popularity": "Popularity",
+TITLES = {"r2rank": "R2Rank", "random": "Random", "popularity": "Popularity", "sasrec": "SASRec",
           "pointwise": "Pointwise, zero-shot", "listwise": "Listwise, zero-shot"}
 
 
@@ -106,7 +106,7 @@ def pair_test(tests, a, b, metric):
 # ------------------------------------------------------------------------------------------ rankers
 
 
-def make_rankers(cfg, model, tokenizer, head, counts):
+def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None):
     """name -> rank(instances, desc) -> (scores [U, K] fp32 on the CPU, info dict).
 
     Every ranker scores the candidates of each instance in the order given, so the analyses can run
@@ -139,7 +139,11 @@ def make_rankers(cfg, model, tokenizer, head, counts):
     def rank_popularity(instances, desc):
         return untrained.popularity_scores(instances, counts), {}
 
-    return {"r2rank": sharded(rank_r2rank), "random": rank_random, "popularity": rank_popularity,
+    def rank_sasrec(instances, desc):
+        sasrec_net, item_index = sasrec_model
+        return sasrec.candidate_scores(sasrec_net, instances, item_index), {}
+
+    return {"r2rank": sharded(rank_r2rank), "random": rank_random, "popularity": rank_popularity, "sasrec": rank_sasrec,
             "pointwise": sharded(rank_pointwise), "listwise": sharded(rank_listwise)}
 
 
@@ -276,7 +280,7 @@ def history_length_analysis(results, instances, max_history, resamples, seed):
 
 def default_groups(model_name):
     """The rows of Table 2 for the methods of one evaluation: [(group title, [(method, row title)])]."""
-    return [("Baselines", [("random", TITLES["random"]), ("popularity", TITLES["popularity"])]),
+    return [("Baselines", [(name, TITLES[name]) for name in ("random", "popularity", "sasrec")]),
             (f"Prompted LLM: {model_name}", [("pointwise", TITLES["pointwise"]), ("listwise", TITLES["listwise"])]),
             (f"Ours: {model_name}", [("r2rank", TITLES["r2rank"])])]
 
@@ -361,6 +365,9 @@ def run_eval(cfg, rank_device=None):
         methods.remove("r2rank")
     if not methods:
         raise data.DataError("--methods: nothing left to evaluate")
+    if "sasrec" in methods and not cfg.sasrec:
+        raise data.DataError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
+    sasrec_model = sasrec.load(cfg.sasrec) if "sasrec" in methods else None  # (model, item index)
 
     device = rank_device if rank_device is not None and cfg.device == "auto" else models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
@@ -372,7 +379,7 @@ def run_eval(cfg, rank_device=None):
             head = models.load_head(cfg.model, model.config.hidden_size, device).eval()
     frequency = read_frequency(data_dir) if "cold-start" in analyses else None  # the paper's tiers: training positives
     counts = untrained.interaction_counts(data.load_split(data_dir, "train")) if "popularity" in methods else None
-    rankers = make_rankers(cfg, model, tokenizer, head, counts)
+    rankers = make_rankers(cfg, model, tokenizer, head, counts, sasrec_model)
     traces = "sampled" if cfg.eval_sample else "greedy"
     print(f"{len(instances)} users x {K} candidates of {data_dir}/{cfg.split}.jsonl; methods {', '.join(methods)}; "
           + (f"R2Rank: {len(instances) * K} {traces} traces of <= {cfg.max_new_tokens} tokens; " if "r2rank" in methods else "")

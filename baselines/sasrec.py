@@ -1,0 +1,181 @@
+"""SASRec (Kang & McAuley, 2018), hand-written in torch: causal self-attention over a user's item
+sequence; the output at the last position, dotted with each candidate's embedding, is its score.
+
+    python baselines/sasrec.py --data data/ml100k --out runs/sasrec          # trains: runs/sasrec/sasrec.pt
+    python r2rank.py --stage eval --data data/ml100k --methods sasrec,popularity --sasrec runs/sasrec/sasrec.pt
+
+Trained on the training users' sequences (history, then positive) by next-item prediction, with the
+original paper's loss (binary cross-entropy against one random negative per position); the epoch
+with the best validation NDCG@10 on the protocol's own 20 candidates is kept.
+
+Where this departs from the SASRec paper (defaults are the paper's MovieLens-1M settings, but for
+the ones below):
+1. Only the training users' sequences are learned from (the LLM methods see no other users);
+   valid/test users' histories are read as input only.
+2. Items that never occur in a training sequence have no embedding: in a history they are left out,
+   as candidates they score below every known item (ties among them broken pessimistically, as for
+   every method).
+3. The sequence is the protocol's (at most --history 20 items, then the positive), so max length 21.
+4. Model selection by validation NDCG@10 on the protocol's candidates, not on 100 sampled negatives.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from metrics import ndcg_from_scores  # noqa: E402
+
+MAX_LEN = 21
+
+
+class SASRec(torch.nn.Module):
+    """Item and position embeddings, `blocks` pre-norm causal self-attention blocks. Item 0 = padding."""
+
+    def __init__(self, num_items, dim=50, blocks=2, heads=1, dropout=0.2, max_len=MAX_LEN):
+        super().__init__()
+        self.items = torch.nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.positions = torch.nn.Embedding(max_len, dim)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.attention_norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(blocks))
+        self.attentions = torch.nn.ModuleList(torch.nn.MultiheadAttention(dim, heads, dropout, batch_first=True)
+                                              for _ in range(blocks))
+        self.ffn_norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(blocks))
+        self.ffns = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+                                                            torch.nn.Linear(dim, dim), torch.nn.Dropout(dropout))
+                                        for _ in range(blocks))
+        self.final_norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, sequence):
+        """sequence [B, T] item indices, left-padded with 0 -> [B, T, dim]; position t sees items <= t only."""
+        T = sequence.shape[1]
+        x = self.items(sequence) * math.sqrt(self.items.embedding_dim) + self.positions(torch.arange(T, device=sequence.device))
+        keep = (sequence != 0).unsqueeze(-1).float()  # [B, T, 1]
+        x = self.dropout(x) * keep
+        causal = torch.ones(T, T, dtype=torch.bool, device=sequence.device).triu(1)  # True = may not attend
+        for norm, attention, ffn_norm, ffn in zip(self.attention_norms, self.attentions, self.ffn_norms, self.ffns):
+            query = norm(x)
+            x = x + attention(query, x, x, attn_mask=causal, need_weights=False)[0]  # pre-norm query, as in the paper's code
+            x = (x + ffn(ffn_norm(x))) * keep
+        return self.final_norm(x)
+
+    def score(self, sequence, candidates):
+        """[B, T] sequences, [B, K] candidate indices (0 = unknown item) -> [B, K] scores."""
+        last = self(sequence)[:, -1]  # [B, dim]
+        scores = (self.items(candidates) * last[:, None, :]).sum(-1)
+        return scores.masked_fill(candidates == 0, -1e9)  # departure 2: unknown items last
+
+
+def vocabulary(train):
+    """{item_id: index from 1} over every item of the training sequences."""
+    ids = sorted({item["item_id"] for inst in train for item in inst["history"]}
+                 | {c["item_id"] for inst in train for c, label in zip(inst["candidates"], inst["labels"]) if label})
+    return {item: index for index, item in enumerate(ids, 1)}
+
+
+def encode(items, index, max_len=MAX_LEN):
+    """Item ids -> [max_len] left-padded indices of the known ones (the most recent max_len)."""
+    known = [index[i] for i in items if i in index][-max_len:]
+    return [0] * (max_len - len(known)) + known
+
+
+def candidate_scores(model, instances, index):
+    """[U, K] SASRec scores of each instance's candidates, from its history (eval mode, no grad)."""
+    model.eval()
+    with torch.no_grad():
+        sequences = torch.tensor([encode([h["item_id"] for h in inst["history"]], index) for inst in instances])
+        candidates = torch.tensor([[index.get(c["item_id"], 0) for c in inst["candidates"]] for inst in instances])
+        return model.score(sequences, candidates).float()
+
+
+def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-3, batch_size=128, dropout=0.2,
+          seed=0, eval_every=5):
+    """(the model with the best validation NDCG@10, item index, per-check log)."""
+    torch.manual_seed(seed)
+    index = vocabulary(train_instances)
+    model = SASRec(len(index), dim, blocks, dropout=dropout)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
+    full = [[h["item_id"] for h in inst["history"]] + [c["item_id"] for c, label in zip(inst["candidates"], inst["labels"]) if label]
+            for inst in train_instances]
+    sequences = torch.tensor([encode(items, index, MAX_LEN + 1) for items in full])  # inputs [:, :-1], targets [:, 1:]
+    generator = torch.Generator().manual_seed(seed)
+    best, best_state, log = -1.0, None, []
+    for epoch in tqdm(range(1, epochs + 1), desc="sasrec", dynamic_ncols=True):
+        model.train()
+        for batch in torch.randperm(len(sequences), generator=generator).split(batch_size):
+            inputs, targets = sequences[batch, :-1], sequences[batch, 1:]
+            negatives = torch.randint(1, len(index) + 1, targets.shape, generator=generator)  # one per position
+            hidden = model(inputs)
+            positive_logits = (hidden * model.items(targets)).sum(-1)
+            negative_logits = (hidden * model.items(negatives)).sum(-1)
+            mask = (targets != 0).float()
+            bce = torch.nn.functional.binary_cross_entropy_with_logits
+            loss = ((bce(positive_logits, torch.ones_like(mask), reduction="none")
+                     + bce(negative_logits, torch.zeros_like(mask), reduction="none")) * mask).sum() / mask.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if epoch % eval_every == 0 or epoch == epochs:
+            labels = torch.tensor([inst["labels"] for inst in valid_instances], dtype=torch.float32)
+            ndcg = ndcg_from_scores(candidate_scores(model, valid_instances, index), labels, 10).mean().item()
+            log.append({"epoch": epoch, "loss": loss.item(), "valid_ndcg@10": ndcg})
+            if ndcg > best:
+                best, best_state = ndcg, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return model, index, log
+
+
+def save(path, model, index, settings, log):
+    torch.save({"state": model.state_dict(), "index": index, "settings": settings, "log": log}, path)
+
+
+def load(path):
+    """(model, item index) from a file written by this script; a data.DataError if it cannot."""
+    try:
+        saved = torch.load(path)
+    except (OSError, RuntimeError) as error:
+        raise data.DataError(f"--sasrec {path}: cannot read it ({str(error).splitlines()[0]}); "
+                             "train one with python baselines/sasrec.py") from None
+    settings = saved["settings"]
+    model = SASRec(len(saved["index"]), settings["dim"], settings["blocks"], dropout=settings["dropout"])
+    model.load_state_dict(saved["state"])
+    return model.eval(), saved["index"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", required=True, help="dataset directory written by data.py")
+    parser.add_argument("--out", required=True, help="output directory: sasrec.pt and sasrec-log.json")
+    parser.add_argument("--epochs", type=int, default=200, help="passes over the training sequences")
+    parser.add_argument("--dim", type=int, default=50, help="embedding and hidden width")
+    parser.add_argument("--blocks", type=int, default=2, help="self-attention blocks")
+    parser.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="initialization, batches and negatives")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "dim", "blocks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.dropout < 1 or args.lr <= 0:
+        parser.error("--dropout must be in [0, 1) and --lr > 0")
+    try:
+        train_instances, valid = data.load_split(args.data, "train"), data.load_split(args.data, "valid")
+    except data.DataError as error:
+        sys.exit(f"error: {error}")
+    model, index, log = train(train_instances, valid, args.epochs, args.dim, args.blocks, args.lr, dropout=args.dropout, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    save(os.path.join(args.out, "sasrec.pt"), model, index, vars(args), log)
+    with open(os.path.join(args.out, "sasrec-log.json"), "w") as f:
+        json.dump(log, f, indent=1)
+    best = max(log, key=lambda row: row["valid_ndcg@10"])
+    print(f"{len(index)} items from {len(train_instances)} training sequences; best validation NDCG@10 "
+          f"{best['valid_ndcg@10']:.3f} at epoch {best['epoch']}; wrote {args.out}/sasrec.pt")
+
+
+if __name__ == "__main__":
+    main()
