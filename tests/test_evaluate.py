@@ -264,7 +264,7 @@ def test_cli_missing_split_is_a_clear_error(synthetic, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "random,sasrec"], "unknown 'sasrec'"),
+    (["--methods", "random,bert4rec"], "unknown 'bert4rec'"),
     (["--analyses", "history-order", "--history-shuffles", "1"], "--history-shuffles must be >= 2"),
 ])
 def test_bad_settings_are_clear_errors(synthetic, tmp_path, args, message, capsys):
