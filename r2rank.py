@@ -2,6 +2,7 @@
 
     python r2rank.py --stage rl --model tiny            # runs anywhere, no download
     python r2rank.py --stage rl --data data/ml100k --model Qwen/Qwen2.5-1.5B-Instruct
+    torchrun --nproc-per-node 4 r2rank.py --stage rl ...   # the step's users split over 4 GPUs (distributed.py)
 
 One RL step (train_rl), tagged with Algorithm 1's lines:
     1) rollout: one reasoning trace y_k per candidate, from the self-check prompt   lines 1-3, Eq. 1
