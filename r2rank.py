@@ -1,4 +1,5 @@
-"""R2Rank: RL training of an LLM and its scoring head (Algorithm 1 of the R2Rank paper), and the CLI.
+"""R2Rank: RL training of an LLM and its scoring head (Algorithm 1 of the R2Rank paper), and main,
+which runs any stage (the flags: config.py).
 
     python r2rank.py --stage rl --model tiny            # runs anywhere, no download
     python r2rank.py --stage rl --data data/ml100k --model Qwen/Qwen2.5-1.5B-Instruct
