@@ -282,7 +282,7 @@ def train_rl(cfg, rank_device=None):
 
 
 def main(argv=None):
-    cfg = parse_config(argv, __doc__.split("\n")[0])
+    cfg = parse_config(argv, " ".join(__doc__.split("\n\n")[0].split()))
     rank_device = distributed.start()  # under torchrun: join the process group (a plain run: nothing)
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
