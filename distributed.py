@@ -24,6 +24,12 @@ def start():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     cuda = torch.cuda.is_available()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cuda and torch.cuda.device_count() < local_world:
+        from sources import DataError
+
+        raise DataError(f"torchrun started {local_world} processes on this node, which has {torch.cuda.device_count()} "
+                        "GPU(s): one process per GPU (--nproc-per-node), or CUDA_VISIBLE_DEVICES= for CPU processes")
     dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

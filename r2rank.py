@@ -283,7 +283,10 @@ def train_rl(cfg, rank_device=None):
 
 def main(argv=None):
     cfg = parse_config(argv, " ".join(__doc__.split("\n\n")[0].split()))
-    rank_device = distributed.start()  # under torchrun: join the process group (a plain run: nothing)
+    try:
+        rank_device = distributed.start()  # under torchrun: join the process group (a plain run: nothing)
+    except data.DataError as error:
+        sys.exit(f"error: {error}")
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
     try:

@@ -101,12 +101,12 @@ def test_two_ranks_sum_to_the_single_process_gradient(synthetic_dir, tmp_path):
 def torchrun(*args, nproc=2):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                            os.path.join(ROOT, "r2rank.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # gloo on CPUs, even on a GPU machine
 
 
 def plain(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "r2rank.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
 def rows(out):
