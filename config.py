@@ -103,7 +103,7 @@ class Config:
     save_every: int = rl(50, "checkpoint every N steps (and at the end)", allowed=AT_LEAST_1)
     keep_checkpoints: int = rl(0, "keep only the newest N checkpoints of the run (0 = keep all)", allowed=AT_LEAST_0)
 
-    # --stage rl, beyond the paper (each departure's default and why: the module docstring)
+    # --stage rl, beyond the paper (each departure's default and why: r2rank.py's docstring)
     num_rankings: int = beyond(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)", allowed=AT_LEAST_1)
     baseline: bool = beyond(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
     advantage_samples: int = beyond(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)", allowed=AT_LEAST_1)
