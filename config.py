@@ -132,7 +132,8 @@ class Config:
 
     # --stage eval: Table 2 and the analyses of Sec. 4
     split: str = eval_arg("test", "eval: which split to evaluate")
-    methods: str = eval_arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run")
+    methods: str = eval_arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run; also "
+                            "sasrec (with --sasrec), reczero and r2ec (--model: a checkpoint of baselines/reczero.py or r2ec.py)")
     analyses: str = eval_arg("", "eval: comma-separated extra analyses: position,history-order,cold-start,history-length")
     eval_limit: int = eval_arg(0, "eval: evaluate only the first N users of the split (0 = all)", allowed=AT_LEAST_0)
     sasrec: str = eval_arg("", "eval: the model file of --methods sasrec, written by python baselines/sasrec.py "

@@ -274,17 +274,18 @@ def user_context_text(instance, max_history=20, max_item_chars=200):
     return "\n".join(lines)
 
 
-def self_check_parts(instance, k, max_history=20, max_item_chars=200):
+def self_check_parts(instance, k, max_history=20, max_item_chars=200, instructions=INSTRUCTIONS):
     """(system text, user-message prefix shared by all K candidates, candidate k's text). The prefix
-    ends with a newline, so tokenizers split there and its KV cache can serve all K candidates."""
+    ends with a newline, so tokenizers split there and its KV cache can serve all K candidates.
+    instructions: the task text at the top (a compared system's template, e.g. baselines/reczero.py)."""
     context = user_context_text(instance, max_history, max_item_chars)
-    prefix = f"{INSTRUCTIONS}\n\nUSER CONTEXT\n{context}\n\nCANDIDATE ITEM\n"
+    prefix = f"{instructions}\n\nUSER CONTEXT\n{context}\n\nCANDIDATE ITEM\n"
     return SYSTEM_PROMPT, prefix, candidate_text(instance["candidates"][k], max_item_chars)
 
 
-def self_check_messages(instance, k, max_history=20, max_item_chars=200):
+def self_check_messages(instance, k, max_history=20, max_item_chars=200, instructions=INSTRUCTIONS):
     """Chat messages asking for the self-check reasoning about candidate k (Fig. 2 of the paper)."""
-    system, prefix, candidate = self_check_parts(instance, k, max_history, max_item_chars)
+    system, prefix, candidate = self_check_parts(instance, k, max_history, max_item_chars, instructions)
     return [{"role": "system", "content": system}, {"role": "user", "content": prefix + candidate}]
 
 
@@ -295,7 +296,7 @@ def parse_answer(text):
 
 
 
-def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, response_prefix=""):
+def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, response_prefix="", instructions=INSTRUCTIONS):
     """Token ids of the prompt prefix shared by the user's K candidates, and of each candidate's suffix.
 
     Prompt k is the chat template of self_check_messages(instance, k) with the assistant turn opened,
@@ -303,10 +304,10 @@ def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, respons
     always prefix + suffix_k (tokenized separately, also when nothing is shared), so the shared-prefix
     rollout and the update see exactly the same tokens.
     """
-    texts = [tokenizer.apply_chat_template(self_check_messages(instance, k, max_history, max_item_chars),
+    texts = [tokenizer.apply_chat_template(self_check_messages(instance, k, max_history, max_item_chars, instructions),
                                            tokenize=False, add_generation_prompt=True) + response_prefix
              for k in range(len(instance["candidates"]))]
-    _, shared, _ = self_check_parts(instance, 0, max_history, max_item_chars)
+    _, shared, _ = self_check_parts(instance, 0, max_history, max_item_chars, instructions)
     cut = texts[0].index(shared) + len(shared)  # the prefix ends after the shared part of the user message
     assert all(text[:cut] == texts[0][:cut] for text in texts)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -8,8 +8,9 @@
 NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines/untrained.py.
 
 Where this departs from the paper (which leaves these points open unless said):
-1. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py) and zero-shot prompts of
-   the same LLM; not the paper's other trained recommenders (see baselines/).
+1. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py), zero-shot prompts of the
+   same LLM, and two RL systems trained by their own commands (baselines/reczero.py, baselines/r2ec.py);
+   not the paper's other trained recommenders.
 2. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
    them at --temperature. A model without a trained head (head.safetensors) skips R2Rank.
 3. Markers: in each column the best method is bold and marked by its test against the runner-up in
@@ -24,9 +25,9 @@ Where this departs from the paper (which leaves these points open unless said):
    user. "std" and "range" are each user's spread of NDCG@10 over the R shuffles, averaged over users;
    the spread of the split's mean over the shuffles is reported beside them.
 8. Position (Fig. 5): the positive moves to the first, middle and last position, the other candidates
-   keeping their order. Only the methods that read the prompt are checked (R2Rank, pointwise, listwise);
-   for the per-candidate ones the positive's rank must not move, and the share of users where it
-   does is reported with the largest change of any candidate's score.
+   keeping their order. Only the methods that read the prompt are checked (R2Rank, pointwise,
+   listwise, reczero, r2ec); for the per-candidate ones the positive's rank must not move, and the
+   share of users where it does is reported with the largest change of any candidate's score.
 """
 import dataclasses
 import itertools
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 import data
 import distributed
-from baselines import sasrec, untrained
+from baselines import r2ec, reczero, sasrec, untrained
 import models
 import rollout
 from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
@@ -52,11 +53,12 @@ from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance
 # --------------------------------------------------------------------------------- per-user results
 
 KS = (1, 5, 10)
-METHODS = ("r2rank", "random", "popularity", "sasrec", "pointwise", "listwise")
-PROMPTED = ("r2rank", "pointwise", "listwise")  # the methods that read the prompt (and need the LLM)
+METHODS = ("r2rank", "random", "popularity", "sasrec", "pointwise", "listwise", "reczero", "r2ec")
+PROMPTED = ("r2rank", "pointwise", "listwise", "reczero", "r2ec")  # the methods that read the prompt (and need the LLM)
 ANALYSES = ("position", "history-order", "cold-start", "history-length")
 TITLES = {"r2rank": "R2Rank", "random": "Random", "popularity": "Popularity", "sasrec": "SASRec",
-          "pointwise": "Pointwise, zero-shot", "listwise": "Listwise, zero-shot"}
+          "pointwise": "Pointwise, zero-shot", "listwise": "Listwise, zero-shot",
+          "reczero": "RecZero-style, pointwise GRPO", "r2ec": "R2ec-style, dual head"}
 
 
 def positive_ranks(scores, labels):
@@ -106,7 +108,7 @@ def pair_test(tests, a, b, metric):
 # ------------------------------------------------------------------------------------------ rankers
 
 
-def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None):
+def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None, r2ec_model=None):
     """name -> rank(instances, desc) -> (scores [U, K] fp32 on the CPU, info dict).
 
     Every ranker scores the candidates of each instance in the order given, so the analyses can run
@@ -143,8 +145,17 @@ def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None):
         sasrec_net, item_index = sasrec_model
         return sasrec.candidate_scores(sasrec_net, instances, item_index), {}
 
+    def rank_reczero(instances, desc):
+        return reczero.rank(model, tokenizer, instances, cfg.max_history, cfg.max_item_chars, cfg.max_new_tokens, desc)
+
+    def rank_r2ec(instances, desc):
+        rec_head, embeddings = r2ec_model
+        return r2ec.rank(model, tokenizer, rec_head, embeddings, instances, cfg.max_history, cfg.max_item_chars,
+                         cfg.max_new_tokens, desc)
+
     return {"r2rank": sharded(rank_r2rank), "random": rank_random, "popularity": rank_popularity, "sasrec": rank_sasrec,
-            "pointwise": sharded(rank_pointwise), "listwise": sharded(rank_listwise)}
+            "pointwise": sharded(rank_pointwise), "listwise": sharded(rank_listwise), "reczero": sharded(rank_reczero),
+            "r2ec": sharded(rank_r2ec)}
 
 
 def sharded(rank):
@@ -282,6 +293,7 @@ def default_groups(model_name):
     """The rows of Table 2 for the methods of one evaluation: [(group title, [(method, row title)])]."""
     return [("Baselines", [(name, TITLES[name]) for name in ("random", "popularity", "sasrec")]),
             (f"Prompted LLM: {model_name}", [("pointwise", TITLES["pointwise"]), ("listwise", TITLES["listwise"])]),
+            (f"Compared RL systems: {model_name}", [("reczero", TITLES["reczero"]), ("r2ec", TITLES["r2ec"])]),
             (f"Ours: {model_name}", [("r2rank", TITLES["r2rank"])])]
 
 
@@ -363,8 +375,21 @@ def run_eval(cfg, rank_device=None):
         print(f"note: {cfg.model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
               f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")
         methods.remove("r2rank")
+    if "r2ec" in methods and not r2ec.has_head(cfg.model):
+        print(f"note: {cfg.model} has no R2ec head (r2ec-head.safetensors), so r2ec is skipped. Pass a checkpoint "
+              f"directory of python baselines/r2ec.py as --model to evaluate it.")
+        methods.remove("r2ec")
     if not methods:
         raise data.DataError("--methods: nothing left to evaluate")
+    for name in ("reczero", "r2ec"):  # a compared system's checkpoint records the trace settings it was trained with
+        settings_file = os.path.join(cfg.model, f"{name}.json")
+        if name in methods and os.path.isfile(settings_file):
+            with open(settings_file) as f:
+                trained = json.load(f)["settings"]
+            for setting in ("max_new_tokens", "max_history", "max_item_chars"):
+                if trained.get(setting) != getattr(cfg, setting):
+                    print(f"note: {name} was trained with --{setting.replace('_', '-')} {trained.get(setting)}; "
+                          f"this evaluation uses {getattr(cfg, setting)}")
     if "sasrec" in methods and not cfg.sasrec:
         raise data.DataError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
     sasrec_model = sasrec.load(cfg.sasrec) if "sasrec" in methods else None  # (model, item index)
@@ -377,9 +402,10 @@ def run_eval(cfg, rank_device=None):
         model.eval()
         if "r2rank" in methods:
             head = models.load_head(cfg.model, model.config.hidden_size, device).eval()
+    r2ec_model = r2ec.load(cfg.model, model.config.hidden_size, device) if "r2ec" in methods else None
     frequency = read_frequency(data_dir) if "cold-start" in analyses else None  # the paper's tiers: training positives
     counts = untrained.interaction_counts(data.load_split(data_dir, "train")) if "popularity" in methods else None
-    rankers = make_rankers(cfg, model, tokenizer, head, counts, sasrec_model)
+    rankers = make_rankers(cfg, model, tokenizer, head, counts, sasrec_model, r2ec_model)
     traces = "sampled" if cfg.eval_sample else "greedy"
     print(f"{len(instances)} users x {K} candidates of {data_dir}/{cfg.split}.jsonl; methods {', '.join(methods)}; "
           + (f"R2Rank: {len(instances) * K} {traces} traces of <= {cfg.max_new_tokens} tokens; " if "r2rank" in methods else "")

@@ -6,6 +6,7 @@ functions.
     leave_one_out_baseline      the mean reward of the other samples of a group         (beyond the paper)
     counterfactual_advantages   per-trace credit: V(s) - V(s with s_k replaced)         (beyond the paper)
     batch_baseline_advantages   a user's reward minus the other users' mean reward      (beyond the paper)
+    grpo_advantages             GRPO's group-standardized reward (the compared systems in baselines/)
 
 Where this departs from the paper:
 1. Eq. (6) sums the clipped objective over all tokens of all K traces. We divide by the number of
@@ -157,3 +158,27 @@ def batch_baseline_advantages(reward):
     """
     user_reward = reward.mean(-1)
     return user_reward - leave_one_out_baseline(user_reward, dim=0)
+
+
+def grpo_advantages(reward, eps=1e-4):
+    """GRPO's advantage (DeepSeekMath, Shao et al., 2024), as RecZero and R2ec use it: each sample's
+    reward standardized within its group, (r_i - mean(r)) / (std(r) + eps), population std.
+
+    reward: [..., G] rewards of G samples drawn for the same prompt; returns the same shape. A group
+    whose rewards are all equal gets 0 (nothing to learn from it).
+
+    Not an unbiased estimate of grad E[r], and exactly how: mean and std include the sample itself,
+    so A_i depends on y_i through them. Since the other G - 1 samples are drawn independently of y_i,
+    E[A_i grad log pi(y_i)] = E_y[f(r(y)) grad log pi(y)] with f(r) = E[A_i | r_i = r], the advantage
+    a sample of reward r gets on average: the update is the policy gradient of the transformed reward
+    f(r) (f held fixed), not of r, and f is not r minus a constant: how hard a sample is pushed
+    depends on the spread of its group. For a 0/1 reward, f(1) >= 0 >= f(0) and the expectation is exactly
+    G (f(1) - f(0)) grad P(r = 1): the right direction, scaled by a factor that grows as the success
+    rate nears 0 or 1, so across groups easy and hopeless prompts get more weight than the objective
+    gives them (Liu et al., 2025, "Understanding R1-Zero-Like Training", Dr. GRPO). tests/test_ppo.py checks both statements by exact
+    enumeration on a toy policy.
+    """
+    mean = reward.mean(-1, keepdim=True)
+    std = reward.std(-1, keepdim=True, correction=0)
+    same = (reward == reward[..., :1]).all(-1, keepdim=True)
+    return torch.where(same, 0.0, (reward - mean) / (std + eps))

@@ -8,8 +8,8 @@ import torch
 
 import plackett_luce
 from metrics import ndcg_at_k
-from ppo import (batch_baseline_advantages, clipped_token_loss, counterfactual_advantages, leave_one_out_baseline,
-                 reinforce_loss)
+from ppo import (batch_baseline_advantages, clipped_token_loss, counterfactual_advantages, grpo_advantages,
+                 leave_one_out_baseline, reinforce_loss)
 
 
 def test_gradient_at_ratio_one_is_minus_advantage_over_valid_tokens():
@@ -224,3 +224,63 @@ def test_reward_and_batch_baseline_updates_are_the_exact_policy_gradient():
                             for value in values])[:, None].expand(-1, 4)
     true_grad, update = _exact_gradient_and_update(batch)
     torch.testing.assert_close(update, true_grad, atol=1e-12, rtol=0)
+
+
+def test_grpo_advantages_by_hand():
+    # rewards 1, 0, 0, 0: mean 1/4, population std sqrt(3)/4
+    std = math.sqrt(3) / 4
+    expected = torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64) / (std + 1e-4)
+    torch.testing.assert_close(grpo_advantages(torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)), expected)
+    # groups along the last dimension; a group of equal rewards gets exactly 0
+    out = grpo_advantages(torch.tensor([[0.3, 0.3, 0.3], [2.0, 0.0, 1.0]]))
+    assert out[0].eq(0).all()
+    torch.testing.assert_close(out[1], torch.tensor([1.0, -1.0, 0.0]) / (math.sqrt(2 / 3) + 1e-4))
+
+
+def _expected_grpo_update(logits, reward_of, G, advantages_of=grpo_advantages):
+    """E[sum_i A_i grad log pi(y_i)] over every G-tuple of outcomes of a softmax policy, exactly."""
+    logits = logits.clone().requires_grad_(True)
+    logp = logits.log_softmax(-1)
+    surrogate = 0.0
+    for tuple_ in itertools.product(range(len(logits)), repeat=G):
+        y = torch.tensor(tuple_)
+        advantages = advantages_of(reward_of[y])
+        surrogate = surrogate + logp[y].sum().exp().detach() * (advantages * logp[y]).sum()
+    surrogate.backward()
+    return logits.grad
+
+
+def test_grpo_update_for_a_binary_reward_is_a_scaled_exact_gradient():
+    """ppo.grpo_advantages' docstring: with a 0/1 reward, the expected update is G (f(1) - f(0)) grad P(r = 1),
+    f computed here from the binomial law of the other G - 1 samples' successes."""
+    G, logits = 3, torch.tensor([0.4, -0.3, 1.1, 0.0], dtype=torch.float64)
+    reward_of = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    update = _expected_grpo_update(logits, reward_of, G)
+
+    theta = logits.clone().requires_grad_(True)
+    (theta.softmax(-1) * reward_of).sum().backward()  # P(r = 1)
+    p = float((logits.softmax(-1) * reward_of).sum())
+
+    def advantage(own, successes):  # A of a sample with reward `own` in a group with `successes` ones
+        mean = successes / G
+        std = math.sqrt(mean * (1 - mean))
+        return 0.0 if successes in (0, G) else (own - mean) / (std + 1e-4)
+    f = {own: sum(math.comb(G - 1, n) * p ** n * (1 - p) ** (G - 1 - n) * advantage(own, n + own)
+                  for n in range(G)) for own in (0, 1)}
+    assert f[1] > 0 > f[0]
+    torch.testing.assert_close(update, G * (f[1] - f[0]) * theta.grad, atol=1e-10, rtol=0)
+
+
+def test_grpo_update_for_a_graded_reward_is_not_the_policy_gradient():
+    """With three reward levels the expected GRPO update leaves the direction of grad E[r] (the bias the
+    docstring states). The same enumeration with a leave-one-out baseline instead gives G grad E[r]
+    exactly, so the check can tell the two apart."""
+    G, logits = 3, torch.tensor([0.4, -0.3, 1.1, 0.0], dtype=torch.float64)
+    reward_of = torch.tensor([1.0, 0.1, 0.0, 0.1], dtype=torch.float64)
+    theta = logits.clone().requires_grad_(True)
+    (theta.softmax(-1) * reward_of).sum().backward()
+    update = _expected_grpo_update(logits, reward_of, G)
+    cosine = torch.nn.functional.cosine_similarity(update, theta.grad, dim=0)
+    assert 0 < cosine < 0.99
+    unbiased = _expected_grpo_update(logits, reward_of, G, lambda r: r - leave_one_out_baseline(r))
+    torch.testing.assert_close(unbiased, G * theta.grad, atol=1e-12, rtol=0)

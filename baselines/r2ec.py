@@ -1,0 +1,256 @@
+"""An R2ec-style dual-head recommender (You et al., 2025, "R2ec: Towards Large Recommender Models with
+Reasoning"): the LLM reasons once per user, from the history alone; a recommendation head turns the
+trace's final hidden state into a score for every candidate at once. Trained by RecPO.
+
+    python baselines/r2ec.py --data data/ml100k --model M --out runs/r2ec          # trains
+    python r2rank.py --stage eval --data data/ml100k --model runs/r2ec/checkpoint-40 --methods r2ec \\
+        --max-new-tokens 64                                      # the training's trace budget
+
+Scores: s_k = <W LN(h), LN(e_k)> / sqrt(H) (RecHead), h the hidden state at the trace's last token,
+e_k candidate k's item embedding, LN a LayerNorm without weights, W an H x H matrix (identity at
+the start). Item embeddings: the backbone's last hidden state at the last token of the item's line
+("title - text", data.candidate_text), computed once by the starting LLM for every item of the
+dataset and kept fixed (item_embeddings). A learned table would have nothing for the items that
+only test users meet; the item text always exists.
+
+One RecPO step (train):
+    1) rollout: G traces per user from the user prompt (its prefix shared)
+    2) scores of the K candidates from each trace's final hidden state
+    3) fused reward per trace: NDCG@10 of its ranking + beta x softmax(scores)[positive] (fused_reward)
+    4) LLM: GRPO advantages within the user's G traces (ppo.grpo_advantages), R2Rank's clipped token loss
+    5) head: cross-entropy of the positive among the K candidates, on the best trace of each user only
+
+Where this departs from R2ec:
+1. The head is trained on the detached hidden state: its loss does not reach the LLM (R2ec trains the
+   backbone through both heads), as R2Rank's head (departure 7 in r2rank.py).
+2. The item embeddings come from the starting LLM and stay fixed; R2ec's come from the trained one.
+3. Ranking reward and head loss use the protocol's K candidates (a softmax over 20), not the whole
+   item set.
+4. No KL penalty to a reference model; theta_old and the per-token mean as in R2Rank (ppo.py).
+5. Eval scores one greedy trace per user; training reads sampled ones (the best of G for the head).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import models  # noqa: E402
+import rollout  # noqa: E402
+from baselines.reczero import add_rl_arguments, check_rl_arguments  # noqa: E402
+from metrics import ndcg_from_scores  # noqa: E402
+from ppo import grpo_advantages  # noqa: E402
+
+SYSTEM = "You are a recommendation assistant."
+USER_INSTRUCTIONS = ("Think about this user from the user context below: what they like, what they avoid, and "
+                     "what kind of item they are likely to choose next. Reason step by step in a few sentences.")
+BETA = 0.05  # the similarity term's weight in the fused reward (R2ec's value)
+
+
+def user_prompt(tokenizer, instance, max_history=20, max_item_chars=200):
+    """Token ids of the chat prompt that asks for reasoning about the user, assistant turn opened."""
+    context = data.user_context_text(instance, max_history, max_item_chars)
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"{USER_INSTRUCTIONS}\n\nUSER CONTEXT\n{context}"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class RecHead(torch.nn.Module):
+    """The recommendation head: [..., H] hidden states and [..., K, H] item embeddings -> [..., K] scores."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.project = torch.nn.Linear(hidden_size, hidden_size, bias=False)
+        torch.nn.init.eye_(self.project.weight)  # at the start: the plain similarity of trace and item
+
+    def forward(self, hidden, items):
+        norm = lambda x: torch.nn.functional.layer_norm(x.float(), x.shape[-1:])
+        user = self.project(norm(hidden))  # [..., H]
+        return (norm(items) * user[..., None, :]).sum(-1) / math.sqrt(hidden.shape[-1])
+
+
+def fused_reward(scores, labels, beta=BETA, k=10):
+    """RecPO's reward of each trace: NDCG@k of the ranking by its scores (ties pessimistic) plus beta x
+    the softmax probability of the positive among the candidates. scores [G, K], labels [K] -> [G]."""
+    labels = labels.expand_as(scores)
+    ndcg = ndcg_from_scores(scores.detach().cpu(), labels.cpu(), k).to(scores.device)
+    similarity = (scores.detach().softmax(-1) * (labels == labels.max(-1, keepdim=True).values)).sum(-1)
+    return ndcg + beta * similarity
+
+
+def best_trace_loss(scores, labels, reward):
+    """The head's loss for one user: cross-entropy of its positive among the K candidates under the
+    scores of the trace with the highest reward (the first one on ties). scores [G, K], labels [K], reward [G]."""
+    best = int(reward.argmax())
+    return torch.nn.functional.cross_entropy(scores[best:best + 1], labels.argmax()[None])
+
+
+@torch.no_grad()
+def item_embeddings(model, tokenizer, items, max_item_chars=200, batch=32):
+    """{item_id: [H] fp32 on the CPU}: the last-layer hidden state (after the final norm) at the last
+    token of each item's line. items: {item_id: item dict with title and text}."""
+    decoder, device = model.get_decoder(), model.get_output_embeddings().weight.device
+    ids, out = list(items), {}
+    for start in tqdm(range(0, len(ids), batch), desc="item embeddings", dynamic_ncols=True):
+        chunk = ids[start:start + batch]
+        rows = [tokenizer(data.candidate_text(items[i], max_item_chars), add_special_tokens=False)["input_ids"] or
+                [tokenizer.eos_token_id] for i in chunk]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for r, row in enumerate(rows):
+            input_ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row, device=device), 1
+        hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        last = hidden[torch.arange(len(rows), device=device), mask.sum(1) - 1]  # right padding: the last real token
+        out.update({i: vector.float().cpu() for i, vector in zip(chunk, last)})
+    return out
+
+
+def dataset_items(data_dir):
+    """{item_id: item} over every history item and candidate of the dataset's three splits."""
+    items = {}
+    for split in data.SPLITS:
+        for inst in data.load_split(data_dir, split, allow_empty=True):
+            items.update((item["item_id"], item) for item in inst["history"] + inst["candidates"])
+    return items
+
+
+def candidate_matrix(embeddings, instance, device):
+    return torch.stack([embeddings[c["item_id"]] for c in instance["candidates"]]).to(device)  # [K, H]
+
+
+@torch.no_grad()
+def rank(model, tokenizer, head, embeddings, instances, max_history, max_item_chars, max_new_tokens, desc="r2ec"):
+    """([U, K] scores, info): one greedy trace per user, its final hidden state through the head.
+    Candidates missing from `embeddings` are embedded by `model` first (info counts them)."""
+    device = model.get_output_embeddings().weight.device
+    missing = {c["item_id"]: c for inst in instances for c in inst["candidates"] if c["item_id"] not in embeddings}
+    embeddings = {**embeddings, **item_embeddings(model, tokenizer, missing, max_item_chars)} if missing else embeddings
+    scores, cut = [], 0
+    for instance in tqdm(instances, desc=desc, dynamic_ncols=True):
+        prompt = user_prompt(tokenizer, instance, max_history, max_item_chars)
+        sample = rollout.sample_traces(model, tokenizer, prompt[:-1], [prompt[-1:]], max_new_tokens, temperature=0.0)
+        scores.append(head(sample.final_hidden[0], candidate_matrix(embeddings, instance, device)).cpu())
+        cut += int(not sample.finished[0])
+    return torch.stack(scores), {"truncated_share": cut / max(len(instances), 1), "items_embedded_at_eval": len(missing)}
+
+
+def has_head(path):
+    return os.path.isfile(os.path.join(path, "r2ec-head.safetensors"))
+
+
+def load(path, hidden_size, device):
+    """(RecHead, {item_id: embedding}) saved in checkpoint directory `path`."""
+    head = RecHead(hidden_size).to(device)
+    head.load_state_dict(load_file(os.path.join(path, "r2ec-head.safetensors")))
+    return head.eval(), torch.load(os.path.join(path, "item-embeddings.pt"))
+
+
+def train(args):
+    """The RecPO loop; writes <out>/metrics.jsonl and <out>/checkpoint-<step>/ (a --model for eval)."""
+    device = models.pick_device(args.device)
+    dtype = models.pick_dtype(args.dtype, device)
+    instances = data.load_split(args.data, "train")
+    if args.users_per_step > len(instances):
+        raise data.DataError(f"--users-per-step {args.users_per_step} is more than the {len(instances)} training users")
+    model, tokenizer = models.load_policy(args.model, device, torch.float32, args.seed)  # fp32 master weights
+    if args.overwrite:  # only now that the data and model are known good
+        shutil.rmtree(args.out, ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    model.eval()
+    with models.mixed_precision(device, dtype):
+        embeddings = item_embeddings(model, tokenizer, dataset_items(args.data), args.max_item_chars)
+    torch.manual_seed(args.seed)
+    head = RecHead(model.config.hidden_size).to(device)
+    optimizers = {"llm": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
+                  "head": torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=0.0)}
+    print(f"{args.users_per_step} users x {args.group} traces = {args.users_per_step * args.group} traces per step "
+          f"(<= {args.max_new_tokens} tokens each); {len(embeddings)} item embeddings; {len(instances)} training users; "
+          f"device {device}, {dtype}")
+    run_started = time.time()
+    with open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics:
+        for step in tqdm(range(1, args.max_steps + 1), desc="r2ec", dynamic_ncols=True):
+            started = time.time()
+            generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+            users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+            prompts, samples, advantages, rewards, head_losses = [], [], [], [], []
+            for user in users[:args.users_per_step].tolist():
+                instance = instances[user]
+                labels = torch.tensor(instance["labels"], dtype=torch.float32, device=device)
+                # 1) G traces per user, 2) the candidates' scores from each trace's final hidden state
+                prompt = user_prompt(tokenizer, instance, args.max_history, args.max_item_chars)
+                prompts.append((prompt[:-1], [prompt[-1:]] * args.group))
+                with models.mixed_precision(device, dtype):
+                    samples.append(rollout.sample_traces(model, tokenizer, *prompts[-1], args.max_new_tokens,
+                                                         args.temperature, 1.0, generator))
+                scores = head(samples[-1].final_hidden, candidate_matrix(embeddings, instance, device))  # [G, K]
+                # 3) fused reward, 4) group advantages for the tokens, 5) the head on the best trace
+                reward = fused_reward(scores, labels, args.beta)
+                rewards.append(reward)
+                advantages.append(grpo_advantages(reward))
+                head_losses.append(best_trace_loss(scores, labels, reward))
+            head_loss = torch.stack(head_losses).mean()
+            head_loss.backward()
+            optimizers["head"].step()
+            optimizers["head"].zero_grad(set_to_none=True)
+            with models.mixed_precision(device, dtype):
+                stats = rollout.ppo_update(model, optimizers["llm"], prompts, samples, advantages, args, shared_prefix=True)
+            reward = torch.stack(rewards)
+            row = {"step": step, "reward": reward.mean().item(), "best_reward": reward.max(-1).values.mean().item(),
+                   "head_loss": head_loss.item(), "advantage_nonzero": (torch.stack(advantages) != 0).float().mean().item(),
+                   "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
+                   "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),
+                   "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"], "step_time": time.time() - started}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
+            if step % args.save_every == 0 or step == args.max_steps or out_of_time:
+                save(args, step, model, tokenizer, head, embeddings)
+            if out_of_time:
+                print(f"--minutes {args.minutes:g} spent: stopped after step {step}")
+                break
+    return row
+
+
+def save(args, step, model, tokenizer, head, embeddings):
+    """<out>/checkpoint-<step>/: the LLM (works as --model), r2ec-head.safetensors, item-embeddings.pt, r2ec.json."""
+    final = os.path.join(args.out, f"checkpoint-{step}")
+    tmp = os.path.join(args.out, f".tmp-checkpoint-{step}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_file(head.state_dict(), os.path.join(tmp, "r2ec-head.safetensors"))
+    torch.save(embeddings, os.path.join(tmp, "item-embeddings.pt"))
+    with open(os.path.join(tmp, "r2ec.json"), "w") as f:
+        json.dump({"step": step, "settings": vars(args)}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_rl_arguments(parser, users=4, group=4)
+    parser.add_argument("--head-lr", type=float, default=1e-3, help="recommendation-head learning rate (AdamW)")
+    parser.add_argument("--beta", type=float, default=BETA, help="weight of the similarity term in the fused reward")
+    args = parser.parse_args(argv)
+    check_rl_arguments(parser, args)
+    if args.head_lr < 0 or args.beta < 0:
+        parser.error("--head-lr and --beta must be >= 0")
+    try:
+        last = train(args)
+    except data.DataError as error:
+        sys.exit(f"error: {error}")
+    print(f"step {last['step']}: reward {last['reward']:.3f}, head loss {last['head_loss']:.3f}; "
+          f"wrote {args.out}/checkpoint-{last['step']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""A RecZero-style recommender (Kong et al., 2025, "Think before Recommendation"): one LLM judges one
+(user, candidate) pair at a time, reasons first, then answers; pure RL with a rule reward on the
+answer and GRPO's group-relative advantages. The opposite choice to R2Rank's listwise reward.
+
+    python baselines/reczero.py --data data/ml100k --model M --out runs/reczero      # trains
+    python r2rank.py --stage eval --data data/ml100k --model runs/reczero/checkpoint-40 --methods reczero \\
+        --max-new-tokens 64                                      # the training's trace budget
+
+One training step (train):
+    1) pairs: each of the step's users gives its positive and --negatives random negatives
+    2) rollout: --group G traces per pair, from the think-before-recommendation prompt (its prefix shared)
+    3) reward: 1 for the right decision, plus FORMAT_REWARD when the trace wrote its own <answer> (answer_reward)
+    4) advantages standardized within each group of G (ppo.grpo_advantages)
+    5) the clipped token loss of R2Rank (rollout.ppo_update, ppo.clipped_token_loss)
+Ranking at eval (rank): one greedy trace per candidate, cut before its <answer>; the score is
+log P(<answer>Recommend</answer>) - log P(<answer>Not Recommend</answer>) after that reasoning
+(untrained.pointwise_scores). A cut trace still gets a score, so every candidate is ranked.
+
+Where this departs from RecZero:
+1. RecZero predicts a rating and is rewarded by its error; the protocol here has a binary label (the
+   positive against negatives), so the answer is Recommend / Not Recommend and the reward its match.
+2. The template is RecZero's three steps (user interests, item features, match) in R2Rank's prompt
+   layout (data.encode_user with THINK_INSTRUCTIONS), not RecZero's wording.
+3. No KL penalty to a reference model: the clipped loss alone, as in R2Rank (ppo.py).
+4. R2Rank's PPO details: theta_old is the first epoch's forward, the loss a per-token mean over the
+   step (not GRPO's per-sequence mean), log-probs at the sampling temperature.
+5. Balanced pairs: one negative per positive by default (--negatives), not the data's 1:19.
+6. Ranking by the answer's log-odds after a greedy trace (RecZero ranks by its predicted rating).
+   A trace that writes no <answer> is decided the same way, by the sign of those log-odds: a small
+   model rarely answers within the budget (SmolLM2-135M: 0 of 16 traces at 64 tokens), and without
+   this read-out pure RL would get no reward at all. The read-out is not trained, only the reasoning.
+7. RecZero alone (pure RL); RecOne's supervised cold start is not included.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import models  # noqa: E402
+import rollout  # noqa: E402
+from baselines.untrained import pointwise_scores  # noqa: E402
+from ppo import grpo_advantages  # noqa: E402
+
+THINK_INSTRUCTIONS = (
+    "Decide whether to recommend the candidate item below to this user. Think before you answer, in three steps.\n"
+    "# User interests: what the user context says this user likes.\n"
+    "# Item features: what the candidate item offers.\n"
+    "# Match: how well the two fit.\n"
+    f"End with exactly one of <answer>{data.RECOMMEND}</answer> or <answer>{data.NOT_RECOMMEND}</answer>.")
+FORMAT_REWARD = 0.1  # for a trace that writes its own <answer>: a small push towards the template
+
+
+def answer_reward(text, label, log_odds):
+    """The rule reward of one trace for a 0/1 label: 1 if its decision is right, plus FORMAT_REWARD if
+    it wrote an <answer>. The decision is that answer (the last one), or, without one, Recommend when
+    log_odds (log P(Recommend) - log P(Not Recommend) after the reasoning, as at eval) is > 0."""
+    answer = data.parse_answer(text)
+    decision = answer if answer is not None else int(log_odds > 0)
+    return float(decision == label) + (FORMAT_REWARD if answer is not None else 0.0)
+
+
+def choose_pairs(instance, negatives, generator):
+    """[(candidate index, label)]: the positive, then `negatives` distinct random negatives."""
+    labels = instance["labels"]
+    others = [k for k, label in enumerate(labels) if not label]
+    picked = torch.randperm(len(others), generator=generator)[:negatives].tolist()
+    return [(labels.index(1), 1)] + [(others[i], 0) for i in picked]
+
+
+def reasoning_before_answer(text):
+    """The text of a trace up to its last "<answer>" (the whole text when it has none)."""
+    cut = text.rfind("<answer>")
+    return text if cut < 0 else text[:cut]
+
+
+def answer_log_odds(model, tokenizer, prefix, suffixes, texts):
+    """[len(texts)] log P(<answer>Recommend</answer>) - log P(<answer>Not Recommend</answer>), each
+    teacher-forced after prompt prefix + suffixes[i] and the reasoning of texts[i] (its answer cut off)."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    yes_ids, no_ids = encode(f"<answer>{data.RECOMMEND}</answer>"), encode(f"<answer>{data.NOT_RECOMMEND}</answer>")
+    reasoned = [suffix + encode(reasoning_before_answer(text)) for suffix, text in zip(suffixes, texts)]
+    return pointwise_scores(model, prefix, reasoned, yes_ids, no_ids)
+
+
+@torch.no_grad()
+def rank(model, tokenizer, instances, max_history, max_item_chars, max_new_tokens, desc="reczero"):
+    """([U, K] scores, info): per candidate, a greedy trace, then the log-odds of the two answers after
+    its reasoning. info: the share of greedy traces with a parsable answer and of those cut."""
+    scores, answered, cut, traces = [], 0, 0, 0
+    for instance in tqdm(instances, desc=desc, dynamic_ncols=True):
+        prefix, suffixes = data.encode_user(tokenizer, instance, max_history, max_item_chars,
+                                            instructions=THINK_INSTRUCTIONS)
+        samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens, temperature=0.0)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in samples.token_lists()]
+        answered += sum(data.parse_answer(text) is not None for text in texts)
+        cut += int((~samples.finished).sum())
+        traces += len(texts)
+        scores.append(answer_log_odds(model, tokenizer, prefix, suffixes, texts))
+    return torch.stack(scores), {"answer_share": answered / max(traces, 1), "truncated_share": cut / max(traces, 1)}
+
+
+def train(args):
+    """The RL loop; writes <out>/metrics.jsonl and <out>/checkpoint-<step>/ (a --model for eval)."""
+    device = models.pick_device(args.device)
+    dtype = models.pick_dtype(args.dtype, device)
+    instances = data.load_split(args.data, "train")
+    if args.users_per_step > len(instances):
+        raise data.DataError(f"--users-per-step {args.users_per_step} is more than the {len(instances)} training users")
+    K = len(instances[0]["candidates"])
+    if args.negatives > K - 1:
+        raise data.DataError(f"--negatives {args.negatives}: an instance has only {K - 1} negatives")
+    model, tokenizer = models.load_policy(args.model, device, torch.float32, args.seed)  # fp32 master weights
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    pairs_per_user = 1 + args.negatives
+    if args.overwrite:  # only now that the data and model are known good
+        shutil.rmtree(args.out, ignore_errors=True)
+    print(f"{args.users_per_step} users x {pairs_per_user} pairs x {args.group} traces = "
+          f"{args.users_per_step * pairs_per_user * args.group} traces per step (<= {args.max_new_tokens} tokens each); "
+          f"{len(instances)} training users; device {device}, {dtype}")
+    os.makedirs(args.out, exist_ok=True)
+    run_started = time.time()
+    with open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics:
+        for step in tqdm(range(1, args.max_steps + 1), desc="reczero", dynamic_ncols=True):
+            started = time.time()
+            generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+            users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+            prompts, samples, advantages, rewards, texts = [], [], [], [], []
+            for user in users[:args.users_per_step].tolist():
+                # 1) pairs, 2) G traces per pair: the user's prompt prefix is shared by all of them
+                instance = instances[user]
+                pairs = choose_pairs(instance, args.negatives, torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + user))
+                prefix, suffixes = data.encode_user(tokenizer, instance, args.max_history, args.max_item_chars,
+                                                    instructions=THINK_INSTRUCTIONS)
+                rows = [suffixes[k] for k, _ in pairs for _ in range(args.group)]
+                with models.mixed_precision(device, dtype):
+                    user_samples = rollout.sample_traces(model, tokenizer, prefix, rows, args.max_new_tokens,
+                                                         args.temperature, 1.0, generator)
+                # 3) rule reward, 4) standardized within each pair's group of G
+                user_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in user_samples.token_lists()]
+                with models.mixed_precision(device, dtype):
+                    log_odds = answer_log_odds(model, tokenizer, prefix, rows, user_texts)
+                labels = [label for _, label in pairs for _ in range(args.group)]
+                reward = torch.tensor([answer_reward(text, label, odds) for text, label, odds in zip(user_texts, labels, log_odds.tolist())])
+                prompts.append((prefix, rows))
+                samples.append(user_samples)
+                advantages.append(grpo_advantages(reward.view(pairs_per_user, args.group)).view(-1))
+                rewards.append(reward)
+                texts += user_texts
+            # 5) clipped PPO on the tokens
+            with models.mixed_precision(device, dtype):
+                stats = rollout.ppo_update(model, optimizer, prompts, samples, advantages, args, shared_prefix=True)
+            reward = torch.cat(rewards)
+            row = {"step": step, "reward": reward.mean().item(), "correct_share": (reward >= 1).float().mean().item(),
+                   "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
+                   "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
+                   "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),
+                   "advantage_nonzero": (torch.cat(advantages) != 0).float().mean().item(),
+                   "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"], "step_time": time.time() - started}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
+            if step % args.save_every == 0 or step == args.max_steps or out_of_time:
+                save(args, step, model, tokenizer)
+            if out_of_time:
+                print(f"--minutes {args.minutes:g} spent: stopped after step {step}")
+                break
+    return row
+
+
+def save(args, step, model, tokenizer):
+    """<out>/checkpoint-<step>/: the LLM (works as --model) and reczero.json (settings, step)."""
+    final = os.path.join(args.out, f"checkpoint-{step}")
+    tmp = os.path.join(args.out, f".tmp-checkpoint-{step}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "reczero.json"), "w") as f:
+        json.dump({"step": step, "settings": vars(args)}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+
+
+def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
+    """The flags of an LLM RL run, shared with baselines/r2ec.py (defaults per system)."""
+    parser.add_argument("--data", required=True, help="dataset directory written by data.py (its train.jsonl)")
+    parser.add_argument("--model", required=True, help="the LLM to train: tiny, a .gguf file, a directory or a hub id")
+    parser.add_argument("--out", required=True, help="output directory: metrics.jsonl and checkpoint-<step>/")
+    parser.add_argument("--overwrite", action="store_true", help="replace what an earlier run left in --out")
+    parser.add_argument("--max-steps", type=int, default=steps, help="RL steps")
+    parser.add_argument("--minutes", type=float, default=0, help="stop (and checkpoint) after the step that passes "
+                        "this many minutes of training: a CPU budget (0 = none, --max-steps only)")
+    parser.add_argument("--users-per-step", type=int, default=users, help="users per step")
+    parser.add_argument("--group", type=int, default=group, help="G, traces per group: GRPO's group")
+    parser.add_argument("--max-new-tokens", type=int, default=tokens, help="token budget of one trace")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the traces (> 0)")
+    parser.add_argument("--lr", type=float, default=1e-6, help="LLM learning rate (AdamW)")
+    parser.add_argument("--clip-eps", type=float, default=0.2, help="PPO clipping epsilon")
+    parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over a step's traces, one optimizer step each")
+    parser.add_argument("--micro-batch", type=int, default=8, help="traces per forward/backward (memory only)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    parser.add_argument("--max-history", type=int, default=20, help="history items shown in the prompt")
+    parser.add_argument("--max-item-chars", type=int, default=200, help="characters per item line")
+    parser.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--seed", type=int, default=0, help="users, negatives and traces")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype of the forward passes (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+
+
+def check_rl_arguments(parser, args, at_least_1=()):
+    """parser.error for a flag of add_rl_arguments out of range; sets --threads."""
+    for name in ("max_steps", "users_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "save_every", *at_least_1):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.group < 2:
+        parser.error("--group must be >= 2: GRPO's advantage compares the traces of a group")
+    if args.temperature <= 0 or args.lr < 0 or args.minutes < 0 or args.clip_eps <= 0 or args.max_grad_norm <= 0:
+        parser.error("--temperature, --clip-eps and --max-grad-norm must be > 0, --lr and --minutes >= 0")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        parser.error(f"--out {args.out} holds an earlier run; pass --overwrite to replace it, or another --out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_rl_arguments(parser)
+    parser.add_argument("--negatives", type=int, default=1, help="negatives per user and step, beside its positive")
+    args = parser.parse_args(argv)
+    check_rl_arguments(parser, args, ["negatives"])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        last = train(args)
+    except data.DataError as error:
+        sys.exit(f"error: {error}")
+    print(f"step {last['step']}: reward {last['reward']:.3f}, answer share {last['answer_share']:.2f}; "
+          f"wrote {args.out}/checkpoint-{last['step']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The compared RL systems (baselines/reczero.py, baselines/r2ec.py): their pure parts by hand or
+against a plain forward pass, and each training command, then its eval method, through the CLI."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import models
+from baselines import r2ec, reczero
+from conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = models.build_tiny(seed=0)
+    return model.eval(), tokenizer
+
+
+def full_logprob(model, ids, start):
+    """Sum of log P(ids[t] | ids[:t]) for t >= start, one plain forward over the whole sequence."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return sum(logits[t - 1, ids[t]].item() for t in range(start, len(ids)))
+
+
+# ------------------------------------------------------------------------------------- RecZero-style
+
+
+def test_answer_reward_by_hand():
+    right, wrong = f"... <answer>{data.RECOMMEND}</answer>", f"<answer>{data.NOT_RECOMMEND}</answer>"
+    assert reczero.answer_reward(right, 1, log_odds=-5.0) == 1.0 + reczero.FORMAT_REWARD  # its own answer wins
+    assert reczero.answer_reward(wrong, 1, log_odds=5.0) == reczero.FORMAT_REWARD
+    assert reczero.answer_reward(wrong + " then " + right, 1, 0.0) == 1.0 + reczero.FORMAT_REWARD  # the last one
+    assert reczero.answer_reward("no answer", 1, log_odds=0.3) == 1.0  # read out: Recommend
+    assert reczero.answer_reward("no answer", 1, log_odds=-0.3) == 0.0
+    assert reczero.answer_reward("no answer", 0, log_odds=-0.3) == 1.0
+    assert reczero.reasoning_before_answer("think <answer>x</answer> more <answer>y") == "think <answer>x</answer> more "
+
+
+def test_pairs_are_the_positive_then_distinct_negatives():
+    instance = {"labels": [0, 0, 1, 0, 0, 0]}
+    for seed in range(5):
+        pairs = reczero.choose_pairs(instance, 3, torch.Generator().manual_seed(seed))
+        assert pairs[0] == (2, 1) and len(pairs) == 4
+        negatives = [k for k, label in pairs[1:]]
+        assert len(set(negatives)) == 3 and all(instance["labels"][k] == 0 and label == 0 for k, label in pairs[1:])
+
+
+def test_answer_log_odds_match_a_plain_forward(tiny, synthetic_dir):
+    """The eval score: log P(yes answer) - log P(no answer) after the reasoning, against full-sequence
+    forwards of prompt + reasoning + each answer."""
+    model, tokenizer = tiny
+    instance = data.load_split(synthetic_dir, "test")[0]
+    prefix, suffixes = data.encode_user(tokenizer, instance, instructions=reczero.THINK_INSTRUCTIONS)
+    texts = ["the user likes it", f"maybe not <answer>{data.RECOMMEND}</answer>"]
+    got = reczero.answer_log_odds(model, tokenizer, prefix, suffixes[:2], texts)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    for k, text in enumerate(texts):
+        context = prefix + suffixes[k] + encode(reczero.reasoning_before_answer(text))
+        yes = full_logprob(model, context + encode(f"<answer>{data.RECOMMEND}</answer>"), len(context))
+        no = full_logprob(model, context + encode(f"<answer>{data.NOT_RECOMMEND}</answer>"), len(context))
+        assert got[k].item() == pytest.approx(yes - no, abs=1e-4)
+
+
+def test_reczero_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
+    out = tmp_path / "reczero"
+    command = [sys.executable, f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out),
+               "--max-steps", "2", "--group", "3", "--negatives", "2", "--max-new-tokens", "6", "--lr", "1e-3"]
+    trained = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and all(0 <= row["reward"] <= 1 + reczero.FORMAT_REWARD for row in rows)
+    assert "2 users x 3 pairs x 3 traces = 18 traces per step" in trained.stdout
+    checkpoint = out / "checkpoint-2"
+    assert json.loads((checkpoint / "reczero.json").read_text())["settings"]["group"] == 3
+    # the weights moved (lr 1e-3, rewards differ within some group of the two steps)
+    start, _ = models.build_tiny(seed=0)
+    trained_model, _ = models.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(start.state_dict().values(), trained_model.state_dict().values()))
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 2 and "holds an earlier run; pass --overwrite" in again.stderr
+
+    result = run_cli("--stage", "eval", "--model", str(checkpoint), "--data", synthetic_dir, "--methods", "reczero,random",
+                     "--max-new-tokens", "6", "--out", str(tmp_path / "eval"), "--bootstrap", "50")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval" / "eval-test.json").read_text())
+    assert len(report["methods"]["reczero"]["per_user"]) == 4 and "| RecZero-style, pointwise GRPO |" in result.stdout
+    assert "note: reczero was trained" not in result.stdout  # the same trace settings as training
+    assert 0 <= report["methods"]["reczero"]["answer_share"] <= 1
+
+
+# ------------------------------------------------------------------------------------- R2ec-style
+
+
+def test_rec_head_scores_by_hand():
+    torch.manual_seed(0)
+    hidden, items = torch.randn(2, 8), torch.randn(2, 5, 8)
+    head = r2ec.RecHead(8)
+    norm = lambda x: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    expected = torch.einsum("gh,gkh->gk", norm(hidden), norm(items)) / math.sqrt(8)  # W = identity at the start
+    torch.testing.assert_close(head(hidden, items), expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        head.project.weight.mul_(2.0)
+    torch.testing.assert_close(head(hidden, items), 2 * expected, atol=1e-5, rtol=0)
+
+
+def test_fused_reward_and_best_trace_loss_by_hand():
+    labels = torch.tensor([0.0, 1.0, 0.0])
+    scores = torch.tensor([[3.0, 2.0, 1.0],   # the positive second: NDCG = 1 / log2(3)
+                           [0.0, 5.0, 1.0],   # first: NDCG = 1
+                           [1.0, 1.0, 1.0]])  # all tied, pessimistic: last, 1 / log2(4) = 0.5
+    softmax = lambda row: math.exp(row[1]) / sum(math.exp(v) for v in row)
+    expected = [1 / math.log2(3) + 0.05 * softmax([3, 2, 1]), 1 + 0.05 * softmax([0, 5, 1]), 0.5 + 0.05 / 3]
+    reward = r2ec.fused_reward(scores, labels, beta=0.05)
+    torch.testing.assert_close(reward, torch.tensor(expected), atol=1e-6, rtol=0)
+    # the head learns from the second trace only: the cross-entropy of the positive under its scores
+    trainable = scores.clone().requires_grad_(True)
+    loss = r2ec.best_trace_loss(trainable, labels, reward)
+    assert loss.item() == pytest.approx(-math.log(softmax([0, 5, 1])), abs=1e-6)
+    loss.backward()
+    assert trainable.grad[[0, 2]].eq(0).all() and trainable.grad[1].abs().sum() > 0
+
+
+def test_item_embeddings_match_one_item_at_a_time(tiny):
+    """Batched with right padding = each item's line run alone, hidden state at its last token."""
+    model, tokenizer = tiny
+    items = {"a": {"title": "A short one", "text": ""}, "b": {"title": "A much longer title", "text": "with some text too"}}
+    batched = r2ec.item_embeddings(model, tokenizer, items)
+    for item_id, item in items.items():
+        ids = tokenizer(data.candidate_text(item), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            alone = model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        torch.testing.assert_close(batched[item_id], alone, atol=1e-5, rtol=0)
+
+
+def test_r2ec_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
+    out = tmp_path / "r2ec"
+    trained = subprocess.run([sys.executable, f"{ROOT}/baselines/r2ec.py", "--data", synthetic_dir, "--model", "tiny",
+                              "--out", str(out), "--max-steps", "2", "--group", "3", "--max-new-tokens", "6"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and all(row["best_reward"] >= row["reward"] for row in rows)
+    checkpoint = out / "checkpoint-2"
+    head, embeddings = r2ec.load(str(checkpoint), 64, torch.device("cpu"))
+    assert (head.project.weight - torch.eye(64)).abs().max() > 1e-4  # the head was trained
+    every_item = {item["item_id"] for split in data.SPLITS for inst in data.load_split(synthetic_dir, split)
+                  for item in inst["history"] + inst["candidates"]}
+    assert set(embeddings) == every_item
+
+    result = run_cli("--stage", "eval", "--model", str(checkpoint), "--data", synthetic_dir, "--methods", "r2ec,random",
+                     "--max-new-tokens", "6", "--out", str(tmp_path / "eval"), "--bootstrap", "50")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval" / "eval-test.json").read_text())
+    assert len(report["methods"]["r2ec"]["per_user"]) == 4 and report["methods"]["r2ec"]["items_embedded_at_eval"] == 0
+    other_budget = run_cli("--stage", "eval", "--model", str(checkpoint), "--data", synthetic_dir, "--methods", "r2ec",
+                           "--max-new-tokens", "4", "--out", str(tmp_path / "eval3"), "--bootstrap", "50")
+    assert "note: r2ec was trained with --max-new-tokens 6; this evaluation uses 4" in other_budget.stdout
+    skipped = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "r2ec,random",
+                      "--out", str(tmp_path / "eval2"), "--bootstrap", "50")
+    assert skipped.returncode == 0 and "no R2ec head" in skipped.stdout
