@@ -52,6 +52,17 @@ def test_merged_table_keeps_each_baseline_once_and_tests_the_pairs(tmp_path, cap
     assert "| MLP-only | **0.600**" in out and "| Random | 0.150" in out and "| Pointwise, zero-shot | 0.300" in out
     assert "MLP-only vs random 0.031† (+)" in out
     assert "RL vs random 0.031† (+), pointwise 0.031† (-), MLP-only 0.031† (-)" in out
+    # a compared system's checkpoint is a trained row too, in its own group, titled like R2Rank's
+    r2ec = eval_file(tmp_path / "r2ec.json", {"r2ec": [0.31, 0.41, 0.51, 0.61, 0.71, 0.81]})
+    results, groups, _ = report.merge_evals([base, r2ec + "=R2ec, 17 steps", mlp + "=MLP-only"])
+    assert groups[-2:] == [("Compared RL systems", [("r2ec:R2ec, 17 steps", "R2ec, 17 steps")]),
+                           ("Ours", [("r2rank:MLP-only", "MLP-only")])]
+    report.table([base, r2ec + "=R2ec, 17 steps", mlp + "=MLP-only"])
+    out = capsys.readouterr().out
+    assert "| *Compared RL systems* | | | |\n| R2ec, 17 steps | 0.560 |" in out
+    line = next(line for line in out.splitlines() if line.strip().startswith("R2ec, 17 steps vs"))
+    assert "pointwise 0.031† (+), MLP-only" in line  # six differences of one sign against pointwise (0.3)
+    assert line.endswith("(-)")  # below MLP-only on average (0.560 against 0.600)
 
 
 def test_table_refuses_files_of_other_users(tmp_path):

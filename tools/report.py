@@ -5,8 +5,9 @@
 
 `table` reads the per-user NDCG values that `python r2rank.py --stage eval` writes (eval-<split>.json),
 puts every method of every file in one table in the layout of the paper's Table 2, and tests every
-pair with the paired Wilcoxon signed-rank test. A file's R2Rank row takes the title given after "=",
-so several trained runs (MLP-only, RL, ...) can sit side by side. All files must hold the same users.
+pair with the paired Wilcoxon signed-rank test. A file's trained row (R2Rank, or a compared RL system:
+reczero, r2ec) takes the title given after "=", so several trained runs (MLP-only, RL, a system before
+and after training, ...) can sit side by side. All files must hold the same users.
 
 `curve` draws the training reward (a moving average, since one step sees few users) and the
 validation NDCG@10 from a run's metrics.jsonl as a character chart.
@@ -20,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
 import sources  # noqa: E402
+
+
+TRAINED = ("r2rank", "reczero", "r2ec")  # methods whose rows are a checkpoint's: one row per file
 
 
 class ReportError(ValueError):
@@ -41,7 +45,7 @@ def read_eval(path):
 def merge_evals(specs):
     """specs: ["path" or "path=Title", ...] -> (results {key: method result}, groups for
     evaluate.markdown_table, dataset name). A method met twice (e.g. random) is kept once."""
-    results, baseline_rows, ours, first, prompted_model = {}, {}, [], None, None
+    results, baseline_rows, trained, first, prompted_model = {}, {}, {name: [] for name in TRAINED}, None, None
     for spec in specs:
         path, _, title = spec.partition("=")
         methods, config = read_eval(path)
@@ -52,12 +56,13 @@ def merge_evals(specs):
             raise ReportError(f"{path}: its users differ from those of {first[0]} (split {config.get('split')} of "
                               f"{config.get('data_dir')} vs {first[2].get('split')} of {first[2].get('data_dir')})")
         for name, result in methods.items():
-            if name == "r2rank":
-                key = f"r2rank:{title or os.path.dirname(path) or path}"
+            if name in TRAINED:
+                row_title = title or os.path.dirname(path) or path
+                key = f"{name}:{row_title}"
                 if key in results:
-                    raise ReportError(f"{spec}: two R2Rank rows called {key[7:]!r}; give each file its own title")
+                    raise ReportError(f"{spec}: two {evaluate.TITLES[name]} rows called {row_title!r}; give each file its own title")
                 results[key] = result
-                ours.append((key, key[7:]))
+                trained[name].append((key, row_title))
             elif name not in results:
                 results[name] = result
                 baseline_rows[name] = evaluate.TITLES[name]
@@ -65,20 +70,22 @@ def merge_evals(specs):
                     prompted_model = config["model"]  # the model the zero-shot rows ran on
     model = os.path.basename(os.path.normpath(prompted_model or first[2]["model"]))
     groups = [(group, [(name, title) for name, title in rows if name in baseline_rows])
-              for group, rows in evaluate.default_groups(model)[:2]] + [("Ours", ours)]
+              for group, rows in evaluate.default_groups(model)[:2]]
+    groups += [("Compared RL systems", trained["reczero"] + trained["r2ec"]), ("Ours", trained["r2rank"])]
     return results, groups, os.path.basename(os.path.normpath(first[2]["data_dir"]))
 
 
 def significance_lines(results, tests, metric="ndcg@10"):
-    """For every R2Rank row: its Wilcoxon p-value against each other row on metric."""
+    """For every trained row: its Wilcoxon p-value against each other row on metric."""
+    label = lambda key: key.partition(":")[2] or key  # "r2rank:RL" -> "RL"; "random" stays
     lines = []
-    for name in (n for n in results if n.startswith("r2rank:")):
+    for name in (n for n in results if n.partition(":")[0] in TRAINED and ":" in n):
         others = []
         for other in (o for o in results if o != name):
             p_value = evaluate.pair_test(tests, name, other, metric)["p_value"]
             sign = "+" if results[name][metric] > results[other][metric] else "-"
-            others.append(f"{other.removeprefix('r2rank:')} {p_value:.2g}{metrics.significance_marker(p_value)} ({sign})")
-        lines.append(f"{name.removeprefix('r2rank:')} vs " + ", ".join(others))
+            others.append(f"{label(other)} {p_value:.2g}{metrics.significance_marker(p_value)} ({sign})")
+        lines.append(f"{label(name)} vs " + ", ".join(others))
     return lines
 
 
@@ -88,7 +95,7 @@ def table(specs, dataset=None):
     tests = evaluate.pairwise_tests(results)
     print(evaluate.markdown_table(results, tests, dataset, groups))
     print(f"\n{tests['markers']}; bold: best in the column, tested against the runner-up ({tests['test']}).")
-    print("Two-sided Wilcoxon p-values on NDCG@10, (+) when the R2Rank row is higher:")
+    print("Two-sided Wilcoxon p-values on NDCG@10 of each trained row, (+) when it is higher:")
     for line in significance_lines(results, tests):
         print("  " + line)
 
@@ -156,7 +163,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     table_args = commands.add_parser("table", help="one Table-2 layout from several eval-<split>.json files")
-    table_args.add_argument("files", nargs="+", help="eval-<split>.json of --stage eval, optionally =Title for its R2Rank row")
+    table_args.add_argument("files", nargs="+", help="eval-<split>.json of --stage eval, optionally =Title for its trained row (R2Rank, reczero, r2ec)")
     table_args.add_argument("--dataset", help="the dataset's name in the header (default: the data directory's name)")
     curve_args = commands.add_parser("curve", help="reward and validation NDCG@10 per step of a run, as text")
     curve_args.add_argument("metrics", help="metrics.jsonl of --stage rl")
