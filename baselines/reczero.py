@@ -135,7 +135,8 @@ def train(args):
             for user in users[:args.users_per_step].tolist():
                 # 1) pairs, 2) G traces per pair: the user's prompt prefix is shared by all of them
                 instance = instances[user]
-                pairs = choose_pairs(instance, args.negatives, torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + user))
+                pair_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + user)
+                pairs = choose_pairs(instance, args.negatives, pair_generator)
                 prefix, suffixes = data.encode_user(tokenizer, instance, args.max_history, args.max_item_chars,
                                                     instructions=THINK_INSTRUCTIONS)
                 rows = [suffixes[k] for k, _ in pairs for _ in range(args.group)]
