@@ -87,6 +87,8 @@ class Config:
     advantage: str = rl("reward", "LLM advantage: reward (the paper, Eq. 6: the rankings' mean reward), batch (minus "
                         "the other users' mean reward) or counterfactual (per trace: V(s) - V(s with s_k replaced))",
                         ["reward", "batch", "counterfactual"])
+    score_path: bool = rl(True, "carry the head's gradient into the LLM through h_k as well as through the tokens "
+                          "(the whole gradient of Sec. 3.3); --no-score-path is Eqs. 5-6 as printed, tokens only")
     ppo_epochs: int = rl(2, "passes over a step's traces, one optimizer step each", allowed=AT_LEAST_1)
     clip_eps: float = rl(0.2, "PPO clipping epsilon", allowed=POSITIVE)
     lr: float = rl(1e-6, "LLM learning rate (AdamW)", allowed=AT_LEAST_0)
@@ -160,8 +162,11 @@ def parse_config(argv=None, description="R2Rank"):
             parser.error(f"--{f.name.replace('_', '-')} must be {allowed}, got {value:g}")
     if cfg.baseline and cfg.num_rankings < 2:
         parser.error("--baseline needs --num-rankings >= 2 (or pass --no-baseline)")
-    if cfg.max_new_tokens == 0 and (cfg.stage in ("sft-data", "sft") or (cfg.stage == "rl" and not cfg.freeze_llm)):
-        parser.error("--max-new-tokens 0 writes no trace, so there are no tokens to train: use it with --stage rl --freeze-llm or --stage eval")
+    if cfg.max_new_tokens == 0 and cfg.stage in ("sft-data", "sft"):
+        parser.error("--max-new-tokens 0 writes no trace, so there is nothing to fine-tune on: use it with --stage rl or --stage eval")
+    if cfg.max_new_tokens == 0 and cfg.stage == "rl" and not cfg.freeze_llm and not cfg.score_path:
+        parser.error("--max-new-tokens 0 with --no-score-path gives the LLM no gradient (no tokens, no score path): "
+                     "drop --no-score-path, or use --freeze-llm")
     if cfg.response_prefix and cfg.stage in ("sft-data", "sft"):
         parser.error("--response-prefix does not go with SFT: the teacher's replies do not start with it")
     trains_llm = cfg.stage == "rl" and not cfg.freeze_llm

@@ -3,8 +3,8 @@ GGUF file, or a tiny random model built offline), the scoring head f_phi of Eq. 
 precision choices, activation checkpointing, and reading what a checkpoint holds (the head and, for
 MLP-only, the frozen LLM's trace cache). Writing checkpoints and the run's directory: runs.py.
 
-Departures 7 (the LayerNorm in front of the head's MLP) and 8 (--pl-std, `standardized`) of the list
-at the top of r2rank.py are implemented here.
+Departure 7 of the list at the top of r2rank.py (the LayerNorm in front of the head's MLP) is
+implemented here.
 
     model, tokenizer = load_policy("Qwen/Qwen2.5-1.5B-Instruct", pick_device("auto"), torch.float32)
     model, tokenizer = load_policy("tiny", torch.device("cpu"), torch.float32)   # no download
@@ -226,7 +226,8 @@ def load_trace_cache(path, cfg, device):
 
 
 class ScoreHead(torch.nn.Module):
-    """f_phi of Eq. (2): final hidden state h [..., H] -> relevance score [...], computed in fp32."""
+    """f_phi of Eq. (2): final hidden state h [..., H] -> relevance score [...], computed in the head's
+    own precision (fp32, whatever the LLM's; fp64 when the head is, as in the gradient tests)."""
 
     def __init__(self, hidden_size, width):
         super().__init__()
@@ -239,22 +240,12 @@ class ScoreHead(torch.nn.Module):
 
     def forward(self, hidden):
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head stays fp32
-            return self.net(hidden.float()).squeeze(-1)
+            return self.net(hidden.to(self.net[1].weight.dtype)).squeeze(-1)
 
 
 def score_traces(head, samples):
     """Phase 2: s_k = f_phi(h_k) (Eq. 2) for every user's K traces -> [U, K] fp32."""
     return torch.stack([head(s.final_hidden) for s in samples])
-
-
-def standardized(scores, std):
-    """Departure 8: each user's K scores [U, K] shifted to mean 0 and scaled to std `std`; std 0 leaves
-    them as they are (the paper). PL is shift-invariant, so this fixes only how sharp it is, and the
-    order of the scores (all that evaluation uses) does not change."""
-    if not std:
-        return scores
-    centered = scores - scores.mean(-1, keepdim=True)
-    return std * centered / centered.std(-1, keepdim=True, correction=0).clamp(min=1e-6)
 
 
 def load_head(path, hidden_size, device):

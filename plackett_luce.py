@@ -6,9 +6,10 @@ Given scores s = (s_1, ..., s_K), a ranking tau (item indices, best first) has p
 
 i.e. pick the first item with softmax(s), remove it, pick the next from the rest, and so on.
 
-Two functions, torch only, no state, safe to copy into another project:
+Torch only, no state, safe to copy into another project:
     sample(scores, num_samples, generator, mask)  -> rankings  [..., num_samples, K]
     log_prob(scores, rankings, mask)              -> log P     [...]
+    standardized(scores, std)                     -> scores with a fixed spread (how sharp PL is)
 
 Sampling uses the Gumbel-top-K trick: add independent Gumbel(0, 1) noise to every score and sort.
 The resulting order is an exact draw from PL(s) (Yellott, 1977), and it is one vectorized sort
@@ -79,3 +80,14 @@ def log_prob(scores, rankings, mask=None):
     if mask is not None:
         terms = terms.masked_fill(~ranked_mask, 0.0)
     return terms.sum(-1)
+
+
+def standardized(scores, std):
+    """Each row of K scores [..., K] shifted to mean 0 and scaled to std `std` (population std); std 0
+    returns them unchanged. PL is shift-invariant, so this fixes only how sharp the distribution is,
+    and the order of the scores does not change. Differentiable: the RL stage takes the gradient of the
+    reward through it back to the head's raw scores (departure 8 in r2rank.py, `--pl-std`)."""
+    if not std:
+        return scores
+    centered = scores - scores.mean(-1, keepdim=True)
+    return std * centered / centered.std(-1, keepdim=True, correction=0).clamp(min=1e-6)

@@ -3,6 +3,7 @@ functions.
 
     clipped_token_loss          token-level clipped PPO for the LLM's reasoning tokens     (Eq. 6)
     reinforce_loss              REINFORCE for the scoring head through log P(tau | s)      (Eq. 5)
+    score_gradient              the same estimate of dV/ds, carried into the LLM (the score path, Sec. 3.3)
     leave_one_out_baseline      the mean reward of the other samples of a group         (beyond the paper)
     counterfactual_advantages   per-trace credit: V(s) - V(s with s_k replaced)         (beyond the paper)
     batch_baseline_advantages   a user's reward minus the other users' mean reward      (beyond the paper)
@@ -91,6 +92,30 @@ def reinforce_loss(rank_log_prob, reward, baseline=None):
     return -(weight.detach() * rank_log_prob).mean()
 
 
+def score_gradient(scores, rankings, reward, baseline=None, std=0.0):
+    """REINFORCE estimate of dV/ds, the gradient of a user's expected reward V(s) = E_{tau ~ PL(s)} rho(tau)
+    with respect to its K scores: the signal the score path carries from the rankings into the LLM.
+
+    scores:   [U, K] the head's raw scores (any grad is ignored)
+    rankings: [U, S] + [K] rankings sampled from PL(standardized(scores, std)), reward: [U, S] their rho
+    baseline: optional [U, S], e.g. leave_one_out_baseline(reward); std: --pl-std (0 = raw scores)
+    returns:  [U, K], detached: mean over the S rankings of (rho - b) * grad_s log P(tau | std(s)).
+
+    With std > 0 the gradient is taken through the standardization, so it is dV/ds with respect to the
+    raw scores, what the head's output, and so the LLM's hidden state, moves. Unbiased for dV/ds when
+    the baseline of each ranking does not depend on that ranking (the leave-one-out baseline depends
+    on the other S - 1 only, which are drawn independently given s; E[grad log P] = 0 removes it).
+    It is the head's REINFORCE (Eq. 5) stopped at the scores: the head's loss back-propagates the same
+    quantity into phi, and rollout.ppo_update carries it on into theta through h_k.
+    """
+    raw = scores.detach().to(torch.promote_types(scores.dtype, torch.float32)).requires_grad_(True)
+    weight = reward if baseline is None else reward - baseline
+    with torch.enable_grad():
+        log_p = plackett_luce.log_prob(plackett_luce.standardized(raw, std)[:, None, :], rankings)  # [U, S]
+        (grad,) = torch.autograd.grad((weight.detach().to(raw.dtype) * log_p).mean(1).sum(), raw)
+    return grad
+
+
 def leave_one_out_baseline(reward, dim=-1):
     """For each sample, the mean reward of the other samples along `dim` (needs >= 2 samples).
 
@@ -108,10 +133,11 @@ def leave_one_out_baseline(reward, dim=-1):
     return torch.where(same, reward, baseline)
 
 
-def counterfactual_advantages(scores, labels, k=10, num_samples=256, generator=None):
+def counterfactual_advantages(scores, labels, k=10, num_samples=256, generator=None, std=0.0):
     """Per-trace advantage by a counterfactual (difference) reward: what trace k's score is worth.
 
-    scores: [U, K] the head's scores s (detached), labels: [U, K] relevance, k: NDCG cut-off.
+    scores: [U, K] the head's raw scores s (detached), labels: [U, K] relevance, k: NDCG cut-off,
+    std: --pl-std, the spread Plackett-Luce sees (0 = raw scores).
     returns: [U, K], A_k = V(s) - V(s^(k)), unscaled (a caller may scale by one constant per step).
 
     V(s) = E_{tau ~ PL(s)} NDCG@k(tau), the expected reward of the scores, estimated from
@@ -131,6 +157,11 @@ def counterfactual_advantages(scores, labels, k=10, num_samples=256, generator=N
     noise is independent of the traces, so they add variance, not bias. What is left,
     V(s) - V(s^(k)), is large where trace k decided the ranking and 0 where it did not, with its
     own sign per trace (a shared reward cannot tell the K traces of a user apart).
+
+    With std > 0 every variant is standardized on its own, V(std(s)) - V(std(s^(k))): the replacement
+    is made in raw scores, which depend on y_k alone. (Replacing s_k in the already standardized
+    vector would not do: every standardized score depends on all K traces, so the baseline would
+    depend on y_k and the advantage would be biased; tests/test_ppo.py shows it by enumeration.)
     """
     U, K = scores.shape
     if K < 2:
@@ -141,6 +172,7 @@ def counterfactual_advantages(scores, labels, k=10, num_samples=256, generator=N
     variants = scores[:, None, :].repeat(1, K + 1, 1)  # [U, K + 1, K]
     item = torch.arange(K, device=scores.device)
     variants[:, item + 1, item] = others_mean
+    variants = plackett_luce.standardized(variants, std)
     noise = plackett_luce.gumbel_noise((U, 1, num_samples, K), generator, scores.dtype, scores.device)
     rankings = plackett_luce.sample(variants, num_samples, gumbel=noise)  # [U, K + 1, S, K]
     relevance = labels.to(scores.dtype)[:, None, None, :].expand_as(rankings).gather(-1, rankings)

@@ -9,7 +9,7 @@ One RL step (train_rl), tagged with Algorithm 1's lines:
     1) rollout: one reasoning trace y_k per candidate, from the self-check prompt   lines 1-3, Eq. 1
     2) scores s_k = f_phi(h_k), h_k the last hidden state at the trace's end         line 4, Eq. 2
     3) S rankings tau ~ Plackett-Luce(s), reward rho(tau) = NDCG@10                  lines 6-7, Eq. 4
-    4) clipped PPO on the tokens, then REINFORCE on the head                         lines 8-12, Eqs. 5-6
+    4) clipped PPO on the tokens and the score path into theta, REINFORCE on phi    lines 8-12, Eqs. 5-6
     5) log, validate, checkpoint
 
 The log line's health signs: answer_share and truncated_share (traces that reach an <answer>, or are
@@ -25,8 +25,15 @@ Where this departs from the paper (defaults are the paper's unless said; details
 4. The PPO loss is a per-token mean, not Eq. 6's plain sum (ppo.clipped_token_loss).
 5. theta_old is the first PPO epoch's own forward, not the decoding pass (rollout.ppo_update).
 6. Log-probs at the sampling temperature; RL refuses --temperature 0 and --top-p < 1 (rollout.py).
-7. The head reads the hidden state through a LayerNorm and does not back-propagate into the LLM (models.py).
-8. --pl-std (off) fixes the std of a user's scores before Plackett-Luce (models.standardized).
+7. The head's gradient reaches the LLM through h_k too (--score-path, on). Sec. 3.3 asks for the
+   gradient to flow from rho(tau) to theta via tau, s_k and y_k; with s_k = f_phi(h_k(theta, y_k))
+   grad_theta J = E[sum_k A_k grad log pi(y_k)] (Eq. 6, the tokens) + E[sum_k dV/ds_k grad_theta s_k],
+   V(s) = E_{tau ~ PL(s)} rho(tau). Eqs. 5-6 as printed leave out the second term: the LLM would learn
+   which words to write but never a hidden state that ranks better. ppo.score_gradient estimates dV/ds
+   from the S rankings, rollout.ppo_update adds the term with the token term's divisor (departure 4);
+   --no-score-path is the equations to the letter. The head reads h_k through a LayerNorm (models.py).
+8. --pl-std (off) fixes the std of a user's scores before Plackett-Luce (plackett_luce.standardized);
+   the score path and the counterfactual advantage take their gradients and values through it.
 """
 import os
 import sys
@@ -45,8 +52,9 @@ import rollout
 from metrics import ndcg_at_k, ndcg_from_scores
 import runs
 from models import (ScoreHead, enable_checkpointing, has_head, load_head, load_policy, load_trace_cache, mixed_precision,
-                    pick_device, pick_dtype, score_traces, standardized)
-from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss
+                    pick_device, pick_dtype, score_traces)
+from plackett_luce import standardized
+from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
 
 # ------------------------------------------------------------------------- phases of one step
 
@@ -170,13 +178,14 @@ def user_generator(seed, step, user, device):
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_000_003 + user)
 
 
-def llm_advantages(cfg, scores, labels, reward, generators):
-    """[U, K] advantage of each trace (--advantage; departure 3). scores, labels [U, K]; reward [U, S];
-    one generator per user. Under torchrun, U is this rank's users; batch reads every rank's."""
-    K = scores.shape[1]
+def llm_advantages(cfg, raw_scores, labels, reward, generators):
+    """[U, K] advantage of each trace (--advantage; departure 3). raw_scores (the head's, before
+    --pl-std), labels [U, K]; reward [U, S]; one generator per user. Under torchrun, U is this rank's
+    users; batch reads every rank's."""
+    K = raw_scores.shape[1]
     if cfg.advantage == "counterfactual":  # per trace: V(s) - V(s with s_k replaced by the others' mean)
-        return torch.cat([counterfactual_advantages(scores[u:u + 1].detach(), labels[u:u + 1], cfg.reward_k,
-                                                    cfg.advantage_samples, g) for u, g in enumerate(generators)])
+        return torch.cat([counterfactual_advantages(raw_scores[u:u + 1].detach(), labels[u:u + 1], cfg.reward_k,
+                                                    cfg.advantage_samples, g, cfg.pl_std) for u, g in enumerate(generators)])
     if cfg.advantage == "batch":  # the user's mean reward minus the other users' (all of the step's users)
         means = torch.tensor(distributed.gather(reward.mean(1).tolist()), device=reward.device)  # [all users]
         return batch_baseline_advantages(means[:, None])[distributed.shard(list(range(len(means))))][:, None].expand(-1, K)
@@ -228,18 +237,22 @@ def train_rl(cfg, rank_device=None):
                                     for u, g in enumerate(generators)])  # [U, S, K]
             reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), cfg.reward_k)  # [U, S]
 
-            # 4) lines 8 and 11: clipped PPO on the tokens (Eq. 6), theta updated
+            # 4) lines 8 and 11: clipped PPO on the tokens (Eq. 6) and the score path (departure 7), theta updated
             ppo_stats, local = {}, {}
+            baseline = leave_one_out_baseline(reward) if cfg.baseline else None
             if not cfg.freeze_llm:
-                advantages = llm_advantages(cfg, scores, labels, reward, generators)  # [U, K]
+                advantages = llm_advantages(cfg, raw_scores, labels, reward, generators)  # [U, K]
+                # dV/ds per trace, w.r.t. the raw scores (through --pl-std): the head's REINFORCE stopped at s
+                score_grads = score_gradient(raw_scores, rankings, reward, baseline, cfg.pl_std) if cfg.score_path else None
                 step_tokens = distributed.total(sum(int(s.lengths.sum()) for s in samples))  # every rank's
+                step_traces = distributed.total(sum(len(s.lengths) for s in samples))
                 with mixed_precision(device, run.dtype):
                     ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg,
-                                                   run.shared_prefix, step_tokens, distributed.sum_gradients)
+                                                   run.shared_prefix, step_tokens, distributed.sum_gradients,
+                                                   head if cfg.score_path else None, score_grads, step_traces)
                 local.update(advantage_abs=advantages.abs().mean().item(), advantage_nonzero=(advantages != 0).float().mean().item())
             #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. Both updates
             #    use this step's scores, computed before either, so their order does not matter.
-            baseline = leave_one_out_baseline(reward) if cfg.baseline else None
             head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
             run.optimizers["head"].zero_grad(set_to_none=True)
             (head_loss * share).backward()  # this rank's share of the mean over all the step's users

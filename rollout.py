@@ -230,7 +230,7 @@ def pad_right(rows, width, value, device, dtype=torch.float32):
     return out
 
 
-def response_logprobs(model, prompts, responses, temperature=1.0):
+def response_logprobs(model, prompts, responses, temperature=1.0, return_hidden=False):
     """Teacher-forced log pi_theta of every response token, in one forward, with gradient.
 
     prompts, responses: lists of B token-id lists. The batch is laid out as
@@ -238,7 +238,9 @@ def response_logprobs(model, prompts, responses, temperature=1.0):
     logits are computed only for the R columns that predict response tokens (never the full
     vocabulary over the prompt). Log-probs are in fp32 whatever the model's dtype, under
     softmax(logits / temperature), the distribution the responses were sampled from (token_logprobs).
-    returns: logp [B, R] (0 on padding), mask [B, R] bool.
+    returns: logp [B, R] (0 on padding), mask [B, R] bool; with return_hidden also h [B, H], the last
+    hidden state (after the final norm, with gradient) at each response's final token, or at the
+    prompt's last token for an empty response: where sample_traces reads the scoring head's input.
     """
     device = model.get_output_embeddings().weight.device
     B, C = len(prompts), max(len(p) for p in prompts)
@@ -254,10 +256,13 @@ def response_logprobs(model, prompts, responses, temperature=1.0):
     logits = model.get_output_embeddings()(hidden[:, C - 1:C + R - 1])  # [B, R, V]
     logp = token_logprobs(logits, input_ids[:, C:], temperature)  # [B, R]
     mask = attention_mask[:, C:].bool()
-    return logp.masked_fill(~mask, 0.0), mask
+    if not return_hidden:
+        return logp.masked_fill(~mask, 0.0), mask
+    final = C - 1 + torch.tensor([len(r) for r in responses], device=device)  # a response's last token, or the prompt's
+    return logp.masked_fill(~mask, 0.0), mask, hidden[torch.arange(B, device=device), final]
 
 
-def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses, temperature=1.0):
+def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses, temperature=1.0, return_hidden=False):
     """response_logprobs for the K prompts prefix + suffix_k, running the shared prefix only once.
 
     The prefix goes through the model once (with gradient); its KV cache is repeated K times and the
@@ -268,7 +273,7 @@ def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses, temp
     Not usable with transformers' gradient checkpointing: a checkpointed layer drops the cache
     (it would be written twice when the backward pass recomputes the layer), so with checkpointing on
     use response_logprobs.
-    returns: logp [K, R] (0 on padding), mask [K, R] bool.
+    returns: logp [K, R] (0 on padding), mask [K, R] bool; with return_hidden also h [K, H], as there.
     """
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     device = lm_head.weight.device
@@ -287,53 +292,87 @@ def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses, temp
     logits = lm_head(hidden[:, L - 1:L + R - 1])  # [K, R, V]: column L - 1 predicts the 1st response token
     logp = token_logprobs(logits, block[:, L:], temperature)
     mask = attention_mask[:, P + L:].bool()
-    return logp.masked_fill(~mask, 0.0), mask
+    if not return_hidden:
+        return logp.masked_fill(~mask, 0.0), mask
+    final = L - 1 + torch.tensor([len(r) for r in responses], device=device)
+    return logp.masked_fill(~mask, 0.0), mask, hidden[torch.arange(K, device=device), final]
 
 
 def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix=False, total_tokens=None,
-               sum_gradients=None):
+               sum_gradients=None, head=None, score_grads=None, total_traces=None):
     """Phase 4 of an RL step for theta: cfg.ppo_epochs passes of clipped PPO (Eq. 6) over all
     traces, in micro-batches of cfg.micro_batch traces; cfg.temperature, clip_eps, max_grad_norm too.
+    With head and score_grads, the first epoch adds the score path (below).
 
     prompts: per user (prefix_ids, [suffix_ids] * K); samples: per-user Samples; advantages: [U, K].
     A micro-batch holds up to --micro-batch traces of one user. With shared_prefix the user's prompt
     prefix is run once per micro-batch instead of once per trace (response_logprobs_shared).
     Each micro-batch's mean loss is weighted by its share of the valid tokens, so the accumulated
     gradient equals that of the per-token mean over the whole step (ppo.clipped_token_loss).
-    Under torchrun, samples are this rank's users: total_tokens is the whole step's token count and
-    sum_gradients(parameters) adds up every rank's gradient before clipping (distributed.py).
+    Under torchrun, samples are this rank's users: total_tokens (and total_traces) are the whole
+    step's counts and sum_gradients(parameters) adds up every rank's gradient before clipping.
+
+    The score path: score_grads [U, K] is g = dV/ds (ppo.score_gradient), and the loss gets
+    - sum_k g_k f_phi(h_k(theta)) / D, with h_k from this forward, at the token sample_traces read it
+    (so the gradient reaches theta through the hidden state, not only the sampled tokens). D is the
+    same divisor as the token term's, the step's token count (departure 4), or its trace count when
+    the traces are empty (--max-new-tokens 0), so the two terms add up to one estimate of grad J / D:
+    grad J = E[sum_k A_k grad log pi(y_k)] + E[sum_k dV/ds_k grad s_k]. It is added in the first
+    epoch only, where the forward is at theta_old, the parameters the scores were computed with; a
+    later epoch reuses the tokens under the clipped ratio, and with no tokens there is no later epoch
+    (a step on a zero gradient would still move AdamW). The head enters with its weights detached:
+    phi learns from Eq. 5 (r2rank.py). decode_score_gap: max |s_k here - s_k from the rollout's h_k|.
 
     theta_old (departure 5 in r2rank.py): the first epoch's own log-probs, detached, so its ratio is exactly 1 and
     later epochs compare against the same forward pass (code path, precision, train mode) as the
     gradient. The log-probs recorded while decoding only measure how far the two paths differ.
     """
-    total_tokens = total_tokens or sum(int(s.lengths.sum()) for s in samples)
+    total_tokens = total_tokens if total_tokens is not None else sum(int(s.lengths.sum()) for s in samples)
+    total_traces = total_traces or sum(len(s.lengths) for s in samples)
+    score_path = head is not None and score_grads is not None
+    divisor = total_tokens or (total_traces if score_path else 1)
+    epochs = cfg.ppo_epochs if total_tokens else 1
     stats = {"clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "ppo_loss": 0.0}
-    gap_sum, gap_max, old_logps = 0.0, 0.0, {}
+    gap_sum, gap_max, score_gap, old_logps = 0.0, 0.0, 0.0, {}
+    if score_path:  # the head with its weights detached: the gradient goes through it into h_k, not into phi
+        weights = {name: p.detach() for name, p in head.named_parameters()}
+
+        def frozen_head(hidden):
+            return torch.func.functional_call(head, weights, (hidden,))
     model.train()
-    for epoch in range(cfg.ppo_epochs):
+    for epoch in range(epochs):
         for user, ((prefix, suffixes), user_samples, user_advantages) in enumerate(zip(prompts, samples, advantages)):
             responses = user_samples.token_lists()
             for start in range(0, len(suffixes), cfg.micro_batch):
                 batch = slice(start, start + cfg.micro_batch)
+                with_hidden = score_path and epoch == 0
                 if shared_prefix:
-                    logp, mask = response_logprobs_shared(model, prefix, suffixes[batch], responses[batch],
-                                                                  cfg.temperature)
+                    out = response_logprobs_shared(model, prefix, suffixes[batch], responses[batch], cfg.temperature,
+                                                   return_hidden=with_hidden)
                 else:
-                    logp, mask = response_logprobs(model, [prefix + s for s in suffixes[batch]],
-                                                           responses[batch], cfg.temperature)
+                    out = response_logprobs(model, [prefix + s for s in suffixes[batch]], responses[batch],
+                                            cfg.temperature, return_hidden=with_hidden)
+                logp, mask = out[:2]
                 if epoch == 0:
                     old_logps[user, start] = logp.detach()
-                    decoded = user_samples.logprobs[batch, :logp.shape[1]].to(logp.device)  # [B, R]
-                    gap = (logp.detach() - decoded).abs()[mask]
-                    if gap.numel():
+                    if mask.any():  # empty traces (--max-new-tokens 0) have no token to compare
+                        decoded = user_samples.logprobs[batch, :logp.shape[1]].to(logp.device)  # [B, R]
+                        gap = (logp.detach() - decoded).abs()[mask]
                         gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
                 loss, mb_stats = clipped_token_loss(logp, old_logps[user, start], user_advantages[batch].to(logp.device),
                                                     mask, cfg.clip_eps)
-                share = mask.sum().item() / max(total_tokens, 1)
-                (loss * share).backward()
+                share = mask.sum().item() / divisor
+                total = loss * share
+                if with_hidden:
+                    hidden = out[2]
+                    scores = frozen_head(hidden)  # [B]
+                    g = score_grads[user, batch].to(scores.device, scores.dtype)
+                    total = total - (g * scores).sum() / divisor
+                    decoded_scores = frozen_head(user_samples.final_hidden[batch].to(hidden.device))
+                    score_gap = max(score_gap, (scores.detach() - decoded_scores).abs().max().item())
+                total.backward()
                 for name, value in {**mb_stats, "ppo_loss": loss.item()}.items():
-                    stats[name] += value * share / cfg.ppo_epochs
+                    stats[name] += value * share / epochs
         if sum_gradients:
             sum_gradients(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -343,4 +382,6 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
     if sum_gradients:  # the statistics of every rank's tokens
         stats = {name: distributed.total(value) for name, value in stats.items()}
         gap_sum, gap_max = distributed.total(gap_sum), distributed.total(gap_max, "max")
-    return {**stats, "decode_logp_gap": gap_sum / max(total_tokens, 1), "decode_logp_gap_max": gap_max}
+        score_gap = distributed.total(score_gap, "max")
+    stats = {**stats, "decode_logp_gap": gap_sum / max(total_tokens, 1), "decode_logp_gap_max": gap_max}
+    return {**stats, "decode_score_gap": score_gap} if score_path else stats

@@ -34,8 +34,9 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
         assert "Traceback" not in no_cuda.stderr
     bad = run_cli("--num-rankings", "1")
     assert bad.returncode != 0 and "--baseline needs" in bad.stderr
-    for args, message in [(["--max-new-tokens", "0"], "no tokens to train"),
-                          (["--stage", "sft", "--max-new-tokens", "0"], "no tokens to train"),
+    assert config.parse_config(["--max-new-tokens", "0"]).score_path  # the LLM learns its representation only
+    for args, message in [(["--max-new-tokens", "0", "--no-score-path"], "gives the LLM no gradient"),
+                          (["--stage", "sft", "--max-new-tokens", "0"], "nothing to fine-tune on"),
                           (["--stage", "eval", "--max-new-tokens", "0"], "leave it out of --methods"),
                           (["--max-new-tokens", "-1"], "must be >= 0"),
                           (["--stage", "sft", "--response-prefix", "User"], "does not go with SFT"),

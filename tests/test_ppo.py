@@ -177,15 +177,15 @@ def _toy():
     return theta, base, lift, labels, ys
 
 
-def _exact_gradient_and_update(advantage_fn):
-    """(grad of E_y[V(s(y))] w.r.t. theta, E_y[sum_k grad log pi(y_k) E[A_k | y]]), both by enumeration
-    over the 16 rationale vectors (and all 24 rankings for V)."""
+def _exact_gradient_and_update(advantage_fn, std=0.0):
+    """(grad of E_y[V(std(s(y)))] w.r.t. theta, E_y[sum_k grad log pi(y_k) E[A_k | y]]), both by
+    enumeration over the 16 rationale vectors (and all 24 rankings for V); std: --pl-std."""
     theta, base, lift, labels, ys = _toy()
     leaf = theta.clone().requires_grad_(True)
     p1 = torch.sigmoid(leaf)
     prob_y = torch.where(ys == 1, p1, 1 - p1).prod(-1)  # [16]
     scores = base + lift * ys  # [16, 4]
-    values = _exact_value(scores, labels)
+    values = _exact_value(plackett_luce.standardized(scores, std), labels)
     (true_grad,) = torch.autograd.grad((prob_y * values).sum(), leaf)
     grad_log_pi = ys - torch.sigmoid(theta)  # [16, 4]: d log pi(y_k) / d theta_k
     advantages = advantage_fn(scores, labels.expand(16, -1))  # [16, 4]
@@ -208,6 +208,21 @@ def test_counterfactual_update_is_the_exact_policy_gradient():
         variants[:, range(4), range(4)] = scores.mean(-1, keepdim=True)
         return _exact_value(scores, labels[0]) [:, None] - _exact_value(variants, labels[0])
     _, biased_update = _exact_gradient_and_update(biased)
+    assert (biased_update - true_grad).abs().max() > 0.01
+
+
+def test_counterfactual_update_under_pl_std_is_the_exact_policy_gradient():
+    """With --pl-std the variants are standardized one by one after s_k is replaced in the raw scores,
+    and the update is still grad E[V(std(s))]. Replacing s_k in the standardized vector instead (whose
+    every entry depends on y_k) misses it by over ten times the tolerance."""
+    std = 2.0
+    generator = torch.Generator().manual_seed(0)
+    true_grad, update = _exact_gradient_and_update(
+        lambda s, y: counterfactual_advantages(s, y, num_samples=20_000, generator=generator, std=std), std)
+    torch.testing.assert_close(update, true_grad, atol=2e-3, rtol=0)
+    generator = torch.Generator().manual_seed(0)
+    _, biased_update = _exact_gradient_and_update(lambda s, y: counterfactual_advantages(
+        plackett_luce.standardized(s, std), y, num_samples=20_000, generator=generator), std)
     assert (biased_update - true_grad).abs().max() > 0.01
 
 
