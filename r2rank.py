@@ -15,7 +15,8 @@ One RL step (train_rl), tagged with Algorithm 1's lines:
 The log line's health signs: answer_share and truncated_share (traces that reach an <answer>, or are
 cut at the token limit); distinct_share and token_logp (fall towards 1/K and 0 when the policy writes
 one text for every candidate); signal_share (users whose S rankings differ in reward: the head learns
-only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update log-probs|);
+only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update log-probs|) and
+decode_score_gap (the same for the scores: the update reads h_k where the rollout did);
 advantage_abs and advantage_nonzero (the mean |advantage| and the share of traces with one).
 
 Where this departs from the paper (defaults are the paper's unless said; details where implemented):
