@@ -34,6 +34,16 @@ from metrics import ndcg_from_scores  # noqa: E402
 MAX_LEN = 21
 
 
+def padding_mask(sequence):
+    """[B, T] left-padded item indices -> [B, T, T] True where query t may not attend to key j: a later
+    position (causality) or a padding key, as the original SASRec masks them. A padding query attends to
+    itself only (an all-blocked row would be NaN); its output is zeroed anyway."""
+    T = sequence.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=sequence.device).triu(1)
+    blocked = causal | (sequence == 0)[:, None, :]  # [B, T, T]
+    return blocked & ~torch.eye(T, dtype=torch.bool, device=sequence.device)
+
+
 class SASRec(torch.nn.Module):
     """Item and position embeddings, `blocks` pre-norm causal self-attention blocks. Item 0 = padding."""
 
@@ -57,10 +67,10 @@ class SASRec(torch.nn.Module):
         x = self.items(sequence) * math.sqrt(self.items.embedding_dim) + self.positions(torch.arange(T, device=sequence.device))
         keep = (sequence != 0).unsqueeze(-1).float()  # [B, T, 1]
         x = self.dropout(x) * keep
-        causal = torch.ones(T, T, dtype=torch.bool, device=sequence.device).triu(1)  # True = may not attend
+        blocked = padding_mask(sequence).repeat_interleave(self.attentions[0].num_heads, 0)  # [B * heads, T, T]
         for norm, attention, ffn_norm, ffn in zip(self.attention_norms, self.attentions, self.ffn_norms, self.ffns):
             query = norm(x)
-            x = x + attention(query, x, x, attn_mask=causal, need_weights=False)[0]  # pre-norm query, as in the paper's code
+            x = x + attention(query, x, x, attn_mask=blocked, need_weights=False)[0]  # pre-norm query, as in the paper's code
             x = (x + ffn(ffn_norm(x))) * keep
         return self.final_norm(x)
 

@@ -49,3 +49,17 @@ def test_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     assert len(report["methods"]["sasrec"]["per_user"]) == 4 and "| SASRec |" in result.stdout
     missing = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "sasrec", "--out", str(tmp_path / "e2"))
     assert missing.returncode == 1 and "--methods sasrec needs --sasrec FILE" in missing.stderr
+
+
+def test_padding_changes_nothing_at_the_real_positions():
+    # oracle: the same items with no padding at all. Position embeddings are zeroed, so left-padding
+    # shifts nothing else; unmasked padding keys (bias-only keys) would draw attention and change the output.
+    torch.manual_seed(0)
+    model = sasrec.SASRec(num_items=30, dim=16, blocks=2, heads=2, dropout=0.0).eval()
+    with torch.no_grad():
+        model.positions.weight.zero_()
+        for attention in model.attentions:
+            attention.in_proj_bias.normal_()  # padding keys get bias-only keys: large ones if unmasked
+    padded, bare = model(torch.tensor([[0, 0, 0, 4, 9, 2]])), model(torch.tensor([[4, 9, 2]]))
+    torch.testing.assert_close(padded[:, 3:], bare)
+    assert torch.isfinite(padded).all()
