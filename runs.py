@@ -17,14 +17,19 @@ What --resume compares with the checkpoint it continues (r2rank.json holds the r
   would otherwise keep the saved one), printed, and recorded in the next checkpoints' r2rank.json
   under "changes".
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import signal
+import struct
 import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +68,81 @@ def latest_checkpoint(out):
     return os.path.join(out, f"checkpoint-{steps[-1]}") if steps else None
 
 
+def check_writable(out):
+    """A DataError (one line) unless files can be written in out, or out can be created: tried by making
+    and removing an empty directory there (a read-only mount, or a file in the way, is found before any work)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out}: exists and is not a directory")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(f"--out {out}: cannot create it ({parent} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".r2rank-write-test-", dir=parent))
+    except OSError as error:
+        verb = "write into it" if parent == os.path.abspath(out) else "create it"
+        raise DataError(f"--out {out}: cannot {verb} ({error.strerror})") from None
+
+
+def safetensors_problem(path):
+    """Why the safetensors file at path cannot be whole (missing, unreadable header, shorter than its
+    header says), or None. Reads the header only: 8 bytes of length, then JSON with each tensor's byte range."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    try:
+        with open(path, "rb") as f:
+            header_bytes = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_bytes))
+        end = 8 + header_bytes + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{name} has no readable header"
+    size = os.path.getsize(path)
+    return None if size == end else f"{name} is truncated ({size} of {end} bytes)"
+
+
+def checkpoint_problem(path):
+    """Why checkpoint directory path cannot be resumed from (the first broken or missing file), or None:
+    a crash mid-save on a file system without atomic rename can leave any of these."""
+    try:
+        with open(os.path.join(path, "r2rank.json")) as f:
+            saved = json.load(f)
+        cfg = saved["config"]
+        saved["step"], cfg["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "r2rank.json is missing or unreadable"
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):  # a large model, saved in shards
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError):
+            return "model.safetensors.index.json is unreadable"
+    else:
+        shards = ["model.safetensors"]
+    files = shards + (["head.safetensors"] if cfg["stage"] == "rl" else []) + (["lora.safetensors"] if cfg.get("lora_rank") else [])
+    for name in files:
+        if problem := safetensors_problem(os.path.join(path, name)):
+            return problem
+    for name in ["optimizer.pt"] + (["trace-cache.pt"] if cfg.get("freeze_llm") else []):  # torch.save: a zip
+        if not zipfile.is_zipfile(os.path.join(path, name)):
+            return f"{name} is missing or truncated"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "config.json is missing"
+    return None
+
+
+def intact_checkpoint(out):
+    """The newest checkpoint of out that is whole, or None; each newer, broken one is named on stdout."""
+    for step in reversed(checkpoint_steps(out)):
+        path = os.path.join(out, f"checkpoint-{step}")
+        if (problem := checkpoint_problem(path)) is None:
+            return path
+        print(f"--resume: {path} is broken ({problem}), so it is skipped")
+    return None
+
+
 def run_files(out):
     """What a training run writes into out (its data/, eval and sft-data files are not counted)."""
     names = os.listdir(out) if os.path.isdir(out) else []
@@ -92,15 +172,16 @@ def plan_out(cfg, data_dir, max_steps):
     - out holds another run and neither --resume nor --overwrite is given;
     - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings.
     --resume with no checkpoint says so and starts at step 0."""
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise DataError(f"--out {cfg.out}: exists and is not a directory")
+    check_writable(cfg.out)
     found, fingerprint = run_files(cfg.out), data_fingerprint(data_dir)
     if not cfg.resume:
         if found and not cfg.overwrite:
             raise DataError(f"{cfg.out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
                             "pass --resume to continue it, --overwrite to replace it, or another --out")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
-    checkpoint = latest_checkpoint(cfg.out)
+    checkpoint = intact_checkpoint(cfg.out)
+    if checkpoint is None and checkpoint_steps(cfg.out):
+        raise DataError(f"--resume: no checkpoint in {cfg.out} is whole (each is named above); --overwrite starts the run again")
     if checkpoint is None:
         print(f"--resume: no checkpoint in {cfg.out}, so the run starts at step 0")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
@@ -129,6 +210,14 @@ def plan_out(cfg, data_dir, max_steps):
     return Plan(step, checkpoint, fingerprint, history)
 
 
+def row_step(line):
+    """The step of one metrics.jsonl line, or None when the line is not a whole JSON row."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def start(out, plan):
     """Make out ready to write: --overwrite removes the other run's files; a resume cuts metrics.jsonl
     back to the checkpoint's step (rows after it were written by steps that are run again)."""
@@ -143,7 +232,15 @@ def start(out, plan):
     metrics = os.path.join(out, "metrics.jsonl")
     if plan.checkpoint and os.path.isfile(metrics):
         with open(metrics) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= plan.start_step]
+            rows = [line for line in f if line.strip()]
+        steps = [row_step(line) for line in rows]  # None: a line cut short by a crash
+        kept = [line for line, step in zip(rows, steps) if step is not None and step <= plan.start_step]
+        dropped = [step for step in steps if step is not None and step > plan.start_step]
+        if None in steps:
+            print(f"--resume: {steps.count(None)} unreadable line(s) of metrics.jsonl dropped (cut short by a crash)")
+        if dropped:
+            print(f"--resume: metrics.jsonl rows of steps {dropped[0]}-{dropped[-1]} dropped: those steps were not in "
+                  f"a checkpoint, so they run again from {plan.checkpoint}")
         with open(metrics + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
@@ -192,27 +289,68 @@ def log_row(metrics_file, row, write):
     write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
+COLLAPSED_SPREAD = 1e-6  # a head whose K scores spread less than this ranks at random under Plackett-Luce
+
+
+def non_finite(row, optimizers):
+    """What is not finite after a training step, or None: the logged numbers of row, then the weights each
+    optimizer trains (one device sync per optimizer). A run that meets one stops without writing the step."""
+    bad = [name for name, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        return "non-finite " + ", ".join(bad)
+    for name, optimizer in optimizers.items():
+        weights = [p for group in optimizer.param_groups for p in group["params"]]
+        if weights and not torch.stack([w.detach().isfinite().all() for w in weights]).all():
+            return f"non-finite weights ({name})"
+    return None
+
+
 def set_lr(optimizer, lr):
     """Apply --lr to a restored optimizer: load_state_dict brings back the saved learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
+class Abandoned(Exception):
+    """Raised by StopOnSignal's handler inside an abandonable() block: the work in flight is dropped."""
+
+
 class StopOnSignal:
-    """Within the block, the first Ctrl-C (SIGINT) or SIGTERM only sets .requested, so the loop can
-    finish its step and save; a second Ctrl-C stops at once (KeyboardInterrupt)."""
+    """Within the block, Ctrl-C (SIGINT) or SIGTERM stops the run at the next safe point:
+    - inside an abandonable() block (work that changes nothing that is kept, such as a rollout), at once:
+      the handler raises Abandoned and the loop keeps the steps before it;
+    - elsewhere (an update in progress), the loop finishes the step, saves it, and stops.
+    A second Ctrl-C stops at once (KeyboardInterrupt): only what is on disk is kept. .kept names it (the
+    loop updates it after each save), so the messages say exactly what is kept."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.requested, self.previous = None, {}
+    def __init__(self, kept="nothing (no checkpoint yet)"):
+        self.requested, self.previous, self.kept, self.inside = None, {}, kept, False
 
     def handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested is not None and signum == signal.SIGINT:
+            print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-              "(Ctrl-C again to stop now and lose the step)", flush=True)
+        if self.inside:
+            self.inside = False
+            raise Abandoned
+        print(f"\n{name}: stopping after this step's update, with a checkpoint (Ctrl-C again to stop now, "
+              f"keeping only {self.kept})", flush=True)
+
+    @contextlib.contextmanager
+    def abandonable(self, allowed=True):
+        """A signal inside the block raises Abandoned (at once, not at the step's end); allowed=False
+        makes the block ordinary (under torchrun the other ranks would wait for this one forever)."""
+        if self.requested is not None and allowed:
+            raise Abandoned
+        self.inside = allowed
+        try:
+            yield
+        finally:
+            self.inside = False
 
     def __enter__(self):
         for signum in self.SIGNALS:
@@ -223,8 +361,16 @@ class StopOnSignal:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
-    def exit(self, checkpoint):
-        """The SystemExit to raise once checkpoint is saved: one line, status 128 + the signal's number."""
-        print(f"stopped by {signal.Signals(self.requested).name}: saved {checkpoint}; continue with --resume",
-              file=sys.stderr)
+    def exit(self, kept):
+        """The SystemExit to raise once what is kept is on disk: one line, status 128 + the signal's number."""
+        print(f"stopped by {signal.Signals(self.requested).name}: {kept}", file=sys.stderr)
         return SystemExit(128 + self.requested)
+
+
+def interrupted_message(out):
+    """What a run that stopped at once (a second Ctrl-C, a crash) left for --resume, in one line."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return f"no checkpoint in {out}: nothing of the run is kept"
+    return (f"kept {checkpoint}; --resume continues from it and runs the later steps again "
+            "(their metrics.jsonl rows are dropped then)")
