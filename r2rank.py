@@ -231,7 +231,7 @@ def train_rl(cfg, rank_device=None):
                                                  run.trace_cache if cfg.freeze_llm else None, run.plan.record())
                 metrics_file.close()
                 raise stop.exit(f"step {step + 1} was still rolling out and is dropped; "
-                                + (f"steps 1-{step} are kept in {saved}; continue with --resume" if saved
+                                + (f"{runs.steps_text(1, step)} kept in {saved}; continue with --resume" if saved
                                    else "no step had finished, so nothing was written but the data")) from None
             if cfg.freeze_llm:
                 run.trace_cache.update(zip([instances[u]["user_id"] for u in missing], sampled))
@@ -276,7 +276,7 @@ def train_rl(cfg, rank_device=None):
                    "token_logp": token_logp}
             if problem := runs.non_finite(row, run.optimizers):  # nothing of this step is written
                 raise data.DataError(f"step {step + 1}: {problem}, so the run stops without writing this step "
-                                     f"(kept: {saved or 'no checkpoint'}); lower --lr / --head-lr")
+                                     f"(kept: {saved or 'no checkpoint'}); lower --lr / --head-lr, or check the weights it started from")
             if row["score_std"] < runs.COLLAPSED_SPREAD and not warned_collapse:
                 warned_collapse = True
                 bar.write(f"warning: step {step + 1}: the head's scores have collapsed (spread {row['score_std']:.1e} over "
@@ -302,7 +302,7 @@ def train_rl(cfg, rank_device=None):
                 distributed.barrier()  # the checkpoint is written
                 if metrics_file:
                     metrics_file.close()
-                raise stop.exit(f"steps 1-{step + 1} are kept in {os.path.join(cfg.out, f'checkpoint-{step + 1}')}; "
+                raise stop.exit(f"{runs.steps_text(1, step + 1)} kept in {os.path.join(cfg.out, f'checkpoint-{step + 1}')}; "
                                 "continue with --resume")
     if not main:
         return

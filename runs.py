@@ -210,6 +210,11 @@ def plan_out(cfg, data_dir, max_steps):
     return Plan(step, checkpoint, fingerprint, history)
 
 
+def steps_text(first, last):
+    """'step 3' or 'steps 1-5'."""
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
 def row_step(line):
     """The step of one metrics.jsonl line, or None when the line is not a whole JSON row."""
     try:
@@ -239,8 +244,8 @@ def start(out, plan):
         if None in steps:
             print(f"--resume: {steps.count(None)} unreadable line(s) of metrics.jsonl dropped (cut short by a crash)")
         if dropped:
-            print(f"--resume: metrics.jsonl rows of steps {dropped[0]}-{dropped[-1]} dropped: those steps were not in "
-                  f"a checkpoint, so they run again from {plan.checkpoint}")
+            print(f"--resume: metrics.jsonl rows of {steps_text(dropped[0], dropped[-1])} dropped: not in a checkpoint, "
+                  f"so they run again from {plan.checkpoint}")
         with open(metrics + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
