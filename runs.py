@@ -102,42 +102,44 @@ def safetensors_problem(path):
     return None if size == end else f"{name} is truncated ({size} of {end} bytes)"
 
 
-def checkpoint_problem(path):
+def checkpoint_problem(path, record="r2rank.json", extra=()):
     """Why checkpoint directory path cannot be resumed from (the first broken or missing file), or None:
-    a crash mid-save on a file system without atomic rename can leave any of these."""
+    a crash mid-save on a file system without atomic rename can leave any of these. record: the file
+    with the step and the run's settings ("config" or "settings"); extra: files beyond the model, the
+    optimizer and what an RL checkpoint's config asks for (.safetensors: checked against the header; .pt: a zip)."""
     try:
-        with open(os.path.join(path, "r2rank.json")) as f:
+        with open(os.path.join(path, record)) as f:
             saved = json.load(f)
-        cfg = saved["config"]
-        saved["step"], cfg["stage"]
+        settings = saved["config"] if "config" in saved else saved["settings"]
+        int(saved["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        return "r2rank.json is missing or unreadable"
+        return f"{record} is missing or unreadable"
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):  # a large model, saved in shards
         try:
             with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError):
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
             return "model.safetensors.index.json is unreadable"
     else:
-        shards = ["model.safetensors"]
-    files = shards + (["head.safetensors"] if cfg["stage"] == "rl" else []) + (["lora.safetensors"] if cfg.get("lora_rank") else [])
+        files = ["model.safetensors"]
+    files += ["optimizer.pt", *extra] + (["head.safetensors"] if settings.get("stage") == "rl" else []) \
+        + (["lora.safetensors"] if settings.get("lora_rank") else []) + (["trace-cache.pt"] if settings.get("freeze_llm") else [])
     for name in files:
-        if problem := safetensors_problem(os.path.join(path, name)):
+        if name.endswith(".safetensors") and (problem := safetensors_problem(os.path.join(path, name))):
             return problem
-    for name in ["optimizer.pt"] + (["trace-cache.pt"] if cfg.get("freeze_llm") else []):  # torch.save: a zip
-        if not zipfile.is_zipfile(os.path.join(path, name)):
+        if name.endswith(".pt") and not zipfile.is_zipfile(os.path.join(path, name)):  # torch.save writes a zip
             return f"{name} is missing or truncated"
     if not os.path.isfile(os.path.join(path, "config.json")):
         return "config.json is missing"
     return None
 
 
-def intact_checkpoint(out):
+def intact_checkpoint(out, record="r2rank.json", extra=()):
     """The newest checkpoint of out that is whole, or None; each newer, broken one is named on stdout."""
     for step in reversed(checkpoint_steps(out)):
         path = os.path.join(out, f"checkpoint-{step}")
-        if (problem := checkpoint_problem(path)) is None:
+        if (problem := checkpoint_problem(path, record, extra)) is None:
             return path
         print(f"--resume: {path} is broken ({problem}), so it is skipped")
     return None
@@ -169,32 +171,47 @@ def flag(name):
 
 def plan_out(cfg, data_dir, max_steps):
     """Check --out against the run about to start; writes nothing. A DataError (one line) when
-    - out holds another run and neither --resume nor --overwrite is given;
-    - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings.
+    - out cannot be written, or holds another run and neither --resume nor --overwrite is given;
+    - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings,
+      or no whole checkpoint (each broken one is named, and a whole older one is used instead).
     --resume with no checkpoint says so and starts at step 0."""
-    check_writable(cfg.out)
-    found, fingerprint = run_files(cfg.out), data_fingerprint(data_dir)
-    if not cfg.resume:
-        if found and not cfg.overwrite:
-            raise DataError(f"{cfg.out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+    groups = STAGE_GROUPS[cfg.stage]
+    defining = {f.name for f in dataclasses.fields(cfg) if f.metadata["group"].startswith(groups)} - CHANGEABLE
+    return plan_command(dataclasses.asdict(cfg), data_dir, max_steps, defining, CHANGEABLE)
+
+
+# The flags of the baselines' training commands (baselines/reczero.py, r2ec.py) that --resume lets change.
+COMMAND_CHANGEABLE = {"max_steps", "minutes", "save_every", "lr", "head_lr", "device", "threads", "dtype", "micro_batch",
+                      "resume", "overwrite", "out", "data"}
+
+
+def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAND_CHANGEABLE, record="r2rank.json", extra=()):
+    """plan_out for any training command: settings, its flags as a dict (out, resume, overwrite among
+    them); defining, the ones a resume must keep (default: all but changeable); record, the
+    checkpoint's file of {"step", "config" or "settings", "data_fingerprint"}; extra, its files beyond
+    the model and optimizer.pt."""
+    out = settings["out"]
+    check_writable(out)
+    found, fingerprint = run_files(out), data_fingerprint(data_dir)
+    if not settings["resume"]:
+        if found and not settings["overwrite"]:
+            raise DataError(f"{out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
                             "pass --resume to continue it, --overwrite to replace it, or another --out")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
-    checkpoint = intact_checkpoint(cfg.out)
-    if checkpoint is None and checkpoint_steps(cfg.out):
-        raise DataError(f"--resume: no checkpoint in {cfg.out} is whole (each is named above); --overwrite starts the run again")
+    checkpoint = intact_checkpoint(out, record, extra)
+    if checkpoint is None and checkpoint_steps(out):
+        raise DataError(f"--resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again")
     if checkpoint is None:
-        print(f"--resume: no checkpoint in {cfg.out}, so the run starts at step 0")
+        print(f"--resume: no checkpoint in {out}, so the run starts at step 0")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
-    with open(os.path.join(checkpoint, "r2rank.json")) as f:
+    with open(os.path.join(checkpoint, record)) as f:
         saved = json.load(f)
-    step, old = saved["step"], saved["config"]
-    if old["stage"] != cfg.stage:
-        raise DataError(f"{checkpoint}: a checkpoint of --stage {old['stage']}, not {cfg.stage}; "
+    step, old = saved["step"], saved["config"] if "config" in saved else saved["settings"]
+    if old.get("stage") != settings.get("stage"):
+        raise DataError(f"{checkpoint}: a checkpoint of --stage {old.get('stage')}, not {settings.get('stage')}; "
                         "start from it with --model and another --out")
-    groups = STAGE_GROUPS[cfg.stage]
-    defining = [f.name for f in dataclasses.fields(cfg) if f.metadata["group"].startswith(groups)
-                and f.name not in CHANGEABLE and f.name in old]
-    differ = [f"{flag(n)} {old[n]!r} -> {getattr(cfg, n)!r}" for n in defining if old[n] != getattr(cfg, n)]
+    defining = set(settings) - changeable if defining is None else defining
+    differ = [f"{flag(n)} {old[n]!r} -> {settings[n]!r}" for n in sorted(defining) if n in old and old[n] != settings[n]]
     if saved.get("data_fingerprint", fingerprint) != fingerprint:
         differ.append(f"the data ({data_dir}: train/valid.jsonl differ from the checkpoint's)")
     if differ:
@@ -202,8 +219,8 @@ def plan_out(cfg, data_dir, max_steps):
                         + "; ".join(differ))
     if step > max_steps:
         raise DataError(f"{checkpoint}: already past --max-steps {max_steps}; raise it to train further")
-    changed = {flag(n): [old[n], getattr(cfg, n)] for n in sorted(CHANGEABLE - {"resume", "out", "data"})
-               if n in old and old[n] != getattr(cfg, n)}
+    changed = {flag(n): [old[n], settings[n]] for n in sorted(changeable - {"resume", "out", "data"})
+               if n in old and n in settings and old[n] != settings[n]}
     if changed:
         print(f"resume at step {step}, changed: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     history = saved.get("changes", []) + ([{"step": step, **changed}] if changed else [])
