@@ -393,6 +393,13 @@ def run_eval(cfg, rank_device=None):
     if "sasrec" in methods and not cfg.sasrec:
         raise data.DataError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
     sasrec_model = sasrec.load(cfg.sasrec) if "sasrec" in methods else None  # (model, item index)
+    if sasrec_model is not None:  # a model of another data set knows none of these items: its scores would be ties
+        known, total = sasrec.known_candidates(instances, sasrec_model[1])
+        if known == 0:
+            raise data.DataError(f"--sasrec {cfg.sasrec}: knows none of the {total} candidates of {data_dir}/{cfg.split}.jsonl "
+                                 "(trained on another data set?)")
+        if known < total:
+            print(f"note: SASRec knows {known} of the {total} candidates ({known / total:.0%}); the others rank last")
 
     device = rank_device if rank_device is not None and cfg.device == "auto" else models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)

@@ -255,7 +255,7 @@ def save_head(directory, head, embeddings):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_rl_arguments(parser, users=4, group=4)
     parser.add_argument("--head-lr", type=float, default=1e-3, help="recommendation-head learning rate (AdamW)")
     parser.add_argument("--beta", type=float, default=BETA, help="weight of the similarity term in the fused reward")

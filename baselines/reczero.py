@@ -280,7 +280,7 @@ def check_rl_arguments(parser, args, at_least_1=()):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_rl_arguments(parser)
     parser.add_argument("--negatives", type=int, default=1, help="negatives per user and step, beside its positive")
     args = parser.parse_args(argv)

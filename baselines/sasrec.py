@@ -28,8 +28,12 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import data  # noqa: E402
+import runs  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
+
+FILES = ("sasrec.pt", "sasrec-log.json")  # what a run writes into --out
 
 MAX_LEN = 21
 
@@ -141,7 +145,14 @@ def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-
 
 
 def save(path, model, index, settings, log):
-    torch.save({"state": model.state_dict(), "index": index, "settings": settings, "log": log}, path)
+    torch.save({"state": model.state_dict(), "index": index, "settings": settings, "log": log}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash never leaves half a model
+
+
+def known_candidates(instances, index):
+    """(candidates the model has an embedding for, all candidates) over instances."""
+    candidates = [c["item_id"] for inst in instances for c in inst["candidates"]]
+    return sum(item in index for item in candidates), len(candidates)
 
 
 def load(path):
@@ -158,9 +169,13 @@ def load(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset directory written by data.py")
     parser.add_argument("--out", required=True, help="output directory: sasrec.pt and sasrec-log.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out; without it, "
+                        "another model's --out is refused")
+    parser.add_argument("--resume", action="store_true", help="not offered: SASRec keeps no checkpoint (a run takes "
+                        "1-2 CPU minutes); pass --overwrite to train again")
     parser.add_argument("--epochs", type=int, default=200, help="passes over the training sequences")
     parser.add_argument("--dim", type=int, default=50, help="embedding and hidden width")
     parser.add_argument("--blocks", type=int, default=2, help="self-attention blocks")
@@ -171,15 +186,27 @@ def main(argv=None):
     for name in ("epochs", "dim", "blocks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.dropout < 1 or args.lr <= 0:
-        parser.error("--dropout must be in [0, 1) and --lr > 0")
+    if not 0 <= args.dropout < 1:  # NaN fails too
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout:g}")
+    if not 0 < args.lr <= 1:
+        parser.error(f"--lr must be in (0, 1], got {args.lr:g}")
+    if not config.SEED_RANGE.allows(args.seed):
+        parser.error(f"--seed must be {config.SEED_RANGE}, got {args.seed}")
+    found = [name for name in FILES if os.path.exists(os.path.join(args.out, name))]
+    if args.resume:
+        parser.error("--resume: SASRec keeps no checkpoint to continue from (a run takes 1-2 CPU minutes); "
+                     "pass --overwrite to train again, or another --out")
+    if found and not args.overwrite:
+        sys.exit(f"error: {args.out}: holds another model ({', '.join(found)}); pass --overwrite to replace it, or another --out")
     try:
+        runs.check_writable(args.out)
         train_instances, valid = data.load_split(args.data, "train"), data.load_split(args.data, "valid")
     except data.DataError as error:
         sys.exit(f"error: {error}")
     model, index, log = train(train_instances, valid, args.epochs, args.dim, args.blocks, args.lr, dropout=args.dropout, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
-    save(os.path.join(args.out, "sasrec.pt"), model, index, vars(args), log)
+    settings = {k: v for k, v in vars(args).items() if k not in ("overwrite", "resume")}
+    save(os.path.join(args.out, "sasrec.pt"), model, index, settings, log)
     with open(os.path.join(args.out, "sasrec-log.json"), "w") as f:
         json.dump(log, f, indent=1)
     best = max(log, key=lambda row: row["valid_ndcg@10"])

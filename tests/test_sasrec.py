@@ -49,6 +49,32 @@ def test_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     assert len(report["methods"]["sasrec"]["per_user"]) == 4 and "| SASRec |" in result.stdout
     missing = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "sasrec", "--out", str(tmp_path / "e2"))
     assert missing.returncode == 1 and "--methods sasrec needs --sasrec FILE" in missing.stderr
+    other = tmp_path / "other-data"  # the same users, every item renamed: a data set the model never saw
+    other.mkdir()
+    for split in ("train", "valid", "test"):
+        text = open(f"{synthetic_dir}/{split}.jsonl").read()
+        (other / f"{split}.jsonl").write_text(text.replace('"item_id": "', '"item_id": "renamed-'))
+    unknown = run_cli("--stage", "eval", "--model", "tiny", "--data", str(other), "--methods", "sasrec", "--sasrec",
+                      str(out / "sasrec.pt"), "--out", str(tmp_path / "e3"))
+    assert unknown.returncode == 1 and "knows none of the 80 candidates" in unknown.stderr, unknown.stderr
+
+
+def test_out_holding_a_model_is_refused_unless_overwritten(synthetic_dir, tmp_path):
+    out = tmp_path / "sasrec"
+    train = lambda *args: subprocess.run([sys.executable, f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
+                                          "--epochs", "1", "--dim", "8", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert train().returncode == 0
+    first = (out / "sasrec.pt").read_bytes()
+    again = train("--seed", "1")
+    assert again.returncode == 1 and again.stderr.strip() == f"error: {out}: holds another model (sasrec.pt, sasrec-log.json); " \
+        "pass --overwrite to replace it, or another --out"
+    assert (out / "sasrec.pt").read_bytes() == first
+    for args, message in [(["--resume"], "SASRec keeps no checkpoint"), (["--lr", "nan"], "--lr must be in (0, 1], got nan"),
+                          (["--seed", "99999999999999999999"], "--seed must be in [0, 16777215]")]:
+        refused = train(*args)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    replaced = train("--seed", "1", "--overwrite")
+    assert replaced.returncode == 0 and (out / "sasrec.pt").read_bytes() != first
 
 
 def test_padding_changes_nothing_at_the_real_positions():
