@@ -75,7 +75,8 @@ class Config:
                              "--resume, another run's --out is refused")
     seed: int = common(0, "seeds everything: user order, sampling, the head's initialization, the tiny model", allowed=SEED_RANGE)
     device: str = common("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
-    threads: int = common(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy shared machine)", allowed=AT_LEAST_0)
+    threads: int = common(0, "CPU threads for torch (0 = 1 for --model tiny, whose ops are too small to share, else "
+                          "torch's default: every core; 1 is faster on a busy shared machine)", allowed=AT_LEAST_0)
     dtype: str = common("auto", "compute precision: auto (bfloat16 on cuda, else float32); training keeps fp32 weights",
                         ["auto", "float32", "bfloat16", "float16"])
     gradient_checkpointing: str = common("auto", "recompute activations in the backward pass: auto (on for cuda)",
@@ -194,6 +195,12 @@ def parse_config(argv=None, description="R2Rank"):
         parser.error("--advantage batch needs --users-per-step >= 2 (the baseline is the other users' mean reward)")
     if cfg.max_new_tokens == 0 and cfg.stage == "eval" and "listwise" in cfg.methods.split(","):
         parser.error("--max-new-tokens 0 leaves the listwise baseline no tokens to answer with: leave it out of --methods")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads, cfg.model)
     return cfg
+
+
+def set_threads(threads, model):
+    """--threads: 0 = one thread for the tiny model (on 2 busy cores a tiny step took 6-11 s with one thread
+    and about a minute with two: its ops are too small to share), torch's default for any other model."""
+    if threads or model == "tiny":
+        torch.set_num_threads(threads or 1)

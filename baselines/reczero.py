@@ -255,7 +255,7 @@ def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype of the forward passes (auto: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = 1 for --model tiny, else torch's default)")
 
 
 def check_rl_arguments(parser, args, at_least_1=()):
@@ -275,8 +275,7 @@ def check_rl_arguments(parser, args, at_least_1=()):
             parser.error(f"--{name.replace('_', '-')} must be {config.LEARNING_RATE}, got {getattr(args, name):g}")
     if not config.SEED_RANGE.allows(args.seed):
         parser.error(f"--seed must be {config.SEED_RANGE}, got {args.seed}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    config.set_threads(args.threads, args.model)
 
 
 def parse_args(argv=None):

@@ -26,6 +26,10 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
             assert len(result.stderr.strip().splitlines()) == 1
     missing_gguf = run_cli("--model", str(tmp_path / "m.gguf"), "--data", synthetic, "--out", str(tmp_path / "o2"))
     assert missing_gguf.returncode == 1 and missing_gguf.stderr.strip() == f"error: --model {tmp_path}/m.gguf: no such file"
+    (tmp_path / "fake.gguf").write_text("not a model")
+    fake_gguf = run_cli("--model", str(tmp_path / "fake.gguf"), "--data", synthetic, "--out", str(tmp_path / "o2"))
+    assert fake_gguf.returncode == 1 and "Traceback" not in fake_gguf.stderr, fake_gguf.stderr
+    assert fake_gguf.stderr.startswith(f"error: --model {tmp_path}/fake.gguf: cannot read it as a GGUF model (")
     too_many = run_cli("--model", "tiny", "--data", synthetic, "--users-per-step", "500", "--out", str(tmp_path / "o3"))
     assert too_many.returncode == 1 and "--users-per-step 500 is more than the" in too_many.stderr
     if not torch.cuda.is_available():

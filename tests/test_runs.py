@@ -1,7 +1,7 @@
 """A training run's --out (runs.py): one run per directory, an honest resume, a clean stop.
 
-Each bad input or fault tried as a new user would, and what it gets now (the tests below, test_cli.py's
-and test_data.py's check each row):
+Each bad input or fault tried as a new user would, and what it gets now (the tests below, test_cli.py's,
+test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's check each row):
 
 | input or fault | before | now |
 |---|---|---|
@@ -12,10 +12,26 @@ and test_data.py's check each row):
 | another run's --out without --resume | both runs mixed | refused; --overwrite replaces it |
 | --resume with another --seed, --model, K, trace setting, or edited data | accepted silently | refused, each difference named |
 | --resume with another --lr / --head-lr | ignored, but recorded as applied | applied to the restored optimizer, printed, kept in r2rank.json "changes" |
-| kill, then --resume | re-run steps appended to metrics.jsonl again | metrics.jsonl cut back to the checkpoint's step |
+| kill, then --resume | re-run steps appended to metrics.jsonl again | metrics.jsonl cut back to the checkpoint's step, the dropped rows named |
 | --resume with no checkpoint / at --max-steps / past it | silent fresh start / silent no-op | says so / says so, exit 0 / refused |
-| Ctrl-C or SIGTERM during training | traceback, the step lost | the step finishes, a checkpoint is saved, one line, exit 130 / 143 |
 | a second eval into the same --out | eval-<split>.json silently replaced | refused; --overwrite replaces it |
+| Round 2 (issue 29): | | |
+| --seed 99999999999999999999 | OverflowError traceback | exit 2: "--seed must be in [0, 16777215]" (derived seeds must fit torch's 64 bits); sasrec/reczero/r2ec.py too |
+| --lr inf / nan, any float flag (main CLI, baselines) | a step, then a multinomial traceback, a NaN row, no checkpoint; sasrec.py trained on | exit 2: "--lr must be a finite number, got inf" |
+| --lr 1e6 | weights to 2.6e6, head score spread 9e-10, no word | exit 2: "--lr must be in [0, 1]"; a head spread under 1e-6 is warned about once |
+| --temperature 1e-30 | greedy in all but name, trained on (token_logp 0) | exit 2: a nonzero temperature below 0.01 is refused, with the reason |
+| --head-width 100000000 | out-of-memory traceback | exit 2: "--head-width must be in [1, 65536]"; any other out of memory: one line, exit 1 |
+| --model fake.gguf (not GGUF, or cut short) | the message, then a traceback | "--model X: cannot read it as a GGUF model (...)", exit 1 |
+| --resume: newest checkpoint without r2rank.json, with a truncated model.safetensors, or an empty checkpoint-99/ | traceback | each broken one named with its file ("model.safetensors is truncated (N of M bytes)"), resumed from the newest whole one; none whole: one line, exit 1 |
+| --out on a read-only mount, with --data | found after the model loaded | "--out X: cannot create it / write into it (...)", before the model loads |
+| a non-finite loss or weight during training (a NaN head here) | a NaN row, then a traceback at the next step | one line, exit 1; that step is neither logged nor saved (reczero/r2ec.py too) |
+| baselines/sasrec.py into an --out holding a model | 200-epoch model replaced by a 1-epoch one, exit 0 | refused; --overwrite replaces; --resume refused (no checkpoint to continue) |
+| baselines/reczero.py, r2ec.py into another run's --out | their own rule; no --resume | the main CLI's: refused, --overwrite, --resume (the same rows as one uninterrupted run) |
+| SASRec evaluated on a data set with none of its items | NDCG 0.000, exit 0 | refused: "knows none of the N candidates"; a partial overlap is noted |
+| a second Ctrl-C | steps since the last checkpoint lost while the message spoke of one step; --resume then dropped their rows silently | the messages say what is kept; --resume names the rows it drops |
+| SIGTERM or Ctrl-C during a long step | waited for the step to end (577 s in one case) | a rollout or validation in flight is dropped at once (here: under 3 s), the finished steps saved; an update in flight finishes first |
+| Ctrl-C during eval | a message about --resume | "nothing was written" |
+| a metrics.jsonl line cut short by a crash, then --resume | json traceback | the line dropped and counted |
 """
 import json
 import os
@@ -85,9 +101,12 @@ def test_resume_cuts_metrics_back_and_says_when_there_is_nothing_to_do(tmp_path,
     out = tmp_path / "run"
     assert rl(out, synthetic_dir, "--max-steps", "3").returncode == 0
     shutil.rmtree(out / "checkpoint-3")  # as if killed after step 3 was logged, before its save
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')  # and in the middle of writing a row
     resumed = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
     assert f"metrics.jsonl rows of step 3 dropped: not in a checkpoint, so they run again from {out}/checkpoint-2" in resumed.stdout
+    assert "--resume: 1 unreadable line(s) of metrics.jsonl dropped (cut short by a crash)" in resumed.stdout
     assert steps(out) == [1, 2, 3]  # not 1, 2, 3, 3
     done = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
     assert done.returncode == 0 and "at --max-steps 3 already: nothing to train" in done.stdout
@@ -226,3 +245,34 @@ def test_sigterm_during_a_long_rollout_stops_at_once_and_keeps_the_finished_step
     assert f"stopped by SIGTERM: step 2 was still rolling out and is dropped; step 1 kept in {out}/checkpoint-1; " \
            "continue with --resume" in stderr, stderr
     assert steps(out) == [1] and runs.checkpoint_steps(out) == [1] and runs.checkpoint_problem(out / "checkpoint-1") is None
+
+
+def test_a_collapsed_score_spread_is_warned_about_once(tmp_path, synthetic_dir, monkeypatch, capsys):
+    import r2rank
+
+    score = r2rank.score_traces  # scores 1e-9 times the head's: a spread like that of a head blown up by a huge --lr
+    monkeypatch.setattr(r2rank, "score_traces", lambda head, samples: score(head, samples) * 1e-9)
+    r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(tmp_path / "run"), "--users-per-step",
+                 "1", "--max-new-tokens", "2", "--max-history", "2", "--max-steps", "2", "--freeze-llm"])
+    printed = capsys.readouterr().out
+    assert printed.count("the head's scores have collapsed") == 1 and "warning: step 1:" in printed
+
+
+def test_out_of_memory_and_an_interrupted_eval_are_one_line(tmp_path, monkeypatch, capsys):
+    import evaluate
+    import r2rank
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore lines")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(r2rank, "train_rl", out_of_memory)
+    monkeypatch.setattr(evaluate, "run_eval", interrupted)
+    for stage, status, message in [("rl", 1, "error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower"),
+                                   ("eval", 130, "interrupted: the evaluation stopped before writing its results; nothing was written")]:
+        with pytest.raises(SystemExit) as stopped:
+            r2rank.main(["--stage", stage, "--model", "tiny", "--out", str(tmp_path / stage)])
+        err = capsys.readouterr().err
+        assert stopped.value.code == status and err.startswith(message) and len(err.strip().splitlines()) == 1, err
