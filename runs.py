@@ -198,6 +198,16 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
             raise DataError(f"{out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
                             "pass --resume to continue it, --overwrite to replace it, or another --out")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
+    newest = latest_checkpoint(out)
+    if newest and record == "r2rank.json":  # another stage's checkpoint is refused, whole or broken
+        try:
+            with open(os.path.join(newest, record)) as f:
+                stage = json.load(f)["config"]["stage"]
+        except (OSError, ValueError, KeyError, TypeError):
+            stage = settings["stage"]
+        if stage != settings["stage"]:
+            raise DataError(f"{newest}: a checkpoint of --stage {stage}, not {settings['stage']}; "
+                            "start from it with --model and another --out")
     checkpoint = intact_checkpoint(out, record, extra)
     if checkpoint is None and checkpoint_steps(out):
         raise DataError(f"--resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again")
@@ -207,9 +217,6 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
     with open(os.path.join(checkpoint, record)) as f:
         saved = json.load(f)
     step, old = saved["step"], saved["config"] if "config" in saved else saved["settings"]
-    if old.get("stage") != settings.get("stage"):
-        raise DataError(f"{checkpoint}: a checkpoint of --stage {old.get('stage')}, not {settings.get('stage')}; "
-                        "start from it with --model and another --out")
     defining = set(settings) - changeable if defining is None else defining
     differ = [f"{flag(n)} {old[n]!r} -> {settings[n]!r}" for n in sorted(defining) if n in old and old[n] != settings[n]]
     if saved.get("data_fingerprint", fingerprint) != fingerprint:
