@@ -240,6 +240,7 @@ def train(args):
             out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
             if step % args.save_every == 0 or step == args.max_steps or out_of_time or stop.requested:
                 keep(step)
+                stop.kept = f"{args.out}/checkpoint-{step}"
             if stop.requested:
                 raise stop.exit(keep(step))
             if out_of_time:
@@ -267,6 +268,9 @@ def main(argv=None):
         last = train(args)
     except data.DataError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted: {runs.interrupted_message(args.out)}", file=sys.stderr)
+        sys.exit(130)
     if last is None:
         return
     print(f"step {last['step']}: reward {last['reward']:.3f}, head loss {last['head_loss']:.3f}; "

@@ -2,8 +2,10 @@
 against a plain forward pass, and each training command, then its eval method, through the CLI."""
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -177,3 +179,18 @@ def test_r2ec_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     skipped = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "r2ec,random",
                       "--out", str(tmp_path / "eval2"), "--bootstrap", "50")
     assert skipped.returncode == 0 and "no R2ec head" in skipped.stdout
+
+
+def test_reczero_sigterm_keeps_the_finished_steps(synthetic_dir, tmp_path):
+    out = tmp_path / "reczero"
+    process = subprocess.Popen([sys.executable, f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny",
+                                "--out", str(out), "--max-steps", "100", "--save-every", "100", "--users-per-step", "1",
+                                "--max-new-tokens", "300", "--group", "4"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # step 2's rollout has begun
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert f"stopped by SIGTERM: step 2 was still rolling out and is dropped; step 1 kept in {out}/checkpoint-1" in stderr
+    assert [row["step"] for row in metric_rows(out)] == [1] and (out / "checkpoint-1" / "optimizer.pt").exists()
