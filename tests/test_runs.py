@@ -25,7 +25,7 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | --resume: newest checkpoint without r2rank.json, with a truncated model.safetensors, or an empty checkpoint-99/ | traceback | each broken one named with its file ("model.safetensors is truncated (N of M bytes)"), resumed from the newest whole one; none whole: one line, exit 1 |
 | --out on a read-only mount, with --data | found after the model loaded | "--out X: cannot create it / write into it (...)", before the model loads |
 | a non-finite loss or weight during training (a NaN head here) | a NaN row, then a traceback at the next step | one line, exit 1; that step is neither logged nor saved (reczero/r2ec.py too) |
-| baselines/sasrec.py into an --out holding a model | 200-epoch model replaced by a 1-epoch one, exit 0 | refused; --overwrite replaces; --resume refused (no checkpoint to continue) |
+| baselines/sasrec.py into an --out holding a model | 200-epoch model replaced by a 1-epoch one, exit 0 | refused; --overwrite replaces; --resume continues its saved state (the same model as one run) |
 | baselines/reczero.py, r2ec.py into another run's --out | their own rule; no --resume | the main CLI's: refused, --overwrite, --resume (the same rows as one uninterrupted run) |
 | SASRec evaluated on a data set with none of its items | NDCG 0.000, exit 0 | refused: "knows none of the N candidates"; a partial overlap is noted |
 | a second Ctrl-C | steps since the last checkpoint lost while the message spoke of one step; --resume then dropped their rows silently | the messages say what is kept; --resume names the rows it drops |
