@@ -47,6 +47,7 @@ import distributed
 from baselines import r2ec, reczero, sasrec, untrained
 import models
 import rollout
+import runs
 from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
 
 
@@ -367,8 +368,7 @@ def run_eval(cfg, rank_device=None):
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
     K = len(instances[0]["candidates"])
     path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise data.DataError(f"--out {cfg.out}: exists and is not a directory")
+    runs.check_writable(cfg.out)  # before any model loads or any method runs
     if os.path.exists(path) and not cfg.overwrite:
         raise data.DataError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
     if "r2rank" in methods and not models.has_head(cfg.model):
