@@ -10,6 +10,7 @@ the top of r2rank.py.
 import argparse
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,11 +30,22 @@ class Bound:
 
     def __str__(self):
         if self.high is not None:
-            return f"in {'(' if self.strict else '['}{self.low:g}, {self.high:g}]"
-        return f"{'>' if self.strict else '>='} {self.low:g}"
+            return f"in {'(' if self.strict else '['}{number(self.low)}, {number(self.high)}]"
+        return f"{'>' if self.strict else '>='} {number(self.low)}"
+
+
+def number(value):
+    """A flag's value as written in messages: an int in full, a float in %g."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT_INTERVAL = Bound(0), Bound(1), Bound(0, strict=True), Bound(0, True, 1.0)
+# Seeds are combined as (seed x 1,000,003 + step) x 1,000,003 + user (r2rank.user_generator), which must fit torch's 64 bits.
+SEED_RANGE = Bound(0, high=2 ** 24 - 1)
+# AdamW moves each weight by about lr per step: above 1, weights and the head's scores blow up or collapse.
+LEARNING_RATE = Bound(0, high=1.0)
+# A sampling temperature below this is greedy in all but name (token log-probs ~0, no policy gradient).
+MIN_TEMPERATURE = 0.01
 
 
 def arg(default, help, choices=None, group="common", allowed=None):
@@ -61,9 +73,10 @@ class Config:
                           "define the run must be unchanged (runs.py lists which may change)")
     overwrite: bool = common(False, "replace the run (or eval-<split>.json) already in --out; without it, or "
                              "--resume, another run's --out is refused")
-    seed: int = common(0, "seeds everything: user order, sampling, the head's initialization, the tiny model", allowed=AT_LEAST_0)
+    seed: int = common(0, "seeds everything: user order, sampling, the head's initialization, the tiny model", allowed=SEED_RANGE)
     device: str = common("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
-    threads: int = common(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy shared machine)", allowed=AT_LEAST_0)
+    threads: int = common(0, "CPU threads for torch (0 = 1 for --model tiny, whose ops are too small to share, else "
+                          "torch's default: every core; 1 is faster on a busy shared machine)", allowed=AT_LEAST_0)
     dtype: str = common("auto", "compute precision: auto (bfloat16 on cuda, else float32); training keeps fp32 weights",
                         ["auto", "float32", "bfloat16", "float16"])
     gradient_checkpointing: str = common("auto", "recompute activations in the backward pass: auto (on for cuda)",
@@ -91,10 +104,10 @@ class Config:
                           "(the whole gradient of Sec. 3.3); --no-score-path is Eqs. 5-6 as printed, tokens only")
     ppo_epochs: int = rl(2, "passes over a step's traces, one optimizer step each", allowed=AT_LEAST_1)
     clip_eps: float = rl(0.2, "PPO clipping epsilon", allowed=POSITIVE)
-    lr: float = rl(1e-6, "LLM learning rate (AdamW)", allowed=AT_LEAST_0)
+    lr: float = rl(1e-6, "LLM learning rate (AdamW)", allowed=LEARNING_RATE)
     head_lr: float = rl(1e-3, "scoring-head learning rate (AdamW); 0 freezes the head, e.g. RL of the LLM "
-                        "alone under a head trained MLP-only", allowed=AT_LEAST_0)
-    head_width: int = rl(256, "hidden width of the scoring head's MLP", allowed=AT_LEAST_1)
+                        "alone under a head trained MLP-only", allowed=LEARNING_RATE)
+    head_width: int = rl(256, "hidden width of the scoring head's MLP", allowed=Bound(1, high=65536))
     head_weight_decay: float = rl(0.01, "scoring-head weight decay (AdamW)", allowed=AT_LEAST_0)
     max_grad_norm: float = rl(1.0, "gradient-norm clip for the LLM", allowed=POSITIVE)
     freeze_llm: bool = rl(False, "train the head only, LLM frozen (the MLP-only variant, Table 3); each "
@@ -129,7 +142,7 @@ class Config:
     teacher_key_env: str = sft_arg("OPENAI_API_KEY", "sft-data: environment variable holding the endpoint's API key")
     num_pairs: int = sft_arg(200, "sft-data: (user, candidate) pairs to ask the teacher about, half positive", allowed=AT_LEAST_1)
     sft_epochs: int = sft_arg(2, "sft: passes over the traces", allowed=AT_LEAST_1)
-    sft_lr: float = sft_arg(1e-5, "sft: learning rate (AdamW)", allowed=AT_LEAST_0)
+    sft_lr: float = sft_arg(1e-5, "sft: learning rate (AdamW)", allowed=LEARNING_RATE)
     sft_batch: int = sft_arg(16, "sft: traces per optimizer step, in micro-batches of --micro-batch", allowed=AT_LEAST_1)
 
     # --stage eval: Table 2 and the analyses of Sec. 4
@@ -158,8 +171,10 @@ def parse_config(argv=None, description="R2Rank"):
     cfg = Config(**vars(parser.parse_args(argv)))
     for f in dataclasses.fields(Config):  # every numeric flag declares its Bound (tests/test_r2rank.py checks)
         value, allowed = getattr(cfg, f.name), f.metadata["allowed"]
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         if allowed is not None and not allowed.allows(value):
-            parser.error(f"--{f.name.replace('_', '-')} must be {allowed}, got {value:g}")
+            parser.error(f"--{f.name.replace('_', '-')} must be {allowed}, got {number(value)}")
     if cfg.baseline and cfg.num_rankings < 2:
         parser.error("--baseline needs --num-rankings >= 2 (or pass --no-baseline)")
     if cfg.max_new_tokens == 0 and cfg.stage in ("sft-data", "sft"):
@@ -175,6 +190,9 @@ def parse_config(argv=None, description="R2Rank"):
     if trains_llm and cfg.temperature == 0:
         parser.error("--temperature 0 samples greedy traces, which have no policy gradient: use a temperature > 0 "
                      "for --stage rl (or --freeze-llm to train the head alone)")
+    if 0 < cfg.temperature < MIN_TEMPERATURE:
+        parser.error(f"--temperature {cfg.temperature:g} is greedy in all but name (every token's log-prob is ~0, so "
+                     f"there is no policy gradient): use 0 for greedy traces, or >= {MIN_TEMPERATURE:g}")
     if trains_llm and cfg.top_p < 1:
         parser.error("--top-p < 1 is not supported for --stage rl: the PPO log-probs do not include nucleus "
                      "truncation (use --top-p 1, or --freeze-llm)")
@@ -182,6 +200,12 @@ def parse_config(argv=None, description="R2Rank"):
         parser.error("--advantage batch needs --users-per-step >= 2 (the baseline is the other users' mean reward)")
     if cfg.max_new_tokens == 0 and cfg.stage == "eval" and "listwise" in cfg.methods.split(","):
         parser.error("--max-new-tokens 0 leaves the listwise baseline no tokens to answer with: leave it out of --methods")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads, cfg.model)
     return cfg
+
+
+def set_threads(threads, model):
+    """--threads: 0 = one thread for the tiny model (on 2 busy cores a tiny step took 6-11 s with one thread
+    and about a minute with two: its ops are too small to share), torch's default for any other model."""
+    if threads or model == "tiny":
+        torch.set_num_threads(threads or 1)

@@ -47,6 +47,7 @@ import distributed
 from baselines import r2ec, reczero, sasrec, untrained
 import models
 import rollout
+import runs
 from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
 
 
@@ -367,8 +368,7 @@ def run_eval(cfg, rank_device=None):
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
     K = len(instances[0]["candidates"])
     path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise data.DataError(f"--out {cfg.out}: exists and is not a directory")
+    runs.check_writable(cfg.out)  # before any model loads or any method runs
     if os.path.exists(path) and not cfg.overwrite:
         raise data.DataError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
     if "r2rank" in methods and not models.has_head(cfg.model):
@@ -393,6 +393,13 @@ def run_eval(cfg, rank_device=None):
     if "sasrec" in methods and not cfg.sasrec:
         raise data.DataError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
     sasrec_model = sasrec.load(cfg.sasrec) if "sasrec" in methods else None  # (model, item index)
+    if sasrec_model is not None:  # a model of another data set knows none of these items: its scores would be ties
+        known, total = sasrec.known_candidates(instances, sasrec_model[1])
+        if known == 0:
+            raise data.DataError(f"--sasrec {cfg.sasrec}: knows none of the {total} candidates of {data_dir}/{cfg.split}.jsonl "
+                                 "(trained on another data set?)")
+        if known < total:
+            print(f"note: SASRec knows {known} of the {total} candidates ({known / total:.0%}); the others rank last")
 
     device = rank_device if rank_device is not None and cfg.device == "auto" else models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)

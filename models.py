@@ -173,6 +173,9 @@ def load_policy(name, device, dtype, seed=0):
             model, tokenizer = load_gguf(name)
         except ImportError as error:
             raise data.DataError(f"--model {name}: reading GGUF needs the optional gguf package (pip install gguf; {error})") from None
+        except Exception as error:  # not GGUF, truncated, or an architecture transformers cannot read: one line
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise data.DataError(f"--model {name}: cannot read it as a GGUF model ({reason})") from None
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -201,15 +201,22 @@ def train_rl(cfg, rank_device=None):
     main = distributed.is_main()  # rank 0 (or the only process) validates, logs and saves
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if main else None
     valid_samples = None  # MLP-only: the validation traces, rolled out once
-    if cfg.eval_every and run.plan.start_step == 0 and main:  # the start's validation (step 0): picking the best step can keep the start
-        started = time.time()
-        with mixed_precision(device, run.dtype):
-            start_ndcg, checked = validate(model, tokenizer, head, valid_users, cfg)
-        valid_samples = checked if cfg.freeze_llm else None
-        runs.log_row(metrics_file, {"step": 0, "valid_ndcg@10": start_ndcg, "step_time": time.time() - started}, print)
     bar = tqdm(range(run.plan.start_step, cfg.max_steps), initial=run.plan.start_step, total=cfg.max_steps, desc="rl",
                dynamic_ncols=True, disable=not main)
-    with runs.StopOnSignal() as stop:  # Ctrl-C, SIGTERM: the step in flight finishes and is saved, then the run stops
+    saved = run.plan.checkpoint  # the newest checkpoint of this run: what a stop keeps
+    alone, warned_collapse = distributed.world() == 1, False  # under torchrun a rank cannot drop a step alone: the others would wait for it
+    # Ctrl-C, SIGTERM: a step still rolling out is dropped at once (it has changed nothing), the steps before it
+    # are kept (saved now if they were not); during an update, the step finishes and is saved. Then the run stops.
+    with runs.StopOnSignal(saved or "nothing (no checkpoint yet)") as stop:
+        try:
+            if cfg.eval_every and run.plan.start_step == 0 and main:  # the start's validation (step 0): picking the best step can keep the start
+                started = time.time()
+                with stop.abandonable(), mixed_precision(device, run.dtype):
+                    start_ndcg, checked = validate(model, tokenizer, head, valid_users, cfg)
+                valid_samples = checked if cfg.freeze_llm else None
+                runs.log_row(metrics_file, {"step": 0, "valid_ndcg@10": start_ndcg, "step_time": time.time() - started}, print)
+        except runs.Abandoned:
+            raise stop.exit("stopped before step 1; nothing was written but the data") from None
         for step in bar:
             started = time.time()
             # the minibatch B of Algorithm 1: the step's users (under torchrun, this rank's share of them)
@@ -220,15 +227,25 @@ def train_rl(cfg, rank_device=None):
             labels = torch.tensor([inst["labels"] for inst in instances], device=device, dtype=torch.float32)  # [U, K]
 
             # 1) Alg. 1 lines 1-3: one reasoning trace per candidate (MLP-only: sampled once per user, cached)
-            with mixed_precision(device, run.dtype):
-                if cfg.freeze_llm:
-                    missing = [u for u, inst in enumerate(instances) if inst["user_id"] not in run.trace_cache]
-                    sampled = rollout.rollout_users(model, tokenizer, [instances[u] for u in missing], cfg,
-                                                    [generators[u] for u in missing])[0]
-                    run.trace_cache.update(zip([instances[u]["user_id"] for u in missing], sampled))
-                    samples = [run.trace_cache[inst["user_id"]] for inst in instances]
-                else:
-                    samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generators)
+            try:
+                with stop.abandonable(alone), mixed_precision(device, run.dtype):
+                    if cfg.freeze_llm:
+                        missing = [u for u, inst in enumerate(instances) if inst["user_id"] not in run.trace_cache]
+                        sampled = rollout.rollout_users(model, tokenizer, [instances[u] for u in missing], cfg,
+                                                        [generators[u] for u in missing])[0]
+                    else:
+                        samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generators)
+            except runs.Abandoned:  # nothing of this step is kept; the finished steps are
+                if step > run.plan.start_step and saved != os.path.join(cfg.out, f"checkpoint-{step}"):
+                    saved = runs.save_checkpoint(cfg.out, step, model, tokenizer, head, run.optimizers, cfg,
+                                                 run.trace_cache if cfg.freeze_llm else None, run.plan.record())
+                metrics_file.close()
+                raise stop.exit(f"step {step + 1} was still rolling out and is dropped; "
+                                + (f"{runs.steps_text(1, step)} kept in {saved}; continue with --resume" if saved
+                                   else "no step had finished, so nothing was written but the data")) from None
+            if cfg.freeze_llm:
+                run.trace_cache.update(zip([instances[u]["user_id"] for u in missing], sampled))
+                samples = [run.trace_cache[inst["user_id"]] for inst in instances]
             # 2) line 4: scores s_k = f_phi(h_k), [U, K], with grad into phi only
             raw_scores = score_traces(head, samples)
             scores = standardized(raw_scores, cfg.pl_std)
@@ -271,28 +288,40 @@ def train_rl(cfg, rank_device=None):
             token_logp = distributed.total(local.pop("token_logp") * tokens) / max(distributed.total(tokens), 1)
             row = {"step": step + 1, **ppo_stats, **{name: distributed.total(value * share) for name, value in local.items()},
                    "token_logp": token_logp}
+            if problem := runs.non_finite(row, run.optimizers):  # nothing of this step is written
+                raise data.DataError(f"step {step + 1}: {problem}, so the run stops without writing this step "
+                                     f"(kept: {saved or 'no checkpoint'}); lower --lr / --head-lr, or check the weights it started from")
+            if row["score_std"] < runs.COLLAPSED_SPREAD and not warned_collapse:
+                warned_collapse = True
+                bar.write(f"warning: step {step + 1}: the head's scores have collapsed (spread {row['score_std']:.1e} over "
+                          "a user's candidates): Plackett-Luce ranks at random and the head learns nothing; lower --head-lr / --lr")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and main:
-                with mixed_precision(device, run.dtype):
-                    row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid_users, cfg, valid_samples)
-                valid_samples = checked if cfg.freeze_llm else None
+                try:  # a signal during validation skips it; the step itself is kept
+                    with stop.abandonable(), mixed_precision(device, run.dtype):
+                        row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid_users, cfg, valid_samples)
+                    valid_samples = checked if cfg.freeze_llm else None
+                except runs.Abandoned:
+                    bar.write(f"step {step + 1}: validation skipped by the signal")
             row["step_time"] = time.time() - started
             stop.requested = int(distributed.total(stop.requested or 0, "max")) or None  # a signal to any rank stops all
             if main:
                 runs.log_row(metrics_file, row, bar.write)
             if main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop.requested):
-                runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, head, run.optimizers, cfg,
-                                     run.trace_cache if cfg.freeze_llm else None, run.plan.record())
+                saved = runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, head, run.optimizers, cfg,
+                                             run.trace_cache if cfg.freeze_llm else None, run.plan.record())
+                stop.kept = saved
                 if cfg.keep_checkpoints:
                     runs.prune_checkpoints(cfg.out, cfg.keep_checkpoints)
             if stop.requested:
                 distributed.barrier()  # the checkpoint is written
                 if metrics_file:
                     metrics_file.close()
-                raise stop.exit(os.path.join(cfg.out, f"checkpoint-{step + 1}"))
+                raise stop.exit(f"{runs.steps_text(1, step + 1)} kept in {os.path.join(cfg.out, f'checkpoint-{step + 1}')}; "
+                                "continue with --resume")
     if not main:
         return
     metrics_file.close()
-    print(f"wrote {os.path.join(cfg.out, 'metrics.jsonl')} and {cfg.out}/checkpoint-<step>/")
+    print(f"wrote {os.path.join(cfg.out, 'metrics.jsonl')} and {saved}")
 
 
 def main(argv=None):
@@ -322,8 +351,20 @@ def main(argv=None):
         if distributed.is_main():
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:  # RuntimeError: the CPU allocator's failure
+        if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(error):
+            raise
+        if distributed.is_main():
+            print(f"error: out of memory ({str(error).strip().splitlines()[0][:200]}); lower --micro-batch, "
+                  "--max-new-tokens or --users-per-step, or pass --gradient-checkpointing on or --lora-rank", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
-        print("interrupted (the newest checkpoint in --out, if any, is where --resume continues)", file=sys.stderr)
+        if cfg.stage == "eval":
+            print("interrupted: the evaluation stopped before writing its results; nothing was written", file=sys.stderr)
+        elif cfg.stage == "sft-data":
+            print("interrupted: the pairs written so far are kept; the same command continues", file=sys.stderr)
+        else:
+            print(f"interrupted: {runs.interrupted_message(cfg.out)}", file=sys.stderr)
         sys.exit(130)
     finally:
         distributed.stop()

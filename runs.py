@@ -17,14 +17,19 @@ What --resume compares with the checkpoint it continues (r2rank.json holds the r
   would otherwise keep the saved one), printed, and recorded in the next checkpoints' r2rank.json
   under "changes".
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import signal
+import struct
 import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +68,83 @@ def latest_checkpoint(out):
     return os.path.join(out, f"checkpoint-{steps[-1]}") if steps else None
 
 
+def check_writable(out):
+    """A DataError (one line) unless files can be written in out, or out can be created: tried by making
+    and removing an empty directory there (a read-only mount, or a file in the way, is found before any work)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out}: exists and is not a directory")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(f"--out {out}: cannot create it ({parent} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".r2rank-write-test-", dir=parent))
+    except OSError as error:
+        verb = "write into it" if parent == os.path.abspath(out) else "create it"
+        raise DataError(f"--out {out}: cannot {verb} ({error.strerror})") from None
+
+
+def safetensors_problem(path):
+    """Why the safetensors file at path cannot be whole (missing, unreadable header, shorter than its
+    header says), or None. Reads the header only: 8 bytes of length, then JSON with each tensor's byte range."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    try:
+        with open(path, "rb") as f:
+            header_bytes = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_bytes))
+        end = 8 + header_bytes + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{name} has no readable header"
+    size = os.path.getsize(path)
+    return None if size == end else f"{name} is truncated ({size} of {end} bytes)"
+
+
+def checkpoint_problem(path, record="r2rank.json", extra=()):
+    """Why checkpoint directory path cannot be resumed from (the first broken or missing file), or None:
+    a crash mid-save on a file system without atomic rename can leave any of these. record: the file
+    with the step and the run's settings ("config" or "settings"); extra: files beyond the model, the
+    optimizer and what an RL checkpoint's config asks for (.safetensors: checked against the header; .pt: a zip)."""
+    try:
+        with open(os.path.join(path, record)) as f:
+            saved = json.load(f)
+        settings = saved["config"] if "config" in saved else saved["settings"]
+        int(saved["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{record} is missing or unreadable"
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):  # a large model, saved in shards
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return "model.safetensors.index.json is unreadable"
+    else:
+        files = ["model.safetensors"]
+    files += ["optimizer.pt", *extra] + (["head.safetensors"] if settings.get("stage") == "rl" else []) \
+        + (["lora.safetensors"] if settings.get("lora_rank") else []) + (["trace-cache.pt"] if settings.get("freeze_llm") else [])
+    for name in files:
+        if name.endswith(".safetensors") and (problem := safetensors_problem(os.path.join(path, name))):
+            return problem
+        if name.endswith(".pt") and not zipfile.is_zipfile(os.path.join(path, name)):  # torch.save writes a zip
+            return f"{name} is missing or truncated"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "config.json is missing"
+    return None
+
+
+def intact_checkpoint(out, record="r2rank.json", extra=()):
+    """The newest checkpoint of out that is whole, or None; each newer, broken one is named on stdout."""
+    for step in reversed(checkpoint_steps(out)):
+        path = os.path.join(out, f"checkpoint-{step}")
+        if (problem := checkpoint_problem(path, record, extra)) is None:
+            return path
+        print(f"--resume: {path} is broken ({problem}), so it is skipped")
+    return None
+
+
 def run_files(out):
     """What a training run writes into out (its data/, eval and sft-data files are not counted)."""
     names = os.listdir(out) if os.path.isdir(out) else []
@@ -89,31 +171,54 @@ def flag(name):
 
 def plan_out(cfg, data_dir, max_steps):
     """Check --out against the run about to start; writes nothing. A DataError (one line) when
-    - out holds another run and neither --resume nor --overwrite is given;
-    - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings.
+    - out cannot be written, or holds another run and neither --resume nor --overwrite is given;
+    - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings,
+      or no whole checkpoint (each broken one is named, and a whole older one is used instead).
     --resume with no checkpoint says so and starts at step 0."""
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise DataError(f"--out {cfg.out}: exists and is not a directory")
-    found, fingerprint = run_files(cfg.out), data_fingerprint(data_dir)
-    if not cfg.resume:
-        if found and not cfg.overwrite:
-            raise DataError(f"{cfg.out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+    groups = STAGE_GROUPS[cfg.stage]
+    defining = {f.name for f in dataclasses.fields(cfg) if f.metadata["group"].startswith(groups)} - CHANGEABLE
+    return plan_command(dataclasses.asdict(cfg), data_dir, max_steps, defining, CHANGEABLE)
+
+
+# The flags of the baselines' training commands (baselines/reczero.py, r2ec.py) that --resume lets change.
+COMMAND_CHANGEABLE = {"max_steps", "minutes", "save_every", "lr", "head_lr", "device", "threads", "dtype", "micro_batch",
+                      "resume", "overwrite", "out", "data"}
+
+
+def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAND_CHANGEABLE, record="r2rank.json", extra=()):
+    """plan_out for any training command: settings, its flags as a dict (out, resume, overwrite among
+    them); defining, the ones a resume must keep (default: all but changeable); record, the
+    checkpoint's file of {"step", "config" or "settings", "data_fingerprint"}; extra, its files beyond
+    the model and optimizer.pt."""
+    out = settings["out"]
+    check_writable(out)
+    found, fingerprint = run_files(out), data_fingerprint(data_dir)
+    if not settings["resume"]:
+        if found and not settings["overwrite"]:
+            raise DataError(f"{out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
                             "pass --resume to continue it, --overwrite to replace it, or another --out")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
-    checkpoint = latest_checkpoint(cfg.out)
+    newest = latest_checkpoint(out)
+    if newest and record == "r2rank.json":  # another stage's checkpoint is refused, whole or broken
+        try:
+            with open(os.path.join(newest, record)) as f:
+                stage = json.load(f)["config"]["stage"]
+        except (OSError, ValueError, KeyError, TypeError):
+            stage = settings["stage"]
+        if stage != settings["stage"]:
+            raise DataError(f"{newest}: a checkpoint of --stage {stage}, not {settings['stage']}; "
+                            "start from it with --model and another --out")
+    checkpoint = intact_checkpoint(out, record, extra)
+    if checkpoint is None and checkpoint_steps(out):
+        raise DataError(f"--resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again")
     if checkpoint is None:
-        print(f"--resume: no checkpoint in {cfg.out}, so the run starts at step 0")
+        print(f"--resume: no checkpoint in {out}, so the run starts at step 0")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
-    with open(os.path.join(checkpoint, "r2rank.json")) as f:
+    with open(os.path.join(checkpoint, record)) as f:
         saved = json.load(f)
-    step, old = saved["step"], saved["config"]
-    if old["stage"] != cfg.stage:
-        raise DataError(f"{checkpoint}: a checkpoint of --stage {old['stage']}, not {cfg.stage}; "
-                        "start from it with --model and another --out")
-    groups = STAGE_GROUPS[cfg.stage]
-    defining = [f.name for f in dataclasses.fields(cfg) if f.metadata["group"].startswith(groups)
-                and f.name not in CHANGEABLE and f.name in old]
-    differ = [f"{flag(n)} {old[n]!r} -> {getattr(cfg, n)!r}" for n in defining if old[n] != getattr(cfg, n)]
+    step, old = saved["step"], saved["config"] if "config" in saved else saved["settings"]
+    defining = set(settings) - changeable if defining is None else defining
+    differ = [f"{flag(n)} {old[n]!r} -> {settings[n]!r}" for n in sorted(defining) if n in old and old[n] != settings[n]]
     if saved.get("data_fingerprint", fingerprint) != fingerprint:
         differ.append(f"the data ({data_dir}: train/valid.jsonl differ from the checkpoint's)")
     if differ:
@@ -121,12 +226,25 @@ def plan_out(cfg, data_dir, max_steps):
                         + "; ".join(differ))
     if step > max_steps:
         raise DataError(f"{checkpoint}: already past --max-steps {max_steps}; raise it to train further")
-    changed = {flag(n): [old[n], getattr(cfg, n)] for n in sorted(CHANGEABLE - {"resume", "out", "data"})
-               if n in old and old[n] != getattr(cfg, n)}
+    changed = {flag(n): [old[n], settings[n]] for n in sorted(changeable - {"resume", "out", "data"})
+               if n in old and n in settings and old[n] != settings[n]}
     if changed:
         print(f"resume at step {step}, changed: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     history = saved.get("changes", []) + ([{"step": step, **changed}] if changed else [])
     return Plan(step, checkpoint, fingerprint, history)
+
+
+def steps_text(first, last):
+    """'step 3' or 'steps 1-5'."""
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+def row_step(line):
+    """The step of one metrics.jsonl line, or None when the line is not a whole JSON row."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def start(out, plan):
@@ -143,7 +261,15 @@ def start(out, plan):
     metrics = os.path.join(out, "metrics.jsonl")
     if plan.checkpoint and os.path.isfile(metrics):
         with open(metrics) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= plan.start_step]
+            rows = [line for line in f if line.strip()]
+        steps = [row_step(line) for line in rows]  # None: a line cut short by a crash
+        kept = [line for line, step in zip(rows, steps) if step is not None and step <= plan.start_step]
+        dropped = [step for step in steps if step is not None and step > plan.start_step]
+        if None in steps:
+            print(f"--resume: {steps.count(None)} unreadable line(s) of metrics.jsonl dropped (cut short by a crash)")
+        if dropped:
+            print(f"--resume: metrics.jsonl rows of {steps_text(dropped[0], dropped[-1])} dropped: not in a checkpoint, "
+                  f"so they run again from {plan.checkpoint}")
         with open(metrics + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
@@ -192,27 +318,68 @@ def log_row(metrics_file, row, write):
     write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
+COLLAPSED_SPREAD = 1e-6  # a head whose K scores spread less than this ranks at random under Plackett-Luce
+
+
+def non_finite(row, optimizers):
+    """What is not finite after a training step, or None: the logged numbers of row, then the weights each
+    optimizer trains (one device sync per optimizer). A run that meets one stops without writing the step."""
+    bad = [name for name, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        return "non-finite " + ", ".join(bad)
+    for name, optimizer in optimizers.items():
+        weights = [p for group in optimizer.param_groups for p in group["params"]]
+        if weights and not torch.stack([w.detach().isfinite().all() for w in weights]).all():
+            return f"non-finite weights ({name})"
+    return None
+
+
 def set_lr(optimizer, lr):
     """Apply --lr to a restored optimizer: load_state_dict brings back the saved learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
+class Abandoned(Exception):
+    """Raised by StopOnSignal's handler inside an abandonable() block: the work in flight is dropped."""
+
+
 class StopOnSignal:
-    """Within the block, the first Ctrl-C (SIGINT) or SIGTERM only sets .requested, so the loop can
-    finish its step and save; a second Ctrl-C stops at once (KeyboardInterrupt)."""
+    """Within the block, Ctrl-C (SIGINT) or SIGTERM stops the run at the next safe point:
+    - inside an abandonable() block (work that changes nothing that is kept, such as a rollout), at once:
+      the handler raises Abandoned and the loop keeps the steps before it;
+    - elsewhere (an update in progress), the loop finishes the step, saves it, and stops.
+    A second Ctrl-C stops at once (KeyboardInterrupt): only what is on disk is kept. .kept names it (the
+    loop updates it after each save), so the messages say exactly what is kept."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.requested, self.previous = None, {}
+    def __init__(self, kept="nothing (no checkpoint yet)"):
+        self.requested, self.previous, self.kept, self.inside = None, {}, kept, False
 
     def handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested is not None and signum == signal.SIGINT:
+            print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-              "(Ctrl-C again to stop now and lose the step)", flush=True)
+        if self.inside:
+            self.inside = False
+            raise Abandoned
+        print(f"\n{name}: stopping after this step's update, with a checkpoint (Ctrl-C again to stop now, "
+              f"keeping only {self.kept})", flush=True)
+
+    @contextlib.contextmanager
+    def abandonable(self, allowed=True):
+        """A signal inside the block raises Abandoned (at once, not at the step's end); allowed=False
+        makes the block ordinary (under torchrun the other ranks would wait for this one forever)."""
+        if self.requested is not None and allowed:
+            raise Abandoned
+        self.inside = allowed
+        try:
+            yield
+        finally:
+            self.inside = False
 
     def __enter__(self):
         for signum in self.SIGNALS:
@@ -223,8 +390,16 @@ class StopOnSignal:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
-    def exit(self, checkpoint):
-        """The SystemExit to raise once checkpoint is saved: one line, status 128 + the signal's number."""
-        print(f"stopped by {signal.Signals(self.requested).name}: saved {checkpoint}; continue with --resume",
-              file=sys.stderr)
+    def exit(self, kept):
+        """The SystemExit to raise once what is kept is on disk: one line, status 128 + the signal's number."""
+        print(f"stopped by {signal.Signals(self.requested).name}: {kept}", file=sys.stderr)
         return SystemExit(128 + self.requested)
+
+
+def interrupted_message(out):
+    """What a run that stopped at once (a second Ctrl-C, a crash) left for --resume, in one line."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return f"no checkpoint in {out}: nothing of the run is kept"
+    return (f"kept {checkpoint}; --resume continues from it and runs the later steps again "
+            "(their metrics.jsonl rows are dropped then)")

@@ -324,7 +324,10 @@ def train_sft(cfg):
     runs.start(cfg.out, plan)  # the first write into --out
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft", dynamic_ncols=True)
-    with runs.StopOnSignal() as stop:  # Ctrl-C, SIGTERM: the step in flight finishes and is saved, then the run stops
+    saved = plan.checkpoint
+    # Ctrl-C, SIGTERM: a step still in its forward/backward is dropped at once (the weights have not moved) and the
+    # steps before it are saved; a step past it finishes and is saved. Then the run stops.
+    with runs.StopOnSignal(saved or "nothing (no checkpoint yet)") as stop:
         for step in bar:
             started = time.time()
             # 1) the step's traces: a seeded shuffle per epoch, so a resumed run sees the same batches
@@ -334,8 +337,16 @@ def train_sft(cfg):
 
             # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
             model.train()
-            with models.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
-                loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch], cfg.micro_batch)
+            try:
+                with stop.abandonable(), models.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
+                    loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch], cfg.micro_batch)
+            except runs.Abandoned:
+                if step > start_step and saved != os.path.join(cfg.out, f"checkpoint-{step}"):
+                    optimizer.zero_grad(set_to_none=True)
+                    saved = runs.save_checkpoint(cfg.out, step, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
+                metrics_file.close()
+                raise stop.exit(f"step {step + 1} was dropped mid-way; " + (f"{runs.steps_text(1, step)} kept in {saved}; "
+                                "continue with --resume" if saved else "no step had finished, so nothing was kept")) from None
 
             # 3) update
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
@@ -346,11 +357,15 @@ def train_sft(cfg):
             # 4) log, checkpoint
             row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
                    "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
+            if problem := runs.non_finite(row, {"llm": optimizer}):  # nothing of this step is written
+                raise data.DataError(f"step {step + 1}: {problem}, so the run stops without writing this step "
+                                     f"(kept: {saved or 'no checkpoint'}); lower --sft-lr")
             runs.log_row(metrics_file, row, bar.write)
             if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps or stop.requested:
                 saved = runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
+                stop.kept = saved
                 if stop.requested:
                     metrics_file.close()
-                    raise stop.exit(saved)
+                    raise stop.exit(f"{runs.steps_text(1, step + 1)} kept in {saved}; continue with --resume")
     metrics_file.close()
     return runs.latest_checkpoint(cfg.out)

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -45,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
-from baselines.reczero import add_rl_arguments, check_rl_arguments  # noqa: E402
+import runs  # noqa: E402
+from baselines.reczero import add_rl_arguments, check_rl_arguments, resume_optimizers, save  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
 
@@ -162,42 +162,65 @@ def train(args):
     instances = data.load_split(args.data, "train")
     if args.users_per_step > len(instances):
         raise data.DataError(f"--users-per-step {args.users_per_step} is more than the {len(instances)} training users")
-    model, tokenizer = models.load_policy(args.model, device, torch.float32, args.seed)  # fp32 master weights
-    if args.overwrite:  # only now that the data and model are known good
-        shutil.rmtree(args.out, ignore_errors=True)
-    os.makedirs(args.out, exist_ok=True)
+    plan = runs.plan_command(vars(args), args.data, args.max_steps, record="r2ec.json",  # the main CLI's --out rules
+                             extra=("r2ec-head.safetensors", "item-embeddings.pt"))
+    if plan.start_step == args.max_steps:
+        print(f"{plan.checkpoint} is at --max-steps {args.max_steps} already: nothing to train (raise --max-steps to go on)")
+        return None
+    model, tokenizer = models.load_policy(plan.checkpoint or args.model, device, torch.float32, args.seed)  # fp32 master weights
     model.eval()
-    with models.mixed_precision(device, dtype):
-        embeddings = item_embeddings(model, tokenizer, dataset_items(args.data), args.max_item_chars)
     torch.manual_seed(args.seed)
-    head = RecHead(model.config.hidden_size).to(device)
+    if plan.checkpoint:  # the item embeddings stay those of the starting LLM
+        head, embeddings = load(plan.checkpoint, model.config.hidden_size, device)
+    else:
+        with models.mixed_precision(device, dtype):
+            embeddings = item_embeddings(model, tokenizer, dataset_items(args.data), args.max_item_chars)
+        head = RecHead(model.config.hidden_size).to(device)
+    head.train()
     optimizers = {"llm": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
                   "head": torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=0.0)}
+    resume_optimizers(plan, optimizers, device, {"llm": args.lr, "head": args.head_lr})
     print(f"{args.users_per_step} users x {args.group} traces = {args.users_per_step * args.group} traces per step "
           f"(<= {args.max_new_tokens} tokens each); {len(embeddings)} item embeddings; {len(instances)} training users; "
           f"device {device}, {dtype}")
-    run_started = time.time()
-    with open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics:
-        for step in tqdm(range(1, args.max_steps + 1), desc="r2ec", dynamic_ncols=True):
+    runs.start(args.out, plan)  # the first write into --out: --overwrite clears, a resume cuts metrics.jsonl back
+    run_started, row, saved = time.time(), None, plan.start_step
+
+    def keep(done):
+        """Save the finished steps 1..done unless they are saved already; what is kept, in words."""
+        nonlocal saved
+        if done > saved:
+            save(args, done, model, tokenizer, optimizers, plan, "r2ec.json", lambda directory: save_head(directory, head, embeddings))
+            saved = done
+        return (f"{runs.steps_text(1, done)} kept in {args.out}/checkpoint-{done}; continue with --resume" if done
+                else "no step had finished: nothing kept")
+
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, runs.StopOnSignal(plan.checkpoint or "nothing") as stop:
+        for step in tqdm(range(plan.start_step + 1, args.max_steps + 1), initial=plan.start_step, total=args.max_steps,
+                         desc="r2ec", dynamic_ncols=True):
             started = time.time()
             generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
             users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
             prompts, samples, advantages, rewards, head_losses = [], [], [], [], []
-            for user in users[:args.users_per_step].tolist():
-                instance = instances[user]
-                labels = torch.tensor(instance["labels"], dtype=torch.float32, device=device)
-                # 1) G traces per user, 2) the candidates' scores from each trace's final hidden state
-                prompt = user_prompt(tokenizer, instance, args.max_history, args.max_item_chars)
-                prompts.append((prompt[:-1], [prompt[-1:]] * args.group))
-                with models.mixed_precision(device, dtype):
-                    samples.append(rollout.sample_traces(model, tokenizer, *prompts[-1], args.max_new_tokens,
-                                                         args.temperature, 1.0, generator))
-                scores = head(samples[-1].final_hidden, candidate_matrix(embeddings, instance, device))  # [G, K]
-                # 3) fused reward, 4) group advantages for the tokens, 5) the head on the best trace
-                reward = fused_reward(scores, labels, args.beta)
-                rewards.append(reward)
-                advantages.append(grpo_advantages(reward))
-                head_losses.append(best_trace_loss(scores, labels, reward))
+            try:  # a signal during the rollout drops this step (nothing of it has changed the model) and keeps the others
+                with stop.abandonable():
+                    for user in users[:args.users_per_step].tolist():
+                        instance = instances[user]
+                        labels = torch.tensor(instance["labels"], dtype=torch.float32, device=device)
+                        # 1) G traces per user, 2) the candidates' scores from each trace's final hidden state
+                        prompt = user_prompt(tokenizer, instance, args.max_history, args.max_item_chars)
+                        prompts.append((prompt[:-1], [prompt[-1:]] * args.group))
+                        with models.mixed_precision(device, dtype):
+                            samples.append(rollout.sample_traces(model, tokenizer, *prompts[-1], args.max_new_tokens,
+                                                                 args.temperature, 1.0, generator))
+                        scores = head(samples[-1].final_hidden, candidate_matrix(embeddings, instance, device))  # [G, K]
+                        # 3) fused reward, 4) group advantages for the tokens, 5) the head on the best trace
+                        reward = fused_reward(scores, labels, args.beta)
+                        rewards.append(reward)
+                        advantages.append(grpo_advantages(reward))
+                        head_losses.append(best_trace_loss(scores, labels, reward))
+            except runs.Abandoned:
+                raise stop.exit(f"step {step} was still rolling out and is dropped; " + keep(step - 1)) from None
             head_loss = torch.stack(head_losses).mean()
             head_loss.backward()
             optimizers["head"].step()
@@ -210,33 +233,30 @@ def train(args):
                    "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
                    "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),
                    "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"], "step_time": time.time() - started}
+            if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
+                raise data.DataError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr / --head-lr")
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
-            if step % args.save_every == 0 or step == args.max_steps or out_of_time:
-                save(args, step, model, tokenizer, head, embeddings)
+            if step % args.save_every == 0 or step == args.max_steps or out_of_time or stop.requested:
+                keep(step)
+                stop.kept = f"{args.out}/checkpoint-{step}"
+            if stop.requested:
+                raise stop.exit(keep(step))
             if out_of_time:
                 print(f"--minutes {args.minutes:g} spent: stopped after step {step}")
                 break
     return row
 
 
-def save(args, step, model, tokenizer, head, embeddings):
-    """<out>/checkpoint-<step>/: the LLM (works as --model), r2ec-head.safetensors, item-embeddings.pt, r2ec.json."""
-    final = os.path.join(args.out, f"checkpoint-{step}")
-    tmp = os.path.join(args.out, f".tmp-checkpoint-{step}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_file(head.state_dict(), os.path.join(tmp, "r2ec-head.safetensors"))
-    torch.save(embeddings, os.path.join(tmp, "item-embeddings.pt"))
-    with open(os.path.join(tmp, "r2ec.json"), "w") as f:
-        json.dump({"step": step, "settings": vars(args)}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+def save_head(directory, head, embeddings):
+    """A checkpoint's R2ec part, beside the LLM that reczero.save writes: r2ec-head.safetensors, item-embeddings.pt."""
+    save_file(head.state_dict(), os.path.join(directory, "r2ec-head.safetensors"))
+    torch.save(embeddings, os.path.join(directory, "item-embeddings.pt"))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_rl_arguments(parser, users=4, group=4)
     parser.add_argument("--head-lr", type=float, default=1e-3, help="recommendation-head learning rate (AdamW)")
     parser.add_argument("--beta", type=float, default=BETA, help="weight of the similarity term in the fused reward")
@@ -248,6 +268,11 @@ def main(argv=None):
         last = train(args)
     except data.DataError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted: {runs.interrupted_message(args.out)}", file=sys.stderr)
+        sys.exit(130)
+    if last is None:
+        return
     print(f"step {last['step']}: reward {last['reward']:.3f}, head loss {last['head_loss']:.3f}; "
           f"wrote {args.out}/checkpoint-{last['step']}")
 

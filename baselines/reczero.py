@@ -33,6 +33,7 @@ Where this departs from RecZero:
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -42,9 +43,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
+import runs  # noqa: E402
 from baselines.untrained import pointwise_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
 
@@ -116,47 +119,64 @@ def train(args):
     K = len(instances[0]["candidates"])
     if args.negatives > K - 1:
         raise data.DataError(f"--negatives {args.negatives}: an instance has only {K - 1} negatives")
-    model, tokenizer = models.load_policy(args.model, device, torch.float32, args.seed)  # fp32 master weights
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    plan = runs.plan_command(vars(args), args.data, args.max_steps, record="reczero.json")  # the main CLI's --out rules
+    if plan.start_step == args.max_steps:
+        print(f"{plan.checkpoint} is at --max-steps {args.max_steps} already: nothing to train (raise --max-steps to go on)")
+        return None
+    model, tokenizer = models.load_policy(plan.checkpoint or args.model, device, torch.float32, args.seed)  # fp32 master weights
+    optimizers = {"llm": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)}
+    resume_optimizers(plan, optimizers, device, {"llm": args.lr})
     pairs_per_user = 1 + args.negatives
-    if args.overwrite:  # only now that the data and model are known good
-        shutil.rmtree(args.out, ignore_errors=True)
     print(f"{args.users_per_step} users x {pairs_per_user} pairs x {args.group} traces = "
           f"{args.users_per_step * pairs_per_user * args.group} traces per step (<= {args.max_new_tokens} tokens each); "
           f"{len(instances)} training users; device {device}, {dtype}")
-    os.makedirs(args.out, exist_ok=True)
-    run_started = time.time()
-    with open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics:
-        for step in tqdm(range(1, args.max_steps + 1), desc="reczero", dynamic_ncols=True):
+    runs.start(args.out, plan)  # the first write into --out: --overwrite clears, a resume cuts metrics.jsonl back
+    run_started, row, saved = time.time(), None, plan.start_step
+
+    def keep(done):
+        """Save the finished steps 1..done unless they are saved already; what is kept, in words."""
+        nonlocal saved
+        if done > saved:
+            save(args, done, model, tokenizer, optimizers, plan)
+            saved = done
+        return (f"{runs.steps_text(1, done)} kept in {args.out}/checkpoint-{done}; continue with --resume" if done
+                else "no step had finished: nothing kept")
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, runs.StopOnSignal(plan.checkpoint or "nothing") as stop:
+        for step in tqdm(range(plan.start_step + 1, args.max_steps + 1), initial=plan.start_step, total=args.max_steps,
+                         desc="reczero", dynamic_ncols=True):
             started = time.time()
             generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
             users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
             prompts, samples, advantages, rewards, texts = [], [], [], [], []
-            for user in users[:args.users_per_step].tolist():
-                # 1) pairs, 2) G traces per pair: the user's prompt prefix is shared by all of them
-                instance = instances[user]
-                pair_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + user)
-                pairs = choose_pairs(instance, args.negatives, pair_generator)
-                prefix, suffixes = data.encode_user(tokenizer, instance, args.max_history, args.max_item_chars,
-                                                    instructions=THINK_INSTRUCTIONS)
-                rows = [suffixes[k] for k, _ in pairs for _ in range(args.group)]
-                with models.mixed_precision(device, dtype):
-                    user_samples = rollout.sample_traces(model, tokenizer, prefix, rows, args.max_new_tokens,
-                                                         args.temperature, 1.0, generator)
-                # 3) rule reward, 4) standardized within each pair's group of G
-                user_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in user_samples.token_lists()]
-                with models.mixed_precision(device, dtype):
-                    log_odds = answer_log_odds(model, tokenizer, prefix, rows, user_texts)
-                labels = [label for _, label in pairs for _ in range(args.group)]
-                reward = torch.tensor([answer_reward(text, label, odds) for text, label, odds in zip(user_texts, labels, log_odds.tolist())])
-                prompts.append((prefix, rows))
-                samples.append(user_samples)
-                advantages.append(grpo_advantages(reward.view(pairs_per_user, args.group)).view(-1))
-                rewards.append(reward)
-                texts += user_texts
+            try:  # a signal during the rollout drops this step (nothing of it has changed the model) and keeps the others
+                with stop.abandonable():
+                    for user in users[:args.users_per_step].tolist():
+                        # 1) pairs, 2) G traces per pair: the user's prompt prefix is shared by all of them
+                        instance = instances[user]
+                        pair_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + user)
+                        pairs = choose_pairs(instance, args.negatives, pair_generator)
+                        prefix, suffixes = data.encode_user(tokenizer, instance, args.max_history, args.max_item_chars,
+                                                            instructions=THINK_INSTRUCTIONS)
+                        rows = [suffixes[k] for k, _ in pairs for _ in range(args.group)]
+                        with models.mixed_precision(device, dtype):
+                            user_samples = rollout.sample_traces(model, tokenizer, prefix, rows, args.max_new_tokens,
+                                                                 args.temperature, 1.0, generator)
+                        # 3) rule reward, 4) standardized within each pair's group of G
+                        user_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in user_samples.token_lists()]
+                        with models.mixed_precision(device, dtype):
+                            log_odds = answer_log_odds(model, tokenizer, prefix, rows, user_texts)
+                        labels = [label for _, label in pairs for _ in range(args.group)]
+                        reward = torch.tensor([answer_reward(text, label, odds) for text, label, odds in zip(user_texts, labels, log_odds.tolist())])
+                        prompts.append((prefix, rows))
+                        samples.append(user_samples)
+                        advantages.append(grpo_advantages(reward.view(pairs_per_user, args.group)).view(-1))
+                        rewards.append(reward)
+                        texts += user_texts
+            except runs.Abandoned:
+                raise stop.exit(f"step {step} was still rolling out and is dropped; " + keep(step - 1)) from None
             # 5) clipped PPO on the tokens
             with models.mixed_precision(device, dtype):
-                stats = rollout.ppo_update(model, optimizer, prompts, samples, advantages, args, shared_prefix=True)
+                stats = rollout.ppo_update(model, optimizers["llm"], prompts, samples, advantages, args, shared_prefix=True)
             reward = torch.cat(rewards)
             row = {"step": step, "reward": reward.mean().item(), "correct_share": (reward >= 1).float().mean().item(),
                    "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
@@ -164,25 +184,45 @@ def train(args):
                    "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),
                    "advantage_nonzero": (torch.cat(advantages) != 0).float().mean().item(),
                    "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"], "step_time": time.time() - started}
+            if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
+                raise data.DataError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
-            if step % args.save_every == 0 or step == args.max_steps or out_of_time:
-                save(args, step, model, tokenizer)
+            if step % args.save_every == 0 or step == args.max_steps or out_of_time or stop.requested:
+                keep(step)
+                stop.kept = f"{args.out}/checkpoint-{step}"
+            if stop.requested:
+                raise stop.exit(keep(step))
             if out_of_time:
                 print(f"--minutes {args.minutes:g} spent: stopped after step {step}")
                 break
     return row
 
 
-def save(args, step, model, tokenizer):
-    """<out>/checkpoint-<step>/: the LLM (works as --model) and reczero.json (settings, step)."""
+def resume_optimizers(plan, optimizers, device, lrs):
+    """With --resume, the optimizers' saved states, then each its learning rate of this run (lrs: name -> lr)."""
+    if plan.checkpoint:
+        states = torch.load(os.path.join(plan.checkpoint, "optimizer.pt"), map_location=device)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(states[name])
+            runs.set_lr(optimizer, lrs[name])
+        print(f"resumed from {plan.checkpoint} at step {plan.start_step}")
+
+
+def save(args, step, model, tokenizer, optimizers, plan, record="reczero.json", extra=None):
+    """<out>/checkpoint-<step>/: the LLM (works as --model), optimizer.pt, and record (step, settings, the
+    data's fingerprint), written into a temporary directory and renamed; extra(directory) writes more."""
     final = os.path.join(args.out, f"checkpoint-{step}")
     tmp = os.path.join(args.out, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "reczero.json"), "w") as f:
-        json.dump({"step": step, "settings": vars(args)}, f, indent=1)
+    torch.save({name: optimizer.state_dict() for name, optimizer in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
+    if extra is not None:
+        extra(tmp)
+    with open(os.path.join(tmp, record), "w") as f:
+        json.dump({"step": step, "settings": vars(args), **plan.record()}, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
 
@@ -192,7 +232,11 @@ def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
     parser.add_argument("--data", required=True, help="dataset directory written by data.py (its train.jsonl)")
     parser.add_argument("--model", required=True, help="the LLM to train: tiny, a .gguf file, a directory or a hub id")
     parser.add_argument("--out", required=True, help="output directory: metrics.jsonl and checkpoint-<step>/")
-    parser.add_argument("--overwrite", action="store_true", help="replace what an earlier run left in --out")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out; the settings "
+                        "that define the run must be unchanged (--max-steps, --minutes, --save-every, learning rates and "
+                        "the compute layout may change)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out; without it, or "
+                        "--resume, another run's --out is refused")
     parser.add_argument("--max-steps", type=int, default=steps, help="RL steps")
     parser.add_argument("--minutes", type=float, default=0, help="stop (and checkpoint) after the step that passes "
                         "this many minutes of training: a CPU budget (0 = none, --max-steps only)")
@@ -212,7 +256,7 @@ def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype of the forward passes (auto: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = 1 for --model tiny, else torch's default)")
 
 
 def check_rl_arguments(parser, args, at_least_1=()):
@@ -222,16 +266,21 @@ def check_rl_arguments(parser, args, at_least_1=()):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.group < 2:
         parser.error("--group must be >= 2: GRPO's advantage compares the traces of a group")
-    if args.temperature <= 0 or args.lr < 0 or args.minutes < 0 or args.clip_eps <= 0 or args.max_grad_norm <= 0:
-        parser.error("--temperature, --clip-eps and --max-grad-norm must be > 0, --lr and --minutes >= 0")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        parser.error(f"--out {args.out} holds an earlier run; pass --overwrite to replace it, or another --out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.temperature < config.MIN_TEMPERATURE or args.minutes < 0 or args.clip_eps <= 0 or args.max_grad_norm <= 0:
+        parser.error(f"--temperature must be >= {config.MIN_TEMPERATURE:g}, --clip-eps and --max-grad-norm > 0, --minutes >= 0")
+    for name in ("lr", "head_lr"):
+        if name in vars(args) and not config.LEARNING_RATE.allows(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be {config.LEARNING_RATE}, got {getattr(args, name):g}")
+    if not config.SEED_RANGE.allows(args.seed):
+        parser.error(f"--seed must be {config.SEED_RANGE}, got {args.seed}")
+    config.set_threads(args.threads, args.model)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_rl_arguments(parser)
     parser.add_argument("--negatives", type=int, default=1, help="negatives per user and step, beside its positive")
     args = parser.parse_args(argv)
@@ -245,6 +294,11 @@ def main(argv=None):
         last = train(args)
     except data.DataError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted: {runs.interrupted_message(args.out)}", file=sys.stderr)
+        sys.exit(130)
+    if last is None:
+        return
     print(f"step {last['step']}: reward {last['reward']:.3f}, answer share {last['answer_share']:.2f}; "
           f"wrote {args.out}/checkpoint-{last['step']}")
 

@@ -28,10 +28,24 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import data  # noqa: E402
+import runs  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 
+FILES = ("sasrec.pt", "sasrec-log.json", "sasrec-state.pt")  # what a run writes into --out
+
 MAX_LEN = 21
+
+
+def padding_mask(sequence):
+    """[B, T] left-padded item indices -> [B, T, T] True where query t may not attend to key j: a later
+    position (causality) or a padding key, as the original SASRec masks them. A padding query attends to
+    itself only (an all-blocked row would be NaN); its output is zeroed anyway."""
+    T = sequence.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=sequence.device).triu(1)
+    blocked = causal | (sequence == 0)[:, None, :]  # [B, T, T]
+    return blocked & ~torch.eye(T, dtype=torch.bool, device=sequence.device)
 
 
 class SASRec(torch.nn.Module):
@@ -57,10 +71,10 @@ class SASRec(torch.nn.Module):
         x = self.items(sequence) * math.sqrt(self.items.embedding_dim) + self.positions(torch.arange(T, device=sequence.device))
         keep = (sequence != 0).unsqueeze(-1).float()  # [B, T, 1]
         x = self.dropout(x) * keep
-        causal = torch.ones(T, T, dtype=torch.bool, device=sequence.device).triu(1)  # True = may not attend
+        blocked = padding_mask(sequence).repeat_interleave(self.attentions[0].num_heads, 0)  # [B * heads, T, T]
         for norm, attention, ffn_norm, ffn in zip(self.attention_norms, self.attentions, self.ffn_norms, self.ffns):
             query = norm(x)
-            x = x + attention(query, x, x, attn_mask=causal, need_weights=False)[0]  # pre-norm query, as in the paper's code
+            x = x + attention(query, x, x, attn_mask=blocked, need_weights=False)[0]  # pre-norm query, as in the paper's code
             x = (x + ffn(ffn_norm(x))) * keep
         return self.final_norm(x)
 
@@ -94,8 +108,10 @@ def candidate_scores(model, instances, index):
 
 
 def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-3, batch_size=128, dropout=0.2,
-          seed=0, eval_every=5):
-    """(the model with the best validation NDCG@10, item index, per-check log)."""
+          seed=0, eval_every=5, state_path=None, run_settings=None, resume_state=None):
+    """(the model with the best validation NDCG@10, item index, per-check log). With state_path, the whole
+    training state (and run_settings, what a resume must match) is saved there at each validation check;
+    resume_state (one such state) continues it."""
     torch.manual_seed(seed)
     index = vocabulary(train_instances)
     model = SASRec(len(index), dim, blocks, dropout=dropout)
@@ -104,8 +120,14 @@ def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-
             for inst in train_instances]
     sequences = torch.tensor([encode(items, index, MAX_LEN + 1) for items in full])  # inputs [:, :-1], targets [:, 1:]
     generator = torch.Generator().manual_seed(seed)
-    best, best_state, log = -1.0, None, []
-    for epoch in tqdm(range(1, epochs + 1), desc="sasrec", dynamic_ncols=True):
+    best, best_state, log, start = -1.0, None, [], 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        generator.set_state(resume_state["generator"])
+        torch.set_rng_state(resume_state["torch_rng"])  # dropout's
+        best, best_state, log, start = resume_state["best"], resume_state["best_state"], resume_state["log"], resume_state["epoch"]
+    for epoch in tqdm(range(start + 1, epochs + 1), initial=start, total=epochs, desc="sasrec", dynamic_ncols=True):
         model.train()
         for batch in torch.randperm(len(sequences), generator=generator).split(batch_size):
             inputs, targets = sequences[batch, :-1], sequences[batch, 1:]
@@ -126,12 +148,24 @@ def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-
             log.append({"epoch": epoch, "loss": loss.item(), "valid_ndcg@10": ndcg})
             if ndcg > best:
                 best, best_state = ndcg, {k: v.clone() for k, v in model.state_dict().items()}
+            if state_path:  # written whole, then renamed
+                torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
+                            "best_state": best_state, "log": log, "settings": run_settings}, state_path + ".tmp")
+                os.replace(state_path + ".tmp", state_path)
     model.load_state_dict(best_state)
     return model, index, log
 
 
 def save(path, model, index, settings, log):
-    torch.save({"state": model.state_dict(), "index": index, "settings": settings, "log": log}, path)
+    torch.save({"state": model.state_dict(), "index": index, "settings": settings, "log": log}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash never leaves half a model
+
+
+def known_candidates(instances, index):
+    """(candidates the model has an embedding for, all candidates) over instances."""
+    candidates = [c["item_id"] for inst in instances for c in inst["candidates"]]
+    return sum(item in index for item in candidates), len(candidates)
 
 
 def load(path):
@@ -147,10 +181,45 @@ def load(path):
     return model.eval(), saved["index"]
 
 
+def plan_out(args, settings):
+    """The main CLI's --out rules (runs.py): a DataError if out holds another model and neither --resume nor
+    --overwrite is given, or --resume finds a state made with other settings or past --epochs. Returns the
+    state to resume from, or None."""
+    found = [name for name in FILES if os.path.exists(os.path.join(args.out, name))]
+    if not args.resume:
+        if found and not args.overwrite:
+            raise data.DataError(f"{args.out}: holds another model ({', '.join(found)}); pass --resume to continue it, "
+                                 "--overwrite to replace it, or another --out")
+        for name in found:  # --overwrite: a stale state must not be resumed later
+            os.remove(os.path.join(args.out, name))
+        return None
+    path = os.path.join(args.out, "sasrec-state.pt")
+    if not os.path.isfile(path):
+        print(f"--resume: no sasrec-state.pt in {args.out}, so training starts at epoch 0")
+        return None
+    try:
+        state = torch.load(path)
+    except Exception as error:  # cut short by a crash: say so, in one line
+        raise data.DataError(f"{path}: cannot read it ({str(error).splitlines()[0]}); --overwrite starts again") from None
+    differ = ["the data (train/valid.jsonl differ from the state's)" if n == "data_fingerprint" else
+              f"{runs.flag(n)} {state['settings'].get(n)!r} -> {v!r}" for n, v in settings.items() if state["settings"].get(n) != v]
+    if differ:
+        raise data.DataError(f"{path}: --resume needs every setting but --epochs unchanged; these differ: " + "; ".join(differ))
+    if state["epoch"] > args.epochs:
+        raise data.DataError(f"{path}: already past --epochs {args.epochs} (at epoch {state['epoch']}); raise it to train further")
+    print(f"resumed from {path} at epoch {state['epoch']}")
+    return state
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset directory written by data.py")
-    parser.add_argument("--out", required=True, help="output directory: sasrec.pt and sasrec-log.json")
+    parser.add_argument("--out", required=True, help="output directory: sasrec.pt, sasrec-log.json and sasrec-state.pt "
+                        "(the training state at the last validation check)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/sasrec-state.pt; every setting "
+                        "but --epochs must be unchanged")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model already in --out; without it, "
+                        "or --resume, another model's --out is refused")
     parser.add_argument("--epochs", type=int, default=200, help="passes over the training sequences")
     parser.add_argument("--dim", type=int, default=50, help="embedding and hidden width")
     parser.add_argument("--blocks", type=int, default=2, help="self-attention blocks")
@@ -161,15 +230,29 @@ def main(argv=None):
     for name in ("epochs", "dim", "blocks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.dropout < 1 or args.lr <= 0:
-        parser.error("--dropout must be in [0, 1) and --lr > 0")
+    if not 0 <= args.dropout < 1:  # NaN fails too
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout:g}")
+    if not 0 < args.lr <= 1:
+        parser.error(f"--lr must be in (0, 1], got {args.lr:g}")
+    if not config.SEED_RANGE.allows(args.seed):
+        parser.error(f"--seed must be {config.SEED_RANGE}, got {args.seed}")
     try:
+        runs.check_writable(args.out)
         train_instances, valid = data.load_split(args.data, "train"), data.load_split(args.data, "valid")
+        settings = {**{name: getattr(args, name) for name in ("dim", "blocks", "dropout", "lr", "seed")},
+                    "data_fingerprint": runs.data_fingerprint(args.data)}  # what --resume must find unchanged
+        resume_state = plan_out(args, settings)
     except data.DataError as error:
         sys.exit(f"error: {error}")
-    model, index, log = train(train_instances, valid, args.epochs, args.dim, args.blocks, args.lr, dropout=args.dropout, seed=args.seed)
+    if resume_state is not None and resume_state["epoch"] == args.epochs:
+        print(f"{args.out}/sasrec-state.pt is at --epochs {args.epochs} already: nothing to train (raise --epochs to go on)")
+        return
     os.makedirs(args.out, exist_ok=True)
-    save(os.path.join(args.out, "sasrec.pt"), model, index, vars(args), log)
+    model, index, log = train(train_instances, valid, args.epochs, args.dim, args.blocks, args.lr, dropout=args.dropout,
+                              seed=args.seed, state_path=os.path.join(args.out, "sasrec-state.pt"),
+                              run_settings=settings,
+                              resume_state=resume_state)
+    save(os.path.join(args.out, "sasrec.pt"), model, index, {k: v for k, v in vars(args).items() if k not in ("overwrite", "resume")}, log)
     with open(os.path.join(args.out, "sasrec-log.json"), "w") as f:
         json.dump(log, f, indent=1)
     best = max(log, key=lambda row: row["valid_ndcg@10"])

@@ -26,6 +26,10 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
             assert len(result.stderr.strip().splitlines()) == 1
     missing_gguf = run_cli("--model", str(tmp_path / "m.gguf"), "--data", synthetic, "--out", str(tmp_path / "o2"))
     assert missing_gguf.returncode == 1 and missing_gguf.stderr.strip() == f"error: --model {tmp_path}/m.gguf: no such file"
+    (tmp_path / "fake.gguf").write_text("not a model")
+    fake_gguf = run_cli("--model", str(tmp_path / "fake.gguf"), "--data", synthetic, "--out", str(tmp_path / "o2"))
+    assert fake_gguf.returncode == 1 and "Traceback" not in fake_gguf.stderr, fake_gguf.stderr
+    assert fake_gguf.stderr.startswith(f"error: --model {tmp_path}/fake.gguf: cannot read it as a GGUF model (")
     too_many = run_cli("--model", "tiny", "--data", synthetic, "--users-per-step", "500", "--out", str(tmp_path / "o3"))
     assert too_many.returncode == 1 and "--users-per-step 500 is more than the" in too_many.stderr
     if not torch.cuda.is_available():
@@ -46,7 +50,14 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
                           (["--top-p", "0"], "--top-p must be in (0, 1]"),
                           (["--advantage", "batch", "--users-per-step", "1"], "needs --users-per-step >= 2"),
                           (["--advantage", "item"], "invalid choice"),
-                          (["--advantage-samples", "0"], "must be >= 1")]:
+                          (["--advantage-samples", "0"], "must be >= 1"),
+                          (["--seed", "99999999999999999999"], "--seed must be in [0, 16777215], got 99999999999999999999"),
+                          (["--lr", "inf"], "--lr must be a finite number, got inf"),
+                          (["--head-lr", "nan"], "--head-lr must be a finite number, got nan"),
+                          (["--lr", "1e6"], "--lr must be in [0, 1], got 1e+06"),
+                          (["--temperature", "1e-30"], "--temperature 1e-30 is greedy in all but name"),
+                          (["--stage", "eval", "--temperature", "0.001"], "use 0 for greedy traces, or >= 0.01"),
+                          (["--head-width", "100000000"], "--head-width must be in [1, 65536]")]:
         bad = run_cli(*args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
@@ -65,7 +76,8 @@ def test_every_numeric_flag_declares_its_bounds_and_they_are_enforced(capsys):
             with pytest.raises(SystemExit) as exit_info:
                 config.parse_config(base + [flag, str(int(value) if f.type in (int, "int") else value)])
             message = capsys.readouterr().err.strip().splitlines()[-1]
-            assert exit_info.value.code == 2 and message.endswith(f"error: {flag} must be {allowed}, got {value:g}"), message
+            shown = str(int(value)) if f.type in (int, "int") else f"{value:g}"
+            assert exit_info.value.code == 2 and message.endswith(f"error: {flag} must be {allowed}, got {shown}"), message
         edge = allowed.high if allowed.high else (allowed.low + 0.5 if allowed.strict else allowed.low)
         edge = int(edge) if f.type in (int, "int") else edge
         assert getattr(config.parse_config(base + [flag, str(edge)]), f.name) == edge

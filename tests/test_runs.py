@@ -1,7 +1,7 @@
 """A training run's --out (runs.py): one run per directory, an honest resume, a clean stop.
 
-Each bad input or fault tried as a new user would, and what it gets now (the tests below, test_cli.py's
-and test_data.py's check each row):
+Each bad input or fault tried as a new user would, and what it gets now (the tests below, test_cli.py's,
+test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's check each row):
 
 | input or fault | before | now |
 |---|---|---|
@@ -12,10 +12,26 @@ and test_data.py's check each row):
 | another run's --out without --resume | both runs mixed | refused; --overwrite replaces it |
 | --resume with another --seed, --model, K, trace setting, or edited data | accepted silently | refused, each difference named |
 | --resume with another --lr / --head-lr | ignored, but recorded as applied | applied to the restored optimizer, printed, kept in r2rank.json "changes" |
-| kill, then --resume | re-run steps appended to metrics.jsonl again | metrics.jsonl cut back to the checkpoint's step |
+| kill, then --resume | re-run steps appended to metrics.jsonl again | metrics.jsonl cut back to the checkpoint's step, the dropped rows named |
 | --resume with no checkpoint / at --max-steps / past it | silent fresh start / silent no-op | says so / says so, exit 0 / refused |
-| Ctrl-C or SIGTERM during training | traceback, the step lost | the step finishes, a checkpoint is saved, one line, exit 130 / 143 |
 | a second eval into the same --out | eval-<split>.json silently replaced | refused; --overwrite replaces it |
+| Round 2 (issue 29): | | |
+| --seed 99999999999999999999 | OverflowError traceback | exit 2: "--seed must be in [0, 16777215]" (derived seeds must fit torch's 64 bits); sasrec/reczero/r2ec.py too |
+| --lr inf / nan, any float flag (main CLI, baselines) | a step, then a multinomial traceback, a NaN row, no checkpoint; sasrec.py trained on | exit 2: "--lr must be a finite number, got inf" |
+| --lr 1e6 | weights to 2.6e6, head score spread 9e-10, no word | exit 2: "--lr must be in [0, 1]"; a head spread under 1e-6 is warned about once |
+| --temperature 1e-30 | greedy in all but name, trained on (token_logp 0) | exit 2: a nonzero temperature below 0.01 is refused, with the reason |
+| --head-width 100000000 | out-of-memory traceback | exit 2: "--head-width must be in [1, 65536]"; any other out of memory: one line, exit 1 |
+| --model fake.gguf (not GGUF, or cut short) | the message, then a traceback | "--model X: cannot read it as a GGUF model (...)", exit 1 |
+| --resume: newest checkpoint without r2rank.json, with a truncated model.safetensors, or an empty checkpoint-99/ | traceback | each broken one named with its file ("model.safetensors is truncated (N of M bytes)"), resumed from the newest whole one; none whole: one line, exit 1 |
+| --out on a read-only mount, with --data | found after the model loaded | "--out X: cannot create it / write into it (...)", before the model loads |
+| a non-finite loss or weight during training (a NaN head here) | a NaN row, then a traceback at the next step | one line, exit 1; that step is neither logged nor saved (reczero/r2ec.py too) |
+| baselines/sasrec.py into an --out holding a model | 200-epoch model replaced by a 1-epoch one, exit 0 | refused; --overwrite replaces; --resume continues its saved state (the same model as one run) |
+| baselines/reczero.py, r2ec.py into another run's --out | their own rule; no --resume | the main CLI's: refused, --overwrite, --resume (the same rows as one uninterrupted run) |
+| SASRec evaluated on a data set with none of its items | NDCG 0.000, exit 0 | refused: "knows none of the N candidates"; a partial overlap is noted |
+| a second Ctrl-C | steps since the last checkpoint lost while the message spoke of one step; --resume then dropped their rows silently | the messages say what is kept; --resume names the rows it drops |
+| SIGTERM or Ctrl-C during a long step | waited for the step to end (577 s in one case) | a rollout or validation in flight is dropped at once (here: under 3 s), the finished steps saved; an update in flight finishes first |
+| Ctrl-C during eval | a message about --resume | "nothing was written" |
+| a metrics.jsonl line cut short by a crash, then --resume | json traceback | the line dropped and counted |
 """
 import json
 import os
@@ -25,8 +41,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
+import runs
 from conftest import ROOT, run_cli
 
 
@@ -83,8 +101,12 @@ def test_resume_cuts_metrics_back_and_says_when_there_is_nothing_to_do(tmp_path,
     out = tmp_path / "run"
     assert rl(out, synthetic_dir, "--max-steps", "3").returncode == 0
     shutil.rmtree(out / "checkpoint-3")  # as if killed after step 3 was logged, before its save
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')  # and in the middle of writing a row
     resumed = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    assert f"metrics.jsonl rows of step 3 dropped: not in a checkpoint, so they run again from {out}/checkpoint-2" in resumed.stdout
+    assert "--resume: 1 unreadable line(s) of metrics.jsonl dropped (cut short by a crash)" in resumed.stdout
     assert steps(out) == [1, 2, 3]  # not 1, 2, 3, 3
     done = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
     assert done.returncode == 0 and "at --max-steps 3 already: nothing to train" in done.stdout
@@ -94,7 +116,7 @@ def test_resume_cuts_metrics_back_and_says_when_there_is_nothing_to_do(tmp_path,
     assert fresh.returncode == 0 and "--resume: no checkpoint in" in fresh.stdout and steps(tmp_path / "new") == [1]
 
 
-def test_a_signal_saves_the_step_in_flight_and_exits_with_one_line(tmp_path, synthetic_dir):
+def test_a_signal_keeps_every_finished_step_and_exits_with_one_line(tmp_path, synthetic_dir):
     for signum in (signal.SIGINT, signal.SIGTERM):
         out = tmp_path / signum.name
         process = subprocess.Popen(
@@ -108,9 +130,149 @@ def test_a_signal_saves_the_step_in_flight_and_exits_with_one_line(tmp_path, syn
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 128 + signum, stderr
         last = steps(out)[-1]
-        assert "Traceback" not in stderr and f"stopped by {signum.name}: saved {out}/checkpoint-{last}; continue with --resume" in stderr
+        kept = f"step {last}" if last == 1 else f"steps 1-{last}"
+        assert "Traceback" not in stderr and f"{kept} kept in {out}/checkpoint-{last}; continue with --resume" in stderr, stderr
         assert os.path.isdir(out / f"checkpoint-{last}") and 2 <= last < 1000
     resumed = run_cli("--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
                       "--max-new-tokens", "4", "--max-history", "2", "--max-steps", str(last + 1), "--save-every", "1000", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert steps(out) == list(range(1, last + 2))
+
+
+def test_resume_skips_each_broken_checkpoint_and_names_its_broken_file(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    assert rl(out, synthetic_dir, "--max-steps", "3").returncode == 0  # checkpoint-1, -2, -3
+    (out / "checkpoint-3" / "r2rank.json").unlink()
+    weights = out / "checkpoint-2" / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size - 100)
+    (out / "checkpoint-9").mkdir()  # a crash mid-save, on a file system without atomic rename
+    resumed = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    for step, problem in [(9, "r2rank.json is missing or unreadable"), (3, "r2rank.json is missing or unreadable"),
+                          (2, f"model.safetensors is truncated ({size - 100} of {size} bytes)")]:
+        assert f"--resume: {out}/checkpoint-{step} is broken ({problem}), so it is skipped" in resumed.stdout
+    assert f"resumed from {out}/checkpoint-1 at step 1" in resumed.stdout and steps(out) == [1, 2, 3]
+    for step in (1, 2, 3):
+        os.truncate(out / f"checkpoint-{step}" / "optimizer.pt", 1000)
+    none_whole = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
+    assert none_whole.returncode == 1 and "optimizer.pt is missing or truncated" in none_whole.stdout
+    assert last_line(none_whole) == f"error: --resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again"
+
+
+def test_the_safetensors_check_agrees_with_the_safetensors_loader(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(3, 4), "b": torch.arange(5)}, str(path))
+    whole = path.read_bytes()
+    assert runs.safetensors_problem(str(path)) is None and set(load_file(str(path))) == {"a", "b"}
+    for cut in (4, 20, len(whole) - 60, len(whole) - 1):  # inside the length, the header, the data
+        path.write_bytes(whole[:cut])
+        with pytest.raises(Exception):
+            load_file(str(path))
+        assert runs.safetensors_problem(str(path)) is not None
+    assert runs.safetensors_problem(str(tmp_path / "none.safetensors")) == "none.safetensors is missing"
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, synthetic_dir):
+    # /sys cannot be written even by root; a missing --model shows that the check comes before the model loads
+    for out, message in [("/sys/r2rank-out", "cannot create it"), ("/sys/kernel", "cannot write into it")]:
+        refused = run_cli("--stage", "rl", "--model", str(tmp_path / "no-model"), "--data", synthetic_dir, "--out", out)
+        assert refused.returncode == 1 and refused.stderr.startswith(f"error: --out {out}: {message} ("), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_numbers_or_weights_are_found():
+    head = torch.nn.Linear(2, 1)
+    optimizers = {"head": torch.optim.AdamW(head.parameters())}
+    assert runs.non_finite({"step": 1, "reward": 0.5}, optimizers) is None
+    assert runs.non_finite({"step": 1, "reward": float("nan"), "head_loss": float("inf")}, optimizers) == "non-finite reward, head_loss"
+    with torch.no_grad():
+        head.weight[0, 1] = float("inf")
+    assert runs.non_finite({"step": 1, "reward": 0.5}, optimizers) == "non-finite weights (head)"
+
+
+def test_non_finite_weights_stop_the_run_before_the_step_is_written(tmp_path, synthetic_dir):
+    from safetensors.torch import load_file, save_file
+
+    first = tmp_path / "first"
+    assert rl(first, synthetic_dir, "--max-steps", "1").returncode == 0
+    head_file = str(first / "checkpoint-1" / "head.safetensors")
+    weights = load_file(head_file)
+    weights["net.3.weight"][0, 0] = float("nan")  # as a learning rate too high would leave it
+    save_file(weights, head_file)
+    out = tmp_path / "second"
+    stopped = rl(out, synthetic_dir, "--max-steps", "2", "--model", str(first / "checkpoint-1"))
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert last_line(stopped).startswith("error: step 1: non-finite ") and "so the run stops without writing this step" in last_line(stopped)
+    assert (out / "metrics.jsonl").read_text() == "" and not runs.checkpoint_steps(out)
+
+
+def test_stop_on_signal_drops_abandonable_work_at_once_and_a_second_ctrl_c_stops_now():
+    before = signal.getsignal(signal.SIGTERM)
+    with runs.StopOnSignal("checkpoint-7") as stop:
+        started = time.time()
+        with pytest.raises(runs.Abandoned):
+            with stop.abandonable():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler interrupts this at once
+        assert time.time() - started < 2 and stop.requested == signal.SIGTERM
+        with pytest.raises(runs.Abandoned):  # a stop already asked for: the next abandonable work does not start
+            with stop.abandonable():
+                pass
+        with stop.abandonable(allowed=False):  # under torchrun: the work finishes
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are given back
+
+
+def test_sigterm_during_a_long_rollout_stops_at_once_and_keeps_the_finished_steps(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "r2rank.py"), "--stage", "rl", "--model", "tiny", "--data", synthetic_dir,
+         "--out", str(out), "--users-per-step", "1", "--max-new-tokens", "400", "--max-history", "2", "--threads", "1",
+         "--max-steps", "1000", "--save-every", "1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    started = time.time()  # step 1 is logged; step 2's rollout (400 tokens for each of 20 traces) has begun
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143 and time.time() - started < 3, stderr
+    assert f"stopped by SIGTERM: step 2 was still rolling out and is dropped; step 1 kept in {out}/checkpoint-1; " \
+           "continue with --resume" in stderr, stderr
+    assert steps(out) == [1] and runs.checkpoint_steps(out) == [1] and runs.checkpoint_problem(out / "checkpoint-1") is None
+
+
+def test_a_collapsed_score_spread_is_warned_about_once(tmp_path, synthetic_dir, monkeypatch, capsys):
+    import r2rank
+
+    score = r2rank.score_traces  # scores 1e-9 times the head's: a spread like that of a head blown up by a huge --lr
+    monkeypatch.setattr(r2rank, "score_traces", lambda head, samples: score(head, samples) * 1e-9)
+    r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(tmp_path / "run"), "--users-per-step",
+                 "1", "--max-new-tokens", "2", "--max-history", "2", "--max-steps", "2", "--freeze-llm"])
+    printed = capsys.readouterr().out
+    assert printed.count("the head's scores have collapsed") == 1 and "warning: step 1:" in printed
+
+
+def test_out_of_memory_and_an_interrupted_eval_are_one_line(tmp_path, monkeypatch, capsys):
+    import evaluate
+    import r2rank
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore lines")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(r2rank, "train_rl", out_of_memory)
+    monkeypatch.setattr(evaluate, "run_eval", interrupted)
+    for stage, status, message in [("rl", 1, "error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower"),
+                                   ("eval", 130, "interrupted: the evaluation stopped before writing its results; nothing was written")]:
+        with pytest.raises(SystemExit) as stopped:
+            r2rank.main(["--stage", stage, "--model", "tiny", "--out", str(tmp_path / stage)])
+        err = capsys.readouterr().err
+        assert stopped.value.code == status and err.startswith(message) and len(err.strip().splitlines()) == 1, err

@@ -49,3 +49,58 @@ def test_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     assert len(report["methods"]["sasrec"]["per_user"]) == 4 and "| SASRec |" in result.stdout
     missing = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "sasrec", "--out", str(tmp_path / "e2"))
     assert missing.returncode == 1 and "--methods sasrec needs --sasrec FILE" in missing.stderr
+    other = tmp_path / "other-data"  # the same users, every item renamed: a data set the model never saw
+    other.mkdir()
+    for split in ("train", "valid", "test"):
+        text = open(f"{synthetic_dir}/{split}.jsonl").read()
+        (other / f"{split}.jsonl").write_text(text.replace('"item_id": "', '"item_id": "renamed-'))
+    unknown = run_cli("--stage", "eval", "--model", "tiny", "--data", str(other), "--methods", "sasrec", "--sasrec",
+                      str(out / "sasrec.pt"), "--out", str(tmp_path / "e3"))
+    assert unknown.returncode == 1 and "knows none of the 80 candidates" in unknown.stderr, unknown.stderr
+
+
+def test_out_holding_a_model_is_refused_unless_overwritten(synthetic_dir, tmp_path):
+    out = tmp_path / "sasrec"
+    train = lambda *args: subprocess.run([sys.executable, f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
+                                          "--epochs", "1", "--dim", "8", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert train().returncode == 0
+    first = (out / "sasrec.pt").read_bytes()
+    again = train("--seed", "1")
+    assert again.returncode == 1 and again.stderr.strip() == f"error: {out}: holds another model (sasrec.pt, sasrec-log.json, " \
+        "sasrec-state.pt); pass --resume to continue it, --overwrite to replace it, or another --out"
+    assert (out / "sasrec.pt").read_bytes() == first
+    other = train("--resume", "--seed", "1")
+    assert other.returncode == 1 and "--resume needs every setting but --epochs unchanged; these differ: --seed 0 -> 1" in other.stderr
+    for args, message in [(["--lr", "nan"], "--lr must be in (0, 1], got nan"), (["--seed", "99999999999999999999"], "--seed must be in [0, 16777215]")]:
+        refused = train(*args)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    replaced = train("--seed", "1", "--overwrite")
+    assert replaced.returncode == 0 and (out / "sasrec.pt").read_bytes() != first
+
+
+def test_resume_writes_what_one_uninterrupted_run_writes(synthetic_dir, tmp_path):
+    train = lambda out, *args: subprocess.run([sys.executable, f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
+                                               "--dim", "8", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert train(tmp_path / "straight", "--epochs", "10").returncode == 0
+    assert train(tmp_path / "stopped", "--epochs", "5").returncode == 0
+    resumed = train(tmp_path / "stopped", "--epochs", "10", "--resume")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "at epoch 5" in resumed.stdout, resumed.stderr
+    logs = [json.loads((tmp_path / run / "sasrec-log.json").read_text()) for run in ("straight", "stopped")]
+    assert logs[0] == logs[1] and [row["epoch"] for row in logs[0]] == [5, 10]
+    models = [torch.load(tmp_path / run / "sasrec.pt")["state"] for run in ("straight", "stopped")]
+    for name, tensor in models[0].items():
+        torch.testing.assert_close(models[1][name], tensor, atol=0, rtol=0)
+
+
+def test_padding_changes_nothing_at_the_real_positions():
+    # oracle: the same items with no padding at all. Position embeddings are zeroed, so left-padding
+    # shifts nothing else; unmasked padding keys (bias-only keys) would draw attention and change the output.
+    torch.manual_seed(0)
+    model = sasrec.SASRec(num_items=30, dim=16, blocks=2, heads=2, dropout=0.0).eval()
+    with torch.no_grad():
+        model.positions.weight.zero_()
+        for attention in model.attentions:
+            attention.in_proj_bias.normal_()  # padding keys get bias-only keys: large ones if unmasked
+    padded, bare = model(torch.tensor([[0, 0, 0, 4, 9, 2]])), model(torch.tensor([[4, 9, 2]]))
+    torch.testing.assert_close(padded[:, 3:], bare)
+    assert torch.isfinite(padded).all()
