@@ -2,8 +2,6 @@
 against a plain forward pass, and each training command, then its eval method, through the CLI."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 import data
 import models
 from baselines import r2ec, reczero
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_script
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +66,9 @@ def test_answer_log_odds_match_a_plain_forward(tiny, synthetic_dir):
 
 def test_reczero_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     out = tmp_path / "reczero"
-    command = [sys.executable, f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out),
+    command = [f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out),
                "--max-steps", "2", "--group", "3", "--negatives", "2", "--max-new-tokens", "6", "--lr", "1e-3"]
-    trained = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    trained = run_script(*command, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and all(0 <= row["reward"] <= 1 + reczero.FORMAT_REWARD for row in rows)
@@ -81,7 +79,7 @@ def test_reczero_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     start, _ = models.build_tiny(seed=0)
     trained_model, _ = models.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(start.state_dict().values(), trained_model.state_dict().values()))
-    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    again = run_script(*command, cwd=ROOT)
     assert again.returncode == 2 and "holds an earlier run; pass --overwrite" in again.stderr
 
     result = run_cli("--stage", "eval", "--model", str(checkpoint), "--data", synthetic_dir, "--methods", "reczero,random",
@@ -139,9 +137,8 @@ def test_item_embeddings_match_one_item_at_a_time(tiny):
 
 def test_r2ec_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     out = tmp_path / "r2ec"
-    trained = subprocess.run([sys.executable, f"{ROOT}/baselines/r2ec.py", "--data", synthetic_dir, "--model", "tiny",
-                              "--out", str(out), "--max-steps", "2", "--group", "3", "--max-new-tokens", "6"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+    trained = run_script(f"{ROOT}/baselines/r2ec.py", "--data", synthetic_dir, "--model", "tiny",
+                         "--out", str(out), "--max-steps", "2", "--group", "3", "--max-new-tokens", "6", cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and all(row["best_reward"] >= row["reward"] for row in rows)
