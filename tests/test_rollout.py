@@ -187,3 +187,22 @@ def test_decoding_uses_the_installed_transformers_cache_keyword(tiny):
         warnings.simplefilter("error", FutureWarning)
         rollout.sample_traces(model, tokenizer, prefix, suffixes, 3, generator=torch.Generator().manual_seed(0))
         rollout.response_logprobs_shared(model, prefix, suffixes, [[1, 2], [3], [4, 5]])
+
+
+def test_decode_forward_applies_lora_adapters_like_the_models_own(tiny):
+    """decode.py calls the layers' own modules, so adapters (lora.py) act in it as in the model's forward."""
+    import lora
+
+    model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
+    torch.manual_seed(0)
+    lora.add_adapters(model, 4)
+    for layer in lora.adapted(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 would make the adapters do nothing
+    prefix, suffixes = _prompts(tokenizer)
+    fast, plain = (rollout.sample_traces(model, tokenizer, prefix, suffixes, 8, generator=torch.Generator().manual_seed(4),
+                                         fast_decode=fast_decode) for fast_decode in (True, False))
+    assert fast.token_lists() == plain.token_lists()
+    torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.final_hidden, plain.final_hidden, atol=1e-5, rtol=0)
+    base = rollout.sample_traces(tiny[0], tokenizer, prefix, suffixes, 1, temperature=0.0)
+    assert (base.final_hidden - rollout.sample_traces(model, tokenizer, prefix, suffixes, 1, temperature=0.0).final_hidden).abs().max() > 1e-2
