@@ -1,14 +1,18 @@
 """Speed and memory of one RL step's phases, plain vs optimized paths side by side in one run.
 
     python tools/benchmark.py                   # tiny model, and SmolLM2-135M when installed
+    python tools/benchmark.py --models smollm2 --threads 1 --cpu-time --no-update-variants   # README's tables
     python tools/benchmark.py --models tiny --new-tokens 32
 
 Not collected by pytest (no test_ prefix): timings on a shared machine are figures to read, not
 assertions. Every comparison runs on the same traces in the same process.
 
-Rollout: plain = all K full prompts as one left-padded batch; shared = the user's prompt prefix once,
-its KV cache copied to the K candidate suffixes (rollout.sample_traces with / without a prefix).
-Update (forward + backward of the token log-probs of the K traces):
+Rollout, on the same K prompts, greedy then sampled: transformers' generate (the K whole prompts as one
+left-padded batch); rollout.sample_traces on transformers' cache (the prefix once, its cache copied K
+times); rollout.sample_traces on decode.py (the default). Then each phase of an RL step (rollout,
+scoring, the update's forward + backward, the AdamW step) as FLOP/s beside a matmul peak measured in
+the same run (tools/flops.py).
+Update (forward + backward of the token log-probs of the K traces), --update-variants:
     naive   full logits over every position, all K traces in one batch, no checkpointing
     plain   logits only at response positions, micro-batches, per-candidate prompts
     plain+ckpt  the same with gradient checkpointing (the GPU default)
@@ -36,6 +40,7 @@ import rollout  # noqa: E402
 from models import ScoreHead  # noqa: E402
 
 import flops  # noqa: E402  (tools/flops.py, beside this file)
+from memory_estimate import estimate_memory, print_estimates  # noqa: E402
 
 
 def smollm2_path():
@@ -363,76 +368,6 @@ def bench_plackett_luce(device, clock=time.perf_counter):
 
 
 # ------------------------------------------------------------------ memory of one RL step at scale
-
-
-def parameter_count(config, lora_rank=0):
-    """(base parameters, LoRA adapter parameters) of a Qwen2 config, tied embeddings counted once."""
-    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    kv = config.num_key_value_heads * (H // config.num_attention_heads)  # key / value width
-    layer = (H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * I + 2 * H  # q, k, v (with bias), o, MLP, 2 norms
-    base = V * H * (1 if config.tie_word_embeddings else 2) + L * layer + H
-    adapters = L * lora_rank * ((H + H) + 2 * (H + kv) + (H + H) + 2 * (H + I) + (I + H))  # r (in + out) each
-    return base, adapters
-
-
-def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=4, checkpointing=True,
-                    compute_bytes=2, lora_rank=0, foreach=True, shared_prefix_tokens=0):
-    """Peak memory in bytes of one steady-state RL step (AdamW states already allocated), by part.
-
-    compute_bytes: 2 under bf16 autocast, 4 in fp32. foreach: AdamW's multi-tensor step (the CUDA
-    default) holds one temporary as large as the trained parameters; the CPU's per-tensor step, one as
-    large as the largest. shared_prefix_tokens: the update's shared-prefix path (prefix run once per
-    micro-batch), 0 for the per-candidate one. Per token and layer, the saved activations of the
-    update, counted from what a Qwen2 layer keeps for backward (fp32 RMSNorm in and out, the inputs of
-    the projections, each cast separately under autocast, q and k before and after rope, SDPA's q, k,
-    v and output, the MLP's four I-wide tensors). The tied-embedding term was found by measurement
-    (an embedding and a tied lm_head alone: peak 1.69 GiB against 1.18 untied at V = 151,936, H = 896).
-    """
-    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    kv = config.num_key_value_heads * (H // config.num_attention_heads)
-    c, autocast = compute_bytes, compute_bytes < 4
-    base, adapters = parameter_count(config, lora_rank)
-    trained = adapters if lora_rank else base
-    largest = V * H
-    per_token_layer = (16 * H + c * ((3 if autocast else 1) * H + H + 2 * (H + kv) + 4 * H + (2 if autocast else 1) * H)
-                       + 4 * c * I)
-    tokens = (shared_prefix_tokens + micro_batch * (prompt_tokens - shared_prefix_tokens + new_tokens)
-              if shared_prefix_tokens else micro_batch * (prompt_tokens + new_tokens))  # through the model at once
-    if checkpointing:  # each layer's input (the fp32 residual stream), and one layer recomputed in backward
-        activations = L * tokens * 4 * H + tokens * per_token_layer
-    else:
-        activations = L * tokens * per_token_layer
-    parts = {
-        "weights (fp32)": 4 * (base + adapters),
-        # autocast keeps a bf16 copy of every trained fp32 weight it casts (all linears, lm_head's tied embedding)
-        "autocast weight copies": 2 * (trained - (0 if lora_rank else (0 if config.tie_word_embeddings else V * H))) if autocast else 0,
-        "gradients (fp32)": 4 * trained,
-        "AdamW states (fp32)": 8 * trained,
-        "activations (one micro-batch)": activations,
-        "response logits (one micro-batch)": micro_batch * new_tokens * V * (12 + c),
-        "KV cache (rollout, K traces)": K * (prompt_tokens + new_tokens) * L * 2 * kv * c,
-        "optimizer step temporary": 4 * (trained if foreach else min(largest, trained)),
-        # a tied embedding's gradient arrives twice (embedding, lm_head) and is summed: two V x H temporaries
-        "tied-embedding gradient temporaries": 2 * 4 * V * H if config.tie_word_embeddings and not lora_rank else 0,
-    }
-    static = parts["weights (fp32)"] + parts["autocast weight copies"] + parts["AdamW states (fp32)"]
-    backward = static + sum(parts[name] for name in ("gradients (fp32)", "activations (one micro-batch)",
-                                                     "response logits (one micro-batch)", "tied-embedding gradient temporaries"))
-    step = static + parts["gradients (fp32)"] + parts["optimizer step temporary"]
-    rollout_peak = static + parts["KV cache (rollout, K traces)"] + 3 * 4 * K * V  # and [K, V] logits per token
-    return parts, {"rollout": rollout_peak, "update": max(backward, step), "peak": max(rollout_peak, backward, step)}
-
-
-def print_estimates(args):
-    """The estimate for the four Qwen2.5 sizes, full fine-tuning and LoRA, GPU settings (bf16, checkpointing)."""
-    print(f"\n== estimated peak memory of one RL step: K = {args.candidates}, {args.prompt_tokens}-token prompts, "
-          f"{args.new_tokens} new tokens, micro-batch {args.micro_batch}, bf16 autocast, checkpointing, CUDA ==")
-    print("| model | parameters | full fine-tuning | LoRA r = 16 |\n|---|---:|---:|---:|")
-    for name in models.QWEN25:
-        config = models.qwen25_config(name)
-        gib = [estimate_memory(config, args.candidates, args.prompt_tokens, args.new_tokens, args.micro_batch,
-                               lora_rank=rank)[1]["peak"] / 2**30 for rank in (0, 16)]
-        print(f"| Qwen2.5-{name.split('-')[1].upper()} | {parameter_count(config)[0] / 1e9:.2f} B | {gib[0]:.1f} GiB | {gib[1]:.1f} GiB |")
 
 
 def rl_step(name, args, device):
