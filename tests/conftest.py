@@ -12,6 +12,7 @@ import os
 import runpy
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -44,8 +45,10 @@ def _forkserver():
     return _context
 
 
-def _run_in_child(script, args, cwd, stdout_path, stderr_path):
-    """In the forked process: `python script args` from cwd, output into the two files."""
+def _run_in_child(script, args, cwd, environ, stdout_path, stderr_path):
+    """In the forked process: `python script args` from cwd with this environment, output into the two files."""
+    os.environ.clear()
+    os.environ.update(environ)  # the caller's, as a subprocess would inherit it (not the server's)
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         file_fd = os.open(path, os.O_WRONLY)
         os.dup2(file_fd, fd)
@@ -60,11 +63,9 @@ def _run_in_child(script, args, cwd, stdout_path, stderr_path):
 def run_script(script, *args, cwd=None, timeout=600):
     """`python script ARGS` (cwd: the current directory when None) as a forked process; returns a
     subprocess.CompletedProcess with text stdout and stderr, like subprocess.run(..., capture_output=True)."""
-    import tempfile
-
     args = [str(a) for a in args]
     with tempfile.NamedTemporaryFile() as out, tempfile.NamedTemporaryFile() as err:
-        process = _forkserver().Process(target=_run_in_child, args=(script, args, cwd, out.name, err.name))
+        process = _forkserver().Process(target=_run_in_child, args=(script, args, cwd, dict(os.environ), out.name, err.name))
         process.start()
         process.join(timeout)
         if process.exitcode is None:
