@@ -7,9 +7,9 @@
     ppo_update(model, optimizer, prompts, samples, advantages, cfg)   -> theta updated by Eq. 6's clipped PPO
 
 All K prompts of one user share their beginning (instructions + user context) and differ only in the
-candidate at the end. sample_traces runs that shared prefix through the model once, copies its KV
-cache K times, and then continues with the K candidate suffixes and the decoding loop. With an empty
-prefix it is plain batched sampling of whole prompts.
+candidate at the end. sample_traces runs that shared prefix through the model once, and then continues
+with the K candidate suffixes and the decoding loop, all K rows attending to one copy of the prefix's
+keys and values (decode.py). With an empty prefix it is plain batched sampling of whole prompts.
 
 Both functions take any transformers causal LM with the usual `get_decoder()` / `get_output_embeddings()`
 (Qwen2, Llama, ...). The decoder's last hidden state is taken after the final norm, i.e. exactly
@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 import data
+import decode
 import distributed
 from ppo import clipped_token_loss
 
@@ -113,12 +114,31 @@ def next_tokens(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _decode_feed(decoder, prefix_ids, rows, capacity):
+    """decode.py's forward: the prefix's keys and values once, each row's in a buffer of `capacity` slots."""
+    cache = decode.RowCache(decoder, rows, capacity, decode.prefix_cache(decoder, prefix_ids))
+    return lambda ids, valid, positions: decode.forward(decoder, cache, ids, positions, valid)
+
+
+def _transformers_feed(decoder, prefix_ids, rows, device):
+    """The model's own forward and DynamicCache: the prefix's cache copied per row, and an attention mask
+    over cache + new tokens grown by each call. Works for any architecture."""
+    cache = prefill(decoder, prefix_ids, rows, device)
+    masks = [torch.ones((rows, len(prefix_ids)), dtype=torch.long, device=device)]
+
+    def feed(ids, valid, positions):
+        masks.append(valid.long())
+        return decoder(input_ids=ids, attention_mask=torch.cat(masks, dim=1), position_ids=positions,
+                       **cache_kwargs(decoder, cache)).last_hidden_state
+    return feed
+
+
 @torch.no_grad()
 def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens, temperature=1.0, top_p=1.0,
-                  generator=None):
+                  generator=None, fast_decode=True):
     """Sample one response to each prompt prefix_ids + suffix_ids_list[k], sharing the prefix's KV cache.
 
-    1. the prefix goes through the model once (batch 1), and its cache is copied K times;
+    1. the prefix goes through the model once (batch 1);
     2. the K suffixes go through in one batch, left-padded inside the suffix block
        (prefix | pad | suffix), so every row's last prompt token is in the last column;
     3. decoding feeds one token per row per step; a row stops at an eos or at max_new_tokens.
@@ -127,6 +147,9 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     token (a no-reasoning control).
     Log-probs are those of the distribution each token was drawn from, softmax(logits / temperature)
     (token_logprobs), what response_logprobs recomputes at the same temperature.
+    fast_decode: decode.py's forward (one copy of the prefix's keys and values, a per-row cache written
+    in place) for the architectures it supports; False, or another architecture: the model's own
+    forward with its cache repeated K times. Both compute the same function.
     """
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     device = lm_head.weight.device
@@ -138,26 +161,27 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     was_training = model.training
     model.eval()
 
-    # 1) the shared prefix, once; then its cache per layer [1, kv_heads, P, head_dim] -> [K, ...]
-    cache = prefill(decoder, prefix_ids, K, device)
+    # 1) the shared prefix, once
+    if fast_decode and decode.supported(model):
+        feed = _decode_feed(decoder, prefix_ids, K, L + max_new_tokens)
+    else:
+        feed = _transformers_feed(decoder, prefix_ids, K, device)
 
-    # 2) the suffixes, [K, L], left-padded; the mask always spans cache + new tokens
+    # 2) the suffixes, [K, L], left-padded
     block = torch.full((K, L), pad_id, device=device)
-    block_mask = torch.zeros((K, L), dtype=torch.long, device=device)
+    block_valid = torch.zeros((K, L), dtype=torch.bool, device=device)
     for k, suffix in enumerate(suffix_ids_list):
         block[k, L - len(suffix):] = torch.tensor(suffix, device=device)
-        block_mask[k, L - len(suffix):] = 1
-    attention_mask = torch.cat([torch.ones((K, P), dtype=torch.long, device=device), block_mask], dim=1)
-    position_ids = positions_from_mask(attention_mask)[:, P:]  # suffix token i of a row sits at P + i
-    out = decoder(input_ids=block, attention_mask=attention_mask, position_ids=position_ids,
-                  **cache_kwargs(decoder, cache))
-    logits = lm_head(out.last_hidden_state[:, -1]).float()  # [K, V]
+        block_valid[k, L - len(suffix):] = True
+    position_ids = P + positions_from_mask(block_valid)  # suffix token i of a row sits at P + i
+    hidden = feed(block, block_valid, position_ids)[:, -1]  # [K, H]
+    logits = lm_head(hidden).float()  # [K, V]
     position = P + suffix_lengths  # [K] position of the next token
 
     # 3) decode
     tokens = torch.full((K, max_new_tokens), pad_id, device=device)
     logprobs = torch.zeros((K, max_new_tokens), device=device)
-    final_hidden = out.last_hidden_state[:, -1].to(lm_head.weight.dtype, copy=True)  # kept only with no trace
+    final_hidden = hidden.to(lm_head.weight.dtype, copy=True)  # kept only with no trace
     done = torch.zeros(K, dtype=torch.bool, device=device)
     finished = torch.zeros(K, dtype=torch.bool, device=device)
     lengths = torch.zeros(K, dtype=torch.long, device=device)
@@ -171,10 +195,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
         ends_here = is_stop | (alive & (step == max_new_tokens - 1))
         finished |= is_stop
         # Feed the token (rows already done feed a masked pad): next logits, and the hidden state at it.
-        attention_mask = torch.cat([attention_mask, alive[:, None].long()], dim=1)
-        out = decoder(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position[:, None],
-                      **cache_kwargs(decoder, cache))
-        hidden = out.last_hidden_state[:, -1]  # [K, H]
+        hidden = feed(token[:, None], alive[:, None], position[:, None])[:, -1]  # [K, H]
         final_hidden[ends_here] = hidden[ends_here]
         done |= ends_here
         if done.all():

@@ -1,19 +1,107 @@
-"""Shared by the test files: the real CLI run as a subprocess, and a small synthetic data set."""
+"""Shared by the test files: the project's scripts run as processes, and a small synthetic data set.
+
+A script run (run_script, run_cli) is a real process with its own exit status, standard output and
+error, current directory and argv, but it is forked from one server process that has already imported
+torch, transformers and the project (multiprocessing's forkserver), instead of starting a new Python
+that imports them again: each run starts in well under a second rather than in three to five. The
+server is a fresh interpreter, not this pytest process, so nothing a test did here leaks into a run.
+Tests about the process itself (signals, torchrun) still start their own with subprocess.
+"""
+import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import torch
 
 import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_context = None
+
+
+def _forkserver():
+    """multiprocessing's fork server, started once with the imports of cli_warmup.py done."""
+    global _context
+    if _context is None:
+        import multiprocessing.forkserver
+
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(["conftest", "cli_warmup"])
+        # The server is a new interpreter: before Python 3.12 it ignores this process's sys.path, so the
+        # modules to preload are found through PYTHONPATH, set only while it starts.
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")] + ([saved] if saved else []))
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+    return _context
+
+
+def _run_in_child(script, args, cwd, environ, stdout_path, stderr_path):
+    """In the forked process: `python script args` from cwd with this environment, output into the two files."""
+    os.environ.clear()
+    os.environ.update(environ)  # the caller's, as a subprocess would inherit it (not the server's)
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        file_fd = os.open(path, os.O_WRONLY)
+        os.dup2(file_fd, fd)
+        os.close(file_fd)
+    if cwd is not None:
+        os.chdir(cwd)
+    sys.argv = [script, *args]
+    sys.path[0:0] = [os.path.dirname(os.path.abspath(script))]  # as `python script` puts the script's folder first
+    runpy.run_path(script, run_name="__main__")  # SystemExit sets the exit status, as in a plain run
+
+
+def run_script(script, *args, cwd=None, timeout=600):
+    """`python script ARGS` (cwd: the current directory when None) as a forked process; returns a
+    subprocess.CompletedProcess with text stdout and stderr, like subprocess.run(..., capture_output=True)."""
+    args = [str(a) for a in args]
+    with tempfile.NamedTemporaryFile() as out, tempfile.NamedTemporaryFile() as err:
+        process = _forkserver().Process(target=_run_in_child, args=(script, args, cwd, dict(os.environ), out.name, err.name))
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired([script, *args], timeout)
+        with open(out.name) as stdout, open(err.name) as stderr:
+            return subprocess.CompletedProcess([sys.executable, script, *args], process.exitcode, stdout.read(), stderr.read())
 
 
 def run_cli(*args):
     """python r2rank.py ARGS from the repository root; returns the CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "r2rank.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    return run_script(os.path.join(ROOT, "r2rank.py"), *args, cwd=ROOT)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def stop_the_fork_server():
+    """At the end, stop the fork server and wait for it, so that the CPU time of the runs it forked
+    counts in this process's (what `time python -m pytest` reports)."""
+    yield
+    if _context is not None:
+        import multiprocessing.forkserver
+
+        multiprocessing.forkserver._forkserver._stop()
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """One torch thread, except in the real-model checks (`slow`): the tiny model's operations are too
+    small for intra-op threads to pay off, and on a busy machine their synchronization made tests up
+    to ten times slower."""
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

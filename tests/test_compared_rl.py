@@ -13,7 +13,7 @@ import torch
 import data
 import models
 from baselines import r2ec, reczero
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_script
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def metric_rows(out):
 
 def assert_resume_matches_one_run(command, out, straight):
     """The oracle of --resume: 2 steps, then --resume to 3, write the rows of one 3-step run."""
-    run = lambda *args: subprocess.run(command + list(args), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    run = lambda *args: run_script(*command, *args, cwd=ROOT)
     resumed = run("--max-steps", "3", "--resume")
     assert resumed.returncode == 0 and f"resumed from {out}/checkpoint-2 at step 2" in resumed.stdout, resumed.stderr
     at_once = run("--max-steps", "3", "--out", str(straight))
@@ -85,9 +85,9 @@ def assert_resume_matches_one_run(command, out, straight):
 
 def test_reczero_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     out = tmp_path / "reczero"
-    command = [sys.executable, f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out),
+    command = [f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out),
                "--max-steps", "2", "--group", "3", "--negatives", "2", "--max-new-tokens", "6", "--lr", "1e-3"]
-    trained = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    trained = run_script(*command, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     assert [row["step"] for row in metric_rows(out)] == [1, 2]
     assert "2 users x 3 pairs x 3 traces = 18 traces per step" in trained.stdout
@@ -97,7 +97,7 @@ def test_reczero_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     start, _ = models.build_tiny(seed=0)
     trained_model, _ = models.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(start.state_dict().values(), trained_model.state_dict().values()))
-    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    again = run_script(*command, cwd=ROOT)
     assert again.returncode == 1 and "holds another run (checkpoint-2, metrics.jsonl); pass --resume" in again.stderr
     assert_resume_matches_one_run(command, out, tmp_path / "straight")
 
@@ -155,9 +155,9 @@ def test_item_embeddings_match_one_item_at_a_time(tiny):
 
 def test_r2ec_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     out = tmp_path / "r2ec"
-    command = [sys.executable, f"{ROOT}/baselines/r2ec.py", "--data", synthetic_dir, "--model", "tiny",
+    command = [f"{ROOT}/baselines/r2ec.py", "--data", synthetic_dir, "--model", "tiny",
                "--out", str(out), "--max-steps", "2", "--group", "3", "--max-new-tokens", "6"]
-    trained = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    trained = run_script(*command, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     assert [row["step"] for row in metric_rows(out)] == [1, 2]
     checkpoint = out / "checkpoint-2"

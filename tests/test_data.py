@@ -5,8 +5,6 @@ import gzip
 import json
 import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -17,11 +15,13 @@ from data import DataError, Protocol
 import sources
 from sources import RawData
 
+from conftest import run_script
+
 DATA_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, DATA_PY, *map(str, args)], capture_output=True, text=True, timeout=60)
+    return run_script(DATA_PY, *args, timeout=60)
 
 
 def millis(when):

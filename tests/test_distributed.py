@@ -22,7 +22,7 @@ import models
 import plackett_luce
 import r2rank
 import rollout
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from metrics import ndcg_at_k
 from ppo import leave_one_out_baseline, reinforce_loss
 
@@ -105,8 +105,8 @@ def torchrun(*args, nproc=2):
 
 
 def plain(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "r2rank.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    """The one-process reference, on the CPU like the gloo ranks (a forked run: conftest.run_cli)."""
+    return run_cli(*args, "--device", "cpu")
 
 
 def rows(out):

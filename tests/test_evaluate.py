@@ -5,8 +5,6 @@ The Wilcoxon test and the bootstrap are checked in test_metrics.py.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,17 +20,9 @@ import runs
 from models import ScoreHead
 from metrics import rank_by_scores
 
+from conftest import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads to pay off; on a busy machine the
-    threads' synchronization made these tests ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- baselines and the parser
@@ -234,8 +224,7 @@ def test_sampled_traces_are_reproducible(checkpoint, synthetic, tmp_path):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "r2rank.py"), "--stage", "eval", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_script(os.path.join(ROOT, "r2rank.py"), "--stage", "eval", *args, cwd=cwd)
 
 
 def test_cli_writes_the_json_and_skips_r2rank_without_a_head(synthetic, tmp_path):

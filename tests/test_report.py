@@ -1,11 +1,11 @@
 """tools/report.py: the merged results table and the text learning curve."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tools import report
+
+from conftest import run_script
 
 ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
 
@@ -78,8 +78,7 @@ def test_curve_cli_draws_and_names_a_bad_line(tmp_path):
     rows[9]["valid_ndcg@10"], rows[19]["valid_ndcg@10"] = 0.25, 0.35
     rows.insert(0, {"step": 0, "valid_ndcg@10": 0.3, "step_time": 18.0})  # the start's validation, no reward
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    run = subprocess.run([sys.executable, "tools/report.py", "curve", str(metrics), "--window", "5"],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = run_script("tools/report.py", "curve", str(metrics), "--window", "5", cwd=ROOT)
     assert run.returncode == 0, run.stderr
     # reward 0.21 at step 1 (column round(1 / 20 * 63) = 3); at step 20 the mean of 0.36 .. 0.40
     assert run.stdout.startswith(" 0.380 |") and "\n 0.210 |   ." in run.stdout and "o validation" in run.stdout
@@ -87,5 +86,5 @@ def test_curve_cli_draws_and_names_a_bad_line(tmp_path):
     assert ("20 steps, 0.17 h of step time; validation NDCG@10 first 0.300 (step 0), best 0.350 (step 20), "
             "last 0.350") in run.stdout
     metrics.write_text(json.dumps(rows[1]) + "\n{oops\n")
-    run = subprocess.run([sys.executable, "tools/report.py", "curve", str(metrics)], cwd=ROOT, capture_output=True, text=True)
+    run = run_script("tools/report.py", "curve", str(metrics), cwd=ROOT)
     assert run.returncode == 1 and f"{metrics}:2: malformed JSON" in run.stderr and "Traceback" not in run.stderr

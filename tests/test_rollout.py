@@ -45,25 +45,28 @@ def _generate_plain(model, tokenizer, prompts, max_new_tokens):
     return responses
 
 
-def test_greedy_shared_prefix_equals_plain_generate(tiny):
+@pytest.mark.parametrize("fast_decode", [True, False])  # decode.py's forward, the model's own with its cache
+def test_greedy_shared_prefix_equals_plain_generate(tiny, fast_decode):
     model, tokenizer = tiny
     prefix, suffixes = _prompts(tokenizer)
-    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=12, temperature=0.0)
+    samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=12, temperature=0.0,
+                                    fast_decode=fast_decode)
     expected = _generate_plain(model, tokenizer, [prefix + s for s in suffixes], 12)
     assert samples.token_lists() == expected
     # The plain path of the same function (empty prefix, whole prompts) agrees too.
-    plain = rollout.sample_traces(model, tokenizer, [], [prefix + s for s in suffixes], max_new_tokens=12, temperature=0.0)
+    plain = rollout.sample_traces(model, tokenizer, [], [prefix + s for s in suffixes], max_new_tokens=12, temperature=0.0,
+                                  fast_decode=fast_decode)
     assert plain.token_lists() == expected
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_recorded_logprobs_and_final_hidden_match_a_fresh_forward(tiny, temperature):
+@pytest.mark.parametrize("temperature, fast_decode", [(1.0, True), (0.7, True), (0.7, False)])
+def test_recorded_logprobs_and_final_hidden_match_a_fresh_forward(tiny, temperature, fast_decode):
     """Log-probs of the distribution the tokens were drawn from, log softmax(logits / T), recorded while
     decoding and recomputed by teacher forcing, against a plain unpadded forward per sequence."""
     model, tokenizer = tiny
     prefix, suffixes = _prompts(tokenizer)
     samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens=10, temperature=temperature,
-                                    generator=torch.Generator().manual_seed(0))
+                                    generator=torch.Generator().manual_seed(0), fast_decode=fast_decode)
     prompts = [prefix + s for s in suffixes]
     with torch.no_grad():
         logp, mask = rollout.response_logprobs(model, prompts, samples.token_lists(), temperature)
@@ -184,3 +187,22 @@ def test_decoding_uses_the_installed_transformers_cache_keyword(tiny):
         warnings.simplefilter("error", FutureWarning)
         rollout.sample_traces(model, tokenizer, prefix, suffixes, 3, generator=torch.Generator().manual_seed(0))
         rollout.response_logprobs_shared(model, prefix, suffixes, [[1, 2], [3], [4, 5]])
+
+
+def test_decode_forward_applies_lora_adapters_like_the_models_own(tiny):
+    """decode.py calls the layers' own modules, so adapters (lora.py) act in it as in the model's forward."""
+    import lora
+
+    model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
+    torch.manual_seed(0)
+    lora.add_adapters(model, 4)
+    for layer in lora.adapted(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 would make the adapters do nothing
+    prefix, suffixes = _prompts(tokenizer)
+    fast, plain = (rollout.sample_traces(model, tokenizer, prefix, suffixes, 8, generator=torch.Generator().manual_seed(4),
+                                         fast_decode=fast_decode) for fast_decode in (True, False))
+    assert fast.token_lists() == plain.token_lists()
+    torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.final_hidden, plain.final_hidden, atol=1e-5, rtol=0)
+    base = rollout.sample_traces(tiny[0], tokenizer, prefix, suffixes, 1, temperature=0.0)
+    assert (base.final_hidden - rollout.sample_traces(model, tokenizer, prefix, suffixes, 1, temperature=0.0).final_hidden).abs().max() > 1e-2

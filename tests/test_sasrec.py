@@ -1,12 +1,10 @@
 """SASRec (baselines/sasrec.py): causality, the unknown-item fallback, and training + eval end to end."""
 import json
-import subprocess
-import sys
 
 import torch
 
 from baselines import sasrec
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_script
 
 
 def test_a_later_item_does_not_change_an_earlier_position():
@@ -36,8 +34,8 @@ def test_scores_are_dot_products_and_unknown_items_rank_last():
 
 def test_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     out = tmp_path / "sasrec"
-    trained = subprocess.run([sys.executable, f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
-                              "--epochs", "10", "--dim", "16"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    trained = run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
+                         "--epochs", "10", "--dim", "16", cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     assert "best validation NDCG@10" in trained.stdout
     log = json.loads((out / "sasrec-log.json").read_text())

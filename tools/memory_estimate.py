@@ -1,0 +1,82 @@
+"""Peak memory of one RL step, estimated by part from a Qwen2 config (no model is built):
+
+    python tools/benchmark.py --estimate          # the table for Qwen2.5 0.5B-7B, full and LoRA
+    estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=4)
+
+tools/benchmark.py --rl-step measures one step beside this estimate.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
+
+
+def parameter_count(config, lora_rank=0):
+    """(base parameters, LoRA adapter parameters) of a Qwen2 config, tied embeddings counted once."""
+    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (H // config.num_attention_heads)  # key / value width
+    layer = (H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * I + 2 * H  # q, k, v (with bias), o, MLP, 2 norms
+    base = V * H * (1 if config.tie_word_embeddings else 2) + L * layer + H
+    adapters = L * lora_rank * ((H + H) + 2 * (H + kv) + (H + H) + 2 * (H + I) + (I + H))  # r (in + out) each
+    return base, adapters
+
+
+def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=4, checkpointing=True,
+                    compute_bytes=2, lora_rank=0, foreach=True, shared_prefix_tokens=0):
+    """Peak memory in bytes of one steady-state RL step (AdamW states already allocated), by part.
+
+    compute_bytes: 2 under bf16 autocast, 4 in fp32. foreach: AdamW's multi-tensor step (the CUDA
+    default) holds one temporary as large as the trained parameters; the CPU's per-tensor step, one as
+    large as the largest. shared_prefix_tokens: the update's shared-prefix path (prefix run once per
+    micro-batch), 0 for the per-candidate one. Per token and layer, the saved activations of the
+    update, counted from what a Qwen2 layer keeps for backward (fp32 RMSNorm in and out, the inputs of
+    the projections, each cast separately under autocast, q and k before and after rope, SDPA's q, k,
+    v and output, the MLP's four I-wide tensors). The tied-embedding term was found by measurement
+    (an embedding and a tied lm_head alone: peak 1.69 GiB against 1.18 untied at V = 151,936, H = 896).
+    """
+    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (H // config.num_attention_heads)
+    c, autocast = compute_bytes, compute_bytes < 4
+    base, adapters = parameter_count(config, lora_rank)
+    trained = adapters if lora_rank else base
+    largest = V * H
+    per_token_layer = (16 * H + c * ((3 if autocast else 1) * H + H + 2 * (H + kv) + 4 * H + (2 if autocast else 1) * H)
+                       + 4 * c * I)
+    tokens = (shared_prefix_tokens + micro_batch * (prompt_tokens - shared_prefix_tokens + new_tokens)
+              if shared_prefix_tokens else micro_batch * (prompt_tokens + new_tokens))  # through the model at once
+    if checkpointing:  # each layer's input (the fp32 residual stream), and one layer recomputed in backward
+        activations = L * tokens * 4 * H + tokens * per_token_layer
+    else:
+        activations = L * tokens * per_token_layer
+    parts = {
+        "weights (fp32)": 4 * (base + adapters),
+        # autocast keeps a bf16 copy of every trained fp32 weight it casts (all linears, lm_head's tied embedding)
+        "autocast weight copies": 2 * (trained - (0 if lora_rank else (0 if config.tie_word_embeddings else V * H))) if autocast else 0,
+        "gradients (fp32)": 4 * trained,
+        "AdamW states (fp32)": 8 * trained,
+        "activations (one micro-batch)": activations,
+        "response logits (one micro-batch)": micro_batch * new_tokens * V * (12 + c),
+        "KV cache (rollout, K traces)": K * (prompt_tokens + new_tokens) * L * 2 * kv * c,
+        "optimizer step temporary": 4 * (trained if foreach else min(largest, trained)),
+        # a tied embedding's gradient arrives twice (embedding, lm_head) and is summed: two V x H temporaries
+        "tied-embedding gradient temporaries": 2 * 4 * V * H if config.tie_word_embeddings and not lora_rank else 0,
+    }
+    static = parts["weights (fp32)"] + parts["autocast weight copies"] + parts["AdamW states (fp32)"]
+    backward = static + sum(parts[name] for name in ("gradients (fp32)", "activations (one micro-batch)",
+                                                     "response logits (one micro-batch)", "tied-embedding gradient temporaries"))
+    step = static + parts["gradients (fp32)"] + parts["optimizer step temporary"]
+    rollout_peak = static + parts["KV cache (rollout, K traces)"] + 3 * 4 * K * V  # and [K, V] logits per token
+    return parts, {"rollout": rollout_peak, "update": max(backward, step), "peak": max(rollout_peak, backward, step)}
+
+
+def print_estimates(args):
+    """The estimate for the four Qwen2.5 sizes, full fine-tuning and LoRA, GPU settings (bf16, checkpointing)."""
+    print(f"\n== estimated peak memory of one RL step: K = {args.candidates}, {args.prompt_tokens}-token prompts, "
+          f"{args.new_tokens} new tokens, micro-batch {args.micro_batch}, bf16 autocast, checkpointing, CUDA ==")
+    print("| model | parameters | full fine-tuning | LoRA r = 16 |\n|---|---:|---:|---:|")
+    for name in models.QWEN25:
+        config = models.qwen25_config(name)
+        gib = [estimate_memory(config, args.candidates, args.prompt_tokens, args.new_tokens, args.micro_batch,
+                               lora_rank=rank)[1]["peak"] / 2**30 for rank in (0, 16)]
+        print(f"| Qwen2.5-{name.split('-')[1].upper()} | {parameter_count(config)[0] / 1e9:.2f} B | {gib[0]:.1f} GiB | {gib[1]:.1f} GiB |")
