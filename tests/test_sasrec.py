@@ -59,8 +59,8 @@ def test_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
 
 def test_out_holding_a_model_is_refused_unless_overwritten(synthetic_dir, tmp_path):
     out = tmp_path / "sasrec"
-    train = lambda *args: subprocess.run([sys.executable, f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
-                                          "--epochs", "1", "--dim", "8", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    train = lambda *args: run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
+                                     "--epochs", "1", "--dim", "8", *args, cwd=ROOT)
     assert train().returncode == 0
     first = (out / "sasrec.pt").read_bytes()
     again = train("--seed", "1")
@@ -77,8 +77,8 @@ def test_out_holding_a_model_is_refused_unless_overwritten(synthetic_dir, tmp_pa
 
 
 def test_resume_writes_what_one_uninterrupted_run_writes(synthetic_dir, tmp_path):
-    train = lambda out, *args: subprocess.run([sys.executable, f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
-                                               "--dim", "8", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    train = lambda out, *args: run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out),
+                                          "--dim", "8", *args, cwd=ROOT)
     assert train(tmp_path / "straight", "--epochs", "10").returncode == 0
     assert train(tmp_path / "stopped", "--epochs", "5").returncode == 0
     resumed = train(tmp_path / "stopped", "--epochs", "10", "--resume")
