@@ -239,6 +239,12 @@ def steps_text(first, last):
     return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
+def kept_text(out, done):
+    """What a stopped run kept, in words: its finished steps 1..done and their checkpoint."""
+    return (f"{steps_text(1, done)} kept in {out}/checkpoint-{done}; continue with --resume" if done
+            else "no step had finished: nothing kept")
+
+
 def row_step(line):
     """The step of one metrics.jsonl line, or None when the line is not a whole JSON row."""
     try:

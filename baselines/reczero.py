@@ -139,8 +139,7 @@ def train(args):
         if done > saved:
             save(args, done, model, tokenizer, optimizers, plan)
             saved = done
-        return (f"{runs.steps_text(1, done)} kept in {args.out}/checkpoint-{done}; continue with --resume" if done
-                else "no step had finished: nothing kept")
+        return runs.kept_text(args.out, done)
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, runs.StopOnSignal(plan.checkpoint or "nothing") as stop:
         for step in tqdm(range(plan.start_step + 1, args.max_steps + 1), initial=plan.start_step, total=args.max_steps,
                          desc="reczero", dynamic_ncols=True):
