@@ -33,14 +33,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import data  # noqa: E402
-import lora  # noqa: E402
 import models  # noqa: E402
 import plackett_luce  # noqa: E402
 import rollout  # noqa: E402
 from models import ScoreHead  # noqa: E402
 
 import flops  # noqa: E402  (tools/flops.py, beside this file)
-from memory_estimate import estimate_memory, print_estimates  # noqa: E402
+from memory_estimate import print_estimates  # noqa: E402
+from rl_step import benchmark_instance, paper_scale, rl_step, rss_kib  # noqa: E402
 
 
 def smollm2_path():
@@ -49,11 +49,6 @@ def smollm2_path():
         return None
     path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     return path if os.path.isfile(path) else None
-
-
-def rss_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def measure(fn, device, memory_limit_gib=12.0, fork=False, clock=time.perf_counter):
@@ -109,16 +104,6 @@ def measure(fn, device, memory_limit_gib=12.0, fork=False, clock=time.perf_count
     if not data_bytes:
         return float("nan"), float("inf"), f"failed: the measuring process died (status {status})"
     return pickle.loads(data_bytes)
-
-
-def benchmark_instance(history, candidates):
-    """A synthetic user with a full-length history (the synthetic set's are 4-10 items)."""
-    raw = data.synthetic_raw(users=50, seed=0)
-    splits, _ = data.build_instances(raw, data.Protocol(candidates=candidates))
-    instance = dict(splits["train"][0])
-    pool = [item for inst in splits["train"] for item in inst["history"]]
-    instance["history"] = (instance["history"] + pool)[:history]
-    return instance
 
 
 def naive_update(model, prompts, responses):
@@ -365,93 +350,6 @@ def bench_plackett_luce(device, clock=time.perf_counter):
     slow, _, _ = measure(loop, device, clock=clock)
     print(f"\n== Plackett-Luce, B = {B}, K = {K}, S = {S}: sample + log_prob ==")
     print(f"vectorized {fast * 1000:8.2f} ms   per-row Python loop {slow * 1000:9.1f} ms   speed-up {slow / fast:.0f}x")
-
-
-# ------------------------------------------------------------------ memory of one RL step at scale
-
-
-def rl_step(name, args, device):
-    """One RL step of --model `name` through the project's own code (rollout_users, score_traces,
-    ppo_update), AdamW states allocated first (a zero-gradient step), so the step is a steady-state one:
-    time and peak memory of each phase, beside estimate_memory for the same settings."""
-    dtype = getattr(torch, args.dtype)
-    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else rss_kib("VmRSS") * 1024
-    model, tokenizer = models.load_policy(name, device, torch.float32, seed=0)
-    cfg = config.Config(model=name, max_new_tokens=args.new_tokens, max_history=args.history, micro_batch=args.micro_batch,
-                        users_per_step=args.users, lora_rank=args.lora_rank, temperature=1.0, ppo_epochs=args.ppo_epochs)
-    checkpointing = models.enable_checkpointing(model, args.checkpointing, device)
-    shared = not checkpointing
-    torch.manual_seed(0)
-    trained = lora.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
-    optimizer = torch.optim.AdamW(trained, lr=1e-6, weight_decay=0.0)
-    for parameter in trained:
-        parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()  # allocates the AdamW states and changes nothing (zero gradients, no weight decay)
-    optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    head = ScoreHead(model.config.hidden_size, 256).to(device)
-    instances = [dict(benchmark_instance(args.history, args.candidates), user_id=str(u)) for u in range(args.users)]
-    prefix, suffixes = data.encode_user(tokenizer, instances[0], cfg.max_history, cfg.max_item_chars)
-    prompt_tokens = len(prefix) + sum(map(len, suffixes)) // len(suffixes)
-    print(f"\n== one RL step, {name}: {args.users} users x K = {len(suffixes)}, prompt {prompt_tokens} tokens ({len(prefix)} "
-          f"shared), up to {args.new_tokens} new tokens, micro-batch {args.micro_batch}, {args.dtype} compute, checkpointing "
-          f"{'on' if checkpointing else 'off (shared-prefix update)'}, {'LoRA r = ' + str(args.lora_rank) if args.lora_rank else 'all weights trained'} ==")
-
-    def phase(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # the peak RSS restarts from the current RSS
-        start = time.perf_counter()
-        with models.mixed_precision(device, dtype):
-            result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024
-        return time.perf_counter() - start, peak - baseline, result
-
-    generator = torch.Generator(device=device).manual_seed(0)
-    seconds, rollout_peak, (samples, prompts) = phase(lambda: rollout.rollout_users(model, tokenizer, instances, cfg, generator))
-    new = sum(int(s.lengths.sum()) for s in samples)
-    advantages = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        head(torch.stack([s.final_hidden for s in samples]))
-    score_grads = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(1))  # the score path, on by default
-    update_seconds, update_peak, _ = phase(lambda: rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared,
-                                                                      head=head, score_grads=score_grads))
-    parts, peaks = estimate_memory(model.config, len(suffixes), prompt_tokens, args.new_tokens, args.micro_batch, checkpointing,
-                                   dtype.itemsize, args.lora_rank, foreach=device.type == "cuda",
-                                   shared_prefix_tokens=len(prefix) if shared else 0)
-    gib = 2**30
-    print(f"rollout {seconds:8.1f} s  {new / seconds:8.1f} new tokens/s ({new} tokens)   peak {rollout_peak / gib:6.2f} GiB "
-          f"(estimate {peaks['rollout'] / gib:6.2f}, ratio {rollout_peak / peaks['rollout']:.2f})")
-    print(f"update  {update_seconds:8.1f} s  ({cfg.ppo_epochs} PPO epochs)                         peak {update_peak / gib:6.2f} GiB "
-          f"(estimate {peaks['update'] / gib:6.2f}, ratio {update_peak / peaks['update']:.2f})")
-    print("estimate by part: " + ", ".join(f"{part} {value / gib:.2f}" for part, value in parts.items()) + " GiB")
-    return {"rollout_s": seconds, "update_s": update_seconds, "new_tokens": new, "peak_gib": max(rollout_peak, update_peak) / gib,
-            "estimate_gib": peaks["peak"] / gib}
-
-
-def paper_scale(args):
-    """--paper-scale, on a CUDA machine: the test suite (its CLI runs pick CUDA), then one RL step of
-    random Qwen2.5-1.5B and 3B at the paper's setting, all weights and LoRA."""
-    if not torch.cuda.is_available():
-        sys.exit("error: --paper-scale needs a CUDA GPU (this machine has none); --rl-step and --estimate run anywhere")
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    started = time.perf_counter()
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"], cwd=root)
-    print(f"test suite on {torch.cuda.get_device_name()}: exit {tests.returncode}, {time.perf_counter() - started:.0f} s")
-    args.users, args.new_tokens, args.dtype, args.checkpointing, args.history, args.ppo_epochs = 4, 512, "bfloat16", "on", 20, 2
-    for name in ("random:qwen2.5-1.5b", "random:qwen2.5-3b"):
-        for rank in (0, 16):
-            args.lora_rank = rank
-            rl_step(name, args, torch.device("cuda"))
-            torch.cuda.empty_cache()
-    print(f"total {time.perf_counter() - started:.0f} s")
 
 
 def main():
