@@ -48,7 +48,7 @@ from baselines import r2ec, reczero, sasrec, untrained
 import models
 import rollout
 import runs
-from metrics import bootstrap_ci, ndcg_from_scores, rank_by_scores, significance_marker, wilcoxon_signed_rank
+from metrics import bootstrap_ci, ndcg_from_scores, positive_ranks, significance_marker, wilcoxon_signed_rank
 
 
 # --------------------------------------------------------------------------------- per-user results
@@ -60,13 +60,6 @@ ANALYSES = ("position", "history-order", "cold-start", "history-length")
 TITLES = {"r2rank": "R2Rank", "random": "Random", "popularity": "Popularity", "sasrec": "SASRec",
           "pointwise": "Pointwise, zero-shot", "listwise": "Listwise, zero-shot",
           "reczero": "RecZero-style, pointwise GRPO", "r2ec": "R2ec-style, dual head"}
-
-
-def positive_ranks(scores, labels):
-    """[U, K] scores and labels -> [U] long, 1-based rank of each user's (first) most relevant item,
-    ties broken pessimistically as in ndcg_from_scores."""
-    order = rank_by_scores(scores, labels)
-    return (order == labels.argmax(-1, keepdim=True)).long().argmax(-1) + 1
 
 
 def labels_of(instances):

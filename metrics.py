@@ -3,6 +3,7 @@ reward and the number in Table 2, and the tests behind Table 2's markers.
 
     ndcg_at_k(relevance, k)         NDCG@k of rankings given as relevance in ranked order
     ndcg_from_scores(scores, labels, k)  NDCG@k of the ranking that sorts the scores (ties pessimistic)
+    positive_ranks(scores, labels)  the rank of the positive in that ranking (Fig. 5)
     wilcoxon_signed_rank(x, y)      the paired two-sided test behind the markers †/‡/§ (p < .05/.01/.001)
     bootstrap_ci(values)            95% percentile-bootstrap interval of a mean (Fig. 4's error bars)
 
@@ -58,6 +59,16 @@ def ndcg_from_scores(scores, labels, k):
     """
     order = rank_by_scores(scores, labels)
     return ndcg_at_k(labels.gather(-1, order), k)
+
+
+def positive_ranks(scores, labels):
+    """1-based rank of each list's (first) most relevant item in the ranking that sorts the scores,
+    ties broken pessimistically as in ndcg_from_scores.
+
+    scores, labels: [..., K]. returns [...] long, in 1..K.
+    """
+    order = rank_by_scores(scores, labels)
+    return (order == labels.argmax(-1, keepdim=True)).long().argmax(-1) + 1
 
 
 # ------------------------------------------------------------------------------------- statistics

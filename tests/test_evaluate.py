@@ -18,7 +18,7 @@ import models
 import r2rank
 import runs
 from models import ScoreHead
-from metrics import rank_by_scores
+from metrics import positive_ranks, rank_by_scores
 
 from conftest import run_script
 
@@ -40,10 +40,10 @@ def test_popularity_puts_the_most_frequent_item_first_and_ties_are_pessimistic()
     assert scores.tolist() == [[1.0, 7.0, 3.0, 0.0]]
     labels = torch.tensor([instance["labels"]])
     assert rank_by_scores(scores, labels).tolist() == [[1, 2, 0, 3]]
-    assert evaluate.positive_ranks(scores, labels).tolist() == [2]
+    assert positive_ranks(scores, labels).tolist() == [2]
     # all counts equal: the positive ranks last among the tie, whatever its position
     flat = untrained.popularity_scores([instance], {})
-    assert evaluate.positive_ranks(flat, labels).tolist() == [4]
+    assert positive_ranks(flat, labels).tolist() == [4]
 
 
 def test_popularity_counts_every_training_interaction_history_and_positive():
