@@ -1,11 +1,12 @@
-"""Evaluation of R2Rank (Sec. 4.1.1, 4.4 and 4.5 of the R2Rank paper): Table 2, baselines, analyses.
+"""Evaluation of R2Rank (Sec. 4.1.1 and 4.2 of the R2Rank paper): Table 2, R2Rank against the baselines.
 
     python r2rank.py --stage eval --model runs/r2rank/checkpoint-100 --data data/ml100k
     python r2rank.py --stage eval --model tiny --methods random,popularity,pointwise --analyses position
 
-    run_eval(cfg)   every method on the same candidates -> <out>/eval-<split>.json, Table 2
+    run_eval(cfg)   every method on the same candidates -> <out>/eval-<split>.json, Table 2, then --analyses
 
-NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines/untrained.py.
+NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines/untrained.py;
+the analyses of Sec. 4.4 and 4.5 (Fig. 3-5, Table 7) in analyses.py.
 
 Where this departs from the paper (which leaves these points open unless said):
 1. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py), zero-shot prompts of the
@@ -16,25 +17,11 @@ Where this departs from the paper (which leaves these points open unless said):
 3. Markers: in each column the best method is bold and marked by its test against the runner-up in
    that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10.
 4. Wilcoxon: zero differences are dropped (see metrics.py).
-5. Cold start (Fig. 3): users sorted by the training frequency of their positive, cut into four
-   equal-size bins; when more than half of the positives never were a training positive, the paper's
-   industrial tiers 0 / 1-5 / >5 instead.
-6. History length (Fig. 4): four equal-width buckets of the history length shown (1..--max-history);
-   the paper's second variant (cutting 20-item histories to their last k) is not implemented.
-7. History order (Table 7): the shown history (its last --max-history items) is shuffled R times per
-   user. "std" and "range" are each user's spread of NDCG@10 over the R shuffles, averaged over users;
-   the spread of the split's mean over the shuffles is reported beside them.
-8. Position (Fig. 5): the positive moves to the first, middle and last position, the other candidates
-   keeping their order. Only the methods that read the prompt are checked (R2Rank, pointwise,
-   listwise, reczero, r2ec); for the per-candidate ones the positive's rank must not move, and the
-   share of users where it does is reported with the largest change of any candidate's score.
 """
 import dataclasses
 import itertools
 import json
-import math
 import os
-import random
 import time
 import zlib
 
@@ -42,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import analyses
 import data
 import distributed
 from baselines import r2ec, reczero, sasrec, untrained
@@ -62,13 +50,9 @@ TITLES = {"r2rank": "R2Rank", "random": "Random", "popularity": "Popularity", "s
           "reczero": "RecZero-style, pointwise GRPO", "r2ec": "R2ec-style, dual head"}
 
 
-def labels_of(instances):
-    return torch.tensor([inst["labels"] for inst in instances], dtype=torch.float32)  # [U, K]
-
-
 def summarize(scores, instances, resamples, seed):
     """NDCG@1/5/10 means, their 95% bootstrap intervals and the per-user values of one method."""
-    labels = labels_of(instances)
+    labels = torch.tensor([inst["labels"] for inst in instances], dtype=torch.float32)  # [U, K]
     per_user = {f"ndcg@{k}": ndcg_from_scores(scores, labels, k).tolist() for k in KS}
     ranks = positive_ranks(scores, labels).tolist()
     return {**{metric: float(np.mean(values)) for metric, values in per_user.items()},
@@ -105,8 +89,8 @@ def pair_test(tests, a, b, metric):
 def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None, r2ec_model=None):
     """name -> rank(instances, desc) -> (scores [U, K] fp32 on the CPU, info dict).
 
-    Every ranker scores the candidates of each instance in the order given, so the analyses can run
-    the same ranker on reordered candidates or shuffled histories.
+    Every ranker scores the candidates of each instance in the order given, so the analyses
+    (analyses.py) can run the same ranker on reordered candidates or shuffled histories.
     """
     def rank_r2rank(instances, desc):
         # greedy traces by default; sampled ones from a generator seeded by (seed, user), the same for every call
@@ -178,108 +162,6 @@ def sharded(rank):
     return rank_all
 
 
-# ----------------------------------------------------------------------------------------- analyses
-
-
-def move_positive(instance, index):
-    """(copy of instance with its positive at candidate position index, the others in their order,
-    order): order[j] is the original position of the new candidate j."""
-    labels = instance["labels"]
-    positive = labels.index(max(labels))
-    others = [k for k in range(len(labels)) if k != positive]
-    order = others[:index] + [positive] + others[index:]
-    return {**instance, "candidates": [instance["candidates"][k] for k in order],
-            "labels": [labels[k] for k in order]}, order
-
-
-def shuffle_history(instance, max_history, seed):
-    """Copy of instance whose shown history (its last max_history items) is shuffled, seeded."""
-    shown = list(instance["history"][-max_history:] if max_history > 0 else [])
-    random.Random(seed).shuffle(shown)
-    return {**instance, "history": shown}
-
-
-def position_analysis(rankers, names, instances):
-    """Fig. 5: the positive's rank when it is shown first, in the middle and last."""
-    K = len(instances[0]["candidates"])
-    placements = {"first": 0, "middle": (K + 1) // 2 - 1, "last": K - 1}
-    out = {}
-    for name in names:
-        out[name], ranks, item_scores = {}, [], []
-        for where, index in placements.items():
-            moved = [move_positive(inst, index) for inst in instances]
-            scores, _ = rankers[name]([inst for inst, _ in moved], f"{name}, positive {where}")
-            rank = positive_ranks(scores, labels_of([inst for inst, _ in moved]))  # [U]
-            original = torch.empty_like(scores)  # each candidate's score, back in the original order
-            for u, (_, order) in enumerate(moved):
-                original[u, order] = scores[u]
-            ranks.append(rank)
-            item_scores.append(original)
-            out[name][where] = {"position": index + 1, "mean_rank": rank.float().mean().item(),
-                                "rank_counts": torch.bincount(rank - 1, minlength=K).tolist()}
-        ranks, item_scores = torch.stack(ranks), torch.stack(item_scores)  # [3, U], [3, U, K]
-        out[name]["rank_changed_share"] = (ranks != ranks[0]).any(0).float().mean().item()
-        out[name]["max_score_change"] = (item_scores - item_scores[0]).abs().max().item()
-    return out
-
-
-def history_order_analysis(rankers, names, instances, results, cfg):
-    """Table 7: NDCG@10 over R shuffles of each user's shown history."""
-    labels, out = labels_of(instances), {}
-    for name in names:
-        values = []
-        for r in range(cfg.history_shuffles):
-            shuffled = [shuffle_history(inst, cfg.max_history, f"{cfg.seed}/{r}/{inst['user_id']}") for inst in instances]
-            scores, _ = rankers[name](shuffled, f"{name}, history shuffle {r + 1}/{cfg.history_shuffles}")
-            values.append(ndcg_from_scores(scores, labels, 10))
-        values = torch.stack(values).double()  # [R, U]
-        split_means = values.mean(1)
-        out[name] = {"avg": values.mean().item(), "std": values.std(0).mean().item(),
-                     "range": (values.max(0).values - values.min(0).values).mean().item(),
-                     "original_avg": results[name]["ndcg@10"], "split_mean_per_shuffle": split_means.tolist(),
-                     "split_mean_std": split_means.std().item(),
-                     "split_mean_range": (split_means.max() - split_means.min()).item()}
-    return out
-
-
-def grouped(results, groups, resamples, seed):
-    """[{"group", "users", method: {"ndcg@10", "ci95"}}] for groups [(label, user indices)]."""
-    rows = []
-    for label, users in groups:
-        if len(users):
-            row = {"group": label, "users": len(users)}
-            for name, result in results.items():
-                values = np.asarray(metric_values(result, "ndcg@10"))[users]
-                row[name] = {"ndcg@10": float(values.mean()), "ci95": list(bootstrap_ci(values, resamples, seed))}
-            rows.append(row)
-    return rows
-
-
-def cold_start_analysis(results, instances, frequency, resamples, seed):
-    """Fig. 3: NDCG@10 by the positive's frequency as a training positive."""
-    counts = np.array([frequency.get(inst["candidates"][inst["labels"].index(max(inst["labels"]))]["item_id"], 0)
-                       for inst in instances])
-    if (counts == 0).mean() > 0.5:
-        tiering = "0 / 1-5 / >5 (most positives were never a training positive)"
-        groups = [("0", np.flatnonzero(counts == 0)), ("1-5", np.flatnonzero((counts >= 1) & (counts <= 5))),
-                  (">5", np.flatnonzero(counts > 5))]
-    else:
-        tiering = "four equal-size bins of users sorted by frequency"
-        bins = np.array_split(np.argsort(counts, kind="stable"), 4)
-        groups = [(f"{counts[b].min()}-{counts[b].max()}", b) for b in bins if len(b)]
-    return {"tiering": tiering, "tiers": grouped(results, groups, resamples, seed)}
-
-
-def history_length_analysis(results, instances, max_history, resamples, seed):
-    """Fig. 4: NDCG@10 (mean and 95% interval) by the history length shown."""
-    shown = np.array([min(len(inst["history"]), max_history) for inst in instances])
-    width = max(1, math.ceil(max_history / 4))
-    groups = [("0", np.flatnonzero(shown == 0))]
-    groups += [(f"{lo}-{min(lo + width - 1, max_history)}", np.flatnonzero((shown >= lo) & (shown < lo + width)))
-               for lo in range(1, max_history + 1, width)]
-    return {"buckets": grouped(results, groups, resamples, seed)}
-
-
 # ------------------------------------------------------------------------------------------- report
 
 
@@ -312,24 +194,6 @@ def markdown_table(results, tests, dataset, groups):
     return "\n".join(lines)
 
 
-def analysis_lines(analyses):
-    """One printed line per method and analysis (the JSON holds the details)."""
-    lines = []
-    for name, found in analyses.get("position", {}).items():
-        where = ", ".join(f"{w} {found[w]['mean_rank']:.2f}" for w in ("first", "middle", "last"))
-        lines.append(f"position, {name}: mean rank of the positive shown {where}; its rank moved for "
-                     f"{100 * found['rank_changed_share']:.0f}% of users (largest score change {found['max_score_change']:.2g})")
-    for name, found in analyses.get("history-order", {}).items():
-        lines.append(f"history order, {name}: NDCG@10 avg {found['avg']:.3f}, per-user std {found['std']:.3f}, "
-                     f"range {found['range']:.3f} (split mean std {found['split_mean_std']:.3f}); original {found['original_avg']:.3f}")
-    rows = [("cold start, positive's training frequency", row) for row in analyses.get("cold-start", {}).get("tiers", [])]
-    rows += [("history length", row) for row in analyses.get("history-length", {}).get("buckets", [])]
-    for title, row in rows:
-        means = ", ".join(f"{name} {row[name]['ndcg@10']:.3f}" for name in row if name not in ("group", "users"))
-        lines.append(f"{title} {row['group']} ({row['users']} users): NDCG@10 {means}")
-    return lines
-
-
 # ---------------------------------------------------------------------------------------- the stage
 
 
@@ -341,21 +205,12 @@ def chosen(text, allowed, flag):
     return list(dict.fromkeys(names))
 
 
-def read_frequency(data_dir):
-    path = os.path.join(data_dir, "stats.json")
-    try:
-        with open(path) as f:
-            return json.load(f)["train_positive_frequency"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise data.DataError(f"{path}: cannot read train_positive_frequency ({error!r}); data.py writes it") from None
-
-
 def run_eval(cfg, rank_device=None):
     """--stage eval: every method of --methods on the same instances of --split, then --analyses.
     Under torchrun (rank_device: this rank's GPU, if any) the prompted methods split the users
     across ranks (sharded) and rank 0 writes the results."""
-    methods, analyses = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
-    if "history-order" in analyses and cfg.history_shuffles < 2:
+    methods, wanted = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
+    if "history-order" in wanted and cfg.history_shuffles < 2:
         raise data.DataError("--history-shuffles must be >= 2 for the history-order analysis")
     data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
@@ -403,7 +258,7 @@ def run_eval(cfg, rank_device=None):
         if "r2rank" in methods:
             head = models.load_head(cfg.model, model.config.hidden_size, device).eval()
     r2ec_model = r2ec.load(cfg.model, model.config.hidden_size, device) if "r2ec" in methods else None
-    frequency = read_frequency(data_dir) if "cold-start" in analyses else None  # the paper's tiers: training positives
+    frequency = analyses.read_frequency(data_dir) if "cold-start" in wanted else None  # the paper's tiers: training positives
     counts = untrained.interaction_counts(data.load_split(data_dir, "train")) if "popularity" in methods else None
     rankers = make_rankers(cfg, model, tokenizer, head, counts, sasrec_model, r2ec_model)
     traces = "sampled" if cfg.eval_sample else "greedy"
@@ -419,14 +274,14 @@ def run_eval(cfg, rank_device=None):
     tests = pairwise_tests(results)
 
     found, prompted = {}, [name for name in methods if name in PROMPTED]
-    if "position" in analyses:  # only the methods that read the prompt; none run: an empty result
-        found["position"] = position_analysis(rankers, prompted, instances)
-    if "history-order" in analyses:
-        found["history-order"] = history_order_analysis(rankers, prompted, instances, results, cfg)
-    if "cold-start" in analyses:
-        found["cold-start"] = cold_start_analysis(results, instances, frequency, cfg.bootstrap, cfg.seed)
-    if "history-length" in analyses:
-        found["history-length"] = history_length_analysis(results, instances, cfg.max_history, cfg.bootstrap, cfg.seed)
+    if "position" in wanted:  # only the methods that read the prompt; none run: an empty result
+        found["position"] = analyses.position_analysis(rankers, prompted, instances)
+    if "history-order" in wanted:
+        found["history-order"] = analyses.history_order_analysis(rankers, prompted, instances, results, cfg)
+    if "cold-start" in wanted:
+        found["cold-start"] = analyses.cold_start_analysis(results, instances, frequency, cfg.bootstrap, cfg.seed)
+    if "history-length" in wanted:
+        found["history-length"] = analyses.history_length_analysis(results, instances, cfg.max_history, cfg.bootstrap, cfg.seed)
 
     if not distributed.is_main():
         return path  # rank 0 writes
@@ -451,7 +306,7 @@ def run_eval(cfg, rank_device=None):
         best = max((name for name in results if name != "r2rank"), key=lambda name: results[name]["ndcg@10"])
         test = pair_test(tests, "r2rank", best, "ndcg@10")
         print(f"r2rank vs the best other method ({best}) on NDCG@10: T = {test['statistic']:g}, p = {test['p_value']:.3g}")
-    for line in analysis_lines(found):
+    for line in analyses.analysis_lines(found):
         print(line)
     print(f"wrote {path}")
     return path

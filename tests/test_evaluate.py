@@ -1,5 +1,6 @@
 """Evaluation: the baselines on fixtures with known answers, the listwise parser, pointwise scores
-against a plain forward pass, and the eval stage end to end on the tiny model (run_eval and the CLI).
+against a plain forward pass, the analyses' reordering of an instance (analyses.py), and the eval stage
+end to end on the tiny model, every analysis included (run_eval and the CLI).
 The Wilcoxon test and the bootstrap are checked in test_metrics.py.
 """
 import importlib.util
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import analyses
 import config
 import data
 from baselines import untrained
@@ -83,14 +85,14 @@ def test_scores_from_order_sort_back_into_the_order():
 def test_move_positive_and_shuffle_history():
     instance = fixture_instance(positive=1)
     for index in range(4):
-        moved, order = evaluate.move_positive(instance, index)
+        moved, order = analyses.move_positive(instance, index)
         assert moved["labels"].index(1) == index and moved["candidates"][index]["item_id"] == "b"
         assert [c["item_id"] for c in moved["candidates"] if c["item_id"] != "b"] == ["a", "c", "d"]
         assert [instance["candidates"][k] for k in order] == moved["candidates"]
     instance["history"] = [{"item_id": f"h{n}", "title": f"H{n}", "text": ""} for n in range(8)]
-    shuffled = evaluate.shuffle_history(instance, 5, seed="0/1/u1")
+    shuffled = analyses.shuffle_history(instance, 5, seed="0/1/u1")
     assert sorted(h["item_id"] for h in shuffled["history"]) == ["h3", "h4", "h5", "h6", "h7"]
-    assert shuffled == evaluate.shuffle_history(instance, 5, seed="0/1/u1")
+    assert shuffled == analyses.shuffle_history(instance, 5, seed="0/1/u1")
     assert instance["history"][0]["item_id"] == "h0"  # the original is untouched
 
 
