@@ -90,7 +90,7 @@ class Config:
     top_p: float = common(1.0, "nucleus sampling: keep the most likely tokens up to this mass (1 when training "
                           "the LLM: the log-probs of Eq. 6 do not include the cut)", allowed=UNIT_INTERVAL)
     lora_rank: int = common(0, "train rank-R LoRA adapters beside the attention and MLP projections instead of every "
-                            "weight (0 = all weights); take a larger --lr / --sft-lr, e.g. 1e-4 (lora.py)", allowed=AT_LEAST_0)
+                            "weight (0 = all weights); take a larger --lr / --sft-lr, e.g. 1e-4 (models.py)", allowed=AT_LEAST_0)
     micro_batch: int = common(8, "traces per forward/backward in the update (memory only; same gradient)", allowed=AT_LEAST_1)
 
     # --stage rl: Algorithm 1

@@ -46,13 +46,12 @@ from tqdm import tqdm
 
 import data
 import distributed
-import lora
 from config import parse_config
 import plackett_luce
 import rollout
 from metrics import ndcg_at_k, ndcg_from_scores
 import runs
-from models import (ScoreHead, enable_checkpointing, has_head, load_head, load_policy, load_trace_cache, mixed_precision,
+from models import (ScoreHead, attach_lora, enable_checkpointing, has_head, load_head, load_policy, load_trace_cache, mixed_precision,
                     pick_device, pick_dtype, score_traces)
 from plackett_luce import standardized
 from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
@@ -145,7 +144,7 @@ def setup_rl(cfg, rank_device=None):
     model.eval()
     optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)}
     if not cfg.freeze_llm:  # every weight, or only the LoRA adapters (drawn after the head: the same head either way)
-        trained = lora.attach(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
+        trained = attach_lora(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
         optimizers["llm"] = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
     if checkpoint:
         states = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)

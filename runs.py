@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
-import lora
+from models import adapter_state_dict, lora_layers, merged_state_dict
 from sources import DataError
 
 # The flags --resume lets change; every other flag of the stage defines the run.
@@ -298,9 +298,9 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_ca
     final = os.path.join(out, f"checkpoint-{step}")
     tmp = os.path.join(out, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if lora.adapted(model):  # LoRA: the adapters merged into the weights, and kept apart for --resume
-        model.save_pretrained(tmp, state_dict=lora.merged_state_dict(model))
-        save_file(lora.adapter_state_dict(model), os.path.join(tmp, "lora.safetensors"))
+    if lora_layers(model):  # LoRA: the adapters merged into the weights, and kept apart for --resume
+        model.save_pretrained(tmp, state_dict=merged_state_dict(model))
+        save_file(adapter_state_dict(model), os.path.join(tmp, "lora.safetensors"))
     else:
         model.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)

@@ -43,7 +43,6 @@ import torch
 from tqdm import tqdm
 
 import data
-import lora
 import models
 import runs
 import sources
@@ -309,7 +308,7 @@ def train_sft(cfg):
 
     use_checkpointing = models.enable_checkpointing(model, cfg.gradient_checkpointing, device)
     torch.manual_seed(cfg.seed)  # --lora-rank: the adapters A are drawn from it
-    trained = lora.attach(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
+    trained = models.attach_lora(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
     optimizer = torch.optim.AdamW(trained, lr=cfg.sft_lr, weight_decay=0.0)
     if checkpoint:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)["llm"])

@@ -1,4 +1,4 @@
-"""LoRA (lora.py): the base model at step 0, gradients only in the adapters, the merged checkpoint
+"""LoRA (models.py): the base model at step 0, gradients only in the adapters, the merged checkpoint
 equal to the adapted model, and the RL stage with --lora-rank end to end."""
 import os
 
@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file
 
 import config
-import lora
 import models
 import runs
 from conftest import run_cli
@@ -23,8 +22,8 @@ def test_adapters_start_as_the_base_model_and_only_they_get_gradients(tiny):
     ids = torch.randint(0, 600, (2, 10), generator=torch.Generator().manual_seed(0))
     before = model(input_ids=ids).logits
     torch.manual_seed(0)
-    adapters = lora.add_adapters(model, rank=4)
-    assert len(lora.adapted(model)) == 2 * 7 and len(adapters) == 2 * 2 * 7  # 2 layers x 7 projections, A and B each
+    adapters = models.add_adapters(model, rank=4)
+    assert len(models.lora_layers(model)) == 2 * 7 and len(adapters) == 2 * 2 * 7  # 2 layers x 7 projections, A and B each
     after = model(input_ids=ids).logits
     assert torch.equal(after, before)  # B = 0: exactly the base model
     after.logsumexp(-1).sum().backward()
@@ -34,12 +33,12 @@ def test_adapters_start_as_the_base_model_and_only_they_get_gradients(tiny):
             assert parameter.grad is not None, name
         else:
             assert parameter.grad is None and not parameter.requires_grad, name
-    assert all(m.lora_B.grad.abs().sum() > 0 for m in lora.adapted(model).values())  # B moves first (A's grad is 0 at B = 0)
+    assert all(m.lora_B.grad.abs().sum() > 0 for m in models.lora_layers(model).values())  # B moves first (A's grad is 0 at B = 0)
 
 
 def test_the_adapted_layer_is_the_merged_weight_by_hand():
     base = torch.nn.Linear(6, 5)
-    layer = lora.LoRALinear(base, rank=2)
+    layer = models.LoRALinear(base, rank=2)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 6)
     W = base.weight + 2.0 * layer.lora_B @ layer.lora_A  # alpha / r = 2, by hand
@@ -49,22 +48,22 @@ def test_the_adapted_layer_is_the_merged_weight_by_hand():
 def test_the_merged_checkpoint_loads_as_a_plain_model_and_resume_unmerges_it(tiny, tmp_path):
     model, tokenizer = tiny
     torch.manual_seed(0)
-    adapters = lora.add_adapters(model, rank=4)
+    adapters = models.add_adapters(model, rank=4)
     with torch.no_grad():
         for parameter in adapters:
             parameter.add_(0.05 * torch.randn_like(parameter))
     ids = torch.randint(0, 600, (2, 10), generator=torch.Generator().manual_seed(1))
     adapted_logits = model(input_ids=ids).logits.detach()
-    base_weights = {name: m.weight.detach().clone() for name, m in lora.adapted(model).items()}
+    base_weights = {name: m.weight.detach().clone() for name, m in models.lora_layers(model).items()}
 
     path = runs.save_checkpoint(str(tmp_path), 1, model, tokenizer, None, {}, config.Config(lora_rank=4))
     assert os.path.isfile(os.path.join(path, "lora.safetensors"))
     plain, _ = models.load_policy(path, torch.device("cpu"), torch.float32)
-    assert not lora.adapted(plain)
+    assert not models.lora_layers(plain)
     torch.testing.assert_close(plain(input_ids=ids).logits, adapted_logits, rtol=1e-5, atol=1e-4)
-    lora.attach(plain, 4, checkpoint=path)  # as --resume does
+    models.attach_lora(plain, 4, checkpoint=path)  # as --resume does
     torch.testing.assert_close(plain(input_ids=ids).logits, adapted_logits, rtol=1e-5, atol=1e-4)
-    for name, module in lora.adapted(plain).items():
+    for name, module in models.lora_layers(plain).items():
         torch.testing.assert_close(module.weight, base_weights[name], rtol=0, atol=1e-6)
 
 
@@ -83,7 +82,7 @@ def test_cli_rl_with_lora_changes_weights_by_low_rank_updates_only(tmp_path, syn
         changed = 0
         for name, tensor in saved.items():
             delta = tensor - start[name]
-            if any(name.endswith(f"{target}.weight") for target in lora.TARGETS):
+            if any(name.endswith(f"{target}.weight") for target in models.LORA_TARGETS):
                 assert torch.linalg.matrix_rank(delta, atol=1e-6) <= 2, name  # W + 2 B A: rank <= r
                 changed += bool(delta.abs().max() > 0)
             else:

@@ -190,13 +190,13 @@ def test_decoding_uses_the_installed_transformers_cache_keyword(tiny):
 
 
 def test_decode_forward_applies_lora_adapters_like_the_models_own(tiny):
-    """decode.py calls the layers' own modules, so adapters (lora.py) act in it as in the model's forward."""
-    import lora
+    """decode.py calls the layers' own modules, so adapters (models.py) act in it as in the model's forward."""
+    import models
 
     model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
     torch.manual_seed(0)
-    lora.add_adapters(model, 4)
-    for layer in lora.adapted(model).values():
+    models.add_adapters(model, 4)
+    for layer in models.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 would make the adapters do nothing
     prefix, suffixes = _prompts(tokenizer)
     fast, plain = (rollout.sample_traces(model, tokenizer, prefix, suffixes, 8, generator=torch.Generator().manual_seed(4),

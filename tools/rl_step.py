@@ -13,7 +13,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import data  # noqa: E402
-import lora  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
 from models import ScoreHead  # noqa: E402
@@ -48,7 +47,7 @@ def rl_step(name, args, device):
     checkpointing = models.enable_checkpointing(model, args.checkpointing, device)
     shared = not checkpointing
     torch.manual_seed(0)
-    trained = lora.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
+    trained = models.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
     optimizer = torch.optim.AdamW(trained, lr=1e-6, weight_decay=0.0)
     for parameter in trained:
         parameter.grad = torch.zeros_like(parameter)
