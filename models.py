@@ -1,10 +1,11 @@
 """The two models of R2Rank and their files: the policy LLM pi_theta (a hub id, a local directory, a
 GGUF file, or a tiny random model built offline) with its LoRA adapters (--lora-rank, the last section),
 the scoring head f_phi of Eq. (2), device and precision choices, activation checkpointing, and reading
-what a checkpoint holds (the head and, for MLP-only, the frozen LLM's trace cache). Writing checkpoints and the run's directory: runs.py.
+what a checkpoint holds (the head and, for MLP-only, the frozen LLM's trace cache). Writing checkpoints
+and the run's directory: runs.py.
 
 Departure 7 of the list at the top of r2rank.py (the LayerNorm in front of the head's MLP) is
-implemented here.
+implemented here. The LoRA section says where it departs from the LoRA paper (alpha = 2 r, no dropout).
 
     model, tokenizer = load_policy("Qwen/Qwen2.5-1.5B-Instruct", pick_device("auto"), torch.float32)
     model, tokenizer = load_policy("tiny", torch.device("cpu"), torch.float32)   # no download
@@ -263,6 +264,7 @@ def load_head(path, hidden_size, device):
 
 def has_head(path):
     return os.path.isfile(os.path.join(path, "head.safetensors"))
+
 
 # LoRA (Hu et al., 2021), hand-written (--lora-rank): low-rank adapters beside the LLM's linear
 # layers, so that RL of Qwen2.5-1.5B needs no gradients or AdamW states for the base weights.
