@@ -241,7 +241,10 @@ def test_sigterm_during_a_long_rollout_stops_at_once_and_keeps_the_finished_step
     started = time.time()  # step 1 is logged; step 2's rollout (400 tokens for each of 20 traces) has begun
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143 and time.time() - started < 3, stderr
+    stopped_in, step_1 = time.time() - started, json.loads(metrics.read_text().splitlines()[0])["step_time"]
+    # waiting for step 2's rollout would take about as long as step 1's: a quarter of it (at least 3 s) is "at once",
+    # on a quiet machine as under load
+    assert process.returncode == 143 and stopped_in < max(3.0, step_1 / 4), (stopped_in, step_1, stderr)
     assert f"stopped by SIGTERM: step 2 was still rolling out and is dropped; step 1 kept in {out}/checkpoint-1; " \
            "continue with --resume" in stderr, stderr
     assert steps(out) == [1] and runs.checkpoint_steps(out) == [1] and runs.checkpoint_problem(out / "checkpoint-1") is None
