@@ -213,7 +213,8 @@ TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_histor
 
 def load_trace_cache(path, cfg, device):
     """{user_id: rollout.Samples} from a trace-cache.pt; refuses traces made with other trace settings
-    (read from the r2rank.json beside it)."""
+    (read from the r2rank.json beside it). --model may name the --freeze-llm checkpoint that holds the
+    cache instead of the model that run started from: its LLM is the same, frozen."""
     if not os.path.isfile(path):
         sys.exit(f"error: {path}: no such trace cache (a checkpoint of a --freeze-llm run holds trace-cache.pt)")
     settings = os.path.join(os.path.dirname(path), "r2rank.json")
@@ -221,6 +222,8 @@ def load_trace_cache(path, cfg, device):
         with open(settings) as f:
             saved = json.load(f)["config"]
         differ = [name for name in TRACE_SETTINGS if saved.get(name) != getattr(cfg, name)]
+        if saved.get("freeze_llm") and os.path.realpath(cfg.model) == os.path.realpath(os.path.dirname(path)):
+            differ = [name for name in differ if name != "model"]  # that checkpoint holds the LLM the traces came from
         if differ:
             sys.exit(f"error: {path}: its traces were made with " + ", ".join(f"--{n.replace('_', '-')} {saved.get(n)}" for n in differ)
                      + "; this run has " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ))

@@ -338,6 +338,13 @@ def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_pat
     assert rolled_out == []  # the three users' traces came from the first run
     reused = torch.load(os.path.join(second, "checkpoint-2", "trace-cache.pt"))
     assert all(torch.equal(reused[user]["tokens"], fields["tokens"]) for user, fields in torch.load(cache).items())
+    continued = common[:common.index("--model") + 1] + [os.path.join(first, "checkpoint-1")] + common[common.index("--model") + 2:]
+    r2rank.main(continued + ["--out", str(tmp_path / "from-checkpoint"), "--max-steps", "1", "--trace-cache", cache])
+    assert rolled_out == []  # the checkpoint of the run that made the cache holds its frozen LLM: reused, not refused
+    elsewhere = common[:common.index("--model") + 1] + [str(tmp_path / "from-checkpoint" / "checkpoint-1")] \
+        + common[common.index("--model") + 2:]
+    beside = run_cli(*elsewhere, "--out", str(tmp_path / "beside"), "--trace-cache", cache)
+    assert beside.returncode == 1 and "traces were made with --model tiny" in beside.stderr  # another checkpoint: still checked
     other = run_cli(*common, "--out", str(tmp_path / "third"), "--trace-cache", cache, "--max-new-tokens", "5")
     assert other.returncode == 1 and "Traceback" not in other.stderr
     assert "traces were made with --max-new-tokens 4; this run has --max-new-tokens 5" in other.stderr
