@@ -381,7 +381,6 @@ def main():
     args = parser.parse_args()
     if args.estimate:  # the paper's setting on a GPU unless told otherwise
         args.new_tokens = 512 if "--new-tokens" not in sys.argv else args.new_tokens
-        args.micro_batch = 4 if "--micro-batch" not in sys.argv else args.micro_batch
         return print_estimates(args)
     if args.paper_scale:
         return paper_scale(args)

@@ -1,7 +1,7 @@
 """Peak memory of one RL step, estimated by part from a Qwen2 config (no model is built):
 
     python tools/benchmark.py --estimate          # the table for Qwen2.5 0.5B-7B, full and LoRA
-    estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=4)
+    estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512)   # micro-batch: config.py's default
 
 tools/benchmark.py --rl-step measures one step beside this estimate.
 """
@@ -9,7 +9,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config as cli_config  # noqa: E402
 import models  # noqa: E402
+
+MICRO_BATCH = cli_config.Config().micro_batch  # the CLI's --micro-batch default: what a run uses unless told
+# A candidate's own part of the prompt (its item line of <= --max-item-chars 200 characters, about 50 tokens,
+# and the chat template's end), rounded up: the rest of the prompt is shared by the user's K traces.
+CANDIDATE_TOKENS = 200
 
 
 def parameter_count(config, lora_rank=0):
@@ -22,24 +28,30 @@ def parameter_count(config, lora_rank=0):
     return base, adapters
 
 
-def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=4, checkpointing=True,
+def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=MICRO_BATCH, checkpointing=True,
                     compute_bytes=2, lora_rank=0, foreach=True, shared_prefix_tokens=0):
     """Peak memory in bytes of one steady-state RL step (AdamW states already allocated), by part.
 
-    compute_bytes: 2 under bf16 autocast, 4 in fp32. foreach: AdamW's multi-tensor step (the CUDA
-    default) holds one temporary as large as the trained parameters; the CPU's per-tensor step, one as
-    large as the largest. shared_prefix_tokens: the update's shared-prefix path (prefix run once per
-    micro-batch), 0 for the per-candidate one. Per token and layer, the saved activations of the
-    update, counted from what a Qwen2 layer keeps for backward (fp32 RMSNorm in and out, the inputs of
-    the projections, each cast separately under autocast, q and k before and after rope, SDPA's q, k,
-    v and output, the MLP's four I-wide tensors). The tied-embedding term was found by measurement
-    (an embedding and a tied lm_head alone: peak 1.69 GiB against 1.18 untied at V = 151,936, H = 896).
+    compute_bytes: 2 under bf16 autocast, 4 in fp32. Weights: trained ones in fp32; with LoRA under
+    autocast the frozen base of every nn.Linear (lm_head included, and with it a tied embedding: one
+    tensor) is held in the compute dtype (models.hold_frozen_weights), the norms and an untied input
+    embedding stay fp32, and autocast caches a bf16 copy of each trained weight (the adapters). foreach:
+    AdamW's multi-tensor step (the CUDA default) holds one temporary as large as the trained parameters;
+    the CPU's per-tensor step, one as large as the largest. shared_prefix_tokens: the update's
+    shared-prefix path (prefix run once per micro-batch), 0 for the per-candidate one. Per token and
+    layer, the saved activations of the update, counted from what a Qwen2 layer keeps for backward (fp32
+    RMSNorm in and out, the inputs of the projections, each cast separately under autocast, q and k
+    before and after rope, SDPA's q, k, v and output, the MLP's four I-wide tensors). The tied-embedding
+    term was found by measurement (an embedding and a tied lm_head alone: peak 1.69 GiB against 1.18
+    untied at V = 151,936, H = 896).
     """
     H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (H // config.num_attention_heads)
     c, autocast = compute_bytes, compute_bytes < 4
     base, adapters = parameter_count(config, lora_rank)
     trained = adapters if lora_rank else base
+    linears = L * ((H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * I) + V * H  # q, k, v, o, MLP; lm_head
+    held_in_compute = linears if lora_rank and autocast else 0  # frozen, so held in bf16 once
     largest = V * H
     per_token_layer = (16 * H + c * ((3 if autocast else 1) * H + H + 2 * (H + kv) + 4 * H + (2 if autocast else 1) * H)
                        + 4 * c * I)
@@ -50,7 +62,7 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
     else:
         activations = L * tokens * per_token_layer
     parts = {
-        "weights (fp32)": 4 * (base + adapters),
+        "weights": c * held_in_compute + 4 * (base - held_in_compute + adapters),
         # autocast keeps a bf16 copy of every trained fp32 weight it casts (all linears, lm_head's tied embedding)
         "autocast weight copies": 2 * (trained - (0 if lora_rank else (0 if config.tie_word_embeddings else V * H))) if autocast else 0,
         "gradients (fp32)": 4 * trained,
@@ -62,7 +74,7 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
         # a tied embedding's gradient arrives twice (embedding, lm_head) and is summed: two V x H temporaries
         "tied-embedding gradient temporaries": 2 * 4 * V * H if config.tie_word_embeddings and not lora_rank else 0,
     }
-    static = parts["weights (fp32)"] + parts["autocast weight copies"] + parts["AdamW states (fp32)"]
+    static = parts["weights"] + parts["autocast weight copies"] + parts["AdamW states (fp32)"]
     backward = static + sum(parts[name] for name in ("gradients (fp32)", "activations (one micro-batch)",
                                                      "response logits (one micro-batch)", "tied-embedding gradient temporaries"))
     step = static + parts["gradients (fp32)"] + parts["optimizer step temporary"]
@@ -71,12 +83,20 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
 
 
 def print_estimates(args):
-    """The estimate for the four Qwen2.5 sizes, full fine-tuning and LoRA, GPU settings (bf16, checkpointing)."""
+    """The estimate for the four Qwen2.5 sizes, full fine-tuning and LoRA r = 16, bf16 autocast on CUDA:
+    with gradient checkpointing (the GPU default), and without it, with the shared-prefix update (which
+    --shared-prefix-update auto picks then; the prompt less CANDIDATE_TOKENS is shared).
+    args: candidates, prompt_tokens, new_tokens, and micro_batch (None or absent: MICRO_BATCH)."""
+    micro_batch = getattr(args, "micro_batch", None) or MICRO_BATCH
+    shared = max(args.prompt_tokens - CANDIDATE_TOKENS, 0)
     print(f"\n== estimated peak memory of one RL step: K = {args.candidates}, {args.prompt_tokens}-token prompts, "
-          f"{args.new_tokens} new tokens, micro-batch {args.micro_batch}, bf16 autocast, checkpointing, CUDA ==")
-    print("| model | parameters | full fine-tuning | LoRA r = 16 |\n|---|---:|---:|---:|")
+          f"{args.new_tokens} new tokens, micro-batch {micro_batch}, bf16 autocast, CUDA; before allocator margins ==")
+    print("| model | parameters | full, checkpointing | LoRA r = 16, checkpointing | full, shared prefix "
+          f"({shared} tokens), no checkpointing | LoRA r = 16, shared prefix, no checkpointing |\n|---|---:|---:|---:|---:|---:|")
     for name in models.QWEN25:
         config = models.qwen25_config(name)
-        gib = [estimate_memory(config, args.candidates, args.prompt_tokens, args.new_tokens, args.micro_batch,
-                               lora_rank=rank)[1]["peak"] / 2**30 for rank in (0, 16)]
-        print(f"| Qwen2.5-{name.split('-')[1].upper()} | {parameter_count(config)[0] / 1e9:.2f} B | {gib[0]:.1f} GiB | {gib[1]:.1f} GiB |")
+        gib = [estimate_memory(config, args.candidates, args.prompt_tokens, args.new_tokens, micro_batch, checkpointing,
+                               lora_rank=rank, shared_prefix_tokens=0 if checkpointing else shared)[1]["peak"] / 2**30
+               for checkpointing in (True, False) for rank in (0, 16)]
+        print(f"| Qwen2.5-{name.split('-')[1].upper()} | {parameter_count(config)[0] / 1e9:.2f} B | "
+              + " | ".join(f"{g:.1f} GiB" for g in gib) + " |")
