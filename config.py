@@ -77,7 +77,8 @@ class Config:
     device: str = common("auto", "auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     threads: int = common(0, "CPU threads for torch (0 = 1 for --model tiny, whose ops are too small to share, else "
                           "torch's default: every core; 1 is faster on a busy shared machine)", allowed=AT_LEAST_0)
-    dtype: str = common("auto", "compute precision: auto (bfloat16 on cuda, else float32); training keeps fp32 weights",
+    dtype: str = common("auto", "compute precision (autocast): auto = bfloat16 on a CUDA card that has it, else float32; "
+                        "trained weights stay fp32, frozen ones are held in it; float16 is refused (no loss scaling)",
                         ["auto", "float32", "bfloat16", "float16"])
     gradient_checkpointing: str = common("auto", "recompute activations in the backward pass: auto (on for cuda)",
                                          ["auto", "on", "off"])
@@ -116,7 +117,8 @@ class Config:
                          "the start's, as step 0 (0 = never)", allowed=AT_LEAST_0)
     eval_users: int = rl(32, "validation users in that check", allowed=AT_LEAST_1)
     save_every: int = rl(50, "checkpoint every N steps (and at the end)", allowed=AT_LEAST_1)
-    keep_checkpoints: int = rl(0, "keep only the newest N checkpoints of the run (0 = keep all)", allowed=AT_LEAST_0)
+    keep_checkpoints: int = rl(2, "keep only the newest N checkpoints of the run: 2 = the last and one before it, in "
+                               "case the last is broken (0 = keep all; a full 1.5B checkpoint is 18.5 GB)", allowed=AT_LEAST_0)
 
     # --stage rl, beyond the paper (each departure's default and why: r2rank.py's docstring)
     num_rankings: int = beyond(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)", allowed=AT_LEAST_1)

@@ -40,10 +40,20 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
-    if name == "auto":
-        # bf16 halves memory on GPU; on CPU bf16 matmuls are slow and inexact.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    """The compute dtype of --dtype on device: auto is bf16 on a CUDA card that has it, else fp32.
+
+    float16 is refused (one line): nothing here scales the loss, so small gradients would underflow,
+    and Qwen2's activations overflow fp16's range. bf16 asked of a CUDA card without it (before
+    Ampere) falls back to fp32, with one line that says so."""
+    if name == "float16":
+        raise data.DataError("--dtype float16 is not supported: there is no loss scaling, so small gradients underflow, "
+                             "and Qwen2's activations overflow fp16; use --dtype bfloat16 (or float32)")
+    if name == "auto" and device.type != "cuda":
+        return torch.float32  # on a CPU bf16 matmuls are slow and inexact
+    if name in ("auto", "bfloat16") and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        print(f"note: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic: computing in float32 instead")
+        return torch.float32
+    return torch.bfloat16 if name == "auto" else getattr(torch, name)
 
 
 # The tiny model's chat template: Qwen2's ChatML, without Qwen's default system prompt.
@@ -156,8 +166,54 @@ def load_gguf(path):
 def mixed_precision(device, dtype):
     """Autocast forward passes to dtype (bf16 on GPU). The training stages keep weights, gradients and
     optimizer states in fp32: bf16 weights cannot absorb updates of ~1e-6 (near 0.02 their spacing is
-    ~1e-4), so a pure-bf16 model would mostly not move at the learning rates used here."""
+    ~1e-4), so a pure-bf16 model would mostly not move at the learning rates used here.
+
+    Wrap forward passes and losses only, never an optimizer step: autocast keeps the bf16 copy of each
+    trained fp32 weight it casts until the outermost autocast context exits, and an in-place step
+    does not refresh it, so a forward after a step inside the same context runs on the old weights
+    (PyTorch's AMP recipe: forward and loss inside, backward and step outside)."""
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def hold_frozen_weights(model, dtype):
+    """Hold every frozen weight that autocast would cast (the weight and bias of each nn.Linear that
+    is not trained: LoRA's base, the whole LLM with --freeze-llm) in the compute dtype, once.
+
+    Why: autocast caches its bf16 copy only of weights that require grad; a frozen fp32 weight is
+    cast again at every forward, each decode step included (at 1.5B, ~9 GB of extra memory traffic
+    per decode step). A linear under autocast computes in dtype anyway, so the function is the same;
+    the norms stay fp32. A tied input embedding (the lm_head's weight) is converted with it, and its
+    output is cast back to fp32, so the residual stream keeps the precision it has with fp32 weights.
+    Checkpoints write every weight back in fp32 (checkpoint_state_dict), which is exact. Nothing to do
+    in fp32. Returns the number of tensors converted."""
+    if dtype == torch.float32:
+        return 0
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for weight in (module.weight, module.bias):
+                if weight is not None and not weight.requires_grad and weight.dtype != dtype:
+                    weight.data = weight.data.to(dtype)  # the same Parameter: ties and optimizers still hold it
+                    converted += 1
+    embedding = model.get_input_embeddings()
+    if embedding.weight.dtype == dtype and not getattr(embedding, "_r2rank_fp32_output", False):
+        embedding.register_forward_hook(lambda module, inputs, output: output.float())
+        embedding._r2rank_fp32_output = True
+    return converted
+
+
+def checkpoint_state_dict(model):
+    """What a checkpoint holds: the model's state dict (LoRA adapters merged in) with every floating
+    tensor in fp32, whatever dtype hold_frozen_weights gave it (bf16 -> fp32 is exact). Tied weights
+    stay one tensor, so save_pretrained still writes them once."""
+    state = merged_state_dict(model) if lora_layers(model) else model.state_dict()
+    upcast = {}  # by storage: a tied embedding and lm_head map to one fp32 tensor
+    for key, value in state.items():
+        if value.is_floating_point() and value.dtype != torch.float32:
+            pointer = value.data_ptr()
+            upcast.setdefault(pointer, value.float())
+            state[key] = upcast[pointer]
+    return state
 
 
 def load_policy(name, device, dtype, seed=0):

@@ -51,8 +51,8 @@ import plackett_luce
 import rollout
 from metrics import ndcg_at_k, ndcg_from_scores
 import runs
-from models import (ScoreHead, attach_lora, enable_checkpointing, has_head, load_head, load_policy, load_trace_cache, mixed_precision,
-                    pick_device, pick_dtype, score_traces)
+from models import (ScoreHead, attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy,
+                    load_trace_cache, mixed_precision, pick_device, pick_dtype, score_traces)
 from plackett_luce import standardized
 from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
 
@@ -66,11 +66,11 @@ def signal_share(reward):
 
 
 @torch.no_grad()
-def validate(model, tokenizer, head, instances, cfg, samples=None):
+def validate(model, tokenizer, head, instances, cfg, samples=None, fast_decode=True):
     """(NDCG@10 of greedy traces ranked by the head's scores, the traces). Pass the traces of an
     earlier call as samples to skip the rollout (they do not change while the LLM is frozen)."""
     if samples is None:
-        samples, _ = rollout.rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0)
+        samples, _ = rollout.rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0, fast_decode=fast_decode)
     scores = score_traces(head, samples)
     labels = torch.tensor([inst["labels"] for inst in instances])
     return ndcg_from_scores(scores.cpu(), labels, 10).mean().item(), samples
@@ -92,13 +92,14 @@ class RLRun:
     dtype: torch.dtype
     train: list  # training instances
     valid: list
-    model: torch.nn.Module  # the LLM, fp32 master weights
+    model: torch.nn.Module  # the LLM, fp32 master weights (frozen ones in the compute dtype: models.hold_frozen_weights)
     tokenizer: object
     head: ScoreHead
     optimizers: dict  # "head", and "llm" unless --freeze-llm
     plan: runs.Plan  # the step it starts at (0, or the checkpoint's), what --resume changed
     shared_prefix: bool  # the update runs a user's prompt prefix once per micro-batch
     trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused
+    fast_decode: bool  # the rollout on decode.py's forward (False: transformers', after a failed start-up check)
 
 
 def setup_rl(cfg, rank_device=None):
@@ -153,6 +154,14 @@ def setup_rl(cfg, rank_device=None):
         print(f"resumed from {checkpoint} at step {start_step}")
     for name, opt in optimizers.items():  # a changed --lr / --head-lr applies to the restored optimizer too
         runs.set_lr(opt, cfg.head_lr if name == "head" else cfg.lr)
+    hold_frozen_weights(model, dtype)  # LoRA's base, or the whole --freeze-llm LLM: cast once, not per forward
+    fast_decode = True
+    if device.type == "cuda":  # decode.py's forward against the model's own, on kernels the CPU tests never ran
+        fast_decode, gap = rollout.decode_agrees(model, tokenizer, train[0], cfg, dtype)
+        if not fast_decode:
+            print(f"warning: decode.py's log-probs differ from the model's forward by {gap:.3f} per token on this GPU "
+                  f"(past the {rollout.DECODE_TOLERANCE[dtype]:g} that {dtype} rounding explains): the rollout uses "
+                  "transformers' forward instead (slower)")
     # MLP-only (--freeze-llm): the policy never changes, so a user's K traces are sampled at its first
     # step and reused whenever it comes back (a fixed sample instead of a fresh one: much cheaper).
     trace_cache = {}
@@ -166,10 +175,13 @@ def setup_rl(cfg, rank_device=None):
           f"(<= {cfg.users_per_step * K * cfg.max_new_tokens} new tokens); {cfg.num_rankings} rankings per user; "
           f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
           f"shared-prefix update {'on' if shared_prefix else 'off'}")
+    # every rank checks (it only reads): one rank refusing alone would leave the others waiting at the barrier
+    runs.check_disk(cfg.out, runs.checkpoint_bytes(model, optimizers, head),
+                    runs.saves_planned(start_step, cfg.max_steps, cfg.save_every), cfg.keep_checkpoints, plan.overwrite)
     if distributed.is_main():
         runs.start(cfg.out, plan)  # the first write into --out
     distributed.barrier()
-    return RLRun(device, dtype, train, valid, model, tokenizer, head, optimizers, plan, shared_prefix, trace_cache)
+    return RLRun(device, dtype, train, valid, model, tokenizer, head, optimizers, plan, shared_prefix, trace_cache, fast_decode)
 
 
 def user_generator(seed, step, user, device):
@@ -211,7 +223,7 @@ def train_rl(cfg, rank_device=None):
             if cfg.eval_every and run.plan.start_step == 0 and main:  # the start's validation (step 0): picking the best step can keep the start
                 started = time.time()
                 with stop.abandonable(), mixed_precision(device, run.dtype):
-                    start_ndcg, checked = validate(model, tokenizer, head, valid_users, cfg)
+                    start_ndcg, checked = validate(model, tokenizer, head, valid_users, cfg, fast_decode=run.fast_decode)
                 valid_samples = checked if cfg.freeze_llm else None
                 runs.log_row(metrics_file, {"step": 0, "valid_ndcg@10": start_ndcg, "step_time": time.time() - started}, print)
         except runs.Abandoned:
@@ -231,9 +243,10 @@ def train_rl(cfg, rank_device=None):
                     if cfg.freeze_llm:
                         missing = [u for u, inst in enumerate(instances) if inst["user_id"] not in run.trace_cache]
                         sampled = rollout.rollout_users(model, tokenizer, [instances[u] for u in missing], cfg,
-                                                        [generators[u] for u in missing])[0]
+                                                        [generators[u] for u in missing], fast_decode=run.fast_decode)[0]
                     else:
-                        samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generators)
+                        samples, prompts = rollout.rollout_users(model, tokenizer, instances, cfg, generators,
+                                                                 fast_decode=run.fast_decode)
             except runs.Abandoned:  # nothing of this step is kept; the finished steps are
                 if step > run.plan.start_step and saved != os.path.join(cfg.out, f"checkpoint-{step}"):
                     saved = runs.save_checkpoint(cfg.out, step, model, tokenizer, head, run.optimizers, cfg,
@@ -263,13 +276,13 @@ def train_rl(cfg, rank_device=None):
                 score_grads = score_gradient(raw_scores, rankings, reward, baseline, cfg.pl_std) if cfg.score_path else None
                 step_tokens = distributed.total(sum(int(s.lengths.sum()) for s in samples))  # every rank's
                 step_traces = distributed.total(sum(len(s.lengths) for s in samples))
-                with mixed_precision(device, run.dtype):
-                    ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg,
-                                                   run.shared_prefix, step_tokens, distributed.sum_gradients,
-                                                   head if cfg.score_path else None, score_grads, step_traces)
+                # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
+                ppo_stats = rollout.ppo_update(model, run.optimizers["llm"], prompts, samples, advantages, cfg,
+                                               run.shared_prefix, step_tokens, distributed.sum_gradients,
+                                               head if cfg.score_path else None, score_grads, step_traces, run.dtype)
                 local.update(advantage_abs=advantages.abs().mean().item(), advantage_nonzero=(advantages != 0).float().mean().item())
-            #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. Both updates
-            #    use this step's scores, computed before either, so their order does not matter.
+            #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. After the LLM's
+            #    update: its score path reads the head's weights, which must be those the scores came from.
             head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
             run.optimizers["head"].zero_grad(set_to_none=True)
             (head_loss * share).backward()  # this rank's share of the mean over all the step's users
@@ -297,7 +310,8 @@ def train_rl(cfg, rank_device=None):
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and main:
                 try:  # a signal during validation skips it; the step itself is kept
                     with stop.abandonable(), mixed_precision(device, run.dtype):
-                        row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid_users, cfg, valid_samples)
+                        row["valid_ndcg@10"], checked = validate(model, tokenizer, head, valid_users, cfg, valid_samples,
+                                                                 run.fast_decode)
                     valid_samples = checked if cfg.freeze_llm else None
                 except runs.Abandoned:
                     bar.write(f"step {step + 1}: validation skipped by the signal")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
-from models import adapter_state_dict, lora_layers, merged_state_dict
+from models import adapter_state_dict, checkpoint_state_dict, lora_layers
 from sources import DataError
 
 # The flags --resume lets change; every other flag of the stage defines the run.
@@ -68,14 +68,20 @@ def latest_checkpoint(out):
     return os.path.join(out, f"checkpoint-{steps[-1]}") if steps else None
 
 
+def existing_parent(out):
+    """out itself if it exists, else its nearest existing parent: where out would be created."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
 def check_writable(out):
     """A DataError (one line) unless files can be written in out, or out can be created: tried by making
     and removing an empty directory there (a read-only mount, or a file in the way, is found before any work)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out}: exists and is not a directory")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = existing_parent(out)
     if not os.path.isdir(parent):
         raise DataError(f"--out {out}: cannot create it ({parent} is not a directory)")
     try:
@@ -282,9 +288,83 @@ def start(out, plan):
 
 
 def prune_checkpoints(out, keep):
-    """Delete all but the newest `keep` checkpoint directories of out."""
-    for step in checkpoint_steps(out)[:-keep]:
-        shutil.rmtree(os.path.join(out, f"checkpoint-{step}"))
+    """Delete all but the newest `keep` whole checkpoints of out, and every checkpoint older than them.
+    A broken one newer than them (a crash mid-save, which --resume skipped) is left for the run to
+    rewrite when it reaches that step: counting it would delete the checkpoint just saved."""
+    whole = [step for step in checkpoint_steps(out) if checkpoint_problem(os.path.join(out, f"checkpoint-{step}")) is None]
+    for step in checkpoint_steps(out):
+        if whole and step < whole[-keep:][0]:
+            shutil.rmtree(os.path.join(out, f"checkpoint-{step}"))
+
+
+# Disk space, checked before a run writes anything: a full fine-tune of Qwen2.5-1.5B saves 18.5 GB per
+# checkpoint, so keeping all of a 500-step run's saves every 50 steps would take 185 GB.
+GB = 1e9
+TOKENIZER_BYTES = 32 * 2 ** 20  # tokenizer and small files: Qwen2.5's tokenizer is about 11 MB
+
+
+def checkpoint_bytes(model, optimizers, head=None):
+    """Bytes of one save_checkpoint directory, estimated from the model before any is written:
+    - 4 per weight of the model (fp32, also for frozen weights held in bf16), a tied weight (Qwen's
+      embedding and lm_head) once. With LoRA: the merged weights plus the adapters in lora.safetensors,
+      again 4 bytes per parameter of the wrapped model;
+    - AdamW's exp_avg and exp_avg_sq for each weight an optimizer trains, in that weight's dtype
+      (8 bytes for an fp32 weight);
+    - the head's weights, 4 bytes each, and TOKENIZER_BYTES.
+    Qwen2.5-1.5B: 1.54e9 weights, 18.5 GB in full fine-tuning, 6.4 GB with LoRA rank 16. --freeze-llm's
+    trace cache (trace-cache.pt, which grows with the users seen) is not counted."""
+    weights = {p.data_ptr() or id(p): p.numel() for p in model.parameters()}  # data_ptr 0 on the meta device
+    states = sum(2 * p.numel() * p.element_size() for optimizer in optimizers.values()
+                 for group in optimizer.param_groups for p in group["params"])
+    head_weights = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    return 4 * sum(weights.values()) + states + 4 * head_weights + TOKENIZER_BYTES
+
+
+def saves_planned(start_step, max_steps, save_every):
+    """How many checkpoints a run from start_step to max_steps saves: after every save_every-th step and
+    after the last. Steps 0 -> 500 every 50: 10; 0 -> 100 every 30: 30, 60, 90, 100 = 4."""
+    if start_step >= max_steps:
+        return 0
+    return max_steps // save_every - start_step // save_every + (max_steps % save_every != 0)
+
+
+def checkpoints_at_once(saves, keep, existing=0):
+    """The most checkpoint directories --out holds at once while a run makes `saves` saves, with `existing`
+    ones there at its start (a resume) and --keep-checkpoints `keep` (0 = keep all). A save writes its
+    directory before the oldest is pruned, so keep N peaks at N + 1."""
+    if not saves:
+        return existing
+    if not keep:
+        return existing + saves
+    return max(existing, min(existing + saves - 1, keep)) + 1
+
+
+def tree_bytes(path):
+    """Size of a file, or of every file under a directory."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
+def check_disk(out, one_checkpoint_bytes, saves, keep, overwrite=False):
+    """A DataError (one line) unless the checkpoints the run writes fit in the free space of --out's file
+    system (out's nearest existing parent if out is not there yet): one_checkpoint_bytes (checkpoint_bytes)
+    times the directories checkpoints_at_once adds to those already in out. overwrite: the run in out is
+    removed first (runs.start), so its files count as free. Returns the bytes the checkpoints need."""
+    free = shutil.disk_usage(existing_parent(out)).free
+    existing = len(checkpoint_steps(out))
+    if overwrite:
+        free += sum(tree_bytes(os.path.join(out, name)) for name in run_files(out))
+        existing = 0
+    added = checkpoints_at_once(saves, keep, existing) - existing
+    needed = added * one_checkpoint_bytes
+    if needed > free:
+        kept = "all kept (--keep-checkpoints 0)" if not keep else f"--keep-checkpoints {keep} plus the one being written"
+        raise DataError(f"--out {out}: the checkpoints need {needed / GB:.1f} GB ({added} of {one_checkpoint_bytes / GB:.1f} "
+                        f"GB at once: {saves} saves, {kept}) but {free / GB:.1f} GB are free there; keep fewer "
+                        "(--keep-checkpoints), save fewer (--save-every / --max-steps), train LoRA adapters "
+                        "(--lora-rank), or choose another --out")
+    return needed
 
 
 def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_cache=None, record=None):
@@ -299,10 +379,10 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_ca
     tmp = os.path.join(out, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     if lora_layers(model):  # LoRA: the adapters merged into the weights, and kept apart for --resume
-        model.save_pretrained(tmp, state_dict=merged_state_dict(model))
+        model.save_pretrained(tmp, state_dict=checkpoint_state_dict(model))
         save_file(adapter_state_dict(model), os.path.join(tmp, "lora.safetensors"))
     else:
-        model.save_pretrained(tmp)  # safetensors
+        model.save_pretrained(tmp, state_dict=checkpoint_state_dict(model))  # safetensors, fp32
     tokenizer.save_pretrained(tmp)
     if head is not None:
         save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))

@@ -265,15 +265,19 @@ def read_traces(path, instances, max_history, max_item_chars):
     return traces
 
 
-def accumulate_gradients(model, prompts, responses, micro_batch):
+def accumulate_gradients(model, prompts, responses, micro_batch, dtype=torch.float32):
     """Backward of the per-token mean NLL of the responses given their prompts, in micro-batches of
     micro_batch traces: each micro-batch's summed NLL is divided by the whole batch's token count (the
-    same teacher-forced log-probs as the RL update, rollout.response_logprobs). Returns that mean."""
+    same teacher-forced log-probs as the RL update, rollout.response_logprobs). Returns that mean.
+    dtype: the compute dtype; each forward runs under its own autocast context, the backward outside
+    it, and the caller steps the optimizer outside any (models.mixed_precision says why)."""
     total_tokens = sum(len(r) for r in responses)
     loss_sum = 0.0
+    device = model.get_output_embeddings().weight.device
     for start in range(0, len(prompts), micro_batch):
-        logp, mask = rollout.response_logprobs(model, prompts[start:start + micro_batch], responses[start:start + micro_batch])
-        nll = -(logp * mask).sum()
+        with models.mixed_precision(device, dtype):  # forward and loss only
+            logp, mask = rollout.response_logprobs(model, prompts[start:start + micro_batch], responses[start:start + micro_batch])
+            nll = -(logp * mask).sum()
         (nll / max(total_tokens, 1)).backward()
         loss_sum += nll.item()
     return loss_sum / max(total_tokens, 1)
@@ -310,6 +314,7 @@ def train_sft(cfg):
     torch.manual_seed(cfg.seed)  # --lora-rank: the adapters A are drawn from it
     trained = models.attach_lora(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
     optimizer = torch.optim.AdamW(trained, lr=cfg.sft_lr, weight_decay=0.0)
+    models.hold_frozen_weights(model, dtype)  # LoRA's base: cast once, not at every forward
     if checkpoint:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)["llm"])
         print(f"resumed from {checkpoint} at step {start_step}")
@@ -320,6 +325,8 @@ def train_sft(cfg):
           f"{cfg.micro_batch} = {max_steps} steps; response tokens mean {sum(lengths) / len(lengths):.0f}, max "
           f"{max(lengths)} ({sum(n > cfg.max_new_tokens for n in lengths)} over --max-new-tokens); device {device}, "
           f"{dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}")
+    runs.check_disk(cfg.out, runs.checkpoint_bytes(model, {"llm": optimizer}),
+                    runs.saves_planned(start_step, max_steps, cfg.save_every), cfg.keep_checkpoints, plan.overwrite)
     runs.start(cfg.out, plan)  # the first write into --out
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft", dynamic_ncols=True)
@@ -337,8 +344,9 @@ def train_sft(cfg):
             # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
             model.train()
             try:
-                with stop.abandonable(), models.mixed_precision(device, dtype):  # bf16 compute on GPU, fp32 weights
-                    loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch], cfg.micro_batch)
+                with stop.abandonable():  # bf16 compute on GPU (autocast around each forward), fp32 weights
+                    loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch],
+                                                cfg.micro_batch, dtype)
             except runs.Abandoned:
                 if step > start_step and saved != os.path.join(cfg.out, f"checkpoint-{step}"):
                     optimizer.zero_grad(set_to_none=True)
@@ -347,7 +355,7 @@ def train_sft(cfg):
                 raise stop.exit(f"step {step + 1} was dropped mid-way; " + (f"{runs.steps_text(1, step)} kept in {saved}; "
                                 "continue with --resume" if saved else "no step had finished, so nothing was kept")) from None
 
-            # 3) update
+            # 3) update, outside any autocast context: the next step's forward casts the new weights
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -363,6 +371,8 @@ def train_sft(cfg):
             if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps or stop.requested:
                 saved = runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
                 stop.kept = saved
+                if cfg.keep_checkpoints:
+                    runs.prune_checkpoints(cfg.out, cfg.keep_checkpoints)
                 if stop.requested:
                     metrics_file.close()
                     raise stop.exit(f"{runs.steps_text(1, step + 1)} kept in {saved}; continue with --resume")

@@ -224,8 +224,8 @@ def train(args):
             head_loss.backward()
             optimizers["head"].step()
             optimizers["head"].zero_grad(set_to_none=True)
-            with models.mixed_precision(device, dtype):
-                stats = rollout.ppo_update(model, optimizers["llm"], prompts, samples, advantages, args, shared_prefix=True)
+            # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
+            stats = rollout.ppo_update(model, optimizers["llm"], prompts, samples, advantages, args, shared_prefix=True, dtype=dtype)
             reward = torch.stack(rewards)
             row = {"step": step, "reward": reward.mean().item(), "best_reward": reward.max(-1).values.mean().item(),
                    "head_loss": head_loss.item(), "advantage_nonzero": (torch.stack(advantages) != 0).float().mean().item(),

@@ -174,8 +174,8 @@ def train(args):
             except runs.Abandoned:
                 raise stop.exit(f"step {step} was still rolling out and is dropped; " + keep(step - 1)) from None
             # 5) clipped PPO on the tokens
-            with models.mixed_precision(device, dtype):
-                stats = rollout.ppo_update(model, optimizers["llm"], prompts, samples, advantages, args, shared_prefix=True)
+            # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
+            stats = rollout.ppo_update(model, optimizers["llm"], prompts, samples, advantages, args, shared_prefix=True, dtype=dtype)
             reward = torch.cat(rewards)
             row = {"step": step, "reward": reward.mean().item(), "correct_share": (reward >= 1).float().mean().item(),
                    "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
@@ -254,7 +254,7 @@ def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
     parser.add_argument("--seed", type=int, default=0, help="users, negatives and traces")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="compute dtype of the forward passes (auto: bf16 on GPU, fp32 on CPU)")
+                        help="compute dtype of the forward passes (auto: bf16 on a GPU that has it, fp32 on CPU; float16 is refused: no loss scaling)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = 1 for --model tiny, else torch's default)")
 
 

@@ -70,7 +70,8 @@ def test_the_merged_checkpoint_loads_as_a_plain_model_and_resume_unmerges_it(tin
 def test_cli_rl_with_lora_changes_weights_by_low_rank_updates_only(tmp_path, synthetic_dir):
     out = tmp_path / "run"
     common = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
-              "--max-new-tokens", "6", "--max-history", "3", "--save-every", "1", "--lr", "1e-2", "--lora-rank", "2"]
+              "--max-new-tokens", "6", "--max-history", "3", "--save-every", "1", "--keep-checkpoints", "0", "--lr", "1e-2",
+              "--lora-rank", "2"]
     first = run_cli(*common, "--max-steps", "2")
     assert first.returncode == 0, first.stderr
     resumed = run_cli(*common, "--max-steps", "3", "--resume")

@@ -225,7 +225,7 @@ def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_pat
     out = str(tmp_path / "mlp")
     result = run_cli("--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
                      "--max-steps", "3", "--users-per-step", "4", "--max-new-tokens", "4", "--max-history", "3",
-                     "--save-every", "1")
+                     "--save-every", "1", "--keep-checkpoints", "0")  # checkpoint-1 is compared with checkpoint-3
     assert result.returncode == 0, result.stderr
     num_train = len(data.load_split(synthetic_dir, "train"))
     seen = {data.load_split(synthetic_dir, "train")[i]["user_id"]
@@ -244,10 +244,10 @@ def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_pat
 def test_freeze_llm_first_train_users_validation_rolled_out_once_old_checkpoints_pruned(synthetic_dir, tmp_path, monkeypatch):
     greedy_rollouts, rollout_users = [], rollout.rollout_users
 
-    def counting(model, tokenizer, instances, cfg, generator, temperature=None):
+    def counting(model, tokenizer, instances, cfg, generator, temperature=None, fast_decode=True):
         if temperature == 0.0:
             greedy_rollouts.append([inst["user_id"] for inst in instances])
-        return rollout_users(model, tokenizer, instances, cfg, generator, temperature)
+        return rollout_users(model, tokenizer, instances, cfg, generator, temperature, fast_decode)
 
     monkeypatch.setattr(rollout, "rollout_users", counting)
     out = str(tmp_path / "run")
@@ -328,9 +328,9 @@ def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_pat
     cache = os.path.join(first, "checkpoint-1", "trace-cache.pt")
     rolled_out, rollout_users = [], rollout.rollout_users
 
-    def counting(model, tokenizer, instances, cfg, generator, temperature=None):
+    def counting(model, tokenizer, instances, cfg, generator, temperature=None, fast_decode=True):
         rolled_out.extend(inst["user_id"] for inst in instances)
-        return rollout_users(model, tokenizer, instances, cfg, generator, temperature)
+        return rollout_users(model, tokenizer, instances, cfg, generator, temperature, fast_decode)
 
     monkeypatch.setattr(rollout, "rollout_users", counting)
     second = str(tmp_path / "second")

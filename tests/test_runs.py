@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -141,7 +142,7 @@ def test_a_signal_keeps_every_finished_step_and_exits_with_one_line(tmp_path, sy
 
 def test_resume_skips_each_broken_checkpoint_and_names_its_broken_file(tmp_path, synthetic_dir):
     out = tmp_path / "run"
-    assert rl(out, synthetic_dir, "--max-steps", "3").returncode == 0  # checkpoint-1, -2, -3
+    assert rl(out, synthetic_dir, "--max-steps", "3", "--keep-checkpoints", "0").returncode == 0  # checkpoint-1, -2, -3
     (out / "checkpoint-3" / "r2rank.json").unlink()
     weights = out / "checkpoint-2" / "model.safetensors"
     size = weights.stat().st_size
@@ -153,7 +154,9 @@ def test_resume_skips_each_broken_checkpoint_and_names_its_broken_file(tmp_path,
                           (2, f"model.safetensors is truncated ({size - 100} of {size} bytes)")]:
         assert f"--resume: {out}/checkpoint-{step} is broken ({problem}), so it is skipped" in resumed.stdout
     assert f"resumed from {out}/checkpoint-1 at step 1" in resumed.stdout and steps(out) == [1, 2, 3]
-    for step in (1, 2, 3):
+    # --keep-checkpoints 2 (the default) kept the two it wrote, not the broken checkpoint-9 above them
+    assert runs.checkpoint_steps(out) == [2, 3, 9]
+    for step in (2, 3):
         os.truncate(out / f"checkpoint-{step}" / "optimizer.pt", 1000)
     none_whole = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
     assert none_whole.returncode == 1 and "optimizer.pt is missing or truncated" in none_whole.stdout
@@ -279,3 +282,86 @@ def test_out_of_memory_and_an_interrupted_eval_are_one_line(tmp_path, monkeypatc
             r2rank.main(["--stage", stage, "--model", "tiny", "--out", str(tmp_path / stage)])
         err = capsys.readouterr().err
         assert stopped.value.code == status and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+
+
+def test_saves_and_checkpoints_on_disk_counted_by_hand():
+    assert runs.saves_planned(0, 500, 50) == 10  # 50, 100, ..., 500
+    assert runs.saves_planned(0, 100, 30) == 4  # 30, 60, 90 and the end, 100
+    assert runs.saves_planned(45, 100, 30) == 3  # resumed at 45: 60, 90, 100
+    assert runs.saves_planned(90, 100, 30) == 1  # 100
+    assert runs.saves_planned(0, 7, 50) == 1  # only the end
+    assert runs.saves_planned(100, 100, 30) == 0  # nothing to train
+    assert runs.checkpoints_at_once(10, 0) == 10  # keep all
+    assert runs.checkpoints_at_once(10, 2) == 3  # 2 kept while the 3rd is written, then the oldest pruned
+    assert runs.checkpoints_at_once(2, 2) == 2 and runs.checkpoints_at_once(1, 5) == 1  # never more than the saves
+    assert runs.checkpoints_at_once(10, 2, existing=2) == 3  # a resume: one more than the two there
+    assert runs.checkpoints_at_once(10, 2, existing=5) == 6  # 5 from a keep-all run: the first save prunes them to 2
+    assert runs.checkpoints_at_once(10, 3, existing=1) == 4  # 1 there, 2 more, and the 4th being written
+    assert runs.checkpoints_at_once(0, 2, existing=4) == 4
+
+
+def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_holds(tmp_path, monkeypatch):
+    asked, free = [], {"bytes": 0}
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: asked.append(path) or types.SimpleNamespace(free=free["bytes"]))
+    gb = 10 ** 9
+    out = tmp_path / "not" / "yet" / "run"
+    free["bytes"] = 56 * gb  # 3 checkpoints of 18.5 GB at once (--keep-checkpoints 2) = 55.5 GB
+    assert runs.check_disk(str(out), int(18.5 * gb), 10, 2) == int(18.5 * gb) * 3
+    assert asked == [str(tmp_path)]  # the nearest parent that exists: out is created there
+    free["bytes"] = 55 * gb
+    with pytest.raises(runs.DataError) as refused:
+        runs.check_disk(str(out), int(18.5 * gb), 10, 2)
+    assert str(refused.value) == (f"--out {out}: the checkpoints need 55.5 GB (3 of 18.5 GB at once: 10 saves, --keep-checkpoints 2 "
+                                  "plus the one being written) but 55.0 GB are free there; keep fewer (--keep-checkpoints), save "
+                                  "fewer (--save-every / --max-steps), train LoRA adapters (--lora-rank), or choose another --out")
+    free["bytes"] = 184 * gb  # keep all: 10 x 18.5 = 185 GB
+    with pytest.raises(runs.DataError, match=r"need 185\.0 GB \(10 of 18\.5 GB at once: 10 saves, all kept"):
+        runs.check_disk(str(out), int(18.5 * gb), 10, 0)
+    # a resume into a run holding 2 checkpoints adds only the one being written; --overwrite frees what is there
+    for step in (1, 2):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"0" * 1000)
+    free["bytes"] = 1000
+    assert runs.check_disk(str(out), 1000, 10, 2) == 1000
+    with pytest.raises(runs.DataError, match="need 0.0 GB"):
+        runs.check_disk(str(out), 1001, 10, 2)
+    assert runs.check_disk(str(out), 1000, 3, 0, overwrite=True) == 3000  # 1000 free + the 2000 removed
+    with pytest.raises(runs.DataError):
+        runs.check_disk(str(out), 1000, 4, 0, overwrite=True)
+
+
+def test_checkpoint_bytes_of_the_tiny_model_by_hand():
+    import models
+
+    model, tokenizer = models.build_tiny()
+    vocab, hidden, ffn, layers, kv = len(tokenizer), 64, 256, 2, 32  # 2 key-value heads of 16
+    attention = (hidden * hidden + hidden) + 2 * (hidden * kv + kv) + hidden * hidden  # q, k, v with biases; o
+    per_layer = attention + 3 * hidden * ffn + 2 * hidden  # gate, up, down; two RMSNorms
+    weights = vocab * hidden + layers * per_layer + hidden  # the embedding, tied to lm_head: once
+    head = models.ScoreHead(hidden, 8)
+    head_weights = sum(p.numel() for p in head.parameters())
+    full = {"llm": torch.optim.AdamW(model.parameters()), "head": torch.optim.AdamW(head.parameters())}
+    assert runs.checkpoint_bytes(model, full, head) == 4 * weights + 8 * (weights + head_weights) + 4 * head_weights \
+        + runs.TOKENIZER_BYTES
+    adapters = models.add_adapters(model, 4)  # rank 4: A [4, in], B [out, 4] beside q, k, v, o, gate, up, down
+    lora = layers * 4 * ((hidden + hidden) + 2 * (hidden + kv) + (hidden + hidden) + 2 * (hidden + ffn) + (ffn + hidden))
+    assert sum(p.numel() for p in adapters) == lora
+    assert runs.checkpoint_bytes(model, {"llm": torch.optim.AdamW(adapters)}) == 4 * (weights + lora) + 8 * lora \
+        + runs.TOKENIZER_BYTES
+
+
+def test_checkpoint_bytes_bounds_a_saved_checkpoint(tmp_path):
+    import config
+    import models
+
+    model, tokenizer = models.build_tiny()
+    head = models.ScoreHead(64, 8)
+    optimizers = {"llm": torch.optim.AdamW(model.parameters()), "head": torch.optim.AdamW(head.parameters())}
+    (model(torch.tensor([[1, 2, 3]])).logits.sum() + head(torch.randn(2, 64)).sum()).backward()
+    for optimizer in optimizers.values():  # AdamW makes its states at the first step
+        optimizer.step()
+    saved = runs.save_checkpoint(str(tmp_path), 1, model, tokenizer, head, optimizers, config.Config())
+    estimate = runs.checkpoint_bytes(model, optimizers, head) - runs.TOKENIZER_BYTES
+    written = runs.tree_bytes(saved) - sum(os.path.getsize(os.path.join(saved, name)) for name in os.listdir(saved)
+                                           if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")))
+    assert 0.95 * estimate < written < estimate + 100_000, (written, estimate)  # headers, pickling, JSON

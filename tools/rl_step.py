@@ -48,7 +48,10 @@ def rl_step(name, args, device):
     shared = not checkpointing
     torch.manual_seed(0)
     trained = models.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
-    optimizer = torch.optim.AdamW(trained, lr=1e-6, weight_decay=0.0)
+    models.hold_frozen_weights(model, dtype)  # LoRA's base in the compute dtype, as r2rank.py holds it
+    # lr 1e-4: large enough that the second PPO epoch sees a policy that moved (approx_kl > 0), which
+    # it would not if the step had left autocast's cached weights stale; speed and memory do not depend on it
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0)
     for parameter in trained:
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()  # allocates the AdamW states and changes nothing (zero gradients, no weight decay)
@@ -62,7 +65,7 @@ def rl_step(name, args, device):
           f"shared), up to {args.new_tokens} new tokens, micro-batch {args.micro_batch}, {args.dtype} compute, checkpointing "
           f"{'on' if checkpointing else 'off (shared-prefix update)'}, {'LoRA r = ' + str(args.lora_rank) if args.lora_rank else 'all weights trained'} ==")
 
-    def phase(fn):
+    def phase(fn, autocast=True):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -70,7 +73,7 @@ def rl_step(name, args, device):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # the peak RSS restarts from the current RSS
         start = time.perf_counter()
-        with models.mixed_precision(device, dtype):
+        with models.mixed_precision(device, dtype if autocast else torch.float32):
             result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -84,8 +87,9 @@ def rl_step(name, args, device):
     with torch.no_grad():
         head(torch.stack([s.final_hidden for s in samples]))
     score_grads = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(1))  # the score path, on by default
-    update_seconds, update_peak, _ = phase(lambda: rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared,
-                                                                      head=head, score_grads=score_grads))
+    update_seconds, update_peak, stats = phase(lambda: rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg,
+                                                                          shared, head=head, score_grads=score_grads, dtype=dtype),
+                                               autocast=False)  # ppo_update autocasts its forwards, never its steps
     parts, peaks = estimate_memory(model.config, len(suffixes), prompt_tokens, args.new_tokens, args.micro_batch, checkpointing,
                                    dtype.itemsize, args.lora_rank, foreach=device.type == "cuda",
                                    shared_prefix_tokens=len(prefix) if shared else 0)
@@ -95,7 +99,12 @@ def rl_step(name, args, device):
     print(f"update  {update_seconds:8.1f} s  ({cfg.ppo_epochs} PPO epochs)                         peak {update_peak / gib:6.2f} GiB "
           f"(estimate {peaks['update'] / gib:6.2f}, ratio {update_peak / peaks['update']:.2f})")
     print("estimate by part: " + ", ".join(f"{part} {value / gib:.2f}" for part, value in parts.items()) + " GiB")
-    return {"rollout_s": seconds, "update_s": update_seconds, "new_tokens": new, "peak_gib": max(rollout_peak, update_peak) / gib,
+    # epoch 1's ratio is exactly 1 (theta_old is its own forward), so the mean over epochs times the epochs is the later ones'
+    later_kl = stats["approx_kl"] * cfg.ppo_epochs / max(cfg.ppo_epochs - 1, 1)
+    print(f"PPO epochs 2..{cfg.ppo_epochs}: approx_kl {later_kl:.3g} (0 would mean stale autocast weights), clip_frac "
+          f"{stats['clip_frac'] * cfg.ppo_epochs / max(cfg.ppo_epochs - 1, 1):.3f}; decode_logp_gap mean {stats['decode_logp_gap']:.4f}, "
+          f"max {stats['decode_logp_gap_max']:.3f} per token (decode.py against the update's forward)")
+    return {"approx_kl_later": later_kl, "decode_logp_gap": stats["decode_logp_gap"],"rollout_s": seconds, "update_s": update_seconds, "new_tokens": new, "peak_gib": max(rollout_peak, update_peak) / gib,
             "estimate_gib": peaks["peak"] / gib}
 
 
