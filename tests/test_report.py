@@ -88,3 +88,113 @@ def test_curve_cli_draws_and_names_a_bad_line(tmp_path):
     metrics.write_text(json.dumps(rows[1]) + "\n{oops\n")
     run = run_script("tools/report.py", "curve", str(metrics), cwd=ROOT)
     assert run.returncode == 1 and f"{metrics}:2: malformed JSON" in run.stderr and "Traceback" not in run.stderr
+
+
+def metrics_file(path, rows):
+    """A metrics.jsonl as runs.log_row writes it (json.dumps: NaN for a NaN)."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def run_rows(steps=12, seed=0):
+    """A run of `steps` RL steps with validation every 4 (and at the start, step 0)."""
+    rows = [{"step": 0, "valid_ndcg@10": 0.30 + 0.01 * seed, "step_time": 5.0}]
+    for s in range(1, steps + 1):
+        row = {"step": s, "reward": 0.2 + 0.01 * s + 0.03 * (s % 3) + 0.02 * seed,
+               "approx_kl": 0.001 * s * (1 + seed), "clip_frac": 0.0, "step_time": 30.0}
+        if s % 4 == 0:
+            row["valid_ndcg@10"] = 0.3 + 0.015 * s - 0.01 * seed
+        rows.append(row)
+    return rows
+
+
+def png_size(path):
+    """(width, height) from a PNG's IHDR chunk; fails unless the file starts as a PNG does."""
+    head = open(path, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", head
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_curve_png_draws_several_runs(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional extra, not in requirements.txt
+    seed0 = metrics_file(tmp_path / "metrics-0.jsonl", run_rows(seed=0))
+    seed1 = metrics_file(tmp_path / "metrics-1.jsonl", run_rows(seed=1))
+    png = tmp_path / "curves.png"
+    run = run_script("tools/report.py", "curve", seed0 + "=seed 0", seed1 + "=seed 1", "--png", png, "--window", "3", cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    width, height = png_size(png)
+    assert width >= 600 and height >= 600 and png.stat().st_size > 20_000  # three panels, not a blank canvas
+    # each run's summary line (by its label), then where the figure went
+    assert "seed 0: 12 steps, 0.10 h of step time; validation NDCG@10 first 0.300 (step 0), best 0.480 (step 12)" in run.stdout
+    assert "seed 1: 12 steps, 0.10 h of step time; validation NDCG@10 first 0.310 (step 0), best 0.470 (step 12)" in run.stdout
+    assert f"wrote {png}" in run.stdout
+    # a run without validation or approx_kl (e.g. --freeze-llm, no --eval-every) still draws
+    bare = metrics_file(tmp_path / "bare.jsonl", [{"step": s, "reward": 0.1 * s} for s in range(1, 4)])
+    run = run_script("tools/report.py", "curve", bare, "--png", tmp_path / "bare.png", cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert png_size(tmp_path / "bare.png")[0] >= 600
+    # an unwritable --png is one line
+    run = run_script("tools/report.py", "curve", bare, "--png", tmp_path / "no" / "such" / "dir.png", cwd=ROOT)
+    assert run.returncode == 1 and "cannot write" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_curve_png_without_matplotlib_says_how_to_install_it(tmp_path):
+    # the script run with matplotlib made unimportable, as where it is not installed
+    wrapper = tmp_path / "no_matplotlib.py"
+    wrapper.write_text("import os, runpy, sys\n"
+                       "sys.modules['matplotlib'] = None  # import matplotlib now raises ImportError\n"
+                       "sys.argv = sys.argv[1:]\n"
+                       "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    metrics = metrics_file(tmp_path / "metrics.jsonl", run_rows())
+    run = run_script(wrapper, "tools/report.py", "curve", metrics, "--png", tmp_path / "curves.png", cwd=ROOT)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("\n") == 1 and "pip install matplotlib" in run.stderr and "Traceback" not in run.stderr
+    assert run.stdout == "" and not (tmp_path / "curves.png").exists()
+    run = run_script(wrapper, "tools/report.py", "curve", metrics, cwd=ROOT)  # the text chart needs nothing more
+    assert run.returncode == 0 and "best 0.480 (step 12)" in run.stdout, run.stderr
+
+
+def test_curve_leaves_out_a_nan_with_a_note(tmp_path):
+    rows = run_rows()
+    rows[3]["reward"] = float("nan")  # json.dumps writes NaN, json.loads reads it back
+    rows[5]["approx_kl"] = float("inf")
+    metrics = metrics_file(tmp_path / "metrics.jsonl", rows)
+    assert '"reward": NaN' in open(metrics).read()
+    run = run_script("tools/report.py", "curve", metrics, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == f"note: {metrics}: non-finite values left out: line 4 reward NaN, line 6 approx_kl Infinity\n"
+    assert "12 steps" in run.stdout and "best 0.480 (step 12)" in run.stdout
+    assert report.read_metrics(metrics)[3] == {"step": 3, "approx_kl": 0.003, "clip_frac": 0.0, "step_time": 30.0}
+
+
+def test_curve_refuses_two_runs_in_one_file(tmp_path):
+    rows = [{"step": step, "reward": 0.5} for step in (1, 2, 1, 3, 2)]  # two runs appending to one --out
+    metrics = metrics_file(tmp_path / "metrics.jsonl", rows)
+    run = run_script("tools/report.py", "curve", metrics, cwd=ROOT)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr == f"error: {metrics}:3: step 1 after step 2 (line 2): the rows of two runs in one file (two runs wrote into one --out?)\n"
+    with pytest.raises(report.ReportError, match=r":2: step 1 after step 1"):  # a repeated step too
+        report.read_metrics(metrics_file(tmp_path / "again.jsonl", [{"step": 1, "reward": 0.5}] * 2))
+    with pytest.raises(report.ReportError, match=r":1: no whole-number step"):
+        report.read_metrics(metrics_file(tmp_path / "nostep.jsonl", [{"reward": 0.5}]))
+    with pytest.raises(report.ReportError, match=r":1: reward is 'high', not a number"):
+        report.read_metrics(metrics_file(tmp_path / "text.jsonl", [{"step": 1, "reward": "high"}]))
+    with pytest.raises(report.ReportError, match="nothing to draw"):
+        report.curve([metrics_file(tmp_path / "empty.jsonl", [{"step": 1, "clip_frac": 0.0}])], 5)
+
+
+def test_table_refuses_an_eval_file_without_methods_or_model(tmp_path):
+    good = eval_file(tmp_path / "good.json", {"random": [0.1] * 6})
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"methods": {}, "config": {"model": "m", "data_dir": "data/ml100k"}}))
+    run = run_script("tools/report.py", "table", good, empty, cwd=ROOT)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr == f"error: {empty}: no method results in it (\"methods\" is empty)\n"
+    modelless = tmp_path / "modelless.json"
+    found = json.loads(open(good).read())
+    del found["config"]["model"]
+    modelless.write_text(json.dumps(found))
+    run = run_script("tools/report.py", "table", modelless, cwd=ROOT)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr == f"error: {modelless}: its config has no \"model\" (not written by --stage eval?)\n"

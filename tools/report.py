@@ -2,6 +2,7 @@
 
     python tools/report.py table runs/baselines/eval-test.json runs/ml-mlp/eval-test.json=MLP-only ...
     python tools/report.py curve runs/ml-rl/metrics.jsonl
+    python tools/report.py curve runs/s0/metrics.jsonl=seed0 runs/s1/metrics.jsonl=seed1 --png curves.png
 
 `table` reads the per-user NDCG values that `python r2rank.py --stage eval` writes (eval-<split>.json),
 puts every method of every file in one table in the layout of the paper's Table 2, and tests every
@@ -10,10 +11,14 @@ reczero, r2ec) takes the title given after "=", so several trained runs (MLP-onl
 and after training, ...) can sit side by side. All files must hold the same users.
 
 `curve` draws the training reward (a moving average, since one step sees few users) and the
-validation NDCG@10 from a run's metrics.jsonl as a character chart.
+validation NDCG@10 from a run's metrics.jsonl as a character chart. With --png it draws the reward,
+the validation NDCG@10 and the PPO's approx_kl against the step into a PNG instead, one line per
+metrics file (several seeds on one figure; "=Label" names a file's line). The PNG needs matplotlib, an
+optional extra (`pip install matplotlib`); nothing else here does.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -37,9 +42,15 @@ def read_eval(path):
     try:
         with open(path) as f:
             found = json.load(f)
-        return found["methods"], found["config"]
+        methods, config = found["methods"], found["config"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ReportError(f"{path}: not an evaluation file of --stage eval ({error!r})") from None
+    if not isinstance(methods, dict) or not methods:
+        raise ReportError(f'{path}: no method results in it ("methods" is empty)')
+    for key in ("model", "data_dir"):  # the table's header and the check that all files hold one split
+        if not isinstance(config, dict) or key not in config:
+            raise ReportError(f'{path}: its config has no "{key}" (not written by --stage eval?)')
+    return methods, config
 
 
 def merge_evals(specs):
@@ -103,14 +114,34 @@ def table(specs, dataset=None):
 # ------------------------------------------------------------------------------------------- curve
 
 
+CURVE_KEYS = ("reward", "valid_ndcg@10", "approx_kl", "step_time")  # the numbers `curve` reads from a row
+
+
 def read_metrics(path):
-    """metrics.jsonl -> list of row dicts; a bad line raises ReportError with its number."""
+    """metrics.jsonl -> list of row dicts, their steps rising. A bad line raises ReportError naming it;
+    a non-finite number in CURVE_KEYS (json writes NaN) is left out of its row, with a note on stderr."""
+    rows, left_out, previous = [], [], None  # previous: (step, line) of the last row
     try:
-        rows = [row for _, row in sources.read_jsonl(path)]
+        for lineno, row in sources.read_jsonl(path):
+            step = row.get("step")
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise ReportError(f"{path}:{lineno}: no whole-number step ({step!r})")
+            if previous is not None and step <= previous[0]:  # a resume cuts the file back, so only two runs do this
+                raise ReportError(f"{path}:{lineno}: step {step} after step {previous[0]} (line {previous[1]}): "
+                                  "the rows of two runs in one file (two runs wrote into one --out?)")
+            for name in [name for name in CURVE_KEYS if name in row]:
+                if isinstance(row[name], bool) or not isinstance(row[name], (int, float)):
+                    raise ReportError(f"{path}:{lineno}: {name} is {row[name]!r}, not a number")
+                if not math.isfinite(row[name]):
+                    left_out.append(f"line {lineno} {name} {json.dumps(row.pop(name))}")
+            rows.append(row)
+            previous = (step, lineno)
     except sources.DataError as error:
         raise ReportError(str(error)) from None
     if not rows:
         raise ReportError(f"{path}: no metrics yet")
+    if left_out:
+        print(f"note: {path}: non-finite values left out: " + ", ".join(left_out), file=sys.stderr)
     return rows
 
 
@@ -141,22 +172,100 @@ def ascii_chart(series, width=64, height=14):
     return lines
 
 
-def curve(path, window):
-    rows = read_metrics(path)
-    trained = [row for row in rows if "reward" in row]  # step 0 holds only the start's validation
-    reward = moving_average([row["reward"] for row in trained], window)
-    valid = [(row["step"], row["valid_ndcg@10"]) for row in rows if "valid_ndcg@10" in row]
-    series = [(f"training reward (NDCG@10 of sampled rankings), mean of the last {window} steps", ".",
-               list(zip([row["step"] for row in trained], reward)))]
-    if valid:
-        series.append(("validation NDCG@10 (greedy traces, ranked by score)", "o", valid))
-    for line in ascii_chart(series):
-        print(line)
+def split_spec(spec):
+    """"path" or "path=Label" -> (path, label); the label defaults to the run's directory."""
+    path, _, label = spec.partition("=")
+    return path, label or os.path.dirname(path) or path
+
+
+def run_series(rows, window):
+    """A run's rows -> {name: [(step, value), ...]}: the reward's moving average over `window` steps,
+    the reward per step, the validation NDCG@10, approx_kl."""
+    series = {name: [(row["step"], row[name]) for row in rows if name in row]
+              for name in ("reward", "valid_ndcg@10", "approx_kl")}
+    series["reward_mean"] = list(zip([step for step, _ in series["reward"]],
+                                     moving_average([value for _, value in series["reward"]], window)))
+    return series
+
+
+def summary(rows, series):
+    """One line: the steps, their time, and the first, best and last validation NDCG@10."""
+    valid = series["valid_ndcg@10"]
     seconds = sum(row.get("step_time", 0.0) for row in rows)
     best_step, best = max(valid, key=lambda point: point[1]) if valid else (None, None)  # the first of equals
-    print(f"{len(trained)} steps, {seconds / 3600:.2f} h of step time; " + (
+    return f"{sum(row['step'] > 0 for row in rows)} steps, {seconds / 3600:.2f} h of step time; " + (
         f"validation NDCG@10 first {valid[0][1]:.3f} (step {valid[0][0]}), best {best:.3f} (step {best_step}), "
-        f"last {valid[-1][1]:.3f}" if valid else "no validation rows (--eval-every)"))
+        f"last {valid[-1][1]:.3f}" if valid else "no validation rows (--eval-every)")
+
+
+def curve(specs, window, png=None):
+    """Each metrics file as a text chart and a summary line; with png, the files on one figure instead."""
+    runs = []
+    for spec in specs:
+        path, label = split_spec(spec)
+        rows = read_metrics(path)
+        series = run_series(rows, window)
+        if not series["reward"] and not series["valid_ndcg@10"]:
+            raise ReportError(f"{path}: nothing to draw (no reward nor valid_ndcg@10 in any row)")
+        runs.append((path, label, rows, series))
+    if png is not None:
+        draw_png([(label, series) for _, label, _, series in runs], png, window)  # first: a failure prints one line only
+        for _, label, rows, series in runs:
+            print(f"{label}: {summary(rows, series)}")
+        print(f"wrote {png}")
+        return
+    for path, label, rows, series in runs:
+        if len(runs) > 1:
+            print(f"\n{label} ({path})")
+        chart = [(f"training reward (NDCG@10 of sampled rankings), mean of the last {window} steps", ".",
+                  series["reward_mean"])]
+        if series["valid_ndcg@10"]:
+            chart.append(("validation NDCG@10 (greedy traces, ranked by score)", "o", series["valid_ndcg@10"]))
+        for line in ascii_chart(chart):
+            print(line)
+        print(summary(rows, series))
+
+
+def draw_png(runs, png, window):
+    """runs: [(label, run_series(...))] -> png: three panels against the step (reward, validation
+    NDCG@10, approx_kl), one colour per run."""
+    try:  # an optional extra: only the PNG needs it
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as error:
+        raise ReportError(f"--png needs matplotlib, an optional extra ({error}); install it with: pip install matplotlib") from None
+    figure = Figure(figsize=(8, 9), dpi=100, layout="constrained")
+    reward_axes, valid_axes, kl_axes = figure.subplots(3, 1, sharex=True)
+    for index, (label, series) in enumerate(runs):
+        color = f"C{index % 10}"
+        reward_axes.plot([], [], color=color, label=label)  # the run's legend entry, whatever it logged
+        if series["reward"]:
+            reward_axes.plot(*zip(*series["reward"]), color=color, alpha=0.25, linewidth=1)
+            reward_axes.plot(*zip(*series["reward_mean"]), color=color)
+        if series["valid_ndcg@10"]:
+            valid_axes.plot(*zip(*series["valid_ndcg@10"]), color=color, marker="o", markersize=4, label=label)
+            best_step, best = max(series["valid_ndcg@10"], key=lambda point: point[1])
+            valid_axes.plot([best_step], [best], color=color, marker="*", markersize=14, linestyle="none")
+        if series["approx_kl"]:
+            kl_axes.plot(*zip(*series["approx_kl"]), color=color, label=label)
+    reward_axes.set_title(f"training reward (NDCG@10 of sampled rankings): per step (faint), mean of the last {window} (solid)",
+                          fontsize=10)
+    valid_axes.set_title("validation NDCG@10 (greedy traces, ranked by score; step 0 = the start; * = best)", fontsize=10)
+    kl_axes.set_title("approx_kl (PPO, KL(old || new) per token)", fontsize=10)
+    for axes, name, missing in ((reward_axes, "reward", "no reward rows"),
+                                (valid_axes, "valid_ndcg@10", "no validation rows (--eval-every)"),
+                                (kl_axes, "approx_kl", "no approx_kl (the LLM was not trained: --freeze-llm?)")):
+        axes.set_ylabel(name)
+        axes.grid(alpha=0.3)
+        if not any(series[name] for _, series in runs):
+            axes.text(0.5, 0.5, missing, transform=axes.transAxes, ha="center", va="center", color="gray")
+    reward_axes.legend(fontsize=9, loc="best")
+    kl_axes.set_xlabel("step")
+    kl_axes.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    try:
+        figure.savefig(png, format="png")  # whatever the file's name ends in
+    except OSError as error:
+        raise ReportError(f"--png {png}: cannot write it ({error.strerror or error})") from None
 
 
 def main(argv=None):
@@ -165,12 +274,14 @@ def main(argv=None):
     table_args = commands.add_parser("table", help="one Table-2 layout from several eval-<split>.json files")
     table_args.add_argument("files", nargs="+", help="eval-<split>.json of --stage eval, optionally =Title for its trained row (R2Rank, reczero, r2ec)")
     table_args.add_argument("--dataset", help="the dataset's name in the header (default: the data directory's name)")
-    curve_args = commands.add_parser("curve", help="reward and validation NDCG@10 per step of a run, as text")
-    curve_args.add_argument("metrics", help="metrics.jsonl of --stage rl")
+    curve_args = commands.add_parser("curve", help="reward and validation NDCG@10 per step of a run, as text or a PNG")
+    curve_args.add_argument("metrics", nargs="+", help="metrics.jsonl of --stage rl, optionally =Label (default: its directory)")
     curve_args.add_argument("--window", type=int, default=10, help="steps in the reward's moving average")
+    curve_args.add_argument("--png", help="draw reward, validation NDCG@10 and approx_kl of every file into this PNG "
+                                          "(needs matplotlib: pip install matplotlib)")
     args = parser.parse_args(argv)
     try:
-        table(args.files, args.dataset) if args.command == "table" else curve(args.metrics, max(args.window, 1))
+        table(args.files, args.dataset) if args.command == "table" else curve(args.metrics, max(args.window, 1), args.png)
     except ReportError as error:
         sys.exit(f"error: {error}")
 
