@@ -36,6 +36,7 @@ from baselines import r2ec, reczero, sasrec, untrained
 import models
 import rollout
 import runs
+from head import score_traces
 from metrics import bootstrap_ci, ndcg_from_scores, positive_ranks, significance_marker, wilcoxon_signed_rank
 
 
@@ -101,7 +102,7 @@ def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None, r2ec_mo
             samples += rollout.rollout_users(model, tokenizer, [instance], cfg, generator,
                                             temperature=cfg.temperature if cfg.eval_sample else 0.0)[0]
         with torch.no_grad():
-            scores = models.score_traces(head, samples)
+            scores = score_traces(head, samples)
         return scores.float().cpu(), rollout.trace_stats(samples, tokenizer)
 
     def rank_pointwise(instances, desc):

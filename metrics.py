@@ -12,10 +12,12 @@ reward and the number in Table 2, and the tests behind Table 2's markers.
 
 Wilcoxon: zero differences are dropped (zero_method "wilcox", as R and scipy by default); users on
 whom two methods rank the positive equally are common and carry no sign.
+
+Torch only at import (numpy is imported by the statistics functions that use it), so this file copies
+into another project alone.
 """
 import math
 
-import numpy as np
 import torch
 
 
@@ -76,6 +78,7 @@ def positive_ranks(scores, labels):
 
 def average_ranks(values):
     """[N] -> [N] ranks 1..N of the values, ascending; equal values share their average rank."""
+    import numpy as np
     _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
     last = np.cumsum(counts)  # rank of the last member of each group of equal values
     return (last - (counts - 1) / 2)[inverse]
@@ -98,6 +101,7 @@ def wilcoxon_signed_rank(x, y, zero_method="wilcox", exact_max_n=25):
         p = 2 (1 - Phi(|T - mu| / sigma)).
     All differences zero: (0.0, 1.0).
     """
+    import numpy as np
     if zero_method not in ("wilcox", "pratt"):
         raise ValueError(f"zero_method must be 'wilcox' or 'pratt', got {zero_method!r}")
     diffs = np.round(np.asarray(x, dtype=float) - np.asarray(y, dtype=float), 12)
@@ -124,6 +128,7 @@ def wilcoxon_signed_rank(x, y, zero_method="wilcox", exact_max_n=25):
 
 def bootstrap_ci(values, resamples=1000, seed=0, level=0.95):
     """Percentile-bootstrap interval of the mean of values [N]: (low, high), seeded."""
+    import numpy as np
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         raise ValueError("bootstrap_ci needs at least one value")

@@ -1,11 +1,9 @@
-"""The two models of R2Rank and their files: the policy LLM pi_theta (a hub id, a local directory, a
-GGUF file, or a tiny random model built offline) with its LoRA adapters (--lora-rank, the last section),
-the scoring head f_phi of Eq. (2), device and precision choices, activation checkpointing, and reading
-what a checkpoint holds (the head and, for MLP-only, the frozen LLM's trace cache). Writing checkpoints
-and the run's directory: runs.py.
-
-Departure 7 of the list at the top of r2rank.py (the LayerNorm in front of the head's MLP) is
-implemented here. The LoRA section says where it departs from the LoRA paper (alpha = 2 r, no dropout).
+"""The policy LLM pi_theta of R2Rank and its files (a hub id, a local directory, a GGUF file, or a tiny
+random model built offline) with its LoRA adapters (--lora-rank, the last section), device and
+precision choices, activation checkpointing, and reading what a checkpoint holds (the scoring head
+f_phi, whose module is head.py, and, for MLP-only, the frozen LLM's trace cache). Writing checkpoints
+and the run's directory: runs.py. The LoRA section says where it departs from the LoRA paper
+(alpha = 2 r, no dropout).
 
     model, tokenizer = load_policy("Qwen/Qwen2.5-1.5B-Instruct", pick_device("auto"), torch.float32)
     model, tokenizer = load_policy("tiny", torch.device("cpu"), torch.float32)   # no download
@@ -20,6 +18,7 @@ from safetensors.torch import load_file
 
 import data
 import rollout
+from head import ScoreHead
 
 
 def pick_device(name):
@@ -286,30 +285,7 @@ def load_trace_cache(path, cfg, device):
     return {user: rollout.Samples(**fields) for user, fields in torch.load(path, map_location=device).items()}
 
 
-# --------------------------------------------------------------------- the scoring head f_phi
-
-
-class ScoreHead(torch.nn.Module):
-    """f_phi of Eq. (2): final hidden state h [..., H] -> relevance score [...], computed in the head's
-    own precision (fp32, whatever the LLM's; fp64 when the head is, as in the gradient tests)."""
-
-    def __init__(self, hidden_size, width):
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.LayerNorm(hidden_size, elementwise_affine=False),
-            torch.nn.Linear(hidden_size, width),
-            torch.nn.GELU(),
-            torch.nn.Linear(width, 1),
-        )
-
-    def forward(self, hidden):
-        with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head stays fp32
-            return self.net(hidden.to(self.net[1].weight.dtype)).squeeze(-1)
-
-
-def score_traces(head, samples):
-    """Phase 2: s_k = f_phi(h_k) (Eq. 2) for every user's K traces -> [U, K] fp32."""
-    return torch.stack([head(s.final_hidden) for s in samples])
+# --------------------------------------------------------------------- the scoring head's file
 
 
 def load_head(path, hidden_size, device):

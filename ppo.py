@@ -2,6 +2,7 @@
 functions.
 
     clipped_token_loss          token-level clipped PPO for the LLM's reasoning tokens     (Eq. 6)
+    llm_loss                    a micro-batch's part of the LLM's loss: Eq. 6 plus the score path
     reinforce_loss              REINFORCE for the scoring head through log P(tau | s)      (Eq. 5)
     score_gradient              the same estimate of dV/ds, carried into the LLM (the score path, Sec. 3.3)
     leave_one_out_baseline      the mean reward of the other samples of a group         (beyond the paper)
@@ -76,6 +77,29 @@ def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
             "ratio": (ratio * mask).sum() / num_valid,
         }
     return loss, {name: value.item() for name, value in stats.items()}
+
+
+def llm_loss(logp, old_logp, advantages, mask, divisor, clip_eps=0.2, scores=None, score_grads=None):
+    """One micro-batch's part of the LLM's loss in an RL step: summed over the step's micro-batches,
+    its gradient is the step's estimate of - grad_theta J / D (rollout.ppo_update accumulates it).
+
+        the tokens (Eq. 6):      - sum over the micro-batch's valid tokens of min(r A, clip(r) A) / D
+        the score path (Sec. 3.3, departure 7 of r2rank.py):  - sum_k g_k s_k(theta) / D
+
+    logp, old_logp, mask [B, T], advantages [B] or [B, T]: as in clipped_token_loss.
+    divisor D: the step's valid-token count (departure 1), or its trace count when the traces are
+    empty (--max-new-tokens 0); the same D for both terms, so they add up to one estimate.
+    scores [B]: s_k = f_phi(h_k(theta)) with phi held fixed (gradient into theta through h_k only);
+    score_grads [B]: g = dV/ds (score_gradient), detached. None, None: the tokens' term alone.
+    Together: grad J = E[sum_k A_k grad log pi(y_k)] + E[sum_k dV/ds_k grad s_k], the whole gradient
+    of J(theta) = E[V(s(theta, y))].
+    returns: (loss, stats) with clipped_token_loss's stats and "ppo_loss", its per-token mean loss.
+    """
+    token_loss, stats = clipped_token_loss(logp, old_logp, advantages, mask, clip_eps)
+    loss = token_loss * (mask.sum().item() / divisor)  # token_loss is a mean over these tokens
+    if scores is not None:
+        loss = loss - (score_grads.to(scores.dtype) * scores).sum() / divisor
+    return loss, {**stats, "ppo_loss": token_loss.item()}
 
 
 def reinforce_loss(rank_log_prob, reward, baseline=None):

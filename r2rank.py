@@ -31,10 +31,17 @@ Where this departs from the paper (defaults are the paper's unless said; details
    grad_theta J = E[sum_k A_k grad log pi(y_k)] (Eq. 6, the tokens) + E[sum_k dV/ds_k grad_theta s_k],
    V(s) = E_{tau ~ PL(s)} rho(tau). Eqs. 5-6 as printed leave out the second term: the LLM would learn
    which words to write but never a hidden state that ranks better. ppo.score_gradient estimates dV/ds
-   from the S rankings, rollout.ppo_update adds the term with the token term's divisor (departure 4);
-   --no-score-path is the equations to the letter. The head reads h_k through a LayerNorm (models.py).
+   from the S rankings, ppo.llm_loss adds the term with the token term's divisor (departure 4);
+   --no-score-path is the equations to the letter.
 8. --pl-std (off) fixes the std of a user's scores before Plackett-Luce (plackett_luce.standardized);
    the score path and the counterfactual advantage take their gradients and values through it.
+9. The head's MLP reads h_k through a LayerNorm without parameters (head.py; the paper's f_phi is an
+   MLP on the last layer): h_k's scale differs between models, and the initial scores are of unit order.
+10. Two PPO epochs per step (--ppo-epochs 2; the paper does not say): the second reuses the traces
+   under the clipped ratio, the first is the plain policy gradient (ratio 1).
+11. MLP-only (--freeze-llm) samples each user's traces at its first step and reuses them when the
+   user comes back (rl_run.RLRun.rollout): the frozen policy would only resample the same
+   distribution, at the rollout's cost. Validation ranks greedy traces (one fixed trace per pair).
 """
 import os
 import sys
@@ -48,7 +55,7 @@ import rollout
 import runs
 from config import parse_config
 from metrics import ndcg_at_k, ndcg_from_scores
-from models import score_traces
+from head import score_traces
 from plackett_luce import standardized
 from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
 from rl_run import Bookkeeper, setup_rl, user_generator, users_for_step, validate  # noqa: F401 (validate: for the tests)

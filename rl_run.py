@@ -23,8 +23,9 @@ import distributed
 import rollout
 import runs
 from metrics import ndcg_from_scores
-from models import (ScoreHead, attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy,
-                    load_trace_cache, mixed_precision, pick_device, pick_dtype, score_traces)
+from head import ScoreHead, score_traces
+from models import (attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy, load_trace_cache,
+                    mixed_precision, pick_device, pick_dtype)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 import data
 import decode
 import distributed
-from ppo import clipped_token_loss
+from ppo import llm_loss
 
 
 def positions_from_mask(attention_mask):
@@ -330,8 +330,9 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
     prompts: per user (prefix_ids, [suffix_ids] * K); samples: per-user Samples; advantages: [U, K].
     A micro-batch holds up to --micro-batch traces of one user. With shared_prefix the user's prompt
     prefix is run once per micro-batch instead of once per trace (response_logprobs_shared).
-    Each micro-batch's mean loss is weighted by its share of the valid tokens, so the accumulated
-    gradient equals that of the per-token mean over the whole step (ppo.clipped_token_loss).
+    The loss of each micro-batch is ppo.llm_loss (Eq. 6 and the score path's term, divided by the
+    step's token count), so the accumulated gradient equals that of the per-token mean over the whole
+    step (ppo.clipped_token_loss).
     Under torchrun, samples are this rank's users: total_tokens (and total_traces) are the whole
     step's counts and sum_gradients(parameters) adds up every rank's gradient before clipping.
 
@@ -393,20 +394,18 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
                             decoded = user_samples.logprobs[batch, :logp.shape[1]].to(logp.device)  # [B, R]
                             gap = (logp.detach() - decoded).abs()[mask]
                             gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
-                    loss, mb_stats = clipped_token_loss(logp, old_logps[user, start], user_advantages[batch].to(logp.device),
-                                                        mask, cfg.clip_eps)
-                    share = mask.sum().item() / divisor
-                    total = loss * share
+                    scores, g = None, None
                     if with_hidden:
-                        hidden = out[2]
-                        scores = frozen_head(hidden)  # [B], fp32: the head turns autocast off
-                        g = score_grads[user, batch].to(scores.device, scores.dtype)
-                        total = total - (g * scores).sum() / divisor
-                        decoded_scores = frozen_head(user_samples.final_hidden[batch].to(hidden.device))
+                        scores = frozen_head(out[2])  # [B], f_phi(h_k(theta)), fp32: the head turns autocast off
+                        g = score_grads[user, batch].to(scores.device)
+                        decoded_scores = frozen_head(user_samples.final_hidden[batch].to(scores.device))
                         score_gap = max(score_gap, (scores.detach() - decoded_scores).abs().max().item())
-                total.backward()  # outside autocast, as the optimizer step below
-                for name, value in {**mb_stats, "ppo_loss": loss.item()}.items():
-                    stats[name] += value * share / epochs
+                    loss, mb_stats = llm_loss(logp, old_logps[user, start], user_advantages[batch].to(logp.device), mask,
+                                              divisor, cfg.clip_eps, scores, g)
+                loss.backward()  # outside autocast, as the optimizer step below
+                token_share = mask.sum().item() / divisor  # mb_stats are means over this micro-batch's tokens
+                for name, value in mb_stats.items():
+                    stats[name] += value * token_share / epochs
         if sum_gradients:
             sum_gradients(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

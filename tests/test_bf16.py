@@ -26,7 +26,7 @@ import decode
 import models
 import rollout
 from conftest import ROOT, run_cli, run_script
-from models import ScoreHead
+from head import ScoreHead
 
 BF16 = torch.bfloat16
 

@@ -19,6 +19,7 @@ import config
 import data
 import distributed
 import models
+from head import ScoreHead, score_traces
 import plackett_luce
 import r2rank
 import rollout
@@ -43,12 +44,12 @@ def step_gradients(users, instances, total_users, total_tokens=None, sum_gradien
     same code path train_rl takes, with per-user generators."""
     model, tokenizer = models.build_tiny(seed=0)
     torch.manual_seed(0)
-    head = models.ScoreHead(model.config.hidden_size, 16)
+    head = ScoreHead(model.config.hidden_size, 16)
     cfg = config.Config(model="tiny", max_new_tokens=5, max_history=3, micro_batch=3, temperature=1.0, ppo_epochs=1)
     generators = [r2rank.user_generator(0, 0, u, "cpu") for u in users]
     chosen = [instances[u] for u in users]
     samples, prompts = rollout.rollout_users(model, tokenizer, chosen, cfg, generators)
-    scores = models.score_traces(head, samples)
+    scores = score_traces(head, samples)
     labels = torch.tensor([inst["labels"] for inst in chosen], dtype=torch.float32)
     rankings = torch.stack([plackett_luce.sample(scores[i].detach(), 4, g) for i, g in enumerate(generators)])
     reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), 10)

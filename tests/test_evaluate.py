@@ -19,7 +19,7 @@ import evaluate
 import models
 import r2rank
 import runs
-from models import ScoreHead
+from head import ScoreHead
 from metrics import positive_ranks, rank_by_scores
 
 from conftest import run_script

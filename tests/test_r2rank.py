@@ -14,7 +14,8 @@ import plackett_luce
 import r2rank
 import runs
 import rollout
-from models import ScoreHead, load_head, score_traces
+from head import ScoreHead, score_traces
+from models import load_head
 from plackett_luce import standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from ppo import leave_one_out_baseline, reinforce_loss

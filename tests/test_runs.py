@@ -46,6 +46,7 @@ import pytest
 import torch
 
 import runs
+from head import ScoreHead
 from conftest import ROOT, run_cli
 
 
@@ -338,7 +339,7 @@ def test_checkpoint_bytes_of_the_tiny_model_by_hand():
     attention = (hidden * hidden + hidden) + 2 * (hidden * kv + kv) + hidden * hidden  # q, k, v with biases; o
     per_layer = attention + 3 * hidden * ffn + 2 * hidden  # gate, up, down; two RMSNorms
     weights = vocab * hidden + layers * per_layer + hidden  # the embedding, tied to lm_head: once
-    head = models.ScoreHead(hidden, 8)
+    head = ScoreHead(hidden, 8)
     head_weights = sum(p.numel() for p in head.parameters())
     full = {"llm": torch.optim.AdamW(model.parameters()), "head": torch.optim.AdamW(head.parameters())}
     assert runs.checkpoint_bytes(model, full, head) == 4 * weights + 8 * (weights + head_weights) + 4 * head_weights \
@@ -355,7 +356,7 @@ def test_checkpoint_bytes_bounds_a_saved_checkpoint(tmp_path):
     import models
 
     model, tokenizer = models.build_tiny()
-    head = models.ScoreHead(64, 8)
+    head = ScoreHead(64, 8)
     optimizers = {"llm": torch.optim.AdamW(model.parameters()), "head": torch.optim.AdamW(head.parameters())}
     (model(torch.tensor([[1, 2, 3]])).logits.sum() + head(torch.randn(2, 64)).sum()).backward()
     for optimizer in optimizers.values():  # AdamW makes its states at the first step

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import models
+from head import ScoreHead
 import rollout
 from metrics import ndcg_at_k
 from plackett_luce import standardized
@@ -99,7 +100,7 @@ def setting():
     model, tokenizer = models.build_tiny(seed=0)
     model = _float64_copy(model.eval())
     torch.manual_seed(0)
-    head = models.ScoreHead(model.config.hidden_size, 8).double()
+    head = ScoreHead(model.config.hidden_size, 8).double()
     prefix, suffixes = _prompts(tokenizer)
     prompts = [(prefix, suffixes), (prefix[:-2], suffixes[::-1])]  # two users
     return model, head, prompts
@@ -211,7 +212,7 @@ def test_update_hidden_state_is_where_the_rollout_reads_it(setting):
         samples = [rollout.sample_traces(model_fp32, tokenizer, prefix, suffixes, max_new_tokens,
                                          generator=torch.Generator().manual_seed(3)) for prefix, suffixes in prompts]
         cfg = types.SimpleNamespace(ppo_epochs=1, micro_batch=2, temperature=1.0, clip_eps=0.2, max_grad_norm=1.0)
-        head32 = models.ScoreHead(model_fp32.config.hidden_size, 8)
+        head32 = ScoreHead(model_fp32.config.hidden_size, 8)
         stats = rollout.ppo_update(model_fp32, RecordingOptimizer(model_fp32), prompts, samples, torch.zeros(2, 3), cfg,
                                    True, head=head32, score_grads=torch.zeros(2, 3))
         assert stats["decode_score_gap"] < 1e-4

@@ -36,7 +36,7 @@ import data  # noqa: E402
 import models  # noqa: E402
 import plackett_luce  # noqa: E402
 import rollout  # noqa: E402
-from models import ScoreHead  # noqa: E402
+from head import ScoreHead  # noqa: E402
 
 import flops  # noqa: E402  (tools/flops.py, beside this file)
 from memory_estimate import print_estimates  # noqa: E402

@@ -15,7 +15,7 @@ import config  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
-from models import ScoreHead  # noqa: E402
+from head import ScoreHead  # noqa: E402
 
 from memory_estimate import estimate_memory  # noqa: E402  (tools/memory_estimate.py, beside this file)
 
