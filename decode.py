@@ -18,6 +18,15 @@ The layers' own modules are called (projections, norms, MLP, rotary embedding), 
 and autocast apply as in the model's forward; only the attention and the cache are written here.
 `supported(model)` says whether a model has this layout; rollout falls back to transformers' cache
 for any other.
+
+Attention rounds as PyTorch's SDPA does (its flash and memory-efficient kernels): q and k are cast
+to the projections' dtype (bf16 under autocast), the scores q k^T are computed and kept in fp32 (a
+product of two bf16 numbers is exact in fp32), the softmax is taken in fp32, and only the
+probabilities are cast to the values' dtype for the product with the values. So the keys are stored
+in fp32 (holding bf16 values under autocast), the values in the projections' dtype. What still differs
+in bf16: the kernels round exp(score - max) and divide by the row's sum at the end, in one fp32
+accumulator; here the normalized probabilities are rounded, and the prefix's and the row's products
+are each rounded to bf16 before their sum.
 """
 import torch
 
@@ -37,7 +46,8 @@ class RowCache:
     prefix: (keys, values) [kv_heads, P, head_dim], shared by all rows (None: no shared prefix);
     rows:   (keys, values) [K, kv_heads, capacity, head_dim], row k's own tokens at slots 0, 1, ...
     valid:  [K, capacity] bool, which written slots hold a real token (pads and finished rows: False).
-    Buffers are allocated on the first write (their dtype is that of the keys, bf16 under autocast)."""
+    Buffers are allocated on the first write: keys in fp32, as attention() multiplies them in fp32
+    (stored once, not cast again at every step); values in their own dtype (bf16 under autocast)."""
 
     def __init__(self, decoder, rows, capacity, prefix=None):
         self.rows, self.capacity, self.prefix, self.length = rows, capacity, prefix, 0
@@ -48,7 +58,7 @@ class RowCache:
         """keys, values [K, kv_heads, T, head_dim] of the new tokens, into slots length .. length + T - 1."""
         if self.keys[layer] is None:
             shape = (self.rows, keys.shape[1], self.capacity, keys.shape[3])
-            self.keys[layer] = keys.new_empty(shape)
+            self.keys[layer] = keys.new_empty(shape, dtype=torch.float32)
             self.values[layer] = values.new_empty(shape)
         end = self.length + keys.shape[2]
         self.keys[layer][:, :, self.length:end] = keys
@@ -69,19 +79,27 @@ def attention(query, keys, values, allowed, prefix):
 
     query [K, kv_heads, G, T, d] (already scaled; G query heads share one key-value head),
     keys, values [K, kv_heads, S, d]; allowed [K, 1, 1, T, S] bool; prefix: None or ([kv_heads, P, d], same).
+    The scores and the softmax are in fp32 whatever the inputs' dtype (as SDPA's kernels accumulate
+    q k^T in fp32); the probabilities are cast to the values' dtype for the products with the values.
     returns [K, kv_heads, G, T, d].
     """
     K, kv_heads, G, T, d = query.shape
-    scores = query.reshape(K, kv_heads, G * T, d) @ keys.transpose(-1, -2)  # [K, kv_heads, G*T, S]
-    scores = scores.view(K, kv_heads, G, T, -1).float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+    query = query.float()
+    # fp32 products even under autocast, which would round the scores to bf16: a product of two bf16
+    # numbers is exact in fp32, so these are the fp32-accumulated scores of SDPA's kernels.
+    with torch.autocast(query.device.type, enabled=False):
+        scores = query.reshape(K, kv_heads, G * T, d) @ keys.float().transpose(-1, -2)  # [K, kv_heads, G*T, S]
+    scores = scores.view(K, kv_heads, G, T, -1).masked_fill(~allowed, torch.finfo(torch.float32).min)
     if prefix is None:
         return (scores.softmax(-1).to(values.dtype).view(K, kv_heads, G * T, -1) @ values).view(K, kv_heads, G, T, d)
     prefix_keys, prefix_values = prefix
     P = prefix_keys.shape[1]
     # All rows' queries against the one copy: [kv_heads, K*G*T, d] @ [kv_heads, d, P]
     stacked = query.permute(1, 0, 2, 3, 4).reshape(kv_heads, K * G * T, d)
-    prefix_scores = (stacked @ prefix_keys.transpose(-1, -2)).view(kv_heads, K, G, T, P).permute(1, 0, 2, 3, 4)
-    probs = torch.cat([prefix_scores.float(), scores], dim=-1).softmax(-1).to(values.dtype)  # [K, kv_heads, G, T, P + S]
+    with torch.autocast(query.device.type, enabled=False):
+        prefix_scores = stacked @ prefix_keys.float().transpose(-1, -2)
+    prefix_scores = prefix_scores.view(kv_heads, K, G, T, P).permute(1, 0, 2, 3, 4)
+    probs = torch.cat([prefix_scores, scores], dim=-1).softmax(-1).to(values.dtype)  # [K, kv_heads, G, T, P + S]
     from_prefix = probs[..., :P].permute(1, 0, 2, 3, 4).reshape(kv_heads, K * G * T, P) @ prefix_values
     from_rows = probs[..., P:].reshape(K, kv_heads, G * T, -1) @ values
     return from_prefix.view(kv_heads, K, G, T, d).permute(1, 0, 2, 3, 4) + from_rows.view(K, kv_heads, G, T, d)
@@ -113,10 +131,13 @@ def forward(decoder, cache, input_ids, positions, valid):
         query = attn.q_proj(hidden).view(K, T, -1, d).transpose(1, 2)  # [K, heads, T, d]
         key = attn.k_proj(hidden).view(K, T, -1, d).transpose(1, 2)  # [K, kv_heads, T, d]
         value = attn.v_proj(hidden).view(K, T, -1, d).transpose(1, 2)
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        # RoPE returns fp32 under autocast (cos, sin are fp32): cast q and k to the values' dtype, as
+        # autocast casts SDPA's inputs; scale q in fp32 (SDPA scales the fp32 scores: the same up to
+        # fp32 rounding).
+        query, key = rotate(query, cos, sin).to(value.dtype), rotate(key, cos, sin).to(value.dtype)
         keys, values = cache.write(index, key, value)
         kv_heads = key.shape[1]
-        query = (query * attn.scaling).view(K, kv_heads, -1, T, d)
+        query = (query.float() * attn.scaling).view(K, kv_heads, -1, T, d)
         prefix = None if cache.prefix is None else (cache.prefix[0][index], cache.prefix[1][index])
         out = attention(query, keys, values, allowed, prefix)  # [K, kv_heads, G, T, d]
         out = out.reshape(K, -1, T, d).transpose(1, 2).reshape(K, T, -1)  # heads in the model's order
