@@ -31,106 +31,17 @@ Departures from the paper (which leaves these points open):
 import argparse
 import json
 import os
-import random
 import re
 import shutil
 import sys
 import tempfile
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from datetime import date
 
-from sources import (DataError, category_match_ndcg, load_amazon, load_movielens, read_jsonl, require, shorten,
-                     synthetic_raw)
+from protocol import SPLITS, DataError, Protocol, UsageError, build_instances, split_sizes  # noqa: F401 (data.X for callers)
+from sources import category_match_ndcg, load_amazon, load_movielens, read_jsonl, require, shorten, synthetic_raw
 
-SPLITS = ("train", "valid", "test")
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
-
-
-def flag(default, text):
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class Protocol:
-    """The data protocol of Sec. 4.1.1; every field is a command-line flag."""
-    history: int = flag(20, "history length L: at most this many interactions before the positive, the latest")
-    candidates: int = flag(20, "candidates K per instance: the positive and K-1 negatives")
-    split: str = flag("8:1:1", "train:valid:test ratio of the users")
-    seed: int = flag(0, "seed of the user split and of the negatives")
-    start: str | None = flag(None, "first day of the time window, YYYY-MM-DD, UTC")
-    end: str | None = flag(None, "last day of the time window, included, YYYY-MM-DD, UTC")
-
-
-# ---------------------------------------------------------------- the protocol
-
-
-def split_sizes(users, ratio):
-    """(train, valid, test) sizes for an "8:1:1"-style ratio; valid and test round down."""
-    parts = [int(part) for part in ratio.split(":")]
-    valid, test = users * parts[1] // sum(parts), users * parts[2] // sum(parts)
-    return users - valid - test, valid, test
-
-
-def build_instances(raw, protocol):
-    """Apply the protocol (see the module docstring) to raw data. Returns ({split: instances}, stats)."""
-    dropped = Counter(raw.dropped)
-    by_user = defaultdict(list)
-    for user, item, seconds in raw.interactions:
-        if item in raw.items:
-            by_user[user].append((seconds, item))
-        else:
-            dropped["interactions_with_untitled_item"] += 1
-    sequences = {}
-    for user in sorted(by_user):
-        sequence = {}  # item -> seconds, in time order (ties by item id), the first touch only
-        for seconds, item in sorted(by_user[user]):
-            sequence.setdefault(item, seconds)
-        dropped["repeated_interactions"] += len(by_user[user]) - len(sequence)
-        if len(sequence) < 2:
-            dropped["users_without_history"] += 1
-        else:
-            sequences[user] = list(sequence.items())
-    pool = sorted({item for sequence in sequences.values() for item, _ in sequence})
-
-    def entry(item, seconds=None):
-        described = {"item_id": item, "title": raw.items[item]["title"], "text": raw.items[item]["text"]}
-        return described if seconds is None else {**described, "timestamp": seconds}
-
-    instances = {}
-    for user, sequence in sequences.items():
-        touched = {item for item, _ in sequence} | raw.touched_outside.get(user, set())
-        if len(pool) - len(touched.intersection(pool)) < protocol.candidates - 1:
-            dropped["users_with_too_few_negatives"] += 1
-            continue
-        rng = random.Random(f"{protocol.seed}/{user}")  # per user: a user's draw ignores the others
-        positive, negatives = sequence[-1][0], []
-        while len(negatives) < protocol.candidates - 1:  # rejection sampling: uniform, no replacement
-            item = pool[rng.randrange(len(pool))]
-            if item not in touched and item not in negatives:
-                negatives.append(item)
-        candidates = [positive] + negatives
-        rng.shuffle(candidates)
-        instances[user] = {"user_id": user, "profile": raw.profiles.get(user, ""),
-                           "history": [entry(item, s) for item, s in sequence[-1 - protocol.history:-1]],
-                           "candidates": [entry(item) for item in candidates],
-                           "labels": [int(item == positive) for item in candidates]}
-    if not instances:
-        raise DataError(f"{', '.join(raw.inputs)}: no user is left after the protocol ({dict(dropped)})")
-
-    users = sorted(instances)
-    random.Random(protocol.seed).shuffle(users)
-    n_train, n_valid, _ = split_sizes(len(users), protocol.split)
-    groups = (users[:n_train], users[n_train:n_train + n_valid], users[n_train + n_valid:])
-    splits = {name: [instances[user] for user in sorted(group)] for name, group in zip(SPLITS, groups)}
-    frequency = Counter(inst["candidates"][inst["labels"].index(1)]["item_id"] for inst in splits["train"])
-    stats = {"inputs": raw.inputs, "protocol": asdict(protocol), "users": len(users), "items": len(pool),
-             "interactions": sum(len(sequences[user]) for user in users),
-             "interactions_in_instances": sum(len(inst["history"]) + 1 for inst in instances.values()),
-             "instances": {name: len(split) for name, split in splits.items()},
-             "dropped": dict(sorted(dropped.items())),
-             "train_positive_frequency": {item: frequency[item] for item in pool}}
-    return splits, stats
 
 
 # ---------------------------------------------------------------- writing and loading
@@ -368,7 +279,7 @@ def main(argv=None):
                    load_movielens(args.path, protocol))
             splits, stats = build_instances(raw, protocol)
             write_dataset(args.out, splits, stats, args.overwrite)
-    except DataError as e:
+    except UsageError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 1
     rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]

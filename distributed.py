@@ -26,9 +26,9 @@ def start():
     cuda = torch.cuda.is_available()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if cuda and torch.cuda.device_count() < local_world:
-        from sources import DataError
+        from protocol import UsageError
 
-        raise DataError(f"torchrun started {local_world} processes on this node, which has {torch.cuda.device_count()} "
+        raise UsageError(f"torchrun started {local_world} processes on this node, which has {torch.cuda.device_count()} "
                         "GPU(s): one process per GPU (--nproc-per-node), or CUDA_VISIBLE_DEVICES= for CPU processes")
     dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:

@@ -202,7 +202,7 @@ def chosen(text, allowed, flag):
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in allowed]
     if unknown:
-        raise data.DataError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+        raise data.UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
     return list(dict.fromkeys(names))
 
 
@@ -212,14 +212,14 @@ def run_eval(cfg, rank_device=None):
     across ranks (sharded) and rank 0 writes the results."""
     methods, wanted = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
     if "history-order" in wanted and cfg.history_shuffles < 2:
-        raise data.DataError("--history-shuffles must be >= 2 for the history-order analysis")
+        raise data.UsageError("--history-shuffles must be >= 2 for the history-order analysis")
     data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
     K = len(instances[0]["candidates"])
     path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
     runs.check_writable(cfg.out)  # before any model loads or any method runs
     if os.path.exists(path) and not cfg.overwrite:
-        raise data.DataError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
+        raise data.UsageError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
     if "r2rank" in methods and not models.has_head(cfg.model):
         print(f"note: {cfg.model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
               f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")
@@ -229,7 +229,7 @@ def run_eval(cfg, rank_device=None):
               f"directory of python baselines/r2ec.py as --model to evaluate it.")
         methods.remove("r2ec")
     if not methods:
-        raise data.DataError("--methods: nothing left to evaluate")
+        raise data.UsageError("--methods: nothing left to evaluate")
     for name in ("reczero", "r2ec"):  # a compared system's checkpoint records the trace settings it was trained with
         settings_file = os.path.join(cfg.model, f"{name}.json")
         if name in methods and os.path.isfile(settings_file):
@@ -240,7 +240,7 @@ def run_eval(cfg, rank_device=None):
                     print(f"note: {name} was trained with --{setting.replace('_', '-')} {trained.get(setting)}; "
                           f"this evaluation uses {getattr(cfg, setting)}")
     if "sasrec" in methods and not cfg.sasrec:
-        raise data.DataError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
+        raise data.UsageError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
     sasrec_model = sasrec.load(cfg.sasrec) if "sasrec" in methods else None  # (model, item index)
     if sasrec_model is not None:  # a model of another data set knows none of these items: its scores would be ties
         known, total = sasrec.known_candidates(instances, sasrec_model[1])
@@ -254,7 +254,7 @@ def run_eval(cfg, rank_device=None):
     dtype = models.pick_dtype(cfg.dtype, device)
     model = tokenizer = head = None
     if any(name in PROMPTED for name in methods):
-        model, tokenizer = models.load_policy(cfg.model, device, dtype, cfg.seed)  # a DataError if it cannot
+        model, tokenizer = models.load_policy(cfg.model, device, dtype, cfg.seed)  # a UsageError if it cannot
         model.eval()
         if "r2rank" in methods:
             head = models.load_head(cfg.model, model.config.hidden_size, device).eval()

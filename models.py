@@ -22,14 +22,14 @@ from head import ScoreHead
 
 
 def pick_device(name):
-    """'auto' (cuda, then mps, then cpu) or a torch device name; one a machine lacks is a data.DataError."""
+    """'auto' (cuda, then mps, then cpu) or a torch device name; one a machine lacks is a data.UsageError."""
     if name != "auto":
         try:
             device = torch.device(name)
         except RuntimeError as error:
-            raise data.DataError(f"--device {name}: not a torch device ({error})") from None
+            raise data.UsageError(f"--device {name}: not a torch device ({error})") from None
         if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not torch.backends.mps.is_available()):
-            raise data.DataError(f"--device {name}: this machine has no {device.type.upper()} device (try --device auto)")
+            raise data.UsageError(f"--device {name}: this machine has no {device.type.upper()} device (try --device auto)")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -45,7 +45,7 @@ def pick_dtype(name, device):
     and Qwen2's activations overflow fp16's range. bf16 asked of a CUDA card without it (before
     Ampere) falls back to fp32, with one line that says so."""
     if name == "float16":
-        raise data.DataError("--dtype float16 is not supported: there is no loss scaling, so small gradients underflow, "
+        raise data.UsageError("--dtype float16 is not supported: there is no loss scaling, so small gradients underflow, "
                              "and Qwen2's activations overflow fp16; use --dtype bfloat16 (or float32)")
     if name == "auto" and device.type != "cuda":
         return torch.float32  # on a CPU bf16 matmuls are slow and inexact
@@ -131,7 +131,7 @@ def qwen25_config(name):
     from transformers import Qwen2Config
 
     if name not in QWEN25:
-        raise data.DataError(f"--model random:{name}: unknown architecture; choose from {', '.join('random:' + n for n in QWEN25)}")
+        raise data.UsageError(f"--model random:{name}: unknown architecture; choose from {', '.join('random:' + n for n in QWEN25)}")
     hidden, intermediate, layers, heads, kv_heads, tied = QWEN25[name]
     return Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
@@ -217,7 +217,7 @@ def checkpoint_state_dict(model):
 
 def load_policy(name, device, dtype, seed=0):
     """(model, tokenizer) for 'tiny', a .gguf file, a local directory or a hub id. A model that cannot
-    be loaded is a data.DataError naming it (one line for the CLI)."""
+    be loaded is a data.UsageError naming it (one line for the CLI)."""
     if name == "tiny":
         model, tokenizer = build_tiny(seed=seed)
     elif name.startswith("random:"):
@@ -225,14 +225,14 @@ def load_policy(name, device, dtype, seed=0):
         model = random_model(config, tokenizer, seed, device)  # built where it runs: no fp32 copy on the CPU first
     elif name.endswith(".gguf"):
         if not os.path.isfile(name):
-            raise data.DataError(f"--model {name}: no such file")
+            raise data.UsageError(f"--model {name}: no such file")
         try:
             model, tokenizer = load_gguf(name)
         except ImportError as error:
-            raise data.DataError(f"--model {name}: reading GGUF needs the optional gguf package (pip install gguf; {error})") from None
+            raise data.UsageError(f"--model {name}: reading GGUF needs the optional gguf package (pip install gguf; {error})") from None
         except Exception as error:  # not GGUF, truncated, or an architecture transformers cannot read: one line
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise data.DataError(f"--model {name}: cannot read it as a GGUF model ({reason})") from None
+            raise data.UsageError(f"--model {name}: cannot read it as a GGUF model ({reason})") from None
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -243,7 +243,7 @@ def load_policy(name, device, dtype, seed=0):
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:  # not found, no network, not a model directory
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise data.DataError(f"--model {name}: cannot load it ({reason})") from None
+            raise data.UsageError(f"--model {name}: cannot load it ({reason})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device=device, dtype=dtype), tokenizer

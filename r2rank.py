@@ -163,13 +163,13 @@ def main(argv=None):
     cfg = parse_config(argv, " ".join(__doc__.split("\n\n")[0].split()))
     try:
         rank_device = distributed.start()  # under torchrun: join the process group (a plain run: nothing)
-    except data.DataError as error:
+    except data.UsageError as error:
         sys.exit(f"error: {error}")
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
     try:
         if distributed.world() > 1 and cfg.stage in ("sft-data", "sft"):
-            raise data.DataError(f"--stage {cfg.stage} runs as one process (torchrun covers rl and eval)")
+            raise data.UsageError(f"--stage {cfg.stage} runs as one process (torchrun covers rl and eval)")
         if cfg.stage == "rl":
             train_rl(cfg, rank_device)
         elif cfg.stage in ("sft-data", "sft"):
@@ -182,7 +182,7 @@ def main(argv=None):
             evaluate.run_eval(cfg, rank_device)
         else:
             sys.exit(f"error: unknown --stage {cfg.stage!r}")
-    except data.DataError as error:  # every rank meets the same bad input; rank 0 says so
+    except data.UsageError as error:  # every rank meets the same bad input; rank 0 says so
         if distributed.is_main():
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -86,10 +86,10 @@ def setup_rl(cfg, rank_device=None):
     device = rank_device if rank_device is not None and cfg.device == "auto" else pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.freeze_llm and distributed.world() > 1:
-        raise data.DataError("--freeze-llm is not supported under torchrun yet (each rank would cache its own users' "
+        raise data.UsageError("--freeze-llm is not supported under torchrun yet (each rank would cache its own users' "
                              "traces); run it as one process")
     if cfg.users_per_step < distributed.world():
-        raise data.DataError(f"--users-per-step {cfg.users_per_step} leaves some of the {distributed.world()} ranks "
+        raise data.UsageError(f"--users-per-step {cfg.users_per_step} leaves some of the {distributed.world()} ranks "
                              "without a user: give each rank at least one")
     # the data and --out are checked before the model loads: a bad input costs no download
     if not distributed.is_main():
@@ -100,7 +100,7 @@ def setup_rl(cfg, rank_device=None):
     train = data.load_split(data_dir, "train")[: cfg.train_users or None]
     valid = data.load_split(data_dir, "valid", allow_empty=not cfg.eval_every)
     if cfg.users_per_step > len(train):
-        raise data.DataError(f"--users-per-step {cfg.users_per_step} is more than the {len(train)} training users "
+        raise data.UsageError(f"--users-per-step {cfg.users_per_step} is more than the {len(train)} training users "
                              f"of {data_dir}" + (" kept by --train-users" if cfg.train_users else ""))
     plan = runs.plan_out(cfg, data_dir, cfg.max_steps)
     start_step, checkpoint = plan.start_step, plan.checkpoint
@@ -118,7 +118,7 @@ def setup_rl(cfg, rank_device=None):
         model.requires_grad_(False)
     use_checkpointing = enable_checkpointing(model, cfg.gradient_checkpointing, device) if not cfg.freeze_llm else False
     if use_checkpointing and cfg.shared_prefix_update == "on":
-        raise data.DataError("--shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
+        raise data.UsageError("--shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
     shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
     model.eval()
     optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)}
@@ -233,7 +233,7 @@ class Bookkeeper:
         """Phase 5 for the step's metrics row: checks, validation, the log line, the checkpoint; stops when asked."""
         cfg = self.cfg
         if problem := runs.non_finite(row, self.run.optimizers):  # nothing of this step is written
-            raise data.DataError(f"step {step + 1}: {problem}, so the run stops without writing this step "
+            raise data.UsageError(f"step {step + 1}: {problem}, so the run stops without writing this step "
                                  f"(kept: {self.saved or 'no checkpoint'}); lower --lr / --head-lr, or check the weights it started from")
         if row["score_std"] < runs.COLLAPSED_SPREAD and not self.warned_collapse:
             self.warned_collapse = True

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from models import adapter_state_dict, checkpoint_state_dict, lora_layers
-from sources import DataError
+from protocol import UsageError
 
 # The flags --resume lets change; every other flag of the stage defines the run.
 CHANGEABLE = {"max_steps", "lr", "head_lr", "sft_lr", "sft_epochs", "eval_every", "eval_users", "save_every",
@@ -77,18 +77,18 @@ def existing_parent(out):
 
 
 def check_writable(out):
-    """A DataError (one line) unless files can be written in out, or out can be created: tried by making
+    """A UsageError (one line) unless files can be written in out, or out can be created: tried by making
     and removing an empty directory there (a read-only mount, or a file in the way, is found before any work)."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f"--out {out}: exists and is not a directory")
+        raise UsageError(f"--out {out}: exists and is not a directory")
     parent = existing_parent(out)
     if not os.path.isdir(parent):
-        raise DataError(f"--out {out}: cannot create it ({parent} is not a directory)")
+        raise UsageError(f"--out {out}: cannot create it ({parent} is not a directory)")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".r2rank-write-test-", dir=parent))
     except OSError as error:
         verb = "write into it" if parent == os.path.abspath(out) else "create it"
-        raise DataError(f"--out {out}: cannot {verb} ({error.strerror})") from None
+        raise UsageError(f"--out {out}: cannot {verb} ({error.strerror})") from None
 
 
 def safetensors_problem(path):
@@ -176,7 +176,7 @@ def flag(name):
 
 
 def plan_out(cfg, data_dir, max_steps):
-    """Check --out against the run about to start; writes nothing. A DataError (one line) when
+    """Check --out against the run about to start; writes nothing. A UsageError (one line) when
     - out cannot be written, or holds another run and neither --resume nor --overwrite is given;
     - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings,
       or no whole checkpoint (each broken one is named, and a whole older one is used instead).
@@ -201,7 +201,7 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
     found, fingerprint = run_files(out), data_fingerprint(data_dir)
     if not settings["resume"]:
         if found and not settings["overwrite"]:
-            raise DataError(f"{out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+            raise UsageError(f"{out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
                             "pass --resume to continue it, --overwrite to replace it, or another --out")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
     newest = latest_checkpoint(out)
@@ -212,11 +212,11 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
         except (OSError, ValueError, KeyError, TypeError):
             stage = settings["stage"]
         if stage != settings["stage"]:
-            raise DataError(f"{newest}: a checkpoint of --stage {stage}, not {settings['stage']}; "
+            raise UsageError(f"{newest}: a checkpoint of --stage {stage}, not {settings['stage']}; "
                             "start from it with --model and another --out")
     checkpoint = intact_checkpoint(out, record, extra)
     if checkpoint is None and checkpoint_steps(out):
-        raise DataError(f"--resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again")
+        raise UsageError(f"--resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again")
     if checkpoint is None:
         print(f"--resume: no checkpoint in {out}, so the run starts at step 0")
         return Plan(fingerprint=fingerprint, overwrite=bool(found))
@@ -228,10 +228,10 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
     if saved.get("data_fingerprint", fingerprint) != fingerprint:
         differ.append(f"the data ({data_dir}: train/valid.jsonl differ from the checkpoint's)")
     if differ:
-        raise DataError(f"{checkpoint}: --resume needs the settings that define the run unchanged; these differ: "
+        raise UsageError(f"{checkpoint}: --resume needs the settings that define the run unchanged; these differ: "
                         + "; ".join(differ))
     if step > max_steps:
-        raise DataError(f"{checkpoint}: already past --max-steps {max_steps}; raise it to train further")
+        raise UsageError(f"{checkpoint}: already past --max-steps {max_steps}; raise it to train further")
     changed = {flag(n): [old[n], settings[n]] for n in sorted(changeable - {"resume", "out", "data"})
                if n in old and n in settings and old[n] != settings[n]}
     if changed:
@@ -265,7 +265,7 @@ def start(out, plan):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as error:
-        raise DataError(f"--out {out}: cannot create it ({error.strerror})") from None
+        raise UsageError(f"--out {out}: cannot create it ({error.strerror})") from None
     if plan.overwrite:
         for name in run_files(out):
             path = os.path.join(out, name)
@@ -347,7 +347,7 @@ def tree_bytes(path):
 
 
 def check_disk(out, one_checkpoint_bytes, saves, keep, overwrite=False):
-    """A DataError (one line) unless the checkpoints the run writes fit in the free space of --out's file
+    """A UsageError (one line) unless the checkpoints the run writes fit in the free space of --out's file
     system (out's nearest existing parent if out is not there yet): one_checkpoint_bytes (checkpoint_bytes)
     times the directories checkpoints_at_once adds to those already in out. overwrite: the run in out is
     removed first (runs.start), so its files count as free. Returns the bytes the checkpoints need."""
@@ -360,7 +360,7 @@ def check_disk(out, one_checkpoint_bytes, saves, keep, overwrite=False):
     needed = added * one_checkpoint_bytes
     if needed > free:
         kept = "all kept (--keep-checkpoints 0)" if not keep else f"--keep-checkpoints {keep} plus the one being written"
-        raise DataError(f"--out {out}: the checkpoints need {needed / GB:.1f} GB ({added} of {one_checkpoint_bytes / GB:.1f} "
+        raise UsageError(f"--out {out}: the checkpoints need {needed / GB:.1f} GB ({added} of {one_checkpoint_bytes / GB:.1f} "
                         f"GB at once: {saves} saves, {kept}) but {free / GB:.1f} GB are free there; keep fewer "
                         "(--keep-checkpoints), save fewer (--save-every / --max-steps), train LoRA adapters "
                         "(--lora-rank), or choose another --out")

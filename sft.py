@@ -170,7 +170,7 @@ def local_teacher(cfg):
 def build_traces(cfg):
     """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right."""
     if bool(cfg.teacher) == bool(cfg.teacher_url):
-        raise data.DataError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
+        raise data.UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
     started = time.time()
     instances = data.load_split(data.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
@@ -365,7 +365,7 @@ def train_sft(cfg):
             row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
                    "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
             if problem := runs.non_finite(row, {"llm": optimizer}):  # nothing of this step is written
-                raise data.DataError(f"step {step + 1}: {problem}, so the run stops without writing this step "
+                raise data.UsageError(f"step {step + 1}: {problem}, so the run stops without writing this step "
                                      f"(kept: {saved or 'no checkpoint'}); lower --sft-lr")
             runs.log_row(metrics_file, row, bar.write)
             if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps or stop.requested:

@@ -28,16 +28,14 @@ from datetime import datetime, timezone
 
 from tqdm import tqdm
 
+from protocol import DataError, UsageError  # noqa: F401 (sources.DataError for callers)
+
 STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
 MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
                     "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()
 
 
 # ------------------------------------------------------------------- input files
-
-
-class DataError(Exception):
-    """Bad input; the message names the file and, when there is one, the line."""
 
 
 def read_lines(path, encoding="utf-8"):

@@ -184,7 +184,7 @@ def train(args):
                    "advantage_nonzero": (torch.cat(advantages) != 0).float().mean().item(),
                    "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"], "step_time": time.time() - started}
             if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
-                raise data.DataError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
+                raise data.UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
@@ -291,7 +291,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         last = train(args)
-    except data.DataError as error:
+    except data.UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
         print(f"interrupted: {runs.interrupted_message(args.out)}", file=sys.stderr)

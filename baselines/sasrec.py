@@ -242,7 +242,7 @@ def main(argv=None):
         settings = {**{name: getattr(args, name) for name in ("dim", "blocks", "dropout", "lr", "seed")},
                     "data_fingerprint": runs.data_fingerprint(args.data)}  # what --resume must find unchanged
         resume_state = plan_out(args, settings)
-    except data.DataError as error:
+    except data.UsageError as error:
         sys.exit(f"error: {error}")
     if resume_state is not None and resume_state["epoch"] == args.epochs:
         print(f"{args.out}/sasrec-state.pt is at --epochs {args.epochs} already: nothing to train (raise --epochs to go on)")

@@ -23,5 +23,5 @@ def test_random_architectures_have_the_published_parameter_counts(name):
 
 
 def test_an_unknown_architecture_is_one_line():
-    with pytest.raises(models.data.DataError, match="random:qwen2.5-1.5b"):
+    with pytest.raises(models.data.UsageError, match="random:qwen2.5-1.5b"):
         models.load_policy("random:qwen2.5-2b", torch.device("cpu"), torch.float32)

@@ -310,13 +310,13 @@ def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_hold
     assert runs.check_disk(str(out), int(18.5 * gb), 10, 2) == int(18.5 * gb) * 3
     assert asked == [str(tmp_path)]  # the nearest parent that exists: out is created there
     free["bytes"] = 55 * gb
-    with pytest.raises(runs.DataError) as refused:
+    with pytest.raises(runs.UsageError) as refused:
         runs.check_disk(str(out), int(18.5 * gb), 10, 2)
     assert str(refused.value) == (f"--out {out}: the checkpoints need 55.5 GB (3 of 18.5 GB at once: 10 saves, --keep-checkpoints 2 "
                                   "plus the one being written) but 55.0 GB are free there; keep fewer (--keep-checkpoints), save "
                                   "fewer (--save-every / --max-steps), train LoRA adapters (--lora-rank), or choose another --out")
     free["bytes"] = 184 * gb  # keep all: 10 x 18.5 = 185 GB
-    with pytest.raises(runs.DataError, match=r"need 185\.0 GB \(10 of 18\.5 GB at once: 10 saves, all kept"):
+    with pytest.raises(runs.UsageError, match=r"need 185\.0 GB \(10 of 18\.5 GB at once: 10 saves, all kept"):
         runs.check_disk(str(out), int(18.5 * gb), 10, 0)
     # a resume into a run holding 2 checkpoints adds only the one being written; --overwrite frees what is there
     for step in (1, 2):
@@ -324,10 +324,10 @@ def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_hold
         (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"0" * 1000)
     free["bytes"] = 1000
     assert runs.check_disk(str(out), 1000, 10, 2) == 1000
-    with pytest.raises(runs.DataError, match="need 0.0 GB"):
+    with pytest.raises(runs.UsageError, match="need 0.0 GB"):
         runs.check_disk(str(out), 1001, 10, 2)
     assert runs.check_disk(str(out), 1000, 3, 0, overwrite=True) == 3000  # 1000 free + the 2000 removed
-    with pytest.raises(runs.DataError):
+    with pytest.raises(runs.UsageError):
         runs.check_disk(str(out), 1000, 4, 0, overwrite=True)
 
 

@@ -433,5 +433,5 @@ def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path
     rl_out = tmp_path / "rl"
     os.makedirs(rl_out / "checkpoint-1")
     (rl_out / "checkpoint-1" / "r2rank.json").write_text(json.dumps({"step": 1, "config": {"stage": "rl"}}))
-    with pytest.raises(data.DataError, match="a checkpoint of --stage rl, not sft"):
+    with pytest.raises(data.UsageError, match="a checkpoint of --stage rl, not sft"):
         run(rl_out, 3, resume=True)

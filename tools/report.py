@@ -136,7 +136,7 @@ def read_metrics(path):
                     left_out.append(f"line {lineno} {name} {json.dumps(row.pop(name))}")
             rows.append(row)
             previous = (step, lineno)
-    except sources.DataError as error:
+    except sources.UsageError as error:
         raise ReportError(str(error)) from None
     if not rows:
         raise ReportError(f"{path}: no metrics yet")
