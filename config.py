@@ -4,8 +4,8 @@ parse_config checks them and the rules between flags before any work starts (one
 
     cfg = parse_config(["--stage", "rl", "--model", "tiny"])
 
-The departures from the paper that the flags of the "beyond the paper" section select are listed at
-the top of r2rank.py.
+The departures from the paper that the flags of the "beyond the paper" section select (--advantage,
+--score-path, --num-rankings, --baseline, --pl-std, ...) are listed at the top of r2rank.py.
 """
 import argparse
 import dataclasses
@@ -53,11 +53,13 @@ def arg(default, help, choices=None, group="common", allowed=None):
     return field(default=default, metadata={"help": help, "choices": choices, "group": group, "allowed": allowed})
 
 
-common = functools.partial(arg, group="common to every stage")
-rl = functools.partial(arg, group="--stage rl: Algorithm 1")
-beyond = functools.partial(arg, group="--stage rl, beyond the paper (the departures listed at the top)")
-sft_arg = functools.partial(arg, group="--stage sft-data, then --stage sft: the cold start (Sec. 3.4)")
-eval_arg = functools.partial(arg, group="--stage eval: Table 2 and the analyses of Sec. 4")
+# The --help sections; runs.py reads them to know which flags define a stage's run (held fixed on --resume).
+COMMON = "common to every stage"
+RL = "--stage rl: Algorithm 1"
+BEYOND = "--stage rl, beyond the paper (the departures listed at the top of r2rank.py)"
+SFT = "--stage sft-data, then --stage sft: the cold start (Sec. 3.4)"
+EVAL = "--stage eval: Table 2 and the analyses of Sec. 4"
+common, rl, beyond, sft_arg, eval_arg = (functools.partial(arg, group=group) for group in (COMMON, RL, BEYOND, SFT, EVAL))
 
 
 @dataclass
@@ -84,8 +86,12 @@ class Config:
                                          ["auto", "on", "off"])
     max_history: int = common(20, "history items shown in the prompt (the most recent ones)", allowed=AT_LEAST_0)
     max_item_chars: int = common(200, "characters per item line in the prompt (longer texts are cut)", allowed=AT_LEAST_1)
-    max_new_tokens: int = common(256, "token budget of one reasoning trace; 0 = no reasoning, the head reads the "
-                                 "prompt's last hidden state (a control: with --freeze-llm, or in eval without listwise)", allowed=AT_LEAST_0)
+    max_new_tokens: int = common(256, "token budget of one reasoning trace; 0 = representation only: no token is "
+                                 "written, the head reads the prompt's last hidden state (the LLM then learns through the "
+                                 "score path alone)", allowed=AT_LEAST_0)
+    prompt: str = common("self-check", "the instructions: self-check (Fig. 2: reason, check, conclude, then the answer) "
+                         "or answer-only (the answer alone, Table 5's 'Without CoT'; e.g. --max-new-tokens 8)",
+                         ["self-check", "answer-only"])
     temperature: float = common(1.0, "sampling temperature of the traces (0 = greedy: not for training the LLM, "
                                 "greedy traces have no policy gradient)", allowed=AT_LEAST_0)
     top_p: float = common(1.0, "nucleus sampling: keep the most likely tokens up to this mass (1 when training "
@@ -98,11 +104,6 @@ class Config:
     max_steps: int = rl(100, "RL steps (one step = users-per-step users x K candidates traces)", allowed=AT_LEAST_1)
     users_per_step: int = rl(4, "users per step", allowed=AT_LEAST_1)
     reward_k: int = rl(10, "the reward is NDCG@reward-k", allowed=AT_LEAST_1)
-    advantage: str = rl("reward", "LLM advantage: reward (the paper, Eq. 6: the rankings' mean reward), batch (minus "
-                        "the other users' mean reward) or counterfactual (per trace: V(s) - V(s with s_k replaced))",
-                        ["reward", "batch", "counterfactual"])
-    score_path: bool = rl(True, "carry the head's gradient into the LLM through h_k as well as through the tokens "
-                          "(the whole gradient of Sec. 3.3); --no-score-path is Eqs. 5-6 as printed, tokens only")
     ppo_epochs: int = rl(2, "passes over a step's traces, one optimizer step each", allowed=AT_LEAST_1)
     clip_eps: float = rl(0.2, "PPO clipping epsilon", allowed=POSITIVE)
     lr: float = rl(1e-6, "LLM learning rate (AdamW)", allowed=LEARNING_RATE)
@@ -121,8 +122,14 @@ class Config:
                                "case the last is broken (0 = keep all; a full 1.5B checkpoint is 18.5 GB)", allowed=AT_LEAST_0)
 
     # --stage rl, beyond the paper (each departure's default and why: r2rank.py's docstring)
+    advantage: str = beyond("reward", "LLM advantage: reward (the paper, Eq. 6: the rankings' mean reward), batch (minus "
+                        "the other users' mean reward) or counterfactual (per trace: V(s) - V(s with s_k replaced))",
+                        ["reward", "batch", "counterfactual"])
+    score_path: bool = beyond(True, "carry the head's gradient into the LLM through h_k as well as through the tokens "
+                          "(the whole gradient of Sec. 3.3); --no-score-path is Eqs. 5-6 as printed, tokens only")
     num_rankings: int = beyond(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)", allowed=AT_LEAST_1)
-    baseline: bool = beyond(True, "leave-one-out baseline over the S rankings in the head's REINFORCE")
+    baseline: bool = beyond(True, "leave-one-out baseline over a user's S rankings, in the head's REINFORCE and the score "
+                            "path's dV/ds (the LLM's token advantage has its own: --advantage)")
     advantage_samples: int = beyond(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)", allowed=AT_LEAST_1)
     pl_std: float = beyond(0.0, "if > 0, each user's K scores are standardized to this std before Plackett-Luce "
                            "(a PL temperature that follows the head's scale, departure 8; 0 = the paper's raw scores)", allowed=AT_LEAST_0)
@@ -184,6 +191,8 @@ def parse_config(argv=None, description="R2Rank"):
     if cfg.max_new_tokens == 0 and cfg.stage == "rl" and not cfg.freeze_llm and not cfg.score_path:
         parser.error("--max-new-tokens 0 with --no-score-path gives the LLM no gradient (no tokens, no score path): "
                      "drop --no-score-path, or use --freeze-llm")
+    if cfg.prompt != "self-check" and cfg.stage in ("sft-data", "sft"):
+        parser.error(f"--prompt {cfg.prompt} does not go with SFT: the cold start teaches the self-check format")
     if cfg.response_prefix and cfg.stage in ("sft-data", "sft"):
         parser.error("--response-prefix does not go with SFT: the teacher's replies do not start with it")
     trains_llm = cfg.stage == "rl" and not cfg.freeze_llm

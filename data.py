@@ -167,6 +167,12 @@ INSTRUCTIONS = (
     "support, doubts, and signals you leaned on too heavily.\n"
     "# Final conclusion: state the deciding reasons in a few sentences.\n"
     f"End with exactly one of <answer>{RECOMMEND}</answer> or <answer>{NOT_RECOMMEND}</answer>.")
+# Table 5's "Without CoT": the same pipeline, the prompt asking for the decision alone (PPO then acts on
+# the decision's tokens; give it a few, e.g. --max-new-tokens 8).
+ANSWER_ONLY_INSTRUCTIONS = (
+    "Decide whether to recommend the candidate item below to this user. "
+    f"Reply with exactly one of <answer>{RECOMMEND}</answer> or <answer>{NOT_RECOMMEND}</answer> and nothing else.")
+PROMPTS = {"self-check": INSTRUCTIONS, "answer-only": ANSWER_ONLY_INSTRUCTIONS}  # --prompt
 ANSWER_PATTERN = re.compile(r"<answer>\s*(not\s+recommend|recommend)\s*</answer>", re.IGNORECASE)
 
 

@@ -263,7 +263,7 @@ def enable_checkpointing(model, setting, device):
 # ------------------------------------------------------------------ the MLP-only trace cache
 
 
-TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars", "response_prefix")
+TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars", "response_prefix", "prompt")
 
 
 def load_trace_cache(path, cfg, device):
@@ -276,7 +276,8 @@ def load_trace_cache(path, cfg, device):
     if os.path.isfile(settings):
         with open(settings) as f:
             saved = json.load(f)["config"]
-        differ = [name for name in TRACE_SETTINGS if saved.get(name) != getattr(cfg, name)]
+        # a setting an older checkpoint did not record (--prompt) had its default, the Config class's attribute
+        differ = [name for name in TRACE_SETTINGS if saved.get(name, getattr(type(cfg), name)) != getattr(cfg, name)]
         if saved.get("freeze_llm") and os.path.realpath(cfg.model) == os.path.realpath(os.path.dirname(path)):
             differ = [name for name in differ if name != "model"]  # that checkpoint holds the LLM the traces came from
         if differ:

@@ -118,7 +118,7 @@ def train_rl(cfg, rank_device=None):
             instances = [run.train[i] for i in users]
             generators = [user_generator(cfg.seed, step, i, run.device) for i in users]  # seeded by (seed, step, user)
             labels = torch.tensor([inst["labels"] for inst in instances], device=run.device, dtype=torch.float32)  # [U, K]
-            share = len(users) / cfg.users_per_step  # this rank's part of every mean over the step's users
+            users_share = len(users) / cfg.users_per_step  # this rank's part of every mean over the step's users
 
             # 1) Alg. 1 lines 1-3: one reasoning trace y_k ~ pi_theta(. | c_u, x_k) per candidate (Eq. 1)
             samples, prompts = book.rollout(step, lambda: run.rollout(cfg, instances, generators))
@@ -143,10 +143,10 @@ def train_rl(cfg, rank_device=None):
             #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. After theta's
             #    update: the score path read the head's weights, which must be those the scores came from.
             head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
-            update_head(run, head_loss * share)  # this rank's share of the mean over all the step's users
+            update_head(run, head_loss * users_share)  # this rank's share of the mean over all the step's users
 
             # 5) log, validate, checkpoint (means over all the step's users, every rank's)
-            book.end_step(step, book.row(step, samples, share, {
+            book.end_step(step, book.row(step, samples, users_share, {
                 "reward": reward.mean().item(),
                 "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
                 "signal_share": signal_share(reward),

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
+import config
 from models import adapter_state_dict, checkpoint_state_dict, lora_layers
 from protocol import UsageError
 
@@ -42,7 +43,7 @@ from protocol import UsageError
 CHANGEABLE = {"max_steps", "lr", "head_lr", "sft_lr", "sft_epochs", "eval_every", "eval_users", "save_every",
               "keep_checkpoints", "device", "threads", "dtype", "micro_batch", "gradient_checkpointing",
               "shared_prefix_update", "resume", "overwrite", "out", "data"}  # data: compared by content
-STAGE_GROUPS = {"rl": ("common", "--stage rl"), "sft": ("common", "--stage sft-data")}  # --help sections read
+STAGE_GROUPS = {"rl": (config.COMMON, config.RL, config.BEYOND), "sft": (config.COMMON, config.SFT)}  # the flags defining a run
 
 
 def data_fingerprint(data_dir):
@@ -182,7 +183,7 @@ def plan_out(cfg, data_dir, max_steps):
       or no whole checkpoint (each broken one is named, and a whole older one is used instead).
     --resume with no checkpoint says so and starts at step 0."""
     groups = STAGE_GROUPS[cfg.stage]
-    defining = {f.name for f in dataclasses.fields(cfg) if f.metadata["group"].startswith(groups)} - CHANGEABLE
+    defining = {f.name for f in dataclasses.fields(cfg) if f.metadata["group"] in groups} - CHANGEABLE
     return plan_command(dataclasses.asdict(cfg), data_dir, max_steps, defining, CHANGEABLE)
 
 

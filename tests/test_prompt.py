@@ -50,3 +50,45 @@ def test_prompt_keeps_recent_history_in_order_and_cuts_long_texts():
 ])
 def test_parse_answer(text, expected):
     assert data.parse_answer(text) == expected
+
+
+def test_answer_only_asks_for_the_decision_alone_with_the_same_context():
+    """Table 5's "Without CoT": only the instructions change; the user context and candidate are the same."""
+    inst = instance_with(3)
+    with_cot = data.self_check_messages(inst, 0)[1]["content"]
+    without = data.self_check_messages(inst, 0, instructions=data.PROMPTS["answer-only"])[1]["content"]
+    assert data.PROMPTS["self-check"] == data.INSTRUCTIONS
+    for part in ("Initial reasoning", "Self-check", "Final conclusion"):
+        assert part in with_cot and part not in without
+    assert "<answer>Recommend</answer>" in without and "nothing else" in without
+    context = with_cot[with_cot.index("USER CONTEXT"):]
+    assert without.endswith(context)
+
+
+def test_the_rl_stage_runs_answer_only_and_records_it(synthetic_dir, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "no-cot"
+    result = run_cli("--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--prompt", "answer-only",
+                     "--max-new-tokens", 8, "--max-steps", 1, "--users-per-step", 1, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "checkpoint-1" / "r2rank.json").read_text())["config"]["prompt"] == "answer-only"
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["response_len"] > 0 and "approx_kl" in row  # PPO acted on the decision's tokens
+    refused = run_cli("--stage", "sft", "--model", "tiny", "--prompt", "answer-only")
+    assert refused.returncode == 2 and "--prompt answer-only does not go with SFT" in refused.stderr
+
+
+def test_the_rollout_uses_the_chosen_prompt(synthetic_dir):
+    import config
+    import models
+    import rollout
+
+    model, tokenizer = models.build_tiny()
+    instance = data.load_split(synthetic_dir, "train")[0]
+    for prompt, marker in (("answer-only", "nothing else"), ("self-check", "Self-check")):
+        _, prompts = rollout.rollout_users(model, tokenizer, [instance], config.Config(model="tiny", prompt=prompt,
+                                                                                     max_new_tokens=1), None)
+        assert marker in tokenizer.decode(prompts[0][0])

@@ -110,7 +110,7 @@ def _samples(responses, hidden_size):
     """Samples holding fixed traces: the update reads the tokens (and, for its gap statistics, the rest)."""
     width = max(1, max(len(r) for r in responses))
     lengths = torch.tensor([len(r) for r in responses])
-    tokens = rollout.pad_right(responses, width, 0, "cpu", torch.long)
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in responses], dtype=torch.long)  # right-padded
     return rollout.Samples(tokens, torch.zeros(len(responses), width), torch.arange(width)[None] < lengths[:, None],
                            lengths, lengths > 0, torch.zeros(len(responses), hidden_size))
 
