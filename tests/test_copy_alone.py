@@ -17,14 +17,14 @@ from conftest import ROOT
 BLOCKED = ("transformers", "tqdm", "safetensors", "numpy", "tokenizers", "scipy", "data", "sources", "models", "rollout",
            "decode", "runs", "config", "distributed", "evaluate", "r2rank", "rl_run", "sft", "analyses")
 
-GUARD = textwrap.dedent(f"""
+GUARD = textwrap.dedent("""
     import importlib.abc, sys
     import torch  # first: torch imports numpy itself, which is then hidden from the piece below
-    sys.path = [p for p in sys.path if not p.startswith({ROOT!r})]
-    hidden = {{name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in {BLOCKED!r}}}
+    sys.path = [p for p in sys.path if not p.startswith(ROOT)]
+    hidden = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in BLOCKED}
     class Blocked(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {BLOCKED!r}:
+            if name.split(".")[0] in BLOCKED:
                 raise ImportError("blocked: " + name)
     sys.meta_path.insert(0, Blocked())
 """)
@@ -58,6 +58,16 @@ PIECES = {
             f.net[3].weight.fill_(2.0); f.net[3].bias.fill_(0.5)
         value, expected = f(torch.tensor([1.0, 3.0])).item(), 0.5 + 2 * -0.15865525393145707
     """),
+    "decode": (["decode.py"], """
+        import torch, decode
+        # a zero query weighs its allowed keys equally: the output is the mean of their values, here of
+        # the prefix's 1 and 3 and the row's own 8 (the row's second slot is not allowed): (1 + 3 + 8) / 3
+        query = torch.zeros(1, 1, 1, 1, 1)  # [K, kv_heads, G, T, d]
+        keys, values = torch.randn(1, 1, 2, 1), torch.tensor([[[[8.0], [100.0]]]])  # [K, kv_heads, S, d]
+        allowed = torch.tensor([True, False]).view(1, 1, 1, 1, 2)
+        prefix = (torch.randn(1, 2, 1), torch.tensor([[[1.0], [3.0]]]))  # [kv_heads, P, d]
+        value, expected = decode.attention(query, keys, values, allowed, prefix).item(), 4.0
+    """),
     "protocol": (["protocol.py"], """
         import protocol
         from collections import Counter
@@ -82,7 +92,9 @@ PIECES = {
 def run_alone(tmp_path, files, check):
     for name in files:
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    script = GUARD + textwrap.dedent(check) + "\nprint(repr(value), repr(expected))\n"
+    copied = {name.removesuffix(".py") for name in files}
+    script = (f"ROOT, BLOCKED = {ROOT!r}, {set(BLOCKED) - copied!r}\n" + GUARD + textwrap.dedent(check)
+              + "\nprint(repr(value), repr(expected))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"})
     return result
