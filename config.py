@@ -8,9 +8,11 @@ The departures from the paper that the flags of the "beyond the paper" section s
 --score-path, --num-rankings, --baseline, --pl-std, ...) are listed at the top of r2rank.py.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +46,13 @@ AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT_INTERVAL = Bound(0), Bound(1), Bound(0, s
 SEED_RANGE = Bound(0, high=2 ** 24 - 1)
 # AdamW moves each weight by about lr per step: above 1, weights and the head's scores blow up or collapse.
 LEARNING_RATE = Bound(0, high=1.0)
+# --advantage counterfactual ranks K + 1 score vectors per user with S samples each: U x (K + 1) x S x K
+# int64 rankings (ppo.counterfactual_advantages). At K = 20 and U = 8 users that is 27 kB per sample, so
+# 2^15 samples hold 0.88 GB of rankings (the call peaks at about 3.4 times that; r2rank.py calls it one
+# user at a time, 110 MB of rankings); 10^8 asked for 2.7 TB. More samples would buy nothing: at 2^15
+# the Monte-Carlo error of an NDCG value (in [0, 1]) is below 0.003, and the common random numbers
+# shrink that of the difference further.
+ADVANTAGE_SAMPLES = Bound(1, high=2 ** 15)
 # A sampling temperature below this is greedy in all but name (token log-probs ~0, no policy gradient).
 MIN_TEMPERATURE = 0.01
 
@@ -130,7 +139,7 @@ class Config:
     num_rankings: int = beyond(8, "S, rankings sampled from Plackett-Luce per user (the paper samples one)", allowed=AT_LEAST_1)
     baseline: bool = beyond(True, "leave-one-out baseline over a user's S rankings, in the head's REINFORCE and the score "
                             "path's dV/ds (the LLM's token advantage has its own: --advantage)")
-    advantage_samples: int = beyond(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)", allowed=AT_LEAST_1)
+    advantage_samples: int = beyond(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)", allowed=ADVANTAGE_SAMPLES)
     pl_std: float = beyond(0.0, "if > 0, each user's K scores are standardized to this std before Plackett-Luce "
                            "(a PL temperature that follows the head's scale, departure 8; 0 = the paper's raw scores)", allowed=AT_LEAST_0)
     shared_prefix_update: str = beyond("auto", "update: run a user's prompt prefix once for its K traces; auto = "
@@ -168,6 +177,26 @@ class Config:
 
 
 def parse_config(argv=None, description="R2Rank"):
+    """The Config of argv (sys.argv when None); a bad flag or combination exits 2 with argparse's message.
+    Under torchrun every rank parses the same flags: only rank 0 prints (--help, a bad flag), the
+    others exit with the same status in silence, so one mistake is one message, not one per process."""
+    with silenced_unless_rank_0():
+        return parse_and_check(argv, description)
+
+
+@contextlib.contextmanager
+def silenced_unless_rank_0():
+    """stdout and stderr to devnull in a process that torchrun started with RANK > 0, before
+    distributed.start has run (the process group does not exist yet, so the variable is all there is)."""
+    rank = os.environ.get("RANK", "0").strip()
+    if not (rank.isdigit() and int(rank) > 0):
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield
+
+
+def parse_and_check(argv, description):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sections = {}
     for f in dataclasses.fields(Config):
@@ -209,6 +238,9 @@ def parse_config(argv=None, description="R2Rank"):
                      "truncation (use --top-p 1, or --freeze-llm)")
     if trains_llm and cfg.advantage == "batch" and cfg.users_per_step < 2:
         parser.error("--advantage batch needs --users-per-step >= 2 (the baseline is the other users' mean reward)")
+    if cfg.trace_cache and not (cfg.stage == "rl" and cfg.freeze_llm):
+        parser.error("--trace-cache reuses the traces of a frozen LLM: it goes with --stage rl --freeze-llm "
+                     "(an LLM in training writes new traces every step)")
     if cfg.max_new_tokens == 0 and cfg.stage == "eval" and "listwise" in cfg.methods.split(","):
         parser.error("--max-new-tokens 0 leaves the listwise baseline no tokens to answer with: leave it out of --methods")
     set_threads(cfg.threads, cfg.model)

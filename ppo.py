@@ -55,7 +55,8 @@ def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
     returns: (loss, stats) with stats = {"clip_frac": share of valid tokens whose clipped term is the
              one taken (r beyond 1 + eps with A > 0, or below 1 - eps with A < 0: no gradient),
              "approx_kl": mean of (r - 1) - log r (the k3 estimator of KL(old || new)),
-             "ratio": mean r}, all over valid tokens, as Python floats.
+             "ratio": mean r}, all over valid tokens, as Python floats. With no valid token the loss is 0
+             and stats is {}: a mean over no tokens is undefined, and 0 would read as a ratio of 0.
     """
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # [N, 1], broadcast over tokens
@@ -70,6 +71,8 @@ def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
     num_valid = mask.sum().clamp(min=1)
     loss = -(objective * mask).sum() / num_valid
 
+    if not mask.any():  # no token (e.g. --max-new-tokens 0): nothing to average
+        return loss, {}
     with torch.no_grad():
         stats = {
             "clip_frac": ((clipped < unclipped).to(mask.dtype) * mask).sum() / num_valid,
@@ -93,13 +96,14 @@ def llm_loss(logp, old_logp, advantages, mask, divisor, clip_eps=0.2, scores=Non
     score_grads [B]: g = dV/ds (score_gradient), detached. None, None: the tokens' term alone.
     Together: grad J = E[sum_k A_k grad log pi(y_k)] + E[sum_k dV/ds_k grad s_k], the whole gradient
     of J(theta) = E[V(s(theta, y))].
-    returns: (loss, stats) with clipped_token_loss's stats and "ppo_loss", its per-token mean loss.
+    returns: (loss, stats) with clipped_token_loss's stats and "ppo_loss", its per-token mean loss
+    ({} with no valid token: the score path's term alone, and no token to average over).
     """
     token_loss, stats = clipped_token_loss(logp, old_logp, advantages, mask, clip_eps)
     loss = token_loss * (mask.sum().item() / divisor)  # token_loss is a mean over these tokens
     if scores is not None:
         loss = loss - (score_grads.to(scores.dtype) * scores).sum() / divisor
-    return loss, {**stats, "ppo_loss": token_loss.item()}
+    return loss, {**stats, "ppo_loss": token_loss.item()} if stats else {}
 
 
 def reinforce_loss(rank_log_prob, reward, baseline=None):

@@ -46,19 +46,33 @@ Where this departs from the paper (defaults are the paper's unless said; details
 import os
 import sys
 
-import torch
 
-import data
-import distributed
-import plackett_luce
-import rollout
-import runs
-from config import parse_config
-from metrics import ndcg_at_k, ndcg_from_scores
-from head import score_traces
-from plackett_luce import standardized
-from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
-from rl_run import Bookkeeper, setup_rl, user_generator, users_for_step, validate  # noqa: F401 (validate: for the tests)
+def interrupted_before_start():
+    """Ctrl-C while torch and transformers load (the first seconds of `python r2rank.py`) or while torchrun's
+    processes meet: one line (from rank 0 under torchrun), exit status 130."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print("interrupted before anything started; nothing was written", file=sys.stderr)
+    sys.exit(130)
+
+
+try:  # the imports take seconds, and main's handlers do not exist yet
+    import torch
+
+    import data
+    import distributed
+    import plackett_luce
+    import rollout
+    import runs
+    from config import parse_config
+    from metrics import ndcg_at_k, ndcg_from_scores
+    from head import score_traces
+    from plackett_luce import standardized
+    from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
+    from rl_run import Bookkeeper, setup_rl, user_generator, users_for_step, validate  # noqa: F401 (validate: for the tests)
+except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported by another module: the interrupt is its caller's
+        raise
+    interrupted_before_start()
 
 # ------------------------------------------------------------------------- phases of one step
 
@@ -165,6 +179,8 @@ def main(argv=None):
         rank_device = distributed.start()  # under torchrun: join the process group (a plain run: nothing)
     except data.UsageError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # while waiting for the other processes of torchrun
+        interrupted_before_start()
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
     try:
@@ -189,9 +205,11 @@ def main(argv=None):
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:  # RuntimeError: the CPU allocator's failure
         if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(error):
             raise
+        flags = "--micro-batch, --max-new-tokens or --users-per-step, or pass --gradient-checkpointing on or --lora-rank"
+        if cfg.stage == "rl" and not cfg.freeze_llm and cfg.advantage == "counterfactual":  # the likeliest first
+            flags = f"--advantage-samples ({cfg.advantage_samples} rankings of K + 1 score vectors per user), " + flags
         if distributed.is_main():
-            print(f"error: out of memory ({str(error).strip().splitlines()[0][:200]}); lower --micro-batch, "
-                  "--max-new-tokens or --users-per-step, or pass --gradient-checkpointing on or --lora-rank", file=sys.stderr)
+            print(f"error: out of memory ({str(error).strip().splitlines()[0][:200]}); lower {flags}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
         if cfg.stage == "eval":

@@ -410,7 +410,10 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
         stats = {name: distributed.total(value) for name, value in stats.items()}
         gap_sum, gap_max = distributed.total(gap_sum), distributed.total(gap_max, "max")
         score_gap = distributed.total(score_gap, "max")
-    stats = {**stats, "decode_logp_gap": gap_sum / max(total_tokens, 1), "decode_logp_gap_max": gap_max}
+    if total_tokens:  # the whole step's count, the same on every rank
+        stats = {**stats, "decode_logp_gap": gap_sum / total_tokens, "decode_logp_gap_max": gap_max}
+    else:  # no token in the step (--max-new-tokens 0): a mean over no tokens is undefined, so it is left out, not logged as 0
+        stats = {}
     return {**stats, "decode_score_gap": score_gap} if score_path else stats
 
 

@@ -216,13 +216,20 @@ def original_movie(values):
     return movie(title, year, [genre for genre, bit in zip(MOVIELENS_GENRES, values[5:]) if bit == "1"])
 
 
+def plain_or_gzip(folder, name):
+    """folder/name, or folder/name.gz when only that one exists (read_lines reads both)."""
+    plain = os.path.join(folder, name)
+    return plain + ".gz" if not os.path.exists(plain) and os.path.exists(plain + ".gz") else plain
+
+
 def load_movielens(path, protocol):
-    """MovieLens-100K in its original layout (u.data, u.item, u.user) or as RecBole atomic files."""
-    original = os.path.exists(os.path.join(path, "u.data"))
-    if not original and not os.path.exists(os.path.join(path, "ml-100k.inter")):
-        raise DataError(f"{path}: holds neither u.data (original layout) nor ml-100k.inter (RecBole layout)")
+    """MovieLens-100K in its original layout (u.data, u.item, u.user) or as RecBole atomic files, each
+    plain or gzipped (u.data.gz)."""
+    original = os.path.exists(plain_or_gzip(path, "u.data"))
+    if not original and not os.path.exists(plain_or_gzip(path, "ml-100k.inter")):
+        raise DataError(f"{path}: holds neither u.data (original layout) nor ml-100k.inter (RecBole layout), plain or .gz")
     names = ("u.data", "u.item", "u.user") if original else ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
-    inter, item_file, user_file = files = [os.path.join(path, name) for name in names]
+    inter, item_file, user_file = files = [plain_or_gzip(path, name) for name in names]
     raw = RawData([], {}, {}, files)
     if original:
         records = ((user, item, as_int(seconds, inter, lineno))

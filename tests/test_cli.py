@@ -36,6 +36,9 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
         no_cuda = run_cli("--device", "cuda", "--model", "tiny", "--out", str(tmp_path / "o4"))
         assert no_cuda.returncode == 1 and "--device cuda: this machine has no CUDA device" in no_cuda.stderr
         assert "Traceback" not in no_cuda.stderr
+    meta = run_cli("--device", "meta", "--model", "tiny", "--out", str(tmp_path / "o5"))
+    assert meta.returncode == 1 and meta.stderr.startswith("error: --device meta: the meta device holds shapes only")
+    assert len(meta.stderr.strip().splitlines()) == 1 and not (tmp_path / "o5").exists()
     bad = run_cli("--num-rankings", "1")
     assert bad.returncode != 0 and "--baseline needs" in bad.stderr
     assert config.parse_config(["--max-new-tokens", "0"]).score_path  # the LLM learns its representation only
@@ -50,7 +53,11 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
                           (["--top-p", "0"], "--top-p must be in (0, 1]"),
                           (["--advantage", "batch", "--users-per-step", "1"], "needs --users-per-step >= 2"),
                           (["--advantage", "item"], "invalid choice"),
-                          (["--advantage-samples", "0"], "must be >= 1"),
+                          (["--advantage-samples", "0"], "must be in [1, 32768], got 0"),
+                          (["--advantage-samples", "100000000"], "--advantage-samples must be in [1, 32768], got 100000000"),
+                          (["--trace-cache", "c.pt"], "--trace-cache reuses the traces of a frozen LLM: it goes with "
+                                                      "--stage rl --freeze-llm"),
+                          (["--stage", "eval", "--freeze-llm", "--trace-cache", "c.pt"], "it goes with --stage rl --freeze-llm"),
                           (["--seed", "99999999999999999999"], "--seed must be in [0, 16777215], got 99999999999999999999"),
                           (["--lr", "inf"], "--lr must be a finite number, got inf"),
                           (["--head-lr", "nan"], "--head-lr must be a finite number, got nan"),
@@ -109,3 +116,65 @@ def test_every_stage_rejects_a_bad_instance_on_its_line_before_loading_a_model(t
     empty_valid = run_cli("--model", str(tmp_path / "no-model"), "--data", str(bad), "--out", str(tmp_path / "o"), "--eval-every", "2")
     assert empty_valid.returncode == 1 and empty_valid.stderr.strip() == f"error: {bad}/valid.jsonl: no instances"
     assert not (tmp_path / "o").exists()
+
+
+def test_under_torchrun_only_rank_0_prints_a_bad_flag(monkeypatch, capsys):
+    """torchrun starts one process per rank, each parsing the same flags: one message, from rank 0; the
+    others exit with the same status (2) in silence, for a bad flag, a bad combination and --help."""
+    for argv in (["--lr", "5"], ["--users-per-step"], ["--trace-cache", "c.pt"], ["--help"]):
+        for rank, silent in (("1", True), ("3", True), ("0", False)):
+            monkeypatch.setenv("RANK", rank)
+            with pytest.raises(SystemExit) as exit_info:
+                config.parse_config(argv)
+            printed = capsys.readouterr()
+            assert exit_info.value.code == (0 if argv == ["--help"] else 2)
+            assert (printed.out + printed.err == "") == silent, (argv, rank, printed)
+    monkeypatch.setenv("RANK", "1")
+    assert config.parse_config(["--lr", "0.5"]).lr == 0.5  # good flags parse as on rank 0
+
+
+def test_out_of_memory_names_advantage_samples_when_the_counterfactual_advantage_is_on(monkeypatch, capsys, tmp_path):
+    """--advantage counterfactual holds [K + 1, S, K] rankings per user: its --advantage-samples comes first in
+    the advice; other runs are not told about a flag they do not use."""
+    import r2rank
+
+    def out_of_memory(cfg, rank_device=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(r2rank, "train_rl", out_of_memory)
+    for advantage, named in (("counterfactual", True), ("reward", False)):
+        with pytest.raises(SystemExit) as exit_info:
+            r2rank.main(["--model", "tiny", "--out", str(tmp_path / "o"), "--advantage", advantage,
+                         "--advantage-samples", "4096"])
+        message = capsys.readouterr().err
+        assert exit_info.value.code == 1 and len(message.strip().splitlines()) == 1
+        assert message.startswith("error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower ")
+        assert ("lower --advantage-samples (4096 rankings" in message) == named, message
+        assert "--micro-batch" in message
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
+    """Ctrl-C in the first seconds of `python r2rank.py`, while torch loads, before main's handlers exist:
+    one line, exit status 130, nothing written. The interrupt is sent at the exact moment: a fresh
+    interpreter that raises SIGINT in itself when r2rank.py starts importing torch (no timing to win)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    interrupt_at_torch = (
+        "import os, runpy, signal, sys\n"
+        "class InterruptAtTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, InterruptAtTorch())\n"
+        "sys.argv = ['r2rank.py'] + sys.argv[1:]\n"
+        "runpy.run_path('r2rank.py', run_name='__main__')\n")
+    out = tmp_path / "o"
+    result = subprocess.run([sys.executable, "-c", interrupt_at_torch, "--model", "tiny", "--out", str(out)], cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "interrupted before anything started; nothing was written\n"
+    assert not out.exists()

@@ -228,6 +228,22 @@ def test_movielens_both_layouts(layout, tmp_path):
     assert stats["protocol"]["start"] is None and stats["protocol"]["end"] is None
 
 
+@pytest.mark.parametrize("layout", [write_movielens_original, write_movielens_recbole])
+def test_movielens_reads_gzipped_files(layout, tmp_path):
+    """u.data.gz (or ml-100k.inter.gz) and the others gzipped make the same data set as the plain files."""
+    plain = layout(tmp_path / "plain")
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for name in os.listdir(plain):
+        (packed / (name + ".gz")).write_bytes(gzip.compress((plain / name).read_bytes()))
+    for path, out in ((plain, tmp_path / "from-plain"), (packed, tmp_path / "from-gzip")):
+        assert data.main(["movielens", "--path", str(path), "--out", str(out), "--candidates", "3"]) == 0
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        assert (tmp_path / "from-gzip" / name).read_bytes() == (tmp_path / "from-plain" / name).read_bytes()
+    inputs = json.loads((tmp_path / "from-gzip" / "stats.json").read_text())["inputs"]
+    assert all(name.endswith(".gz") for name in inputs) and len(inputs) == 3
+
+
 ML100K = os.environ.get("R2RANK_ML100K", os.path.join(os.path.dirname(DATA_PY), "data", "ml-100k"))
 
 
@@ -338,6 +354,9 @@ def edited(change):
     (edited(lambda r: r["candidates"][0].pop("item_id")), r":2: candidates\[0\] needs an 'item_id'"),
     (edited(lambda r: r.update(profile=3)), r":2: field 'profile' has the wrong type"),
     (instance("u"), r":2: user_id 'u' again \(first on line 1\)"),
+    (edited(lambda r: r.update(labels=[1, 1, 1])), r":2: every candidate is labelled 1: an instance needs a negative"),
+    (edited(lambda r: r["candidates"][2].update(item_id="i0")),  # labelled 0 here, 1 as candidates[0]
+     r":2: candidates\[2\] repeats item_id 'i0' of candidates\[0\] \(each candidate once\)"),
 ])
 def test_one_instance_validator_names_file_line_and_field(tmp_path, second, message):
     """load_split, which the RL, SFT and eval stages all read through, rejects each departure from the
@@ -425,7 +444,8 @@ def test_bad_movielens_files_fail_cleanly(tmp_path):
     (recbole / "ml-100k.user").write_text(text)
     assert_fails(run_cli("movielens", "--path", recbole, "--out", out), f"{recbole / 'ml-100k.user'}:1",
                  "occupation", out)
-    assert_fails(run_cli("movielens", "--path", tmp_path, "--out", out), str(tmp_path), "neither u.data", out)
+    assert_fails(run_cli("movielens", "--path", tmp_path, "--out", out), str(tmp_path),
+                 "neither u.data (original layout) nor ml-100k.inter (RecBole layout), plain or .gz", out)
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):

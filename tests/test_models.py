@@ -25,3 +25,43 @@ def test_random_architectures_have_the_published_parameter_counts(name):
 def test_an_unknown_architecture_is_one_line():
     with pytest.raises(models.data.UsageError, match="random:qwen2.5-1.5b"):
         models.load_policy("random:qwen2.5-2b", torch.device("cpu"), torch.float32)
+
+
+def test_the_meta_device_is_refused_in_one_line():
+    """meta holds shapes without values: a run on it would fail deep inside the first forward."""
+    with pytest.raises(models.data.UsageError, match=r"^--device meta: the meta device holds shapes only"):
+        models.pick_device("meta")
+    assert models.pick_device("cpu") == torch.device("cpu")
+
+
+def test_a_head_of_another_width_or_hidden_size_is_one_line_naming_both(tmp_path):
+    """head.safetensors and r2rank.json of two runs mixed, or the head of another model: one line naming
+    the file, the shapes it holds and needs, and what to do; a matching head loads exactly."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from head import ScoreHead
+
+    def checkpoint(name, saved_width, saved_hidden, recorded_width):
+        path = tmp_path / name
+        path.mkdir()
+        torch.manual_seed(0)
+        head = ScoreHead(saved_hidden, saved_width)
+        save_file(head.state_dict(), str(path / "head.safetensors"))
+        (path / "r2rank.json").write_text(json.dumps({"head_width": recorded_width}))
+        return str(path), head
+
+    other_model, _ = checkpoint("other-model", 8, 32, 8)
+    with pytest.raises(models.data.UsageError) as error:
+        models.load_head(other_model, 64, torch.device("cpu"))
+    assert str(error.value) == (f"{other_model}/head.safetensors: a head of width 8 on hidden size 32, but this run needs "
+                                "width 8 (its r2rank.json) on hidden size 64 (the model's): start a new head with "
+                                "--new-head, or pass the model the head was trained on as --model")
+    mixed, _ = checkpoint("mixed", 8, 64, 16)
+    with pytest.raises(models.data.UsageError, match=r"a head of width 8 on hidden size 64, but this run needs width 16"):
+        models.load_head(mixed, 64, torch.device("cpu"))
+    same, saved = checkpoint("same", 8, 64, 8)
+    loaded = models.load_head(same, 64, torch.device("cpu"))
+    hidden = torch.randn(3, 64)
+    assert torch.equal(loaded(hidden), saved(hidden))

@@ -9,7 +9,7 @@ import torch
 import plackett_luce
 from metrics import ndcg_at_k
 from ppo import (batch_baseline_advantages, clipped_token_loss, counterfactual_advantages, grpo_advantages,
-                 leave_one_out_baseline, reinforce_loss)
+                 leave_one_out_baseline, llm_loss, reinforce_loss)
 
 
 def test_gradient_at_ratio_one_is_minus_advantage_over_valid_tokens():
@@ -68,9 +68,18 @@ def test_masked_tokens_get_zero_gradient_and_do_not_count():
     assert clipped_token_loss(logp2, old_logp, advantages, mask)[0].item() == pytest.approx(loss.item())
 
 
-def test_empty_mask_gives_zero_loss_not_nan():
+def test_empty_mask_gives_zero_loss_and_no_token_statistics():
+    """With no valid token (--max-new-tokens 0) the token term is 0, not nan, and its statistics are left
+    out rather than reported as 0 (a ratio of 0 would read as a policy that collapsed); llm_loss keeps the
+    score path's term."""
     loss, stats = clipped_token_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3))
-    assert loss.item() == 0.0 and not math.isnan(stats["approx_kl"])
+    assert loss.item() == 0.0 and stats == {}
+    scores = torch.tensor([0.5, -1.0], requires_grad=True)
+    loss, stats = llm_loss(torch.zeros(2, 0), torch.zeros(2, 0), torch.ones(2), torch.zeros(2, 0, dtype=torch.bool),
+                           divisor=2, scores=scores, score_grads=torch.tensor([1.0, 3.0]))
+    assert stats == {} and loss.item() == pytest.approx(-(0.5 - 3.0) / 2)
+    _, stats = llm_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.tensor([[True, False]]), divisor=1)
+    assert stats == {"clip_frac": 0.0, "approx_kl": 0.0, "ratio": 1.0, "ppo_loss": -1.0}
 
 
 def _brute_force_log_prob(scores, ranking):

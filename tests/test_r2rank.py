@@ -407,3 +407,15 @@ def test_trace_stats_count_distinct_traces_and_mean_token_logprob_by_hand():
     assert stats["distinct_share"] == pytest.approx((1 / 2 + 2 / 2) / 2)
     assert stats["token_logp"] == pytest.approx((-4.0 - 1.0 - 3.0) / 7)
     assert stats["truncated_share"] == pytest.approx(2 / 4) and stats["response_len"] == pytest.approx(7 / 4)
+
+
+def test_a_step_without_tokens_logs_no_token_statistics(synthetic_dir, tmp_path):
+    """--max-new-tokens 0 trains the LLM through the score path alone: the means over tokens (ratio,
+    clip_frac, approx_kl, ppo_loss, decode_logp_gap) are undefined and left out of the log, not written as 0."""
+    out = str(tmp_path / "no-tokens")
+    r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--max-steps", "1",
+                 "--users-per-step", "1", "--max-new-tokens", "0", "--max-history", "3"])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    assert not {"ratio", "clip_frac", "approx_kl", "ppo_loss", "decode_logp_gap", "decode_logp_gap_max"} & set(row), row
+    assert row["response_len"] == 0.0 and "decode_score_gap" in row and "advantage_abs" in row

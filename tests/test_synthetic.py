@@ -97,3 +97,19 @@ def test_one_category_per_user(tmp_path):
     for bad in (0, 9):
         with pytest.raises(DataError, match="--categories-per-user must be 1 to 8"):
             data.synthetic_raw(users=5, categories_per_user=bad)
+
+
+def test_too_few_users_is_one_line_naming_the_flag_and_its_bound(tmp_path, capsys):
+    """--users below the fewest that give every split of --split a user (10 for 8:1:1: valid and test
+    round down) would leave a split empty or no user at all; data.py says so in one line, writes nothing."""
+    for users in ("-5", "0", "1", "9"):
+        assert data.main(["synthetic", "--users", users, "--out", str(tmp_path / "o")]) == 1
+        assert capsys.readouterr().err == (f"data.py: error: --users must be >= 10, the fewest that give every split "
+                                           f"of --split 8:1:1 a user, got {users}\n")
+        assert not (tmp_path / "o").exists()
+    assert data.main(["synthetic", "--users", "4", "--split", "2:1:1", "--out", str(tmp_path / "o")]) == 0
+    assert [len(split) for split in read_all(tmp_path / "o").values()] == [2, 1, 1]
+    assert data.fewest_users("8:1:1") == 10 and data.fewest_users("1:0:0") == 1 and data.fewest_users("0:1:2") == 3
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["synthetic", "--split", "0:0:0", "--out", str(tmp_path / "p")])
+    assert exit_info.value.code == 2 and "a --split like 8:1:1" in capsys.readouterr().err
