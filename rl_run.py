@@ -66,6 +66,7 @@ class RLRun:
     shared_prefix: bool  # the update runs a user's prompt prefix once per micro-batch
     trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused
     fast_decode: bool  # the rollout on decode.py's forward (False: transformers', after a failed start-up check)
+    claim: runs.Claim = None  # --out held for this run (runs.claim), let go when the Bookkeeper's block ends
 
     def rollout(self, cfg, instances, generators):
         """Phase 1: one trace per candidate of every user, as (per-user Samples, per-user prompts).
@@ -81,16 +82,32 @@ class RLRun:
 
 
 def setup_rl(cfg, rank_device=None):
-    """Data, model and head (from --model, or the newest checkpoint with --resume), optimizers.
+    """Data, model and head (from --model, or the newest checkpoint with --resume), optimizers, with --out
+    held for the run (runs.claim; None and let go when there is nothing to train or set-up fails).
     rank_device: this rank's GPU under torchrun (distributed.start)."""
-    device = rank_device if rank_device is not None and cfg.device == "auto" else pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
     if cfg.freeze_llm and distributed.world() > 1:
         raise data.UsageError("--freeze-llm is not supported under torchrun yet (each rank would cache its own users' "
                              "traces); run it as one process")
     if cfg.users_per_step < distributed.world():
         raise data.UsageError(f"--users-per-step {cfg.users_per_step} leaves some of the {distributed.world()} ranks "
                              "without a user: give each rank at least one")
+    claim = runs.claim(cfg.out)  # a second run on this --out is refused until the run ends
+    try:
+        run = load_run(cfg, rank_device)
+    except BaseException:
+        claim.release()
+        raise
+    if run is None:
+        claim.release()
+    else:
+        run.claim = claim
+    return run
+
+
+def load_run(cfg, rank_device):
+    """setup_rl's work, once --out is held."""
+    device = rank_device if rank_device is not None and cfg.device == "auto" else pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
     # the data and --out are checked before the model loads: a bad input costs no download
     if not distributed.is_main():
         distributed.barrier()  # rank 0 builds the synthetic set, if it is the data
@@ -180,7 +197,17 @@ class Bookkeeper:
         return self
 
     def __exit__(self, *exc):
+        if self.metrics_file:
+            self.metrics_file.close()
+        self.run.claim.release()
         return self.stop.__exit__(*exc)
+
+    def nothing_kept(self):
+        """A run stopped before its first step was saved, from step 0: metrics.jsonl goes (it holds at most
+        the start's validation), so that the same command can be run again."""
+        self.metrics_file.close()
+        if self.run.plan.start_step == 0 and not self.saved:
+            runs.cut_metrics(self.cfg.out, None)
 
     def steps(self):
         """The steps to run, after the start's validation (logged as step 0; picking the best step can keep the start)."""
@@ -189,7 +216,7 @@ class Bookkeeper:
             self.started = time.time()
             ndcg = self.validate()
             if ndcg is None:
-                self.metrics_file.close()
+                self.nothing_kept()
                 raise self.stop.exit("stopped before step 1; nothing was written but the data")
             runs.log_row(self.metrics_file, {"step": 0, "valid_ndcg@10": ndcg, "step_time": time.time() - self.started}, print)
         self.bar = tqdm(range(run.plan.start_step, cfg.max_steps), initial=run.plan.start_step, total=cfg.max_steps,
@@ -219,7 +246,7 @@ class Bookkeeper:
         except runs.Abandoned:  # nothing of this step is kept; the finished steps are
             if step > run.plan.start_step and self.saved != os.path.join(cfg.out, f"checkpoint-{step}"):
                 self.saved = self.save(step)
-            self.metrics_file.close()
+            self.nothing_kept()
             raise self.stop.exit(f"step {step + 1} was still rolling out and is dropped; "
                                  + (f"{runs.steps_text(1, step)} kept in {self.saved}; continue with --resume" if self.saved
                                     else "no step had finished, so nothing was written but the data")) from None
@@ -256,10 +283,8 @@ class Bookkeeper:
                 runs.prune_checkpoints(cfg.out, cfg.keep_checkpoints)
         if stop.requested:
             distributed.barrier()  # the checkpoint is written
-            if self.metrics_file:
-                self.metrics_file.close()
             raise stop.exit(f"{runs.steps_text(1, step + 1)} kept in {os.path.join(cfg.out, f'checkpoint-{step + 1}')}; "
-                            "continue with --resume")
+                            "continue with --resume", say=self.main)  # every rank exits 128 + N, rank 0 says why
 
     def row(self, step, samples, users_share, user_means, step_stats):
         """The step's metrics row. user_means: this rank's means over its users, weighted by users_share

@@ -8,6 +8,9 @@
         ...
         if stop.requested: save a checkpoint, then raise stop.exit(...)
 
+Around all of it, `with runs.claim(out):` holds --out for the run's life: a second run started on the
+same --out meanwhile is refused in one line (an flock on <out>/.r2rank-lock, which dies with the process).
+
 What --resume compares with the checkpoint it continues (r2rank.json holds the run's config):
 - settings that define the run must be equal, or the run refuses and names each one that differs:
   every flag of the stage but the ones in CHANGEABLE, and the data's content (a fingerprint of
@@ -19,6 +22,7 @@ What --resume compares with the checkpoint it continues (r2rank.json holds the r
 """
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -26,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import sys
 import tempfile
@@ -33,11 +38,19 @@ import zipfile
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import config
+import distributed
 from models import adapter_state_dict, checkpoint_state_dict, lora_layers
 from protocol import UsageError
+
+try:  # POSIX; elsewhere --out is not locked (claim) and a file-size limit is not looked up
+    import fcntl
+    import resource
+except ImportError:
+    fcntl = resource = None
 
 # The flags --resume lets change; every other flag of the stage defines the run.
 CHANGEABLE = {"max_steps", "lr", "head_lr", "sft_lr", "sft_epochs", "eval_every", "eval_users", "save_every",
@@ -46,11 +59,10 @@ CHANGEABLE = {"max_steps", "lr", "head_lr", "sft_lr", "sft_epochs", "eval_every"
 STAGE_GROUPS = {"rl": (config.COMMON, config.RL, config.BEYOND), "sft": (config.COMMON, config.SFT)}  # the flags defining a run
 
 
-def data_fingerprint(data_dir):
-    """sha256 of train.jsonl and valid.jsonl: the same data wherever it lies."""
+def data_fingerprint(data_dir, paths=None):
+    """sha256 of train.jsonl and valid.jsonl: the same data wherever it lies (or of the files at paths)."""
     digest = hashlib.sha256()
-    for split in ("train", "valid"):
-        path = os.path.join(data_dir, f"{split}.jsonl")
+    for path in paths or [os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "valid")]:
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -90,6 +102,88 @@ def check_writable(out):
     except OSError as error:
         verb = "write into it" if parent == os.path.abspath(out) else "create it"
         raise UsageError(f"--out {out}: cannot {verb} ({error.strerror})") from None
+
+
+LOCK = ".r2rank-lock"  # in --out while a run holds it: "pid host"
+_claimed = set()  # the outs this process holds (realpath)
+
+
+class Claim:
+    """Holds --out for one run (runs.claim); release() (or the end of a with block) lets it go."""
+
+    def __init__(self, out, fd=None, created=False):
+        self.out, self.fd, self.created = out, fd, created
+
+    def release(self):
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.out, LOCK))  # before the lock is let go: see lock_file
+        os.close(self.fd)
+        self.fd = None
+        _claimed.discard(os.path.realpath(self.out))
+        if self.created:  # made for this run, which left nothing in it
+            with contextlib.suppress(OSError):
+                os.rmdir(self.out)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def claim(out):
+    """Hold out (created if missing) for one run, until .release() or a with block's end: a run started
+    on the same out meanwhile is refused in one line naming the pid that holds it. The lock is an flock
+    on <out>/.r2rank-lock, and the kernel lets it go when the process ends, however it ends: the file a
+    killed run leaves blocks nothing. Under torchrun every rank calls this; rank 0 holds the lock, and
+    when it is refused every rank stops (rank 0 says why)."""
+    if os.path.realpath(out) in _claimed or not distributed.is_main():  # held already by this process / rank 0's
+        refusal, held = None, Claim(out)
+    else:
+        try:
+            check_writable(out)
+            created = not os.path.isdir(out)
+            held, refusal = Claim(out, lock_file(out), created), None
+        except UsageError as error:
+            refusal = error
+    if distributed.total(float(refusal is not None), "max"):
+        raise refusal or UsageError(f"--out {out}: refused on rank 0")
+    if held.fd is not None:
+        _claimed.add(os.path.realpath(out))
+    return held
+
+
+def lock_file(out):
+    """The descriptor of <out>/.r2rank-lock, flocked, holding "pid host"; a UsageError naming the holder when
+    another process holds it. A holder removes the file before letting it go, so a lock taken on a file
+    that is no longer at that path is let go and taken again on the new one."""
+    if fcntl is None:
+        return None
+    path = os.path.join(out, LOCK)
+    while True:
+        try:
+            os.makedirs(out, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # out removed meanwhile by a run that had made it
+            continue
+        except OSError as error:
+            raise UsageError(f"--out {out}: cannot create it ({error.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (os.read(fd, 200).decode(errors="replace").split() + ["?", ""])[:2]
+            os.close(fd)
+            where = "" if holder[1] in ("", socket.gethostname()) else f" on {holder[1]}"
+            raise UsageError(f"{out} is in use by another run (pid {holder[0]}{where}); wait for it or choose another --out") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return fd
 
 
 def safetensors_problem(path):
@@ -153,9 +247,18 @@ def intact_checkpoint(out, record="r2rank.json", extra=()):
 
 
 def run_files(out):
-    """What a training run writes into out (its data/, eval and sft-data files are not counted)."""
+    """What a training run writes into out (its data/, eval and sft-data files are not counted, nor an
+    empty metrics.jsonl: a run stopped before its first row)."""
     names = os.listdir(out) if os.path.isdir(out) else []
-    return sorted(n for n in names if n == "metrics.jsonl" or re.fullmatch(r"(\.tmp-)?checkpoint-\d+", n))
+    return sorted(n for n in names if re.fullmatch(r"(\.tmp-)?checkpoint-\d+", n)
+                  or n == "metrics.jsonl" and os.path.getsize(os.path.join(out, n)))
+
+
+def inside_run_files(out, path):
+    """The run file of out (run_files) that path is or lies in, or None: what --overwrite would delete."""
+    relative = os.path.relpath(os.path.realpath(path), os.path.realpath(out))
+    top = relative.split(os.sep)[0]
+    return top if top not in (os.curdir, os.pardir) and top in run_files(out) else None
 
 
 @dataclass
@@ -166,25 +269,33 @@ class Plan:
     fingerprint: str = ""  # of the data, recorded in every checkpoint
     changes: list = field(default_factory=list)  # [{"step", flag: [old, new]}], earlier resumes' first
     overwrite: bool = False  # clear out's run files before writing
+    files: dict = field(default_factory=dict)  # {flag: fingerprint} of the other files the run reads (sft: --traces)
 
     def record(self):
         """The extra fields of each checkpoint's r2rank.json."""
-        return {"data_fingerprint": self.fingerprint, "changes": self.changes}
+        return {"data_fingerprint": self.fingerprint, "changes": self.changes,
+                **({"file_fingerprints": self.files} if self.files else {})}
 
 
 def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def plan_out(cfg, data_dir, max_steps):
+READS = {"rl": ("model", "trace_cache"), "sft": ("model", "traces")}  # the flags naming what a stage reads, beside --data
+
+
+def plan_out(cfg, data_dir, max_steps, files=None):
     """Check --out against the run about to start; writes nothing. A UsageError (one line) when
     - out cannot be written, or holds another run and neither --resume nor --overwrite is given;
-    - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings,
-      or no whole checkpoint (each broken one is named, and a whole older one is used instead).
-    --resume with no checkpoint says so and starts at step 0."""
+    - --resume and --overwrite are both given, or --overwrite would delete what the run reads (its
+      --model, --trace-cache or --traces inside a checkpoint of out);
+    - --resume finds a checkpoint of another stage, past max_steps, or made with other defining settings
+      or other data or files, or no whole checkpoint (each broken one is named, and a whole older one is used instead).
+    --resume with no checkpoint says so and starts at step 0. files: {flag: path} of the other files
+    the run reads whose content a resume must find unchanged (sft: {"--traces": its traces file})."""
     groups = STAGE_GROUPS[cfg.stage]
     defining = {f.name for f in dataclasses.fields(cfg) if f.metadata["group"] in groups} - CHANGEABLE
-    return plan_command(dataclasses.asdict(cfg), data_dir, max_steps, defining, CHANGEABLE)
+    return plan_command(dataclasses.asdict(cfg), data_dir, max_steps, defining, CHANGEABLE, reads=READS[cfg.stage], files=files)
 
 
 # The flags of the baselines' training commands (baselines/reczero.py, r2ec.py) that --resume lets change.
@@ -192,19 +303,30 @@ COMMAND_CHANGEABLE = {"max_steps", "minutes", "save_every", "lr", "head_lr", "de
                       "resume", "overwrite", "out", "data"}
 
 
-def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAND_CHANGEABLE, record="r2rank.json", extra=()):
+def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAND_CHANGEABLE, record="r2rank.json", extra=(),
+                 reads=("model",), files=None):
     """plan_out for any training command: settings, its flags as a dict (out, resume, overwrite among
     them); defining, the ones a resume must keep (default: all but changeable); record, the
     checkpoint's file of {"step", "config" or "settings", "data_fingerprint"}; extra, its files beyond
-    the model and optimizer.pt."""
+    the model and optimizer.pt; reads, the flags naming paths the run reads besides data_dir, which
+    --overwrite must not delete; files, as in plan_out."""
     out = settings["out"]
+    if settings["resume"] and settings["overwrite"]:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     check_writable(out)
     found, fingerprint = run_files(out), data_fingerprint(data_dir)
+    files = {name: [path, data_fingerprint(None, [path])] for name, path in (files or {}).items()}
+    plan = Plan(fingerprint=fingerprint, overwrite=bool(found), files={name: digest for name, (_, digest) in files.items()})
+    read = {"--data": data_dir, **{flag(name): settings[name] for name in reads if settings.get(name)}}
+    held = next((f"{name} {path}" for name, path in read.items() if inside_run_files(out, path)), None)
     if not settings["resume"]:
         if found and not settings["overwrite"]:
             raise UsageError(f"{out}: holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
-                            "pass --resume to continue it, --overwrite to replace it, or another --out")
-        return Plan(fingerprint=fingerprint, overwrite=bool(found))
+                            + (f"pass --resume to continue it, or another --out (--overwrite would delete {held}, which this run reads)"
+                               if held else "pass --resume to continue it, --overwrite to replace it, or another --out"))
+        if found and held:
+            raise UsageError(f"--overwrite would delete {held}, which this run reads; start the new run in another --out")
+        return plan
     newest = latest_checkpoint(out)
     if newest and record == "r2rank.json":  # another stage's checkpoint is refused, whole or broken
         try:
@@ -219,8 +341,12 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
     if checkpoint is None and checkpoint_steps(out):
         raise UsageError(f"--resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again")
     if checkpoint is None:
-        print(f"--resume: no checkpoint in {out}, so the run starts at step 0")
-        return Plan(fingerprint=fingerprint, overwrite=bool(found))
+        if found and held:
+            raise UsageError(f"--resume: no checkpoint in {out}, so the run would start again and delete {held}, "
+                            "which this run reads; start the new run in another --out")
+        print(f"--resume: no checkpoint in {out}, so the run starts at step 0"
+              + (f" ({', '.join(found)} of the earlier start removed)" if found else ""))
+        return plan
     with open(os.path.join(checkpoint, record)) as f:
         saved = json.load(f)
     step, old = saved["step"], saved["config"] if "config" in saved else saved["settings"]
@@ -228,6 +354,8 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
     differ = [f"{flag(n)} {old[n]!r} -> {settings[n]!r}" for n in sorted(defining) if n in old and old[n] != settings[n]]
     if saved.get("data_fingerprint", fingerprint) != fingerprint:
         differ.append(f"the data ({data_dir}: train/valid.jsonl differ from the checkpoint's)")
+    differ += [f"{name} {path} (its content differs from the checkpoint's)" for name, (path, digest) in files.items()
+               if saved.get("file_fingerprints", {}).get(name, digest) != digest]
     if differ:
         raise UsageError(f"{checkpoint}: --resume needs the settings that define the run unchanged; these differ: "
                         + "; ".join(differ))
@@ -238,7 +366,7 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
     if changed:
         print(f"resume at step {step}, changed: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     history = saved.get("changes", []) + ([{"step": step, **changed}] if changed else [])
-    return Plan(step, checkpoint, fingerprint, history)
+    return Plan(step, checkpoint, fingerprint, history, files=plan.files)
 
 
 def steps_text(first, last):
@@ -271,21 +399,37 @@ def start(out, plan):
         for name in run_files(out):
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    metrics = os.path.join(out, "metrics.jsonl")
-    if plan.checkpoint and os.path.isfile(metrics):
-        with open(metrics) as f:
-            rows = [line for line in f if line.strip()]
-        steps = [row_step(line) for line in rows]  # None: a line cut short by a crash
-        kept = [line for line, step in zip(rows, steps) if step is not None and step <= plan.start_step]
-        dropped = [step for step in steps if step is not None and step > plan.start_step]
-        if None in steps:
-            print(f"--resume: {steps.count(None)} unreadable line(s) of metrics.jsonl dropped (cut short by a crash)")
+    if plan.checkpoint:
+        dropped, unreadable = cut_metrics(out, plan.start_step)
+        if unreadable:
+            print(f"--resume: {unreadable} unreadable line(s) of metrics.jsonl dropped (cut short by a crash)")
         if dropped:
             print(f"--resume: metrics.jsonl rows of {steps_text(dropped[0], dropped[-1])} dropped: not in a checkpoint, "
                   f"so they run again from {plan.checkpoint}")
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics + ".tmp", metrics)
+
+
+def cut_metrics(out, last_step):
+    """Cut <out>/metrics.jsonl back to its rows of steps up to last_step, in place (so it needs no free
+    space), and from the first line cut short by a crash; last_step None removes the file.
+    Returns (the steps of the rows dropped, the number of unreadable lines dropped)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return [], 0
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    keep, dropped, unreadable = 0, [], 0  # keep: the bytes before the first line cut
+    for line in lines:
+        step = row_step(line)
+        if not (dropped or unreadable) and last_step is not None and (not line.strip() or step is not None and step <= last_step):
+            keep += len(line)
+        elif line.strip():
+            dropped += [] if step is None else [step]
+            unreadable += step is None
+    if last_step is None:
+        os.remove(path)
+    else:
+        os.truncate(path, keep)
+    return dropped, unreadable
 
 
 def prune_checkpoints(out, keep):
@@ -368,34 +512,70 @@ def check_disk(out, one_checkpoint_bytes, saves, keep, overwrite=False):
     return needed
 
 
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # torch.save reports a failed write as a RuntimeError
+
+
+@contextlib.contextmanager
+def checkpoint_directory(out, step, record="r2rank.json", extra=()):
+    """The directory to write <out>/checkpoint-<step> into: a temporary one, renamed into place when the
+    block ends. When a write fails (a full disk, a file-size limit), it is removed, metrics.jsonl is cut
+    back to the newest whole checkpoint (which is kept) and a UsageError says so in one line. record,
+    extra: as in checkpoint_problem."""
+    final, tmp = os.path.join(out, f"checkpoint-{step}"), os.path.join(out, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    except WRITE_ERRORS as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = next((s for s in reversed(checkpoint_steps(out)) if s < step
+                     and checkpoint_problem(os.path.join(out, f"checkpoint-{s}"), record, extra) is None), None)
+        cut_metrics(out, kept)  # no row without its checkpoint: --resume would drop them anyway
+        what = (f"kept {out}/checkpoint-{kept} and metrics.jsonl up to step {kept}; " if kept is not None
+                else "no earlier checkpoint, so nothing is kept (metrics.jsonl removed); ")
+        raise UsageError(f"step {step}: saving {final} failed ({write_failure(out, error)}); {what}"
+                         + ("then continue with --resume" if kept is not None else "then run it again")) from None
+
+
+def write_failure(out, error):
+    """Why a write into out failed, and what to do, in a few words: a full disk, or a file-size limit (ulimit -f).
+    torch.save's failed write is a RuntimeError without an errno: then both are named."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0][:200]
+    code = getattr(error, "errno", None)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else None
+    size_limit = f"the file-size limit (ulimit -f) is {limit} bytes" if resource and limit != resource.RLIM_INFINITY else ""
+    free = f"{shutil.disk_usage(existing_parent(out)).free / GB:.1f} GB free there"
+    if code == errno.EFBIG or "os error 27" in text:
+        return f"{text}: {size_limit}; raise it" if size_limit else f"{text}: the file system's largest file is smaller; choose another --out"
+    if code in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in text or "os error 122" in text or not size_limit:
+        return f"{text}: {free}; free space, keep fewer checkpoints (--keep-checkpoints) or choose another --out"
+    return f"{text}: {size_limit} and {free}; raise the limit or free space"
+
+
 def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_cache=None, record=None):
-    """<out>/checkpoint-<step>/, written into a temporary directory and renamed into place.
+    """<out>/checkpoint-<step>/, written into a temporary directory and renamed into place
+    (checkpoint_directory: a failed write keeps the checkpoint before it and says so).
 
     Holds the model (safetensors; LoRA adapters merged in, and also apart in lora.safetensors) and
     tokenizer, so the directory works as --model; head.safetensors
     (unless head is None), the optimizers' states, r2rank.json (step and run config), and with
     --freeze-llm the cached traces (trace-cache.pt: {user_id: rollout.Samples fields}).
     """
-    final = os.path.join(out, f"checkpoint-{step}")
-    tmp = os.path.join(out, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora_layers(model):  # LoRA: the adapters merged into the weights, and kept apart for --resume
-        model.save_pretrained(tmp, state_dict=checkpoint_state_dict(model))
-        save_file(adapter_state_dict(model), os.path.join(tmp, "lora.safetensors"))
-    else:
-        model.save_pretrained(tmp, state_dict=checkpoint_state_dict(model))  # safetensors, fp32
-    tokenizer.save_pretrained(tmp)
-    if head is not None:
-        save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))
-    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
-    if trace_cache is not None:
-        torch.save({user: dataclasses.asdict(samples) for user, samples in trace_cache.items()},
-                   os.path.join(tmp, "trace-cache.pt"))
-    with open(os.path.join(tmp, "r2rank.json"), "w") as f:
-        json.dump({"step": step, "config": dataclasses.asdict(cfg), "head_width": cfg.head_width, **(record or {})}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
+    with checkpoint_directory(out, step) as tmp:
+        model.save_pretrained(tmp, state_dict=checkpoint_state_dict(model))  # safetensors, fp32, LoRA adapters merged in
+        if lora_layers(model):  # and kept apart for --resume
+            save_file(adapter_state_dict(model), os.path.join(tmp, "lora.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        if head is not None:
+            save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))
+        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
+        if trace_cache is not None:
+            torch.save({user: dataclasses.asdict(samples) for user, samples in trace_cache.items()},
+                       os.path.join(tmp, "trace-cache.pt"))
+        with open(os.path.join(tmp, "r2rank.json"), "w") as f:
+            json.dump({"step": step, "config": dataclasses.asdict(cfg), "head_width": cfg.head_width, **(record or {})}, f, indent=1)
+    return os.path.join(out, f"checkpoint-{step}")
 
 
 def log_row(metrics_file, row, write):
@@ -449,6 +629,8 @@ class StopOnSignal:
         if self.requested is not None and signum == signal.SIGINT:
             print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
+        if self.requested is not None:  # SIGTERM again (torchrun passes its own on): the stop is under way
+            return
         self.requested = signum
         if self.inside:
             self.inside = False
@@ -477,9 +659,11 @@ class StopOnSignal:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
-    def exit(self, kept):
-        """The SystemExit to raise once what is kept is on disk: one line, status 128 + the signal's number."""
-        print(f"stopped by {signal.Signals(self.requested).name}: {kept}", file=sys.stderr)
+    def exit(self, kept, say=True):
+        """The SystemExit to raise once what is kept is on disk: one line (unless say is False: under
+        torchrun rank 0 speaks for all), status 128 + the signal's number."""
+        if say:
+            print(f"stopped by {signal.Signals(self.requested).name}: {kept}", file=sys.stderr)
         return SystemExit(128 + self.requested)
 
 

@@ -171,6 +171,12 @@ def build_traces(cfg):
     """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right."""
     if bool(cfg.teacher) == bool(cfg.teacher_url):
         raise data.UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
+    with runs.claim(cfg.out):  # two runs appending to the same traces would ask every pair twice
+        return ask_teacher(cfg)
+
+
+def ask_teacher(cfg):
+    """build_traces' work, once --out is held."""
     started = time.time()
     instances = data.load_split(data.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
@@ -285,6 +291,12 @@ def accumulate_gradients(model, prompts, responses, micro_batch, dtype=torch.flo
 
 def train_sft(cfg):
     """--stage sft: fine-tune --model on the traces, loss on the response tokens only."""
+    with runs.claim(cfg.out):  # a second run on this --out is refused until this one ends
+        return fine_tune(cfg)
+
+
+def fine_tune(cfg):
+    """train_sft's work, once --out is held."""
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
@@ -294,7 +306,8 @@ def train_sft(cfg):
     batch_size = cfg.sft_batch
     steps_per_epoch = math.ceil(len(traces) / batch_size)
     max_steps = cfg.sft_epochs * steps_per_epoch
-    plan = runs.plan_out(cfg, data_dir, max_steps)  # refuses another run's --out, or a resume that would mix two
+    # refuses another run's --out, or a resume that would mix two (other data, or other traces)
+    plan = runs.plan_out(cfg, data_dir, max_steps, files={"--traces": path})
     start_step, checkpoint = plan.start_step, plan.checkpoint
     if start_step == max_steps:
         print(f"{checkpoint} is at the last step ({max_steps}) already: nothing to train (raise --sft-epochs to go on)")
@@ -352,6 +365,8 @@ def train_sft(cfg):
                     optimizer.zero_grad(set_to_none=True)
                     saved = runs.save_checkpoint(cfg.out, step, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
                 metrics_file.close()
+                if not saved:  # an empty metrics.jsonl: gone, so that the same command runs again
+                    runs.cut_metrics(cfg.out, None)
                 raise stop.exit(f"step {step + 1} was dropped mid-way; " + (f"{runs.steps_text(1, step)} kept in {saved}; "
                                 "continue with --resume" if saved else "no step had finished, so nothing was kept")) from None
 

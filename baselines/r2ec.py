@@ -53,6 +53,7 @@ SYSTEM = "You are a recommendation assistant."
 USER_INSTRUCTIONS = ("Think about this user from the user context below: what they like, what they avoid, and "
                      "what kind of item they are likely to choose next. Reason step by step in a few sentences.")
 BETA = 0.05  # the similarity term's weight in the fused reward (R2ec's value)
+FILES = ("r2ec-head.safetensors", "item-embeddings.pt")  # a checkpoint's files beside reczero.save's
 
 
 def user_prompt(tokenizer, instance, max_history=20, max_item_chars=200):
@@ -162,8 +163,7 @@ def train(args):
     instances = data.load_split(args.data, "train")
     if args.users_per_step > len(instances):
         raise data.DataError(f"--users-per-step {args.users_per_step} is more than the {len(instances)} training users")
-    plan = runs.plan_command(vars(args), args.data, args.max_steps, record="r2ec.json",  # the main CLI's --out rules
-                             extra=("r2ec-head.safetensors", "item-embeddings.pt"))
+    plan = runs.plan_command(vars(args), args.data, args.max_steps, record="r2ec.json", extra=FILES)  # the main CLI's --out rules
     if plan.start_step == args.max_steps:
         print(f"{plan.checkpoint} is at --max-steps {args.max_steps} already: nothing to train (raise --max-steps to go on)")
         return None
@@ -190,7 +190,8 @@ def train(args):
         """Save the finished steps 1..done unless they are saved already; what is kept, in words."""
         nonlocal saved
         if done > saved:
-            save(args, done, model, tokenizer, optimizers, plan, "r2ec.json", lambda directory: save_head(directory, head, embeddings))
+            save(args, done, model, tokenizer, optimizers, plan, "r2ec.json", lambda directory: save_head(directory, head, embeddings),
+                 FILES)
             saved = done
         return runs.kept_text(args.out, done)
 
@@ -264,7 +265,8 @@ def main(argv=None):
     if args.head_lr < 0 or args.beta < 0:
         parser.error("--head-lr and --beta must be >= 0")
     try:
-        last = train(args)
+        with runs.claim(args.out):  # a second run on this --out is refused until this one ends
+            last = train(args)
     except data.UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C

@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -209,21 +208,18 @@ def resume_optimizers(plan, optimizers, device, lrs):
         print(f"resumed from {plan.checkpoint} at step {plan.start_step}")
 
 
-def save(args, step, model, tokenizer, optimizers, plan, record="reczero.json", extra=None):
+def save(args, step, model, tokenizer, optimizers, plan, record="reczero.json", extra=None, extra_files=()):
     """<out>/checkpoint-<step>/: the LLM (works as --model), optimizer.pt, and record (step, settings, the
-    data's fingerprint), written into a temporary directory and renamed; extra(directory) writes more."""
-    final = os.path.join(args.out, f"checkpoint-{step}")
-    tmp = os.path.join(args.out, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({name: optimizer.state_dict() for name, optimizer in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
-    if extra is not None:
-        extra(tmp)
-    with open(os.path.join(tmp, record), "w") as f:
-        json.dump({"step": step, "settings": vars(args), **plan.record()}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+    data's fingerprint), written into a temporary directory and renamed (runs.checkpoint_directory: a
+    failed write keeps the checkpoint before it and says so); extra(directory) writes extra_files more."""
+    with runs.checkpoint_directory(args.out, step, record, extra_files) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({name: optimizer.state_dict() for name, optimizer in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
+        if extra is not None:
+            extra(tmp)
+        with open(os.path.join(tmp, record), "w") as f:
+            json.dump({"step": step, "settings": vars(args), **plan.record()}, f, indent=1)
 
 
 def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
@@ -290,7 +286,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        last = train(args)
+        with runs.claim(args.out):  # a second run on this --out is refused until this one ends
+            last = train(args)
     except data.UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C

@@ -19,6 +19,7 @@ the ones below):
 4. Model selection by validation NDCG@10 on the protocol's candidates, not on 100 sampled negatives.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -108,10 +109,11 @@ def candidate_scores(model, instances, index):
 
 
 def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-3, batch_size=128, dropout=0.2,
-          seed=0, eval_every=5, state_path=None, run_settings=None, resume_state=None):
+          seed=0, eval_every=5, state_path=None, run_settings=None, resume_state=None, stop=None):
     """(the model with the best validation NDCG@10, item index, per-check log). With state_path, the whole
     training state (and run_settings, what a resume must match) is saved there at each validation check;
-    resume_state (one such state) continues it."""
+    resume_state (one such state) continues it. stop (a runs.StopOnSignal): after a signal the epoch in
+    progress finishes, the state is saved, and the run stops."""
     torch.manual_seed(seed)
     index = vocabulary(train_instances)
     model = SASRec(len(index), dim, blocks, dropout=dropout)
@@ -148,18 +150,38 @@ def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-
             log.append({"epoch": epoch, "loss": loss.item(), "valid_ndcg@10": ndcg})
             if ndcg > best:
                 best, best_state = ndcg, {k: v.clone() for k, v in model.state_dict().items()}
-            if state_path:  # written whole, then renamed
-                torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
-                            "best_state": best_state, "log": log, "settings": run_settings}, state_path + ".tmp")
-                os.replace(state_path + ".tmp", state_path)
+        stopping = stop is not None and stop.requested
+        if state_path and (epoch % eval_every == 0 or epoch == epochs or stopping):
+            write_whole(state_path, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
+                                     "best_state": best_state, "log": log, "settings": run_settings})
+            if stop is not None:
+                stop.kept = f"{epochs_text(epoch)} in {state_path}"
+        if stopping:
+            raise stop.exit(f"{epochs_text(epoch)} kept in {state_path}; continue with --resume")
     model.load_state_dict(best_state)
     return model, index, log
 
 
+def epochs_text(last):
+    return "epoch 1" if last == 1 else f"epochs 1-{last}"
+
+
+def write_whole(path, obj):
+    """torch.save into path + ".tmp", renamed into place: a crash never leaves half a file. A failed write (a
+    full disk, a file-size limit) removes the temporary file, keeps what was at path, and says so in one line."""
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except runs.WRITE_ERRORS as error:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        kept = f"the earlier {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing is kept"
+        raise data.UsageError(f"saving {path} failed ({runs.write_failure(os.path.dirname(path) or '.', error)}); {kept}") from None
+
+
 def save(path, model, index, settings, log):
-    torch.save({"state": model.state_dict(), "index": index, "settings": settings, "log": log}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash never leaves half a model
+    write_whole(path, {"state": model.state_dict(), "index": index, "settings": settings, "log": log})
 
 
 def known_candidates(instances, index):
@@ -185,6 +207,8 @@ def plan_out(args, settings):
     """The main CLI's --out rules (runs.py): a DataError if out holds another model and neither --resume nor
     --overwrite is given, or --resume finds a state made with other settings or past --epochs. Returns the
     state to resume from, or None."""
+    if args.resume and args.overwrite:
+        raise data.UsageError("--resume continues the model in --out and --overwrite replaces it: pass one of them")
     found = [name for name in FILES if os.path.exists(os.path.join(args.out, name))]
     if not args.resume:
         if found and not args.overwrite:
@@ -237,21 +261,33 @@ def main(argv=None):
     if not config.SEED_RANGE.allows(args.seed):
         parser.error(f"--seed must be {config.SEED_RANGE}, got {args.seed}")
     try:
-        runs.check_writable(args.out)
-        train_instances, valid = data.load_split(args.data, "train"), data.load_split(args.data, "valid")
-        settings = {**{name: getattr(args, name) for name in ("dim", "blocks", "dropout", "lr", "seed")},
-                    "data_fingerprint": runs.data_fingerprint(args.data)}  # what --resume must find unchanged
-        resume_state = plan_out(args, settings)
+        # one run per --out at a time; Ctrl-C / SIGTERM: the epoch in progress finishes, is saved, and the run stops
+        stop = runs.StopOnSignal("nothing (no state saved yet)")
+        with runs.claim(args.out), stop:
+            fit(args, stop)
     except data.UsageError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a second Ctrl-C
+        state = os.path.join(args.out, "sasrec-state.pt")
+        print(f"interrupted: kept {stop.kept}; --resume continues from it" if os.path.isfile(state)
+              else "interrupted: no epoch was saved, so nothing is kept", file=sys.stderr)
+        sys.exit(130)
+
+
+def fit(args, stop):
+    """main's work once --out is held: the checks, training (stopped by stop), sasrec.pt and its log."""
+    train_instances, valid = data.load_split(args.data, "train"), data.load_split(args.data, "valid")
+    settings = {**{name: getattr(args, name) for name in ("dim", "blocks", "dropout", "lr", "seed")},
+                "data_fingerprint": runs.data_fingerprint(args.data)}  # what --resume must find unchanged
+    resume_state = plan_out(args, settings)
     if resume_state is not None and resume_state["epoch"] == args.epochs:
         print(f"{args.out}/sasrec-state.pt is at --epochs {args.epochs} already: nothing to train (raise --epochs to go on)")
         return
-    os.makedirs(args.out, exist_ok=True)
+    if resume_state is not None:
+        stop.kept = f"{epochs_text(resume_state['epoch'])} in {args.out}/sasrec-state.pt"
     model, index, log = train(train_instances, valid, args.epochs, args.dim, args.blocks, args.lr, dropout=args.dropout,
                               seed=args.seed, state_path=os.path.join(args.out, "sasrec-state.pt"),
-                              run_settings=settings,
-                              resume_state=resume_state)
+                              run_settings=settings, resume_state=resume_state, stop=stop)
     save(os.path.join(args.out, "sasrec.pt"), model, index, {k: v for k, v in vars(args).items() if k not in ("overwrite", "resume")}, log)
     with open(os.path.join(args.out, "sasrec-log.json"), "w") as f:
         json.dump(log, f, indent=1)

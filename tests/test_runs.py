@@ -32,7 +32,18 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | SIGTERM or Ctrl-C during a long step | waited for the step to end (577 s in one case) | a rollout or validation in flight is dropped at once (here: under 3 s), the finished steps saved; an update in flight finishes first |
 | Ctrl-C during eval | a message about --resume | "nothing was written" |
 | a metrics.jsonl line cut short by a crash, then --resume | json traceback | the line dropped and counted |
+| Round 3 (reliability): | | |
+| --model runs/x/checkpoint-4 --out runs/x --overwrite (or --trace-cache, --data, sft's --traces inside a checkpoint of --out) | trained, after deleting the checkpoint it started from | refused in one line naming the flag; the "holds another run" refusal no longer suggests --overwrite then (rl, sft, reczero/r2ec.py) |
+| a checkpoint save that fails (a full disk, `ulimit -f`) | .tmp-checkpoint-N left, a metrics row without its checkpoint, a traceback | the temporary directory removed, metrics.jsonl cut back to the checkpoint before it, which is kept; one line naming the cause (free space / the file-size limit) (rl, sft, reczero/r2ec.py; sasrec.py's state and model too) |
+| two runs started at once on one --out | one died with FileNotFoundError, the other exited 0, their rows interleaved | the second refused: "<out> is in use by another run (pid N); wait for it or choose another --out"; a killed run's lock blocks nothing (rl, sft, sft-data, reczero/r2ec/sasrec.py) |
+| sft --resume after traces.jsonl grew (8 traces, then 16) | resumed on other traces | refused: "--traces ... (its content differs from the checkpoint's)" (test_sft.py) |
+| a stop during step 0's validation or step 1's rollout | "nothing was written but the data", yet the same command was then refused | nothing left in --out: the same command runs; an empty metrics.jsonl is not a run |
+| --resume with no checkpoint, over earlier rows | (already started clean) | starts at step 0, names the files of the earlier start it removes |
+| --resume --overwrite | resume won silently | refused in one line (every stage, the baselines, sasrec.py) |
+| Ctrl-C / SIGTERM in baselines/sasrec.py | traceback, the epochs since the last check lost | the epoch in progress finishes, the state is saved, one line, exit 130 / 143; --resume gives the uninterrupted model (test_sasrec.py) |
+| SIGTERM under torchrun | the stop line once per rank | once (rank 0); every rank exits 143 (torchrun itself still reports the signal and exits 1) |
 """
+import errno
 import json
 import os
 import shutil
@@ -366,3 +377,137 @@ def test_checkpoint_bytes_bounds_a_saved_checkpoint(tmp_path):
     written = runs.tree_bytes(saved) - sum(os.path.getsize(os.path.join(saved, name)) for name in os.listdir(saved)
                                            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")))
     assert 0.95 * estimate < written < estimate + 100_000, (written, estimate)  # headers, pickling, JSON
+
+
+# ------------------------------------------------------------------------------------- round 3
+
+
+def test_overwrite_never_deletes_what_the_run_reads(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    assert rl(out, synthetic_dir, "--max-steps", "2").returncode == 0
+    start = str(out / "checkpoint-2")
+    for extra, refusal in [(["--overwrite"], f"error: --overwrite would delete --model {start}, which this run reads; "
+                            "start the new run in another --out"),
+                           ([], f"error: {out}: holds another run (checkpoint-1, checkpoint-2, metrics.jsonl); pass --resume to "
+                            f"continue it, or another --out (--overwrite would delete --model {start}, which this run reads)"),
+                           (["--overwrite", "--resume"], "error: --resume continues the run in --out and --overwrite replaces it: "
+                            "pass one of them")]:
+        refused = rl(out, synthetic_dir, "--max-steps", "1", "--model", start, *extra)
+        assert refused.returncode == 1 and refused.stderr.strip() == refusal, refused.stderr
+    assert runs.checkpoint_steps(out) == [1, 2] and steps(out) == [1, 2]  # nothing was deleted
+    elsewhere = rl(tmp_path / "next", synthetic_dir, "--max-steps", "1", "--model", start)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    # the baselines' rule (runs.plan_command): --model, --data inside a checkpoint of --out; --resume with --overwrite
+    settings = {"out": str(out), "resume": False, "overwrite": True, "model": "tiny", "data": synthetic_dir}
+    for name, path in [("model", start), ("data", str(out / "checkpoint-1"))]:
+        with pytest.raises(runs.UsageError, match=f"--overwrite would delete --{name} {path}, which this run reads"):
+            runs.plan_command({**settings, name: path}, path if name == "data" else synthetic_dir, 3)
+    with pytest.raises(runs.UsageError, match="--resume continues the run in --out and --overwrite replaces it"):
+        runs.plan_command({**settings, "resume": True}, synthetic_dir, 3)
+    assert runs.plan_command(settings, synthetic_dir, 3).overwrite  # --model tiny: nothing in --out is read
+
+
+def test_a_failed_save_keeps_the_checkpoint_before_it_and_says_so_in_one_line(tmp_path, synthetic_dir, monkeypatch, capsys):
+    import r2rank
+    import transformers
+
+    save_pretrained = transformers.PreTrainedModel.save_pretrained
+
+    def full_at_step_2(model, directory, *args, **kwargs):
+        save_pretrained(model, directory, *args, **kwargs)  # part of the checkpoint is written, then the disk is full
+        if directory.endswith("checkpoint-2"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_at_step_2)
+    out = tmp_path / "run"
+    argv = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
+            "--max-new-tokens", "4", "--max-history", "2", "--save-every", "1", "--max-steps", "3", "--threads", "1"]
+    with pytest.raises(SystemExit) as stopped:
+        r2rank.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 1 and err.startswith(f"error: step 2: saving {out}/checkpoint-2 failed (No space left on device: ")
+    assert "GB free there; free space, keep fewer checkpoints (--keep-checkpoints) or choose another --out" in err
+    assert err.endswith(f"kept {out}/checkpoint-1 and metrics.jsonl up to step 1; then continue with --resume"), err
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "metrics.jsonl"]  # no .tmp-checkpoint-2, no lock left
+    assert steps(out) == [1] and runs.checkpoint_problem(str(out / "checkpoint-1")) is None
+    monkeypatch.undo()
+    resumed = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
+    assert resumed.returncode == 0 and f"resumed from {out}/checkpoint-1 at step 1" in resumed.stdout, resumed.stderr
+    assert steps(out) == [1, 2, 3]
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, synthetic_dir):
+    from conftest import run_script
+
+    out = tmp_path / "run"
+    held = f"error: {out} is in use by another run (pid {os.getpid()}); wait for it or choose another --out"
+    with runs.claim(str(out)):  # as a run started before would hold it (in another process)
+        assert (out / runs.LOCK).read_text().split()[0] == str(os.getpid())
+        for result in [rl(out, synthetic_dir, "--max-steps", "1"),
+                       run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out), "--epochs", "1", cwd=ROOT),
+                       run_script(f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out), cwd=ROOT)]:
+            assert result.returncode == 1 and result.stderr.strip() == held, result.stderr
+        assert os.listdir(out) == [runs.LOCK]  # nothing written
+    assert not out.exists()  # let go; made for the claim, and left empty: removed
+    # a run killed with SIGKILL leaves its lock file, with no lock on it: it blocks nothing
+    out.mkdir()
+    (out / runs.LOCK).write_text("4194303 some-host\n")
+    assert rl(out, synthetic_dir, "--max-steps", "1").returncode == 0
+    assert steps(out) == [1] and not (out / runs.LOCK).exists()
+
+
+def test_a_stop_before_any_step_is_kept_leaves_nothing_that_refuses_the_same_command(tmp_path, synthetic_dir, monkeypatch, capsys):
+    import r2rank
+    import rl_run
+
+    def stop_inside(function):
+        def stopped(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while it runs, as a Ctrl-C would
+            time.sleep(5)
+            return function(*args, **kwargs)
+        return stopped
+
+    out = tmp_path / "run"
+    argv = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
+            "--max-new-tokens", "4", "--max-history", "2", "--max-steps", "1", "--eval-every", "1", "--eval-users", "1"]
+    for target, name, message in [(rl_run, "validate", "stopped before step 1; nothing was written but the data"),
+                                  (rl_run.RLRun, "rollout", "step 1 was still rolling out and is dropped; no step had finished, "
+                                   "so nothing was written but the data")]:
+        with monkeypatch.context() as patch:  # the rollout: after step 0's validation was logged
+            patch.setattr(target, name, stop_inside(getattr(target, name)))
+            with pytest.raises(SystemExit) as stopped:
+                r2rank.main(argv)
+        assert stopped.value.code == 143 and f"stopped by SIGTERM: {message}\n" in capsys.readouterr().err
+        assert runs.run_files(out) == [] and not (out / "metrics.jsonl").exists()
+    again = rl(out, synthetic_dir, "--max-steps", "1")  # the same command, not refused
+    assert again.returncode == 0 and steps(out) == [1], again.stderr
+    # --resume with no checkpoint starts again at step 0, without the rows of the earlier start
+    shutil.rmtree(out / "checkpoint-1")
+    resumed = rl(out, synthetic_dir, "--max-steps", "2", "--resume")
+    assert resumed.returncode == 0 and f"--resume: no checkpoint in {out}, so the run starts at step 0 (metrics.jsonl of the " \
+        "earlier start removed)" in resumed.stdout
+    assert steps(out) == [1, 2]
+    empty = tmp_path / "crashed"  # an empty metrics.jsonl (a crash before the first row) is not a run
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert runs.run_files(empty) == []
+
+
+def test_sigterm_under_torchrun_stops_every_rank_with_one_line(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", os.path.join(ROOT, "r2rank.py"), "--stage", "rl",
+         "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "2", "--max-new-tokens", "4",
+         "--max-history", "2", "--max-steps", "1000", "--save-every", "1000"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.1)
+    for rank in open(f"/proc/{process.pid}/task/{process.pid}/children").read().split():  # the two ranks
+        os.kill(int(rank), signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    last = steps(out)[-1]
+    line = f"stopped by SIGTERM: {runs.steps_text(1, last)} kept in {out}/checkpoint-{last}; continue with --resume"
+    assert stderr.count("stopped by SIGTERM") == 1 and line in stderr, stderr[-3000:]
+    assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's report: both ranks stopped with 128 + 15
+    assert runs.checkpoint_steps(out) == [last] and runs.checkpoint_problem(str(out / f"checkpoint-{last}")) is None

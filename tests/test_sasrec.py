@@ -1,6 +1,7 @@
 """SASRec (baselines/sasrec.py): causality, the unknown-item fallback, and training + eval end to end."""
 import json
 
+import pytest
 import torch
 
 from baselines import sasrec
@@ -102,3 +103,65 @@ def test_padding_changes_nothing_at_the_real_positions():
     padded, bare = model(torch.tensor([[0, 0, 0, 4, 9, 2]])), model(torch.tensor([[4, 9, 2]]))
     torch.testing.assert_close(padded[:, 3:], bare)
     assert torch.isfinite(padded).all()
+
+
+def test_a_signal_keeps_the_finished_epochs_and_resume_gives_the_uninterrupted_model(synthetic_dir, tmp_path):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from baselines.sasrec import epochs_text
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        stopped = tmp_path / "stopped"
+        shutil.rmtree(stopped, ignore_errors=True)
+        process = subprocess.Popen([sys.executable, f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(stopped),
+                                    "--dim", "8", "--epochs", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as run_script's
+        state, deadline = stopped / "sasrec-state.pt", time.time() + 300
+        while not state.exists() and time.time() < deadline:  # epoch 5's check is saved: training is under way
+            time.sleep(0.05)
+        time.sleep(0.3)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=300)
+        epoch = torch.load(state)["epoch"]
+        assert process.returncode == 128 + signum and "Traceback" not in stderr, stderr
+        assert f"stopped by {signum.name}: {epochs_text(epoch)} kept in {state}; continue with --resume\n" in stderr, stderr
+    train = lambda out, *args: run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out), "--dim", "8",
+                                          "--epochs", str(epoch + 3), *args, cwd=ROOT)
+    resumed = train(stopped, "--resume")
+    assert resumed.returncode == 0 and f"at epoch {epoch}" in resumed.stdout, resumed.stderr
+    assert train(tmp_path / "straight").returncode == 0
+    logs = [json.loads((tmp_path / run / "sasrec-log.json").read_text()) for run in ("straight", "stopped")]
+    assert logs[0] == logs[1]
+    models = [torch.load(tmp_path / run / "sasrec.pt")["state"] for run in ("straight", "stopped")]
+    for name, tensor in models[0].items():
+        torch.testing.assert_close(models[1][name], tensor, atol=0, rtol=0)
+    refused = run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(stopped), "--resume", "--overwrite", cwd=ROOT)
+    assert refused.returncode == 1 and refused.stderr.strip() == "error: --resume continues the model in --out and --overwrite " \
+        "replaces it: pass one of them"
+    assert os.path.isfile(stopped / "sasrec.pt")
+
+
+def test_a_failed_save_keeps_the_earlier_file_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    import data
+
+    path = tmp_path / "sasrec-state.pt"
+    sasrec.write_whole(str(path), {"epoch": 5})
+
+    def full(obj, target):
+        open(target, "wb").write(b"half")  # part of it written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(data.UsageError) as refused:
+        sasrec.write_whole(str(path), {"epoch": 10})
+    message = str(refused.value)
+    assert message.startswith(f"saving {path} failed (No space left on device: ") and message.endswith("; the earlier sasrec-state.pt is kept")
+    monkeypatch.undo()
+    assert torch.load(path) == {"epoch": 5} and [p.name for p in tmp_path.iterdir()] == ["sasrec-state.pt"]

@@ -435,3 +435,26 @@ def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path
     (rl_out / "checkpoint-1" / "r2rank.json").write_text(json.dumps({"step": 1, "config": {"stage": "rl"}}))
     with pytest.raises(data.UsageError, match="a checkpoint of --stage rl, not sft"):
         run(rl_out, 3, resume=True)
+
+
+def test_sft_resume_refuses_other_traces_and_overwrite_keeps_the_traces_it_reads(data_dir, train, tmp_path):
+    out = tmp_path / "sft"
+    out.mkdir()
+    traces = hand_written_traces(train, 16)
+    path = out / "traces.jsonl"  # the default --traces: what sft-data writes into the same --out
+    path.write_text("".join(json.dumps(t) + "\n" for t in traces[:8]))
+
+    def run(**settings):
+        return sft.train_sft(config.Config(**{**dict(stage="sft", model="tiny", data=data_dir, out=str(out), sft_batch=16,
+                                                     sft_epochs=1, micro_batch=8, device="cpu"), **settings}))
+
+    assert run().endswith("checkpoint-1")
+    with open(path, "a") as f:  # sft-data asked more pairs: 16 traces now
+        f.writelines(json.dumps(t) + "\n" for t in traces[8:])
+    with pytest.raises(data.UsageError, match=rf"--resume needs the settings that define the run unchanged; these differ: "
+                                              rf"--traces {path} \(its content differs from the checkpoint's\)"):
+        run(sft_epochs=2, resume=True)
+    assert run(overwrite=True).endswith("checkpoint-1")  # starts again on all 16 traces, which --overwrite leaves
+    assert len(path.read_text().splitlines()) == 16
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["traces"]) for row in rows] == [(1, 16)]
