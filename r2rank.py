@@ -63,6 +63,7 @@ try:  # the imports take seconds, and main's handlers do not exist yet
     import plackett_luce
     import rollout
     import runs
+    import stops
     from config import parse_config
     from metrics import ndcg_at_k, ndcg_from_scores
     from head import score_traces
@@ -217,7 +218,7 @@ def main(argv=None):
         elif cfg.stage == "sft-data":
             print("interrupted: the pairs written so far are kept; the same command continues", file=sys.stderr)
         else:
-            print(f"interrupted: {runs.interrupted_message(cfg.out)}", file=sys.stderr)
+            print(f"interrupted: {stops.interrupted_message(cfg.out)}", file=sys.stderr)
         sys.exit(130)
     finally:
         distributed.stop()

@@ -7,7 +7,7 @@ follows beside the paper shows the paper's phases and little else.
     samples, prompts = book.rollout(step, lambda: run.rollout(cfg, instances, generators))
     book.end_step(step, row)                 checks, validates, logs, saves; stops when asked
 
-Stops (Ctrl-C, SIGTERM; runs.StopOnSignal): a step still rolling out is dropped at once (it has
+Stops (Ctrl-C, SIGTERM; stops.StopOnSignal): a step still rolling out is dropped at once (it has
 changed nothing) and the finished steps are kept, saved now if they were not; during an update the
 step finishes and is saved. Then the run stops. Under torchrun rank 0 validates, logs and saves.
 """
@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import data
 import distributed
 import rollout
 import runs
+import stops
 from metrics import ndcg_from_scores
 from head import ScoreHead, score_traces
 from models import (attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy, load_trace_cache,
@@ -66,7 +68,7 @@ class RLRun:
     shared_prefix: bool  # the update runs a user's prompt prefix once per micro-batch
     trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused
     fast_decode: bool  # the rollout on decode.py's forward (False: transformers', after a failed start-up check)
-    claim: runs.Claim = None  # --out held for this run (runs.claim), let go when the Bookkeeper's block ends
+    claim: stops.Claim = None  # --out held for this run (stops.claim), let go when the Bookkeeper's block ends
 
     def rollout(self, cfg, instances, generators):
         """Phase 1: one trace per candidate of every user, as (per-user Samples, per-user prompts).
@@ -83,7 +85,7 @@ class RLRun:
 
 def setup_rl(cfg, rank_device=None):
     """Data, model and head (from --model, or the newest checkpoint with --resume), optimizers, with --out
-    held for the run (runs.claim; None and let go when there is nothing to train or set-up fails).
+    held for the run (stops.claim; None and let go when there is nothing to train or set-up fails).
     rank_device: this rank's GPU under torchrun (distributed.start)."""
     if cfg.freeze_llm and distributed.world() > 1:
         raise data.UsageError("--freeze-llm is not supported under torchrun yet (each rank would cache its own users' "
@@ -91,7 +93,7 @@ def setup_rl(cfg, rank_device=None):
     if cfg.users_per_step < distributed.world():
         raise data.UsageError(f"--users-per-step {cfg.users_per_step} leaves some of the {distributed.world()} ranks "
                              "without a user: give each rank at least one")
-    claim = runs.claim(cfg.out)  # a second run on this --out is refused until the run ends
+    claim = stops.claim(cfg.out)  # a second run on this --out is refused until the run ends
     try:
         run = load_run(cfg, rank_device)
     except BaseException:
@@ -169,8 +171,8 @@ def load_run(cfg, rank_device):
           f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
           f"shared-prefix update {'on' if shared_prefix else 'off'}")
     # every rank checks (it only reads): one rank refusing alone would leave the others waiting at the barrier
-    runs.check_disk(cfg.out, runs.checkpoint_bytes(model, optimizers, head),
-                    runs.saves_planned(start_step, cfg.max_steps, cfg.save_every), cfg.keep_checkpoints, plan.overwrite)
+    checkpoints.check_disk(cfg.out, checkpoints.checkpoint_bytes(model, optimizers, head),
+                    checkpoints.saves_planned(start_step, cfg.max_steps, cfg.save_every), cfg.keep_checkpoints, plan.overwrite)
     if distributed.is_main():
         runs.start(cfg.out, plan)  # the first write into --out
     distributed.barrier()
@@ -187,7 +189,7 @@ class Bookkeeper:
         self.main = distributed.is_main()  # rank 0 (or the only process) validates, logs and saves
         self.metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if self.main else None
         self.saved = run.plan.checkpoint  # the newest checkpoint of this run: what a stop keeps
-        self.stop = runs.StopOnSignal(self.saved or "nothing (no checkpoint yet)")
+        self.stop = stops.StopOnSignal(self.saved or "nothing (no checkpoint yet)")
         self.valid_users, self.valid_samples = run.valid[: cfg.eval_users], None  # samples: MLP-only, rolled out once
         self.alone = distributed.world() == 1  # under torchrun a rank cannot drop a step alone: the others would wait for it
         self.warned_collapse, self.started, self.bar = False, None, None
@@ -232,7 +234,7 @@ class Bookkeeper:
             with self.stop.abandonable(), mixed_precision(run.device, run.dtype):
                 ndcg, checked = validate(run.model, run.tokenizer, run.head, self.valid_users, self.cfg, self.valid_samples,
                                          run.fast_decode)
-        except runs.Abandoned:
+        except stops.Abandoned:
             return None
         self.valid_samples = checked if self.cfg.freeze_llm else None
         return ndcg
@@ -243,7 +245,7 @@ class Bookkeeper:
         try:
             with self.stop.abandonable(self.alone), mixed_precision(run.device, run.dtype):
                 return sample()
-        except runs.Abandoned:  # nothing of this step is kept; the finished steps are
+        except stops.Abandoned:  # nothing of this step is kept; the finished steps are
             if step > run.plan.start_step and self.saved != os.path.join(cfg.out, f"checkpoint-{step}"):
                 self.saved = self.save(step)
             self.nothing_kept()
@@ -253,7 +255,7 @@ class Bookkeeper:
 
     def save(self, steps_done):
         run = self.run
-        return runs.save_checkpoint(self.cfg.out, steps_done, run.model, run.tokenizer, run.head, run.optimizers, self.cfg,
+        return checkpoints.save_checkpoint(self.cfg.out, steps_done, run.model, run.tokenizer, run.head, run.optimizers, self.cfg,
                                     run.trace_cache if self.cfg.freeze_llm else None, run.plan.record())
 
     def end_step(self, step, row):

@@ -1,14 +1,15 @@
-"""A training run's output directory (--out): one run per directory, an honest resume, a clean stop.
+"""A training run's output directory (--out): one run per directory and an honest resume. Writing
+checkpoints and the disk check: checkpoints.py; the lock on --out and a clean stop: stops.py.
 
     plan = runs.plan_out(cfg, data_dir)      # before any work: refuses what would mix or lose runs
     ...load the model from plan.checkpoint or cfg.model...
     runs.start(cfg.out, plan)                # --overwrite clears, a resume cuts metrics.jsonl back
     for optimizer, lr in ...: runs.set_lr(optimizer, lr)
-    with runs.StopOnSignal() as stop:        # Ctrl-C / SIGTERM: finish the step, save, exit
+    with stops.StopOnSignal() as stop:        # Ctrl-C / SIGTERM: finish the step, save, exit
         ...
         if stop.requested: save a checkpoint, then raise stop.exit(...)
 
-Around all of it, `with runs.claim(out):` holds --out for the run's life: a second run started on the
+Around all of it, `with stops.claim(out):` holds --out for the run's life: a second run started on the
 same --out meanwhile is refused in one line (an flock on <out>/.r2rank-lock, which dies with the process).
 
 What --resume compares with the checkpoint it continues (r2rank.json holds the run's config):
@@ -20,30 +21,21 @@ What --resume compares with the checkpoint it continues (r2rank.json holds the r
   would otherwise keep the saved one), printed, and recorded in the next checkpoints' r2rank.json
   under "changes".
 """
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import signal
-import socket
 import struct
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 import config
-import distributed
-from models import adapter_state_dict, checkpoint_state_dict, lora_layers
 from protocol import UsageError
 
 try:  # POSIX; elsewhere --out is not locked (claim) and a file-size limit is not looked up
@@ -102,88 +94,6 @@ def check_writable(out):
     except OSError as error:
         verb = "write into it" if parent == os.path.abspath(out) else "create it"
         raise UsageError(f"--out {out}: cannot {verb} ({error.strerror})") from None
-
-
-LOCK = ".r2rank-lock"  # in --out while a run holds it: "pid host"
-_claimed = set()  # the outs this process holds (realpath)
-
-
-class Claim:
-    """Holds --out for one run (runs.claim); release() (or the end of a with block) lets it go."""
-
-    def __init__(self, out, fd=None, created=False):
-        self.out, self.fd, self.created = out, fd, created
-
-    def release(self):
-        if self.fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.out, LOCK))  # before the lock is let go: see lock_file
-        os.close(self.fd)
-        self.fd = None
-        _claimed.discard(os.path.realpath(self.out))
-        if self.created:  # made for this run, which left nothing in it
-            with contextlib.suppress(OSError):
-                os.rmdir(self.out)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def claim(out):
-    """Hold out (created if missing) for one run, until .release() or a with block's end: a run started
-    on the same out meanwhile is refused in one line naming the pid that holds it. The lock is an flock
-    on <out>/.r2rank-lock, and the kernel lets it go when the process ends, however it ends: the file a
-    killed run leaves blocks nothing. Under torchrun every rank calls this; rank 0 holds the lock, and
-    when it is refused every rank stops (rank 0 says why)."""
-    if os.path.realpath(out) in _claimed or not distributed.is_main():  # held already by this process / rank 0's
-        refusal, held = None, Claim(out)
-    else:
-        try:
-            check_writable(out)
-            created = not os.path.isdir(out)
-            held, refusal = Claim(out, lock_file(out), created), None
-        except UsageError as error:
-            refusal = error
-    if distributed.total(float(refusal is not None), "max"):
-        raise refusal or UsageError(f"--out {out}: refused on rank 0")
-    if held.fd is not None:
-        _claimed.add(os.path.realpath(out))
-    return held
-
-
-def lock_file(out):
-    """The descriptor of <out>/.r2rank-lock, flocked, holding "pid host"; a UsageError naming the holder when
-    another process holds it. A holder removes the file before letting it go, so a lock taken on a file
-    that is no longer at that path is let go and taken again on the new one."""
-    if fcntl is None:
-        return None
-    path = os.path.join(out, LOCK)
-    while True:
-        try:
-            os.makedirs(out, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:  # out removed meanwhile by a run that had made it
-            continue
-        except OSError as error:
-            raise UsageError(f"--out {out}: cannot create it ({error.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = (os.read(fd, 200).decode(errors="replace").split() + ["?", ""])[:2]
-            os.close(fd)
-            where = "" if holder[1] in ("", socket.gethostname()) else f" on {holder[1]}"
-            raise UsageError(f"{out} is in use by another run (pid {holder[0]}{where}); wait for it or choose another --out") from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-    return fd
 
 
 def safetensors_problem(path):
@@ -444,140 +354,6 @@ def prune_checkpoints(out, keep):
 
 # Disk space, checked before a run writes anything: a full fine-tune of Qwen2.5-1.5B saves 18.5 GB per
 # checkpoint, so keeping all of a 500-step run's saves every 50 steps would take 185 GB.
-GB = 1e9
-TOKENIZER_BYTES = 32 * 2 ** 20  # tokenizer and small files: Qwen2.5's tokenizer is about 11 MB
-
-
-def checkpoint_bytes(model, optimizers, head=None):
-    """Bytes of one save_checkpoint directory, estimated from the model before any is written:
-    - 4 per weight of the model (fp32, also for frozen weights held in bf16), a tied weight (Qwen's
-      embedding and lm_head) once. With LoRA: the merged weights plus the adapters in lora.safetensors,
-      again 4 bytes per parameter of the wrapped model;
-    - AdamW's exp_avg and exp_avg_sq for each weight an optimizer trains, in that weight's dtype
-      (8 bytes for an fp32 weight);
-    - the head's weights, 4 bytes each, and TOKENIZER_BYTES.
-    Qwen2.5-1.5B: 1.54e9 weights, 18.5 GB in full fine-tuning, 6.4 GB with LoRA rank 16. --freeze-llm's
-    trace cache (trace-cache.pt, which grows with the users seen) is not counted."""
-    weights = {p.data_ptr() or id(p): p.numel() for p in model.parameters()}  # data_ptr 0 on the meta device
-    states = sum(2 * p.numel() * p.element_size() for optimizer in optimizers.values()
-                 for group in optimizer.param_groups for p in group["params"])
-    head_weights = sum(p.numel() for p in head.parameters()) if head is not None else 0
-    return 4 * sum(weights.values()) + states + 4 * head_weights + TOKENIZER_BYTES
-
-
-def saves_planned(start_step, max_steps, save_every):
-    """How many checkpoints a run from start_step to max_steps saves: after every save_every-th step and
-    after the last. Steps 0 -> 500 every 50: 10; 0 -> 100 every 30: 30, 60, 90, 100 = 4."""
-    if start_step >= max_steps:
-        return 0
-    return max_steps // save_every - start_step // save_every + (max_steps % save_every != 0)
-
-
-def checkpoints_at_once(saves, keep, existing=0):
-    """The most checkpoint directories --out holds at once while a run makes `saves` saves, with `existing`
-    ones there at its start (a resume) and --keep-checkpoints `keep` (0 = keep all). A save writes its
-    directory before the oldest is pruned, so keep N peaks at N + 1."""
-    if not saves:
-        return existing
-    if not keep:
-        return existing + saves
-    return max(existing, min(existing + saves - 1, keep)) + 1
-
-
-def tree_bytes(path):
-    """Size of a file, or of every file under a directory."""
-    if not os.path.isdir(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
-
-
-def check_disk(out, one_checkpoint_bytes, saves, keep, overwrite=False):
-    """A UsageError (one line) unless the checkpoints the run writes fit in the free space of --out's file
-    system (out's nearest existing parent if out is not there yet): one_checkpoint_bytes (checkpoint_bytes)
-    times the directories checkpoints_at_once adds to those already in out. overwrite: the run in out is
-    removed first (runs.start), so its files count as free. Returns the bytes the checkpoints need."""
-    free = shutil.disk_usage(existing_parent(out)).free
-    existing = len(checkpoint_steps(out))
-    if overwrite:
-        free += sum(tree_bytes(os.path.join(out, name)) for name in run_files(out))
-        existing = 0
-    added = checkpoints_at_once(saves, keep, existing) - existing
-    needed = added * one_checkpoint_bytes
-    if needed > free:
-        kept = "all kept (--keep-checkpoints 0)" if not keep else f"--keep-checkpoints {keep} plus the one being written"
-        raise UsageError(f"--out {out}: the checkpoints need {needed / GB:.1f} GB ({added} of {one_checkpoint_bytes / GB:.1f} "
-                        f"GB at once: {saves} saves, {kept}) but {free / GB:.1f} GB are free there; keep fewer "
-                        "(--keep-checkpoints), save fewer (--save-every / --max-steps), train LoRA adapters "
-                        "(--lora-rank), or choose another --out")
-    return needed
-
-
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # torch.save reports a failed write as a RuntimeError
-
-
-@contextlib.contextmanager
-def checkpoint_directory(out, step, record="r2rank.json", extra=()):
-    """The directory to write <out>/checkpoint-<step> into: a temporary one, renamed into place when the
-    block ends. When a write fails (a full disk, a file-size limit), it is removed, metrics.jsonl is cut
-    back to the newest whole checkpoint (which is kept) and a UsageError says so in one line. record,
-    extra: as in checkpoint_problem."""
-    final, tmp = os.path.join(out, f"checkpoint-{step}"), os.path.join(out, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-    except WRITE_ERRORS as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = next((s for s in reversed(checkpoint_steps(out)) if s < step
-                     and checkpoint_problem(os.path.join(out, f"checkpoint-{s}"), record, extra) is None), None)
-        cut_metrics(out, kept)  # no row without its checkpoint: --resume would drop them anyway
-        what = (f"kept {out}/checkpoint-{kept} and metrics.jsonl up to step {kept}; " if kept is not None
-                else "no earlier checkpoint, so nothing is kept (metrics.jsonl removed); ")
-        raise UsageError(f"step {step}: saving {final} failed ({write_failure(out, error)}); {what}"
-                         + ("then continue with --resume" if kept is not None else "then run it again")) from None
-
-
-def write_failure(out, error):
-    """Why a write into out failed, and what to do, in a few words: a full disk, or a file-size limit (ulimit -f).
-    torch.save's failed write is a RuntimeError without an errno: then both are named."""
-    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0][:200]
-    code = getattr(error, "errno", None)
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else None
-    size_limit = f"the file-size limit (ulimit -f) is {limit} bytes" if resource and limit != resource.RLIM_INFINITY else ""
-    free = f"{shutil.disk_usage(existing_parent(out)).free / GB:.1f} GB free there"
-    if code == errno.EFBIG or "os error 27" in text:
-        return f"{text}: {size_limit}; raise it" if size_limit else f"{text}: the file system's largest file is smaller; choose another --out"
-    if code in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in text or "os error 122" in text or not size_limit:
-        return f"{text}: {free}; free space, keep fewer checkpoints (--keep-checkpoints) or choose another --out"
-    return f"{text}: {size_limit} and {free}; raise the limit or free space"
-
-
-def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_cache=None, record=None):
-    """<out>/checkpoint-<step>/, written into a temporary directory and renamed into place
-    (checkpoint_directory: a failed write keeps the checkpoint before it and says so).
-
-    Holds the model (safetensors; LoRA adapters merged in, and also apart in lora.safetensors) and
-    tokenizer, so the directory works as --model; head.safetensors
-    (unless head is None), the optimizers' states, r2rank.json (step and run config), and with
-    --freeze-llm the cached traces (trace-cache.pt: {user_id: rollout.Samples fields}).
-    """
-    with checkpoint_directory(out, step) as tmp:
-        model.save_pretrained(tmp, state_dict=checkpoint_state_dict(model))  # safetensors, fp32, LoRA adapters merged in
-        if lora_layers(model):  # and kept apart for --resume
-            save_file(adapter_state_dict(model), os.path.join(tmp, "lora.safetensors"))
-        tokenizer.save_pretrained(tmp)
-        if head is not None:
-            save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))
-        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
-        if trace_cache is not None:
-            torch.save({user: dataclasses.asdict(samples) for user, samples in trace_cache.items()},
-                       os.path.join(tmp, "trace-cache.pt"))
-        with open(os.path.join(tmp, "r2rank.json"), "w") as f:
-            json.dump({"step": step, "config": dataclasses.asdict(cfg), "head_width": cfg.head_width, **(record or {})}, f, indent=1)
-    return os.path.join(out, f"checkpoint-{step}")
-
-
 def log_row(metrics_file, row, write):
     """Append row to metrics.jsonl (flushed, so a crash keeps it) and show it as one line."""
     metrics_file.write(json.dumps(row) + "\n")
@@ -605,72 +381,3 @@ def set_lr(optimizer, lr):
     """Apply --lr to a restored optimizer: load_state_dict brings back the saved learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-class Abandoned(Exception):
-    """Raised by StopOnSignal's handler inside an abandonable() block: the work in flight is dropped."""
-
-
-class StopOnSignal:
-    """Within the block, Ctrl-C (SIGINT) or SIGTERM stops the run at the next safe point:
-    - inside an abandonable() block (work that changes nothing that is kept, such as a rollout), at once:
-      the handler raises Abandoned and the loop keeps the steps before it;
-    - elsewhere (an update in progress), the loop finishes the step, saves it, and stops.
-    A second Ctrl-C stops at once (KeyboardInterrupt): only what is on disk is kept. .kept names it (the
-    loop updates it after each save), so the messages say exactly what is kept."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, kept="nothing (no checkpoint yet)"):
-        self.requested, self.previous, self.kept, self.inside = None, {}, kept, False
-
-    def handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.requested is not None and signum == signal.SIGINT:
-            print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
-        if self.requested is not None:  # SIGTERM again (torchrun passes its own on): the stop is under way
-            return
-        self.requested = signum
-        if self.inside:
-            self.inside = False
-            raise Abandoned
-        print(f"\n{name}: stopping after this step's update, with a checkpoint (Ctrl-C again to stop now, "
-              f"keeping only {self.kept})", flush=True)
-
-    @contextlib.contextmanager
-    def abandonable(self, allowed=True):
-        """A signal inside the block raises Abandoned (at once, not at the step's end); allowed=False
-        makes the block ordinary (under torchrun the other ranks would wait for this one forever)."""
-        if self.requested is not None and allowed:
-            raise Abandoned
-        self.inside = allowed
-        try:
-            yield
-        finally:
-            self.inside = False
-
-    def __enter__(self):
-        for signum in self.SIGNALS:
-            self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def exit(self, kept, say=True):
-        """The SystemExit to raise once what is kept is on disk: one line (unless say is False: under
-        torchrun rank 0 speaks for all), status 128 + the signal's number."""
-        if say:
-            print(f"stopped by {signal.Signals(self.requested).name}: {kept}", file=sys.stderr)
-        return SystemExit(128 + self.requested)
-
-
-def interrupted_message(out):
-    """What a run that stopped at once (a second Ctrl-C, a crash) left for --resume, in one line."""
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        return f"no checkpoint in {out}: nothing of the run is kept"
-    return (f"kept {checkpoint}; --resume continues from it and runs the later steps again "
-            "(their metrics.jsonl rows are dropped then)")

@@ -42,11 +42,13 @@ import zlib
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import data
 import models
+import rollout
 import runs
 import sources
-import rollout
+import stops
 
 RETRIES = 5  # an endpoint request is retried this often on connection errors, 5xx and 429 ...
 BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds
@@ -171,7 +173,7 @@ def build_traces(cfg):
     """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right."""
     if bool(cfg.teacher) == bool(cfg.teacher_url):
         raise data.UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
-    with runs.claim(cfg.out):  # two runs appending to the same traces would ask every pair twice
+    with stops.claim(cfg.out):  # two runs appending to the same traces would ask every pair twice
         return ask_teacher(cfg)
 
 
@@ -291,7 +293,7 @@ def accumulate_gradients(model, prompts, responses, micro_batch, dtype=torch.flo
 
 def train_sft(cfg):
     """--stage sft: fine-tune --model on the traces, loss on the response tokens only."""
-    with runs.claim(cfg.out):  # a second run on this --out is refused until this one ends
+    with stops.claim(cfg.out):  # a second run on this --out is refused until this one ends
         return fine_tune(cfg)
 
 
@@ -338,15 +340,15 @@ def fine_tune(cfg):
           f"{cfg.micro_batch} = {max_steps} steps; response tokens mean {sum(lengths) / len(lengths):.0f}, max "
           f"{max(lengths)} ({sum(n > cfg.max_new_tokens for n in lengths)} over --max-new-tokens); device {device}, "
           f"{dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}")
-    runs.check_disk(cfg.out, runs.checkpoint_bytes(model, {"llm": optimizer}),
-                    runs.saves_planned(start_step, max_steps, cfg.save_every), cfg.keep_checkpoints, plan.overwrite)
+    checkpoints.check_disk(cfg.out, checkpoints.checkpoint_bytes(model, {"llm": optimizer}),
+                    checkpoints.saves_planned(start_step, max_steps, cfg.save_every), cfg.keep_checkpoints, plan.overwrite)
     runs.start(cfg.out, plan)  # the first write into --out
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft", dynamic_ncols=True)
     saved = plan.checkpoint
     # Ctrl-C, SIGTERM: a step still in its forward/backward is dropped at once (the weights have not moved) and the
     # steps before it are saved; a step past it finishes and is saved. Then the run stops.
-    with runs.StopOnSignal(saved or "nothing (no checkpoint yet)") as stop:
+    with stops.StopOnSignal(saved or "nothing (no checkpoint yet)") as stop:
         for step in bar:
             started = time.time()
             # 1) the step's traces: a seeded shuffle per epoch, so a resumed run sees the same batches
@@ -360,10 +362,10 @@ def fine_tune(cfg):
                 with stop.abandonable():  # bf16 compute on GPU (autocast around each forward), fp32 weights
                     loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch],
                                                 cfg.micro_batch, dtype)
-            except runs.Abandoned:
+            except stops.Abandoned:
                 if step > start_step and saved != os.path.join(cfg.out, f"checkpoint-{step}"):
                     optimizer.zero_grad(set_to_none=True)
-                    saved = runs.save_checkpoint(cfg.out, step, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
+                    saved = checkpoints.save_checkpoint(cfg.out, step, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
                 metrics_file.close()
                 if not saved:  # an empty metrics.jsonl: gone, so that the same command runs again
                     runs.cut_metrics(cfg.out, None)
@@ -384,7 +386,7 @@ def fine_tune(cfg):
                                      f"(kept: {saved or 'no checkpoint'}); lower --sft-lr")
             runs.log_row(metrics_file, row, bar.write)
             if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps or stop.requested:
-                saved = runs.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
+                saved = checkpoints.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
                 stop.kept = saved
                 if cfg.keep_checkpoints:
                     runs.prune_checkpoints(cfg.out, cfg.keep_checkpoints)

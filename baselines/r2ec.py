@@ -45,6 +45,7 @@ import data  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
 import runs  # noqa: E402
+import stops  # noqa: E402
 from baselines.reczero import add_rl_arguments, check_rl_arguments, resume_optimizers, save  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
@@ -195,7 +196,7 @@ def train(args):
             saved = done
         return runs.kept_text(args.out, done)
 
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, runs.StopOnSignal(plan.checkpoint or "nothing") as stop:
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, stops.StopOnSignal(plan.checkpoint or "nothing") as stop:
         for step in tqdm(range(plan.start_step + 1, args.max_steps + 1), initial=plan.start_step, total=args.max_steps,
                          desc="r2ec", dynamic_ncols=True):
             started = time.time()
@@ -219,7 +220,7 @@ def train(args):
                         rewards.append(reward)
                         advantages.append(grpo_advantages(reward))
                         head_losses.append(best_trace_loss(scores, labels, reward))
-            except runs.Abandoned:
+            except stops.Abandoned:
                 raise stop.exit(f"step {step} was still rolling out and is dropped; " + keep(step - 1)) from None
             head_loss = torch.stack(head_losses).mean()
             head_loss.backward()
@@ -265,12 +266,12 @@ def main(argv=None):
     if args.head_lr < 0 or args.beta < 0:
         parser.error("--head-lr and --beta must be >= 0")
     try:
-        with runs.claim(args.out):  # a second run on this --out is refused until this one ends
+        with stops.claim(args.out):  # a second run on this --out is refused until this one ends
             last = train(args)
     except data.UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
-        print(f"interrupted: {runs.interrupted_message(args.out)}", file=sys.stderr)
+        print(f"interrupted: {stops.interrupted_message(args.out)}", file=sys.stderr)
         sys.exit(130)
     if last is None:
         return

@@ -42,11 +42,13 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
 import runs  # noqa: E402
+import stops  # noqa: E402
 from baselines.untrained import pointwise_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
 
@@ -139,7 +141,7 @@ def train(args):
             save(args, done, model, tokenizer, optimizers, plan)
             saved = done
         return runs.kept_text(args.out, done)
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, runs.StopOnSignal(plan.checkpoint or "nothing") as stop:
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, stops.StopOnSignal(plan.checkpoint or "nothing") as stop:
         for step in tqdm(range(plan.start_step + 1, args.max_steps + 1), initial=plan.start_step, total=args.max_steps,
                          desc="reczero", dynamic_ncols=True):
             started = time.time()
@@ -170,7 +172,7 @@ def train(args):
                         advantages.append(grpo_advantages(reward.view(pairs_per_user, args.group)).view(-1))
                         rewards.append(reward)
                         texts += user_texts
-            except runs.Abandoned:
+            except stops.Abandoned:
                 raise stop.exit(f"step {step} was still rolling out and is dropped; " + keep(step - 1)) from None
             # 5) clipped PPO on the tokens
             # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
@@ -210,9 +212,9 @@ def resume_optimizers(plan, optimizers, device, lrs):
 
 def save(args, step, model, tokenizer, optimizers, plan, record="reczero.json", extra=None, extra_files=()):
     """<out>/checkpoint-<step>/: the LLM (works as --model), optimizer.pt, and record (step, settings, the
-    data's fingerprint), written into a temporary directory and renamed (runs.checkpoint_directory: a
+    data's fingerprint), written into a temporary directory and renamed (checkpoints.checkpoint_directory: a
     failed write keeps the checkpoint before it and says so); extra(directory) writes extra_files more."""
-    with runs.checkpoint_directory(args.out, step, record, extra_files) as tmp:
+    with checkpoints.checkpoint_directory(args.out, step, record, extra_files) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({name: optimizer.state_dict() for name, optimizer in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
@@ -286,12 +288,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with runs.claim(args.out):  # a second run on this --out is refused until this one ends
+        with stops.claim(args.out):  # a second run on this --out is refused until this one ends
             last = train(args)
     except data.UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
-        print(f"interrupted: {runs.interrupted_message(args.out)}", file=sys.stderr)
+        print(f"interrupted: {stops.interrupted_message(args.out)}", file=sys.stderr)
         sys.exit(130)
     if last is None:
         return

@@ -29,9 +29,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import runs  # noqa: E402
+import stops  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 
 FILES = ("sasrec.pt", "sasrec-log.json", "sasrec-state.pt")  # what a run writes into --out
@@ -112,7 +114,7 @@ def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-
           seed=0, eval_every=5, state_path=None, run_settings=None, resume_state=None, stop=None):
     """(the model with the best validation NDCG@10, item index, per-check log). With state_path, the whole
     training state (and run_settings, what a resume must match) is saved there at each validation check;
-    resume_state (one such state) continues it. stop (a runs.StopOnSignal): after a signal the epoch in
+    resume_state (one such state) continues it. stop (a stops.StopOnSignal): after a signal the epoch in
     progress finishes, the state is saved, and the run stops."""
     torch.manual_seed(seed)
     index = vocabulary(train_instances)
@@ -173,11 +175,11 @@ def write_whole(path, obj):
     try:
         torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except runs.WRITE_ERRORS as error:
+    except checkpoints.WRITE_ERRORS as error:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         kept = f"the earlier {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing is kept"
-        raise data.UsageError(f"saving {path} failed ({runs.write_failure(os.path.dirname(path) or '.', error)}); {kept}") from None
+        raise data.UsageError(f"saving {path} failed ({checkpoints.write_failure(os.path.dirname(path) or '.', error)}); {kept}") from None
 
 
 def save(path, model, index, settings, log):
@@ -262,8 +264,8 @@ def main(argv=None):
         parser.error(f"--seed must be {config.SEED_RANGE}, got {args.seed}")
     try:
         # one run per --out at a time; Ctrl-C / SIGTERM: the epoch in progress finishes, is saved, and the run stops
-        stop = runs.StopOnSignal("nothing (no state saved yet)")
-        with runs.claim(args.out), stop:
+        stop = stops.StopOnSignal("nothing (no state saved yet)")
+        with stops.claim(args.out), stop:
             fit(args, stop)
     except data.UsageError as error:
         sys.exit(f"error: {error}")

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import config
 import models
+import checkpoints
 import runs
 from conftest import run_cli
 
@@ -56,7 +57,7 @@ def test_the_merged_checkpoint_loads_as_a_plain_model_and_resume_unmerges_it(tin
     adapted_logits = model(input_ids=ids).logits.detach()
     base_weights = {name: m.weight.detach().clone() for name, m in models.lora_layers(model).items()}
 
-    path = runs.save_checkpoint(str(tmp_path), 1, model, tokenizer, None, {}, config.Config(lora_rank=4))
+    path = checkpoints.save_checkpoint(str(tmp_path), 1, model, tokenizer, None, {}, config.Config(lora_rank=4))
     assert os.path.isfile(os.path.join(path, "lora.safetensors"))
     plain, _ = models.load_policy(path, torch.device("cpu"), torch.float32)
     assert not models.lora_layers(plain)

@@ -12,6 +12,7 @@ import data
 import models
 import plackett_luce
 import r2rank
+import checkpoints
 import runs
 import rollout
 from head import ScoreHead, score_traces
@@ -150,7 +151,7 @@ def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
         return score_traces(h, rollout.rollout_users(m, t, instances, cfg, None, 0.0)[0])
 
     expected = greedy_scores(model, tokenizer, head)
-    path = runs.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, optimizers, cfg)
+    path = checkpoints.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, optimizers, cfg)
     assert path.endswith("checkpoint-7") and runs.latest_checkpoint(str(tmp_path)) == path
     model2, tokenizer2 = models.load_policy(path, torch.device("cpu"), torch.float32)
     head2 = load_head(path, model2.config.hidden_size, "cpu")

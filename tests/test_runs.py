@@ -56,7 +56,11 @@ import types
 import pytest
 import torch
 
+import checkpoints
+
 import runs
+
+import stops
 from head import ScoreHead
 from conftest import ROOT, run_cli
 
@@ -226,14 +230,14 @@ def test_non_finite_weights_stop_the_run_before_the_step_is_written(tmp_path, sy
 
 def test_stop_on_signal_drops_abandonable_work_at_once_and_a_second_ctrl_c_stops_now():
     before = signal.getsignal(signal.SIGTERM)
-    with runs.StopOnSignal("checkpoint-7") as stop:
+    with stops.StopOnSignal("checkpoint-7") as stop:
         started = time.time()
-        with pytest.raises(runs.Abandoned):
+        with pytest.raises(stops.Abandoned):
             with stop.abandonable():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # the handler interrupts this at once
         assert time.time() - started < 2 and stop.requested == signal.SIGTERM
-        with pytest.raises(runs.Abandoned):  # a stop already asked for: the next abandonable work does not start
+        with pytest.raises(stops.Abandoned):  # a stop already asked for: the next abandonable work does not start
             with stop.abandonable():
                 pass
         with stop.abandonable(allowed=False):  # under torchrun: the work finishes
@@ -297,19 +301,19 @@ def test_out_of_memory_and_an_interrupted_eval_are_one_line(tmp_path, monkeypatc
 
 
 def test_saves_and_checkpoints_on_disk_counted_by_hand():
-    assert runs.saves_planned(0, 500, 50) == 10  # 50, 100, ..., 500
-    assert runs.saves_planned(0, 100, 30) == 4  # 30, 60, 90 and the end, 100
-    assert runs.saves_planned(45, 100, 30) == 3  # resumed at 45: 60, 90, 100
-    assert runs.saves_planned(90, 100, 30) == 1  # 100
-    assert runs.saves_planned(0, 7, 50) == 1  # only the end
-    assert runs.saves_planned(100, 100, 30) == 0  # nothing to train
-    assert runs.checkpoints_at_once(10, 0) == 10  # keep all
-    assert runs.checkpoints_at_once(10, 2) == 3  # 2 kept while the 3rd is written, then the oldest pruned
-    assert runs.checkpoints_at_once(2, 2) == 2 and runs.checkpoints_at_once(1, 5) == 1  # never more than the saves
-    assert runs.checkpoints_at_once(10, 2, existing=2) == 3  # a resume: one more than the two there
-    assert runs.checkpoints_at_once(10, 2, existing=5) == 6  # 5 from a keep-all run: the first save prunes them to 2
-    assert runs.checkpoints_at_once(10, 3, existing=1) == 4  # 1 there, 2 more, and the 4th being written
-    assert runs.checkpoints_at_once(0, 2, existing=4) == 4
+    assert checkpoints.saves_planned(0, 500, 50) == 10  # 50, 100, ..., 500
+    assert checkpoints.saves_planned(0, 100, 30) == 4  # 30, 60, 90 and the end, 100
+    assert checkpoints.saves_planned(45, 100, 30) == 3  # resumed at 45: 60, 90, 100
+    assert checkpoints.saves_planned(90, 100, 30) == 1  # 100
+    assert checkpoints.saves_planned(0, 7, 50) == 1  # only the end
+    assert checkpoints.saves_planned(100, 100, 30) == 0  # nothing to train
+    assert checkpoints.checkpoints_at_once(10, 0) == 10  # keep all
+    assert checkpoints.checkpoints_at_once(10, 2) == 3  # 2 kept while the 3rd is written, then the oldest pruned
+    assert checkpoints.checkpoints_at_once(2, 2) == 2 and checkpoints.checkpoints_at_once(1, 5) == 1  # never more than the saves
+    assert checkpoints.checkpoints_at_once(10, 2, existing=2) == 3  # a resume: one more than the two there
+    assert checkpoints.checkpoints_at_once(10, 2, existing=5) == 6  # 5 from a keep-all run: the first save prunes them to 2
+    assert checkpoints.checkpoints_at_once(10, 3, existing=1) == 4  # 1 there, 2 more, and the 4th being written
+    assert checkpoints.checkpoints_at_once(0, 2, existing=4) == 4
 
 
 def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_holds(tmp_path, monkeypatch):
@@ -318,28 +322,28 @@ def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_hold
     gb = 10 ** 9
     out = tmp_path / "not" / "yet" / "run"
     free["bytes"] = 56 * gb  # 3 checkpoints of 18.5 GB at once (--keep-checkpoints 2) = 55.5 GB
-    assert runs.check_disk(str(out), int(18.5 * gb), 10, 2) == int(18.5 * gb) * 3
+    assert checkpoints.check_disk(str(out), int(18.5 * gb), 10, 2) == int(18.5 * gb) * 3
     assert asked == [str(tmp_path)]  # the nearest parent that exists: out is created there
     free["bytes"] = 55 * gb
     with pytest.raises(runs.UsageError) as refused:
-        runs.check_disk(str(out), int(18.5 * gb), 10, 2)
+        checkpoints.check_disk(str(out), int(18.5 * gb), 10, 2)
     assert str(refused.value) == (f"--out {out}: the checkpoints need 55.5 GB (3 of 18.5 GB at once: 10 saves, --keep-checkpoints 2 "
                                   "plus the one being written) but 55.0 GB are free there; keep fewer (--keep-checkpoints), save "
                                   "fewer (--save-every / --max-steps), train LoRA adapters (--lora-rank), or choose another --out")
     free["bytes"] = 184 * gb  # keep all: 10 x 18.5 = 185 GB
     with pytest.raises(runs.UsageError, match=r"need 185\.0 GB \(10 of 18\.5 GB at once: 10 saves, all kept"):
-        runs.check_disk(str(out), int(18.5 * gb), 10, 0)
+        checkpoints.check_disk(str(out), int(18.5 * gb), 10, 0)
     # a resume into a run holding 2 checkpoints adds only the one being written; --overwrite frees what is there
     for step in (1, 2):
         (out / f"checkpoint-{step}").mkdir(parents=True)
         (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"0" * 1000)
     free["bytes"] = 1000
-    assert runs.check_disk(str(out), 1000, 10, 2) == 1000
+    assert checkpoints.check_disk(str(out), 1000, 10, 2) == 1000
     with pytest.raises(runs.UsageError, match="need 0.0 GB"):
-        runs.check_disk(str(out), 1001, 10, 2)
-    assert runs.check_disk(str(out), 1000, 3, 0, overwrite=True) == 3000  # 1000 free + the 2000 removed
+        checkpoints.check_disk(str(out), 1001, 10, 2)
+    assert checkpoints.check_disk(str(out), 1000, 3, 0, overwrite=True) == 3000  # 1000 free + the 2000 removed
     with pytest.raises(runs.UsageError):
-        runs.check_disk(str(out), 1000, 4, 0, overwrite=True)
+        checkpoints.check_disk(str(out), 1000, 4, 0, overwrite=True)
 
 
 def test_checkpoint_bytes_of_the_tiny_model_by_hand():
@@ -353,13 +357,13 @@ def test_checkpoint_bytes_of_the_tiny_model_by_hand():
     head = ScoreHead(hidden, 8)
     head_weights = sum(p.numel() for p in head.parameters())
     full = {"llm": torch.optim.AdamW(model.parameters()), "head": torch.optim.AdamW(head.parameters())}
-    assert runs.checkpoint_bytes(model, full, head) == 4 * weights + 8 * (weights + head_weights) + 4 * head_weights \
-        + runs.TOKENIZER_BYTES
+    assert checkpoints.checkpoint_bytes(model, full, head) == 4 * weights + 8 * (weights + head_weights) + 4 * head_weights \
+        + checkpoints.TOKENIZER_BYTES
     adapters = models.add_adapters(model, 4)  # rank 4: A [4, in], B [out, 4] beside q, k, v, o, gate, up, down
     lora = layers * 4 * ((hidden + hidden) + 2 * (hidden + kv) + (hidden + hidden) + 2 * (hidden + ffn) + (ffn + hidden))
     assert sum(p.numel() for p in adapters) == lora
-    assert runs.checkpoint_bytes(model, {"llm": torch.optim.AdamW(adapters)}) == 4 * (weights + lora) + 8 * lora \
-        + runs.TOKENIZER_BYTES
+    assert checkpoints.checkpoint_bytes(model, {"llm": torch.optim.AdamW(adapters)}) == 4 * (weights + lora) + 8 * lora \
+        + checkpoints.TOKENIZER_BYTES
 
 
 def test_checkpoint_bytes_bounds_a_saved_checkpoint(tmp_path):
@@ -372,9 +376,9 @@ def test_checkpoint_bytes_bounds_a_saved_checkpoint(tmp_path):
     (model(torch.tensor([[1, 2, 3]])).logits.sum() + head(torch.randn(2, 64)).sum()).backward()
     for optimizer in optimizers.values():  # AdamW makes its states at the first step
         optimizer.step()
-    saved = runs.save_checkpoint(str(tmp_path), 1, model, tokenizer, head, optimizers, config.Config())
-    estimate = runs.checkpoint_bytes(model, optimizers, head) - runs.TOKENIZER_BYTES
-    written = runs.tree_bytes(saved) - sum(os.path.getsize(os.path.join(saved, name)) for name in os.listdir(saved)
+    saved = checkpoints.save_checkpoint(str(tmp_path), 1, model, tokenizer, head, optimizers, config.Config())
+    estimate = checkpoints.checkpoint_bytes(model, optimizers, head) - checkpoints.TOKENIZER_BYTES
+    written = checkpoints.tree_bytes(saved) - sum(os.path.getsize(os.path.join(saved, name)) for name in os.listdir(saved)
                                            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")))
     assert 0.95 * estimate < written < estimate + 100_000, (written, estimate)  # headers, pickling, JSON
 
@@ -441,19 +445,19 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_pa
 
     out = tmp_path / "run"
     held = f"error: {out} is in use by another run (pid {os.getpid()}); wait for it or choose another --out"
-    with runs.claim(str(out)):  # as a run started before would hold it (in another process)
-        assert (out / runs.LOCK).read_text().split()[0] == str(os.getpid())
+    with stops.claim(str(out)):  # as a run started before would hold it (in another process)
+        assert (out / stops.LOCK).read_text().split()[0] == str(os.getpid())
         for result in [rl(out, synthetic_dir, "--max-steps", "1"),
                        run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out), "--epochs", "1", cwd=ROOT),
                        run_script(f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out), cwd=ROOT)]:
             assert result.returncode == 1 and result.stderr.strip() == held, result.stderr
-        assert os.listdir(out) == [runs.LOCK]  # nothing written
+        assert os.listdir(out) == [stops.LOCK]  # nothing written
     assert not out.exists()  # let go; made for the claim, and left empty: removed
     # a run killed with SIGKILL leaves its lock file, with no lock on it: it blocks nothing
     out.mkdir()
-    (out / runs.LOCK).write_text("4194303 some-host\n")
+    (out / stops.LOCK).write_text("4194303 some-host\n")
     assert rl(out, synthetic_dir, "--max-steps", "1").returncode == 0
-    assert steps(out) == [1] and not (out / runs.LOCK).exists()
+    assert steps(out) == [1] and not (out / stops.LOCK).exists()
 
 
 def test_a_stop_before_any_step_is_kept_leaves_nothing_that_refuses_the_same_command(tmp_path, synthetic_dir, monkeypatch, capsys):

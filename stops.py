@@ -1,0 +1,180 @@
+"""A training run's life: one run at a time per --out (a lock), and a clean stop on Ctrl-C or SIGTERM.
+
+    with stops.claim(cfg.out):                # a second run on the same --out is refused in one line
+        with stops.StopOnSignal() as stop:    # Ctrl-C / SIGTERM: finish the step, save, exit
+            with stop.abandonable():          # work that a signal may drop at once (a rollout)
+                ...
+            if stop.requested: save a checkpoint, then raise stop.exit(...)
+
+The lock is an flock on <out>/.r2rank-lock, which the kernel lets go when the process ends, however
+it ends. What a run's --out holds and what --resume may change: runs.py.
+"""
+import contextlib
+import os
+import signal
+import socket
+import sys
+
+
+import distributed
+from protocol import UsageError
+
+import runs
+
+import stops
+
+try:  # POSIX; elsewhere --out is not locked
+    import fcntl
+except ImportError:
+    fcntl = None
+
+
+LOCK = ".r2rank-lock"  # in --out while a run holds it: "pid host"
+_claimed = set()  # the outs this process holds (realpath)
+
+
+class Claim:
+    """Holds --out for one run (claim); release() (or the end of a with block) lets it go."""
+
+    def __init__(self, out, fd=None, created=False):
+        self.out, self.fd, self.created = out, fd, created
+
+    def release(self):
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.out, LOCK))  # before the lock is let go: see lock_file
+        os.close(self.fd)
+        self.fd = None
+        _claimed.discard(os.path.realpath(self.out))
+        if self.created:  # made for this run, which left nothing in it
+            with contextlib.suppress(OSError):
+                os.rmdir(self.out)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def claim(out):
+    """Hold out (created if missing) for one run, until .release() or a with block's end: a run started
+    on the same out meanwhile is refused in one line naming the pid that holds it. The lock is an flock
+    on <out>/.r2rank-lock, and the kernel lets it go when the process ends, however it ends: the file a
+    killed run leaves blocks nothing. Under torchrun every rank calls this; rank 0 holds the lock, and
+    when it is refused every rank stops (rank 0 says why)."""
+    if os.path.realpath(out) in _claimed or not distributed.is_main():  # held already by this process / rank 0's
+        refusal, held = None, Claim(out)
+    else:
+        try:
+            runs.check_writable(out)
+            created = not os.path.isdir(out)
+            held, refusal = Claim(out, lock_file(out), created), None
+        except UsageError as error:
+            refusal = error
+    if distributed.total(float(refusal is not None), "max"):
+        raise refusal or UsageError(f"--out {out}: refused on rank 0")
+    if held.fd is not None:
+        _claimed.add(os.path.realpath(out))
+    return held
+
+
+def lock_file(out):
+    """The descriptor of <out>/.r2rank-lock, flocked, holding "pid host"; a UsageError naming the holder when
+    another process holds it. A holder removes the file before letting it go, so a lock taken on a file
+    that is no longer at that path is let go and taken again on the new one."""
+    if fcntl is None:
+        return None
+    path = os.path.join(out, LOCK)
+    while True:
+        try:
+            os.makedirs(out, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # out removed meanwhile by a run that had made it
+            continue
+        except OSError as error:
+            raise UsageError(f"--out {out}: cannot create it ({error.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (os.read(fd, 200).decode(errors="replace").split() + ["?", ""])[:2]
+            os.close(fd)
+            where = "" if holder[1] in ("", socket.gethostname()) else f" on {holder[1]}"
+            raise UsageError(f"{out} is in use by another run (pid {holder[0]}{where}); wait for it or choose another --out") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return fd
+
+
+class Abandoned(Exception):
+    """Raised by StopOnSignal's handler inside an abandonable() block: the work in flight is dropped."""
+
+
+class StopOnSignal:
+    """Within the block, Ctrl-C (SIGINT) or SIGTERM stops the run at the next safe point:
+    - inside an abandonable() block (work that changes nothing that is kept, such as a rollout), at once:
+      the handler raises Abandoned and the loop keeps the steps before it;
+    - elsewhere (an update in progress), the loop finishes the step, saves it, and stops.
+    A second Ctrl-C stops at once (KeyboardInterrupt): only what is on disk is kept. .kept names it (the
+    loop updates it after each save), so the messages say exactly what is kept."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, kept="nothing (no checkpoint yet)"):
+        self.requested, self.previous, self.kept, self.inside = None, {}, kept, False
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None and signum == signal.SIGINT:
+            print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        if self.requested is not None:  # SIGTERM again (torchrun passes its own on): the stop is under way
+            return
+        self.requested = signum
+        if self.inside:
+            self.inside = False
+            raise Abandoned
+        print(f"\n{name}: stopping after this step's update, with a checkpoint (Ctrl-C again to stop now, "
+              f"keeping only {self.kept})", flush=True)
+
+    @contextlib.contextmanager
+    def abandonable(self, allowed=True):
+        """A signal inside the block raises Abandoned (at once, not at the step's end); allowed=False
+        makes the block ordinary (under torchrun the other ranks would wait for this one forever)."""
+        if self.requested is not None and allowed:
+            raise Abandoned
+        self.inside = allowed
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def exit(self, kept, say=True):
+        """The SystemExit to raise once what is kept is on disk: one line (unless say is False: under
+        torchrun rank 0 speaks for all), status 128 + the signal's number."""
+        if say:
+            print(f"stopped by {signal.Signals(self.requested).name}: {kept}", file=sys.stderr)
+        return SystemExit(128 + self.requested)
+
+
+def interrupted_message(out):
+    """What a run that stopped at once (a second Ctrl-C, a crash) left for --resume, in one line."""
+    checkpoint = runs.latest_checkpoint(out)
+    if checkpoint is None:
+        return f"no checkpoint in {out}: nothing of the run is kept"
+    return (f"kept {checkpoint}; --resume continues from it and runs the later steps again "
+            "(their metrics.jsonl rows are dropped then)")
