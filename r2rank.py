@@ -12,7 +12,10 @@ One RL step (train_rl), tagged with Algorithm 1's lines:
     4) clipped PPO on the tokens and the score path into theta, REINFORCE on phi    lines 8-12, Eqs. 5-6
     5) log, validate, checkpoint
 
-The log line's health signs: answer_share and truncated_share (traces that reach an <answer>, or are
+The log line (and metrics.jsonl): reward (mean NDCG@reward-k of the S rankings) and reward_std (its
+spread over a user's rankings: REINFORCE's signal); ndcg@10_greedy (of the scores' sorted ranking);
+valid_ndcg@10 (--eval-every, greedy traces); score_std (the spread of a user's K scores); head_loss;
+ppo_loss, ratio (mean token ratio of the PPO epochs), response_len, step_time. Its health signs: answer_share and truncated_share (traces that reach an <answer>, or are
 cut at the token limit); distinct_share and token_logp (fall towards 1/K and 0 when the policy writes
 one text for every candidate); signal_share (users whose S rankings differ in reward: the head learns
 only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update log-probs|) and
