@@ -86,13 +86,14 @@ def position_analysis(rankers, names, instances):
     return out
 
 
-def history_order_analysis(rankers, names, instances, results, cfg):
-    """Table 7: NDCG@10 over R shuffles of each user's shown history."""
+def history_order_analysis(rankers, names, instances, results, cfg, shown=None):
+    """Table 7: NDCG@10 over R shuffles of each user's shown history. shown: {name: the history length that
+    method is shown} (a trained method keeps its training's, evaluate.method_settings); default cfg.max_history."""
     labels, out = labels_of(instances), {}
     for name in names:
-        values = []
+        values, max_history = [], (shown or {}).get(name, cfg.max_history)
         for r in range(cfg.history_shuffles):
-            shuffled = [shuffle_history(inst, cfg.max_history, f"{cfg.seed}/{r}/{inst['user_id']}") for inst in instances]
+            shuffled = [shuffle_history(inst, max_history, f"{cfg.seed}/{r}/{inst['user_id']}") for inst in instances]
             scores, _ = rankers[name](shuffled, f"{name}, history shuffle {r + 1}/{cfg.history_shuffles}")
             values.append(ndcg_from_scores(scores, labels, 10))
         values = torch.stack(values).double()  # [R, U]

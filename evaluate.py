@@ -13,15 +13,27 @@ Where this departs from the paper (which leaves these points open unless said):
    same LLM, and two RL systems trained by their own commands (baselines/reczero.py, baselines/r2ec.py);
    not the paper's other trained recommenders.
 2. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
-   them at --temperature. A model without a trained head (head.safetensors) skips R2Rank.
+   them at --temperature. A model without a trained head (head.safetensors) skips R2Rank when it comes
+   from the default --methods; a trained method named in --methods that --model is no checkpoint of
+   (R2Rank without head.safetensors, reczero on an R2ec checkpoint, ...) is refused.
 3. Markers: in each column the best method is bold and marked by its test against the runner-up in
-   that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10.
+   that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10. A method most of
+   whose answers were unparsable (listwise: scored in the candidates' input order) is never bold, and
+   its row says how many were.
 4. Wilcoxon: zero differences are dropped (see metrics.py).
+5. A trained method (r2rank, reczero, r2ec) runs with the trace settings its checkpoint was trained
+   with (max_new_tokens, max_history, max_item_chars, response_prefix, prompt), except those given on
+   the command line, each noted; the other methods use the command line's.
 """
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
+import shlex
+import signal
+import sys
+import threading
 import time
 import zlib
 
@@ -30,12 +42,14 @@ import torch
 from tqdm import tqdm
 
 import analyses
+import config
 import data
 import distributed
 from baselines import r2ec, reczero, sasrec, untrained
 import models
 import rollout
 import runs
+import stops
 from head import score_traces
 from metrics import bootstrap_ci, ndcg_from_scores, positive_ranks, significance_marker, wilcoxon_signed_rank
 
@@ -87,19 +101,23 @@ def pair_test(tests, a, b, metric):
 # ------------------------------------------------------------------------------------------ rankers
 
 
-def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None, r2ec_model=None):
+def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None, r2ec_model=None, trained_cfg=None):
     """name -> rank(instances, desc) -> (scores [U, K] fp32 on the CPU, info dict).
 
     Every ranker scores the candidates of each instance in the order given, so the analyses
     (analyses.py) can run the same ranker on reordered candidates or shuffled histories.
+    trained_cfg: the trace settings of the method the checkpoint was trained for (r2rank, reczero or
+    r2ec: method_settings), which that method's ranker reads; the others read cfg's.
     """
+    own = trained_cfg or cfg
+
     def rank_r2rank(instances, desc):
         # greedy traces by default; sampled ones from a generator seeded by (seed, user), the same for every call
         samples = []
         for instance in tqdm(instances, desc=desc, dynamic_ncols=True, disable=not distributed.is_main()):
             generator = (torch.Generator(device=model.device).manual_seed(cfg.seed * 1_000_003 + zlib.crc32(
                 instance["user_id"].encode())) if cfg.eval_sample else None)
-            samples += rollout.rollout_users(model, tokenizer, [instance], cfg, generator,
+            samples += rollout.rollout_users(model, tokenizer, [instance], own, generator,
                                             temperature=cfg.temperature if cfg.eval_sample else 0.0)[0]
         with torch.no_grad():
             scores = score_traces(head, samples)
@@ -125,12 +143,12 @@ def make_rankers(cfg, model, tokenizer, head, counts, sasrec_model=None, r2ec_mo
         return sasrec.candidate_scores(sasrec_net, instances, item_index), {}
 
     def rank_reczero(instances, desc):
-        return reczero.rank(model, tokenizer, instances, cfg.max_history, cfg.max_item_chars, cfg.max_new_tokens, desc)
+        return reczero.rank(model, tokenizer, instances, own.max_history, own.max_item_chars, own.max_new_tokens, desc)
 
     def rank_r2ec(instances, desc):
         rec_head, embeddings = r2ec_model
-        return r2ec.rank(model, tokenizer, rec_head, embeddings, instances, cfg.max_history, cfg.max_item_chars,
-                         cfg.max_new_tokens, desc)
+        return r2ec.rank(model, tokenizer, rec_head, embeddings, instances, own.max_history, own.max_item_chars,
+                         own.max_new_tokens, desc)
 
     return {"r2rank": sharded(rank_r2rank), "random": rank_random, "popularity": rank_popularity, "sasrec": rank_sasrec,
             "pointwise": sharded(rank_pointwise), "listwise": sharded(rank_listwise), "reczero": sharded(rank_reczero),
@@ -174,14 +192,29 @@ def default_groups(model_name):
             (f"Ours: {model_name}", [("r2rank", TITLES["r2rank"])])]
 
 
+def unparsable(result):
+    """(users whose answer named no candidate, users) of one method's result: listwise scores those
+    users in the candidates' input order (untrained.rank_listwise); (0, users) for methods that parse nothing."""
+    return (result.get("parse") or {}).get("unparsable", 0), len(result["per_user"])
+
+
+def rankable(result):
+    """False when most of a method's answers were unparsable: its scores are then the input order's, so
+    it is never marked best."""
+    failed, users = unparsable(result)
+    return 2 * failed <= users
+
+
 def markdown_table(results, tests, dataset, groups):
     """Table 2's layout: a row per method in groups, NDCG@1/5/10; each column's best is bold and
     marked by its test against the column's runner-up. groups: [(group title, [(method, row title)])];
-    methods missing from results are left out."""
+    methods missing from results are left out. A method with unparsable answers says how many in its
+    row, and when they are most of them it is left out of the bold and the test (rankable)."""
     cells = {name: {} for name in results}
     for metric in (f"ndcg@{k}" for k in KS):
-        ranked = sorted(results, key=lambda name: results[name][metric], reverse=True)
-        for name in ranked:
+        ranked = sorted((name for name in results if rankable(results[name])),
+                        key=lambda name: results[name][metric], reverse=True)
+        for name in results:
             cells[name][metric] = f"{results[name][metric]:.3f}"
         if len(ranked) > 1 and results[ranked[0]][metric] > results[ranked[1]][metric]:
             marker = significance_marker(pair_test(tests, ranked[0], ranked[1], metric)["p_value"])
@@ -191,8 +224,69 @@ def markdown_table(results, tests, dataset, groups):
         rows = [(name, title) for name, title in rows if name in results]
         if rows:
             lines.append(f"| *{group}* | | | |")
-            lines += [f"| {title} | " + " | ".join(cells[name].values()) + " |" for name, title in rows]
+            for name, title in rows:
+                failed, users = unparsable(results[name])
+                if failed:
+                    title += f" ({failed} of {users} answers unparsable" + ("; not marked best)" if not rankable(results[name]) else ")")
+                lines.append(f"| {title} | " + " | ".join(cells[name].values()) + " |")
     return "\n".join(lines)
+
+
+def dataset_name(data_dir):
+    """The data set's name in the table's header: its directory's name, unless that is the generic "data"
+    (the synthetic set built into <out>/data, or a layout like vg/data): then "synthetic" when its
+    stats.json says it was built from the synthetic source, else the parent directory's name."""
+    path = os.path.abspath(data_dir)
+    name = os.path.basename(path)
+    if name != "data":
+        return name
+    try:
+        with open(os.path.join(path, "stats.json")) as f:
+            if json.load(f).get("inputs") == ["synthetic"]:
+                return "synthetic"
+    except (OSError, ValueError, AttributeError):
+        pass  # no readable stats.json: the parent's name will do
+    return os.path.basename(os.path.dirname(path)) or name
+
+
+def print_report(results, tests, found, dataset, model_name):
+    """Table 2, the intervals and parse counts per method, r2rank's test against the best other method,
+    and one line per analysis: everything a reader needs, printed before the JSON is written."""
+    print("\n" + markdown_table(results, tests, dataset, default_groups(model_name)) + "\n")
+    print(f"{tests['markers']}; bold: best in the column, tested against the runner-up ({tests['test']}).")
+    for name, result in results.items():
+        low, high = result["ci95"]["ndcg@10"]
+        extra = "".join(f", {key} {value}" for key, value in result.get("parse", {}).items())
+        print(f"{name}: NDCG@10 {result['ndcg@10']:.3f}, 95% CI [{low:.3f}, {high:.3f}], {result['seconds']:.1f} s{extra}")
+        failed, users = unparsable(result)
+        if failed:
+            print(f"{name}: {failed} of {users} answers unparsable: those users' scores are the candidates' input "
+                  "order (a default, not a ranking)" + ("; so it is not marked best" if not rankable(result) else ""))
+    others = [name for name in results if name != "r2rank" and rankable(results[name])]
+    if "r2rank" in results and others:
+        best = max(others, key=lambda name: results[name]["ndcg@10"])
+        test = pair_test(tests, "r2rank", best, "ndcg@10")
+        print(f"r2rank vs the best other method ({best}) on NDCG@10: T = {test['statistic']:g}, p = {test['p_value']:.3g}")
+    for line in analyses.analysis_lines(found):
+        print(line)
+
+
+def write_results(path, report):
+    """report as JSON at path, whole or not at all: written beside it, then renamed into place, so a crash,
+    a full disk or a signal never leaves half a file (nor the temporary one). A failed write (no space, a
+    file-size limit, a permission) is a UsageError saying where the numbers still are."""
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise data.UsageError(f"could not write {path} ({error.strerror or error}); the results are in the table "
+                              "printed above (the per-user values and the tests of every pair are lost)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # gone already after the rename
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -206,10 +300,118 @@ def chosen(text, allowed, flag):
     return list(dict.fromkeys(names))
 
 
+# A trained method needs a checkpoint of its own training: what its directory holds, and its record of settings.
+TRAINED_BY = {"r2rank": "a checkpoint of --stage rl with its scoring head (head.safetensors)",
+              "reczero": "a checkpoint of baselines/reczero.py (reczero.json)",
+              "r2ec": "a checkpoint of baselines/r2ec.py (r2ec-head.safetensors)",
+              None: "not the checkpoint of a trained method (no head.safetensors, reczero.json or r2ec-head.safetensors)"}
+RECORDS = {"r2rank": ("r2rank.json", "config"), "reczero": ("reczero.json", "settings"), "r2ec": ("r2ec.json", "settings")}
+TRACE_SETTINGS = ("max_new_tokens", "max_history", "max_item_chars", "response_prefix", "prompt")
+INTERRUPTED = "interrupted: the evaluation stopped before writing its results; nothing was written"
+
+
+def chosen_settings(cfg):
+    """The names of the Config fields the user chose. parse_config records those given on the command line
+    as cfg.given (a default typed out counts as given); a Config built in code has no record, and there
+    the fields that differ from their defaults count as chosen."""
+    given = getattr(cfg, "given", None)
+    if given is not None:
+        return set(given)
+    defaults = config.Config()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
+def checkpoint_kind(model):
+    """The trained method --model is a checkpoint of, from the files it holds: r2rank, r2ec, reczero,
+    or None (a hub id, tiny, a bare model, an SFT checkpoint)."""
+    if models.has_head(model):
+        return "r2rank"
+    if r2ec.has_head(model):
+        return "r2ec"
+    return "reczero" if os.path.isfile(os.path.join(model, "reczero.json")) else None
+
+
+def servable(methods, model, named):
+    """methods less the trained ones --model is no checkpoint of. One the user named in --methods is refused
+    (a UsageError): reczero on an R2ec checkpoint would be reported as RecZero's. Taken from the default
+    --methods (r2rank only), it is skipped with a note, so that a bare model evaluates the baselines."""
+    kind = checkpoint_kind(model)
+    for name in [name for name in methods if name in RECORDS and name != kind]:
+        if named:
+            fix = f"evaluate it with --methods {kind}" if kind else f"leave {name} out of --methods"
+            raise data.UsageError(f"--methods {name} needs {TRAINED_BY[name]}; --model {model} is {TRAINED_BY[kind]}: {fix}")
+        # only r2rank is in the default --methods
+        print(f"note: {model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
+              f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")
+        methods.remove(name)
+    return methods
+
+
+def as_flag(setting, value):
+    return f"--{setting.replace('_', '-')} " + (shlex.quote(value) if isinstance(value, str) else str(value))
+
+
+def method_settings(cfg, name, chosen, others):
+    """cfg for the trained method `name`: the trace settings its checkpoint was trained with (its record,
+    RECORDS), but for those the user chose; one note names the settings taken, one per chosen setting that
+    differs from training. others: whether other methods read the prompt (and keep cfg's settings)."""
+    record, key = RECORDS[name]
+    path = os.path.join(cfg.model, record)
+    try:
+        with open(path) as f:
+            trained = json.load(f)[key]
+        trained = {setting: trained[setting] for setting in TRACE_SETTINGS if setting in trained}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise data.DataError(f"{path}: cannot read the settings {name} was trained with ({error!r})") from None
+    for setting, value in trained.items():
+        if setting in chosen and value != getattr(cfg, setting):
+            print(f"note: {name} was trained with {as_flag(setting, value)}; this evaluation uses "
+                  f"{as_flag(setting, getattr(cfg, setting)).split(' ', 1)[1]}, as given")
+    taken = {setting: value for setting, value in trained.items() if setting not in chosen and value != getattr(cfg, setting)}
+    if taken:
+        print(f"note: {name} runs with the trace settings it was trained with ({record}): "
+              + ", ".join(as_flag(setting, value) for setting, value in taken.items())
+              + ("; the other methods with " + ", ".join(as_flag(setting, getattr(cfg, setting)) for setting in taken)
+                 if others else ""))
+    return dataclasses.replace(cfg, **taken)
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler of stop_on_sigterm (a BaseException: no `except Exception` swallows it)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within the block SIGTERM stops the evaluation as Ctrl-C does: at once, with the same one line, and
+    exit status 143 (128 + 15). Without it SIGTERM killed the process without a word."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    except Terminated:
+        if distributed.is_main():
+            print(INTERRUPTED, file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_eval(cfg, rank_device=None):
     """--stage eval: every method of --methods on the same instances of --split, then --analyses.
     Under torchrun (rank_device: this rank's GPU, if any) the prompted methods split the users
-    across ranks (sharded) and rank 0 writes the results."""
+    across ranks (sharded) and rank 0 writes the results. SIGTERM stops it as Ctrl-C does."""
+    with stop_on_sigterm(), stops.claim(cfg.out):  # one run per --out at a time; every rank calls it
+        return evaluate_and_write(cfg, rank_device)
+
+
+def evaluate_and_write(cfg, rank_device):
+    """run_eval's work: check, load, rank, test, analyse; print the table, then write the JSON."""
     methods, wanted = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
     if "history-order" in wanted and cfg.history_shuffles < 2:
         raise data.UsageError("--history-shuffles must be >= 2 for the history-order analysis")
@@ -220,25 +422,16 @@ def run_eval(cfg, rank_device=None):
     runs.check_writable(cfg.out)  # before any model loads or any method runs
     if os.path.exists(path) and not cfg.overwrite:
         raise data.UsageError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
-    if "r2rank" in methods and not models.has_head(cfg.model):
-        print(f"note: {cfg.model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
-              f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")
-        methods.remove("r2rank")
-    if "r2ec" in methods and not r2ec.has_head(cfg.model):
-        print(f"note: {cfg.model} has no R2ec head (r2ec-head.safetensors), so r2ec is skipped. Pass a checkpoint "
-              f"directory of python baselines/r2ec.py as --model to evaluate it.")
-        methods.remove("r2ec")
+    chosen_now = chosen_settings(cfg)
+    methods = servable(methods, cfg.model, named="methods" in chosen_now)
     if not methods:
         raise data.UsageError("--methods: nothing left to evaluate")
-    for name in ("reczero", "r2ec"):  # a compared system's checkpoint records the trace settings it was trained with
-        settings_file = os.path.join(cfg.model, f"{name}.json")
-        if name in methods and os.path.isfile(settings_file):
-            with open(settings_file) as f:
-                trained = json.load(f)["settings"]
-            for setting in ("max_new_tokens", "max_history", "max_item_chars"):
-                if trained.get(setting) != getattr(cfg, setting):
-                    print(f"note: {name} was trained with --{setting.replace('_', '-')} {trained.get(setting)}; "
-                          f"this evaluation uses {getattr(cfg, setting)}")
+    kind = checkpoint_kind(cfg.model)  # the trained method that runs, if any: with the trace settings of its training
+    trained_cfg = (method_settings(cfg, kind, chosen_now, any(name in PROMPTED and name != kind for name in methods))
+                   if kind in methods else cfg)
+    if "history-length" in wanted and trained_cfg.max_history != cfg.max_history:
+        print(f"note: the history-length analysis groups users by the history the other methods are shown "
+              f"(--max-history {cfg.max_history}); {kind} is shown at most {trained_cfg.max_history} items")
     if "sasrec" in methods and not cfg.sasrec:
         raise data.UsageError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
     sasrec_model = sasrec.load(cfg.sasrec) if "sasrec" in methods else None  # (model, item index)
@@ -261,10 +454,10 @@ def run_eval(cfg, rank_device=None):
     r2ec_model = r2ec.load(cfg.model, model.config.hidden_size, device) if "r2ec" in methods else None
     frequency = analyses.read_frequency(data_dir) if "cold-start" in wanted else None  # the paper's tiers: training positives
     counts = untrained.interaction_counts(data.load_split(data_dir, "train")) if "popularity" in methods else None
-    rankers = make_rankers(cfg, model, tokenizer, head, counts, sasrec_model, r2ec_model)
+    rankers = make_rankers(cfg, model, tokenizer, head, counts, sasrec_model, r2ec_model, trained_cfg)
     traces = "sampled" if cfg.eval_sample else "greedy"
     print(f"{len(instances)} users x {K} candidates of {data_dir}/{cfg.split}.jsonl; methods {', '.join(methods)}; "
-          + (f"R2Rank: {len(instances) * K} {traces} traces of <= {cfg.max_new_tokens} tokens; " if "r2rank" in methods else "")
+          + (f"R2Rank: {len(instances) * K} {traces} traces of <= {trained_cfg.max_new_tokens} tokens; " if "r2rank" in methods else "")
           + f"device {device}, {dtype}")
 
     results = {}
@@ -278,36 +471,21 @@ def run_eval(cfg, rank_device=None):
     if "position" in wanted:  # only the methods that read the prompt; none run: an empty result
         found["position"] = analyses.position_analysis(rankers, prompted, instances)
     if "history-order" in wanted:
-        found["history-order"] = analyses.history_order_analysis(rankers, prompted, instances, results, cfg)
+        shown = {name: (trained_cfg if name == kind else cfg).max_history for name in prompted}
+        found["history-order"] = analyses.history_order_analysis(rankers, prompted, instances, results, cfg, shown)
     if "cold-start" in wanted:
         found["cold-start"] = analyses.cold_start_analysis(results, instances, frequency, cfg.bootstrap, cfg.seed)
     if "history-length" in wanted:
         found["history-length"] = analyses.history_length_analysis(results, instances, cfg.max_history, cfg.bootstrap, cfg.seed)
 
     if not distributed.is_main():
-        return path  # rank 0 writes
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-    except OSError as error:
-        raise data.DataError(f"--out {cfg.out}: cannot create it ({error.strerror})") from None
-    config = {**dataclasses.asdict(cfg), "data_dir": data_dir, "users": len(instances), "candidates": K,
-              "device": str(device), "dtype": str(dtype), "traces": traces}
-    with open(path + ".tmp", "w") as f:  # then renamed: a crash never leaves half a file
-        json.dump({"methods": results, "tests": tests, "analyses": found, "config": config}, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-    model_name = os.path.basename(os.path.normpath(cfg.model))
-    print("\n" + markdown_table(results, tests, os.path.basename(os.path.normpath(data_dir)), default_groups(model_name)) + "\n")
-    print(f"{tests['markers']}; bold: best in the column, tested against the runner-up ({tests['test']}).")
-    for name, result in results.items():
-        low, high = result["ci95"]["ndcg@10"]
-        extra = "".join(f", {key} {value}" for key, value in result.get("parse", {}).items())
-        print(f"{name}: NDCG@10 {result['ndcg@10']:.3f}, 95% CI [{low:.3f}, {high:.3f}], {result['seconds']:.1f} s{extra}")
-    if "r2rank" in results and len(results) > 1:
-        best = max((name for name in results if name != "r2rank"), key=lambda name: results[name]["ndcg@10"])
-        test = pair_test(tests, "r2rank", best, "ndcg@10")
-        print(f"r2rank vs the best other method ({best}) on NDCG@10: T = {test['statistic']:g}, p = {test['p_value']:.3g}")
-    for line in analyses.analysis_lines(found):
-        print(line)
+        return path  # rank 0 reports and writes
+    dataset = dataset_name(data_dir)
+    print_report(results, tests, found, dataset, os.path.basename(os.path.normpath(cfg.model)))  # first: a failed write loses no number
+    config_record = {**dataclasses.asdict(cfg), "data_dir": data_dir, "dataset": dataset, "users": len(instances),
+                     "candidates": K, "device": str(device), "dtype": str(dtype), "traces": traces}
+    if kind in results:  # the trace settings the trained method ran with (its training's, unless given)
+        config_record["trace_settings"] = {kind: {setting: getattr(trained_cfg, setting) for setting in TRACE_SETTINGS}}
+    write_results(path, {"methods": results, "tests": tests, "analyses": found, "config": config_record})
     print(f"wrote {path}")
     return path

@@ -176,9 +176,10 @@ def test_r2ec_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     other_budget = run_cli("--stage", "eval", "--model", str(checkpoint), "--data", synthetic_dir, "--methods", "r2ec",
                            "--max-new-tokens", "4", "--out", str(tmp_path / "eval3"), "--bootstrap", "50")
     assert "note: r2ec was trained with --max-new-tokens 6; this evaluation uses 4" in other_budget.stdout
-    skipped = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "r2ec,random",
+    refused = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "r2ec,random",
                       "--out", str(tmp_path / "eval2"), "--bootstrap", "50")
-    assert skipped.returncode == 0 and "no R2ec head" in skipped.stdout
+    assert refused.returncode == 1
+    assert "error: --methods r2ec needs a checkpoint of baselines/r2ec.py (r2ec-head.safetensors)" in refused.stderr
 
 
 def test_reczero_sigterm_keeps_the_finished_steps(synthetic_dir, tmp_path):

@@ -3,9 +3,14 @@ against a plain forward pass, the analyses' reordering of an instance (analyses.
 end to end on the tiny model, every analysis included (run_eval and the CLI).
 The Wilcoxon test and the bootstrap are checked in test_metrics.py.
 """
+import errno
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,11 +19,11 @@ import torch
 import analyses
 import config
 import data
-from baselines import untrained
+from baselines import r2ec, untrained
 import evaluate
 import models
 import r2rank
-import runs
+import checkpoints
 from head import ScoreHead
 from metrics import positive_ranks, rank_by_scores
 
@@ -168,7 +173,7 @@ def checkpoint(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     head = ScoreHead(model.config.hidden_size, 16)
-    return runs.save_checkpoint(str(out), 1, model, tokenizer, head, {}, config.Config(head_width=16))
+    return checkpoints.save_checkpoint(str(out), 1, model, tokenizer, head, {}, config.Config(head_width=16))
 
 
 def test_run_eval_with_every_method_and_analysis(checkpoint, synthetic, tmp_path):
@@ -231,14 +236,16 @@ def run_cli(*args, cwd):
 
 def test_cli_writes_the_json_and_skips_r2rank_without_a_head(synthetic, tmp_path):
     out = tmp_path / "cli"
+    # the default --methods on a bare model: r2rank is skipped with a note, the baselines run
     result = run_cli("--model", "tiny", "--data", synthetic, "--out", str(out), "--eval-limit", "3",
-                     "--methods", "r2rank,random,popularity,pointwise", "--analyses", "cold-start",
-                     "--bootstrap", "100", cwd=tmp_path)
+                     "--max-new-tokens", "4", "--analyses", "cold-start", "--bootstrap", "100", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "no trained scoring head" in result.stdout and "| Method |" in result.stdout
     report = json.loads((out / "eval-test.json").read_text())
-    assert set(report["methods"]) == {"random", "popularity", "pointwise"}
+    assert set(report["methods"]) == {"random", "popularity", "pointwise", "listwise"}
     assert all(len(r["per_user"]) == 3 for r in report["methods"].values())
+    # the data lives in <...>/data, built from the synthetic source: the table names it so, not "data"
+    assert "| Method | synthetic @1 | @5 | @10 |" in result.stdout and report["config"]["dataset"] == "synthetic"
     # a second evaluation into the same --out does not silently replace the first
     again = run_cli("--model", "tiny", "--data", synthetic, "--out", str(out), "--methods", "random", cwd=tmp_path)
     assert again.returncode == 1 and "Traceback" not in again.stderr
@@ -267,3 +274,197 @@ def test_bad_settings_are_clear_errors(synthetic, tmp_path, args, message, capsy
                      "--methods", "random", *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("error: ") and message in err, err
+
+
+# ---------------------------------------------------------------- reliability, round 3: each fault ends in one line
+
+
+def eval_main(*args):
+    """r2rank.main for --stage eval in this process; (exit status, 0 if it returned)."""
+    try:
+        r2rank.main(["--stage", "eval", *map(str, args)])
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EACCES])  # a full disk, `ulimit -f`, a permission
+def test_a_failed_write_keeps_the_printed_table_and_leaves_no_file(synthetic, tmp_path, monkeypatch, capsys, code):
+    def full_disk(report, f, **kwargs):
+        f.write("{" + " " * 4095)  # the 4 KB the disk took before it was full
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(evaluate.json, "dump", full_disk)
+    out = tmp_path / "eval"
+    status = eval_main("--model", "tiny", "--data", synthetic, "--out", out, "--methods", "random,popularity", "--bootstrap", 50)
+    printed, err = capsys.readouterr()
+    assert status == 1 and "Traceback" not in err
+    assert "| Random |" in printed and "| Popularity |" in printed and "random: NDCG@10" in printed  # shown before the write
+    assert err.count("\n") == 1 and err.startswith(f"error: could not write {out}/eval-test.json ({os.strerror(code)}); "
+                                                   "the results are in the table printed above"), err
+    assert not os.path.exists(out) or os.listdir(out) == []  # neither the file nor its temporary one
+
+
+def save_r2rank_checkpoint(tiny, out, **trained):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    return checkpoints.save_checkpoint(str(out), 1, model, tokenizer, ScoreHead(model.config.hidden_size, 16), {},
+                                config.Config(head_width=16, **trained))
+
+
+def test_r2rank_runs_with_the_trace_settings_of_its_training(tiny, synthetic, tmp_path, monkeypatch, capsys):
+    checkpoint = save_r2rank_checkpoint(tiny, tmp_path / "run", max_new_tokens=0, max_history=2, prompt="answer-only")
+    seen, rollout_users = [], evaluate.rollout.rollout_users
+
+    def spy(model, tokenizer, instances, cfg, *args, **kwargs):  # the settings r2rank's traces are made with
+        seen.append({setting: getattr(cfg, setting) for setting in trained})
+        return rollout_users(model, tokenizer, instances, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate.rollout, "rollout_users", spy)
+    trained = {"max_new_tokens": 0, "max_history": 2, "max_item_chars": 200, "response_prefix": "", "prompt": "answer-only"}
+
+    def evaluate_with(out, given=None, **settings):
+        seen.clear()
+        cfg = config.Config(stage="eval", model=checkpoint, data=synthetic, out=str(tmp_path / out), methods="r2rank",
+                            eval_limit=2, bootstrap=50, **settings)
+        if given is not None:  # what parse_config records: the flags on the command line
+            cfg.given = frozenset({"stage", "model", "data", "out", "methods", "eval_limit", "bootstrap", *given})
+        with open(evaluate.run_eval(cfg)) as f:
+            return json.load(f), capsys.readouterr().out
+
+    # nothing given: the checkpoint's settings, named in one note
+    report, printed = evaluate_with("taken")
+    assert "note: r2rank runs with the trace settings it was trained with (r2rank.json): --max-new-tokens 0, " \
+           "--max-history 2, --prompt answer-only\n" in printed
+    assert seen == [trained, trained] and report["config"]["trace_settings"]["r2rank"] == trained
+    assert report["methods"]["r2rank"]["response_len"] == 0 and "traces of <= 0 tokens" in printed
+    # given on the command line, even at its default: the user's value, with a note that it differs from training
+    mine, printed = evaluate_with("given", given={"max_history"}, max_history=20)
+    assert "note: r2rank was trained with --max-history 2; this evaluation uses 20, as given\n" in printed
+    assert "note: r2rank runs with the trace settings it was trained with (r2rank.json): --max-new-tokens 0, " \
+           "--prompt answer-only\n" in printed
+    assert seen == [{**trained, "max_history": 20}] * 2 and mine["config"]["trace_settings"]["r2rank"]["max_history"] == 20
+    # the training's own values given: no note
+    _, printed = evaluate_with("same", given=set(trained), **trained)
+    assert "note: r2rank" not in printed and seen == [trained, trained]
+
+
+@pytest.fixture(scope="module")
+def kinds(tiny, checkpoint, tmp_path_factory):
+    """--model of every kind eval tells apart: tiny (bare), an R2Rank checkpoint, and directories holding
+    what baselines/reczero.py's and r2ec.py's checkpoints hold (the LLM, the record, R2ec's head)."""
+    model, tokenizer = tiny
+    paths = {"tiny": "tiny", "r2rank": checkpoint}
+    for kind in ("reczero", "r2ec"):
+        path = str(tmp_path_factory.mktemp(kind) / "checkpoint-1")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        with open(os.path.join(path, f"{kind}.json"), "w") as f:
+            json.dump({"step": 1, "settings": {"max_new_tokens": 2, "max_history": 20, "max_item_chars": 200}}, f)
+        if kind == "r2ec":
+            r2ec.save_head(path, r2ec.RecHead(model.config.hidden_size), {})
+        paths[kind] = path
+    return paths
+
+
+RECZERO = "a checkpoint of baselines/reczero.py (reczero.json)"
+R2EC = "a checkpoint of baselines/r2ec.py (r2ec-head.safetensors)"
+R2RANK = "a checkpoint of --stage rl with its scoring head (head.safetensors)"
+BARE = "not the checkpoint of a trained method (no head.safetensors, reczero.json or r2ec-head.safetensors)"
+
+
+@pytest.mark.parametrize("model, methods, refused, needs, is_, fix", [
+    ("r2ec", "reczero,random", "reczero", RECZERO, R2EC, "evaluate it with --methods r2ec"),  # was reported as RecZero's
+    ("tiny", "r2rank", "r2rank", R2RANK, BARE, "leave r2rank out of --methods"),
+    ("tiny", "reczero", "reczero", RECZERO, BARE, "leave reczero out of --methods"),
+    ("reczero", "r2rank,random", "r2rank", R2RANK, RECZERO, "evaluate it with --methods reczero"),
+    ("r2rank", "pointwise,r2ec", "r2ec", R2EC, R2RANK, "evaluate it with --methods r2rank"),
+])
+def test_a_method_that_does_not_match_the_checkpoint_is_refused(kinds, synthetic, tmp_path, capsys, model, methods,
+                                                                 refused, needs, is_, fix):
+    out = tmp_path / "eval"
+    status = eval_main("--model", kinds[model], "--data", synthetic, "--out", out, "--methods", methods,
+                       "--eval-limit", 1, "--max-new-tokens", 2, "--bootstrap", 20)
+    err = capsys.readouterr().err
+    assert status == 1 and err == f"error: --methods {refused} needs {needs}; --model {kinds[model]} is {is_}: {fix}\n", err
+    assert not out.exists()
+
+
+def test_a_compared_system_runs_with_the_trace_settings_of_its_training(kinds, synthetic, tmp_path, capsys):
+    """The same rule for reczero and r2ec, whose checkpoints record their settings in reczero.json / r2ec.json."""
+    out = tmp_path / "taken"
+    assert eval_main("--model", kinds["reczero"], "--data", synthetic, "--out", out, "--methods", "reczero,random",
+                     "--eval-limit", 1, "--bootstrap", 20) == 0
+    printed = capsys.readouterr().out
+    assert "note: reczero runs with the trace settings it was trained with (reczero.json): --max-new-tokens 2\n" in printed
+    assert json.loads((out / "eval-test.json").read_text())["config"]["trace_settings"]["reczero"]["max_new_tokens"] == 2
+    assert eval_main("--model", kinds["reczero"], "--data", synthetic, "--out", tmp_path / "given", "--methods", "reczero",
+                     "--eval-limit", 1, "--bootstrap", 20, "--max-new-tokens", 3) == 0
+    assert "note: reczero was trained with --max-new-tokens 2; this evaluation uses 3, as given\n" in capsys.readouterr().out
+
+
+def test_a_method_whose_answers_are_mostly_unparsable_is_not_marked_best(capsys):
+    """The listwise baseline scored 1.000 in bold where 5 of 5 answers named no candidate: the scores were
+    the input order (the positive first). Its row now says so, and the best of the others is bold."""
+    def result(ndcg, parse=None, users=5):
+        per_user = [{"user_id": f"u{u}", "ndcg@1": ndcg[u], "ndcg@5": ndcg[u], "ndcg@10": ndcg[u]} for u in range(users)]
+        means = {f"ndcg@{k}": float(np.mean(ndcg)) for k in evaluate.KS}
+        return {**means, "ci95": {metric: [0.0, 1.0] for metric in means}, "per_user": per_user, "seconds": 0.0,
+                **({"parse": parse} if parse else {})}
+
+    fallback = {"unparsable": 5, "incomplete": 0, "appended": 100, "repeated": 0, "out_of_range": 0}
+    results = {"random": result([0.1, 0.2, 0.1, 0.3, 0.2]), "pointwise": result([0.5, 0.6, 0.4, 0.7, 0.5]),
+               "listwise": result([1.0] * 5, fallback)}
+    tests = evaluate.pairwise_tests(results)
+    table = evaluate.markdown_table(results, tests, "synthetic", evaluate.default_groups("m"))
+    assert "| Listwise, zero-shot (5 of 5 answers unparsable; not marked best) | 1.000 | 1.000 | 1.000 |" in table
+    assert "| Pointwise, zero-shot | **0.540**" in table  # the best of the methods that ranked
+    # a minority unparsable: counted in the row, still eligible
+    results["listwise"] = result([1.0, 1.0, 0.9, 0.9, 0.9], {**fallback, "unparsable": 2})
+    table = evaluate.markdown_table(results, evaluate.pairwise_tests(results), "synthetic", evaluate.default_groups("m"))
+    assert "| Listwise, zero-shot (2 of 5 answers unparsable) | **0.940**" in table
+    results["listwise"] = result([1.0] * 5, fallback)
+    evaluate.print_report(results, tests, {}, "synthetic", "m")
+    assert "listwise: 5 of 5 answers unparsable: those users' scores are the candidates' input order (a default, not a " \
+           "ranking); so it is not marked best\n" in capsys.readouterr().out
+
+
+def test_sigterm_during_eval_says_nothing_was_written_as_ctrl_c_does(synthetic, tmp_path):
+    """SIGTERM killed eval without a word; now it ends as Ctrl-C does (test_runs.py checks Ctrl-C): the
+    same line, exit status 143."""
+    started, out = tmp_path / "started", tmp_path / "eval"
+    script = tmp_path / "slow_eval.py"  # the real r2rank.main, with a ranker that takes a minute
+    script.write_text(f"import sys, time\nsys.path[:0] = [{ROOT!r}]\nfrom baselines import untrained\n"
+                      f"def slow(*args):\n    open({str(started)!r}, 'w').close()\n    time.sleep(60)\n"
+                      "untrained.random_scores = slow\nimport r2rank\nr2rank.main()\n")
+    process = subprocess.Popen([sys.executable, str(script), "--stage", "eval", "--model", "tiny", "--data", synthetic,
+                                "--out", str(out), "--methods", "random"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not started.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and "Traceback" not in stderr, (process.returncode, stderr)
+    assert stderr.strip().splitlines()[-1] == "interrupted: the evaluation stopped before writing its results; nothing was written"
+    assert not (out.exists() and os.listdir(out))
+
+
+def test_the_dataset_is_named_by_its_directory_or_its_source(tmp_path):
+    def dataset(*parts, inputs=None):
+        path = tmp_path.joinpath(*parts)
+        path.mkdir(parents=True)
+        if inputs is not None:
+            (path / "stats.json").write_text(json.dumps({"inputs": inputs}))
+        return evaluate.dataset_name(str(path))
+
+    assert dataset("vg", inputs=["Video_Games.jsonl.gz", "meta_Video_Games.jsonl.gz"]) == "vg"
+    assert dataset("runs", "tiny", "data", inputs=["synthetic"]) == "synthetic"  # the synthetic set built into <out>/data
+    assert dataset("ml100k", "data", inputs=["ml-100k/u.data", "ml-100k/u.item", "ml-100k/u.user"]) == "ml100k"
+    assert dataset("noStats", "data") == "noStats"
+
+
+def test_the_flags_given_on_the_command_line_are_known_even_at_their_default():
+    import config
+
+    assert evaluate.chosen_settings(config.parse_config(["--stage", "eval", "--max-history", "20"])) == {"stage", "max_history"}
+    assert evaluate.chosen_settings(config.parse_config(["--stage", "eval"])) == {"stage"}
