@@ -88,7 +88,7 @@ def position_analysis(rankers, names, instances):
 
 def history_order_analysis(rankers, names, instances, results, cfg, shown=None):
     """Table 7: NDCG@10 over R shuffles of each user's shown history. shown: {name: the history length that
-    method is shown} (a trained method keeps its training's, evaluate.method_settings); default cfg.max_history."""
+    method is shown} (a trained method keeps its training's, eval_methods.method_settings); default cfg.max_history."""
     labels, out = labels_of(instances), {}
     for name in names:
         values, max_history = [], (shown or {}).get(name, cfg.max_history)

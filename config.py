@@ -208,7 +208,7 @@ def parse_and_check(argv, description):
             section.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"], help=help)
     cfg = Config(**vars(parser.parse_args(argv)))
     # the flags given on the command line, a default typed out included (eval takes a checkpoint's trace
-    # settings for the others: evaluate.chosen_settings): parsed again into markers only a given flag replaces
+    # settings for the others: eval_methods.chosen_settings): parsed again into markers only a given flag replaces
     unset = object()
     given = parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Config)}))
     cfg.given = frozenset(name for name, value in vars(given).items() if value is not unset)

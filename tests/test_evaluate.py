@@ -20,6 +20,7 @@ import analyses
 import config
 import data
 from baselines import r2ec, untrained
+import eval_methods
 import evaluate
 import models
 import r2rank
@@ -466,5 +467,5 @@ def test_the_dataset_is_named_by_its_directory_or_its_source(tmp_path):
 def test_the_flags_given_on_the_command_line_are_known_even_at_their_default():
     import config
 
-    assert evaluate.chosen_settings(config.parse_config(["--stage", "eval", "--max-history", "20"])) == {"stage", "max_history"}
-    assert evaluate.chosen_settings(config.parse_config(["--stage", "eval"])) == {"stage"}
+    assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval", "--max-history", "20"])) == {"stage", "max_history"}
+    assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval"])) == {"stage"}
