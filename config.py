@@ -91,8 +91,9 @@ class Config:
     dtype: str = common("auto", "compute precision (autocast): auto = bfloat16 on a CUDA card that has it, else float32; "
                         "trained weights stay fp32, frozen ones are held in it; float16 is refused (no loss scaling)",
                         ["auto", "float32", "bfloat16", "float16"])
-    gradient_checkpointing: str = common("auto", "recompute activations in the backward pass: auto (on for cuda)",
-                                         ["auto", "on", "off"])
+    gradient_checkpointing: str = common("auto", "recompute activations in the backward pass: auto = on CUDA, off when the "
+                                         "shared-prefix update is estimated to fit the GPU without it (memory.py; "
+                                         "RL), else on; off on a CPU (SFT: on for CUDA)", ["auto", "on", "off"])
     max_history: int = common(20, "history items shown in the prompt (the most recent ones)", allowed=AT_LEAST_0)
     max_item_chars: int = common(200, "characters per item line in the prompt (longer texts are cut)", allowed=AT_LEAST_1)
     max_new_tokens: int = common(256, "token budget of one reasoning trace; 0 = representation only: no token is "

@@ -21,6 +21,7 @@ from tqdm import tqdm
 import checkpoints
 import data
 import distributed
+import memory
 import rollout
 import runs
 import stops
@@ -135,7 +136,13 @@ def load_run(cfg, rank_device):
             else ScoreHead(hidden_size, cfg.head_width).to(device))
     if cfg.freeze_llm:
         model.requires_grad_(False)
-    use_checkpointing = enable_checkpointing(model, cfg.gradient_checkpointing, device) if not cfg.freeze_llm else False
+    # the update's layout from memory (--gradient-checkpointing auto): the shared-prefix update when it fits
+    prefix, suffixes = data.encode_user(tokenizer, train[0], cfg.max_history, cfg.max_item_chars, cfg.response_prefix,
+                                        data.PROMPTS[cfg.prompt])
+    use_checkpointing, why = (False, "no update of the LLM") if cfg.freeze_llm else memory.choose_checkpointing(
+        cfg.gradient_checkpointing, device, model.config, len(suffixes), len(prefix) + max(map(len, suffixes)), len(prefix),
+        cfg.max_new_tokens, cfg.micro_batch, dtype.itemsize, cfg.lora_rank)
+    enable_checkpointing(model, "on" if use_checkpointing else "off", device)
     if use_checkpointing and cfg.shared_prefix_update == "on":
         raise data.UsageError("--shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
     shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
@@ -168,7 +175,7 @@ def load_run(cfg, rank_device):
     K = len(train[0]["candidates"])
     print(f"{cfg.users_per_step} users x {K} candidates = {cfg.users_per_step * K} traces per step "
           f"(<= {cfg.users_per_step * K * cfg.max_new_tokens} new tokens); {cfg.num_rankings} rankings per user; "
-          f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'}, "
+          f"{len(train)} training users; device {device}, {dtype} compute, gradient checkpointing {'on' if use_checkpointing else 'off'} ({why}), "
           f"shared-prefix update {'on' if shared_prefix else 'off'}")
     # every rank checks (it only reads): one rank refusing alone would leave the others waiting at the barrier
     checkpoints.check_disk(cfg.out, checkpoints.checkpoint_bytes(model, optimizers, head),

@@ -65,3 +65,21 @@ def test_a_head_of_another_width_or_hidden_size_is_one_line_naming_both(tmp_path
     loaded = models.load_head(same, 64, torch.device("cpu"))
     hidden = torch.randn(3, 64)
     assert torch.equal(loaded(hidden), saved(hidden))
+
+
+def test_the_update_layout_is_chosen_by_memory():
+    """--gradient-checkpointing auto on CUDA: off when the shared-prefix update fits (Qwen2.5-1.5B, all weights, micro-batch 8:
+    about 57 GiB estimated, x 1.25), on when it does not; off on a CPU; "on" / "off" as given."""
+    import memory
+
+    config = models.qwen25_config("qwen2.5-1.5b")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    shape = dict(config=config, K=20, prompt_tokens=700, shared_tokens=500, new_tokens=512, micro_batch=8, compute_bytes=2,
+                 lora_rank=0)
+    peak = memory.estimate_memory(config, 20, 700, 512, 8, False, 2, 0, shared_prefix_tokens=500)[1]["peak"]
+    assert 50 * 2**30 < peak < 65 * 2**30
+    assert memory.choose_checkpointing("auto", cuda, **shape, available_bytes=80 * 2**30)[0] is False
+    assert memory.choose_checkpointing("auto", cuda, **shape, available_bytes=peak * 1.2)[0] is True  # inside the margin
+    assert memory.choose_checkpointing("auto", cuda, **shape, available_bytes=24 * 2**30)[0] is True
+    assert memory.choose_checkpointing("auto", cpu, **shape)[0] is False
+    assert memory.choose_checkpointing("on", cpu, **shape)[0] is True and memory.choose_checkpointing("off", cuda, **shape)[0] is False

@@ -186,7 +186,7 @@ def test_cli_trains_logs_checkpoints_and_resumes(tmp_path, synthetic_dir):
     second = run_cli("--stage", "rl", "--max-steps", "3", "--resume", "--gradient-checkpointing", "on", *common)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "checkpoint-2" in second.stdout
-    assert "gradient checkpointing on, shared-prefix update off" in second.stdout
+    assert "gradient checkpointing on (as given), shared-prefix update off" in second.stdout
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [row["step"] for row in rows] == [1, 2, 3]
     # The resumed head is the saved one, not a fresh initialization.

@@ -39,7 +39,7 @@ import rollout  # noqa: E402
 from head import ScoreHead  # noqa: E402
 
 import flops  # noqa: E402  (tools/flops.py, beside this file)
-from memory_estimate import print_estimates  # noqa: E402
+from memory import print_estimates  # noqa: E402
 from rl_step import benchmark_instance, paper_scale, rl_step, rss_kib  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """One RL step of a model through the project's own code, timed and with its peak memory beside
-tools/memory_estimate.py's estimate; and --paper-scale, the ready GPU check. Run through benchmark.py:
+memory.py's estimate; and --paper-scale, the ready GPU check. Run through benchmark.py:
 
     python tools/benchmark.py --rl-step random:qwen2.5-0.5b --new-tokens 64
     python tools/benchmark.py --paper-scale          # CUDA: the tests, then Qwen2.5-1.5B and 3B steps
@@ -17,7 +17,7 @@ import models  # noqa: E402
 import rollout  # noqa: E402
 from head import ScoreHead  # noqa: E402
 
-from memory_estimate import estimate_memory  # noqa: E402  (tools/memory_estimate.py, beside this file)
+from memory import estimate_memory  # noqa: E402
 
 
 def rss_kib(field):

@@ -1,16 +1,16 @@
-"""Peak memory of one RL step, estimated by part from a Qwen2 config (no model is built):
+"""Peak memory of one RL step, estimated by part from a Qwen2 config (no model is built), and the
+update's layout chosen by it (--gradient-checkpointing auto):
 
     python tools/benchmark.py --estimate          # the table for Qwen2.5 0.5B-7B, full and LoRA
     estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512)   # micro-batch: config.py's default
+    choose_checkpointing("auto", device, config, K, prompt_tokens, shared_tokens, new_tokens, ...)
 
 tools/benchmark.py --rl-step measures one step beside this estimate.
 """
-import os
-import sys
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config as cli_config  # noqa: E402
-import models  # noqa: E402
+import config as cli_config
+import models
 
 MICRO_BATCH = cli_config.Config().micro_batch  # the CLI's --micro-batch default: what a run uses unless told
 # A candidate's own part of the prompt (its item line of <= --max-item-chars 200 characters, about 50 tokens,
@@ -100,3 +100,32 @@ def print_estimates(args):
                for checkpointing in (True, False) for rank in (0, 16)]
         print(f"| Qwen2.5-{name.split('-')[1].upper()} | {parameter_count(config)[0] / 1e9:.2f} B | "
               + " | ".join(f"{g:.1f} GiB" for g in gib) + " |")
+
+
+# Measured peaks were 1.17-1.20 times the estimate (RESULTS.md, Qwen2.5-0.5B's shape on the CPU).
+ESTIMATE_MARGIN = 1.25
+
+
+def choose_checkpointing(setting, device, config, K, prompt_tokens, shared_tokens, new_tokens, micro_batch,
+                         compute_bytes, lora_rank, available_bytes=None):
+    """--gradient-checkpointing as (on, why). "on" and "off" are taken as given. "auto" is off on a CPU
+    or MPS (host memory; recomputing only costs time there) and on CUDA off when the shared-prefix
+    update without checkpointing (a user's prompt prefix run once per micro-batch; checkpointing would
+    recompute it for every trace) is estimated to fit, with ESTIMATE_MARGIN, in the memory available to
+    this process (free plus what it holds already: the weights are in the estimate); on otherwise, or
+    for a model whose config the estimate cannot read. available_bytes: instead of asking CUDA."""
+    if setting != "auto":
+        return setting == "on", "as given"
+    if device.type != "cuda":
+        return False, f"auto: off on {device.type}"
+    try:
+        peak = estimate_memory(config, K, prompt_tokens, new_tokens, micro_batch, False, compute_bytes, lora_rank,
+                               foreach=True, shared_prefix_tokens=shared_tokens)[1]["peak"]
+    except AttributeError:  # not a Qwen2-shaped config
+        return True, "auto: the memory of this architecture is not estimated"
+    if available_bytes is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        available_bytes = free + torch.cuda.memory_allocated(device)
+    fits = peak * ESTIMATE_MARGIN <= available_bytes
+    return not fits, (f"auto: the shared-prefix update needs about {peak / 2**30:.1f} GiB (x{ESTIMATE_MARGIN:g}) "
+                      f"of {available_bytes / 2**30:.1f} GiB available")
