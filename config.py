@@ -108,6 +108,8 @@ class Config:
                           "the LLM: the log-probs of Eq. 6 do not include the cut)", allowed=UNIT_INTERVAL)
     lora_rank: int = common(0, "train rank-R LoRA adapters beside the attention and MLP projections instead of every "
                             "weight (0 = all weights); take a larger --lr / --sft-lr, e.g. 1e-4 (models.py)", allowed=AT_LEAST_0)
+    dist_timeout: float = common(120.0, "torchrun: minutes a process waits for the others in a collective, e.g. while "
+                                 "rank 0 validates and saves alone (torch's own default: 10 for NCCL)", allowed=POSITIVE)
     micro_batch: int = common(8, "traces per forward/backward in the update (memory only; same gradient)", allowed=AT_LEAST_1)
 
     # --stage rl: Algorithm 1

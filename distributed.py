@@ -12,15 +12,19 @@ works on its share of the step's users: users[rank::world]. What makes N ranks e
   the head's loss of all users' rankings), so the gradients are summed, not averaged, across ranks;
 - rank 0 alone writes (metrics, checkpoints, eval files); every rank reads the same checkpoint.
 """
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
 
-def start():
+def start(timeout_minutes=120.0):
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns the CUDA device of
-    this rank's GPU, or None. A plain run starts nothing."""
+    this rank's GPU, or None. A plain run starts nothing. timeout_minutes (--dist-timeout): how long a
+    rank waits in a collective for the others. Rank 0 validates and saves alone while the others wait
+    at the step's next collective, so the default (torch's is 10 minutes for NCCL) must cover the
+    longest validation and checkpoint save."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     cuda = torch.cuda.is_available()
@@ -30,7 +34,7 @@ def start():
 
         raise UsageError(f"torchrun started {local_world} processes on this node, which has {torch.cuda.device_count()} "
                         "GPU(s): one process per GPU (--nproc-per-node), or CUDA_VISIBLE_DEVICES= for CPU processes")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))

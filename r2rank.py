@@ -180,7 +180,7 @@ def train_rl(cfg, rank_device=None):
 def main(argv=None):
     cfg = parse_config(argv, " ".join(__doc__.split("\n\n")[0].split()))
     try:
-        rank_device = distributed.start()  # under torchrun: join the process group (a plain run: nothing)
+        rank_device = distributed.start(cfg.dist_timeout)  # under torchrun: join the process group (a plain run: nothing)
     except data.UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # while waiting for the other processes of torchrun
@@ -207,6 +207,10 @@ def main(argv=None):
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:  # RuntimeError: the CPU allocator's failure
+        if distributed.world() > 1 and "Timed out" in str(error):  # gloo's (NCCL's watchdog aborts the process)
+            print(f"error: rank {distributed.rank()} waited more than --dist-timeout {cfg.dist_timeout:g} minutes for the "
+                  "others (rank 0 validates and saves alone): raise --dist-timeout", file=sys.stderr)
+            sys.exit(1)
         if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(error):
             raise
         flags = "--micro-batch, --max-new-tokens or --users-per-step, or pass --gradient-checkpointing on or --lora-rank"
