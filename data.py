@@ -27,6 +27,11 @@ Departures from the paper (which leaves these points open):
 5. Timestamps are stored (Unix seconds) but left out of the prompt.
 6. A synthetic source (not in the paper, see sources.py) gives a small set whose labels only the
    history reveals.
+7. The self-check prompt of Fig. 2 is reworded (INSTRUCTIONS), with the same three parts in the same
+   order and the same two answers, a system line of its own, and the context labelled USER CONTEXT and
+   CANDIDATE ITEM; as in Fig. 2 the candidate comes last, so the K prompts of a user share every token
+   before it (their KV cache is computed once). --prompt answer-only is Table 5's
+   "Without CoT": the decision alone.
 """
 import argparse
 import json
