@@ -25,11 +25,12 @@ def rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def benchmark_instance(history, candidates):
-    """A synthetic user with a full-length history (the synthetic set's are 4-10 items)."""
+def benchmark_instance(history, candidates, user=0):
+    """A synthetic user (the `user`-th training user) with a full-length history (the synthetic set's
+    are 4-10 items)."""
     raw = data.synthetic_raw(users=50, seed=0)
     splits, _ = data.build_instances(raw, data.Protocol(candidates=candidates))
-    instance = dict(splits["train"][0])
+    instance = dict(splits["train"][user])
     pool = [item for inst in splits["train"] for item in inst["history"]]
     instance["history"] = (instance["history"] + pool)[:history]
     return instance
