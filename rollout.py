@@ -155,7 +155,7 @@ def _transformers_feed(decoder, prefix_ids, rows, device):
 
 # Decode steps between two looks at which users' rows have all ended. A look reads a tensor on the host,
 # which on a GPU waits for every queued kernel; the steps run after every row has ended (at most this
-# many minus one) are the price, and they change no token.
+# many minus one) are the price, and they change no token and no generator (sample_users sets it back).
 STOP_CHECK_EVERY = 8
 # Rows (users x K traces) decoded as one batch when the config does not say (--rollout-rows).
 ROLLOUT_ROWS = 160
@@ -193,11 +193,12 @@ def sample_users(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top
     The U x K rows are decoded as one batch, so a decode step reads the weights once for all of them;
     each user's prefix is run and kept once, and its K rows attend to it alone (decode.stack_prefixes).
     A user's tokens are those sample_traces draws for it alone: its rows are drawn with its own
-    generator, consumed as when it is decoded alone (one draw of its K rows per step until its rows
-    have ended, as seen every STOP_CHECK_EVERY steps). Log-probs and hidden states may differ from the
-    user's alone in the last bits (the padding to the longest prefix and suffix changes the order of
-    the attention's sums), so a sampled token could differ only where a draw falls within that
-    rounding of a boundary; greedy tokens, unless two logits tie within it.
+    generator, and the generator is left as the user alone leaves it, one draw of its K rows per step
+    up to the step its last row ends (draws made after that, until a look sees it, are undone by
+    set_back; not with one generator shared by several users, or None). Log-probs and hidden states
+    may differ from the user's alone in the last bits (the padding to the longest prefix changes the
+    order of the attention's sums), so a sampled token could differ only where a draw falls within
+    that rounding of a boundary; greedy tokens, only where two logits tie within it.
     No host sync per token: the final hidden states are kept with torch.where, and whether every row has
     ended is read every STOP_CHECK_EVERY steps. On transformers' cache (fast_decode False, or an
     architecture decode.py does not support) the users are decoded one after another.
@@ -247,9 +248,15 @@ def sample_users(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     drawing = [True] * U  # users with a row still going, as last seen: only they draw from their generator
+    own_streams = temperature > 0 and None not in generators and len({id(g) for g in generators}) == U
+    states = [{} for _ in range(U)]  # per user, since the last look: step -> its generator's state after that step's draw
     for step in range(max_new_tokens):
         alive = ~done
         token = next_tokens(logits, temperature, top_p, generators, drawing).masked_fill(done, pad_id)  # [N]
+        if own_streams:
+            for user, generator in enumerate(generators):
+                if drawing[user]:
+                    states[user][step] = generator.get_state()  # host memory only, no sync
         tokens[:, step] = token
         logprobs[:, step] = token_logprobs(logits, token, temperature).masked_fill(done, 0.0)
         lengths += alive.long()
@@ -263,21 +270,36 @@ def sample_users(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top
         if step == max_new_tokens - 1:
             break
         if (step + 1) % STOP_CHECK_EVERY == 0:
-            drawing = (~done.view(U, K).all(1)).tolist()  # the host sync, once every STOP_CHECK_EVERY steps
+            # the host sync, once every STOP_CHECK_EVERY steps: each user's last step if all its rows have ended, else -1
+            last_steps = torch.where(done.view(U, K).all(1), lengths.view(U, K).amax(1) - 1, -1).tolist()
+            drawing = [last < 0 for last in last_steps]
+            set_back(generators if own_streams else [], states, last_steps)
             if not any(drawing):
                 break
         logits = lm_head(hidden).float()
         position = position + 1
 
     model.train(was_training)
+    widths = lengths.view(U, K).amax(1).tolist()
+    set_back(generators if own_streams else [], states, [width - 1 for width in widths])
     samples = []
-    for user, width in enumerate(lengths.view(U, K).max(1).values.tolist()):
+    for user, width in enumerate(widths):
         rows = slice(user * K, (user + 1) * K)
         mask = torch.arange(width, device=device)[None, :] < lengths[rows, None]
         # clones: a view would keep (and torch.save would write) the whole batch's tensors
         samples.append(Samples(tokens[rows, :width].clone(), logprobs[rows, :width].clone(), mask, lengths[rows].clone(),
                                finished[rows].clone(), final_hidden[rows].float().clone()))
     return samples
+
+
+def set_back(generators, states, last_steps):
+    """Each user's generator set to its state after the draw of the user's last step (when that step's
+    state was kept: the user has ended since the last look); the kept states dropped."""
+    for generator, kept, last in zip(generators, states, last_steps):
+        if last in kept:
+            generator.set_state(kept[last])
+    for kept in states:
+        kept.clear()
 
 
 def user_groups(rows_per_user, max_rows):

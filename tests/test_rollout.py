@@ -233,7 +233,9 @@ def early_stops(tiny):
 def test_users_decoded_together_draw_what_each_draws_alone(early_stops, temperature):
     """sample_users (all users' rows in one batch) against sample_traces one user at a time: the same
     tokens, the same generator states after (so a resumed run or another torchrun rank draws the same),
-    log-probs and final hidden states equal up to the attention's summation order (prefixes padded)."""
+    log-probs and final hidden states equal up to the attention's summation order (prefixes padded).
+    The states are those of one draw of the user's K rows per step up to the step its last row ended
+    (a fresh generator drawn that often), though the stop rule looks only every STOP_CHECK_EVERY steps."""
     model, tokenizer = early_stops
     prompts = _users(tokenizer, 5)
     together_generators = [torch.Generator().manual_seed(10 + u) for u in range(5)]
@@ -247,6 +249,11 @@ def test_users_decoded_together_draw_what_each_draws_alone(early_stops, temperat
         assert samples.token_lists() == alone.token_lists()
         assert torch.equal(samples.finished, alone.finished) and torch.equal(samples.mask, alone.mask)
         assert torch.equal(together_generator.get_state(), alone_generator.get_state())
+        if temperature:
+            drawn = torch.Generator().manual_seed(10 + prompts.index((prefix, suffixes)))
+            for _ in range(int(alone.lengths.max())):  # torch.multinomial's draw for [K, V] probabilities
+                torch.empty(len(suffixes), model.config.vocab_size).exponential_(generator=drawn)
+            assert torch.equal(drawn.get_state(), alone_generator.get_state())
         torch.testing.assert_close(samples.logprobs, alone.logprobs, atol=1e-4, rtol=0)
         torch.testing.assert_close(samples.final_hidden, alone.final_hidden, atol=1e-4, rtol=0)
 
