@@ -110,6 +110,9 @@ class Config:
                             "weight (0 = all weights); take a larger --lr / --sft-lr, e.g. 1e-4 (models.py)", allowed=AT_LEAST_0)
     dist_timeout: float = common(120.0, "torchrun: minutes a process waits for the others in a collective, e.g. while "
                                  "rank 0 validates and saves alone (torch's own default: 10 for NCCL)", allowed=POSITIVE)
+    rollout_rows: int = common(160, "rows decoded together in the rollout and validation (whole users: users x K, at "
+                               "least one user); more read the weights fewer times per token, at more memory; the "
+                               "tokens do not change", allowed=AT_LEAST_1)
     micro_batch: int = common(8, "traces per forward/backward in the update (memory only; same gradient)", allowed=AT_LEAST_1)
 
     # --stage rl: Algorithm 1

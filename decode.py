@@ -4,6 +4,12 @@ prompt prefix's keys and values kept once, each row's own in a cache allocated o
     cache = decode.RowCache(decoder, rows=K, capacity=L + max_new_tokens, prefix=decode.prefix_cache(decoder, prefix_ids))
     hidden = decode.forward(decoder, cache, input_ids, positions, valid)   # [K, T, H], after the final norm
 
+Several users at once (U users x K rows, one read of the weights per step for all of them): rows
+u*K .. u*K + K - 1 are user u's, and each attends to its own user's prefix.
+
+    prefix = decode.stack_prefixes([decode.prefix_cache(decoder, ids) for ids in prefix_ids_per_user])
+    cache = decode.RowCache(decoder, rows=U * K, capacity=L + max_new_tokens, prefix=prefix)
+
 Why (rollout.sample_traces uses it; measured with tools/benchmark.py): transformers' DynamicCache
 concatenates every layer's keys and values with each new token, so a decode step copies the whole cache
 (K rows x the prompt and the trace so far), and a prefix shared by the K rows is stored, copied and
@@ -43,7 +49,9 @@ def supported(model):
 
 class RowCache:
     """The keys and values one decode of K rows attends to, per layer:
-    prefix: (keys, values) [kv_heads, P, head_dim], shared by all rows (None: no shared prefix);
+    prefix: (keys, values) [kv_heads, P, head_dim], shared by all rows (None: no shared prefix); or,
+            for U users (stack_prefixes), (keys, values) [U, kv_heads, P, head_dim] and valid [U, P]
+            (None: no padding), the K rows in U equal blocks, block u attending to user u's prefix;
     rows:   (keys, values) [K, kv_heads, capacity, head_dim], row k's own tokens at slots 0, 1, ...
     valid:  [K, capacity] bool, which written slots hold a real token (pads and finished rows: False).
     Buffers are allocated on the first write: keys in fp32, as attention() multiplies them in fp32
@@ -78,7 +86,9 @@ def attention(query, keys, values, allowed, prefix):
     keys are never repeated per row).
 
     query [K, kv_heads, G, T, d] (already scaled; G query heads share one key-value head),
-    keys, values [K, kv_heads, S, d]; allowed [K, 1, 1, T, S] bool; prefix: None or ([kv_heads, P, d], same).
+    keys, values [K, kv_heads, S, d]; allowed [K, 1, 1, T, S] bool; prefix: None, or (keys, values)
+    [kv_heads, P, d] shared by all K rows, or (keys, values) [U, kv_heads, P, d] with an optional
+    valid [U, P] bool (False: padding), the K rows in U equal blocks, block u attending to user u's.
     The scores and the softmax are in fp32 whatever the inputs' dtype (as SDPA's kernels accumulate
     q k^T in fp32); the probabilities are cast to the values' dtype for the products with the values.
     returns [K, kv_heads, G, T, d].
@@ -92,17 +102,24 @@ def attention(query, keys, values, allowed, prefix):
     scores = scores.view(K, kv_heads, G, T, -1).masked_fill(~allowed, torch.finfo(torch.float32).min)
     if prefix is None:
         return (scores.softmax(-1).to(values.dtype).view(K, kv_heads, G * T, -1) @ values).view(K, kv_heads, G, T, d)
-    prefix_keys, prefix_values = prefix
-    P = prefix_keys.shape[1]
-    # All rows' queries against the one copy: [kv_heads, K*G*T, d] @ [kv_heads, d, P]
-    stacked = query.permute(1, 0, 2, 3, 4).reshape(kv_heads, K * G * T, d)
+    prefix_keys, prefix_values = prefix[0], prefix[1]
+    if prefix_keys.dim() == 3:  # one prefix for all rows
+        prefix_keys, prefix_values = prefix_keys[None], prefix_values[None]
+    U, P, S = prefix_keys.shape[0], prefix_keys.shape[2], scores.shape[-1]
+    R = K // U  # rows per user
+    # Each user's rows' queries against its one copy: [U, kv_heads, R*G*T, d] @ [U, kv_heads, d, P]
+    stacked = query.view(U, R, kv_heads, G, T, d).transpose(1, 2).reshape(U, kv_heads, R * G * T, d)
     with torch.autocast(query.device.type, enabled=False):
-        prefix_scores = stacked @ prefix_keys.float().transpose(-1, -2)
-    prefix_scores = prefix_scores.view(kv_heads, K, G, T, P).permute(1, 0, 2, 3, 4)
-    probs = torch.cat([prefix_scores, scores], dim=-1).softmax(-1).to(values.dtype)  # [K, kv_heads, G, T, P + S]
-    from_prefix = probs[..., :P].permute(1, 0, 2, 3, 4).reshape(kv_heads, K * G * T, P) @ prefix_values
-    from_rows = probs[..., P:].reshape(K, kv_heads, G * T, -1) @ values
-    return from_prefix.view(kv_heads, K, G, T, d).permute(1, 0, 2, 3, 4) + from_rows.view(K, kv_heads, G, T, d)
+        prefix_scores = (stacked @ prefix_keys.float().transpose(-1, -2)).view(U, kv_heads, R, G, T, P)
+    if len(prefix) > 2 and prefix[2] is not None:  # a shorter prefix's padding
+        prefix_scores = prefix_scores.masked_fill(~prefix[2][:, None, None, None, None, :], torch.finfo(torch.float32).min)
+    # The softmax in the prefix's layout, [U, kv_heads, R, G, T, P + S]: only the rows' S scores move (P >> S).
+    row_scores = scores.view(U, R, kv_heads, G, T, S).transpose(1, 2)
+    probs = torch.cat([prefix_scores, row_scores], dim=-1).softmax(-1).to(values.dtype)
+    from_prefix = probs[..., :P].reshape(U, kv_heads, R * G * T, P) @ prefix_values  # [U, kv_heads, R*G*T, d]
+    from_rows = probs[..., P:].transpose(1, 2).reshape(K, kv_heads, G * T, S) @ values  # [K, kv_heads, G*T, d]
+    return (from_prefix.view(U, kv_heads, R, G, T, d).transpose(1, 2).reshape(K, kv_heads, G, T, d)
+            + from_rows.view(K, kv_heads, G, T, d))
 
 
 def forward(decoder, cache, input_ids, positions, valid):
@@ -138,7 +155,7 @@ def forward(decoder, cache, input_ids, positions, valid):
         keys, values = cache.write(index, key, value)
         kv_heads = key.shape[1]
         query = (query.float() * attn.scaling).view(K, kv_heads, -1, T, d)
-        prefix = None if cache.prefix is None else (cache.prefix[0][index], cache.prefix[1][index])
+        prefix = None if cache.prefix is None else (cache.prefix[0][index], cache.prefix[1][index], *cache.prefix[2:])
         out = attention(query, keys, values, allowed, prefix)  # [K, kv_heads, G, T, d]
         out = out.reshape(K, -1, T, d).transpose(1, 2).reshape(K, T, -1)  # heads in the model's order
         hidden = residual + attn.o_proj(out)
@@ -157,3 +174,30 @@ def prefix_cache(decoder, prefix_ids):
     cache = RowCache(decoder, 1, len(prefix_ids))
     forward(decoder, cache, ids, torch.arange(len(prefix_ids), device=device)[None], torch.ones_like(ids, dtype=torch.bool))
     return [k[0] for k in cache.keys], [v[0] for v in cache.values]
+
+
+def stack_prefixes(prefixes):
+    """Several users' prefix caches (prefix_cache's outputs, None for an empty prefix) as one, for
+    RowCache(prefix=...) over their rows: per layer keys, values [U, kv_heads, P, head_dim], padded at
+    the end to the longest prefix P, and valid [U, P] (None when no prefix is padded). One user's is
+    returned as it is; None when every prefix is empty."""
+    if len(prefixes) == 1 or all(p is None for p in prefixes):
+        return prefixes[0]
+    some = next(p for p in prefixes if p is not None)
+    lengths = [0 if p is None else p[0][0].shape[1] for p in prefixes]
+    P = max(lengths)
+    stacked = []
+    for part in (0, 1):  # keys, then values
+        layers = []
+        for layer, like in enumerate(some[part]):
+            kv_heads, _, d = like.shape
+            out = like.new_zeros((len(prefixes), kv_heads, P, d))
+            for user, p in enumerate(prefixes):
+                if p is not None:
+                    out[user, :, :lengths[user]] = p[part][layer]
+            layers.append(out)
+        stacked.append(layers)
+    valid = None
+    if min(lengths) < P:
+        valid = torch.arange(P, device=some[0][0].device)[None, :] < torch.tensor(lengths, device=some[0][0].device)[:, None]
+    return stacked[0], stacked[1], valid

@@ -11,8 +11,10 @@ import torch
 
 import config as cli_config
 import models
+import rollout
 
 MICRO_BATCH = cli_config.Config().micro_batch  # the CLI's --micro-batch default: what a run uses unless told
+USERS_PER_STEP = cli_config.Config().users_per_step
 # A candidate's own part of the prompt (its item line of <= --max-item-chars 200 characters, about 50 tokens,
 # and the chat template's end), rounded up: the rest of the prompt is shared by the user's K traces.
 CANDIDATE_TOKENS = 200
@@ -29,7 +31,7 @@ def parameter_count(config, lora_rank=0):
 
 
 def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=MICRO_BATCH, checkpointing=True,
-                    compute_bytes=2, lora_rank=0, foreach=True, shared_prefix_tokens=0):
+                    compute_bytes=2, lora_rank=0, foreach=True, shared_prefix_tokens=0, rollout_rows=None):
     """Peak memory in bytes of one steady-state RL step (AdamW states already allocated), by part.
 
     compute_bytes: 2 under bf16 autocast, 4 in fp32. Weights: trained ones in fp32; with LoRA under
@@ -38,7 +40,10 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
     embedding stay fp32, and autocast caches a bf16 copy of each trained weight (the adapters). foreach:
     AdamW's multi-tensor step (the CUDA default) holds one temporary as large as the trained parameters;
     the CPU's per-tensor step, one as large as the largest. shared_prefix_tokens: the update's
-    shared-prefix path (prefix run once per micro-batch), 0 for the per-candidate one. Per token and
+    shared-prefix path (prefix run once per micro-batch), 0 for the per-candidate one. rollout_rows: the
+    traces decoded as one batch (rollout.rollout_users: users x K up to --rollout-rows; default K), each
+    holding its keys in fp32 and its values in the compute dtype (decode.py), counted over the whole
+    prompt (an upper bound: the shared prefix is held once per user). Per token and
     layer, the saved activations of the update, counted from what a Qwen2 layer keeps for backward (fp32
     RMSNorm in and out, the inputs of the projections, each cast separately under autocast, q and k
     before and after rope, SDPA's q, k, v and output, the MLP's four I-wide tensors). The tied-embedding
@@ -48,6 +53,7 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
     H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (H // config.num_attention_heads)
     c, autocast = compute_bytes, compute_bytes < 4
+    rows = rollout_rows or K
     base, adapters = parameter_count(config, lora_rank)
     trained = adapters if lora_rank else base
     linears = L * ((H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * I) + V * H  # q, k, v, o, MLP; lm_head
@@ -69,7 +75,7 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
         "AdamW states (fp32)": 8 * trained,
         "activations (one micro-batch)": activations,
         "response logits (one micro-batch)": micro_batch * new_tokens * V * (12 + c),
-        "KV cache (rollout, K traces)": K * (prompt_tokens + new_tokens) * L * 2 * kv * c,
+        "KV cache (rollout, one decode batch)": rows * (prompt_tokens + new_tokens) * L * kv * (4 + c),
         "optimizer step temporary": 4 * (trained if foreach else min(largest, trained)),
         # a tied embedding's gradient arrives twice (embedding, lm_head) and is summed: two V x H temporaries
         "tied-embedding gradient temporaries": 2 * 4 * V * H if config.tie_word_embeddings and not lora_rank else 0,
@@ -78,7 +84,7 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
     backward = static + sum(parts[name] for name in ("gradients (fp32)", "activations (one micro-batch)",
                                                      "response logits (one micro-batch)", "tied-embedding gradient temporaries"))
     step = static + parts["gradients (fp32)"] + parts["optimizer step temporary"]
-    rollout_peak = static + parts["KV cache (rollout, K traces)"] + 3 * 4 * K * V  # and [K, V] logits per token
+    rollout_peak = static + parts["KV cache (rollout, one decode batch)"] + 3 * 4 * rows * V  # and [rows, V] logits per token
     return parts, {"rollout": rollout_peak, "update": max(backward, step), "peak": max(rollout_peak, backward, step)}
 
 
@@ -88,15 +94,18 @@ def print_estimates(args):
     --shared-prefix-update auto picks then; the prompt less CANDIDATE_TOKENS is shared).
     args: candidates, prompt_tokens, new_tokens, and micro_batch (None or absent: MICRO_BATCH)."""
     micro_batch = getattr(args, "micro_batch", None) or MICRO_BATCH
+    rows = min(USERS_PER_STEP * args.candidates, getattr(cli_config.Config(), "rollout_rows", rollout.ROLLOUT_ROWS))
     shared = max(args.prompt_tokens - CANDIDATE_TOKENS, 0)
     print(f"\n== estimated peak memory of one RL step: K = {args.candidates}, {args.prompt_tokens}-token prompts, "
-          f"{args.new_tokens} new tokens, micro-batch {micro_batch}, bf16 autocast, CUDA; before allocator margins ==")
+          f"{args.new_tokens} new tokens, micro-batch {micro_batch}, the rollout's {rows} rows decoded together, bf16 autocast, "
+          "CUDA; before allocator margins ==")
     print("| model | parameters | full, checkpointing | LoRA r = 16, checkpointing | full, shared prefix "
           f"({shared} tokens), no checkpointing | LoRA r = 16, shared prefix, no checkpointing |\n|---|---:|---:|---:|---:|---:|")
     for name in models.QWEN25:
         config = models.qwen25_config(name)
         gib = [estimate_memory(config, args.candidates, args.prompt_tokens, args.new_tokens, micro_batch, checkpointing,
-                               lora_rank=rank, shared_prefix_tokens=0 if checkpointing else shared)[1]["peak"] / 2**30
+                               lora_rank=rank, shared_prefix_tokens=0 if checkpointing else shared,
+                               rollout_rows=rows)[1]["peak"] / 2**30
                for checkpointing in (True, False) for rank in (0, 16)]
         print(f"| Qwen2.5-{name.split('-')[1].upper()} | {parameter_count(config)[0] / 1e9:.2f} B | "
               + " | ".join(f"{g:.1f} GiB" for g in gib) + " |")

@@ -1,6 +1,7 @@
 """The policy side of R2Rank: sample reasoning traces with a KV cache, and their token log-probs.
 
     sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, ...)  -> Samples      (Eq. 1)
+    sample_users(model, tokenizer, prompts, ...)                      -> Samples per user, all users' rows in one batch
     rollout_users(model, tokenizer, instances, cfg, generator)        -> Samples and prompts per user
     response_logprobs(model, prompts, responses)                      -> logp, mask   (Eq. 6's pi_theta)
     response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses)  -> the same, prefix run once
@@ -12,6 +13,8 @@ All K prompts of one user share their beginning (instructions + user context) an
 candidate at the end. sample_traces runs that shared prefix through the model once, and then continues
 with the K candidate suffixes and the decoding loop, all K rows attending to one copy of the prefix's
 keys and values (decode.py). With an empty prefix it is plain batched sampling of whole prompts.
+sample_users decodes several users' rows as one batch (each user's prefix still kept once), so a
+decode step reads the model's weights once for all of them; rollout_users uses it.
 
 Every function takes any transformers causal LM with the usual `get_decoder()` / `get_output_embeddings()`
 (Qwen2, Llama, ...). The decoder's last hidden state is taken after the final norm, i.e. exactly
@@ -103,8 +106,15 @@ class Samples:
         return [row[:n].tolist() for row, n in zip(self.logprobs, self.lengths)]
 
 
-def next_tokens(logits, temperature, top_p, generator):
-    """[K, V] fp32 logits -> [K] ids. temperature 0 = greedy (argmax)."""
+def next_tokens(logits, temperature, top_p, generators, drawing=None):
+    """[N, V] fp32 logits -> [N] ids. temperature 0 = greedy (argmax). Sampled, the N rows are in
+    len(generators) equal blocks, one per user, and block u is drawn with generators[u] (None: torch's
+    global stream), so a user's tokens do not depend on the users decoded beside it. drawing[u] False
+    skips block u (its user's rows have all ended: its generator is left as it is; its ids are arbitrary).
+
+    The draw is torch.multinomial's own for one sample, argmax(p / q) with q ~ Exp(1) (the Gumbel-max
+    trick with exp applied), so the same tokens from the same generator state, but without
+    multinomial's two checks of p, each a host sync (.item()) on a GPU."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits / temperature).softmax(-1)
@@ -113,12 +123,20 @@ def next_tokens(logits, temperature, top_p, generator):
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    noise = torch.empty_like(probs).view(len(generators), -1, probs.shape[-1])  # [U, K, V]
+    for block, generator, draw in zip(noise, generators, drawing or [True] * len(generators)):
+        if draw:
+            block.exponential_(generator=generator)
+        else:
+            block.fill_(1.0)
+    return (probs / noise.view_as(probs)).argmax(-1)
 
 
-def _decode_feed(decoder, prefix_ids, rows, capacity):
-    """decode.py's forward: the prefix's keys and values once, each row's in a buffer of `capacity` slots."""
-    cache = decode.RowCache(decoder, rows, capacity, decode.prefix_cache(decoder, prefix_ids))
+def _decode_feed(decoder, prefixes, rows, capacity):
+    """decode.py's forward: each user's prefix's keys and values once (the rows in len(prefixes) equal
+    blocks, one per user), each row's in a buffer of `capacity` slots."""
+    prefix = decode.stack_prefixes([decode.prefix_cache(decoder, prefix_ids) for prefix_ids in prefixes])
+    cache = decode.RowCache(decoder, rows, capacity, prefix)
     return lambda ids, valid, positions: decode.forward(decoder, cache, ids, positions, valid)
 
 
@@ -133,6 +151,14 @@ def _transformers_feed(decoder, prefix_ids, rows, device):
         return decoder(input_ids=ids, attention_mask=torch.cat(masks, dim=1), position_ids=positions,
                        **cache_kwargs(decoder, cache)).last_hidden_state
     return feed
+
+
+# Decode steps between two looks at which users' rows have all ended. A look reads a tensor on the host,
+# which on a GPU waits for every queued kernel; the steps run after every row has ended (at most this
+# many minus one) are the price, and they change no token and no generator (sample_users sets it back).
+STOP_CHECK_EVERY = 8
+# Rows (users x K traces) decoded as one batch when the config does not say (--rollout-rows).
+ROLLOUT_ROWS = 160
 
 
 @torch.no_grad()
@@ -152,44 +178,85 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     fast_decode: decode.py's forward (one copy of the prefix's keys and values, a per-row cache written
     in place) for the architectures it supports; False, or another architecture: the model's own
     forward with its cache repeated K times. Both compute the same function.
+    sample_users does the same for several users in one batch.
     """
+    return sample_users(model, tokenizer, [(prefix_ids, suffix_ids_list)], max_new_tokens, temperature, top_p,
+                        [generator], fast_decode)[0]
+
+
+@torch.no_grad()
+def sample_users(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generators=None,
+                 fast_decode=True):
+    """sample_traces for U users at once: prompts per user (prefix_ids, [suffix_ids] * K), the same K for
+    every user; generators: one per user (or None). Returns per-user Samples.
+
+    The U x K rows are decoded as one batch, so a decode step reads the weights once for all of them;
+    each user's prefix is run and kept once, and its K rows attend to it alone (decode.stack_prefixes).
+    A user's tokens are those sample_traces draws for it alone: its rows are drawn with its own
+    generator, and the generator is left as the user alone leaves it, one draw of its K rows per step
+    up to the step its last row ends (draws made after that, until a look sees it, are undone by
+    set_back; not with one generator shared by several users, or None). Log-probs and hidden states
+    may differ from the user's alone in the last bits (the padding to the longest prefix changes the
+    order of the attention's sums), so a sampled token could differ only where a draw falls within
+    that rounding of a boundary; greedy tokens, only where two logits tie within it.
+    No host sync per token: the final hidden states are kept with torch.where, and whether every row has
+    ended is read every STOP_CHECK_EVERY steps. On transformers' cache (fast_decode False, or an
+    architecture decode.py does not support) the users are decoded one after another.
+    """
+    U, K = len(prompts), len(prompts[0][1])
+    generators = [None] * U if generators is None else generators
+    if any(len(suffixes) != K for _, suffixes in prompts):
+        raise ValueError("sample_users needs the same number of candidates for every user (rollout_users groups them)")
+    fast = fast_decode and decode.supported(model)
+    if not fast and U > 1:  # transformers' cache holds one prefix
+        return [sample_users(model, tokenizer, [prompt], max_new_tokens, temperature, top_p, [generator], False)[0]
+                for prompt, generator in zip(prompts, generators)]
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     device = lm_head.weight.device
     stop_ids = torch.tensor(stop_token_ids(model, tokenizer), device=device)
     pad_id = tokenizer.pad_token_id
-    K, P = len(suffix_ids_list), len(prefix_ids)
-    suffix_lengths = torch.tensor([len(s) for s in suffix_ids_list], device=device)  # [K]
-    L = int(suffix_lengths.max())
+    N = U * K  # rows: user u's candidates are rows u*K .. u*K + K - 1
+    suffix_ids_list = [suffix for _, suffixes in prompts for suffix in suffixes]
+    prefix_lengths = torch.tensor([len(prefix) for prefix, _ in prompts], device=device).repeat_interleave(K)  # [N]
+    suffix_lengths = torch.tensor([len(s) for s in suffix_ids_list], device=device)  # [N]
+    L = max(len(s) for s in suffix_ids_list)
     was_training = model.training
     model.eval()
 
-    # 1) the shared prefix, once
-    if fast_decode and decode.supported(model):
-        feed = _decode_feed(decoder, prefix_ids, K, L + max_new_tokens)
+    # 1) each user's shared prefix, once
+    if fast:
+        feed = _decode_feed(decoder, [prefix for prefix, _ in prompts], N, L + max_new_tokens)
     else:
-        feed = _transformers_feed(decoder, prefix_ids, K, device)
+        feed = _transformers_feed(decoder, prompts[0][0], K, device)
 
-    # 2) the suffixes, [K, L], left-padded
-    block = torch.full((K, L), pad_id, device=device)
-    block_valid = torch.zeros((K, L), dtype=torch.bool, device=device)
+    # 2) the suffixes, [N, L], left-padded
+    block = torch.full((N, L), pad_id, device=device)
+    block_valid = torch.zeros((N, L), dtype=torch.bool, device=device)
     for k, suffix in enumerate(suffix_ids_list):
         block[k, L - len(suffix):] = torch.tensor(suffix, device=device)
         block_valid[k, L - len(suffix):] = True
-    position_ids = P + positions_from_mask(block_valid)  # suffix token i of a row sits at P + i
-    hidden = feed(block, block_valid, position_ids)[:, -1]  # [K, H]
-    logits = lm_head(hidden).float()  # [K, V]
-    position = P + suffix_lengths  # [K] position of the next token
+    position_ids = prefix_lengths[:, None] + positions_from_mask(block_valid)  # suffix token i of a row sits at P + i
+    hidden = feed(block, block_valid, position_ids)[:, -1]  # [N, H]
+    logits = lm_head(hidden).float()  # [N, V]
+    position = prefix_lengths + suffix_lengths  # [N] position of the next token
 
     # 3) decode
-    tokens = torch.full((K, max_new_tokens), pad_id, device=device)
-    logprobs = torch.zeros((K, max_new_tokens), device=device)
+    tokens = torch.full((N, max_new_tokens), pad_id, device=device)
+    logprobs = torch.zeros((N, max_new_tokens), device=device)
     final_hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32), copy=True)  # kept only with no trace
-    done = torch.zeros(K, dtype=torch.bool, device=device)
-    finished = torch.zeros(K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(K, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    drawing = [True] * U  # users with a row still going, as last seen: only they draw from their generator
+    own_streams = temperature > 0 and None not in generators and len({id(g) for g in generators}) == U
+    states = [{} for _ in range(U)]  # per user, since the last look: step -> its generator's state after that step's draw
     for step in range(max_new_tokens):
         alive = ~done
-        token = next_tokens(logits, temperature, top_p, generator).masked_fill(done, pad_id)  # [K]
+        token = next_tokens(logits, temperature, top_p, generators, drawing).masked_fill(done, pad_id)  # [N]
+        if own_streams:
+            for user, generator in enumerate(generators):
+                if drawing[user]:
+                    states[user][step] = generator.get_state()  # host memory only, no sync
         tokens[:, step] = token
         logprobs[:, step] = token_logprobs(logits, token, temperature).masked_fill(done, 0.0)
         lengths += alive.long()
@@ -197,37 +264,75 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
         ends_here = is_stop | (alive & (step == max_new_tokens - 1))
         finished |= is_stop
         # Feed the token (rows already done feed a masked pad): next logits, and the hidden state at it.
-        hidden = feed(token[:, None], alive[:, None], position[:, None])[:, -1]  # [K, H]
-        final_hidden[ends_here] = hidden[ends_here]
+        hidden = feed(token[:, None], alive[:, None], position[:, None])[:, -1]  # [N, H]
+        final_hidden = torch.where(ends_here[:, None], hidden, final_hidden)  # no boolean indexing: no sync
         done |= ends_here
-        if done.all():
+        if step == max_new_tokens - 1:
             break
+        if (step + 1) % STOP_CHECK_EVERY == 0:
+            # the host sync, once every STOP_CHECK_EVERY steps: each user's last step if all its rows have ended, else -1
+            last_steps = torch.where(done.view(U, K).all(1), lengths.view(U, K).amax(1) - 1, -1).tolist()
+            drawing = [last < 0 for last in last_steps]
+            set_back(generators if own_streams else [], states, last_steps)
+            if not any(drawing):
+                break
         logits = lm_head(hidden).float()
         position = position + 1
 
     model.train(was_training)
-    width = int(lengths.max())
-    mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
-    return Samples(tokens[:, :width], logprobs[:, :width], mask, lengths, finished, final_hidden.float())
+    widths = lengths.view(U, K).amax(1).tolist()
+    set_back(generators if own_streams else [], states, [width - 1 for width in widths])
+    samples = []
+    for user, width in enumerate(widths):
+        rows = slice(user * K, (user + 1) * K)
+        mask = torch.arange(width, device=device)[None, :] < lengths[rows, None]
+        # clones: a view would keep (and torch.save would write) the whole batch's tensors
+        samples.append(Samples(tokens[rows, :width].clone(), logprobs[rows, :width].clone(), mask, lengths[rows].clone(),
+                               finished[rows].clone(), final_hidden[rows].float().clone()))
+    return samples
+
+
+def set_back(generators, states, last_steps):
+    """Each user's generator set to its state after the draw of the user's last step (when that step's
+    state was kept: the user has ended since the last look); the kept states dropped."""
+    for generator, kept, last in zip(generators, states, last_steps):
+        if last in kept:
+            generator.set_state(kept[last])
+    for kept in states:
+        kept.clear()
+
+
+def user_groups(rows_per_user, max_rows):
+    """Consecutive users, as lists of their indices, decoded together: the same number of rows (K) in a
+    group, at most max_rows rows in all, at least one user."""
+    groups = []
+    for user, rows in enumerate(rows_per_user):
+        group = groups[-1] if groups else None
+        if group and rows_per_user[group[0]] == rows and (len(group) + 1) * rows <= max_rows:
+            group.append(user)
+        else:
+            groups.append([user])
+    return groups
 
 
 @torch.no_grad()
 def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None, fast_decode=True):
     """Phase 1 of an RL step: one reasoning trace per candidate of every user (Eq. 1), each user's
     shared prompt prefix computed once. cfg supplies the prompt settings (max_history,
-    max_item_chars, response_prefix, prompt) and the sampling ones (max_new_tokens, temperature, top_p);
-    temperature overrides cfg's (0 = greedy). generator: one torch.Generator for all users, or a list
-    with one per user; fast_decode as in sample_traces. Returns per-user Samples and per-user prompts
-    as (prefix_ids, [suffix_ids] * K)."""
-    samples, prompts = [], []
+    max_item_chars, response_prefix, prompt), the sampling ones (max_new_tokens, temperature, top_p) and
+    rollout_rows: the users are decoded together (sample_users), in groups of at most that many rows
+    (users x K). temperature overrides cfg's (0 = greedy). generator: a list with one torch.Generator
+    per user (a user's tokens are then its own, whichever users share its batch), or one for all users
+    (their draws then interleave step by step, so a user's tokens depend on its group). fast_decode as
+    in sample_traces. Returns per-user Samples and per-user prompts as (prefix_ids, [suffix_ids] * K)."""
+    prompts = [data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix,
+                                data.PROMPTS[cfg.prompt]) for instance in instances]
     generators = generator if isinstance(generator, list) else [generator] * len(instances)
-    for instance, generator in zip(instances, generators):
-        prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix,
-                                            data.PROMPTS[cfg.prompt])
-        samples.append(sample_traces(model, tokenizer, prefix, suffixes, cfg.max_new_tokens,
-                                     cfg.temperature if temperature is None else temperature, cfg.top_p, generator,
-                                     fast_decode))
-        prompts.append((prefix, suffixes))
+    samples = []
+    for group in user_groups([len(suffixes) for _, suffixes in prompts], getattr(cfg, "rollout_rows", ROLLOUT_ROWS)):
+        samples += sample_users(model, tokenizer, [prompts[u] for u in group], cfg.max_new_tokens,
+                                cfg.temperature if temperature is None else temperature, cfg.top_p,
+                                [generators[u] for u in group], fast_decode)
     return samples, prompts
 
 

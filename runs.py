@@ -38,16 +38,10 @@ import torch
 import config
 from protocol import UsageError
 
-try:  # POSIX; elsewhere --out is not locked (claim) and a file-size limit is not looked up
-    import fcntl
-    import resource
-except ImportError:
-    fcntl = resource = None
-
 # The flags --resume lets change; every other flag of the stage defines the run.
 CHANGEABLE = {"max_steps", "lr", "head_lr", "sft_lr", "sft_epochs", "eval_every", "eval_users", "save_every",
               "keep_checkpoints", "device", "threads", "dtype", "micro_batch", "gradient_checkpointing", "dist_timeout",
-              "shared_prefix_update", "resume", "overwrite", "out", "data"}  # data: compared by content
+              "shared_prefix_update", "rollout_rows", "resume", "overwrite", "out", "data"}  # data: compared by content
 STAGE_GROUPS = {"rl": (config.COMMON, config.RL, config.BEYOND), "sft": (config.COMMON, config.SFT)}  # the flags defining a run
 
 

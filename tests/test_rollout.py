@@ -206,3 +206,141 @@ def test_decode_forward_applies_lora_adapters_like_the_models_own(tiny):
     torch.testing.assert_close(fast.final_hidden, plain.final_hidden, atol=1e-5, rtol=0)
     base = rollout.sample_traces(tiny[0], tokenizer, prefix, suffixes, 1, temperature=0.0)
     assert (base.final_hidden - rollout.sample_traces(model, tokenizer, prefix, suffixes, 1, temperature=0.0).final_hidden).abs().max() > 1e-2
+
+
+def _users(tokenizer, count, candidates=4):
+    """Synthetic users with prompts of different lengths (histories of 4-10 items), K = `candidates`."""
+    import data
+
+    splits, _ = data.build_instances(data.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=candidates))
+    prompts = [data.encode_user(tokenizer, instance) for instance in splits["train"][:count]]
+    assert len({len(prefix) for prefix, _ in prompts}) > 1  # the longest prefix pads the others: exercised
+    return prompts
+
+
+@pytest.fixture
+def early_stops(tiny):
+    """The tiny model with a third of its vocabulary as end tokens: sampled rows end at different steps and
+    users at different steps (a random model alone almost never writes its one eos)."""
+    model, tokenizer = tiny
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = list(range(0, model.config.vocab_size, 3))
+    yield model, tokenizer
+    model.generation_config.eos_token_id = saved
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_users_decoded_together_draw_what_each_draws_alone(early_stops, temperature):
+    """sample_users (all users' rows in one batch) against sample_traces one user at a time: the same
+    tokens, the same generator states after (so a resumed run or another torchrun rank draws the same),
+    log-probs and final hidden states equal up to the attention's summation order (prefixes padded).
+    The states are those of one draw of the user's K rows per step up to the step its last row ended
+    (a fresh generator drawn that often), though the stop rule looks only every STOP_CHECK_EVERY steps."""
+    model, tokenizer = early_stops
+    prompts = _users(tokenizer, 5)
+    together_generators = [torch.Generator().manual_seed(10 + u) for u in range(5)]
+    alone_generators = [torch.Generator().manual_seed(10 + u) for u in range(5)]
+    together = rollout.sample_users(model, tokenizer, prompts, 20, temperature, generators=together_generators)
+    lengths = torch.stack([samples.lengths for samples in together])
+    assert temperature == 0 or (lengths < 20).any() and len(set(lengths.max(1).values.tolist())) > 1  # users end apart
+    for samples, (prefix, suffixes), together_generator, alone_generator in zip(together, prompts, together_generators,
+                                                                                alone_generators):
+        alone = rollout.sample_traces(model, tokenizer, prefix, suffixes, 20, temperature, generator=alone_generator)
+        assert samples.token_lists() == alone.token_lists()
+        assert torch.equal(samples.finished, alone.finished) and torch.equal(samples.mask, alone.mask)
+        assert torch.equal(together_generator.get_state(), alone_generator.get_state())
+        if temperature:
+            drawn = torch.Generator().manual_seed(10 + prompts.index((prefix, suffixes)))
+            for _ in range(int(alone.lengths.max())):  # torch.multinomial's draw for [K, V] probabilities
+                torch.empty(len(suffixes), model.config.vocab_size).exponential_(generator=drawn)
+            assert torch.equal(drawn.get_state(), alone_generator.get_state())
+        torch.testing.assert_close(samples.logprobs, alone.logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(samples.final_hidden, alone.final_hidden, atol=1e-4, rtol=0)
+
+
+def test_rollout_users_groups_by_rollout_rows_and_validation_rolls_out_together(tiny, monkeypatch):
+    """rollout_users: groups of at most cfg.rollout_rows rows, the same K within a group; the tokens do not
+    depend on the grouping. rl_run.validate (greedy) goes through it, so its users are batched too."""
+    import config
+    import data
+    import rl_run
+    from head import ScoreHead
+
+    assert rollout.user_groups([4, 4, 4, 4, 4], 8) == [[0, 1], [2, 3], [4]]
+    assert rollout.user_groups([4, 4, 3, 3, 4], 100) == [[0, 1], [2, 3], [4]]
+    assert rollout.user_groups([20, 20], 10) == [[0], [1]]  # a user larger than the bound goes alone
+    model, tokenizer = tiny
+    splits, _ = data.build_instances(data.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=4))
+    users = splits["train"][:5]
+    groups, sample_users = [], rollout.sample_users
+
+    def spy(model, tokenizer, prompts, *args):
+        groups.append(len(prompts))
+        return sample_users(model, tokenizer, prompts, *args)
+
+    monkeypatch.setattr(rollout, "sample_users", spy)
+    cfg = config.Config(model="tiny", max_new_tokens=6)
+    traces = {}
+    for rows in (8, 1000):
+        cfg.rollout_rows = rows  # the field config.py is to add; rollout reads it with getattr
+        generators = [torch.Generator().manual_seed(u) for u in range(5)]
+        samples, _ = rollout.rollout_users(model, tokenizer, users, cfg, generators)
+        traces[rows] = [s.token_lists() for s in samples]
+    assert groups == [2, 2, 1, 5] and traces[8] == traces[1000]
+    groups.clear()
+    torch.manual_seed(0)
+    rl_run.validate(model, tokenizer, ScoreHead(model.config.hidden_size, 8), users, cfg)
+    assert groups == [5]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decoding_reads_nothing_back_per_token(tiny, temperature):
+    """No host sync per decode step (each would stall a GPU's queue): no .item(), no boolean indexing
+    (nonzero), no `if tensor`, whatever the number of tokens; the stop rule's one read per
+    STOP_CHECK_EVERY steps is a .tolist(), not counted here. (Before: 1 nonzero per step for the final
+    hidden state, 1 item per step for the stop rule, 2 more per user and step inside torch.multinomial.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                        torch.ops.aten.is_nonzero.default):
+                self.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    model, tokenizer = tiny
+    prompts = _users(tokenizer, 2)
+    reads = {}
+    for new_tokens in (4, 20):
+        with CountReads() as counter:
+            samples = rollout.sample_users(model, tokenizer, prompts, new_tokens, temperature,
+                                           generators=[torch.Generator().manual_seed(u) for u in range(2)])
+        assert max(int(s.lengths.max()) for s in samples) == new_tokens  # every step ran
+        reads[new_tokens] = counter.reads
+    assert reads[4] == reads[20] == 0
+
+
+def test_attention_with_a_prefix_per_user_equals_each_user_alone():
+    """decode.attention over U users' rows, each block attending to its own (padded) prefix, against the
+    same rows of each user with its own unpadded prefix."""
+    import decode
+
+    generator = torch.Generator().manual_seed(0)
+    U, R, kv_heads, G, T, S, d = 3, 2, 2, 3, 1, 5, 8
+    lengths = [7, 4, 0]  # the last user has no prefix: every one of its prefix slots is padding
+    query = torch.randn(U * R, kv_heads, G, T, d, generator=generator)
+    keys, values = (torch.randn(U * R, kv_heads, S, d, generator=generator) for _ in range(2))
+    allowed = torch.rand(U * R, 1, 1, T, S, generator=generator) > 0.3
+    allowed[..., -1] = True
+    prefixes = [None if P == 0 else ([torch.randn(kv_heads, P, d, generator=generator)],
+                                     [torch.randn(kv_heads, P, d, generator=generator)]) for P in lengths]
+    prefix_keys, prefix_values, valid = decode.stack_prefixes(prefixes)
+    assert prefix_keys[0].shape == (U, kv_heads, 7, d) and valid.sum(1).tolist() == lengths
+    together = decode.attention(query, keys, values, allowed, (prefix_keys[0], prefix_values[0], valid))
+    for user, prefix in enumerate(prefixes):
+        rows = slice(user * R, (user + 1) * R)
+        alone = decode.attention(query[rows], keys[rows], values[rows], allowed[rows],
+                                 None if prefix is None else (prefix[0][0], prefix[1][0]))
+        torch.testing.assert_close(together[rows], alone, atol=1e-6, rtol=1e-6)

@@ -9,9 +9,11 @@ assertions. Every comparison runs on the same traces in the same process.
 
 Rollout, on the same K prompts, greedy then sampled: transformers' generate (the K whole prompts as one
 left-padded batch); rollout.sample_traces on transformers' cache (the prefix once, its cache copied K
-times); rollout.sample_traces on decode.py (the default). Then each phase of an RL step (rollout,
-scoring, the update's forward + backward, the AdamW step) as FLOP/s beside a matmul peak measured in
-the same run (tools/flops.py).
+times); rollout.sample_traces on decode.py (the default). Then the rollout of U users (--rollout-users
+1,2,4,8): generate on all U x K prompts, one user at a time, and all users' rows in one batch
+(rollout.sample_users, what rollout_users runs). Then each phase of an RL step (rollout, scoring, the
+update's forward + backward, the AdamW step) as FLOP/s beside a matmul peak measured in the same run
+(tools/flops.py).
 Update (forward + backward of the token log-probs of the K traces), --update-variants:
     naive   full logits over every position, all K traces in one batch, no checkpointing
     plain   logits only at response positions, micro-batches, per-candidate prompts
@@ -200,6 +202,71 @@ def rollout_flops(config, prefix, suffixes, samples):
     return flops.forward_flops(config, total, attended, logit_rows)
 
 
+def generate_flops(config, prompts, lengths):
+    """Useful FLOPs of generate on whole prompts (no prefix shared): each prompt, then one step per
+    generated token; lengths: the new tokens of each row."""
+    total, attended, logit_rows = 0, 0, 0
+    for prompt, length in zip(prompts, lengths):
+        total += len(prompt) + length
+        attended += flops.causal_pairs(0, len(prompt) + length)
+        logit_rows += max(length, 1)
+    return flops.forward_flops(config, total, attended, logit_rows)
+
+
+def bench_users(model, tokenizer, args, device, dtype):
+    """The rollout of U users (--rollout-users), greedy then sampled, on the same U x K prompts: generate
+    (all U x K whole prompts in one left-padded batch), the one-user rollout (sample_traces, one user
+    after another) and rollout.sample_users (all U x K rows in one batch, as rollout_users does up to
+    --rollout-rows). Tokens/s, the ratios, and each path's share of the matmul peak (the FLOPs of the
+    work that path does: generate runs every whole prompt, the rollouts each user's prefix once)."""
+    cfg = config.Config(max_history=args.history)
+    counts = [int(count) for count in args.rollout_users.split(",")]
+    instances = [benchmark_instance(args.history, args.candidates, user) for user in range(max(counts))]
+    prompts = [data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+               for instance in instances]
+    peak = flops.matmul_peak(device, dtype, clock=args.clock)
+    print(f"\nrollout of U users, K = {args.candidates}, up to {args.new_tokens} new tokens, prefixes of "
+          f"{min(len(p) for p, _ in prompts)}-{max(len(p) for p, _ in prompts)} tokens; matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s (share of it in brackets):")
+    print("| U | rows | mode | generate, tokens/s | one user at a time, tokens/s | users together, tokens/s | "
+          "together / one user | together / generate | greedy tokens: together = one user |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---|")
+    for count in counts:
+        users = prompts[:count]
+        for temperature in (0.0, 1.0):
+            def generators():
+                return [torch.Generator(device=device).manual_seed(user) for user in range(count)]
+
+            variants = {
+                "generate": lambda: generate_traces(model, tokenizer, [p + s for p, suffixes in users for s in suffixes],
+                                                    args.new_tokens, temperature, 0),
+                "one user": lambda: [rollout.sample_traces(model, tokenizer, prefix, suffixes, args.new_tokens, temperature,
+                                                           1.0, generator)
+                                     for (prefix, suffixes), generator in zip(users, generators())],
+                "together": lambda: rollout.sample_users(model, tokenizer, users, args.new_tokens, temperature, 1.0,
+                                                         generators()),
+            }
+            rates, shares, traces = {}, {}, {}
+            for label, fn in variants.items():
+                with models.mixed_precision(device, dtype):
+                    seconds, _, result = measure(fn, device, args.memory_limit_gib, clock=args.clock)
+                if label == "generate":
+                    traces[label] = result
+                    work = generate_flops(model.config, [p + s for p, suffixes in users for s in suffixes], map(len, result))
+                else:
+                    traces[label] = [trace for samples in result for trace in samples.token_lists()]
+                    work = sum(rollout_flops(model.config, prefix, suffixes, samples)
+                               for (prefix, suffixes), samples in zip(users, result))
+                rates[label] = sum(map(len, traces[label])) / seconds
+                shares[label] = 100 * work / seconds / peak
+            same = "-" if temperature else ("yes" if traces["together"] == traces["one user"] else
+                                            f"no: {sum(a == b for a, b in zip(traces['together'], traces['one user']))}"
+                                            f"/{len(traces['one user'])} rows")
+            print(f"| {count} | {count * args.candidates} | {'greedy' if temperature == 0 else 'sampled'} | "
+                  + " | ".join(f"{rates[label]:.1f} ({shares[label]:.0f}%)" for label in variants)
+                  + f" | {rates['together'] / rates['one user']:.2f}x | {rates['together'] / rates['generate']:.2f}x | {same} |")
+
+
 def update_flops(config, prefix, suffixes, responses, micro_batch, shared, checkpointing):
     """Useful FLOPs of one PPO epoch's forward and backward (backward = 2 forwards; checkpointing
     recomputes the forward once more)."""
@@ -280,6 +347,8 @@ def bench_model(name, args, device):
           f"{sum(map(len, suffixes)) / K:.0f} per candidate tokens, up to {args.new_tokens} new tokens, "
           f"{str(dtype).removeprefix('torch.')} compute ==")
     rollout_seconds, samples = bench_rollout(model, tokenizer, prefix, suffixes, args, device, dtype)
+    if args.rollout_users:
+        bench_users(model, tokenizer, args, device, dtype)
     bench_phases(model, rollout_seconds, samples, prefix, suffixes, args, device, dtype)
     if args.update_variants:
         bench_update_variants(model, samples, prefix, suffixes, args, device)
@@ -359,6 +428,8 @@ def main():
     parser.add_argument("--candidates", type=int, default=20, help="K")
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per trace")
     parser.add_argument("--micro-batch", type=int, default=8, help="traces per forward in the update")
+    parser.add_argument("--rollout-users", default="1,2,4,8", help="U values for the table of the rollout of U users "
+                        "decoded together against one at a time and generate ('' skips it)")
     parser.add_argument("--update-variants", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the update by four paths with their peak memory (naive, plain, plain+ckpt, shared)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")

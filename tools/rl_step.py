@@ -25,11 +25,12 @@ def rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def benchmark_instance(history, candidates):
-    """A synthetic user with a full-length history (the synthetic set's are 4-10 items)."""
+def benchmark_instance(history, candidates, user=0):
+    """A synthetic user (the `user`-th training user) with a full-length history (the synthetic set's
+    are 4-10 items)."""
     raw = data.synthetic_raw(users=50, seed=0)
     splits, _ = data.build_instances(raw, data.Protocol(candidates=candidates))
-    instance = dict(splits["train"][0])
+    instance = dict(splits["train"][user])
     pool = [item for inst in splits["train"] for item in inst["history"]]
     instance["history"] = (instance["history"] + pool)[:history]
     return instance
@@ -92,7 +93,8 @@ def rl_step(name, args, device):
                                                autocast=False)  # ppo_update autocasts its forwards, never its steps
     parts, peaks = estimate_memory(model.config, len(suffixes), prompt_tokens, args.new_tokens, args.micro_batch, checkpointing,
                                    dtype.itemsize, args.lora_rank, foreach=device.type == "cuda",
-                                   shared_prefix_tokens=len(prefix) if shared else 0)
+                                   shared_prefix_tokens=len(prefix) if shared else 0,
+                                   rollout_rows=min(args.users * len(suffixes), getattr(cfg, "rollout_rows", rollout.ROLLOUT_ROWS)))
     gib = 2**30
     print(f"rollout {seconds:8.1f} s  {new / seconds:8.1f} new tokens/s ({new} tokens)   peak {rollout_peak / gib:6.2f} GiB "
           f"(estimate {peaks['rollout'] / gib:6.2f}, ratio {rollout_peak / peaks['rollout']:.2f})")
