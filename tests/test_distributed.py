@@ -155,13 +155,15 @@ def test_torchrun_eval_gathers_every_user_once(synthetic_dir, tmp_path):
     assert bad.returncode != 0 and "leaves some of the 2 ranks without a user" in bad.stderr
 
 
-def test_a_slow_rank_0_validation_is_waited_for_within_the_timeout(synthetic_dir, tmp_path):
+def test_a_slow_rank_0_validation_is_waited_for_within_the_timeout(tmp_path):
     """Rank 0 validates alone while rank 1 waits at the step's next collective: the process group's
-    timeout (--dist-timeout) must cover it. Here validation takes seconds (300-token greedy traces): a
-    3-second timeout kills the run with one line naming the flag (so the test can fail), the default
-    (120 minutes) waits for it."""
-    common = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--users-per-step", "2", "--max-new-tokens", "300",
-              "--max-steps", "1", "--eval-every", "1", "--max-history", "3"]
+    timeout (--dist-timeout) must cover it. Here validation takes several seconds (20 users' greedy
+    400-token traces): a 3-second timeout kills the run with one line naming the flag (so the test can
+    fail), the default (120 minutes) waits for it."""
+    data_dir = str(tmp_path / "data")
+    data.build_synthetic(data_dir, users=200, seed=0)  # 20 validation users
+    common = ["--stage", "rl", "--model", "tiny", "--data", data_dir, "--users-per-step", "2", "--max-new-tokens", "400",
+              "--max-steps", "1", "--eval-every", "1", "--eval-users", "20", "--max-history", "3"]
     short = torchrun(*common, "--dist-timeout", "0.05", "--out", str(tmp_path / "short"))
     assert short.returncode != 0 and "waited more than --dist-timeout 0.05 minutes" in short.stderr, short.stderr[-2000:]
     waited = torchrun(*common, "--out", str(tmp_path / "default"))
