@@ -26,7 +26,7 @@ Departures from the paper (which leaves these points open):
    its placeholder title "unknown" counts as no title.
 5. Timestamps are stored (Unix seconds) but left out of the prompt.
 6. A synthetic source (not in the paper, see sources.py) gives a small set whose labels only the
-   history reveals.
+   history reveals; --pointwise, one whose labels the candidate's own text reveals (the quickstart's).
 7. The self-check prompt of Fig. 2 is reworded (INSTRUCTIONS), with the same three parts in the same
    order and the same two answers, a system line of its own, and the context labelled USER CONTEXT and
    CANDIDATE ITEM; as in Fig. 2 the candidate comes last, so the K prompts of a user share every token
@@ -44,7 +44,7 @@ from dataclasses import asdict, fields
 from datetime import date
 
 from protocol import SPLITS, DataError, Protocol, UsageError, build_instances, split_sizes  # noqa: F401 (data.X for callers)
-from sources import category_match_ndcg, load_amazon, load_movielens, read_jsonl, require, shorten, synthetic_raw
+from sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, read_jsonl, require, shorten, synthetic_raw
 
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
 
@@ -81,17 +81,19 @@ def write_dataset(out_dir, splits, stats, overwrite=False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, **protocol):
-    """Build the synthetic set into out_dir (missing or empty) and return its stats; `protocol` takes
-    Protocol's other fields (history, candidates, split). stats.json adds "category_match_ndcg@10",
-    the best NDCG@10 a ranker can expect on each split (sources.category_match_ndcg)."""
+def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, **protocol):
+    """Build the synthetic set (pointwise: its pointwise variant, sources.py) into out_dir (missing or
+    empty) and return its stats; `protocol` takes Protocol's other fields (history, candidates, split).
+    stats.json adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split
+    (sources.category_match_ndcg; 1 on the pointwise set)."""
     check_out_dir(out_dir, overwrite)
     protocol = Protocol(seed=seed, **protocol)
     if users < fewest_users(protocol.split):
         raise UsageError(f"--users must be >= {fewest_users(protocol.split)}, the fewest that give every split of "
                          f"--split {protocol.split} a user, got {users}")
-    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user), protocol)
-    stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split), 4)
+    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user, pointwise), protocol)
+    best = POINTWISE_CATEGORY if pointwise else None
+    stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split, 10, best), 4)
                                        for name, split in splits.items() if split}
     write_dataset(out_dir, splits, stats, overwrite)
     return stats
@@ -296,6 +298,8 @@ def main(argv=None):
     synthetic.add_argument("--users", type=int, default=200, help="number of users (default: 200)")
     synthetic.add_argument("--categories-per-user", type=int, default=2, help="categories each user's history and "
                            "positive come from, 1 to 8; fewer make the task easier (default: 2)")
+    synthetic.add_argument("--pointwise", action="store_true", help=f"every positive a {POINTWISE_CATEGORY} item and no "
+                           "negative: the candidate's text decides its label, the history is no use (the quickstart's set)")
     add_protocol_args(synthetic, (None, None), "no window")
     args = parser.parse_args(argv)
     protocol = Protocol(**{f.name: getattr(args, f.name) for f in fields(Protocol)})
@@ -306,7 +310,8 @@ def main(argv=None):
         check_out_dir(args.out, args.overwrite)  # before the slow part
         if args.source == "synthetic":
             stats = build_synthetic(args.out, args.users, overwrite=args.overwrite,
-                                    categories_per_user=args.categories_per_user, **asdict(protocol))
+                                    categories_per_user=args.categories_per_user, pointwise=args.pointwise,
+                                    **asdict(protocol))
         else:
             raw = (load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else
                    load_movielens(args.path, protocol))

@@ -6,14 +6,16 @@ the file and line, the Amazon Reviews 2023 and MovieLens-100K sources, and the b
     read_rows(path, sep)        (line number, fields) of a delimited file
     read_atomic(path, required) (line number, {column: value}) of a RecBole atomic file
     load_amazon(reviews, meta, protocol), load_movielens(path, protocol), synthetic_raw(...)  -> RawData
-    generate_synthetic(users, seed, categories_per_user)  -> (items, profiles, interactions)
-    category_match_ndcg(instances, k)   the best NDCG@k any ranker can expect on synthetic instances
+    generate_synthetic(users, seed, categories_per_user, pointwise)  -> (items, profiles, interactions)
+    category_match_ndcg(instances, k, category)   the best NDCG@k any ranker can expect on synthetic instances
 
 The synthetic set (not in the paper): a small generated set whose labels only the history reveals.
 96 items, "<Color> <noun>" with the text "category: <c>; color: <color>", in 8 categories of 3 nouns
 x 4 colours. Each user favours `categories_per_user` categories drawn uniformly; the history (4-10
 items) and the positive come from them, so an item's text alone says nothing about its label but the
 history does: the positive's category always occurs in the history. The profile carries no signal.
+The pointwise variant (--pointwise) is the quickstart's: the same users, but every positive is a
+camping item and no negative is, so a candidate's own text decides its label and the history is no use.
 """
 import gzip
 import json
@@ -252,13 +254,19 @@ def load_movielens(path, protocol):
     return raw
 
 
-def synthetic_raw(users=200, seed=0, categories_per_user=2):
-    """The synthetic set (generate_synthetic) as RawData."""
+def synthetic_raw(users=200, seed=0, categories_per_user=2, pointwise=False):
+    """The synthetic set (generate_synthetic) as RawData. Pointwise: the protocol draws negatives from
+    the items a user never touched, inside the window or outside it; every camping item is listed as
+    touched outside it, so no negative is a camping item."""
     try:
-        items, profiles, interactions = generate_synthetic(users, seed, categories_per_user)
+        items, profiles, interactions = generate_synthetic(users, seed, categories_per_user, pointwise)
     except ValueError as e:
         raise DataError(str(e)) from None
-    return RawData(interactions, items, profiles, ["synthetic"])
+    raw = RawData(interactions, items, profiles, ["synthetic"])
+    if pointwise:
+        liked = {item for item, it in items.items() if item_category(it) == POINTWISE_CATEGORY}
+        raw.touched_outside = {user: set(liked) for user in profiles}
+    return raw
 
 
 # ------------------------------------------------------------------- the synthetic set
@@ -271,12 +279,14 @@ CATEGORIES = {
     "reading": ["book light", "bookend", "reading stand"], "gaming": ["gamepad", "headset", "racing wheel"],
 }
 COLORS = ["red", "blue", "green", "black"]
+POINTWISE_CATEGORY = "camping"  # --pointwise: every user's positive
 START = int(datetime(2022, 1, 1, tzinfo=timezone.utc).timestamp())  # the first user's first interaction
 
 
-def generate_synthetic(users=200, seed=0, categories_per_user=2):
+def generate_synthetic(users=200, seed=0, categories_per_user=2, pointwise=False):
     """(items {item_id: {"title", "text"}}, profiles {user_id: text}, interactions [(user_id, item_id,
-    unix seconds)]), deterministic for a seed; the positive is each user's last interaction."""
+    unix seconds)]), deterministic for a seed; the positive is each user's last interaction. pointwise:
+    the positive is a camping item (POINTWISE_CATEGORY) not in the history, whatever the history."""
     if not 1 <= categories_per_user <= len(CATEGORIES):
         raise ValueError(f"--categories-per-user must be 1 to {len(CATEGORIES)}, not {categories_per_user}")
     rng = random.Random(f"synthetic/{seed}")
@@ -295,7 +305,8 @@ def generate_synthetic(users=200, seed=0, categories_per_user=2):
         favoured = rng.sample(sorted(by_category), categories_per_user)
         history = rng.sample([item for name in favoured for item in by_category[name]], rng.randint(4, 10))
         shown = sorted({category_of[item] for item in history})
-        positive = rng.choice([i for name in shown for i in by_category[name] if i not in history])
+        liked = [POINTWISE_CATEGORY] if pointwise else shown
+        positive = rng.choice([i for name in liked for i in by_category[name] if i not in history])
         for step, item in enumerate(history + [positive]):
             interactions.append((user, item, START + 86400 * (number + step)))
     return items, profiles, interactions
@@ -306,15 +317,16 @@ def item_category(item):
     return item["text"].split(";")[0].removeprefix("category: ")
 
 
-def category_match_ndcg(instances, k=10):
-    """Expected NDCG@k of ranking first the candidates whose category occurs in the history, ties at
-    random. With the whole history shown this is the best any ranker can expect: given the candidates,
-    each of those is equally likely to be the positive (a uniform draw from the unseen items of the
-    history's categories) and no other candidate can be. For m such candidates out of n, the positive's
-    rank is uniform over 1..m if it is one of them, else over m+1..n."""
+def category_match_ndcg(instances, k=10, category=None):
+    """Expected NDCG@k of ranking first the candidates whose category occurs in the history (or is
+    `category`: the pointwise set's), ties at random. With the whole history shown this is the best any
+    ranker can expect: given the candidates, each of those is equally likely to be the positive (a
+    uniform draw from the unseen items of the history's categories) and no other candidate can be. For
+    m such candidates out of n, the positive's rank is uniform over 1..m if it is one of them, else over
+    m+1..n. On the pointwise set m = 1: it is 1."""
     total = 0.0
     for inst in instances:
-        seen = {item_category(item) for item in inst["history"]}
+        seen = {category} if category else {item_category(item) for item in inst["history"]}
         matches = [item_category(item) in seen for item in inst["candidates"]]
         m, n = sum(matches), len(matches)
         ranks = range(1, m + 1) if matches[inst["labels"].index(1)] else range(m + 1, n + 1)

@@ -1,6 +1,7 @@
 """The synthetic set (sources.py, built by data.py): its labels need the history, the
 --categories-per-user option, and the best NDCG@10 a ranker can expect on it, checked by hand and by
 random tie-breaking through metrics.py."""
+import json
 from collections import Counter
 
 import pytest
@@ -113,3 +114,13 @@ def test_too_few_users_is_one_line_naming_the_flag_and_its_bound(tmp_path, capsy
     with pytest.raises(SystemExit) as exit_info:
         data.main(["synthetic", "--split", "0:0:0", "--out", str(tmp_path / "p")])
     assert exit_info.value.code == 2 and "a --split like 8:1:1" in capsys.readouterr().err
+
+
+def test_pointwise_labels_are_the_candidates_own_category(tmp_path):
+    assert data.main(["synthetic", "--pointwise", "--candidates", "10", "--users", "100", "--out", str(tmp_path / "pw")]) == 0
+    for inst in [inst for split in read_all(tmp_path / "pw").values() for inst in split]:
+        assert len(inst["candidates"]) == 10
+        for item, label in zip(inst["candidates"], inst["labels"]):
+            assert (category(item) == sources.POINTWISE_CATEGORY) == bool(label)  # the text alone decides
+    stats = json.loads((tmp_path / "pw" / "stats.json").read_text())
+    assert set(stats["category_match_ndcg@10"].values()) == {1.0}
