@@ -162,6 +162,13 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        if self.requested is not None:
+            # Stopping, with what is kept on disk: a later SIGTERM (torchrun sends one to the ranks still
+            # running once a rank has exited) is ignored, so the process ends with its own status rather
+            # than the default's -15. Ignored, not handled: Python's shutdown resets handlers it set but
+            # leaves SIG_IGN, and the shutdown is where such a SIGTERM lands. (torchrun's SIGKILL, 30 s
+            # later, still ends a rank that hangs.)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def exit(self, kept, say=True):
         """The SystemExit to raise once what is kept is on disk: one line (unless say is False: under
