@@ -50,8 +50,9 @@ def supported(model):
 class RowCache:
     """The keys and values one decode of K rows attends to, per layer:
     prefix: (keys, values) [kv_heads, P, head_dim], shared by all rows (None: no shared prefix); or,
-            for U users (stack_prefixes), (keys, values) [U, kv_heads, P, head_dim] and valid [U, P]
-            (None: no padding), the K rows in U equal blocks, block u attending to user u's prefix;
+            for U users (stack_prefixes), (keys, values) [U, kv_heads, P, head_dim], valid [U, P]
+            (None: no padding) and the shortest prefix's length, the K rows in U equal blocks, block u
+            attending to user u's prefix;
     rows:   (keys, values) [K, kv_heads, capacity, head_dim], row k's own tokens at slots 0, 1, ...
     valid:  [K, capacity] bool, which written slots hold a real token (pads and finished rows: False).
     Buffers are allocated on the first write: keys in fp32, as attention() multiplies them in fp32
@@ -88,7 +89,8 @@ def attention(query, keys, values, allowed, prefix):
     query [K, kv_heads, G, T, d] (already scaled; G query heads share one key-value head),
     keys, values [K, kv_heads, S, d]; allowed [K, 1, 1, T, S] bool; prefix: None, or (keys, values)
     [kv_heads, P, d] shared by all K rows, or (keys, values) [U, kv_heads, P, d] with an optional
-    valid [U, P] bool (False: padding), the K rows in U equal blocks, block u attending to user u's.
+    valid [U, P] bool (False: padding) and the first slot any user pads (stack_prefixes' outputs), the K
+    rows in U equal blocks, block u attending to user u's.
     The scores and the softmax are in fp32 whatever the inputs' dtype (as SDPA's kernels accumulate
     q k^T in fp32); the probabilities are cast to the values' dtype for the products with the values.
     returns [K, kv_heads, G, T, d].
@@ -111,8 +113,9 @@ def attention(query, keys, values, allowed, prefix):
     stacked = query.view(U, R, kv_heads, G, T, d).transpose(1, 2).reshape(U, kv_heads, R * G * T, d)
     with torch.autocast(query.device.type, enabled=False):
         prefix_scores = (stacked @ prefix_keys.float().transpose(-1, -2)).view(U, kv_heads, R, G, T, P)
-    if len(prefix) > 2 and prefix[2] is not None:  # a shorter prefix's padding
-        prefix_scores = prefix_scores.masked_fill(~prefix[2][:, None, None, None, None, :], torch.finfo(torch.float32).min)
+    if len(prefix) > 2 and prefix[2] is not None:  # a shorter prefix's padding, all of it past the shortest prefix
+        start = prefix[3] if len(prefix) > 3 else 0
+        prefix_scores[..., start:].masked_fill_(~prefix[2][:, None, None, None, None, start:], torch.finfo(torch.float32).min)
     # The softmax in the prefix's layout, [U, kv_heads, R, G, T, P + S]: only the rows' S scores move (P >> S).
     row_scores = scores.view(U, R, kv_heads, G, T, S).transpose(1, 2)
     probs = torch.cat([prefix_scores, row_scores], dim=-1).softmax(-1).to(values.dtype)
@@ -179,8 +182,9 @@ def prefix_cache(decoder, prefix_ids):
 def stack_prefixes(prefixes):
     """Several users' prefix caches (prefix_cache's outputs, None for an empty prefix) as one, for
     RowCache(prefix=...) over their rows: per layer keys, values [U, kv_heads, P, head_dim], padded at
-    the end to the longest prefix P, and valid [U, P] (None when no prefix is padded). One user's is
-    returned as it is; None when every prefix is empty."""
+    the end to the longest prefix P, valid [U, P] (None when no prefix is padded), and the shortest
+    prefix's length (the slots before it are valid in every user: attention masks only the rest). One
+    user's is returned as it is; None when every prefix is empty."""
     if len(prefixes) == 1 or all(p is None for p in prefixes):
         return prefixes[0]
     some = next(p for p in prefixes if p is not None)
@@ -200,4 +204,4 @@ def stack_prefixes(prefixes):
     valid = None
     if min(lengths) < P:
         valid = torch.arange(P, device=some[0][0].device)[None, :] < torch.tensor(lengths, device=some[0][0].device)[:, None]
-    return stacked[0], stacked[1], valid
+    return stacked[0], stacked[1], valid, min(lengths)

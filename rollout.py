@@ -33,6 +33,7 @@ import data
 import decode
 import distributed
 from ppo import llm_loss
+from sampling import next_tokens, token_logprobs
 
 
 def positions_from_mask(attention_mask):
@@ -66,21 +67,6 @@ def prefill(decoder, prefix_ids, copies, device):
     return cache
 
 
-def token_logprobs(logits, targets, temperature=1.0):
-    """log softmax(logits / T) at the targets, in fp32 or wider: the log-prob of each token under the
-    distribution it was sampled from. logits [..., V], targets [...] -> [...].
-
-    Temperature 0 (greedy) has no sampling distribution; the untempered model's log-probs are
-    returned then (they are only logged). Nucleus truncation (top-p < 1) is not included: the RL
-    stage refuses it (config.parse_config), since the kept set itself depends on theta.
-    """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 from bf16, fp64 stays
-    if temperature > 0:
-        logits = logits / temperature
-    # gather minus logsumexp: the log softmax at the target only, without a second [..., V] tensor
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
-
-
 def stop_token_ids(model, tokenizer):
     """Ids that end a trace: the generation config's eos (an int or a list) and the tokenizer's."""
     ids = getattr(model.generation_config, "eos_token_id", None)
@@ -104,32 +90,6 @@ class Samples:
 
     def logprob_lists(self):
         return [row[:n].tolist() for row, n in zip(self.logprobs, self.lengths)]
-
-
-def next_tokens(logits, temperature, top_p, generators, drawing=None):
-    """[N, V] fp32 logits -> [N] ids. temperature 0 = greedy (argmax). Sampled, the N rows are in
-    len(generators) equal blocks, one per user, and block u is drawn with generators[u] (None: torch's
-    global stream), so a user's tokens do not depend on the users decoded beside it. drawing[u] False
-    skips block u (its user's rows have all ended: its generator is left as it is; its ids are arbitrary).
-
-    The draw is torch.multinomial's own for one sample, argmax(p / q) with q ~ Exp(1) (the Gumbel-max
-    trick with exp applied), so the same tokens from the same generator state, but without
-    multinomial's two checks of p, each a host sync (.item()) on a GPU."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = (logits / temperature).softmax(-1)
-    if top_p < 1.0:
-        # Nucleus: keep the most likely tokens until their mass reaches top_p (always at least one).
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    noise = torch.empty_like(probs).view(len(generators), -1, probs.shape[-1])  # [U, K, V]
-    for block, generator, draw in zip(noise, generators, drawing or [True] * len(generators)):
-        if draw:
-            block.exponential_(generator=generator)
-        else:
-            block.fill_(1.0)
-    return (probs / noise.view_as(probs)).argmax(-1)
 
 
 def _decode_feed(decoder, prefixes, rows, capacity):

@@ -15,7 +15,7 @@ from conftest import ROOT
 
 # Torch and the standard library are allowed; these are refused at import.
 BLOCKED = ("transformers", "tqdm", "safetensors", "numpy", "tokenizers", "scipy", "data", "sources", "models", "rollout",
-           "decode", "runs", "config", "distributed", "evaluate", "r2rank", "rl_run", "sft", "analyses")
+           "decode", "sampling", "runs", "config", "distributed", "evaluate", "r2rank", "rl_run", "sft", "analyses")
 
 GUARD = textwrap.dedent("""
     import importlib.abc, sys
@@ -36,6 +36,12 @@ PIECES = {
         # scores (0, log 2): ranking (1, 0) has P = 2/3 (item 1 first) x 1
         value = plackett_luce.log_prob(torch.tensor([0.0, math.log(2.0)]), torch.tensor([1, 0])).item()
         expected = math.log(2 / 3)
+    """),
+    "sampling": (["sampling.py"], """
+        import torch, sampling
+        # p = (.1, .2, 0, .3, .4): u = 0.35 lies in token 3's interval [.3, .6), u = 0.25 in token 1's [.1, .3)
+        ids = sampling.inverse_cdf(torch.tensor([[0.1, 0.2, 0.0, 0.3, 0.4]] * 2), torch.tensor([0.35, 0.25], dtype=torch.float64))
+        value, expected = float(ids.tolist() == [3, 1]), 1.0
     """),
     "metrics (NDCG)": (["metrics.py"], """
         import math, torch, metrics

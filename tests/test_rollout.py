@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 import models
 import rollout
+import sampling
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +252,8 @@ def test_users_decoded_together_draw_what_each_draws_alone(early_stops, temperat
         assert torch.equal(together_generator.get_state(), alone_generator.get_state())
         if temperature:
             drawn = torch.Generator().manual_seed(10 + prompts.index((prefix, suffixes)))
-            for _ in range(int(alone.lengths.max())):  # torch.multinomial's draw for [K, V] probabilities
-                torch.empty(len(suffixes), model.config.vocab_size).exponential_(generator=drawn)
+            for _ in range(int(alone.lengths.max())):  # next_tokens' draw: one fp64 uniform per row and step
+                torch.rand(len(suffixes), dtype=torch.float64, generator=drawn)
             assert torch.equal(drawn.get_state(), alone_generator.get_state())
         torch.testing.assert_close(samples.logprobs, alone.logprobs, atol=1e-4, rtol=0)
         torch.testing.assert_close(samples.final_hidden, alone.final_hidden, atol=1e-4, rtol=0)
@@ -322,25 +323,68 @@ def test_decoding_reads_nothing_back_per_token(tiny, temperature):
     assert reads[4] == reads[20] == 0
 
 
-def test_attention_with_a_prefix_per_user_equals_each_user_alone():
+@pytest.mark.parametrize("lengths", [[7, 4, 0], [7, 4, 5]])
+def test_attention_with_a_prefix_per_user_equals_each_user_alone(lengths):
     """decode.attention over U users' rows, each block attending to its own (padded) prefix, against the
     same rows of each user with its own unpadded prefix."""
     import decode
 
     generator = torch.Generator().manual_seed(0)
     U, R, kv_heads, G, T, S, d = 3, 2, 2, 3, 1, 5, 8
-    lengths = [7, 4, 0]  # the last user has no prefix: every one of its prefix slots is padding
+    # [7, 4, 0]: the last user has no prefix, every one of its prefix slots is padding; [7, 4, 5]: the
+    # first 4 slots are every user's, only the rest is masked
     query = torch.randn(U * R, kv_heads, G, T, d, generator=generator)
     keys, values = (torch.randn(U * R, kv_heads, S, d, generator=generator) for _ in range(2))
     allowed = torch.rand(U * R, 1, 1, T, S, generator=generator) > 0.3
     allowed[..., -1] = True
     prefixes = [None if P == 0 else ([torch.randn(kv_heads, P, d, generator=generator)],
                                      [torch.randn(kv_heads, P, d, generator=generator)]) for P in lengths]
-    prefix_keys, prefix_values, valid = decode.stack_prefixes(prefixes)
-    assert prefix_keys[0].shape == (U, kv_heads, 7, d) and valid.sum(1).tolist() == lengths
-    together = decode.attention(query, keys, values, allowed, (prefix_keys[0], prefix_values[0], valid))
+    prefix_keys, prefix_values, valid, shortest = decode.stack_prefixes(prefixes)
+    assert prefix_keys[0].shape == (U, kv_heads, 7, d) and valid.sum(1).tolist() == lengths and shortest == min(lengths)
+    together = decode.attention(query, keys, values, allowed, (prefix_keys[0], prefix_values[0], valid, shortest))
     for user, prefix in enumerate(prefixes):
         rows = slice(user * R, (user + 1) * R)
         alone = decode.attention(query[rows], keys[rows], values[rows], allowed[rows],
                                  None if prefix is None else (prefix[0][0], prefix[1][0]))
         torch.testing.assert_close(together[rows], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_inverse_cdf_hand_numbers_and_frequencies():
+    """inverse_cdf against hand-placed uniforms (u * total inside each id's interval, blocks of 2 ids, a
+    zero and a padded last block), and the frequencies of 400,000 draws against the probabilities within
+    5 binomial standard errors, for block sizes that do and do not divide V; a zero is never drawn."""
+    probs = torch.tensor([[0.1, 0.2, 0.0, 0.3, 0.4]] * 2) * torch.tensor([[1.0], [3.0]])  # row 2 unnormalized
+    for u, want in [(0.0, 0), (0.0999, 0), (0.1001, 1), (0.2999, 1), (0.3001, 3), (0.5999, 3), (0.6001, 4), (1 - 1e-12, 4)]:
+        got = sampling.inverse_cdf(probs, torch.tensor([u, u], dtype=torch.float64), block=2)
+        assert got.tolist() == [want, want], (u, got)
+    # Zeros at both ends: u = 0 lands on the first id with mass, u = 1 (the rounding guard's case, outside
+    # [0, 1)) on the last one, never on a zero or on the padding.
+    edges = torch.tensor([[0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0]])
+    for block in (2, 3):
+        for u, want in [(0.0, 3), (1.0, 4)]:
+            assert sampling.inverse_cdf(edges, torch.tensor([u], dtype=torch.float64), block=block).item() == want
+    generator = torch.Generator().manual_seed(0)
+    p = (torch.randn(13, generator=generator) * 1.5).softmax(-1)
+    p[[2, 7]] = 0.0
+    p = p / p.sum()
+    n = 400_000
+    for block in (4, 5, 256):
+        ids = sampling.inverse_cdf(p.expand(n, -1), torch.rand(n, dtype=torch.float64, generator=generator), block=block)
+        counts = torch.bincount(ids, minlength=13).double()
+        assert counts[[2, 7]].sum() == 0 and counts.numel() == 13
+        sigma = (n * p.double() * (1 - p.double())).sqrt()
+        assert ((counts - n * p.double()).abs() <= 5 * sigma + 1e-9).all(), (block, counts / n, p)
+
+
+def test_next_tokens_nucleus_and_per_user_streams():
+    """next_tokens with top-p 0.6 draws only the nucleus, in proportion (hand-built logits: p = .5, .3,
+    .1, .1 -> the nucleus {0, 1}, renormalized .625 / .375); each user's block of rows uses its own
+    generator alone (the same ids when another user's generator is different)."""
+    logits = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().expand(2 * 50_000, -1)
+    ids = sampling.next_tokens(logits, 1.0, 0.6, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    counts = torch.bincount(ids, minlength=4).double()
+    assert counts[2:].sum() == 0
+    n, p = ids.numel(), 0.625
+    assert abs(counts[0] - n * p) <= 5 * (n * p * (1 - p)) ** 0.5
+    other = sampling.next_tokens(logits, 1.0, 0.6, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(9)])
+    assert torch.equal(ids[:50_000], other[:50_000]) and not torch.equal(ids[50_000:], other[50_000:])
