@@ -162,12 +162,11 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-        if self.requested is not None:
-            # Stopping, with what is kept on disk: a later SIGTERM (torchrun sends one to the ranks still
-            # running once a rank has exited) is ignored, so the process ends with its own status rather
-            # than the default's -15. Ignored, not handled: Python's shutdown resets handlers it set but
-            # leaves SIG_IGN, and the shutdown is where such a SIGTERM lands. (torchrun's SIGKILL, 30 s
-            # later, still ends a rank that hangs.)
+        if self.requested is not None and distributed.world() > 1:
+            # A torchrun rank stopping, with what is kept on disk: torchrun sends SIGTERM to the ranks still
+            # running once one has exited; ignored, so this one ends with its own status rather than the
+            # default's -15. Ignored, not handled: Python's shutdown, where such a SIGTERM lands, resets
+            # the handlers Python set but leaves SIG_IGN. (torchrun's SIGKILL, 30 s on, ends a rank that hangs.)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def exit(self, kept, say=True):
