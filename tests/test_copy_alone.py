@@ -20,7 +20,8 @@ BLOCKED = ("transformers", "tqdm", "safetensors", "numpy", "tokenizers", "scipy"
 GUARD = textwrap.dedent("""
     import importlib.abc, sys
     import torch  # first: torch imports numpy itself, which is then hidden from the piece below
-    sys.path = [p for p in sys.path if not p.startswith(ROOT)]
+    # the project's folders leave the path; a virtual environment inside the checkout (.venv) stays
+    sys.path = [p for p in sys.path if not p.startswith(ROOT) or "site-packages" in p]
     hidden = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in BLOCKED}
     class Blocked(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
