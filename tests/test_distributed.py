@@ -100,7 +100,9 @@ def test_two_ranks_sum_to_the_single_process_gradient(synthetic_dir, tmp_path):
 
 
 def torchrun(*args, nproc=2):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+    """torchrun with --standalone: a free port of its own, so two suites (or a suite and a run) on one
+    machine do not meet on the default 29500 (a collision there aborted a rank with SIGABRT)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                            os.path.join(ROOT, "r2rank.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # gloo on CPUs, even on a GPU machine
 

@@ -500,7 +500,7 @@ def test_a_stop_before_any_step_is_kept_leaves_nothing_that_refuses_the_same_com
 def test_sigterm_under_torchrun_stops_every_rank_with_one_line(tmp_path, synthetic_dir):
     out = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", os.path.join(ROOT, "r2rank.py"), "--stage", "rl",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "r2rank.py"), "--stage", "rl",
          "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "2", "--max-new-tokens", "4",
          "--max-history", "2", "--max-steps", "1000", "--save-every", "1000"], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
