@@ -30,7 +30,8 @@ import torch
 from tqdm import tqdm
 
 from data import NOT_RECOMMEND, RECOMMEND, candidate_text, user_context_text
-from rollout import cache_kwargs, positions_from_mask, prefill, sample_traces, token_logprobs
+from rollout import cache_kwargs, positions_from_mask, prefill, sample_traces
+from sampling import token_logprobs
 
 # The listwise answer gets min(--max-new-tokens, 8 K) new tokens: "[12] > " takes about 4 to 5 tokens.
 LISTWISE_TOKENS_PER_ITEM = 8

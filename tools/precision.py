@@ -28,6 +28,7 @@ import config  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
+import sampling  # noqa: E402
 
 from benchmark import smollm2_path  # noqa: E402  (tools/benchmark.py, beside this file)
 
@@ -134,7 +135,7 @@ def teacher_forced_decode(model, prefix, suffixes, responses):
     tokens = torch.tensor([r + [0] * (R - len(r)) for r in responses])
     logp = torch.zeros((K, R))
     for t in range(R):
-        logp[:, t] = rollout.token_logprobs(lm_head(hidden).float(), tokens[:, t])
+        logp[:, t] = sampling.token_logprobs(lm_head(hidden).float(), tokens[:, t])
         alive = torch.tensor([t < len(r) for r in responses])
         hidden = decode.forward(decoder, cache, tokens[:, t:t + 1], (position + t)[:, None], alive[:, None])[:, -1]
     return logp
