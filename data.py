@@ -13,7 +13,8 @@ in random order. Output: {train,valid,test}.jsonl, one instance per line,
     {"user_id", "profile", "history": [{"item_id", "title", "text", "timestamp"}],
      "candidates": [{"item_id", "title", "text"}], "labels": [1 for the positive, else 0]}
 and stats.json: Table 1 sizes, what was dropped and why, each item's count as a training positive
-(the synthetic set adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split).
+(the synthetic set adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split,
+and "candidates_new_to_training", the share of valid and test candidates no training user touched).
 
 Departures from the paper (which leaves these points open):
 1. A user who touched the same item twice keeps the first time only, so the positive is never also
@@ -91,8 +92,12 @@ def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_
     if users < fewest_users(protocol.split):
         raise UsageError(f"--users must be >= {fewest_users(protocol.split)}, the fewest that give every split of "
                          f"--split {protocol.split} a user, got {users}")
-    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user, pointwise), protocol)
+    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user, pointwise, protocol.split), protocol)
     best = POINTWISE_CATEGORY if pointwise else None
+    seen = {c["item_id"] for inst in splits["train"] for c in inst["candidates"] + inst["history"]}
+    stats["candidates_new_to_training"] = {name: round(sum(c["item_id"] not in seen for inst in split for c in inst["candidates"])
+                                                       / max(1, sum(len(inst["candidates"]) for inst in split)), 4)
+                                           for name, split in splits.items() if name != "train"}
     stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split, 10, best), 4)
                                        for name, split in splits.items() if split}
     write_dataset(out_dir, splits, stats, overwrite)
@@ -324,6 +329,7 @@ def main(argv=None):
     rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
     rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]
     rows += [(f"category-match NDCG@10, {name}", value) for name, value in stats.get("category_match_ndcg@10", {}).items()]
+    rows += [(f"candidates new to training, {name}", value) for name, value in stats.get("candidates_new_to_training", {}).items()]
     print(f"wrote {args.out}\n" + "\n".join(f"  {name:<40} {count:>10,}" for name, count in rows))
     return 0
 

@@ -6,7 +6,8 @@ Standard library only: it copies into another project alone.
 
 raw: any object with interactions [(user_id, item_id, unix seconds)], items {item_id: {"title",
 "text"}} (titled items only), profiles {user_id: text}, inputs [file names], touched_outside
-{user_id: items touched outside the time window} and dropped (a Counter of what the source dropped):
+{user_id: items touched outside the time window}, dropped (a Counter of what the source dropped) and,
+optionally, split_of {user_id: "train", "valid" or "test"} where the source fixes the split itself:
 sources.RawData. data.py reads the sources, writes the splits and builds the prompt.
 
 The departures from the paper are listed in data.py's docstring (1-3 are implemented here).
@@ -100,9 +101,13 @@ def build_instances(raw, protocol):
         raise DataError(f"{', '.join(raw.inputs)}: no user is left after the protocol ({dict(dropped)})")
 
     users = sorted(instances)
-    random.Random(protocol.seed).shuffle(users)
-    n_train, n_valid, _ = split_sizes(len(users), protocol.split)
-    groups = (users[:n_train], users[n_train:n_train + n_valid], users[n_train + n_valid:])
+    split_of = getattr(raw, "split_of", None)
+    if split_of:  # the source's own split (the pointwise synthetic set: new items for valid and test)
+        groups = tuple([user for user in users if split_of[user] == name] for name in SPLITS)
+    else:
+        random.Random(protocol.seed).shuffle(users)
+        n_train, n_valid, _ = split_sizes(len(users), protocol.split)
+        groups = (users[:n_train], users[n_train:n_train + n_valid], users[n_train + n_valid:])
     splits = {name: [instances[user] for user in sorted(group)] for name, group in zip(SPLITS, groups)}
     frequency = Counter(inst["candidates"][inst["labels"].index(1)]["item_id"] for inst in splits["train"])
     stats = {"inputs": raw.inputs, "protocol": asdict(protocol), "users": len(users), "items": len(pool),

@@ -6,7 +6,7 @@ the file and line, the Amazon Reviews 2023 and MovieLens-100K sources, and the b
     read_rows(path, sep)        (line number, fields) of a delimited file
     read_atomic(path, required) (line number, {column: value}) of a RecBole atomic file
     load_amazon(reviews, meta, protocol), load_movielens(path, protocol), synthetic_raw(...)  -> RawData
-    generate_synthetic(users, seed, categories_per_user, pointwise)  -> (items, profiles, interactions)
+    generate_synthetic(users, seed, categories_per_user, held_out)  -> (items, profiles, interactions)
     category_match_ndcg(instances, k, category)   the best NDCG@k any ranker can expect on synthetic instances
 
 The synthetic set (not in the paper): a small generated set whose labels only the history reveals.
@@ -14,8 +14,11 @@ The synthetic set (not in the paper): a small generated set whose labels only th
 x 4 colours. Each user favours `categories_per_user` categories drawn uniformly; the history (4-10
 items) and the positive come from them, so an item's text alone says nothing about its label but the
 history does: the positive's category always occurs in the history. The profile carries no signal.
-The pointwise variant (--pointwise) is the quickstart's: the same users, but every positive is a
-camping item and no negative is, so a candidate's own text decides its label and the history is no use.
+The pointwise variant (--pointwise) is the quickstart's: every positive is a camping item and no
+negative is, so a candidate's own text decides its label and the history is no use. Its valid and
+test users meet only new items: their items are all green or black, the training users' all red or
+blue, so no valid or test candidate was ever seen in training. Counting what training users liked
+(popularity) cannot rank them; reading "camping" (or "tent") in the candidate's text can.
 """
 import gzip
 import json
@@ -128,6 +131,7 @@ class RawData:
     profiles: dict  # user_id -> profile text
     inputs: list  # file names, for messages and stats.json
     touched_outside: dict = field(default_factory=dict)  # user_id -> items touched outside the window
+    split_of: dict = field(default_factory=dict)  # user_id -> its split, where the source fixes it (else a seeded shuffle)
     dropped: Counter = field(default_factory=Counter)
 
 
@@ -254,18 +258,33 @@ def load_movielens(path, protocol):
     return raw
 
 
-def synthetic_raw(users=200, seed=0, categories_per_user=2, pointwise=False):
-    """The synthetic set (generate_synthetic) as RawData. Pointwise: the protocol draws negatives from
-    the items a user never touched, inside the window or outside it; every camping item is listed as
-    touched outside it, so no negative is a camping item."""
+def synthetic_raw(users=200, seed=0, categories_per_user=2, pointwise=False, split="8:1:1"):
+    """The synthetic set (generate_synthetic) as RawData. Pointwise: `split`'s valid and test users are
+    drawn here (raw.split_of fixes them for the protocol) and meet only NEW_COLORS' items, the training
+    users only the other colours' (generate_synthetic); the protocol draws negatives from the items a
+    user never touched, and every camping item and every item of the other side is listed as touched
+    outside the window, so no negative is a camping item or an item of the other side."""
+    held_out, split_of = set(), {}
+    if pointwise:
+        from protocol import SPLITS, split_sizes
+
+        order = list(range(users))
+        random.Random(f"synthetic-split/{seed}").shuffle(order)
+        n_train, n_valid, _ = split_sizes(users, split)
+        for position, number in enumerate(order):
+            split_of[f"u{number:04d}"] = SPLITS[(position >= n_train) + (position >= n_train + n_valid)]
+        held_out = {number for number in range(users) if split_of[f"u{number:04d}"] != "train"}
     try:
-        items, profiles, interactions = generate_synthetic(users, seed, categories_per_user, pointwise)
+        items, profiles, interactions = generate_synthetic(users, seed, categories_per_user, held_out if pointwise else None)
     except ValueError as e:
         raise DataError(str(e)) from None
-    raw = RawData(interactions, items, profiles, ["synthetic"])
+    raw = RawData(interactions, items, profiles, ["synthetic"], split_of=split_of)
     if pointwise:
+        new = {item for item, it in items.items() if item_color(it) in NEW_COLORS}
         liked = {item for item, it in items.items() if item_category(it) == POINTWISE_CATEGORY}
-        raw.touched_outside = {user: set(liked) for user in profiles}
+        for number in range(users):
+            other_side = set(items) - new if number in held_out else new
+            raw.touched_outside[f"u{number:04d}"] = liked | other_side
     return raw
 
 
@@ -280,13 +299,16 @@ CATEGORIES = {
 }
 COLORS = ["red", "blue", "green", "black"]
 POINTWISE_CATEGORY = "camping"  # --pointwise: every user's positive
+NEW_COLORS = ("green", "black")  # --pointwise: the colours of the valid and test users' items, new to training
 START = int(datetime(2022, 1, 1, tzinfo=timezone.utc).timestamp())  # the first user's first interaction
 
 
-def generate_synthetic(users=200, seed=0, categories_per_user=2, pointwise=False):
+def generate_synthetic(users=200, seed=0, categories_per_user=2, held_out=None):
     """(items {item_id: {"title", "text"}}, profiles {user_id: text}, interactions [(user_id, item_id,
-    unix seconds)]), deterministic for a seed; the positive is each user's last interaction. pointwise:
-    the positive is a camping item (POINTWISE_CATEGORY) not in the history, whatever the history."""
+    unix seconds)]), deterministic for a seed; the positive is each user's last interaction.
+    held_out None: the history-based set. A set of user numbers: the pointwise set, whose positive is a
+    camping item (POINTWISE_CATEGORY) not in the history, whatever the history; the users in held_out
+    touch only NEW_COLORS' items, the others only the other colours'."""
     if not 1 <= categories_per_user <= len(CATEGORIES):
         raise ValueError(f"--categories-per-user must be 1 to {len(CATEGORIES)}, not {categories_per_user}")
     rng = random.Random(f"synthetic/{seed}")
@@ -303,13 +325,24 @@ def generate_synthetic(users=200, seed=0, categories_per_user=2, pointwise=False
         user = f"u{number:04d}"
         profiles[user] = f"Age {rng.randint(18, 70)}"  # no signal in it
         favoured = rng.sample(sorted(by_category), categories_per_user)
-        history = rng.sample([item for name in favoured for item in by_category[name]], rng.randint(4, 10))
-        shown = sorted({category_of[item] for item in history})
-        liked = [POINTWISE_CATEGORY] if pointwise else shown
-        positive = rng.choice([i for name in liked for i in by_category[name] if i not in history])
+        if held_out is None:
+            history = rng.sample([item for name in favoured for item in by_category[name]], rng.randint(4, 10))
+            shown = sorted({category_of[item] for item in history})
+            positive = rng.choice([i for name in shown for i in by_category[name] if i not in history])
+        else:  # the positive first, so that a history of camping items always leaves one to like
+            new = number in held_out
+            mine = [item for item in items if (item_color(items[item]) in NEW_COLORS) == new]  # this side's items
+            positive = rng.choice([item for item in mine if category_of[item] == POINTWISE_CATEGORY])
+            pool = [item for item in mine if category_of[item] in favoured and item != positive]
+            history = rng.sample(pool, min(rng.randint(4, 10), len(pool)))
         for step, item in enumerate(history + [positive]):
             interactions.append((user, item, START + 86400 * (number + step)))
     return items, profiles, interactions
+
+
+def item_color(item):
+    """The colour written in a synthetic item's text."""
+    return item["text"].split("; color: ")[1]
 
 
 def item_category(item):

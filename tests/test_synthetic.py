@@ -124,3 +124,21 @@ def test_pointwise_labels_are_the_candidates_own_category(tmp_path):
             assert (category(item) == sources.POINTWISE_CATEGORY) == bool(label)  # the text alone decides
     stats = json.loads((tmp_path / "pw" / "stats.json").read_text())
     assert set(stats["category_match_ndcg@10"].values()) == {1.0}
+    assert stats["candidates_new_to_training"] == {"valid": 1.0, "test": 1.0}
+
+
+def test_pointwise_valid_and_test_items_are_new_to_training(tmp_path):
+    """The quickstart's set cannot be solved by counting: no item a valid or test user meets (candidate
+    or history) was met by a training user, and every side has camping items of its own colours."""
+    assert data.main(["synthetic", "--pointwise", "--candidates", "10", "--out", str(tmp_path / "pw")]) == 0
+    splits = read_all(tmp_path / "pw")
+    assert [len(split) for split in splits.values()] == [160, 20, 20]
+    items = lambda split: {item["item_id"] for inst in splits[split] for item in inst["candidates"] + inst["history"]}
+    colors = lambda split: {item["title"].split()[0] for inst in splits[split] for item in inst["candidates"]}
+    assert colors("train") == {"Red", "Blue"} and colors("valid") | colors("test") == {"Green", "Black"}
+    assert not items("train") & (items("valid") | items("test"))
+    positives = {inst["candidates"][inst["labels"].index(1)]["title"] for split in ("valid", "test") for inst in splits[split]}
+    assert len(positives) == 6  # the six green and black camping items: tent, lantern, sleeping bag
+    # the split is the protocol's 8:1:1 by size, fixed by the source, and the same for the same seed
+    assert data.main(["synthetic", "--pointwise", "--candidates", "10", "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "pw" / "test.jsonl").read_bytes() == (tmp_path / "again" / "test.jsonl").read_bytes()
