@@ -42,6 +42,10 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | --resume --overwrite | resume won silently | refused in one line (every stage, the baselines, sasrec.py) |
 | Ctrl-C / SIGTERM in baselines/sasrec.py | traceback, the epochs since the last check lost | the epoch in progress finishes, the state is saved, one line, exit 130 / 143; --resume gives the uninterrupted model (test_sasrec.py) |
 | SIGTERM under torchrun | the stop line once per rank | once (rank 0); every rank exits 143 (torchrun itself still reports the signal and exits 1) |
+| Round 4 (issue 44): | | |
+| data.py --out DIR --overwrite, DIR holding other files or folders; --out .; --out a parent directory | all of DIR deleted (rmtree); the current directory emptied; sibling folders deleted | refused in one line naming the first foreign file or folder, nothing deleted: --overwrite replaces only a data set's train/valid/test.jsonl and stats.json, file by file (test_data.py) |
+| r2rank.py --out X without --data, X/data holding the user's files | replaced by the synthetic set, no word | refused: "X/data holds FILE, not the synthetic set ...; pass --data, or choose another --out" |
+| --overwrite over a checkpoint-<step> that is a file or holds a folder; sasrec.py over a sasrec-log.json folder | deleted with the run | refused, naming it (sasrec: test_sasrec.py) |
 """
 import errno
 import json
@@ -88,6 +92,35 @@ def test_another_runs_out_is_refused_unless_resumed_or_overwritten(tmp_path, syn
     replaced = rl(out, synthetic_dir, "--max-steps", "1", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert steps(out) == [1] and sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1"]
+
+
+def test_the_built_in_data_never_replaces_a_users_folder(tmp_path):
+    """--out X without --data builds the synthetic set in X/data only where nothing of the user's is:
+    a X/data holding the user's own files is refused in one line that names one, and kept whole."""
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "my-reviews.jsonl").write_text("mine\n")
+    result = run_cli("--stage", "rl", "--model", "tiny", "--out", str(out), "--max-steps", "1", "--users-per-step", "1",
+                     "--max-new-tokens", "4")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "holds my-reviews.jsonl, not the synthetic set" in last_line(result) and "--data" in last_line(result)
+    assert os.listdir(out / "data") == ["my-reviews.jsonl"] and (out / "data" / "my-reviews.jsonl").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("kind", ["folder inside", "file"])
+def test_overwrite_refuses_a_checkpoint_name_that_holds_what_a_run_does_not_write(kind, tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    if kind == "file":
+        out.mkdir()
+        (out / "checkpoint-1").write_text("mine\n")
+    else:
+        (out / "checkpoint-1" / "mine").mkdir(parents=True)
+        (out / "checkpoint-1" / "mine" / "notes.txt").write_text("mine\n")
+    result = rl(out, synthetic_dir, "--max-steps", "1", "--overwrite")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("checkpoint-1 holds mine" if kind == "folder inside" else "checkpoint-1 is not a folder") in last_line(result)
+    assert "move it or choose another --out" in last_line(result)
+    assert (out / "checkpoint-1" / "mine" / "notes.txt" if kind == "folder inside" else out / "checkpoint-1").read_text() == "mine\n"
 
 
 def test_resume_refuses_other_defining_settings_and_applies_changed_ones(tmp_path, synthetic_dir):
