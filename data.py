@@ -361,6 +361,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # write_dataset's temporary files are gone; only its last few renames could be cut
+        print(f"data.py: stopped by Ctrl-C; nothing written to {args.out}", file=sys.stderr)
+        return 130
     rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
     rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
     rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]

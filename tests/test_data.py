@@ -5,6 +5,10 @@ import gzip
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -512,3 +516,14 @@ def test_overwrite_into_the_current_directory_holding_a_data_set(tmp_path):
     result = run_script(DATA_PY, "synthetic", "--users", 20, "--out", ".", "--overwrite", cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path)) == ["stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"]
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tmp_path):
+    """A real process (the signal must reach data.py itself): a large synthetic set, stopped while it is built."""
+    process = subprocess.Popen([sys.executable, DATA_PY, "synthetic", "--users", "100000", "--out", str(tmp_path / "o")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.strip() == f"data.py: stopped by Ctrl-C; nothing written to {tmp_path / 'o'}"
+    assert os.listdir(tmp_path) == []

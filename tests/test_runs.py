@@ -45,6 +45,8 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | Round 4 (issue 44): | | |
 | data.py --out DIR --overwrite, DIR holding other files or folders; --out .; --out a parent directory | all of DIR deleted (rmtree); the current directory emptied; sibling folders deleted | refused in one line naming the first foreign file or folder, nothing deleted: --overwrite replaces only a data set's train/valid/test.jsonl and stats.json, file by file (test_data.py) |
 | r2rank.py --out X without --data, X/data holding the user's files | replaced by the synthetic set, no word | refused: "X/data holds FILE, not the synthetic set ...; pass --data, or choose another --out" |
+| Ctrl-C during data.py | KeyboardInterrupt traceback | "data.py: stopped by Ctrl-C; nothing written to OUT", exit 130, no temporary folder left (test_data.py) |
+| a full disk when the lock is written (rl, eval, sft-data start) | OSError traceback, an empty .r2rank-lock left | "--out X: cannot write .r2rank-lock there (No space left on device); ...", the file removed, an --out made for the run removed |
 | --overwrite over a checkpoint-<step> that is a file or holds a folder; sasrec.py over a sasrec-log.json folder | deleted with the run | refused, naming it (sasrec: test_sasrec.py) |
 """
 import errno
@@ -491,6 +493,23 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_pa
     (out / stops.LOCK).write_text("4194303 some-host\n")
     assert rl(out, synthetic_dir, "--max-steps", "1").returncode == 0
     assert steps(out) == [1] and not (out / stops.LOCK).exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock_file(existing, tmp_path, monkeypatch):
+    """ENOSPC on writing .r2rank-lock (the first write of rl, eval and sft-data): a UsageError naming the
+    file, no empty lock file left, and an --out made for the run removed again."""
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+
+    def full(fd, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "ftruncate", full)
+    with pytest.raises(runs.UsageError, match=rf"^--out {out}: cannot write \.r2rank-lock there \(No space left on device\)"):
+        stops.claim(str(out))
+    assert (os.listdir(out) == []) if existing else not out.exists()
 
 
 def test_a_stop_before_any_step_is_kept_leaves_nothing_that_refuses_the_same_command(tmp_path, synthetic_dir, monkeypatch, capsys):
