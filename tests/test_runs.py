@@ -47,6 +47,7 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | r2rank.py --out X without --data, X/data holding the user's files | replaced by the synthetic set, no word | refused: "X/data holds FILE, not the synthetic set ...; pass --data, or choose another --out" |
 | Ctrl-C during data.py | KeyboardInterrupt traceback | "data.py: stopped by Ctrl-C; nothing written to OUT", exit 130, no temporary folder left (test_data.py) |
 | a full disk when the lock is written (rl, eval, sft-data start) | OSError traceback, an empty .r2rank-lock left | "--out X: cannot write .r2rank-lock there (No space left on device); ...", the file removed, an --out made for the run removed |
+| --model a checkpoint whose model.safetensors (eval, rl) or head.safetensors (eval) is truncated | SafetensorError traceback | "--model X: model.safetensors is truncated (N of M bytes), so it is damaged; pass another checkpoint" |
 | --overwrite over a checkpoint-<step> that is a file or holds a folder; sasrec.py over a sasrec-log.json folder | deleted with the run | refused, naming it (sasrec: test_sasrec.py) |
 """
 import errno
@@ -212,6 +213,23 @@ def test_resume_skips_each_broken_checkpoint_and_names_its_broken_file(tmp_path,
     none_whole = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
     assert none_whole.returncode == 1 and "optimizer.pt is missing or truncated" in none_whole.stdout
     assert last_line(none_whole) == f"error: --resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again"
+
+
+def test_a_damaged_checkpoint_given_as_model_names_its_file(tmp_path, synthetic_dir):
+    """--model a checkpoint whose model.safetensors (eval, rl) or head.safetensors (eval) is cut short:
+    one line naming the file, before any work (--resume skips such a checkpoint; --model has no other)."""
+    assert rl(tmp_path / "run", synthetic_dir, "--max-steps", "1").returncode == 0
+    for broken in ("model.safetensors", "head.safetensors"):
+        checkpoint = tmp_path / broken / "checkpoint-1"
+        shutil.copytree(tmp_path / "run" / "checkpoint-1", checkpoint)
+        size = (checkpoint / broken).stat().st_size
+        os.truncate(checkpoint / broken, size - 50)
+        stages = [["--stage", "eval", "--methods", "r2rank", "--no-baseline", "--max-new-tokens", "4"]]
+        stages += [["--stage", "rl", "--max-steps", "1", "--users-per-step", "1", "--max-new-tokens", "4"]] * (broken == "model.safetensors")
+        for stage in stages:
+            result = run_cli(*stage, "--model", str(checkpoint), "--data", synthetic_dir, "--out", str(tmp_path / f"out-{broken}"))
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert f"{broken} is truncated ({size - 50} of {size} bytes)" in last_line(result) and str(checkpoint) in last_line(result)
 
 
 def test_the_safetensors_check_agrees_with_the_safetensors_loader(tmp_path):
