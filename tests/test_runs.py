@@ -48,6 +48,8 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | Ctrl-C during data.py | KeyboardInterrupt traceback | "data.py: stopped by Ctrl-C; nothing written to OUT", exit 130, no temporary folder left (test_data.py) |
 | a full disk when the lock is written (rl, eval, sft-data start) | OSError traceback, an empty .r2rank-lock left | "--out X: cannot write .r2rank-lock there (No space left on device); ...", the file removed, an --out made for the run removed |
 | --model a checkpoint whose model.safetensors (eval, rl) or head.safetensors (eval) is truncated | SafetensorError traceback | "--model X: model.safetensors is truncated (N of M bytes), so it is damaged; pass another checkpoint" |
+| tools/report.py table on an eval file without per-user values | KeyError traceback | "FILE: method 'X' has no per-user values (...)", exit 1 (test_report.py) |
+| tools/benchmark.py --rl-step nonexistent/model, --users 0, --new-tokens -5, --models foo | traceback; a run with 0 users or -5 tokens; foo ignored and a 10-minute sweep of the others | one line before any timing, exit 1 / 2 (test_cli.py) |
 | --overwrite over a checkpoint-<step> that is a file or holds a folder; sasrec.py over a sasrec-log.json folder | deleted with the run | refused, naming it (sasrec: test_sasrec.py) |
 """
 import errno
