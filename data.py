@@ -80,7 +80,7 @@ def check_out_dir(out_dir, overwrite, ignore=()):
         raise DataError(f"--out {out_dir}: holds {foreign}, which is not a data set's file; --overwrite replaces only "
                         "train/valid/test.jsonl and stats.json, so choose a new or empty --out")
     if set(os.listdir(out_dir)) - set(ignore) and not overwrite:
-        raise DataError(f"--out {out_dir}: holds a data set; pass --overwrite to replace it, or another --out")
+        raise DataError(f"--out {out_dir}: a data set exists there; pass --overwrite to replace it, or another --out")
 
 
 def write_dataset(out_dir, splits, stats, overwrite=False):

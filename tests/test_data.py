@@ -527,3 +527,15 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tmp_path):
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and stderr.strip() == f"data.py: stopped by Ctrl-C; nothing written to {tmp_path / 'o'}"
     assert os.listdir(tmp_path) == []
+
+
+def test_a_repeated_item_record_in_the_amazon_meta_is_counted_and_said(amazon_files, tmp_path):
+    reviews, meta = amazon_files
+    repeated = write_jsonl(tmp_path / "meta_repeated.jsonl", amazon_meta() + [{"title": "Game B05, again", "parent_asin": "B05"}])
+    out = tmp_path / "out"
+    result = run_cli("amazon", "--reviews", reviews, "--meta", repeated, "--out", out, "--history", 3, "--candidates", 4)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "stats.json").read_text())["dropped"]["repeated_item_records"] == 1
+    assert "dropped: repeated_item_records" in result.stdout
+    titles = {c["item_id"]: c["title"] for split in read_all(out).values() for inst in split for c in inst["candidates"]}
+    assert titles.get("B05", "Game B05") == "Game B05"  # the first record is kept

@@ -50,6 +50,7 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | --model a checkpoint whose model.safetensors (eval, rl) or head.safetensors (eval) is truncated | SafetensorError traceback | "--model X: model.safetensors is truncated (N of M bytes), so it is damaged; pass another checkpoint" |
 | tools/report.py table on an eval file without per-user values | KeyError traceback | "FILE: method 'X' has no per-user values (...)", exit 1 (test_report.py) |
 | tools/benchmark.py --rl-step nonexistent/model, --users 0, --new-tokens -5, --models foo | traceback; a run with 0 users or -5 tokens; foo ignored and a 10-minute sweep of the others | one line before any timing, exit 1 / 2 (test_cli.py) |
+| a parent_asin repeated in the Amazon meta file | the first record kept, no word | kept, and counted in stats.json's dropped ("repeated_item_records"), which data.py prints (test_data.py) |
 | --overwrite over a checkpoint-<step> that is a file or holds a folder; sasrec.py over a sasrec-log.json folder | deleted with the run | refused, naming it (sasrec: test_sasrec.py) |
 """
 import errno
