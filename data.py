@@ -35,6 +35,7 @@ Departures from the paper (which leaves these points open):
    "Without CoT": the decision alone.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -53,38 +54,72 @@ AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
 # ---------------------------------------------------------------- writing and loading
 
 
-def check_out_dir(out_dir, overwrite):
-    """Refuse an existing output (an empty directory is fine) unless overwrite."""
-    if os.path.exists(out_dir) and not overwrite and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-        raise DataError(f"{out_dir}: the output directory exists (pass --overwrite to replace it)")
+DATASET_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "stats.json")  # all that write_dataset puts in --out
+TMP_PREFIX = ".data.py-tmp-"  # write_dataset's temporary directory, beside --out or in it
+
+
+def foreign_entry(out_dir, ignore=()):
+    """The first entry of directory out_dir that is not a data set's file (a regular file named in
+    DATASET_FILES), as "name" or "name/" for a folder, or None: what --overwrite must not delete."""
+    for name in sorted(set(os.listdir(out_dir)) - set(ignore)):
+        path = os.path.join(out_dir, name)
+        if name not in DATASET_FILES or os.path.islink(path) or not os.path.isfile(path):
+            return name + ("/" if os.path.isdir(path) and not os.path.islink(path) else "")
+    return None
+
+
+def check_out_dir(out_dir, overwrite, ignore=()):
+    """A DataError (one line) unless out_dir is missing, empty, or holds a data set and overwrite is set.
+    --overwrite replaces a data set, recognised by its files: nothing but train/valid/test.jsonl and
+    stats.json (DATASET_FILES). A directory holding anything else (a file or folder this module did not
+    write: "." or a parent directory, say) is refused whatever the flags, naming it, and nothing is deleted."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir}: exists and is not a directory; choose another --out")
+    if (foreign := foreign_entry(out_dir, ignore)) is not None:
+        raise DataError(f"--out {out_dir}: holds {foreign}, which is not a data set's file; --overwrite replaces only "
+                        "train/valid/test.jsonl and stats.json, so choose a new or empty --out")
+    if set(os.listdir(out_dir)) - set(ignore) and not overwrite:
+        raise DataError(f"--out {out_dir}: a data set exists there; pass --overwrite to replace it, or another --out")
 
 
 def write_dataset(out_dir, splits, stats, overwrite=False):
-    """Write <split>.jsonl and stats.json into a temporary sibling directory, then rename it to out_dir,
-    so a failure leaves nothing behind."""
+    """Write <split>.jsonl and stats.json into a temporary directory, then move them to out_dir, so a
+    failure leaves nothing behind: a new out_dir is the temporary one renamed; an existing one (empty,
+    or a data set and overwrite, check_out_dir) gets each file renamed into it, the old set's other files
+    removed, stats.json last. Nothing else in out_dir is ever touched."""
     check_out_dir(out_dir, overwrite)
-    parent, tmp = os.path.dirname(os.path.abspath(out_dir)), None
+    exists, tmp = os.path.isdir(out_dir), None
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
+        where = out_dir if exists else os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(where, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=where)
         for name, instances in splits.items():
             with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(inst, ensure_ascii=False) + "\n" for inst in instances)
         with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        if not exists:
+            os.rename(tmp, out_dir)
+            return
+        check_out_dir(out_dir, overwrite, ignore=[os.path.basename(tmp)])  # again: the build may have taken minutes
+        written = sorted(os.listdir(tmp), key=lambda name: name == "stats.json")
+        for name in set(DATASET_FILES) - set(written):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+        for name in written:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     except OSError as e:
-        raise DataError(f"{e.filename or out_dir}: cannot write ({e.strerror})") from None
+        raise DataError(f"--out {out_dir}: cannot write ({e.strerror})") from None
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, **protocol):
-    """Build the synthetic set (pointwise: its pointwise variant, sources.py) into out_dir (missing or
-    empty) and return its stats; `protocol` takes Protocol's other fields (history, candidates, split).
+    """Build the synthetic set (pointwise: its pointwise variant, sources.py) into out_dir (missing, empty,
+    or a data set and overwrite: check_out_dir) and return its stats; `protocol` takes Protocol's other fields (history, candidates, split).
     stats.json adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split
     (sources.category_match_ndcg; 1 on the pointwise set)."""
     check_out_dir(out_dir, overwrite)
@@ -165,11 +200,16 @@ def load_split(data_dir, split, allow_empty=False):
 
 
 def prepare_data(data_dir, out, seed=0):
-    """data_dir when given; otherwise the built-in synthetic set in <out>/data, built once."""
+    """data_dir when given; otherwise the built-in synthetic set in <out>/data, built once. A <out>/data
+    without train.jsonl is built into only when it holds nothing but a data set's files (check_out_dir):
+    a folder of the user's there is refused in one line, never replaced."""
     if data_dir:
         return data_dir
     path = os.path.join(out, "data")
     if not os.path.exists(os.path.join(path, "train.jsonl")):
+        if os.path.isdir(path) and (foreign := foreign_entry(path)) is not None:
+            raise DataError(f"--out {out}: {path} holds {foreign}, not the synthetic set that is built there when "
+                            "--data is not given; pass --data, or choose another --out")
         build_synthetic(path, seed=seed, overwrite=True)
     return path
 
@@ -283,8 +323,9 @@ def add_protocol_args(parser, window, no_window_note):
             shown = default
         parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else day_arg,
                             default=default, help=f"{f.metadata['help']} (default: {shown})")
-    parser.add_argument("--out", required=True, help="output directory; must not exist (or be empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--out", required=True, help="output directory; new or empty (or a data set, with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the data set in --out: its "
+                        "train/valid/test.jsonl and stats.json; a --out holding anything else is refused")
 
 
 def main(argv=None):
@@ -325,6 +366,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # write_dataset's temporary files are gone; only its last few renames could be cut
+        print(f"data.py: stopped by Ctrl-C; nothing written to {args.out}", file=sys.stderr)
+        return 130
     rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
     rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
     rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import data
 import rollout
+import runs
 from head import ScoreHead
 
 
@@ -241,6 +242,9 @@ def load_policy(name, device, dtype, seed=0):
 
         if not os.path.isdir(name):
             print(f"loading {name} from the Hugging Face hub (downloaded once, then cached; --model tiny needs none)")
+        for file in sorted(os.listdir(name) if os.path.isdir(name) else []):  # the head and LoRA's too: a save cut short
+            if file.endswith(".safetensors") and (problem := runs.safetensors_problem(os.path.join(name, file))):
+                raise data.UsageError(f"--model {name}: {problem}, so it is damaged; pass another checkpoint")
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(name)
@@ -300,6 +304,8 @@ def load_head(path, hidden_size, device):
     file = os.path.join(path, "head.safetensors")
     with open(os.path.join(path, "r2rank.json")) as f:
         width = json.load(f)["head_width"]
+    if problem := runs.safetensors_problem(file):
+        raise data.UsageError(f"{path}: {problem}, so the head cannot be read; pass another checkpoint")
     state, head = load_file(file), ScoreHead(hidden_size, width)
     found = {name: tuple(value.shape) for name, value in state.items()}
     if found != {name: tuple(value.shape) for name, value in head.state_dict().items()}:

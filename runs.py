@@ -9,6 +9,9 @@ checkpoints and the disk check: checkpoints.py; the lock on --out and a clean st
         ...
         if stop.requested: save a checkpoint, then raise stop.exit(...)
 
+--overwrite replaces a run's files only (run_files: checkpoint-<step> folders of files, metrics.jsonl);
+the data/, eval and sft-data files stay, and a run file not as a run writes it is refused (foreign_run_file).
+
 Around all of it, `with stops.claim(out):` holds --out for the run's life: a second run started on the
 same --out meanwhile is refused in one line (an flock on <out>/.r2rank-lock, which dies with the process).
 
@@ -158,6 +161,22 @@ def run_files(out):
                   or n == "metrics.jsonl" and os.path.getsize(os.path.join(out, n)))
 
 
+def foreign_run_file(out):
+    """The first run file of out (run_files) that is not as a run writes it, in words, or None: a run's
+    checkpoint-<step> (or .tmp-checkpoint-<step>) is a folder of files only, its metrics.jsonl a file.
+    --overwrite, pruning and a save at that step delete run files, so anything else is refused."""
+    for name in run_files(out):
+        path = os.path.join(out, name)
+        if os.path.islink(path) or name == "metrics.jsonl" and not os.path.isfile(path):
+            return f"{name} is a link or not a file"
+        if name != "metrics.jsonl" and not os.path.isdir(path):
+            return f"{name} is not a folder"
+        if name != "metrics.jsonl" and (inner := next((n for n in sorted(os.listdir(path)) if os.path.islink(os.path.join(path, n))
+                                                      or not os.path.isfile(os.path.join(path, n))), None)):
+            return f"{name} holds {inner}, which a checkpoint does not"
+    return None
+
+
 def inside_run_files(out, path):
     """The run file of out (run_files) that path is or lies in, or None: what --overwrite would delete."""
     relative = os.path.relpath(os.path.realpath(path), os.path.realpath(out))
@@ -219,6 +238,9 @@ def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAN
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     check_writable(out)
     found, fingerprint = run_files(out), data_fingerprint(data_dir)
+    if found and (foreign := foreign_run_file(out)):
+        raise UsageError(f"--out {out}: {foreign}; a run writes, and --overwrite replaces, only checkpoint-<step> folders "
+                         "of files and metrics.jsonl, so move it or choose another --out")
     files = {name: [path, data_fingerprint(None, [path])] for name, path in (files or {}).items()}
     plan = Plan(fingerprint=fingerprint, overwrite=bool(found), files={name: digest for name, (_, digest) in files.items()})
     read = {"--data": data_dir, **{flag(name): settings[name] for name in reads if settings.get(name)}}

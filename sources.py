@@ -195,7 +195,9 @@ def load_amazon(reviews, meta, protocol):
     needed = {item for _, item, _ in raw.interactions}
     for lineno, record in read_jsonl(meta):
         item = require(record, "parent_asin", str, meta, lineno)
-        if item in needed and item not in raw.items and clean(record.get("title")):
+        if item in needed and item in raw.items:  # the item's first titled record is kept, the others counted
+            raw.dropped["repeated_item_records"] += 1
+        elif item in needed and clean(record.get("title")):
             raw.items[item] = {"title": clean(record["title"]), "text": amazon_text(record)}
     raw.dropped["items_without_title"] = len(needed - raw.items.keys())
     if raw.dropped["interactions_outside_window"]:  # negatives must avoid these too

@@ -67,12 +67,16 @@ def claim(out):
     if os.path.realpath(out) in _claimed or not distributed.is_main():  # held already by this process / rank 0's
         refusal, held = None, Claim(out)
     else:
+        created = False
         try:
             runs.check_writable(out)
             created = not os.path.isdir(out)
             held, refusal = Claim(out, lock_file(out), created), None
         except UsageError as error:
             refusal = error
+            if created:  # made for this run, which is refused: nothing of it stays
+                with contextlib.suppress(OSError):
+                    os.rmdir(out)
     if distributed.total(float(refusal is not None), "max"):
         raise refusal or UsageError(f"--out {out}: refused on rank 0")
     if held.fd is not None:
@@ -106,8 +110,14 @@ def lock_file(out):
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    except OSError as error:  # a full disk, a quota: the file goes, as release() would remove it
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+        raise UsageError(f"--out {out}: cannot write {LOCK} there ({error.strerror}); free space or choose another --out") from None
     return fd
 
 

@@ -211,7 +211,11 @@ def plan_out(args, settings):
     state to resume from, or None."""
     if args.resume and args.overwrite:
         raise data.UsageError("--resume continues the model in --out and --overwrite replaces it: pass one of them")
-    found = [name for name in FILES if os.path.exists(os.path.join(args.out, name))]
+    found = [name for name in FILES if os.path.lexists(os.path.join(args.out, name))]
+    if (foreign := next((name for name in found if not os.path.isfile(os.path.join(args.out, name))
+                         or os.path.islink(os.path.join(args.out, name))), None)):
+        raise data.DataError(f"--out {args.out}: {foreign} is not a file this script wrote; --overwrite replaces only "
+                             f"{', '.join(FILES)}, so move it or choose another --out")
     if not args.resume:
         if found and not args.overwrite:
             raise data.DataError(f"{args.out}: holds another model ({', '.join(found)}); pass --resume to continue it, "

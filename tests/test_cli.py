@@ -178,3 +178,20 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
     assert result.returncode == 130, result.stderr
     assert result.stderr == "interrupted before anything started; nothing was written\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rl-step", "nonexistent/model"], "error: --model nonexistent/model: cannot load it ("),
+    (["--users", "0"], "benchmark.py: error: --users must be >= 1, got 0"),
+    (["--new-tokens", "-5"], "benchmark.py: error: --new-tokens must be >= 1, got -5"),
+    (["--models", "tiny,foo"], "benchmark.py: error: --models: unknown 'foo'; choose from tiny, smollm2")])
+def test_benchmark_refuses_bad_flags_in_one_line(flags, message, monkeypatch):
+    """tools/benchmark.py: a model that cannot be loaded, a count out of range, an unknown --models name (it
+    ran a 10-minute sweep of the others): one line, before any timing."""
+    from conftest import ROOT, run_script
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is not asked: the same refusal, at once
+    result = run_script(f"{ROOT}/tools/benchmark.py", *flags, "--threads", "1", cwd=ROOT, timeout=120)
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert "==" not in result.stdout  # no model was benchmarked

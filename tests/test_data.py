@@ -5,6 +5,10 @@ import gzip
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -456,10 +460,82 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    result = run_cli("synthetic", "--users", 20, "--out", out)
+    assert run_cli("synthetic", "--users", 20, "--out", out).returncode == 0
+    first = (out / "train.jsonl").read_text()
+    result = run_cli("synthetic", "--users", 20, "--seed", 1, "--out", out)
     assert result.returncode != 0 and "Traceback" not in result.stderr and "--overwrite" in result.stderr
-    assert os.listdir(out) == ["keep.txt"]
-    assert run_cli("synthetic", "--users", 20, "--out", out, "--overwrite").returncode == 0
+    assert (out / "train.jsonl").read_text() == first
+    assert run_cli("synthetic", "--users", 20, "--seed", 1, "--out", out, "--overwrite").returncode == 0
     assert sorted(os.listdir(out)) == ["stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"]
+    assert (out / "train.jsonl").read_text() != first
+
+
+def tree(path):
+    return sorted(os.path.relpath(os.path.join(folder, name), path) for folder, dirs, names in os.walk(path) for name in dirs + names)
+
+
+@pytest.mark.parametrize("where", ["foreign file", "foreign folder", "cwd", "parent"])
+def test_overwrite_deletes_nothing_but_a_data_sets_files(where, tmp_path):
+    """--overwrite replaces train/valid/test.jsonl and stats.json; a --out holding anything else (a file,
+    a folder, the current directory ".", a parent of other folders) is refused, naming it, and kept whole."""
+    out, cwd = tmp_path / "o", None
+    out.mkdir()
+    (out / "train.jsonl").write_text("an old set\n")
+    if where == "foreign file":
+        (out / "notes.txt").write_text("mine")
+        named = "notes.txt"
+    elif where == "foreign folder":
+        (out / "models").mkdir()
+        (out / "models" / "weights.bin").write_text("mine")
+        named = "models/"
+    elif where == "cwd":
+        (out / "README.md").write_text("mine")
+        cwd, named = out, "README.md"
+    else:
+        (out / "sub").mkdir()
+        (out / "sub" / "train.jsonl").write_text("a data set of its own\n")
+        named = "sub/"
+    before = tree(out)
+    result = run_script(DATA_PY, "synthetic", "--users", 20, "--out", "." if cwd else out, "--overwrite", cwd=cwd, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and f"holds {named}," in result.stderr, result.stderr
+    assert tree(out) == before and (out / "train.jsonl").read_text() == "an old set\n"
+    assert tree(tmp_path) == sorted([os.path.relpath(os.path.join(str(out), name), tmp_path) for name in before] + ["o"])
+
+
+def test_an_out_that_is_a_file_is_refused_and_kept(tmp_path):
+    out = tmp_path / "o"
+    out.write_text("mine")
+    result = run_cli("synthetic", "--users", 20, "--out", out, "--overwrite")
+    assert result.returncode == 1 and "exists and is not a directory" in result.stderr and out.read_text() == "mine"
+
+
+def test_overwrite_into_the_current_directory_holding_a_data_set(tmp_path):
+    assert run_script(DATA_PY, "synthetic", "--users", 20, "--out", ".", cwd=tmp_path, timeout=60).returncode == 0
+    (tmp_path / "valid.jsonl").unlink()  # a set's file missing is still a set
+    result = run_script(DATA_PY, "synthetic", "--users", 20, "--out", ".", "--overwrite", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"]
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tmp_path):
+    """A real process (the signal must reach data.py itself): a large synthetic set, stopped while it is built."""
+    process = subprocess.Popen([sys.executable, DATA_PY, "synthetic", "--users", "100000", "--out", str(tmp_path / "o")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.strip() == f"data.py: stopped by Ctrl-C; nothing written to {tmp_path / 'o'}"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_repeated_item_record_in_the_amazon_meta_is_counted_and_said(amazon_files, tmp_path):
+    reviews, meta = amazon_files
+    repeated = write_jsonl(tmp_path / "meta_repeated.jsonl", amazon_meta() + [{"title": "Game B05, again", "parent_asin": "B05"}])
+    out = tmp_path / "out"
+    result = run_cli("amazon", "--reviews", reviews, "--meta", repeated, "--out", out, "--history", 3, "--candidates", 4)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "stats.json").read_text())["dropped"]["repeated_item_records"] == 1
+    assert "dropped: repeated_item_records" in result.stdout
+    titles = {c["item_id"]: c["title"] for split in read_all(out).values() for inst in split for c in inst["candidates"]}
+    assert titles.get("B05", "Game B05") == "Game B05"  # the first record is kept

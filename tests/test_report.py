@@ -198,3 +198,17 @@ def test_table_refuses_an_eval_file_without_methods_or_model(tmp_path):
     run = run_script("tools/report.py", "table", modelless, cwd=ROOT)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr == f"error: {modelless}: its config has no \"model\" (not written by --stage eval?)\n"
+
+
+@pytest.mark.parametrize("damage", ["no per_user", "a user without ndcg@10"])
+def test_table_refuses_an_eval_file_without_per_user_values(damage, tmp_path):
+    path = tmp_path / "eval-test.json"
+    found = json.loads(open(eval_file(path, {"random": [0.1] * 6, "r2rank": [0.2] * 6})).read())
+    if damage == "no per_user":
+        del found["methods"]["r2rank"]["per_user"]
+    else:
+        del found["methods"]["r2rank"]["per_user"][3]["ndcg@10"]
+    path.write_text(json.dumps(found))
+    run = run_script("tools/report.py", "table", path, cwd=ROOT)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1
+    assert run.stderr.startswith(f"error: {path}: method 'r2rank' has no per-user values"), run.stderr

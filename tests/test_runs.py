@@ -42,6 +42,16 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | --resume --overwrite | resume won silently | refused in one line (every stage, the baselines, sasrec.py) |
 | Ctrl-C / SIGTERM in baselines/sasrec.py | traceback, the epochs since the last check lost | the epoch in progress finishes, the state is saved, one line, exit 130 / 143; --resume gives the uninterrupted model (test_sasrec.py) |
 | SIGTERM under torchrun | the stop line once per rank | once (rank 0); every rank exits 143 (torchrun itself still reports the signal and exits 1) |
+| Round 4 (issue 44): | | |
+| data.py --out DIR --overwrite, DIR holding other files or folders; --out .; --out a parent directory | all of DIR deleted (rmtree); the current directory emptied; sibling folders deleted | refused in one line naming the first foreign file or folder, nothing deleted: --overwrite replaces only a data set's train/valid/test.jsonl and stats.json, file by file (test_data.py) |
+| r2rank.py --out X without --data, X/data holding the user's files | replaced by the synthetic set, no word | refused: "X/data holds FILE, not the synthetic set ...; pass --data, or choose another --out" |
+| Ctrl-C during data.py | KeyboardInterrupt traceback | "data.py: stopped by Ctrl-C; nothing written to OUT", exit 130, no temporary folder left (test_data.py) |
+| a full disk when the lock is written (rl, eval, sft-data start) | OSError traceback, an empty .r2rank-lock left | "--out X: cannot write .r2rank-lock there (No space left on device); ...", the file removed, an --out made for the run removed |
+| --model a checkpoint whose model.safetensors (eval, rl) or head.safetensors (eval) is truncated | SafetensorError traceback | "--model X: model.safetensors is truncated (N of M bytes), so it is damaged; pass another checkpoint" |
+| tools/report.py table on an eval file without per-user values | KeyError traceback | "FILE: method 'X' has no per-user values (...)", exit 1 (test_report.py) |
+| tools/benchmark.py --rl-step nonexistent/model, --users 0, --new-tokens -5, --models foo | traceback; a run with 0 users or -5 tokens; foo ignored and a 10-minute sweep of the others | one line before any timing, exit 1 / 2 (test_cli.py) |
+| a parent_asin repeated in the Amazon meta file | the first record kept, no word | kept, and counted in stats.json's dropped ("repeated_item_records"), which data.py prints (test_data.py) |
+| --overwrite over a checkpoint-<step> that is a file or holds a folder; sasrec.py over a sasrec-log.json folder | deleted with the run | refused, naming it (sasrec: test_sasrec.py) |
 """
 import errno
 import json
@@ -88,6 +98,35 @@ def test_another_runs_out_is_refused_unless_resumed_or_overwritten(tmp_path, syn
     replaced = rl(out, synthetic_dir, "--max-steps", "1", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert steps(out) == [1] and sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1"]
+
+
+def test_the_built_in_data_never_replaces_a_users_folder(tmp_path):
+    """--out X without --data builds the synthetic set in X/data only where nothing of the user's is:
+    a X/data holding the user's own files is refused in one line that names one, and kept whole."""
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "my-reviews.jsonl").write_text("mine\n")
+    result = run_cli("--stage", "rl", "--model", "tiny", "--out", str(out), "--max-steps", "1", "--users-per-step", "1",
+                     "--max-new-tokens", "4")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "holds my-reviews.jsonl, not the synthetic set" in last_line(result) and "--data" in last_line(result)
+    assert os.listdir(out / "data") == ["my-reviews.jsonl"] and (out / "data" / "my-reviews.jsonl").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("kind", ["folder inside", "file"])
+def test_overwrite_refuses_a_checkpoint_name_that_holds_what_a_run_does_not_write(kind, tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    if kind == "file":
+        out.mkdir()
+        (out / "checkpoint-1").write_text("mine\n")
+    else:
+        (out / "checkpoint-1" / "mine").mkdir(parents=True)
+        (out / "checkpoint-1" / "mine" / "notes.txt").write_text("mine\n")
+    result = rl(out, synthetic_dir, "--max-steps", "1", "--overwrite")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("checkpoint-1 holds mine" if kind == "folder inside" else "checkpoint-1 is not a folder") in last_line(result)
+    assert "move it or choose another --out" in last_line(result)
+    assert (out / "checkpoint-1" / "mine" / "notes.txt" if kind == "folder inside" else out / "checkpoint-1").read_text() == "mine\n"
 
 
 def test_resume_refuses_other_defining_settings_and_applies_changed_ones(tmp_path, synthetic_dir):
@@ -177,6 +216,23 @@ def test_resume_skips_each_broken_checkpoint_and_names_its_broken_file(tmp_path,
     none_whole = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
     assert none_whole.returncode == 1 and "optimizer.pt is missing or truncated" in none_whole.stdout
     assert last_line(none_whole) == f"error: --resume: no checkpoint in {out} is whole (each is named above); --overwrite starts the run again"
+
+
+def test_a_damaged_checkpoint_given_as_model_names_its_file(tmp_path, synthetic_dir):
+    """--model a checkpoint whose model.safetensors (eval, rl) or head.safetensors (eval) is cut short:
+    one line naming the file, before any work (--resume skips such a checkpoint; --model has no other)."""
+    assert rl(tmp_path / "run", synthetic_dir, "--max-steps", "1").returncode == 0
+    for broken in ("model.safetensors", "head.safetensors"):
+        checkpoint = tmp_path / broken / "checkpoint-1"
+        shutil.copytree(tmp_path / "run" / "checkpoint-1", checkpoint)
+        size = (checkpoint / broken).stat().st_size
+        os.truncate(checkpoint / broken, size - 50)
+        stages = [["--stage", "eval", "--methods", "r2rank", "--no-baseline", "--max-new-tokens", "4"]]
+        stages += [["--stage", "rl", "--max-steps", "1", "--users-per-step", "1", "--max-new-tokens", "4"]] * (broken == "model.safetensors")
+        for stage in stages:
+            result = run_cli(*stage, "--model", str(checkpoint), "--data", synthetic_dir, "--out", str(tmp_path / f"out-{broken}"))
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert f"{broken} is truncated ({size - 50} of {size} bytes)" in last_line(result) and str(checkpoint) in last_line(result)
 
 
 def test_the_safetensors_check_agrees_with_the_safetensors_loader(tmp_path):
@@ -458,6 +514,23 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_pa
     (out / stops.LOCK).write_text("4194303 some-host\n")
     assert rl(out, synthetic_dir, "--max-steps", "1").returncode == 0
     assert steps(out) == [1] and not (out / stops.LOCK).exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock_file(existing, tmp_path, monkeypatch):
+    """ENOSPC on writing .r2rank-lock (the first write of rl, eval and sft-data): a UsageError naming the
+    file, no empty lock file left, and an --out made for the run removed again."""
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+
+    def full(fd, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "ftruncate", full)
+    with pytest.raises(runs.UsageError, match=rf"^--out {out}: cannot write \.r2rank-lock there \(No space left on device\)"):
+        stops.claim(str(out))
+    assert (os.listdir(out) == []) if existing else not out.exists()
 
 
 def test_a_stop_before_any_step_is_kept_leaves_nothing_that_refuses_the_same_command(tmp_path, synthetic_dir, monkeypatch, capsys):

@@ -75,6 +75,12 @@ def test_out_holding_a_model_is_refused_unless_overwritten(synthetic_dir, tmp_pa
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     replaced = train("--seed", "1", "--overwrite")
     assert replaced.returncode == 0 and (out / "sasrec.pt").read_bytes() != first
+    (out / "sasrec-log.json").unlink()
+    (out / "sasrec-log.json").mkdir()  # a name the script writes, holding what it does not: refused, kept
+    (out / "sasrec-log.json" / "mine.txt").write_text("mine")
+    refused = train("--overwrite")
+    assert refused.returncode == 1 and "sasrec-log.json is not a file this script wrote" in refused.stderr, refused.stderr
+    assert (out / "sasrec-log.json" / "mine.txt").read_text() == "mine"
 
 
 def test_resume_writes_what_one_uninterrupted_run_writes(synthetic_dir, tmp_path):

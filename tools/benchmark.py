@@ -457,6 +457,33 @@ def main():
     parser.add_argument("--paper-scale", action="store_true", help="CUDA only: the test suite, then --rl-step of random "
                         "Qwen2.5-1.5B and 3B (4 users, 512 new tokens, bf16, checkpointing; all weights and LoRA r = 16)")
     args = parser.parse_args()
+    check_args(parser, args)
+    try:
+        run(args)
+    except data.UsageError as error:  # a --rl-step model that cannot be loaded, say
+        sys.exit(f"error: {error}")
+
+
+MODELS = ("tiny", "smollm2")  # --models
+
+
+def check_args(parser, args):
+    """parser.error (one line, exit 2) for a flag out of range or an unknown --models name."""
+    unknown = [name for name in args.models.split(",") if name not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(MODELS)}")
+    for name in ("users", "new_tokens", "candidates", "micro_batch", "ppo_epochs", "prompt_tokens"):
+        if getattr(args, name) < 1 + (name == "candidates"):
+            parser.error(f"--{name.replace('_', '-')} must be >= {1 + (name == 'candidates')}, got {getattr(args, name)}")
+    if args.history < 0 or args.threads < 0 or args.lora_rank < 0:
+        parser.error("--history, --threads and --lora-rank must be >= 0")
+    for name in ("rollout_users", "rollout_rows"):
+        values = getattr(args, name).split(",") if getattr(args, name) else []
+        if not all(value.strip().isdigit() and int(value) >= 1 for value in values):
+            parser.error(f"--{name.replace('_', '-')} must be positive integers separated by commas, got {getattr(args, name)!r}")
+
+
+def run(args):
     if args.estimate:  # the paper's setting on a GPU unless told otherwise
         args.new_tokens = 512 if "--new-tokens" not in sys.argv else args.new_tokens
         return print_estimates(args)

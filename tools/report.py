@@ -47,6 +47,12 @@ def read_eval(path):
         raise ReportError(f"{path}: not an evaluation file of --stage eval ({error!r})") from None
     if not isinstance(methods, dict) or not methods:
         raise ReportError(f'{path}: no method results in it ("methods" is empty)')
+    wanted = ["user_id"] + [f"ndcg@{k}" for k in evaluate.KS]  # the per-user values the Wilcoxon tests pair
+    for name, result in methods.items():
+        per_user = result.get("per_user") if isinstance(result, dict) else None
+        if not isinstance(per_user, list) or not per_user or any(not isinstance(user, dict) or set(wanted) - set(user) for user in per_user):
+            raise ReportError(f'{path}: method {name!r} has no per-user values ("per_user" with {", ".join(wanted)} for '
+                              "each user), which the table's tests need; evaluate it again with --stage eval")
     for key in ("model", "data_dir"):  # the table's header and the check that all files hold one split
         if not isinstance(config, dict) or key not in config:
             raise ReportError(f'{path}: its config has no "{key}" (not written by --stage eval?)')
