@@ -16,9 +16,10 @@ items) and the positive come from them, so an item's text alone says nothing abo
 history does: the positive's category always occurs in the history. The profile carries no signal.
 The pointwise variant (--pointwise) is the quickstart's: every positive is a camping item and no
 negative is, so a candidate's own text decides its label and the history is no use. Its valid and
-test users meet only new items: their items are all green or black, the training users' all red or
-blue, so no valid or test candidate was ever seen in training. Counting what training users liked
-(popularity) cannot rank them; reading "camping" (or "tent") in the candidate's text can.
+test users meet only new items: half of each category's 12 colour-noun pairs (is_new_item: a
+checkerboard over nouns and colours, so every noun and every colour occurs on both sides) belong to
+them, the other half to the training users, so no valid or test candidate was ever seen in training.
+Counting what training users liked (popularity) cannot rank them; reading "camping" can.
 """
 import gzip
 import json
@@ -262,8 +263,8 @@ def load_movielens(path, protocol):
 
 def synthetic_raw(users=200, seed=0, categories_per_user=2, pointwise=False, split="8:1:1"):
     """The synthetic set (generate_synthetic) as RawData. Pointwise: `split`'s valid and test users are
-    drawn here (raw.split_of fixes them for the protocol) and meet only NEW_COLORS' items, the training
-    users only the other colours' (generate_synthetic); the protocol draws negatives from the items a
+    drawn here (raw.split_of fixes them for the protocol) and meet only new items (is_new_item), the
+    training users only the others (generate_synthetic); the protocol draws negatives from the items a
     user never touched, and every camping item and every item of the other side is listed as touched
     outside the window, so no negative is a camping item or an item of the other side."""
     held_out, split_of = set(), {}
@@ -282,7 +283,7 @@ def synthetic_raw(users=200, seed=0, categories_per_user=2, pointwise=False, spl
         raise DataError(str(e)) from None
     raw = RawData(interactions, items, profiles, ["synthetic"], split_of=split_of)
     if pointwise:
-        new = {item for item, it in items.items() if item_color(it) in NEW_COLORS}
+        new = {item for item, it in items.items() if is_new_item(it)}
         liked = {item for item, it in items.items() if item_category(it) == POINTWISE_CATEGORY}
         for number in range(users):
             other_side = set(items) - new if number in held_out else new
@@ -301,7 +302,6 @@ CATEGORIES = {
 }
 COLORS = ["red", "blue", "green", "black"]
 POINTWISE_CATEGORY = "camping"  # --pointwise: every user's positive
-NEW_COLORS = ("green", "black")  # --pointwise: the colours of the valid and test users' items, new to training
 START = int(datetime(2022, 1, 1, tzinfo=timezone.utc).timestamp())  # the first user's first interaction
 
 
@@ -310,7 +310,7 @@ def generate_synthetic(users=200, seed=0, categories_per_user=2, held_out=None):
     unix seconds)]), deterministic for a seed; the positive is each user's last interaction.
     held_out None: the history-based set. A set of user numbers: the pointwise set, whose positive is a
     camping item (POINTWISE_CATEGORY) not in the history, whatever the history; the users in held_out
-    touch only NEW_COLORS' items, the others only the other colours'."""
+    touch only new items (is_new_item), the others only the rest."""
     if not 1 <= categories_per_user <= len(CATEGORIES):
         raise ValueError(f"--categories-per-user must be 1 to {len(CATEGORIES)}, not {categories_per_user}")
     rng = random.Random(f"synthetic/{seed}")
@@ -333,7 +333,7 @@ def generate_synthetic(users=200, seed=0, categories_per_user=2, held_out=None):
             positive = rng.choice([i for name in shown for i in by_category[name] if i not in history])
         else:  # the positive first, so that a history of camping items always leaves one to like
             new = number in held_out
-            mine = [item for item in items if (item_color(items[item]) in NEW_COLORS) == new]  # this side's items
+            mine = [item for item in items if is_new_item(items[item]) == new]  # this side's items
             positive = rng.choice([item for item in mine if category_of[item] == POINTWISE_CATEGORY])
             pool = [item for item in mine if category_of[item] in favoured and item != positive]
             history = rng.sample(pool, min(rng.randint(4, 10), len(pool)))
@@ -342,9 +342,12 @@ def generate_synthetic(users=200, seed=0, categories_per_user=2, held_out=None):
     return items, profiles, interactions
 
 
-def item_color(item):
-    """The colour written in a synthetic item's text."""
-    return item["text"].split("; color: ")[1]
+def is_new_item(item):
+    """Whether a synthetic item is one of the pointwise set's valid and test items: its noun's and its
+    colour's places in CATEGORIES and COLORS add up to an odd number ("Blue tent" and "Red lantern" are,
+    "Red tent" and "Blue lantern" are not), half of every category and every noun and colour on both sides."""
+    color, noun = item["title"].split(" ", 1)
+    return (COLORS.index(color.lower()) + CATEGORIES[item_category(item)].index(noun)) % 2 == 1
 
 
 def item_category(item):

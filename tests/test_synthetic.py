@@ -134,11 +134,13 @@ def test_pointwise_valid_and_test_items_are_new_to_training(tmp_path):
     splits = read_all(tmp_path / "pw")
     assert [len(split) for split in splits.values()] == [160, 20, 20]
     items = lambda split: {item["item_id"] for inst in splits[split] for item in inst["candidates"] + inst["history"]}
-    colors = lambda split: {item["title"].split()[0] for inst in splits[split] for item in inst["candidates"]}
-    assert colors("train") == {"Red", "Blue"} and colors("valid") | colors("test") == {"Green", "Black"}
-    assert not items("train") & (items("valid") | items("test"))
+    words = lambda split: {word for inst in splits[split] for item in inst["candidates"] for word in item["title"].split()}
+    assert words("train") == words("valid") | words("test")  # every colour and noun on both sides ...
+    assert not items("train") & (items("valid") | items("test"))  # ... but no item
+    new = lambda title: (["Red", "Blue", "Green", "Black"].index(title.split()[0]) + {"tent": 0, "lantern": 1, "sleeping bag": 2}[title.split(" ", 1)[1]]) % 2
+    assert {new(inst["candidates"][inst["labels"].index(1)]["title"]) for inst in splits["train"]} == {0}
     positives = {inst["candidates"][inst["labels"].index(1)]["title"] for split in ("valid", "test") for inst in splits[split]}
-    assert len(positives) == 6  # the six green and black camping items: tent, lantern, sleeping bag
+    assert len(positives) == 6 and {new(title) for title in positives} == {1}  # Blue tent, Red lantern, ...
     # the split is the protocol's 8:1:1 by size, fixed by the source, and the same for the same seed
     assert data.main(["synthetic", "--pointwise", "--candidates", "10", "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "pw" / "test.jsonl").read_bytes() == (tmp_path / "again" / "test.jsonl").read_bytes()
