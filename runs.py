@@ -222,8 +222,8 @@ def plan_out(cfg, data_dir, max_steps, files=None):
 
 
 # The flags of the baselines' training commands (baselines/reczero.py, r2ec.py) that --resume lets change.
-COMMAND_CHANGEABLE = {"max_steps", "minutes", "save_every", "lr", "head_lr", "device", "threads", "dtype", "micro_batch",
-                      "resume", "overwrite", "out", "data"}
+COMMAND_CHANGEABLE = {"max_steps", "minutes", "save_every", "eval_every", "eval_users", "lr", "head_lr", "device", "threads",
+                      "dtype", "micro_batch", "resume", "overwrite", "out", "data"}
 
 
 def plan_command(settings, data_dir, max_steps, defining=None, changeable=COMMAND_CHANGEABLE, record="r2rank.json", extra=(),

@@ -28,6 +28,7 @@ Where this departs from R2ec:
    item set.
 4. No KL penalty to a reference model; theta_old and the per-token mean as in R2Rank (ppo.py).
 5. Eval scores one greedy trace per user; training reads sampled ones (the best of G for the head).
+6. --eval-every: NDCG@10 on validation users during training, ranked as at eval (rank), like R2Rank's.
 """
 import argparse
 import json
@@ -46,7 +47,7 @@ import models  # noqa: E402
 import rollout  # noqa: E402
 import runs  # noqa: E402
 import stops  # noqa: E402
-from baselines.reczero import add_rl_arguments, check_rl_arguments, resume_optimizers, save  # noqa: E402
+from baselines.reczero import add_rl_arguments, check_rl_arguments, log_start, resume_optimizers, save, validation, with_dtype  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
 
@@ -131,14 +132,14 @@ def candidate_matrix(embeddings, instance, device):
 
 
 @torch.no_grad()
-def rank(model, tokenizer, head, embeddings, instances, max_history, max_item_chars, max_new_tokens, desc="r2ec"):
+def rank(model, tokenizer, head, embeddings, instances, max_history, max_item_chars, max_new_tokens, desc="r2ec", progress=True):
     """([U, K] scores, info): one greedy trace per user, its final hidden state through the head.
     Candidates missing from `embeddings` are embedded by `model` first (info counts them)."""
     device = model.get_output_embeddings().weight.device
     missing = {c["item_id"]: c for inst in instances for c in inst["candidates"] if c["item_id"] not in embeddings}
     embeddings = {**embeddings, **item_embeddings(model, tokenizer, missing, max_item_chars)} if missing else embeddings
     scores, cut = [], 0
-    for instance in tqdm(instances, desc=desc, dynamic_ncols=True):
+    for instance in tqdm(instances, desc=desc, dynamic_ncols=True, disable=not progress):
         prompt = user_prompt(tokenizer, instance, max_history, max_item_chars)
         sample = rollout.sample_traces(model, tokenizer, prompt[:-1], [prompt[-1:]], max_new_tokens, temperature=0.0)
         scores.append(head(sample.final_hidden[0], candidate_matrix(embeddings, instance, device)).cpu())
@@ -186,6 +187,8 @@ def train(args):
           f"device {device}, {dtype}")
     runs.start(args.out, plan)  # the first write into --out: --overwrite clears, a resume cuts metrics.jsonl back
     run_started, row, saved = time.time(), None, plan.start_step
+    validate = validation(args, lambda instances: with_dtype(device, dtype, rank, model, tokenizer, head, embeddings, instances,
+                                                             args.max_history, args.max_item_chars, args.max_new_tokens, "valid", False)[0])
 
     def keep(done):
         """Save the finished steps 1..done unless they are saved already; what is kept, in words."""
@@ -197,6 +200,7 @@ def train(args):
         return runs.kept_text(args.out, done)
 
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, stops.StopOnSignal(plan.checkpoint or "nothing") as stop:
+        log_start(metrics, plan, validate)
         for step in tqdm(range(plan.start_step + 1, args.max_steps + 1), initial=plan.start_step, total=args.max_steps,
                          desc="r2ec", dynamic_ncols=True):
             started = time.time()
@@ -233,9 +237,10 @@ def train(args):
                    "head_loss": head_loss.item(), "advantage_nonzero": (torch.stack(advantages) != 0).float().mean().item(),
                    "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
                    "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),
-                   "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"], "step_time": time.time() - started}
+                   "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"]}
             if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
                 raise data.UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr / --head-lr")
+            row = {**row, **validate(step), "step_time": time.time() - started}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes

@@ -9,12 +9,14 @@ answer and GRPO's group-relative advantages. The opposite choice to R2Rank's lis
 One training step (train):
     1) pairs: each of the step's users gives its positive and --negatives random negatives
     2) rollout: --group G traces per pair, from the think-before-recommendation prompt (its prefix shared)
-    3) reward: 1 for the right decision, plus FORMAT_REWARD when the trace wrote its own <answer> (answer_reward)
+    3) reward: 1 for the right decision, plus FORMAT_REWARD when the trace wrote its own <answer> (answer_reward);
+       a trace that wrote none is ended by an answer drawn with the model's own odds (draw_answers, departure 8)
     4) advantages standardized within each group of G (ppo.grpo_advantages)
     5) the clipped token loss of R2Rank (rollout.ppo_update, ppo.clipped_token_loss)
 Ranking at eval (rank): one greedy trace per candidate, cut before its <answer>; the score is
-log P(<answer>Recommend</answer>) - log P(<answer>Not Recommend</answer>) after that reasoning
-(untrained.pointwise_scores). A cut trace still gets a score, so every candidate is ranked.
+log P(Recommend) - log P(Not Recommend) of the answer's deciding token after that reasoning and
+"<answer>" (answer_log_odds, untrained.pointwise_scores). A cut trace still gets a score, so every
+candidate is ranked.
 
 Where this departs from RecZero:
 1. RecZero predicts a rating and is rewarded by its error; the protocol here has a binary label (the
@@ -25,13 +27,22 @@ Where this departs from RecZero:
 4. R2Rank's PPO details: theta_old is the first epoch's forward, the loss a per-token mean over the
    step (not GRPO's per-sequence mean), log-probs at the sampling temperature.
 5. Balanced pairs: one negative per positive by default (--negatives), not the data's 1:19.
-6. Ranking by the answer's log-odds after a greedy trace (RecZero ranks by its predicted rating).
-   A trace that writes no <answer> is decided the same way, by the sign of those log-odds: a small
-   model rarely answers within the budget (SmolLM2-135M: 0 of 16 traces at 64 tokens), and without
-   this read-out pure RL would get no reward at all. The read-out is not trained, only the reasoning.
+6. Ranking by the answer's log-odds after a greedy trace (RecZero ranks by its predicted rating), those
+   of its deciding token (the rest of an answer is the template's; answer_log_odds says why).
 7. RecZero alone (pure RL); RecOne's supervised cold start is not included.
+8. A trace that writes no <answer> within its budget is ended by one, drawn from the two the template
+   allows with the model's own odds (P(Recommend) = sigmoid of the deciding token's log-odds), its tokens appended
+   to the trace and trained like the trace's own (draw_answers): the model is held to the format, as
+   constrained decoding would. A small model rarely answers (SmolLM2-135M: 0 of 16 traces at 64 tokens;
+   the random tiny model, after its one-token trace, ~2 in 639), and pure RL then has nothing to act on:
+   deciding by the sign of the log-odds instead (this file's earlier rule) gives every trace of a group
+   the same decision whenever the reasoning does not sway it, so every GRPO advantage is 0 (tiny model,
+   one-token traces: 0 in 99 of 100 steps). The drawn answer's probability is what eval ranks by, so the
+   update trains the eval's score directly. Its reward has no FORMAT_REWARD (the model did not write it).
+9. --eval-every: NDCG@10 on validation users during training, ranked as at eval (rank), like R2Rank's.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +61,7 @@ import rollout  # noqa: E402
 import runs  # noqa: E402
 import stops  # noqa: E402
 from baselines.untrained import pointwise_scores  # noqa: E402
+from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
 
 THINK_INSTRUCTIONS = (
@@ -70,6 +82,40 @@ def answer_reward(text, label, log_odds):
     return float(decision == label) + (FORMAT_REWARD if answer is not None else 0.0)
 
 
+def draw_answers(tokenizer, samples, texts, log_odds, generator):
+    """Departure 8: each trace of samples (rollout.Samples, K rows) whose text wrote no <answer> gets one
+    appended, Recommend with probability sigmoid(log_odds[k]) (log_odds [K] on the CPU, one uniform per
+    trace from generator), a trailing eos dropped first. Returns (Samples, decision_odds [K]): the
+    appended tokens count as response tokens (their decode-time log-probs are left 0: the update
+    recomputes every log-prob), and decision_odds is log_odds where the trace answered itself, else +1
+    or -1 for the drawn answer, so that answer_reward's read-out is the draw."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    options = {1: encode(f"<answer>{data.RECOMMEND}</answer>"), 0: encode(f"<answer>{data.NOT_RECOMMEND}</answer>")}
+    uniforms = torch.rand(len(texts), generator=generator, device=generator.device).cpu()
+    draws = (uniforms < torch.sigmoid(log_odds.float())).long().tolist()
+    rows, logprob_rows, decision_odds = [], [], []
+    for k, (ids, logprobs, text) in enumerate(zip(samples.token_lists(), samples.logprob_lists(), texts)):
+        if data.parse_answer(text) is not None:
+            rows.append(ids), logprob_rows.append(logprobs), decision_odds.append(float(log_odds[k]))
+            continue
+        if ids and bool(samples.finished[k]) and ids[-1] == tokenizer.eos_token_id:
+            ids, logprobs = ids[:-1], logprobs[:-1]
+        rows.append(ids + options[draws[k]])
+        logprob_rows.append(logprobs + [0.0] * len(options[draws[k]]))
+        decision_odds.append(1.0 if draws[k] else -1.0)
+    width, device = max(map(len, rows)), samples.tokens.device
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=samples.tokens.dtype, device=device)
+    logprob_table = torch.zeros((len(rows), width), dtype=samples.logprobs.dtype, device=device)
+    for k, (ids, logprobs) in enumerate(zip(rows, logprob_rows)):
+        tokens[k, :len(ids)] = torch.tensor(ids, dtype=tokens.dtype)
+        logprob_table[k, :len(ids)] = torch.tensor(logprobs, dtype=logprob_table.dtype)
+    lengths = torch.tensor([len(ids) for ids in rows], device=samples.lengths.device)
+    mask = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
+    answered = torch.tensor([data.parse_answer(text) is None for text in texts], device=samples.finished.device)
+    return dataclasses.replace(samples, tokens=tokens, logprobs=logprob_table, mask=mask, lengths=lengths,
+                               finished=samples.finished | answered), torch.tensor(decision_odds)
+
+
 def choose_pairs(instance, negatives, generator):
     """[(candidate index, label)]: the positive, then `negatives` distinct random negatives."""
     labels = instance["labels"]
@@ -84,21 +130,32 @@ def reasoning_before_answer(text):
     return text if cut < 0 else text[:cut]
 
 
-def answer_log_odds(model, tokenizer, prefix, suffixes, texts):
-    """[len(texts)] log P(<answer>Recommend</answer>) - log P(<answer>Not Recommend</answer>), each
-    teacher-forced after prompt prefix + suffixes[i] and the reasoning of texts[i] (its answer cut off)."""
+def deciding_tokens(tokenizer):
+    """The two answers' token ids up to the first token where they differ, that token included
+    ("<answer>Recommend" and "<answer>Not" when the tokenizer splits them so): the decision; the
+    rest of each answer is the template's."""
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     yes_ids, no_ids = encode(f"<answer>{data.RECOMMEND}</answer>"), encode(f"<answer>{data.NOT_RECOMMEND}</answer>")
+    common = next(i for i, (a, b) in enumerate(zip(yes_ids + [None], no_ids + [None])) if a != b)
+    return yes_ids[:common + 1], no_ids[:common + 1]
+
+
+def answer_log_odds(model, tokenizer, prefix, suffixes, texts):
+    """[len(texts)] log P(Recommend) - log P(Not Recommend) of the deciding token after "<answer>"
+    (deciding_tokens), each teacher-forced after prompt prefix + suffixes[i] and the reasoning of
+    texts[i] (its answer cut off). The whole answers' ratio would add the template's tail: ~1 for a
+    model that follows it, but for the random tiny model a penalty of ~6 nats on the longer answer."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     reasoned = [suffix + encode(reasoning_before_answer(text)) for suffix, text in zip(suffixes, texts)]
-    return pointwise_scores(model, prefix, reasoned, yes_ids, no_ids)
+    return pointwise_scores(model, prefix, reasoned, *deciding_tokens(tokenizer))
 
 
 @torch.no_grad()
-def rank(model, tokenizer, instances, max_history, max_item_chars, max_new_tokens, desc="reczero"):
+def rank(model, tokenizer, instances, max_history, max_item_chars, max_new_tokens, desc="reczero", progress=True):
     """([U, K] scores, info): per candidate, a greedy trace, then the log-odds of the two answers after
     its reasoning. info: the share of greedy traces with a parsable answer and of those cut."""
     scores, answered, cut, traces = [], 0, 0, 0
-    for instance in tqdm(instances, desc=desc, dynamic_ncols=True):
+    for instance in tqdm(instances, desc=desc, dynamic_ncols=True, disable=not progress):
         prefix, suffixes = data.encode_user(tokenizer, instance, max_history, max_item_chars,
                                             instructions=THINK_INSTRUCTIONS)
         samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens, temperature=0.0)
@@ -133,6 +190,8 @@ def train(args):
           f"{len(instances)} training users; device {device}, {dtype}")
     runs.start(args.out, plan)  # the first write into --out: --overwrite clears, a resume cuts metrics.jsonl back
     run_started, row, saved = time.time(), None, plan.start_step
+    validate = validation(args, lambda instances: with_dtype(device, dtype, rank, model, tokenizer, instances, args.max_history,
+                                                             args.max_item_chars, args.max_new_tokens, "valid", False)[0])
 
     def keep(done):
         """Save the finished steps 1..done unless they are saved already; what is kept, in words."""
@@ -142,12 +201,13 @@ def train(args):
             saved = done
         return runs.kept_text(args.out, done)
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, stops.StopOnSignal(plan.checkpoint or "nothing") as stop:
+        log_start(metrics, plan, validate)
         for step in tqdm(range(plan.start_step + 1, args.max_steps + 1), initial=plan.start_step, total=args.max_steps,
                          desc="reczero", dynamic_ncols=True):
             started = time.time()
             generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
             users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
-            prompts, samples, advantages, rewards, texts = [], [], [], [], []
+            prompts, samples, advantages, rewards, texts, truncated = [], [], [], [], [], []
             try:  # a signal during the rollout drops this step (nothing of it has changed the model) and keeps the others
                 with stop.abandonable():
                     for user in users[:args.users_per_step].tolist():
@@ -161,12 +221,15 @@ def train(args):
                         with models.mixed_precision(device, dtype):
                             user_samples = rollout.sample_traces(model, tokenizer, prefix, rows, args.max_new_tokens,
                                                                  args.temperature, 1.0, generator)
-                        # 3) rule reward, 4) standardized within each pair's group of G
+                        # 3) an answer drawn for a trace that wrote none (departure 8), the rule reward,
+                        # 4) standardized within each pair's group of G
                         user_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in user_samples.token_lists()]
                         with models.mixed_precision(device, dtype):
                             log_odds = answer_log_odds(model, tokenizer, prefix, rows, user_texts)
+                        truncated.append(~user_samples.finished)  # the trace's own end, before an answer is drawn
+                        user_samples, decision_odds = draw_answers(tokenizer, user_samples, user_texts, log_odds, generator)
                         labels = [label for _, label in pairs for _ in range(args.group)]
-                        reward = torch.tensor([answer_reward(text, label, odds) for text, label, odds in zip(user_texts, labels, log_odds.tolist())])
+                        reward = torch.tensor([answer_reward(text, label, odds) for text, label, odds in zip(user_texts, labels, decision_odds.tolist())])
                         prompts.append((prefix, rows))
                         samples.append(user_samples)
                         advantages.append(grpo_advantages(reward.view(pairs_per_user, args.group)).view(-1))
@@ -180,12 +243,13 @@ def train(args):
             reward = torch.cat(rewards)
             row = {"step": step, "reward": reward.mean().item(), "correct_share": (reward >= 1).float().mean().item(),
                    "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
-                   "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
-                   "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),
+                   "truncated_share": torch.cat(truncated).float().mean().item(),
+                   "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),  # a drawn answer's tokens too
                    "advantage_nonzero": (torch.cat(advantages) != 0).float().mean().item(),
-                   "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"], "step_time": time.time() - started}
+                   "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"]}
             if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
                 raise data.UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
+            row = {**row, **validate(step), "step_time": time.time() - started}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
@@ -200,6 +264,29 @@ def train(args):
     return row
 
 
+def validation(args, rank_users):
+    """--eval-every's check, shared with baselines/r2ec.py: validate(step) -> the row's {"valid_ndcg@10": NDCG@10
+    of rank_users(instances) -> [U, K] scores on the first --eval-users validation users} at a multiple of
+    --eval-every (step 0: the start), else {}."""
+    instances = data.load_split(args.data, "valid")[:args.eval_users] if args.eval_every else []
+    labels = torch.tensor([instance["labels"] for instance in instances])
+
+    def validate(step):
+        if not args.eval_every or step % args.eval_every:
+            return {}
+        return {"valid_ndcg@10": ndcg_from_scores(rank_users(instances).float().cpu(), labels, 10).mean().item()}
+    return validate
+
+
+def log_start(metrics, plan, validate):
+    """Step 0's row, the start's validation, when a run starts from step 0 and validates."""
+    started = time.time()
+    if plan.start_step == 0 and (row := validate(0)):
+        metrics.write(json.dumps({"step": 0, **row, "step_time": time.time() - started}) + "\n")
+        metrics.flush()
+        print(f"step 0: validation NDCG@10 {row['valid_ndcg@10']:.3f}")
+
+
 def resume_optimizers(plan, optimizers, device, lrs):
     """With --resume, the optimizers' saved states, then each its learning rate of this run (lrs: name -> lr)."""
     if plan.checkpoint:
@@ -208,6 +295,12 @@ def resume_optimizers(plan, optimizers, device, lrs):
             optimizer.load_state_dict(states[name])
             runs.set_lr(optimizer, lrs[name])
         print(f"resumed from {plan.checkpoint} at step {plan.start_step}")
+
+
+def with_dtype(device, dtype, function, *args):
+    """function(*args) under models.mixed_precision(device, dtype)."""
+    with models.mixed_precision(device, dtype):
+        return function(*args)
 
 
 def save(args, step, model, tokenizer, optimizers, plan, record="reczero.json", extra=None, extra_files=()):
@@ -249,6 +342,9 @@ def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
     parser.add_argument("--max-history", type=int, default=20, help="history items shown in the prompt")
     parser.add_argument("--max-item-chars", type=int, default=200, help="characters per item line")
     parser.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--eval-every", type=int, default=0, help="every N steps (and at the start, as step 0), NDCG@10 "
+                        "on validation users ranked as at eval (greedy traces), logged as valid_ndcg@10; 0 = never")
+    parser.add_argument("--eval-users", type=int, default=32, help="validation users in that check (the first N)")
     parser.add_argument("--seed", type=int, default=0, help="users, negatives and traces")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -258,7 +354,7 @@ def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
 
 def check_rl_arguments(parser, args, at_least_1=()):
     """parser.error for a flag of add_rl_arguments out of range; sets --threads."""
-    for name in ("max_steps", "users_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "save_every", *at_least_1):
+    for name in ("max_steps", "users_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "save_every", "eval_users", *at_least_1):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.group < 2:
@@ -266,6 +362,8 @@ def check_rl_arguments(parser, args, at_least_1=()):
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be >= 0, got {args.eval_every}")
     if args.temperature < config.MIN_TEMPERATURE or args.minutes < 0 or args.clip_eps <= 0 or args.max_grad_norm <= 0:
         parser.error(f"--temperature must be >= {config.MIN_TEMPERATURE:g}, --clip-eps and --max-grad-norm > 0, --minutes >= 0")
     for name in ("lr", "head_lr"):

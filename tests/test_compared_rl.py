@@ -53,8 +53,8 @@ def test_pairs_are_the_positive_then_distinct_negatives():
 
 
 def test_answer_log_odds_match_a_plain_forward(tiny, synthetic_dir):
-    """The eval score: log P(yes answer) - log P(no answer) after the reasoning, against full-sequence
-    forwards of prompt + reasoning + each answer."""
+    """The eval score: log P(yes) - log P(no) of the answer's deciding token after the reasoning and
+    "<answer", against full-sequence forwards of prompt + reasoning + each answer up to that token."""
     model, tokenizer = tiny
     instance = data.load_split(synthetic_dir, "test")[0]
     prefix, suffixes = data.encode_user(tokenizer, instance, instructions=reczero.THINK_INSTRUCTIONS)
@@ -63,9 +63,38 @@ def test_answer_log_odds_match_a_plain_forward(tiny, synthetic_dir):
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     for k, text in enumerate(texts):
         context = prefix + suffixes[k] + encode(reczero.reasoning_before_answer(text))
-        yes = full_logprob(model, context + encode(f"<answer>{data.RECOMMEND}</answer>"), len(context))
-        no = full_logprob(model, context + encode(f"<answer>{data.NOT_RECOMMEND}</answer>"), len(context))
+        yes_ids, no_ids = reczero.deciding_tokens(tokenizer)
+        assert tokenizer.decode(yes_ids) == "<answer>Recommend" and tokenizer.decode(no_ids) == "<answer>Not"  # tiny's vocabulary
+        yes = full_logprob(model, context + yes_ids, len(context))
+        no = full_logprob(model, context + no_ids, len(context))
         assert got[k].item() == pytest.approx(yes - no, abs=1e-4)
+
+
+def test_draw_answers_ends_unanswered_traces_with_a_drawn_answer(tiny):
+    """A trace without an answer gets one appended (its eos dropped), drawn with P(Recommend) = sigmoid(log-odds);
+    a trace with its own answer is kept as it is; the drawn decision is the sign of decision_odds."""
+    from rollout import Samples
+    _, tokenizer = tiny
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    own = encode(f"<answer>{data.NOT_RECOMMEND}</answer>")
+    rows = [[5], [7, tokenizer.eos_token_id], own]
+    width = max(map(len, rows))
+    tokens = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+    lengths = torch.tensor([len(row) for row in rows])
+    mask = torch.arange(width)[None] < lengths[:, None]
+    samples = Samples(tokens, torch.where(mask, -1.0, 0.0), mask, lengths, torch.tensor([False, True, True]), torch.zeros(3, 4))
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    log_odds = torch.tensor([50.0, -50.0, 50.0])  # draws: surely Recommend, surely Not
+    drawn, decision_odds = reczero.draw_answers(tokenizer, samples, texts, log_odds, torch.Generator().manual_seed(0))
+    assert drawn.token_lists() == [[5] + encode(f"<answer>{data.RECOMMEND}</answer>"), [7] + own, own]
+    assert drawn.logprob_lists()[0] == [-1.0] + [0.0] * 6 and drawn.finished.all()
+    assert drawn.mask.sum(1).tolist() == drawn.lengths.tolist()
+    assert decision_odds.tolist() == [1.0, -1.0, 50.0]
+    # frequencies: P(Recommend) = sigmoid(0.8) = 0.690 over 2000 draws (5 binomial SE = 0.052)
+    many = Samples(tokens[:1].repeat(2000, 1), samples.logprobs[:1].repeat(2000, 1), mask[:1].repeat(2000, 1),
+                   lengths[:1].repeat(2000), torch.zeros(2000, dtype=torch.bool), torch.zeros(2000, 4))
+    _, odds = reczero.draw_answers(tokenizer, many, [texts[0]] * 2000, torch.full((2000,), 0.8), torch.Generator().manual_seed(1))
+    assert (odds > 0).float().mean().item() == pytest.approx(1 / (1 + math.exp(-0.8)), abs=0.052)
 
 
 def metric_rows(out):

@@ -212,3 +212,39 @@ def test_table_refuses_an_eval_file_without_per_user_values(damage, tmp_path):
     run = run_script("tools/report.py", "table", path, cwd=ROOT)
     assert run.returncode == 1 and "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1
     assert run.stderr.startswith(f"error: {path}: method 'r2rank' has no per-user values"), run.stderr
+
+
+def test_group_curves_median_and_band_by_hand():
+    curves = report.group_curves({"A": [[(0, 0.2), (25, 0.5)], [(0, 0.4), (25, 0.9)], [(0, 0.3), (25, 0.6), (50, 0.7)]],
+                                  "B": [[(0, 0.1), (25, 0.3)], [(0, 0.5), (25, 0.2)]]})
+    assert curves["A"] == [(0, 0.3, 0.2, 0.4, 3), (25, 0.6, 0.5, 0.9, 3), (50, 0.7, 0.7, 0.7, 1)]
+    assert [step for step, *_ in curves["B"]] == [0, 25]
+    (_, median0, low0, high0, n0), (_, median25, low25, high25, _) = curves["B"]
+    assert (median0, low0, high0, n0) == (pytest.approx(0.3), 0.1, 0.5, 2)  # two seeds: the mean of the middle two
+    assert (median25, low25, high25) == (pytest.approx(0.25), 0.2, 0.3)
+
+
+def test_curve_groups_over_seeds_with_floors(tmp_path, capsys):
+    for system, seeds in {"sys-a": [[0.2, 0.5], [0.4, 0.9], [0.3, 0.6]], "sys-b": [[0.5, 0.5]]}.items():
+        for seed, values in enumerate(seeds):
+            run = tmp_path / f"{system}-s{seed}"
+            run.mkdir()
+            rows = [{"step": 0, "valid_ndcg@10": values[0]}, {"step": 1, "reward": 0.3}, {"step": 2, "reward": 0.4, "valid_ndcg@10": values[1]}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    floors = eval_file(tmp_path / "eval-valid.json", {"random": [0.45] * 6, "popularity": [0.25] * 6})
+    curves = report.compare_curves([f"A={tmp_path}/sys-a-s*/metrics.jsonl", f"B={tmp_path}/sys-b-s*/metrics.jsonl"],
+                                   [floors, "Oracle=1"])
+    assert curves["A"] == [(0, 0.3, 0.2, 0.4, 3), (2, 0.6, 0.5, 0.9, 3)] and curves["B"] == [(0, 0.5, 0.5, 0.5, 1), (2, 0.5, 0.5, 0.5, 1)]
+    out = capsys.readouterr().out
+    assert "A (3 runs)" in out and "step     2: 0.600 [0.500, 0.900] (3)" in out
+    assert "Random: 0.450" in out and "Popularity: 0.250" in out and "Oracle: 1.000" in out
+    with pytest.raises(report.ReportError, match="no file matches"):
+        report.compare_curves([f"C={tmp_path}/none-*/metrics.jsonl"])
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "comparison.png"
+    result = run_script(f"{ROOT}/tools/report.py", "curve", "--group", f"A={tmp_path}/sys-a-s*/metrics.jsonl",
+                        "--floors", floors, "--png", str(png), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in result.stdout
+    both = run_script(f"{ROOT}/tools/report.py", "curve", str(tmp_path / "sys-b-s0" / "metrics.jsonl"), "--group", "A=x", cwd=ROOT)
+    assert both.returncode == 2 and "not both" in both.stderr

@@ -3,6 +3,8 @@
     python tools/report.py table runs/baselines/eval-test.json runs/ml-mlp/eval-test.json=MLP-only ...
     python tools/report.py curve runs/ml-rl/metrics.jsonl
     python tools/report.py curve runs/s0/metrics.jsonl=seed0 runs/s1/metrics.jsonl=seed1 --png curves.png
+    python tools/report.py curve --group 'R2Rank=runs/cmp/r2rank-s*/metrics.jsonl' --group 'MLP-only=runs/cmp/mlp-s*/metrics.jsonl' \
+        --floors runs/cmp/floors/eval-valid.json --png comparison.png
 
 `table` reads the per-user NDCG values that `python r2rank.py --stage eval` writes (eval-<split>.json),
 puts every method of every file in one table in the layout of the paper's Table 2, and tests every
@@ -15,11 +17,20 @@ validation NDCG@10 from a run's metrics.jsonl as a character chart. With --png i
 the validation NDCG@10 and the PPO's approx_kl against the step into a PNG instead, one line per
 metrics file (several seeds on one figure; "=Label" names a file's line). The PNG needs matplotlib, an
 optional extra (`pip install matplotlib`); nothing else here does.
+
+`curve --group NAME=GLOB` (repeated, one per system) compares systems over seeds instead: each glob's
+metrics files are one system's seeds, and at every validation step the system's median over its seeds
+is printed with the min-max band and the seed count (group_curves); --png draws each system's median
+as a line and its band as a shaded area, in one panel. --floors adds horizontal lines: an eval file of
+--stage eval on the validation split (its random and popularity rows; --split valid, since the curves
+are validation NDCG@10), or NAME=VALUE.
 """
 import argparse
+import glob
 import json
 import math
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
@@ -274,6 +285,97 @@ def draw_png(runs, png, window):
         raise ReportError(f"--png {png}: cannot write it ({error.strerror or error})") from None
 
 
+# ------------------------------------------------------------------------------ curves over seeds
+
+
+def group_curves(groups):
+    """groups: {system: [seed's [(step, value), ...], ...]} -> {system: [(step, median, low, high, seeds), ...]},
+    steps rising: at each step any seed logged, the median of the seeds' values there (the mean of the two
+    middle ones for an even count), their min and max, and how many seeds logged it."""
+    out = {}
+    for name, seeds in groups.items():
+        by_step = {}
+        for points in seeds:
+            for step, value in points:
+                by_step.setdefault(step, []).append(value)
+        out[name] = [(step, statistics.median(values), min(values), max(values), len(values))
+                     for step, values in sorted(by_step.items())]
+    return out
+
+
+def read_floors(specs):
+    """--floors: eval-<split>.json files (their random and popularity NDCG@10) or NAME=VALUE -> {name: value}."""
+    floors = {}
+    for spec in specs:
+        name, equals, value = spec.partition("=")
+        if equals and not os.path.exists(spec):
+            try:
+                floors[name] = float(value)
+            except ValueError:
+                raise ReportError(f"--floors {spec}: not NAME=NUMBER nor an eval file") from None
+            continue
+        methods, config = read_eval(spec)
+        if config.get("split") not in (None, "valid"):
+            print(f"note: --floors {spec} is of split {config.get('split')}, the curves are validation NDCG@10", file=sys.stderr)
+        for method in ("random", "popularity"):
+            if method in methods:
+                floors[evaluate.TITLES[method]] = methods[method]["ndcg@10"]
+    return floors
+
+
+def compare_curves(group_specs, floor_specs=(), png=None):
+    """--group NAME=GLOB ...: each system's validation NDCG@10 over its seeds, as text and optionally a PNG."""
+    groups = {}
+    for spec in group_specs:
+        name, equals, pattern = spec.partition("=")
+        if not equals or not name or not pattern:
+            raise ReportError(f"--group {spec}: give NAME=GLOB, e.g. 'R2Rank=runs/r2rank-s*/metrics.jsonl'")
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise ReportError(f"--group {spec}: no file matches {pattern}")
+        seeds = [[(row["step"], row["valid_ndcg@10"]) for row in read_metrics(path) if "valid_ndcg@10" in row] for path in paths]
+        if not any(seeds):
+            raise ReportError(f"--group {spec}: no validation rows in {', '.join(paths)} (--eval-every)")
+        groups[name] = seeds
+    curves, floors = group_curves(groups), read_floors(floor_specs)
+    for name, points in curves.items():
+        print(f"{name} ({len(groups[name])} runs): validation NDCG@10, median [min, max] (seeds) per step")
+        for step, median, low, high, count in points:
+            print(f"  step {step:>5}: {median:.3f} [{low:.3f}, {high:.3f}] ({count})")
+    for name, value in floors.items():
+        print(f"{name}: {value:.3f}")
+    if png is not None:
+        draw_comparison(curves, floors, png)
+        print(f"wrote {png}")
+    return curves
+
+
+def draw_comparison(curves, floors, png):
+    """curves: group_curves(...); floors: {name: value} -> png, one panel: each system's median line and min-max band."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ReportError(f"--png needs matplotlib, an optional extra ({error}); install it with: pip install matplotlib") from None
+    figure = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    for index, (name, points) in enumerate(curves.items()):
+        steps, medians, lows, highs, counts = zip(*points)
+        color = f"C{index % 10}"
+        axes.fill_between(steps, lows, highs, color=color, alpha=0.2, linewidth=0)
+        axes.plot(steps, medians, color=color, marker="o", markersize=4, label=f"{name} (median of {max(counts)}, band min-max)")
+    for index, (name, value) in enumerate(floors.items()):
+        axes.axhline(value, color="gray", linestyle=("--", ":", "-.")[index % 3], linewidth=1, label=f"{name} ({value:.3f})")
+    axes.set_xlabel("step")
+    axes.set_ylabel("validation NDCG@10")
+    axes.set_title("validation NDCG@10 over seeds: median (line), min-max (band)", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    try:
+        figure.savefig(png, format="png")
+    except OSError as error:
+        raise ReportError(f"--png {png}: cannot write it ({error.strerror or error})") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -281,13 +383,29 @@ def main(argv=None):
     table_args.add_argument("files", nargs="+", help="eval-<split>.json of --stage eval, optionally =Title for its trained row (R2Rank, reczero, r2ec)")
     table_args.add_argument("--dataset", help="the dataset's name in the header (default: the data directory's name)")
     curve_args = commands.add_parser("curve", help="reward and validation NDCG@10 per step of a run, as text or a PNG")
-    curve_args.add_argument("metrics", nargs="+", help="metrics.jsonl of --stage rl, optionally =Label (default: its directory)")
+    curve_args.add_argument("metrics", nargs="*", help="metrics.jsonl of --stage rl, optionally =Label (default: its directory)")
+    curve_args.add_argument("--group", action="append", default=[], metavar="NAME=GLOB",
+                            help="compare systems over seeds instead: one system's metrics.jsonl files (a quoted glob); "
+                                 "repeat per system. Prints, and with --png draws, each one's median validation NDCG@10 "
+                                 "and min-max band per step")
+    curve_args.add_argument("--floors", action="append", default=[], metavar="FILE or NAME=VALUE",
+                            help="with --group: horizontal lines, from an eval-valid.json of --stage eval (its random "
+                                 "and popularity rows) or a value; repeatable")
     curve_args.add_argument("--window", type=int, default=10, help="steps in the reward's moving average")
     curve_args.add_argument("--png", help="draw reward, validation NDCG@10 and approx_kl of every file into this PNG "
                                           "(needs matplotlib: pip install matplotlib)")
     args = parser.parse_args(argv)
+    if args.command == "curve" and bool(args.metrics) == bool(args.group):
+        parser.error("curve: give metrics files, or --group NAME=GLOB (one per system), not both")
+    if args.command == "curve" and args.floors and not args.group:
+        parser.error("curve: --floors goes with --group")
     try:
-        table(args.files, args.dataset) if args.command == "table" else curve(args.metrics, max(args.window, 1), args.png)
+        if args.command == "table":
+            table(args.files, args.dataset)
+        elif args.group:
+            compare_curves(args.group, args.floors, args.png)
+        else:
+            curve(args.metrics, max(args.window, 1), args.png)
     except ReportError as error:
         sys.exit(f"error: {error}")
 
