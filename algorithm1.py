@@ -200,7 +200,7 @@ def validate(model, tokenizer, head, instances):
 def main(steps=STEPS):
     import tempfile
 
-    import models  # the model's file machinery: only to build the tiny model and its offline tokenizer
+    from machinery import datasets, models  # the run machinery: only to build the quickstart's set and the tiny model offline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     if MODEL == "tiny":
@@ -212,7 +212,7 @@ def main(steps=STEPS):
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # generate's left padding needs one
     model.to(device).eval()
     with tempfile.TemporaryDirectory() as folder:  # the quickstart's set, built afresh (about a second)
-        data.build_synthetic(folder, seed=SEED, overwrite=True, pointwise=True, candidates=CANDIDATES)
+        datasets.build_synthetic(folder, seed=SEED, overwrite=True, pointwise=True, candidates=CANDIDATES)
         train, valid = data.load_split(folder, "train"), data.load_split(folder, "valid")[:EVAL_USERS]
     torch.manual_seed(SEED)  # the one seed: the head's initialization, then generate's draws
     head = ScoreHead(model.config.hidden_size, HEAD_WIDTH).to(device)

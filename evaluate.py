@@ -42,15 +42,11 @@ from tqdm import tqdm
 
 import analyses
 import data
-import distributed
-import eval_methods
 from baselines import r2ec, reczero, sasrec, untrained
-import models
 import rollout
-import runs
-import stops
 from head import score_traces
 from metrics import bootstrap_ci, ndcg_from_scores, positive_ranks, significance_marker, wilcoxon_signed_rank
+from machinery import datasets, distributed, eval_methods, models, runs, stops
 
 
 # --------------------------------------------------------------------------------- per-user results
@@ -341,7 +337,7 @@ def evaluate_and_write(cfg, rank_device):
     methods, wanted = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
     if "history-order" in wanted and cfg.history_shuffles < 2:
         raise data.UsageError("--history-shuffles must be >= 2 for the history-order analysis")
-    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+    data_dir = datasets.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
     K = len(instances[0]["candidates"])
     path = os.path.join(cfg.out, f"eval-{cfg.split}.json")

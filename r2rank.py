@@ -43,7 +43,7 @@ Where this departs from the paper (defaults are the paper's unless said; details
 10. Two PPO epochs per step (--ppo-epochs 2; the paper does not say): the second reuses the traces
    under the clipped ratio, the first is the plain policy gradient (ratio 1).
 11. MLP-only (--freeze-llm) samples each user's traces at its first step and reuses them when the
-   user comes back (rl_run.RLRun.rollout): the frozen policy would only resample the same
+   user comes back (rl_run.RLRun.cached_traces): the frozen policy would only resample the same
    distribution, at the rollout's cost. Validation ranks greedy traces (one fixed trace per pair).
 """
 import os
@@ -62,17 +62,15 @@ try:  # the imports take seconds, and main's handlers do not exist yet
     import torch
 
     import data
-    import distributed
     import plackett_luce
     import rollout
-    import runs
-    import stops
-    from config import parse_config
     from metrics import ndcg_at_k, ndcg_from_scores
     from head import score_traces
     from plackett_luce import standardized
     from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
-    from rl_run import Bookkeeper, setup_rl, user_generator, users_for_step, validate  # noqa: F401 (validate: for the tests)
+    from machinery import distributed, runs, stops
+    from machinery.config import parse_config
+    from machinery.rl_run import Bookkeeper, setup_rl, user_generator, users_for_step, validate  # noqa: F401 (validate: for the tests)
 except KeyboardInterrupt:
     if __name__ != "__main__":  # imported by another module: the interrupt is its caller's
         raise
@@ -111,7 +109,9 @@ def update_llm(run, cfg, prompts, samples, advantages, score_grads):
     stats = rollout.ppo_update(run.model, run.optimizers["llm"], prompts, samples, advantages, cfg, run.shared_prefix,
                                step_tokens, distributed.sum_gradients, run.head if score_grads is not None else None,
                                score_grads, step_traces, run.dtype)
-    return stats
+    # this rank's shares of the step's means, summed over the ranks; the two gaps are maxima
+    return {name: distributed.total(value, "max" if name in ("decode_logp_gap_max", "decode_score_gap") else "sum")
+            for name, value in stats.items()}
 
 
 def update_head(run, loss):
@@ -139,7 +139,12 @@ def train_rl(cfg, rank_device=None):
             users_share = len(users) / cfg.users_per_step  # this rank's part of every mean over the step's users
 
             # 1) Alg. 1 lines 1-3: one reasoning trace y_k ~ pi_theta(. | c_u, x_k) per candidate (Eq. 1)
-            samples, prompts = book.rollout(step, lambda: run.rollout(cfg, instances, generators))
+            with book.rollout_phase(step):  # autocast; a stop drops this step (rl_run.py)
+                if cfg.freeze_llm:  # MLP-only: a user's traces sampled once, then reused (departure 11)
+                    samples, prompts = run.cached_traces(cfg, instances, generators)
+                else:
+                    samples, prompts = rollout.rollout_users(run.model, run.tokenizer, instances, cfg, generators,
+                                                             fast_decode=run.fast_decode)
 
             # 2) line 4: scores s_k = f_phi(h_k) (Eq. 2), [U, K], with grad into phi only
             raw_scores = score_traces(run.head, samples)

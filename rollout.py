@@ -31,7 +31,6 @@ from transformers import DynamicCache
 
 import data
 import decode
-import distributed
 from ppo import llm_loss
 from sampling import next_tokens, token_logprobs
 
@@ -393,7 +392,8 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
     step's token count), so the accumulated gradient equals that of the per-token mean over the whole
     step (ppo.clipped_token_loss).
     Under torchrun, samples are this rank's users: total_tokens (and total_traces) are the whole
-    step's counts and sum_gradients(parameters) adds up every rank's gradient before clipping.
+    step's counts and sum_gradients(parameters) adds up every rank's gradient before clipping; the
+    statistics returned are this rank's shares of the step's means (and its maxima), for the caller to add up.
 
     The score path: score_grads [U, K] is g = dV/ds (ppo.score_gradient), and the loss gets
     - sum_k g_k f_phi(h_k(theta)) / D, with h_k from this forward, at the token sample_traces read it
@@ -471,10 +471,8 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
         optimizer.step()  # outside every autocast context: the next epoch's forward casts the new weights
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    if sum_gradients:  # the statistics of every rank's tokens
-        stats = {name: distributed.total(value) for name, value in stats.items()}
-        gap_sum, gap_max = distributed.total(gap_sum), distributed.total(gap_max, "max")
-        score_gap = distributed.total(score_gap, "max")
+    # the means are this process's shares (its tokens over the step's count): under torchrun the caller
+    # sums them over the ranks, and takes the maxima of decode_logp_gap_max and decode_score_gap (r2rank.update_llm)
     if total_tokens:  # the whole step's count, the same on every rank
         stats = {**stats, "decode_logp_gap": gap_sum / total_tokens, "decode_logp_gap_max": gap_max}
     else:  # no token in the step (--max-new-tokens 0): a mean over no tokens is undefined, so it is left out, not logged as 0

@@ -42,13 +42,9 @@ import zlib
 import torch
 from tqdm import tqdm
 
-import checkpoints
 import data
-import models
 import rollout
-import runs
-import sources
-import stops
+from machinery import checkpoints, datasets, models, runs, stops
 
 RETRIES = 5  # an endpoint request is retried this often on connection errors, 5xx and 429 ...
 BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds
@@ -180,7 +176,7 @@ def build_traces(cfg):
 def ask_teacher(cfg):
     """build_traces' work, once --out is held."""
     started = time.time()
-    instances = data.load_split(data.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
+    instances = data.load_split(datasets.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     rejected_path = sidecar(path, ".rejected.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -248,9 +244,9 @@ def read_traces(path, instances, max_history, max_item_chars):
     """Validated traces -> [(instance, candidate index, response text)]. instances: user_id -> instance
     of the training split. A bad line is a DataError naming file:line."""
     traces = []
-    for lineno, record in sources.read_jsonl(path):
+    for lineno, record in data.read_jsonl(path):
         for name in ("user_id", "item_id", "response"):
-            sources.require(record, name, str, path, lineno)
+            data.require(record, name, str, path, lineno)
         instance = instances.get(record["user_id"])
         if instance is None:
             raise data.DataError(f"{path}:{lineno}: user {record['user_id']!r} is not in the training split")
@@ -301,7 +297,7 @@ def fine_tune(cfg):
     """train_sft's work, once --out is held."""
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
-    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+    data_dir = datasets.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = {inst["user_id"]: inst for inst in data.load_split(data_dir, "train")}
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     traces = read_traces(path, instances, cfg.max_history, cfg.max_item_chars)  # fail before loading a model

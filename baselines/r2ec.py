@@ -42,13 +42,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import models  # noqa: E402
 import rollout  # noqa: E402
-import runs  # noqa: E402
-import stops  # noqa: E402
 from baselines.reczero import add_rl_arguments, check_rl_arguments, resume_optimizers, save  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
+from machinery import models, runs, stops  # noqa: E402
 
 SYSTEM = "You are a recommendation assistant."
 USER_INSTRUCTIONS = ("Think about this user from the user context below: what they like, what they avoid, and "

@@ -42,15 +42,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints  # noqa: E402
-import config  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
 import rollout  # noqa: E402
-import runs  # noqa: E402
-import stops  # noqa: E402
 from baselines.untrained import pointwise_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
+from machinery import checkpoints, config, models, runs, stops  # noqa: E402
 
 THINK_INSTRUCTIONS = (
     "Decide whether to recommend the candidate item below to this user. Think before you answer, in three steps.\n"

@@ -29,12 +29,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints  # noqa: E402
-import config  # noqa: E402
 import data  # noqa: E402
-import runs  # noqa: E402
-import stops  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
+from machinery import checkpoints, config, runs, stops  # noqa: E402
 
 FILES = ("sasrec.pt", "sasrec-log.json", "sasrec-state.pt")  # what a run writes into --out
 

@@ -20,13 +20,12 @@ import torch
 from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import config
 import data
 import decode
-import models
 import rollout
 from conftest import ROOT, run_cli, run_script
 from head import ScoreHead
+from machinery import config, models
 
 BF16 = torch.bfloat16
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import models
+from machinery import models
 from baselines import r2ec, reczero
 from conftest import ROOT, run_cli, run_script
 

@@ -11,8 +11,8 @@ import torch
 
 import data
 import decode
-import models
 import rollout
+from machinery import models, sources
 
 BF16 = torch.bfloat16
 
@@ -105,7 +105,7 @@ def test_decoded_logprobs_round_like_the_models_own_forward_in_bf16():
     model, tokenizer = models.build_tiny(seed=0)
     model.eval()
     assert decode.supported(model)  # sample_traces decodes on decode.py (fast_decode), not transformers' cache
-    splits, _ = data.build_instances(data.synthetic_raw(users=50, seed=0), data.Protocol(history=20, candidates=4))
+    splits, _ = data.build_instances(sources.synthetic_raw(users=50, seed=0), data.Protocol(history=20, candidates=4))
     gaps, bf16_errors = [], []
     for user in range(4):
         prefix, suffixes = data.encode_user(tokenizer, splits["train"][user])

@@ -15,10 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-import config
 import data
-import distributed
-import models
 from head import ScoreHead, score_traces
 import plackett_luce
 import r2rank
@@ -26,6 +23,7 @@ import rollout
 from conftest import ROOT, run_cli
 from metrics import ndcg_at_k
 from ppo import leave_one_out_baseline, reinforce_loss
+from machinery import config, datasets, distributed, models
 
 
 class KeepGradients(torch.optim.Optimizer):
@@ -163,7 +161,7 @@ def test_a_slow_rank_0_validation_is_waited_for_within_the_timeout(tmp_path):
     400-token traces): a 3-second timeout kills the run with one line naming the flag (so the test can
     fail), the default (120 minutes) waits for it."""
     data_dir = str(tmp_path / "data")
-    data.build_synthetic(data_dir, users=200, seed=0)  # 20 validation users
+    datasets.build_synthetic(data_dir, users=200, seed=0)  # 20 validation users
     common = ["--stage", "rl", "--model", "tiny", "--data", data_dir, "--users-per-step", "2", "--max-new-tokens", "400",
               "--max-steps", "1", "--eval-every", "1", "--eval-users", "20", "--max-history", "3"]
     short = torchrun(*common, "--dist-timeout", "0.05", "--out", str(tmp_path / "short"))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import models
+from machinery import models
 
 # Parameter counts from the Qwen2.5-Instruct model cards (billions, two decimals): total, and without
 # the embeddings (the input embedding, and the output one where it is not tied).
@@ -70,7 +70,7 @@ def test_a_head_of_another_width_or_hidden_size_is_one_line_naming_both(tmp_path
 def test_the_update_layout_is_chosen_by_memory():
     """--gradient-checkpointing auto on CUDA: off when the shared-prefix update fits (Qwen2.5-1.5B, all weights, micro-batch 8:
     about 57 GiB estimated, x 1.25), on when it does not; off on a CPU; "on" / "off" as given."""
-    import memory
+    from machinery import memory
 
     config = models.qwen25_config("qwen2.5-1.5b")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

@@ -7,19 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import config
 import data
-import models
 import plackett_luce
 import r2rank
-import checkpoints
-import runs
 import rollout
 from head import ScoreHead, score_traces
-from models import load_head
+from machinery.models import load_head
 from plackett_luce import standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from ppo import leave_one_out_baseline, reinforce_loss
+from machinery import checkpoints, config, models, runs
 
 from conftest import run_cli
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import models
+from machinery import models, sources
 import rollout
 import sampling
 
@@ -192,7 +192,7 @@ def test_decoding_uses_the_installed_transformers_cache_keyword(tiny):
 
 def test_decode_forward_applies_lora_adapters_like_the_models_own(tiny):
     """decode.py calls the layers' own modules, so adapters (models.py) act in it as in the model's forward."""
-    import models
+    from machinery import models
 
     model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
     torch.manual_seed(0)
@@ -213,7 +213,7 @@ def _users(tokenizer, count, candidates=4):
     """Synthetic users with prompts of different lengths (histories of 4-10 items), K = `candidates`."""
     import data
 
-    splits, _ = data.build_instances(data.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=candidates))
+    splits, _ = data.build_instances(sources.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=candidates))
     prompts = [data.encode_user(tokenizer, instance) for instance in splits["train"][:count]]
     assert len({len(prefix) for prefix, _ in prompts}) > 1  # the longest prefix pads the others: exercised
     return prompts
@@ -262,16 +262,15 @@ def test_users_decoded_together_draw_what_each_draws_alone(early_stops, temperat
 def test_rollout_users_groups_by_rollout_rows_and_validation_rolls_out_together(tiny, monkeypatch):
     """rollout_users: groups of at most cfg.rollout_rows rows, the same K within a group; the tokens do not
     depend on the grouping. rl_run.validate (greedy) goes through it, so its users are batched too."""
-    import config
     import data
-    import rl_run
     from head import ScoreHead
+    from machinery import config, rl_run
 
     assert rollout.user_groups([4, 4, 4, 4, 4], 8) == [[0, 1], [2, 3], [4]]
     assert rollout.user_groups([4, 4, 3, 3, 4], 100) == [[0, 1], [2, 3], [4]]
     assert rollout.user_groups([20, 20], 10) == [[0], [1]]  # a user larger than the bound goes alone
     model, tokenizer = tiny
-    splits, _ = data.build_instances(data.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=4))
+    splits, _ = data.build_instances(sources.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=4))
     users = splits["train"][:5]
     groups, sample_users = [], rollout.sample_users
 

@@ -66,11 +66,11 @@ import types
 import pytest
 import torch
 
-import checkpoints
+from machinery import checkpoints
 
-import runs
+from machinery import runs
 
-import stops
+from machinery import stops
 from head import ScoreHead
 from conftest import ROOT, run_cli
 
@@ -403,7 +403,7 @@ def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_hold
 
 
 def test_checkpoint_bytes_of_the_tiny_model_by_hand():
-    import models
+    from machinery import models
 
     model, tokenizer = models.build_tiny()
     vocab, hidden, ffn, layers, kv = len(tokenizer), 64, 256, 2, 32  # 2 key-value heads of 16
@@ -423,8 +423,7 @@ def test_checkpoint_bytes_of_the_tiny_model_by_hand():
 
 
 def test_checkpoint_bytes_bounds_a_saved_checkpoint(tmp_path):
-    import config
-    import models
+    from machinery import config, models
 
     model, tokenizer = models.build_tiny()
     head = ScoreHead(64, 8)
@@ -535,23 +534,28 @@ def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock_file(existing, t
 
 def test_a_stop_before_any_step_is_kept_leaves_nothing_that_refuses_the_same_command(tmp_path, synthetic_dir, monkeypatch, capsys):
     import r2rank
-    import rl_run
+    import rollout
+    from machinery import rl_run
 
-    def stop_inside(function):
+    def stop_inside(function, skip):
+        calls = []
+
         def stopped(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives while it runs, as a Ctrl-C would
-            time.sleep(5)
+            calls.append(1)
+            if len(calls) > skip:  # the rollout: after step 0's validation (which rolls out too) was logged
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while it runs, as a Ctrl-C would
+                time.sleep(5)
             return function(*args, **kwargs)
         return stopped
 
     out = tmp_path / "run"
     argv = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
             "--max-new-tokens", "4", "--max-history", "2", "--max-steps", "1", "--eval-every", "1", "--eval-users", "1"]
-    for target, name, message in [(rl_run, "validate", "stopped before step 1; nothing was written but the data"),
-                                  (rl_run.RLRun, "rollout", "step 1 was still rolling out and is dropped; no step had finished, "
-                                   "so nothing was written but the data")]:
-        with monkeypatch.context() as patch:  # the rollout: after step 0's validation was logged
-            patch.setattr(target, name, stop_inside(getattr(target, name)))
+    for target, name, skip, message in [(rl_run, "validate", 0, "stopped before step 1; nothing was written but the data"),
+                                        (rollout, "rollout_users", 1, "step 1 was still rolling out and is dropped; no step "
+                                         "had finished, so nothing was written but the data")]:
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, stop_inside(getattr(target, name), skip))
             with pytest.raises(SystemExit) as stopped:
                 r2rank.main(argv)
         assert stopped.value.code == 143 and f"stopped by SIGTERM: {message}\n" in capsys.readouterr().err

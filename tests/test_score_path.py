@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-import models
+from machinery import models
 from head import ScoreHead
 import rollout
 from metrics import ndcg_at_k

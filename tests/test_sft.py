@@ -14,12 +14,11 @@ import threading
 import pytest
 import torch
 
-import config
 import data
-import models
 import r2rank
 import rollout
 import sft
+from machinery import config, datasets, models
 
 from conftest import run_script
 
@@ -33,7 +32,7 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "synthetic"
-    data.build_synthetic(str(path), seed=0)
+    datasets.build_synthetic(str(path), seed=0)
     return str(path)
 
 

@@ -34,15 +34,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
 import plackett_luce  # noqa: E402
 import rollout  # noqa: E402
 from head import ScoreHead  # noqa: E402
+from machinery import config, models  # noqa: E402
 
 import flops  # noqa: E402  (tools/flops.py, beside this file)
-from memory import print_estimates  # noqa: E402
+from machinery.memory import print_estimates  # noqa: E402
 from rl_step import benchmark_instance, paper_scale, rl_step, rss_kib  # noqa: E402
 
 

@@ -24,11 +24,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
 import rollout  # noqa: E402
 import sampling  # noqa: E402
+from machinery import config, models, sources  # noqa: E402
 
 from benchmark import smollm2_path  # noqa: E402  (tools/benchmark.py, beside this file)
 
@@ -56,7 +55,7 @@ def lora_copy(base, hold):
 
 def run(name, path, args):
     base, tokenizer = models.load_policy(path, CPU, torch.float32, seed=0)
-    raw = data.synthetic_raw(users=50, seed=0)
+    raw = sources.synthetic_raw(users=50, seed=0)
     users = data.build_instances(raw, data.Protocol(candidates=args.candidates))[0]["train"][:2]
     cfg = config.Config(model=name, max_new_tokens=args.new_tokens, max_history=args.history, ppo_epochs=2, lr=1e-2,
                         micro_batch=args.candidates)

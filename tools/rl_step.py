@@ -11,13 +11,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
 import rollout  # noqa: E402
 from head import ScoreHead  # noqa: E402
+from machinery import config, models, sources  # noqa: E402
 
-from memory import estimate_memory  # noqa: E402
+from machinery.memory import estimate_memory  # noqa: E402
 
 
 def rss_kib(field):
@@ -28,7 +27,7 @@ def rss_kib(field):
 def benchmark_instance(history, candidates, user=0):
     """A synthetic user (the `user`-th training user) with a full-length history (the synthetic set's
     are 4-10 items)."""
-    raw = data.synthetic_raw(users=50, seed=0)
+    raw = sources.synthetic_raw(users=50, seed=0)
     splits, _ = data.build_instances(raw, data.Protocol(candidates=candidates))
     instance = dict(splits["train"][user])
     pool = [item for inst in splits["train"] for item in inst["history"]]

@@ -9,8 +9,8 @@ tools/benchmark.py --rl-step measures one step beside this estimate.
 """
 import torch
 
-import config as cli_config
-import models
+from machinery import config as cli_config
+from machinery import models
 import rollout
 
 MICRO_BATCH = cli_config.Config().micro_batch  # the CLI's --micro-batch default: what a run uses unless told

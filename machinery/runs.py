@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import config
+from machinery import config
 from protocol import UsageError
 
 # The flags --resume lets change; every other flag of the stage defines the run.

@@ -7,10 +7,8 @@ import json
 import os
 import shlex
 
-import config
 import data
-import models
-from baselines import r2ec
+from machinery import config, models
 
 
 # A trained method needs a checkpoint of its own training: what its directory holds, and its record of settings.
@@ -38,7 +36,7 @@ def checkpoint_kind(model):
     or None (a hub id, tiny, a bare model, an SFT checkpoint)."""
     if models.has_head(model):
         return "r2rank"
-    if r2ec.has_head(model):
+    if os.path.isfile(os.path.join(model, "r2ec-head.safetensors")):  # baselines/r2ec.py's head (r2ec.has_head)
         return "r2ec"
     return "reczero" if os.path.isfile(os.path.join(model, "reczero.json")) else None
 

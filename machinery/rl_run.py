@@ -1,16 +1,18 @@
 """What an RL run needs around Algorithm 1's step (r2rank.train_rl): its set-up, the step's users and
-random streams, phase 1 as a call, and the bookkeeping after each step, so that the loop a reader
+random streams, the block around phase 1, and the bookkeeping after each step, so that the loop a reader
 follows beside the paper shows the paper's phases and little else.
 
     run = setup_rl(cfg)                      data, model, head, optimizers, resume; the start-up checks
     book = Bookkeeper(cfg, run)              metrics.jsonl, progress bar, validation, checkpoints, stops
-    samples, prompts = book.rollout(step, lambda: run.rollout(cfg, instances, generators))
+    with book.rollout_phase(step):           autocast; a stop drops the step still rolling out
+        samples, prompts = rollout.rollout_users(...)   (MLP-only: run.cached_traces)
     book.end_step(step, row)                 checks, validates, logs, saves; stops when asked
 
 Stops (Ctrl-C, SIGTERM; stops.StopOnSignal): a step still rolling out is dropped at once (it has
 changed nothing) and the finished steps are kept, saved now if they were not; during an update the
 step finishes and is saved. Then the run stops. Under torchrun rank 0 validates, logs and saves.
 """
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -18,16 +20,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import checkpoints
 import data
-import distributed
-import memory
 import rollout
-import runs
-import stops
 from metrics import ndcg_from_scores
 from head import ScoreHead, score_traces
-from models import (attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy, load_trace_cache,
+from machinery import checkpoints, datasets, distributed, memory, runs, stops
+from machinery.models import (attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy, load_trace_cache,
                     mixed_precision, pick_device, pick_dtype)
 
 
@@ -67,16 +65,14 @@ class RLRun:
     optimizers: dict  # "head", and "llm" unless --freeze-llm
     plan: runs.Plan  # the step it starts at (0, or the checkpoint's), what --resume changed
     shared_prefix: bool  # the update runs a user's prompt prefix once per micro-batch
-    trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused
+    trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused (cached_traces)
     fast_decode: bool  # the rollout on decode.py's forward (False: transformers', after a failed start-up check)
     claim: stops.Claim = None  # --out held for this run (stops.claim), let go when the Bookkeeper's block ends
 
-    def rollout(self, cfg, instances, generators):
-        """Phase 1: one trace per candidate of every user, as (per-user Samples, per-user prompts).
-        MLP-only (--freeze-llm): the policy never changes, so a user's K traces are sampled at its first
-        step and reused whenever it comes back (a fixed sample instead of a fresh one; prompts None)."""
-        if not cfg.freeze_llm:
-            return rollout.rollout_users(self.model, self.tokenizer, instances, cfg, generators, fast_decode=self.fast_decode)
+    def cached_traces(self, cfg, instances, generators):
+        """Phase 1 of MLP-only (--freeze-llm, departure 11): the policy never changes, so a user's K traces
+        are sampled at its first step (rollout.rollout_users) and reused whenever it comes back (a fixed
+        sample instead of a fresh one). Returns (per-user Samples, None: no update reads the prompts)."""
         missing = [u for u, inst in enumerate(instances) if inst["user_id"] not in self.trace_cache]
         sampled = rollout.rollout_users(self.model, self.tokenizer, [instances[u] for u in missing], cfg,
                                         [generators[u] for u in missing], fast_decode=self.fast_decode)[0]
@@ -114,7 +110,7 @@ def load_run(cfg, rank_device):
     # the data and --out are checked before the model loads: a bad input costs no download
     if not distributed.is_main():
         distributed.barrier()  # rank 0 builds the synthetic set, if it is the data
-    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+    data_dir = datasets.prepare_data(cfg.data, cfg.out, cfg.seed)
     if distributed.is_main():
         distributed.barrier()
     train = data.load_split(data_dir, "train")[: cfg.train_users or None]
@@ -166,7 +162,7 @@ def load_run(cfg, rank_device):
             print(f"warning: decode.py's log-probs differ from the model's forward by {gap:.3f} per token on this GPU "
                   f"(past the {rollout.DECODE_TOLERANCE[dtype]:g} that {dtype} rounding explains): the rollout uses "
                   "transformers' forward instead (slower)")
-    trace_cache = {}  # MLP-only: RLRun.rollout
+    trace_cache = {}  # MLP-only: RLRun.cached_traces
     if cfg.freeze_llm and checkpoint and os.path.isfile(os.path.join(checkpoint, "trace-cache.pt")):
         trace_cache = load_trace_cache(os.path.join(checkpoint, "trace-cache.pt"), cfg, device)
     elif cfg.freeze_llm and cfg.trace_cache:
@@ -246,12 +242,14 @@ class Bookkeeper:
         self.valid_samples = checked if self.cfg.freeze_llm else None
         return ndcg
 
-    def rollout(self, step, sample):
-        """sample() (phase 1) under autocast; a signal drops this step, keeps the finished ones and stops the run."""
+    @contextlib.contextmanager
+    def rollout_phase(self, step):
+        """Phase 1's block: under autocast; a signal drops this step (it has changed nothing), keeps the
+        finished ones and stops the run."""
         cfg, run = self.cfg, self.run
         try:
             with self.stop.abandonable(self.alone), mixed_precision(run.device, run.dtype):
-                return sample()
+                yield
         except stops.Abandoned:  # nothing of this step is kept; the finished steps are
             if step > run.plan.start_step and self.saved != os.path.join(cfg.out, f"checkpoint-{step}"):
                 self.saved = self.save(step)

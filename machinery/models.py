@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import data
 import rollout
-import runs
+from machinery import runs, sources
 from head import ScoreHead
 
 
@@ -73,7 +73,7 @@ def offline_tokenizer(vocab_size=1024):
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order: pad, turn start, turn end
-    raw = data.synthetic_raw(users=50, seed=0)
+    raw = sources.synthetic_raw(users=50, seed=0)
     corpus = [data.SYSTEM_PROMPT, data.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
     corpus += [f"The user liked the {i['title'].lower()}, so <answer>{data.RECOMMEND}</answer> or "
                f"<answer>{data.NOT_RECOMMEND}</answer>." for i in raw.items.values()]

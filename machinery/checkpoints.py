@@ -13,10 +13,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from models import adapter_state_dict, checkpoint_state_dict, lora_layers
+from machinery.models import adapter_state_dict, checkpoint_state_dict, lora_layers
 from protocol import UsageError
 
-import runs
+from machinery import runs
 
 try:  # POSIX; elsewhere a file-size limit is not looked up
     import resource
