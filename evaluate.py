@@ -8,22 +8,23 @@
 NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines/untrained.py;
 the analyses of Sec. 4.4 and 4.5 (Fig. 3-5, Table 7) in analyses.py.
 
-Where this departs from the paper (which leaves these points open unless said):
-1. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py), zero-shot prompts of the
-   same LLM, and two RL systems trained by their own commands (baselines/reczero.py, baselines/r2ec.py);
-   not the paper's other trained recommenders.
-2. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
-   them at --temperature. A model without a trained head (head.safetensors) skips R2Rank when it comes
-   from the default --methods; a trained method named in --methods that --model is no checkpoint of
-   (R2Rank without head.safetensors, reczero on an R2ec checkpoint, ...) is refused.
-3. Markers: in each column the best method is bold and marked by its test against the runner-up in
-   that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10. A method most of
-   whose answers were unparsable (listwise: scored in the candidates' input order) is never bold, and
-   its row says how many were.
-4. Wilcoxon: zero differences are dropped (see metrics.py).
-5. A trained method (r2rank, reczero, r2ec) runs with the trace settings its checkpoint was trained
-   with (max_new_tokens, max_history, max_item_chars, response_prefix, prompt), except those given on
-   the command line, each noted; the other methods use the command line's.
+Where this departs from the paper, which leaves these points open unless said (the numbers of the one list,
+at the top of r2rank.py):
+24. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py), zero-shot prompts of the
+    same LLM, and two RL systems trained by their own commands (baselines/reczero.py, baselines/r2ec.py);
+    not the paper's other trained recommenders.
+25. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
+    them at --temperature. A model without a trained head (head.safetensors) skips R2Rank when it comes
+    from the default --methods; a trained method named in --methods that --model is no checkpoint of
+    (R2Rank without head.safetensors, reczero on an R2ec checkpoint, ...) is refused.
+26. Markers: in each column the best method is bold and marked by its test against the runner-up in
+    that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10. A method most of
+    whose answers were unparsable (listwise: scored in the candidates' input order) is never bold, and
+    its row says how many were.
+27. Wilcoxon: zero differences are dropped (see metrics.py).
+28. A trained method (r2rank, reczero, r2ec) runs with the trace settings its checkpoint was trained
+    with (max_new_tokens, max_history, max_item_chars, response_prefix, prompt), except those given on
+    the command line, each noted; the other methods use the command line's.
 """
 import contextlib
 import dataclasses

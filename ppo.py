@@ -10,15 +10,15 @@ functions.
     batch_baseline_advantages   a user's reward minus the other users' mean reward      (beyond the paper)
     grpo_advantages             GRPO's group-standardized reward (the compared systems in baselines/)
 
-Where this departs from the paper:
-1. Eq. (6) sums the clipped objective over all tokens of all K traces. We divide by the number of
-   valid tokens (see clipped_token_loss) so the step size does not scale with K or trace length.
+Where this departs from the paper (the numbers of the one list, at the top of r2rank.py):
 2. The paper's REINFORCE uses the raw reward rho(tau) as the weight. A baseline is optional here;
    with one, the estimate stays unbiased and its variance drops (every NDCG is >= 0, so without a
    baseline every sampled ranking is pushed up, just some more than others).
 3. Eq. (6) gives every token the ranking's reward rho(tau) (no baseline). That is an unbiased policy
    gradient, but every step raises the log-prob of every sampled token, and its variance is large.
    counterfactual_advantages and batch_baseline_advantages are unbiased too, with a baseline.
+4. Eq. (6) sums the clipped objective over all tokens of all K traces. We divide by the number of
+   valid tokens (see clipped_token_loss) so the step size does not scale with K or trace length.
 
 Where the update is not exactly unbiased, and why: (a) the per-token mean divides by the step's token
 count, which depends on the sampled traces; with traces of different lengths this ratio is not an
@@ -90,7 +90,7 @@ def llm_loss(logp, old_logp, advantages, mask, divisor, clip_eps=0.2, scores=Non
         the score path (Sec. 3.3, departure 7 of r2rank.py):  - sum_k g_k s_k(theta) / D
 
     logp, old_logp, mask [B, T], advantages [B] or [B, T]: as in clipped_token_loss.
-    divisor D: the step's valid-token count (departure 1), or its trace count when the traces are
+    divisor D: the step's valid-token count (departure 4), or its trace count when the traces are
     empty (--max-new-tokens 0); the same D for both terms, so they add up to one estimate.
     scores [B]: s_k = f_phi(h_k(theta)) with phi held fixed (gradient into theta through h_k only);
     score_grads [B]: g = dV/ds (score_gradient), detached. None, None: the tokens' term alone.

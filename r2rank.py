@@ -22,13 +22,15 @@ only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update l
 decode_score_gap (the same for the scores: the update reads h_k where the rollout did);
 advantage_abs and advantage_nonzero (the mean |advantage| and the share of traces with one).
 
-Where this departs from the paper (defaults are the paper's unless said; details where implemented):
+Where this departs from the paper: the one numbered list, which every module cites by number (defaults
+are the paper's unless said; details where implemented). The RL stage (1-11):
 1. S rankings per user instead of one (--num-rankings 8): sampling one costs nothing next to K traces.
 2. A leave-one-out baseline over the S rankings in the head's REINFORCE (--baseline, on; ppo.py).
 3. --advantage batch or counterfactual adds a baseline to Eq. 6's advantage, unbiased (ppo.py).
 4. The PPO loss is a per-token mean, not Eq. 6's plain sum (ppo.clipped_token_loss).
 5. theta_old is the first PPO epoch's own forward, not the decoding pass (rollout.ppo_update).
-6. Log-probs at the sampling temperature; RL refuses --temperature 0 and --top-p < 1 (rollout.py).
+6. Log-probs at the sampling temperature (rollout.py); RL refuses --temperature 0 and --top-p < 1
+   (machinery/config.py).
 7. The head's gradient reaches the LLM through h_k too (--score-path, on). Sec. 3.3 asks for the
    gradient to flow from rho(tau) to theta via tau, s_k and y_k; with s_k = f_phi(h_k(theta, y_k))
    grad_theta J = E[sum_k A_k grad log pi(y_k)] (Eq. 6, the tokens) + E[sum_k dV/ds_k grad_theta s_k],
@@ -45,6 +47,19 @@ Where this departs from the paper (defaults are the paper's unless said; details
 11. MLP-only (--freeze-llm) samples each user's traces at its first step and reuses them when the
    user comes back (rl_run.RLRun.cached_traces): the frozen policy would only resample the same
    distribution, at the rollout's cost. Validation ranks greedy traces (one fixed trace per pair).
+The data and the prompt (12-18, data.py; 12-14 in protocol.py): 12. an item touched twice keeps its first
+time; 13. negatives avoid every item the user ever touched; 14. stats.json counts items and interactions
+before the history is cut; 15. MovieLens has no time window, its title "unknown" is no title;
+16. timestamps are left out of the prompt; 17. a synthetic set (--pointwise: the quickstart's);
+18. Fig. 2's prompt reworded, the same three parts and answers (--prompt answer-only: Table 5).
+SFT (19-23, sft.py): 19. any local or OpenAI-compatible teacher, its reply's content only; 20. --num-pairs
+pairs, half positive; 21. one teacher sample per pair; 22. a per-token mean loss, constant --sft-lr;
+23. the reply stripped of surrounding whitespace.
+Evaluation (24-28, evaluate.py): 24. the baselines (random, popularity, SASRec, zero-shot prompts,
+RecZero, R2ec); 25. greedy traces by default; 26. the bold and the markers of Table 2; 27. Wilcoxon drops
+zero differences; 28. a trained method runs with its training's trace settings.
+Analyses (29-32, analyses.py): 29. cold-start bins; 30. history-length buckets; 31. history order:
+R shuffles per user; 32. the positive moved to first, middle and last.
 """
 import os
 import sys

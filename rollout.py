@@ -398,8 +398,8 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
     The score path: score_grads [U, K] is g = dV/ds (ppo.score_gradient), and the loss gets
     - sum_k g_k f_phi(h_k(theta)) / D, with h_k from this forward, at the token sample_traces read it
     (so the gradient reaches theta through the hidden state, not only the sampled tokens). D is the
-    same divisor as the token term's, the step's token count (departure 4), or its trace count when
-    the traces are empty (--max-new-tokens 0), so the two terms add up to one estimate of grad J / D:
+    same divisor as the token term's, the step's token count (departure 4 in r2rank.py), or its trace
+    count when the traces are empty (--max-new-tokens 0), so the two terms add up to one estimate of grad J / D:
     grad J = E[sum_k A_k grad log pi(y_k)] + E[sum_k dV/ds_k grad s_k]. It is added in the first
     epoch only, where the forward is at theta_old, the parameters the scores were computed with; a
     later epoch reuses the tokens under the clipped ratio, and with no tokens there is no later epoch

@@ -15,19 +15,20 @@ sft: next-token loss on the response tokens only; the prompt is exactly what the
 policy (data.encode_user), the response is the teacher's text followed by the tokenizer's eos.
 Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head.
 
-Where this departs from the paper (which gives no SFT details beyond the data filter):
-1. The teacher is any local transformers model (--teacher) or OpenAI-compatible endpoint
-   (--teacher-url), not only DeepSeek-R1. Only the reply's `content` is kept: a reasoning model's
-   separate `reasoning_content` is dropped, the student learns the three-part answer the template asks for.
-2. --num-pairs pairs, half positive and half negative, each user giving at most one positive and one
-   negative pair, instead of every training instance: with 1 positive among K = 20 candidates, all
-   pairs would be 95% negative. Both halves come from seeded shuffles that do not depend on
-   --num-pairs, so a larger --num-pairs extends the same list.
-3. One teacher sample per pair; a wrong or answerless reply is dropped, not asked again.
-4. The loss is the per-token mean over a batch's response tokens (--micro-batch traces per forward,
-   --sft-batch traces per optimizer step), AdamW at a constant --sft-lr, no weight decay, gradient norm
-   clipped at --max-grad-norm.
-5. The response is stripped of surrounding whitespace before tokenization.
+Where this departs from the paper, which gives no SFT details beyond the data filter (the numbers of the one
+list, at the top of r2rank.py):
+19. The teacher is any local transformers model (--teacher) or OpenAI-compatible endpoint
+    (--teacher-url), not only DeepSeek-R1. Only the reply's `content` is kept: a reasoning model's
+    separate `reasoning_content` is dropped, the student learns the three-part answer the template asks for.
+20. --num-pairs pairs, half positive and half negative, each user giving at most one positive and one
+    negative pair, instead of every training instance: with 1 positive among K = 20 candidates, all
+    pairs would be 95% negative. Both halves come from seeded shuffles that do not depend on
+    --num-pairs, so a larger --num-pairs extends the same list.
+21. One teacher sample per pair; a wrong or answerless reply is dropped, not asked again.
+22. The loss is the per-token mean over a batch's response tokens (--micro-batch traces per forward,
+    --sft-batch traces per optimizer step), AdamW at a constant --sft-lr, no weight decay, gradient norm
+    clipped at --max-grad-norm.
+23. The response is stripped of surrounding whitespace before tokenization.
 """
 import http.client
 import json

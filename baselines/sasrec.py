@@ -82,7 +82,7 @@ class SASRec(torch.nn.Module):
         """[B, T] sequences, [B, K] candidate indices (0 = unknown item) -> [B, K] scores."""
         last = self(sequence)[:, -1]  # [B, dim]
         scores = (self.items(candidates) * last[:, None, :]).sum(-1)
-        return scores.masked_fill(candidates == 0, -1e9)  # departure 2: unknown items last
+        return scores.masked_fill(candidates == 0, -1e9)  # the SASRec departure 2 above: unknown items last
 
 
 def vocabulary(train):
