@@ -215,7 +215,7 @@ def self_check_parts(instance, k, max_history=20, max_item_chars=200, instructio
 
 
 def self_check_messages(instance, k, max_history=20, max_item_chars=200, instructions=INSTRUCTIONS):
-    """Chat messages asking for the self-check reasoning about candidate k (Fig. 2 of the paper)."""
+    """Chat messages asking for the self-check trace about candidate k (Fig. 2 of the paper)."""
     system, prefix, candidate = self_check_parts(instance, k, max_history, max_item_chars, instructions)
     return [{"role": "system", "content": system}, {"role": "user", "content": prefix + candidate}]
 

@@ -44,6 +44,7 @@ from tqdm import tqdm
 import analyses
 import data
 from baselines import r2ec, reczero, sasrec, untrained
+from protocol import UsageError
 import rollout
 from head import score_traces
 from metrics import bootstrap_ci, ndcg_from_scores, positive_ranks, significance_marker, wilcoxon_signed_rank
@@ -278,7 +279,7 @@ def write_results(path, report):
             json.dump(report, f, indent=1)
         os.replace(tmp, path)
     except OSError as error:
-        raise data.UsageError(f"could not write {path} ({error.strerror or error}); the results are in the table "
+        raise UsageError(f"could not write {path} ({error.strerror or error}); the results are in the table "
                               "printed above (the per-user values and the tests of every pair are lost)") from None
     finally:
         with contextlib.suppress(OSError):
@@ -292,7 +293,7 @@ def chosen(text, allowed, flag):
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in allowed]
     if unknown:
-        raise data.UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+        raise UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
     return list(dict.fromkeys(names))
 
 
@@ -337,18 +338,18 @@ def evaluate_and_write(cfg, rank_device):
     """run_eval's work: check, load, rank, test, analyse; print the table, then write the JSON."""
     methods, wanted = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
     if "history-order" in wanted and cfg.history_shuffles < 2:
-        raise data.UsageError("--history-shuffles must be >= 2 for the history-order analysis")
+        raise UsageError("--history-shuffles must be >= 2 for the history-order analysis")
     data_dir = datasets.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
     K = len(instances[0]["candidates"])
     path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
     runs.check_writable(cfg.out)  # before any model loads or any method runs
     if os.path.exists(path) and not cfg.overwrite:
-        raise data.UsageError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
+        raise UsageError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
     chosen_now = eval_methods.chosen_settings(cfg)
     methods = eval_methods.servable(methods, cfg.model, named="methods" in chosen_now)
     if not methods:
-        raise data.UsageError("--methods: nothing left to evaluate")
+        raise UsageError("--methods: nothing left to evaluate")
     kind = eval_methods.checkpoint_kind(cfg.model)  # the trained method that runs, if any: with the trace settings of its training
     trained_cfg = (eval_methods.method_settings(cfg, kind, chosen_now, any(name in PROMPTED and name != kind for name in methods))
                    if kind in methods else cfg)
@@ -356,7 +357,7 @@ def evaluate_and_write(cfg, rank_device):
         print(f"note: the history-length analysis groups users by the history the other methods are shown "
               f"(--max-history {cfg.max_history}); {kind} is shown at most {trained_cfg.max_history} items")
     if "sasrec" in methods and not cfg.sasrec:
-        raise data.UsageError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
+        raise UsageError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
     sasrec_model = sasrec.load(cfg.sasrec) if "sasrec" in methods else None  # (model, item index)
     if sasrec_model is not None:  # a model of another data set knows none of these items: its scores would be ties
         known, total = sasrec.known_candidates(instances, sasrec_model[1])

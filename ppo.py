@@ -1,7 +1,7 @@
 """Policy-gradient losses of R2Rank (Eqs. 5-6 of the R2Rank paper) and the LLM's advantages, as pure
 functions.
 
-    clipped_token_loss          token-level clipped PPO for the LLM's reasoning tokens     (Eq. 6)
+    clipped_token_loss          token-level clipped PPO for the LLM's trace tokens         (Eq. 6)
     llm_loss                    a micro-batch's part of the LLM's loss: Eq. 6 plus the score path
     reinforce_loss              REINFORCE for the scoring head through log P(tau | s)      (Eq. 5)
     score_gradient              the same estimate of dV/ds, carried into the LLM (the score path, Sec. 3.3)
@@ -39,7 +39,7 @@ def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
     logp:       [N, T] log pi_theta(o_t | state) of the sampled tokens, current policy (with grad)
     old_logp:   [N, T] the same under pi_theta_old, the policy that sampled the traces (no grad)
     advantages: [N] one value per trace (the paper uses the listwise reward rho(tau)), or [N, T]
-    mask:       [N, T] bool or 0/1, True on response tokens that count
+    mask:       [N, T] bool or 0/1, True on trace tokens that count
     clip_eps:   trust-region half-width epsilon
 
     Per token, with r = exp(logp - old_logp): objective = min(r * A, clip(r, 1 - eps, 1 + eps) * A).

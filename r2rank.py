@@ -13,13 +13,16 @@ One RL step (train_rl), tagged with Algorithm 1's lines:
     5) log, validate, checkpoint
 
 The log line (and metrics.jsonl): reward (mean NDCG@reward-k of the S rankings) and reward_std (its
-spread over a user's rankings: REINFORCE's signal); ndcg@10_greedy (of the scores' sorted ranking);
-valid_ndcg@10 (--eval-every, greedy traces); score_std (the spread of a user's K scores); head_loss;
-ppo_loss, ratio (mean token ratio of the PPO epochs), response_len, step_time. Its health signs: answer_share and truncated_share (traces that reach an <answer>, or are
+spread over a user's rankings: REINFORCE's signal); ndcg@10_greedy (the step's training users: the
+ranking that sorts the scores of their sampled traces, Plackett-Luce's most likely one; "greedy" is the
+ranking, not the traces); valid_ndcg@10 (--eval-every: validation users, greedy traces, the scores
+sorted; what evaluation reports); score_std (the spread of a user's K scores); head_loss;
+ppo_loss, ratio (mean token ratio of the PPO epochs), response_len (a trace's mean length in tokens), step_time. Its health signs: answer_share and truncated_share (traces that reach an <answer>, or are
 cut at the token limit); distinct_share and token_logp (fall towards 1/K and 0 when the policy writes
 one text for every candidate); signal_share (users whose S rankings differ in reward: the head learns
-only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update log-probs|) and
-decode_score_gap (the same for the scores: the update reads h_k where the rollout did);
+only from those); clip_frac, approx_kl; decode_logp_gap (the mean |decode-time - update log-prob| per
+token), decode_logp_gap_max (the largest over the step's tokens: one token decoded wrongly shows here
+first) and decode_score_gap (the largest |decode-time - update score|: the update reads h_k where the rollout did);
 advantage_abs and advantage_nonzero (the mean |advantage| and the share of traces with one).
 
 Where this departs from the paper: the one numbered list, which every module cites by number (defaults
@@ -83,6 +86,7 @@ try:  # the imports take seconds, and main's handlers do not exist yet
     from head import score_traces
     from plackett_luce import standardized
     from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
+    from protocol import UsageError
     from machinery import distributed, runs, stops
     from machinery.config import parse_config
     from machinery.rl_run import Bookkeeper, setup_rl, user_generator, users_for_step, validate  # noqa: F401 (validate: for the tests)
@@ -114,14 +118,14 @@ def llm_advantages(cfg, raw_scores, labels, reward, generators):
     return reward.mean(1, keepdim=True).expand(-1, K)  # the paper's Eq. (6): the mean reward, no baseline
 
 
-def update_llm(run, cfg, prompts, samples, advantages, score_grads):
+def update_llm(run, cfg, prompts, traces, advantages, score_grads):
     """theta's step: rollout.ppo_update's clipped PPO epochs (the loss: ppo.llm_loss) over this rank's
     traces, divided by the whole step's token count; under torchrun every rank's gradients are summed.
     Returns the update's statistics (means over the whole step)."""
-    step_tokens = distributed.total(sum(int(s.lengths.sum()) for s in samples))  # every rank's
-    step_traces = distributed.total(sum(len(s.lengths) for s in samples))
+    step_tokens = distributed.total(sum(int(s.lengths.sum()) for s in traces))  # every rank's
+    step_traces = distributed.total(sum(len(s.lengths) for s in traces))
     # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
-    stats = rollout.ppo_update(run.model, run.optimizers["llm"], prompts, samples, advantages, cfg, run.shared_prefix,
+    stats = rollout.ppo_update(run.model, run.optimizers["llm"], prompts, traces, advantages, cfg, run.shared_prefix,
                                step_tokens, distributed.sum_gradients, run.head if score_grads is not None else None,
                                score_grads, step_traces, run.dtype)
     # this rank's shares of the step's means, summed over the ranks; the two gaps are maxima
@@ -156,13 +160,13 @@ def train_rl(cfg, rank_device=None):
             # 1) Alg. 1 lines 1-3: one reasoning trace y_k ~ pi_theta(. | c_u, x_k) per candidate (Eq. 1)
             with book.rollout_phase(step):  # autocast; a stop drops this step (rl_run.py)
                 if cfg.freeze_llm:  # MLP-only: a user's traces sampled once, then reused (departure 11)
-                    samples, prompts = run.cached_traces(cfg, instances, generators)
+                    traces, prompts = run.cached_traces(cfg, instances, generators)
                 else:
-                    samples, prompts = rollout.rollout_users(run.model, run.tokenizer, instances, cfg, generators,
+                    traces, prompts = rollout.rollout_users(run.model, run.tokenizer, instances, cfg, generators,
                                                              fast_decode=run.fast_decode)
 
             # 2) line 4: scores s_k = f_phi(h_k) (Eq. 2), [U, K], with grad into phi only
-            raw_scores = score_traces(run.head, samples)
+            raw_scores = score_traces(run.head, traces)
             scores = standardized(raw_scores, cfg.pl_std)  # departure 8 (off: the raw scores)
 
             # 3) lines 6-7: S rankings tau ~ Plackett-Luce(s) (Eq. 4), reward rho(tau) = NDCG@reward-k
@@ -177,19 +181,19 @@ def train_rl(cfg, rank_device=None):
                 advantages = llm_advantages(cfg, raw_scores, labels, reward, generators)  # [U, K], departure 3
                 # dV/ds per trace (w.r.t. the raw scores): the head's REINFORCE stopped at s, carried on into theta
                 score_grads = score_gradient(raw_scores, rankings, reward, baseline, cfg.pl_std) if cfg.score_path else None
-                ppo_stats = update_llm(run, cfg, prompts, samples, advantages, score_grads)
+                ppo_stats = update_llm(run, cfg, prompts, traces, advantages, score_grads)
             #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. After theta's
             #    update: the score path read the head's weights, which must be those the scores came from.
             head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
             update_head(run, head_loss * users_share)  # this rank's share of the mean over all the step's users
 
             # 5) log, validate, checkpoint (means over all the step's users, every rank's)
-            book.end_step(step, book.row(step, samples, users_share, {
+            book.end_step(step, book.row(step, traces, users_share, {
                 "reward": reward.mean().item(),
                 "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
                 "signal_share": signal_share(reward),
                 "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
-                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
+                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),  # the scores sorted (not greedy traces)
                 "head_loss": head_loss.item(),
                 **({} if advantages is None else {"advantage_abs": advantages.abs().mean().item(),
                                                   "advantage_nonzero": (advantages != 0).float().mean().item()})},
@@ -201,7 +205,7 @@ def main(argv=None):
     cfg = parse_config(argv, " ".join(__doc__.split("\n\n")[0].split()))
     try:
         rank_device = distributed.start(cfg.dist_timeout)  # under torchrun: join the process group (a plain run: nothing)
-    except data.UsageError as error:
+    except UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # while waiting for the other processes of torchrun
         interrupted_before_start()
@@ -209,7 +213,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
     try:
         if distributed.world() > 1 and cfg.stage in ("sft-data", "sft"):
-            raise data.UsageError(f"--stage {cfg.stage} runs as one process (torchrun covers rl and eval)")
+            raise UsageError(f"--stage {cfg.stage} runs as one process (torchrun covers rl and eval)")
         if cfg.stage == "rl":
             train_rl(cfg, rank_device)
         elif cfg.stage in ("sft-data", "sft"):
@@ -222,7 +226,7 @@ def main(argv=None):
             evaluate.run_eval(cfg, rank_device)
         else:
             sys.exit(f"error: unknown --stage {cfg.stage!r}")
-    except data.UsageError as error:  # every rank meets the same bad input; rank 0 says so
+    except UsageError as error:  # every rank meets the same bad input; rank 0 says so
         if distributed.is_main():
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

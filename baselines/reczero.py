@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from protocol import UsageError  # noqa: E402
 import rollout  # noqa: E402
 from baselines.untrained import pointwise_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
@@ -181,7 +182,7 @@ def train(args):
                    "advantage_nonzero": (torch.cat(advantages) != 0).float().mean().item(),
                    "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"], "step_time": time.time() - started}
             if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
-                raise data.UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
+                raise UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
@@ -286,7 +287,7 @@ def main(argv=None):
     try:
         with stops.claim(args.out):  # a second run on this --out is refused until this one ends
             last = train(args)
-    except data.UsageError as error:
+    except UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
         print(f"interrupted: {stops.interrupted_message(args.out)}", file=sys.stderr)

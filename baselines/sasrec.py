@@ -31,6 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
+from protocol import UsageError  # noqa: E402
 from machinery import checkpoints, config, runs, stops  # noqa: E402
 
 FILES = ("sasrec.pt", "sasrec-log.json", "sasrec-state.pt")  # what a run writes into --out
@@ -176,7 +177,7 @@ def write_whole(path, obj):
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         kept = f"the earlier {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing is kept"
-        raise data.UsageError(f"saving {path} failed ({checkpoints.write_failure(os.path.dirname(path) or '.', error)}); {kept}") from None
+        raise UsageError(f"saving {path} failed ({checkpoints.write_failure(os.path.dirname(path) or '.', error)}); {kept}") from None
 
 
 def save(path, model, index, settings, log):
@@ -207,7 +208,7 @@ def plan_out(args, settings):
     --overwrite is given, or --resume finds a state made with other settings or past --epochs. Returns the
     state to resume from, or None."""
     if args.resume and args.overwrite:
-        raise data.UsageError("--resume continues the model in --out and --overwrite replaces it: pass one of them")
+        raise UsageError("--resume continues the model in --out and --overwrite replaces it: pass one of them")
     found = [name for name in FILES if os.path.lexists(os.path.join(args.out, name))]
     if (foreign := next((name for name in found if not os.path.isfile(os.path.join(args.out, name))
                          or os.path.islink(os.path.join(args.out, name))), None)):
@@ -268,7 +269,7 @@ def main(argv=None):
         stop = stops.StopOnSignal("nothing (no state saved yet)")
         with stops.claim(args.out), stop:
             fit(args, stop)
-    except data.UsageError as error:
+    except UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
         state = os.path.join(args.out, "sasrec-state.pt")

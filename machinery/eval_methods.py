@@ -8,6 +8,7 @@ import os
 import shlex
 
 import data
+from protocol import UsageError
 from machinery import config, models
 
 
@@ -49,7 +50,7 @@ def servable(methods, model, named):
     for name in [name for name in methods if name in RECORDS and name != kind]:
         if named:
             fix = f"evaluate it with --methods {kind}" if kind else f"leave {name} out of --methods"
-            raise data.UsageError(f"--methods {name} needs {TRAINED_BY[name]}; --model {model} is {TRAINED_BY[kind]}: {fix}")
+            raise UsageError(f"--methods {name} needs {TRAINED_BY[name]}; --model {model} is {TRAINED_BY[kind]}: {fix}")
         # only r2rank is in the default --methods
         print(f"note: {model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
               f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")

@@ -128,11 +128,11 @@ def r2rank_step(monkeypatch, instances, model, tokenizer, traces, rankings, cfg)
     samples = []
     for (prefix, suffixes), user_traces in zip(prompts, traces):  # what rollout.sample_users returns, h_k included
         with torch.no_grad():
-            final_hidden = rollout.response_logprobs_shared(model, prefix, suffixes, user_traces, cfg.temperature, True)[2]
+            final_hidden = rollout.trace_logprobs_shared(model, prefix, suffixes, user_traces, cfg.temperature, True)[2]
         lengths = torch.tensor([len(t) for t in user_traces])
         width = int(lengths.max())
         tokens = torch.tensor([t + [0] * (width - len(t)) for t in user_traces])  # right-padded
-        samples.append(rollout.Samples(tokens, torch.zeros(tokens.shape), torch.arange(width)[None] < lengths[:, None],
+        samples.append(rollout.Traces(tokens, torch.zeros(tokens.shape), torch.arange(width)[None] < lengths[:, None],
                                        lengths, torch.zeros(len(lengths), dtype=torch.bool), final_hidden))
     losses = []
     monkeypatch.setattr(rollout, "llm_loss", recording(ppo.llm_loss, losses))

@@ -46,13 +46,13 @@ def step_gradients(users, instances, total_users, total_tokens=None, sum_gradien
     cfg = config.Config(model="tiny", max_new_tokens=5, max_history=3, micro_batch=3, temperature=1.0, ppo_epochs=1)
     generators = [r2rank.user_generator(0, 0, u, "cpu") for u in users]
     chosen = [instances[u] for u in users]
-    samples, prompts = rollout.rollout_users(model, tokenizer, chosen, cfg, generators)
-    scores = score_traces(head, samples)
+    traces, prompts = rollout.rollout_users(model, tokenizer, chosen, cfg, generators)
+    scores = score_traces(head, traces)
     labels = torch.tensor([inst["labels"] for inst in chosen], dtype=torch.float32)
     rankings = torch.stack([plackett_luce.sample(scores[i].detach(), 4, g) for i, g in enumerate(generators)])
     reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), 10)
     optimizer = KeepGradients(model.parameters())
-    rollout.ppo_update(model, optimizer, prompts, samples, reward.mean(1, keepdim=True).expand(-1, 20), cfg, True,
+    rollout.ppo_update(model, optimizer, prompts, traces, reward.mean(1, keepdim=True).expand(-1, 20), cfg, True,
                        total_tokens, sum_gradients)
     head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, leave_one_out_baseline(reward))
     (head_loss * len(users) / total_users).backward()
@@ -69,10 +69,10 @@ def rank_worker(rank, world, port, synthetic, out):
     users = distributed.shard([3, 8, 1, 5, 12])  # uneven: 3 users on rank 0, 2 on rank 1
     model, tokenizer = models.build_tiny(seed=0)
     cfg = config.Config(model="tiny", max_new_tokens=5, max_history=3)
-    samples, _ = rollout.rollout_users(model, tokenizer, [instances[u] for u in users], cfg,
+    traces, _ = rollout.rollout_users(model, tokenizer, [instances[u] for u in users], cfg,
                                        [r2rank.user_generator(0, 0, u, "cpu") for u in users])
-    samples_tokens = distributed.total(sum(int(s.lengths.sum()) for s in samples))
-    llm, head = step_gradients(users, instances, 5, samples_tokens, distributed.sum_gradients)
+    traces_tokens = distributed.total(sum(int(s.lengths.sum()) for s in traces))
+    llm, head = step_gradients(users, instances, 5, traces_tokens, distributed.sum_gradients)
     if rank == 0:
         torch.save({"llm": llm, "head": head}, out)
     dist.destroy_process_group()

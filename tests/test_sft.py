@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+from protocol import UsageError
 import r2rank
 import rollout
 import sft
@@ -432,7 +433,7 @@ def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path
     rl_out = tmp_path / "rl"
     os.makedirs(rl_out / "checkpoint-1")
     (rl_out / "checkpoint-1" / "r2rank.json").write_text(json.dumps({"step": 1, "config": {"stage": "rl"}}))
-    with pytest.raises(data.UsageError, match="a checkpoint of --stage rl, not sft"):
+    with pytest.raises(UsageError, match="a checkpoint of --stage rl, not sft"):
         run(rl_out, 3, resume=True)
 
 
@@ -450,7 +451,7 @@ def test_sft_resume_refuses_other_traces_and_overwrite_keeps_the_traces_it_reads
     assert run().endswith("checkpoint-1")
     with open(path, "a") as f:  # sft-data asked more pairs: 16 traces now
         f.writelines(json.dumps(t) + "\n" for t in traces[8:])
-    with pytest.raises(data.UsageError, match=rf"--resume needs the settings that define the run unchanged; these differ: "
+    with pytest.raises(UsageError, match=rf"--resume needs the settings that define the run unchanged; these differ: "
                                               rf"--traces {path} \(its content differs from the checkpoint's\)"):
         run(sft_epochs=2, resume=True)
     assert run(overwrite=True).endswith("checkpoint-1")  # starts again on all 16 traces, which --overwrite leaves

@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import data  # noqa: E402
+from protocol import UsageError  # noqa: E402
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
 
@@ -142,7 +143,7 @@ def read_metrics(path):
                     left_out.append(f"line {lineno} {name} {json.dumps(row.pop(name))}")
             rows.append(row)
             previous = (step, lineno)
-    except data.UsageError as error:
+    except UsageError as error:
         raise ReportError(str(error)) from None
     if not rows:
         raise ReportError(f"{path}: no metrics yet")

@@ -82,13 +82,13 @@ def rl_step(name, args, device):
         return time.perf_counter() - start, peak - baseline, result
 
     generator = torch.Generator(device=device).manual_seed(0)
-    seconds, rollout_peak, (samples, prompts) = phase(lambda: rollout.rollout_users(model, tokenizer, instances, cfg, generator))
-    new = sum(int(s.lengths.sum()) for s in samples)
+    seconds, rollout_peak, (traces, prompts) = phase(lambda: rollout.rollout_users(model, tokenizer, instances, cfg, generator))
+    new = sum(int(s.lengths.sum()) for s in traces)
     advantages = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        head(torch.stack([s.final_hidden for s in samples]))
+        head(torch.stack([s.final_hidden for s in traces]))
     score_grads = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(1))  # the score path, on by default
-    update_seconds, update_peak, stats = phase(lambda: rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg,
+    update_seconds, update_peak, stats = phase(lambda: rollout.ppo_update(model, optimizer, prompts, traces, advantages, cfg,
                                                                           shared, head=head, score_grads=score_grads, dtype=dtype),
                                                autocast=False)  # ppo_update autocasts its forwards, never its steps
     parts, peaks = estimate_memory(model.config, len(suffixes), prompt_tokens, args.new_tokens, args.micro_batch, checkpointing,
