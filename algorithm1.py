@@ -10,7 +10,7 @@ One step (rl_step), tagged with Algorithm 1's lines:
     4) theta by clipped PPO on the tokens plus the score path; phi by REINFORCE                  lines 8-12, Eqs. 5-6
     5) log
 
-It computes what r2rank.py's train_rl computes, with its defaults (config.py) and the quickstart's flags as
+It computes what r2rank.py's train_rl computes, with its defaults (machinery/config.py) and the quickstart's flags as
 the constants below: on the same traces and rankings the losses and gradients are the same
 (tests/test_algorithm1.py pins the two together in fp64). What it leaves to r2rank.py: the shared-prefix
 KV cache and batched decoding (rollout.py, decode.py), micro-batches smaller than one user, bf16 autocast,

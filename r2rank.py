@@ -1,9 +1,9 @@
 """R2Rank: RL training of an LLM and its scoring head (Algorithm 1 of the R2Rank paper), and main,
-which runs any stage (the flags: config.py).
+which runs any stage (the flags: machinery/config.py).
 
     python r2rank.py --stage rl --model tiny            # runs anywhere, no download
     python r2rank.py --stage rl --data data/ml100k --model Qwen/Qwen2.5-1.5B-Instruct
-    torchrun --nproc-per-node 4 r2rank.py --stage rl ...   # the step's users split over 4 GPUs (distributed.py)
+    torchrun --nproc-per-node 4 r2rank.py --stage rl ...   # the step's users split over 4 GPUs (machinery/distributed.py)
 
 One RL step (train_rl), tagged with Algorithm 1's lines:
     1) rollout: one reasoning trace y_k per candidate, from the self-check prompt   lines 1-3, Eq. 1
@@ -145,10 +145,10 @@ def update_head(run, loss):
 
 
 def train_rl(cfg, rank_device=None):
-    run = setup_rl(cfg, rank_device)  # data, model, head, optimizers, resume (rl_run.py)
+    run = setup_rl(cfg, rank_device)  # data, model, head, optimizers, resume (machinery/rl_run.py)
     if run is None:
         return
-    with Bookkeeper(cfg, run) as book:  # metrics, validation, checkpoints, stops (rl_run.py)
+    with Bookkeeper(cfg, run) as book:  # metrics, validation, checkpoints, stops (machinery/rl_run.py)
         for step in book.steps():
             # the minibatch B of Algorithm 1: the step's users (under torchrun, this rank's share of them)
             users = distributed.shard(users_for_step(len(run.train), cfg.users_per_step, cfg.seed, step))
@@ -158,7 +158,7 @@ def train_rl(cfg, rank_device=None):
             users_share = len(users) / cfg.users_per_step  # this rank's part of every mean over the step's users
 
             # 1) Alg. 1 lines 1-3: one reasoning trace y_k ~ pi_theta(. | c_u, x_k) per candidate (Eq. 1)
-            with book.rollout_phase(step):  # autocast; a stop drops this step (rl_run.py)
+            with book.rollout_phase(step):  # autocast; a stop drops this step (machinery/rl_run.py)
                 if cfg.freeze_llm:  # MLP-only: a user's traces sampled once, then reused (departure 11)
                     traces, prompts = run.cached_traces(cfg, instances, generators)
                 else:

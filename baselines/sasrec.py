@@ -204,7 +204,7 @@ def load(path):
 
 
 def plan_out(args, settings):
-    """The main CLI's --out rules (runs.py): a DataError if out holds another model and neither --resume nor
+    """The main CLI's --out rules (machinery/runs.py): a DataError if out holds another model and neither --resume nor
     --overwrite is given, or --resume finds a state made with other settings or past --epochs. Returns the
     state to resume from, or None."""
     if args.resume and args.overwrite:

@@ -1,6 +1,6 @@
 """sft.py: the SFT cold start of Sec. 3.4 on the tiny model and a stub teacher endpoint.
 
-Oracles: rollout.response_logprobs (an independent teacher-forced computation) for the SFT loss and
+Oracles: rollout.trace_logprobs (an independent teacher-forced computation) for the SFT loss and
 its effect; the stub endpoint's own request log for what sft-data asked; the stub's fixed rule
 (candidate color -> answer) for which replies must be kept.
 """
@@ -389,7 +389,7 @@ def test_sft_cli_lowers_the_loss_of_its_traces_and_feeds_rl(data_dir, train, tin
     after, _ = models.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
     prompts, responses = encode_traces(tokenizer, train, traces)
     with torch.no_grad():
-        mean_logp = [(lambda lp, m: (lp[m].sum() / m.sum()).item())(*rollout.response_logprobs(model, prompts, responses))
+        mean_logp = [(lambda lp, m: (lp[m].sum() / m.sum()).item())(*rollout.trace_logprobs(model, prompts, responses))
                      for model in (before, after)]
     assert mean_logp[1] > mean_logp[0] + 0.5
     assert rows[0]["loss"] == pytest.approx(-mean_logp[0], rel=1e-4)  # step 1 measured the untrained model on all 6

@@ -1,5 +1,5 @@
 """One RL step of a model through the project's own code, timed and with its peak memory beside
-memory.py's estimate; and --paper-scale, the ready GPU check. Run through benchmark.py:
+machinery/memory.py's estimate; and --paper-scale, the ready GPU check. Run through benchmark.py:
 
     python tools/benchmark.py --rl-step random:qwen2.5-0.5b --new-tokens 64
     python tools/benchmark.py --paper-scale          # CUDA: the tests, then Qwen2.5-1.5B and 3B steps
