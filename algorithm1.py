@@ -10,7 +10,7 @@ One step (rl_step), tagged with Algorithm 1's lines:
     4) theta by clipped PPO on the tokens plus the score path; phi by REINFORCE                  lines 8-12, Eqs. 5-6
     5) log
 
-It computes what r2rank.py's train_rl computes, with its defaults (config.py) and the quickstart's flags as
+It computes what r2rank.py's train_rl computes, with its defaults (machinery/config.py) and the quickstart's flags as
 the constants below: on the same traces and rankings the losses and gradients are the same
 (tests/test_algorithm1.py pins the two together in fp64). What it leaves to r2rank.py: the shared-prefix
 KV cache and batched decoding (rollout.py, decode.py), micro-batches smaller than one user, bf16 autocast,
@@ -200,7 +200,7 @@ def validate(model, tokenizer, head, instances):
 def main(steps=STEPS):
     import tempfile
 
-    import models  # the model's file machinery: only to build the tiny model and its offline tokenizer
+    from machinery import datasets, models  # the run machinery: only to build the quickstart's set and the tiny model offline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     if MODEL == "tiny":
@@ -212,7 +212,7 @@ def main(steps=STEPS):
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # generate's left padding needs one
     model.to(device).eval()
     with tempfile.TemporaryDirectory() as folder:  # the quickstart's set, built afresh (about a second)
-        data.build_synthetic(folder, seed=SEED, overwrite=True, pointwise=True, candidates=CANDIDATES)
+        datasets.build_synthetic(folder, seed=SEED, overwrite=True, pointwise=True, candidates=CANDIDATES)
         train, valid = data.load_split(folder, "train"), data.load_split(folder, "valid")[:EVAL_USERS]
     torch.manual_seed(SEED)  # the one seed: the head's initialization, then generate's draws
     head = ScoreHead(model.config.hidden_size, HEAD_WIDTH).to(device)

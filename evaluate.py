@@ -8,22 +8,23 @@
 NDCG@k, the Wilcoxon test and the bootstrap intervals are in metrics.py; the baselines in baselines/untrained.py;
 the analyses of Sec. 4.4 and 4.5 (Fig. 3-5, Table 7) in analyses.py.
 
-Where this departs from the paper (which leaves these points open unless said):
-1. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py), zero-shot prompts of the
-   same LLM, and two RL systems trained by their own commands (baselines/reczero.py, baselines/r2ec.py);
-   not the paper's other trained recommenders.
-2. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
-   them at --temperature. A model without a trained head (head.safetensors) skips R2Rank when it comes
-   from the default --methods; a trained method named in --methods that --model is no checkpoint of
-   (R2Rank without head.safetensors, reczero on an R2ec checkpoint, ...) is refused.
-3. Markers: in each column the best method is bold and marked by its test against the runner-up in
-   that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10. A method most of
-   whose answers were unparsable (listwise: scored in the candidates' input order) is never bold, and
-   its row says how many were.
-4. Wilcoxon: zero differences are dropped (see metrics.py).
-5. A trained method (r2rank, reczero, r2ec) runs with the trace settings its checkpoint was trained
-   with (max_new_tokens, max_history, max_item_chars, response_prefix, prompt), except those given on
-   the command line, each noted; the other methods use the command line's.
+Where this departs from the paper, which leaves these points open unless said (the numbers of the one list,
+at the top of r2rank.py):
+24. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py), zero-shot prompts of the
+    same LLM, and two RL systems trained by their own commands (baselines/reczero.py, baselines/r2ec.py);
+    not the paper's other trained recommenders.
+25. R2Rank is scored from greedy traces by default, so a run is deterministic; --eval-sample samples
+    them at --temperature. A model without a trained head (head.safetensors) skips R2Rank when it comes
+    from the default --methods; a trained method named in --methods that --model is no checkpoint of
+    (R2Rank without head.safetensors, reczero on an R2ec checkpoint, ...) is refused.
+26. Markers: in each column the best method is bold and marked by its test against the runner-up in
+    that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10. A method most of
+    whose answers were unparsable (listwise: scored in the candidates' input order) is never bold, and
+    its row says how many were.
+27. Wilcoxon: zero differences are dropped (see metrics.py).
+28. A trained method (r2rank, reczero, r2ec) runs with the trace settings its checkpoint was trained
+    with (max_new_tokens, max_history, max_item_chars, response_prefix, prompt), except those given on
+    the command line, each noted; the other methods use the command line's.
 """
 import contextlib
 import dataclasses
@@ -42,15 +43,12 @@ from tqdm import tqdm
 
 import analyses
 import data
-import distributed
-import eval_methods
 from baselines import r2ec, reczero, sasrec, untrained
-import models
+from protocol import UsageError
 import rollout
-import runs
-import stops
 from head import score_traces
 from metrics import bootstrap_ci, ndcg_from_scores, positive_ranks, significance_marker, wilcoxon_signed_rank
+from machinery import datasets, distributed, eval_methods, models, runs, stops
 
 
 # --------------------------------------------------------------------------------- per-user results
@@ -281,7 +279,7 @@ def write_results(path, report):
             json.dump(report, f, indent=1)
         os.replace(tmp, path)
     except OSError as error:
-        raise data.UsageError(f"could not write {path} ({error.strerror or error}); the results are in the table "
+        raise UsageError(f"could not write {path} ({error.strerror or error}); the results are in the table "
                               "printed above (the per-user values and the tests of every pair are lost)") from None
     finally:
         with contextlib.suppress(OSError):
@@ -295,7 +293,7 @@ def chosen(text, allowed, flag):
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in allowed]
     if unknown:
-        raise data.UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+        raise UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
     return list(dict.fromkeys(names))
 
 
@@ -340,18 +338,18 @@ def evaluate_and_write(cfg, rank_device):
     """run_eval's work: check, load, rank, test, analyse; print the table, then write the JSON."""
     methods, wanted = chosen(cfg.methods, METHODS, "--methods"), chosen(cfg.analyses, ANALYSES, "--analyses")
     if "history-order" in wanted and cfg.history_shuffles < 2:
-        raise data.UsageError("--history-shuffles must be >= 2 for the history-order analysis")
-    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+        raise UsageError("--history-shuffles must be >= 2 for the history-order analysis")
+    data_dir = datasets.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = data.load_split(data_dir, cfg.split)[: cfg.eval_limit or None]  # checked: K the same, a positive each
     K = len(instances[0]["candidates"])
     path = os.path.join(cfg.out, f"eval-{cfg.split}.json")
     runs.check_writable(cfg.out)  # before any model loads or any method runs
     if os.path.exists(path) and not cfg.overwrite:
-        raise data.UsageError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
+        raise UsageError(f"{path}: an earlier evaluation is there; pass --overwrite to replace it, or another --out")
     chosen_now = eval_methods.chosen_settings(cfg)
     methods = eval_methods.servable(methods, cfg.model, named="methods" in chosen_now)
     if not methods:
-        raise data.UsageError("--methods: nothing left to evaluate")
+        raise UsageError("--methods: nothing left to evaluate")
     kind = eval_methods.checkpoint_kind(cfg.model)  # the trained method that runs, if any: with the trace settings of its training
     trained_cfg = (eval_methods.method_settings(cfg, kind, chosen_now, any(name in PROMPTED and name != kind for name in methods))
                    if kind in methods else cfg)
@@ -359,7 +357,7 @@ def evaluate_and_write(cfg, rank_device):
         print(f"note: the history-length analysis groups users by the history the other methods are shown "
               f"(--max-history {cfg.max_history}); {kind} is shown at most {trained_cfg.max_history} items")
     if "sasrec" in methods and not cfg.sasrec:
-        raise data.UsageError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
+        raise UsageError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
     sasrec_model = sasrec.load(cfg.sasrec) if "sasrec" in methods else None  # (model, item index)
     if sasrec_model is not None:  # a model of another data set knows none of these items: its scores would be ties
         known, total = sasrec.known_candidates(instances, sasrec_model[1])

@@ -29,6 +29,6 @@ class ScoreHead(torch.nn.Module):
             return self.net(hidden.to(self.net[1].weight.dtype)).squeeze(-1)
 
 
-def score_traces(head, samples):
+def score_traces(head, traces):
     """Phase 2: s_k = f_phi(h_k) (Eq. 2) for every user's K traces -> [U, K] fp32."""
-    return torch.stack([head(s.final_hidden) for s in samples])
+    return torch.stack([head(s.final_hidden) for s in traces])

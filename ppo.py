@@ -1,7 +1,7 @@
 """Policy-gradient losses of R2Rank (Eqs. 5-6 of the R2Rank paper) and the LLM's advantages, as pure
 functions.
 
-    clipped_token_loss          token-level clipped PPO for the LLM's reasoning tokens     (Eq. 6)
+    clipped_token_loss          token-level clipped PPO for the LLM's trace tokens         (Eq. 6)
     llm_loss                    a micro-batch's part of the LLM's loss: Eq. 6 plus the score path
     reinforce_loss              REINFORCE for the scoring head through log P(tau | s)      (Eq. 5)
     score_gradient              the same estimate of dV/ds, carried into the LLM (the score path, Sec. 3.3)
@@ -10,15 +10,15 @@ functions.
     batch_baseline_advantages   a user's reward minus the other users' mean reward      (beyond the paper)
     grpo_advantages             GRPO's group-standardized reward (the compared systems in baselines/)
 
-Where this departs from the paper:
-1. Eq. (6) sums the clipped objective over all tokens of all K traces. We divide by the number of
-   valid tokens (see clipped_token_loss) so the step size does not scale with K or trace length.
+Where this departs from the paper (the numbers of the one list, at the top of r2rank.py):
 2. The paper's REINFORCE uses the raw reward rho(tau) as the weight. A baseline is optional here;
    with one, the estimate stays unbiased and its variance drops (every NDCG is >= 0, so without a
    baseline every sampled ranking is pushed up, just some more than others).
 3. Eq. (6) gives every token the ranking's reward rho(tau) (no baseline). That is an unbiased policy
    gradient, but every step raises the log-prob of every sampled token, and its variance is large.
    counterfactual_advantages and batch_baseline_advantages are unbiased too, with a baseline.
+4. Eq. (6) sums the clipped objective over all tokens of all K traces. We divide by the number of
+   valid tokens (see clipped_token_loss) so the step size does not scale with K or trace length.
 
 Where the update is not exactly unbiased, and why: (a) the per-token mean divides by the step's token
 count, which depends on the sampled traces; with traces of different lengths this ratio is not an
@@ -39,7 +39,7 @@ def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
     logp:       [N, T] log pi_theta(o_t | state) of the sampled tokens, current policy (with grad)
     old_logp:   [N, T] the same under pi_theta_old, the policy that sampled the traces (no grad)
     advantages: [N] one value per trace (the paper uses the listwise reward rho(tau)), or [N, T]
-    mask:       [N, T] bool or 0/1, True on response tokens that count
+    mask:       [N, T] bool or 0/1, True on trace tokens that count
     clip_eps:   trust-region half-width epsilon
 
     Per token, with r = exp(logp - old_logp): objective = min(r * A, clip(r, 1 - eps, 1 + eps) * A).
@@ -90,7 +90,7 @@ def llm_loss(logp, old_logp, advantages, mask, divisor, clip_eps=0.2, scores=Non
         the score path (Sec. 3.3, departure 7 of r2rank.py):  - sum_k g_k s_k(theta) / D
 
     logp, old_logp, mask [B, T], advantages [B] or [B, T]: as in clipped_token_loss.
-    divisor D: the step's valid-token count (departure 1), or its trace count when the traces are
+    divisor D: the step's valid-token count (departure 4), or its trace count when the traces are
     empty (--max-new-tokens 0); the same D for both terms, so they add up to one estimate.
     scores [B]: s_k = f_phi(h_k(theta)) with phi held fixed (gradient into theta through h_k only);
     score_grads [B]: g = dV/ds (score_gradient), detached. None, None: the tokens' term alone.

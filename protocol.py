@@ -8,9 +8,9 @@ raw: any object with interactions [(user_id, item_id, unix seconds)], items {ite
 "text"}} (titled items only), profiles {user_id: text}, inputs [file names], touched_outside
 {user_id: items touched outside the time window}, dropped (a Counter of what the source dropped) and,
 optionally, split_of {user_id: "train", "valid" or "test"} where the source fixes the split itself:
-sources.RawData. data.py reads the sources, writes the splits and builds the prompt.
+machinery/sources.RawData. data.py reads the instances and builds the prompt.
 
-The departures from the paper are listed in data.py's docstring (1-3 are implemented here).
+Departures 12-14 of the one list (the top of r2rank.py; details in data.py's docstring) are implemented here.
 """
 import random
 from collections import Counter, defaultdict

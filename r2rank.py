@@ -1,9 +1,9 @@
 """R2Rank: RL training of an LLM and its scoring head (Algorithm 1 of the R2Rank paper), and main,
-which runs any stage (the flags: config.py).
+which runs any stage (the flags: machinery/config.py).
 
     python r2rank.py --stage rl --model tiny            # runs anywhere, no download
     python r2rank.py --stage rl --data data/ml100k --model Qwen/Qwen2.5-1.5B-Instruct
-    torchrun --nproc-per-node 4 r2rank.py --stage rl ...   # the step's users split over 4 GPUs (distributed.py)
+    torchrun --nproc-per-node 4 r2rank.py --stage rl ...   # the step's users split over 4 GPUs (machinery/distributed.py)
 
 One RL step (train_rl), tagged with Algorithm 1's lines:
     1) rollout: one reasoning trace y_k per candidate, from the self-check prompt   lines 1-3, Eq. 1
@@ -13,22 +13,27 @@ One RL step (train_rl), tagged with Algorithm 1's lines:
     5) log, validate, checkpoint
 
 The log line (and metrics.jsonl): reward (mean NDCG@reward-k of the S rankings) and reward_std (its
-spread over a user's rankings: REINFORCE's signal); ndcg@10_greedy (of the scores' sorted ranking);
-valid_ndcg@10 (--eval-every, greedy traces); score_std (the spread of a user's K scores); head_loss;
-ppo_loss, ratio (mean token ratio of the PPO epochs), response_len, step_time. Its health signs: answer_share and truncated_share (traces that reach an <answer>, or are
+spread over a user's rankings: REINFORCE's signal); ndcg@10_greedy (the step's training users: the
+ranking that sorts the scores of their sampled traces, Plackett-Luce's most likely one; "greedy" is the
+ranking, not the traces); valid_ndcg@10 (--eval-every: validation users, greedy traces, the scores
+sorted; what evaluation reports); score_std (the spread of a user's K scores); head_loss;
+ppo_loss, ratio (mean token ratio of the PPO epochs), response_len (a trace's mean length in tokens), step_time. Its health signs: answer_share and truncated_share (traces that reach an <answer>, or are
 cut at the token limit); distinct_share and token_logp (fall towards 1/K and 0 when the policy writes
 one text for every candidate); signal_share (users whose S rankings differ in reward: the head learns
-only from those); clip_frac, approx_kl; decode_logp_gap (|decode-time - update log-probs|) and
-decode_score_gap (the same for the scores: the update reads h_k where the rollout did);
+only from those); clip_frac, approx_kl; decode_logp_gap (the mean |decode-time - update log-prob| per
+token), decode_logp_gap_max (the largest over the step's tokens: one token decoded wrongly shows here
+first) and decode_score_gap (the largest |decode-time - update score|: the update reads h_k where the rollout did);
 advantage_abs and advantage_nonzero (the mean |advantage| and the share of traces with one).
 
-Where this departs from the paper (defaults are the paper's unless said; details where implemented):
+Where this departs from the paper: the one numbered list, which every module cites by number (defaults
+are the paper's unless said; details where implemented). The RL stage (1-11):
 1. S rankings per user instead of one (--num-rankings 8): sampling one costs nothing next to K traces.
 2. A leave-one-out baseline over the S rankings in the head's REINFORCE (--baseline, on; ppo.py).
 3. --advantage batch or counterfactual adds a baseline to Eq. 6's advantage, unbiased (ppo.py).
 4. The PPO loss is a per-token mean, not Eq. 6's plain sum (ppo.clipped_token_loss).
 5. theta_old is the first PPO epoch's own forward, not the decoding pass (rollout.ppo_update).
-6. Log-probs at the sampling temperature; RL refuses --temperature 0 and --top-p < 1 (rollout.py).
+6. Log-probs at the sampling temperature (rollout.py); RL refuses --temperature 0 and --top-p < 1
+   (machinery/config.py).
 7. The head's gradient reaches the LLM through h_k too (--score-path, on). Sec. 3.3 asks for the
    gradient to flow from rho(tau) to theta via tau, s_k and y_k; with s_k = f_phi(h_k(theta, y_k))
    grad_theta J = E[sum_k A_k grad log pi(y_k)] (Eq. 6, the tokens) + E[sum_k dV/ds_k grad_theta s_k],
@@ -43,8 +48,21 @@ Where this departs from the paper (defaults are the paper's unless said; details
 10. Two PPO epochs per step (--ppo-epochs 2; the paper does not say): the second reuses the traces
    under the clipped ratio, the first is the plain policy gradient (ratio 1).
 11. MLP-only (--freeze-llm) samples each user's traces at its first step and reuses them when the
-   user comes back (rl_run.RLRun.rollout): the frozen policy would only resample the same
+   user comes back (rl_run.RLRun.cached_traces): the frozen policy would only resample the same
    distribution, at the rollout's cost. Validation ranks greedy traces (one fixed trace per pair).
+The data and the prompt (12-18, data.py; 12-14 in protocol.py): 12. an item touched twice keeps its first
+time; 13. negatives avoid every item the user ever touched; 14. stats.json counts items and interactions
+before the history is cut; 15. MovieLens has no time window, its title "unknown" is no title;
+16. timestamps are left out of the prompt; 17. a synthetic set (--pointwise: the quickstart's);
+18. Fig. 2's prompt reworded, the same three parts and answers (--prompt answer-only: Table 5).
+SFT (19-23, sft.py): 19. any local or OpenAI-compatible teacher, its reply's content only; 20. --num-pairs
+pairs, half positive; 21. one teacher sample per pair; 22. a per-token mean loss, constant --sft-lr;
+23. the reply stripped of surrounding whitespace.
+Evaluation (24-28, evaluate.py): 24. the baselines (random, popularity, SASRec, zero-shot prompts,
+RecZero, R2ec); 25. greedy traces by default; 26. the bold and the markers of Table 2; 27. Wilcoxon drops
+zero differences; 28. a trained method runs with its training's trace settings.
+Analyses (29-32, analyses.py): 29. cold-start bins; 30. history-length buckets; 31. history order:
+R shuffles per user; 32. the positive moved to first, middle and last.
 """
 import os
 import sys
@@ -62,17 +80,16 @@ try:  # the imports take seconds, and main's handlers do not exist yet
     import torch
 
     import data
-    import distributed
     import plackett_luce
     import rollout
-    import runs
-    import stops
-    from config import parse_config
     from metrics import ndcg_at_k, ndcg_from_scores
     from head import score_traces
     from plackett_luce import standardized
     from ppo import batch_baseline_advantages, counterfactual_advantages, leave_one_out_baseline, reinforce_loss, score_gradient
-    from rl_run import Bookkeeper, setup_rl, user_generator, users_for_step, validate  # noqa: F401 (validate: for the tests)
+    from protocol import UsageError
+    from machinery import distributed, runs, stops
+    from machinery.config import parse_config
+    from machinery.rl_run import Bookkeeper, setup_rl, user_generator, users_for_step, validate  # noqa: F401 (validate: for the tests)
 except KeyboardInterrupt:
     if __name__ != "__main__":  # imported by another module: the interrupt is its caller's
         raise
@@ -101,17 +118,19 @@ def llm_advantages(cfg, raw_scores, labels, reward, generators):
     return reward.mean(1, keepdim=True).expand(-1, K)  # the paper's Eq. (6): the mean reward, no baseline
 
 
-def update_llm(run, cfg, prompts, samples, advantages, score_grads):
+def update_llm(run, cfg, prompts, traces, advantages, score_grads):
     """theta's step: rollout.ppo_update's clipped PPO epochs (the loss: ppo.llm_loss) over this rank's
     traces, divided by the whole step's token count; under torchrun every rank's gradients are summed.
     Returns the update's statistics (means over the whole step)."""
-    step_tokens = distributed.total(sum(int(s.lengths.sum()) for s in samples))  # every rank's
-    step_traces = distributed.total(sum(len(s.lengths) for s in samples))
+    step_tokens = distributed.total(sum(int(s.lengths.sum()) for s in traces))  # every rank's
+    step_traces = distributed.total(sum(len(s.lengths) for s in traces))
     # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
-    stats = rollout.ppo_update(run.model, run.optimizers["llm"], prompts, samples, advantages, cfg, run.shared_prefix,
+    stats = rollout.ppo_update(run.model, run.optimizers["llm"], prompts, traces, advantages, cfg, run.shared_prefix,
                                step_tokens, distributed.sum_gradients, run.head if score_grads is not None else None,
                                score_grads, step_traces, run.dtype)
-    return stats
+    # this rank's shares of the step's means, summed over the ranks; the two gaps are maxima
+    return {name: distributed.total(value, "max" if name in ("decode_logp_gap_max", "decode_score_gap") else "sum")
+            for name, value in stats.items()}
 
 
 def update_head(run, loss):
@@ -126,10 +145,10 @@ def update_head(run, loss):
 
 
 def train_rl(cfg, rank_device=None):
-    run = setup_rl(cfg, rank_device)  # data, model, head, optimizers, resume (rl_run.py)
+    run = setup_rl(cfg, rank_device)  # data, model, head, optimizers, resume (machinery/rl_run.py)
     if run is None:
         return
-    with Bookkeeper(cfg, run) as book:  # metrics, validation, checkpoints, stops (rl_run.py)
+    with Bookkeeper(cfg, run) as book:  # metrics, validation, checkpoints, stops (machinery/rl_run.py)
         for step in book.steps():
             # the minibatch B of Algorithm 1: the step's users (under torchrun, this rank's share of them)
             users = distributed.shard(users_for_step(len(run.train), cfg.users_per_step, cfg.seed, step))
@@ -139,10 +158,15 @@ def train_rl(cfg, rank_device=None):
             users_share = len(users) / cfg.users_per_step  # this rank's part of every mean over the step's users
 
             # 1) Alg. 1 lines 1-3: one reasoning trace y_k ~ pi_theta(. | c_u, x_k) per candidate (Eq. 1)
-            samples, prompts = book.rollout(step, lambda: run.rollout(cfg, instances, generators))
+            with book.rollout_phase(step):  # autocast; a stop drops this step (machinery/rl_run.py)
+                if cfg.freeze_llm:  # MLP-only: a user's traces sampled once, then reused (departure 11)
+                    traces, prompts = run.cached_traces(cfg, instances, generators)
+                else:
+                    traces, prompts = rollout.rollout_users(run.model, run.tokenizer, instances, cfg, generators,
+                                                             fast_decode=run.fast_decode)
 
             # 2) line 4: scores s_k = f_phi(h_k) (Eq. 2), [U, K], with grad into phi only
-            raw_scores = score_traces(run.head, samples)
+            raw_scores = score_traces(run.head, traces)
             scores = standardized(raw_scores, cfg.pl_std)  # departure 8 (off: the raw scores)
 
             # 3) lines 6-7: S rankings tau ~ Plackett-Luce(s) (Eq. 4), reward rho(tau) = NDCG@reward-k
@@ -157,19 +181,19 @@ def train_rl(cfg, rank_device=None):
                 advantages = llm_advantages(cfg, raw_scores, labels, reward, generators)  # [U, K], departure 3
                 # dV/ds per trace (w.r.t. the raw scores): the head's REINFORCE stopped at s, carried on into theta
                 score_grads = score_gradient(raw_scores, rankings, reward, baseline, cfg.pl_std) if cfg.score_path else None
-                ppo_stats = update_llm(run, cfg, prompts, samples, advantages, score_grads)
+                ppo_stats = update_llm(run, cfg, prompts, traces, advantages, score_grads)
             #    lines 9 and 12: REINFORCE on the head through log P(tau | s) (Eq. 5), phi updated. After theta's
             #    update: the score path read the head's weights, which must be those the scores came from.
             head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
             update_head(run, head_loss * users_share)  # this rank's share of the mean over all the step's users
 
             # 5) log, validate, checkpoint (means over all the step's users, every rank's)
-            book.end_step(step, book.row(step, samples, users_share, {
+            book.end_step(step, book.row(step, traces, users_share, {
                 "reward": reward.mean().item(),
                 "reward_std": reward.std(1, correction=0).mean().item(),  # spread over a user's S rankings: REINFORCE's signal
                 "signal_share": signal_share(reward),
                 "score_std": raw_scores.detach().std(1, correction=0).mean().item(),  # the head's spread of the K scores
-                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),
+                "ndcg@10_greedy": ndcg_from_scores(scores.detach(), labels, 10).mean().item(),  # the scores sorted (not greedy traces)
                 "head_loss": head_loss.item(),
                 **({} if advantages is None else {"advantage_abs": advantages.abs().mean().item(),
                                                   "advantage_nonzero": (advantages != 0).float().mean().item()})},
@@ -181,7 +205,7 @@ def main(argv=None):
     cfg = parse_config(argv, " ".join(__doc__.split("\n\n")[0].split()))
     try:
         rank_device = distributed.start(cfg.dist_timeout)  # under torchrun: join the process group (a plain run: nothing)
-    except data.UsageError as error:
+    except UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # while waiting for the other processes of torchrun
         interrupted_before_start()
@@ -189,7 +213,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
     try:
         if distributed.world() > 1 and cfg.stage in ("sft-data", "sft"):
-            raise data.UsageError(f"--stage {cfg.stage} runs as one process (torchrun covers rl and eval)")
+            raise UsageError(f"--stage {cfg.stage} runs as one process (torchrun covers rl and eval)")
         if cfg.stage == "rl":
             train_rl(cfg, rank_device)
         elif cfg.stage in ("sft-data", "sft"):
@@ -202,7 +226,7 @@ def main(argv=None):
             evaluate.run_eval(cfg, rank_device)
         else:
             sys.exit(f"error: unknown --stage {cfg.stage!r}")
-    except data.UsageError as error:  # every rank meets the same bad input; rank 0 says so
+    except UsageError as error:  # every rank meets the same bad input; rank 0 says so
         if distributed.is_main():
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -1,12 +1,12 @@
 """The policy side of R2Rank: sample reasoning traces with a KV cache, and their token log-probs.
 
-    sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, ...)  -> Samples      (Eq. 1)
-    sample_users(model, tokenizer, prompts, ...)                      -> Samples per user, all users' rows in one batch
-    rollout_users(model, tokenizer, instances, cfg, generator)        -> Samples and prompts per user
-    response_logprobs(model, prompts, responses)                      -> logp, mask   (Eq. 6's pi_theta)
-    response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses)  -> the same, prefix run once
-    trace_stats(samples, tokenizer)                                   -> health of the traces, for the log
-    ppo_update(model, optimizer, prompts, samples, advantages, cfg)   -> theta updated (loss: ppo.llm_loss)
+    sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, ...)  -> Traces       (Eq. 1)
+    sample_users(model, tokenizer, prompts, ...)                      -> Traces per user, all users' rows in one batch
+    rollout_users(model, tokenizer, instances, cfg, generator)        -> Traces and prompts per user
+    trace_logprobs(model, prompts, traces)                            -> logp, mask   (Eq. 6's pi_theta)
+    trace_logprobs_shared(model, prefix_ids, suffix_ids_list, traces) -> the same, prefix run once
+    trace_stats(traces, tokenizer)                                    -> health of the traces, for the log
+    ppo_update(model, optimizer, prompts, traces, advantages, cfg)    -> theta updated (loss: ppo.llm_loss)
     decode_agrees(model, tokenizer, instance, cfg, dtype)             -> decode.py checked against the forward
 
 All K prompts of one user share their beginning (instructions + user context) and differ only in the
@@ -31,7 +31,6 @@ from transformers import DynamicCache
 
 import data
 import decode
-import distributed
 from ppo import llm_loss
 from sampling import next_tokens, token_logprobs
 
@@ -77,11 +76,12 @@ def stop_token_ids(model, tokenizer):
 
 
 @dataclass
-class Samples:
-    tokens: torch.Tensor  # [K, R] response ids, pad after the end
-    logprobs: torch.Tensor  # [K, R] fp32 log-prob of each token under the sampling distribution, 0 after the end
-    mask: torch.Tensor  # [K, R] bool, True on real response tokens (including a final eos)
-    lengths: torch.Tensor  # [K] real response tokens per trace
+class Traces:
+    """One user's K reasoning traces y_k (Eq. 1), as sampled: their tokens, log-probs and the head's input h_k."""
+    tokens: torch.Tensor  # [K, T] each trace's token ids, pad after the end
+    logprobs: torch.Tensor  # [K, T] fp32 log-prob of each token under the sampling distribution, 0 after the end
+    mask: torch.Tensor  # [K, T] bool, True on real trace tokens (including a final eos)
+    lengths: torch.Tensor  # [K] real tokens per trace
     finished: torch.Tensor  # [K] bool, the trace ended with an eos (False: cut at the token limit)
     final_hidden: torch.Tensor  # [K, H] last-layer hidden state at the trace's final token
 
@@ -124,7 +124,7 @@ ROLLOUT_ROWS = 160
 @torch.no_grad()
 def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens, temperature=1.0, top_p=1.0,
                   generator=None, fast_decode=True):
-    """Sample one response to each prompt prefix_ids + suffix_ids_list[k], sharing the prefix's KV cache.
+    """Sample one trace for each prompt prefix_ids + suffix_ids_list[k], sharing the prefix's KV cache.
 
     1. the prefix goes through the model once (batch 1);
     2. the K suffixes go through in one batch, left-padded inside the suffix block
@@ -134,7 +134,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
     max_new_tokens 0 there is no trace, and the head's input is the hidden state at the prompt's last
     token (a no-reasoning control).
     Log-probs are those of the distribution each token was drawn from, softmax(logits / temperature)
-    (token_logprobs), what response_logprobs recomputes at the same temperature.
+    (token_logprobs), what trace_logprobs recomputes at the same temperature.
     fast_decode: decode.py's forward (one copy of the prefix's keys and values, a per-row cache written
     in place) for the architectures it supports; False, or another architecture: the model's own
     forward with its cache repeated K times. Both compute the same function.
@@ -148,7 +148,7 @@ def sample_traces(model, tokenizer, prefix_ids, suffix_ids_list, max_new_tokens,
 def sample_users(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generators=None,
                  fast_decode=True):
     """sample_traces for U users at once: prompts per user (prefix_ids, [suffix_ids] * K), the same K for
-    every user; generators: one per user (or None). Returns per-user Samples.
+    every user; generators: one per user (or None). Returns per-user Traces.
 
     The U x K rows are decoded as one batch, so a decode step reads the weights once for all of them;
     each user's prefix is run and kept once, and its K rows attend to it alone (decode.stack_prefixes).
@@ -242,14 +242,14 @@ def sample_users(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top
     model.train(was_training)
     widths = lengths.view(U, K).amax(1).tolist()
     set_back(generators if own_streams else [], states, [width - 1 for width in widths])
-    samples = []
+    traces = []
     for user, width in enumerate(widths):
         rows = slice(user * K, (user + 1) * K)
         mask = torch.arange(width, device=device)[None, :] < lengths[rows, None]
         # clones: a view would keep (and torch.save would write) the whole batch's tensors
-        samples.append(Samples(tokens[rows, :width].clone(), logprobs[rows, :width].clone(), mask, lengths[rows].clone(),
+        traces.append(Traces(tokens[rows, :width].clone(), logprobs[rows, :width].clone(), mask, lengths[rows].clone(),
                                finished[rows].clone(), final_hidden[rows].float().clone()))
-    return samples
+    return traces
 
 
 def set_back(generators, states, last_steps):
@@ -284,122 +284,123 @@ def rollout_users(model, tokenizer, instances, cfg, generator, temperature=None,
     (users x K). temperature overrides cfg's (0 = greedy). generator: a list with one torch.Generator
     per user (a user's tokens are then its own, whichever users share its batch), or one for all users
     (their draws then interleave step by step, so a user's tokens depend on its group). fast_decode as
-    in sample_traces. Returns per-user Samples and per-user prompts as (prefix_ids, [suffix_ids] * K)."""
+    in sample_traces. Returns per-user Traces and per-user prompts as (prefix_ids, [suffix_ids] * K)."""
     prompts = [data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix,
                                 data.PROMPTS[cfg.prompt]) for instance in instances]
     generators = generator if isinstance(generator, list) else [generator] * len(instances)
-    samples = []
+    traces = []
     for group in user_groups([len(suffixes) for _, suffixes in prompts], getattr(cfg, "rollout_rows", ROLLOUT_ROWS)):
-        samples += sample_users(model, tokenizer, [prompts[u] for u in group], cfg.max_new_tokens,
+        traces += sample_users(model, tokenizer, [prompts[u] for u in group], cfg.max_new_tokens,
                                 cfg.temperature if temperature is None else temperature, cfg.top_p,
                                 [generators[u] for u in group], fast_decode)
-    return samples, prompts
+    return traces, prompts
 
 
-def trace_stats(samples, tokenizer):
+def trace_stats(traces, tokenizer):
     """Share of traces with a parsable <answer>, share cut at the token limit (no eos), mean length;
     and two signs of a collapsing policy: the share of a user's K traces that are distinct texts, and
     the mean log-prob of the sampled tokens (near 0 when the policy has stopped exploring)."""
-    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in s.token_lists()] for s in samples]
+    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in s.token_lists()] for s in traces]
     flat = [text for user in texts for text in user]
-    lengths = torch.cat([s.lengths for s in samples]).float()
+    lengths = torch.cat([s.lengths for s in traces]).float()
     return {
         "answer_share": sum(data.parse_answer(t) is not None for t in flat) / len(flat),
-        "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
+        "truncated_share": (~torch.cat([s.finished for s in traces])).float().mean().item(),
         "response_len": lengths.mean().item(),
         "distinct_share": sum(len(set(user)) / len(user) for user in texts) / len(texts),
-        "token_logp": (sum(s.logprobs[s.mask].sum().item() for s in samples) / max(lengths.sum().item(), 1)),
+        "token_logp": (sum(s.logprobs[s.mask].sum().item() for s in traces) / max(lengths.sum().item(), 1)),
     }
 
 
-def response_logprobs(model, prompts, responses, temperature=1.0, return_hidden=False):
-    """Teacher-forced log pi_theta of every response token, in one forward, with gradient.
+def trace_logprobs(model, prompts, traces, temperature=1.0, return_hidden=False):
+    """Teacher-forced log pi_theta of every trace token, in one forward, with gradient.
 
-    prompts, responses: lists of B token-id lists. The batch is laid out as
-    [left pad | prompt | response | right pad], so every response starts in the same column C, and
-    logits are computed only for the R columns that predict response tokens (never the full
+    prompts, traces: lists of B token-id lists. The batch is laid out as
+    [left pad | prompt | trace | right pad], so every trace starts in the same column C, and
+    logits are computed only for the T columns that predict trace tokens (never the full
     vocabulary over the prompt). Log-probs are in fp32 whatever the model's dtype, under
-    softmax(logits / temperature), the distribution the responses were sampled from (token_logprobs).
-    returns: logp [B, R] (0 on padding), mask [B, R] bool; with return_hidden also h [B, H], the last
-    hidden state (after the final norm, with gradient) at each response's final token, or at the
-    prompt's last token for an empty response: where sample_traces reads the scoring head's input.
+    softmax(logits / temperature), the distribution the traces were sampled from (token_logprobs).
+    returns: logp [B, T] (0 on padding), mask [B, T] bool; with return_hidden also h [B, H], the last
+    hidden state (after the final norm, with gradient) at each trace's final token, or at the
+    prompt's last token for an empty trace: where sample_traces reads the scoring head's input.
     """
     device = model.get_output_embeddings().weight.device
     B, C = len(prompts), max(len(p) for p in prompts)
-    R = max(1, max(len(r) for r in responses))
-    input_ids = torch.full((B, C + R), 0, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((B, C + R), dtype=torch.long, device=device)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        input_ids[i, C - len(prompt):C + len(response)] = torch.tensor(prompt + response, device=device)
-        attention_mask[i, C - len(prompt):C + len(response)] = 1
+    T = max(1, max(len(r) for r in traces))
+    input_ids = torch.full((B, C + T), 0, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((B, C + T), dtype=torch.long, device=device)
+    for i, (prompt, trace) in enumerate(zip(prompts, traces)):
+        input_ids[i, C - len(prompt):C + len(trace)] = torch.tensor(prompt + trace, device=device)
+        attention_mask[i, C - len(prompt):C + len(trace)] = 1
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
-    # Column t predicts token t + 1: columns C-1 .. C+R-2 predict the response.
-    logits = model.get_output_embeddings()(hidden[:, C - 1:C + R - 1])  # [B, R, V]
-    logp = token_logprobs(logits, input_ids[:, C:], temperature)  # [B, R]
+    # Column t predicts token t + 1: columns C-1 .. C+T-2 predict the trace.
+    logits = model.get_output_embeddings()(hidden[:, C - 1:C + T - 1])  # [B, T, V]
+    logp = token_logprobs(logits, input_ids[:, C:], temperature)  # [B, T]
     mask = attention_mask[:, C:].bool()
     if not return_hidden:
         return logp.masked_fill(~mask, 0.0), mask
-    final = C - 1 + torch.tensor([len(r) for r in responses], device=device)  # a response's last token, or the prompt's
+    final = C - 1 + torch.tensor([len(r) for r in traces], device=device)  # a trace's last token, or the prompt's
     return logp.masked_fill(~mask, 0.0), mask, hidden[torch.arange(B, device=device), final]
 
 
-def response_logprobs_shared(model, prefix_ids, suffix_ids_list, responses, temperature=1.0, return_hidden=False):
-    """response_logprobs for the K prompts prefix + suffix_k, running the shared prefix only once.
+def trace_logprobs_shared(model, prefix_ids, suffix_ids_list, traces, temperature=1.0, return_hidden=False):
+    """trace_logprobs for the K prompts prefix + suffix_k, running the shared prefix only once.
 
     The prefix goes through the model once (with gradient); its KV cache is repeated K times and the
-    K blocks [left pad | suffix | response | right pad] attend to it, so the gradients of all K
-    responses flow back into the one prefix computation. Same result as
-    response_logprobs(model, [prefix + s for s in suffixes], responses), for ~K times fewer prefix tokens.
+    K blocks [left pad | suffix | trace | right pad] attend to it, so the gradients of all K
+    traces flow back into the one prefix computation. Same result as
+    trace_logprobs(model, [prefix + s for s in suffixes], traces), for ~K times fewer prefix tokens.
 
     Not usable with transformers' gradient checkpointing: a checkpointed layer drops the cache
     (it would be written twice when the backward pass recomputes the layer), so with checkpointing on
-    use response_logprobs.
-    returns: logp [K, R] (0 on padding), mask [K, R] bool; with return_hidden also h [K, H], as there.
+    use trace_logprobs.
+    returns: logp [K, T] (0 on padding), mask [K, T] bool; with return_hidden also h [K, H], as there.
     """
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     device = lm_head.weight.device
     K, P = len(suffix_ids_list), len(prefix_ids)
     L = max(len(s) for s in suffix_ids_list)
-    R = max(1, max(len(r) for r in responses))
-    cache = prefill(decoder, prefix_ids, K, device)  # with gradient: all K responses flow back into it
-    block = torch.zeros((K, L + R), dtype=torch.long, device=device)
-    attention_mask = torch.zeros((K, P + L + R), dtype=torch.long, device=device)
+    T = max(1, max(len(r) for r in traces))
+    cache = prefill(decoder, prefix_ids, K, device)  # with gradient: all K traces flow back into it
+    block = torch.zeros((K, L + T), dtype=torch.long, device=device)
+    attention_mask = torch.zeros((K, P + L + T), dtype=torch.long, device=device)
     attention_mask[:, :P] = 1
-    for k, (suffix, response) in enumerate(zip(suffix_ids_list, responses)):
-        block[k, L - len(suffix):L + len(response)] = torch.tensor(suffix + response, device=device)
-        attention_mask[k, P + L - len(suffix):P + L + len(response)] = 1
+    for k, (suffix, trace) in enumerate(zip(suffix_ids_list, traces)):
+        block[k, L - len(suffix):L + len(trace)] = torch.tensor(suffix + trace, device=device)
+        attention_mask[k, P + L - len(suffix):P + L + len(trace)] = 1
     hidden = decoder(input_ids=block, attention_mask=attention_mask, **cache_kwargs(decoder, cache),
-                     position_ids=positions_from_mask(attention_mask)[:, P:]).last_hidden_state  # [K, L + R, H]
-    logits = lm_head(hidden[:, L - 1:L + R - 1])  # [K, R, V]: column L - 1 predicts the 1st response token
+                     position_ids=positions_from_mask(attention_mask)[:, P:]).last_hidden_state  # [K, L + T, H]
+    logits = lm_head(hidden[:, L - 1:L + T - 1])  # [K, T, V]: column L - 1 predicts the 1st trace token
     logp = token_logprobs(logits, block[:, L:], temperature)
     mask = attention_mask[:, P + L:].bool()
     if not return_hidden:
         return logp.masked_fill(~mask, 0.0), mask
-    final = L - 1 + torch.tensor([len(r) for r in responses], device=device)
+    final = L - 1 + torch.tensor([len(r) for r in traces], device=device)
     return logp.masked_fill(~mask, 0.0), mask, hidden[torch.arange(K, device=device), final]
 
 
-def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix=False, total_tokens=None,
+def ppo_update(model, optimizer, prompts, traces, advantages, cfg, shared_prefix=False, total_tokens=None,
                sum_gradients=None, head=None, score_grads=None, total_traces=None, dtype=torch.float32):
     """Phase 4 of an RL step for theta: cfg.ppo_epochs passes of clipped PPO (Eq. 6) over all
     traces, in micro-batches of cfg.micro_batch traces; cfg.temperature, clip_eps, max_grad_norm too.
     With head and score_grads, the first epoch adds the score path (below).
 
-    prompts: per user (prefix_ids, [suffix_ids] * K); samples: per-user Samples; advantages: [U, K].
+    prompts: per user (prefix_ids, [suffix_ids] * K); traces: per-user Traces; advantages: [U, K].
     A micro-batch holds up to --micro-batch traces of one user. With shared_prefix the user's prompt
-    prefix is run once per micro-batch instead of once per trace (response_logprobs_shared).
+    prefix is run once per micro-batch instead of once per trace (trace_logprobs_shared).
     The loss of each micro-batch is ppo.llm_loss (Eq. 6 and the score path's term, divided by the
     step's token count), so the accumulated gradient equals that of the per-token mean over the whole
     step (ppo.clipped_token_loss).
-    Under torchrun, samples are this rank's users: total_tokens (and total_traces) are the whole
-    step's counts and sum_gradients(parameters) adds up every rank's gradient before clipping.
+    Under torchrun, traces are this rank's users: total_tokens (and total_traces) are the whole
+    step's counts and sum_gradients(parameters) adds up every rank's gradient before clipping; the
+    statistics returned are this rank's shares of the step's means (and its maxima), for the caller to add up.
 
     The score path: score_grads [U, K] is g = dV/ds (ppo.score_gradient), and the loss gets
     - sum_k g_k f_phi(h_k(theta)) / D, with h_k from this forward, at the token sample_traces read it
     (so the gradient reaches theta through the hidden state, not only the sampled tokens). D is the
-    same divisor as the token term's, the step's token count (departure 4), or its trace count when
-    the traces are empty (--max-new-tokens 0), so the two terms add up to one estimate of grad J / D:
+    same divisor as the token term's, the step's token count (departure 4 in r2rank.py), or its trace
+    count when the traces are empty (--max-new-tokens 0), so the two terms add up to one estimate of grad J / D:
     grad J = E[sum_k A_k grad log pi(y_k)] + E[sum_k dV/ds_k grad s_k]. It is added in the first
     epoch only, where the forward is at theta_old, the parameters the scores were computed with; a
     later epoch reuses the tokens under the clipped ratio, and with no tokens there is no later epoch
@@ -420,8 +421,8 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
     if torch.is_autocast_enabled(device.type):
         raise RuntimeError("ppo_update steps the optimizer, so it must be called outside autocast (a step inside it "
                            "leaves the cached bf16 weights stale); pass dtype= and it autocasts its own forward passes")
-    total_tokens = total_tokens if total_tokens is not None else sum(int(s.lengths.sum()) for s in samples)
-    total_traces = total_traces or sum(len(s.lengths) for s in samples)
+    total_tokens = total_tokens if total_tokens is not None else sum(int(s.lengths.sum()) for s in traces)
+    total_traces = total_traces or sum(len(s.lengths) for s in traces)
     score_path = head is not None and score_grads is not None
     divisor = total_tokens or (total_traces if score_path else 1)
     epochs = cfg.ppo_epochs if total_tokens else 1
@@ -434,30 +435,30 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
             return torch.func.functional_call(head, weights, (hidden,))
     model.train()
     for epoch in range(epochs):
-        for user, ((prefix, suffixes), user_samples, user_advantages) in enumerate(zip(prompts, samples, advantages)):
-            responses = user_samples.token_lists()
+        for user, ((prefix, suffixes), user_traces, user_advantages) in enumerate(zip(prompts, traces, advantages)):
+            trace_tokens = user_traces.token_lists()
             for start in range(0, len(suffixes), cfg.micro_batch):
                 batch = slice(start, start + cfg.micro_batch)
                 with_hidden = score_path and epoch == 0
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # forward and loss only
                     if shared_prefix:
-                        out = response_logprobs_shared(model, prefix, suffixes[batch], responses[batch], cfg.temperature,
+                        out = trace_logprobs_shared(model, prefix, suffixes[batch], trace_tokens[batch], cfg.temperature,
                                                        return_hidden=with_hidden)
                     else:
-                        out = response_logprobs(model, [prefix + s for s in suffixes[batch]], responses[batch],
+                        out = trace_logprobs(model, [prefix + s for s in suffixes[batch]], trace_tokens[batch],
                                                 cfg.temperature, return_hidden=with_hidden)
                     logp, mask = out[:2]
                     if epoch == 0:
                         old_logps[user, start] = logp.detach()
                         if mask.any():  # empty traces (--max-new-tokens 0) have no token to compare
-                            decoded = user_samples.logprobs[batch, :logp.shape[1]].to(logp.device)  # [B, R]
+                            decoded = user_traces.logprobs[batch, :logp.shape[1]].to(logp.device)  # [B, T]
                             gap = (logp.detach() - decoded).abs()[mask]
                             gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
                     scores, g = None, None
                     if with_hidden:
                         scores = frozen_head(out[2])  # [B], f_phi(h_k(theta)), fp32: the head turns autocast off
                         g = score_grads[user, batch].to(scores.device)
-                        decoded_scores = frozen_head(user_samples.final_hidden[batch].to(scores.device))
+                        decoded_scores = frozen_head(user_traces.final_hidden[batch].to(scores.device))
                         score_gap = max(score_gap, (scores.detach() - decoded_scores).abs().max().item())
                     loss, mb_stats = llm_loss(logp, old_logps[user, start], user_advantages[batch].to(logp.device), mask,
                                               divisor, cfg.clip_eps, scores, g)
@@ -471,10 +472,8 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
         optimizer.step()  # outside every autocast context: the next epoch's forward casts the new weights
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    if sum_gradients:  # the statistics of every rank's tokens
-        stats = {name: distributed.total(value) for name, value in stats.items()}
-        gap_sum, gap_max = distributed.total(gap_sum), distributed.total(gap_max, "max")
-        score_gap = distributed.total(score_gap, "max")
+    # the means are this process's shares (its tokens over the step's count): under torchrun the caller
+    # sums them over the ranks, and takes the maxima of decode_logp_gap_max and decode_score_gap (r2rank.update_llm)
     if total_tokens:  # the whole step's count, the same on every rank
         stats = {**stats, "decode_logp_gap": gap_sum / total_tokens, "decode_logp_gap_max": gap_max}
     else:  # no token in the step (--max-new-tokens 0): a mean over no tokens is undefined, so it is left out, not logged as 0
@@ -485,7 +484,7 @@ def ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefi
 def decode_agrees(model, tokenizer, instance, cfg, dtype, rows=4, new_tokens=32):
     """A start-up check of decode.py against the model's own forward, on the first few candidates of
     one user: greedy traces decoded by decode.py, their tokens' log-probs recomputed by
-    response_logprobs, both under autocast to dtype. r2rank.py runs it on CUDA, where decode.py's
+    trace_logprobs, both under autocast to dtype. r2rank.py runs it on CUDA, where decode.py's
     kernels are not the ones the CPU tests exercised. Returns (agrees, mean |gap| per token):
     agrees when the mean gap is within DECODE_TOLERANCE of dtype (rounding, not a wrong forward)."""
     if not decode.supported(model) or cfg.max_new_tokens == 0:
@@ -495,7 +494,7 @@ def decode_agrees(model, tokenizer, instance, cfg, dtype, rows=4, new_tokens=32)
                                         data.PROMPTS[cfg.prompt])
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         decoded = sample_traces(model, tokenizer, prefix, suffixes[:rows], min(new_tokens, cfg.max_new_tokens), temperature=0.0)
-        logp, mask = response_logprobs(model, [prefix + s for s in suffixes[:rows]], decoded.token_lists())
+        logp, mask = trace_logprobs(model, [prefix + s for s in suffixes[:rows]], decoded.token_lists())
     gap = (logp - decoded.logprobs[:, :logp.shape[1]]).abs()[mask].mean().item()
     return gap <= DECODE_TOLERANCE[dtype], gap
 

@@ -5,29 +5,30 @@
     python r2rank.py --stage sft --model Qwen/Qwen2.5-1.5B-Instruct --out runs/sft   # reads runs/sft/traces.jsonl
     python r2rank.py --stage rl --model runs/sft/checkpoint-N --out runs/rl
 
-sft-data: for (user, candidate) pairs of the training split, ask the teacher for the self-check response
+sft-data: for (user, candidate) pairs of the training split, ask the teacher for the self-check trace
 (data.self_check_messages, Fig. 2) and keep it only when its <answer> matches the label. Kept traces
 go to traces.jsonl, the others to traces.rejected.jsonl, one line per asked pair, appended and flushed
 one at a time: a rerun skips every pair found in either file, so an interrupted run resumes where it
 stopped (a torn last line is cut off and its pair asked again). traces.summary.json has the counts.
 
-sft: next-token loss on the response tokens only; the prompt is exactly what the RL stage feeds the
-policy (data.encode_user), the response is the teacher's text followed by the tokenizer's eos.
+sft: next-token loss on the trace tokens only; the prompt is exactly what the RL stage feeds the
+policy (data.encode_user), the trace is the teacher's text followed by the tokenizer's eos.
 Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head.
 
-Where this departs from the paper (which gives no SFT details beyond the data filter):
-1. The teacher is any local transformers model (--teacher) or OpenAI-compatible endpoint
-   (--teacher-url), not only DeepSeek-R1. Only the reply's `content` is kept: a reasoning model's
-   separate `reasoning_content` is dropped, the student learns the three-part answer the template asks for.
-2. --num-pairs pairs, half positive and half negative, each user giving at most one positive and one
-   negative pair, instead of every training instance: with 1 positive among K = 20 candidates, all
-   pairs would be 95% negative. Both halves come from seeded shuffles that do not depend on
-   --num-pairs, so a larger --num-pairs extends the same list.
-3. One teacher sample per pair; a wrong or answerless reply is dropped, not asked again.
-4. The loss is the per-token mean over a batch's response tokens (--micro-batch traces per forward,
-   --sft-batch traces per optimizer step), AdamW at a constant --sft-lr, no weight decay, gradient norm
-   clipped at --max-grad-norm.
-5. The response is stripped of surrounding whitespace before tokenization.
+Where this departs from the paper, which gives no SFT details beyond the data filter (the numbers of the one
+list, at the top of r2rank.py):
+19. The teacher is any local transformers model (--teacher) or OpenAI-compatible endpoint
+    (--teacher-url), not only DeepSeek-R1. Only the reply's `content` is kept: a reasoning model's
+    separate `reasoning_content` is dropped, the student learns the three-part answer the template asks for.
+20. --num-pairs pairs, half positive and half negative, each user giving at most one positive and one
+    negative pair, instead of every training instance: with 1 positive among K = 20 candidates, all
+    pairs would be 95% negative. Both halves come from seeded shuffles that do not depend on
+    --num-pairs, so a larger --num-pairs extends the same list.
+21. One teacher sample per pair; a wrong or answerless reply is dropped, not asked again.
+22. The loss is the per-token mean over a batch's trace tokens (--micro-batch traces per forward,
+    --sft-batch traces per optimizer step), AdamW at a constant --sft-lr, no weight decay, gradient norm
+    clipped at --max-grad-norm.
+23. The trace (the teacher's reply) is stripped of surrounding whitespace before tokenization.
 """
 import http.client
 import json
@@ -42,13 +43,10 @@ import zlib
 import torch
 from tqdm import tqdm
 
-import checkpoints
 import data
-import models
+from protocol import UsageError
 import rollout
-import runs
-import sources
-import stops
+from machinery import checkpoints, datasets, models, runs, stops
 
 RETRIES = 5  # an endpoint request is retried this often on connection errors, 5xx and 429 ...
 BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds
@@ -172,7 +170,7 @@ def local_teacher(cfg):
 def build_traces(cfg):
     """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right."""
     if bool(cfg.teacher) == bool(cfg.teacher_url):
-        raise data.UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
+        raise UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
     with stops.claim(cfg.out):  # two runs appending to the same traces would ask every pair twice
         return ask_teacher(cfg)
 
@@ -180,7 +178,7 @@ def build_traces(cfg):
 def ask_teacher(cfg):
     """build_traces' work, once --out is held."""
     started = time.time()
-    instances = data.load_split(data.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
+    instances = data.load_split(datasets.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     rejected_path = sidecar(path, ".rejected.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -245,12 +243,12 @@ def summarize(kept, rejected, teacher):
 
 
 def read_traces(path, instances, max_history, max_item_chars):
-    """Validated traces -> [(instance, candidate index, response text)]. instances: user_id -> instance
+    """Validated traces -> [(instance, candidate index, trace text)]. instances: user_id -> instance
     of the training split. A bad line is a DataError naming file:line."""
     traces = []
-    for lineno, record in sources.read_jsonl(path):
+    for lineno, record in data.read_jsonl(path):
         for name in ("user_id", "item_id", "response"):
-            sources.require(record, name, str, path, lineno)
+            data.require(record, name, str, path, lineno)
         instance = instances.get(record["user_id"])
         if instance is None:
             raise data.DataError(f"{path}:{lineno}: user {record['user_id']!r} is not in the training split")
@@ -273,18 +271,18 @@ def read_traces(path, instances, max_history, max_item_chars):
     return traces
 
 
-def accumulate_gradients(model, prompts, responses, micro_batch, dtype=torch.float32):
-    """Backward of the per-token mean NLL of the responses given their prompts, in micro-batches of
+def accumulate_gradients(model, prompts, trace_ids, micro_batch, dtype=torch.float32):
+    """Backward of the per-token mean NLL of the traces (token ids) given their prompts, in micro-batches of
     micro_batch traces: each micro-batch's summed NLL is divided by the whole batch's token count (the
-    same teacher-forced log-probs as the RL update, rollout.response_logprobs). Returns that mean.
+    same teacher-forced log-probs as the RL update, rollout.trace_logprobs). Returns that mean.
     dtype: the compute dtype; each forward runs under its own autocast context, the backward outside
     it, and the caller steps the optimizer outside any (models.mixed_precision says why)."""
-    total_tokens = sum(len(r) for r in responses)
+    total_tokens = sum(len(r) for r in trace_ids)
     loss_sum = 0.0
     device = model.get_output_embeddings().weight.device
     for start in range(0, len(prompts), micro_batch):
         with models.mixed_precision(device, dtype):  # forward and loss only
-            logp, mask = rollout.response_logprobs(model, prompts[start:start + micro_batch], responses[start:start + micro_batch])
+            logp, mask = rollout.trace_logprobs(model, prompts[start:start + micro_batch], trace_ids[start:start + micro_batch])
             nll = -(logp * mask).sum()
         (nll / max(total_tokens, 1)).backward()
         loss_sum += nll.item()
@@ -292,7 +290,7 @@ def accumulate_gradients(model, prompts, responses, micro_batch, dtype=torch.flo
 
 
 def train_sft(cfg):
-    """--stage sft: fine-tune --model on the traces, loss on the response tokens only."""
+    """--stage sft: fine-tune --model on the traces, loss on the trace tokens only."""
     with stops.claim(cfg.out):  # a second run on this --out is refused until this one ends
         return fine_tune(cfg)
 
@@ -301,7 +299,7 @@ def fine_tune(cfg):
     """train_sft's work, once --out is held."""
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
-    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+    data_dir = datasets.prepare_data(cfg.data, cfg.out, cfg.seed)
     instances = {inst["user_id"]: inst for inst in data.load_split(data_dir, "train")}
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     traces = read_traces(path, instances, cfg.max_history, cfg.max_item_chars)  # fail before loading a model
@@ -316,14 +314,14 @@ def fine_tune(cfg):
         return checkpoint
     model, tokenizer = models.load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
 
-    # prompt tokens exactly as in the RL stage; response = teacher text + eos (the end of the turn)
-    prompts, responses, encoded = [], [], {}
-    for instance, k, response in traces:
+    # prompt tokens exactly as in the RL stage; trace = teacher text + eos (the end of the turn)
+    prompts, trace_ids, encoded = [], [], {}
+    for instance, k, text in traces:
         if instance["user_id"] not in encoded:
             encoded[instance["user_id"]] = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
         prefix, suffixes = encoded[instance["user_id"]]
         prompts.append(prefix + suffixes[k])
-        responses.append(tokenizer(response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        trace_ids.append(tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
 
     use_checkpointing = models.enable_checkpointing(model, cfg.gradient_checkpointing, device)
     torch.manual_seed(cfg.seed)  # --lora-rank: the adapters A are drawn from it
@@ -334,10 +332,10 @@ def fine_tune(cfg):
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)["llm"])
         print(f"resumed from {checkpoint} at step {start_step}")
     runs.set_lr(optimizer, cfg.sft_lr)  # a changed --sft-lr applies to the restored optimizer too
-    lengths = [len(r) for r in responses]
+    lengths = [len(r) for r in trace_ids]
     n_pos = sum(instance["labels"][k] for instance, k, _ in traces)
     print(f"{len(traces)} traces ({n_pos} positive) x {cfg.sft_epochs} epochs, {batch_size} per step in micro-batches of "
-          f"{cfg.micro_batch} = {max_steps} steps; response tokens mean {sum(lengths) / len(lengths):.0f}, max "
+          f"{cfg.micro_batch} = {max_steps} steps; trace tokens mean {sum(lengths) / len(lengths):.0f}, max "
           f"{max(lengths)} ({sum(n > cfg.max_new_tokens for n in lengths)} over --max-new-tokens); device {device}, "
           f"{dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}")
     checkpoints.check_disk(cfg.out, checkpoints.checkpoint_bytes(model, {"llm": optimizer}),
@@ -356,11 +354,11 @@ def fine_tune(cfg):
             order = torch.randperm(len(traces), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
             batch = order[index * batch_size:(index + 1) * batch_size]
 
-            # 2) forward and backward in micro-batches: the per-token mean NLL over the step's responses
+            # 2) forward and backward in micro-batches: the per-token mean NLL over the step's traces
             model.train()
             try:
                 with stop.abandonable():  # bf16 compute on GPU (autocast around each forward), fp32 weights
-                    loss = accumulate_gradients(model, [prompts[i] for i in batch], [responses[i] for i in batch],
+                    loss = accumulate_gradients(model, [prompts[i] for i in batch], [trace_ids[i] for i in batch],
                                                 cfg.micro_batch, dtype)
             except stops.Abandoned:
                 if step > start_step and saved != os.path.join(cfg.out, f"checkpoint-{step}"):
@@ -382,7 +380,7 @@ def fine_tune(cfg):
             row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
                    "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
             if problem := runs.non_finite(row, {"llm": optimizer}):  # nothing of this step is written
-                raise data.UsageError(f"step {step + 1}: {problem}, so the run stops without writing this step "
+                raise UsageError(f"step {step + 1}: {problem}, so the run stops without writing this step "
                                      f"(kept: {saved or 'no checkpoint'}); lower --sft-lr")
             runs.log_row(metrics_file, row, bar.write)
             if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps or stop.requested:

@@ -43,13 +43,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import models  # noqa: E402
+from protocol import UsageError  # noqa: E402
 import rollout  # noqa: E402
-import runs  # noqa: E402
-import stops  # noqa: E402
 from baselines.reczero import add_rl_arguments, check_rl_arguments, log_start, resume_optimizers, save, validation, with_dtype  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
+from machinery import models, runs, stops  # noqa: E402
 
 SYSTEM = "You are a recommendation assistant."
 USER_INSTRUCTIONS = ("Think about this user from the user context below: what they like, what they avoid, and "
@@ -206,7 +205,7 @@ def train(args):
             started = time.time()
             generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
             users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
-            prompts, samples, advantages, rewards, head_losses = [], [], [], [], []
+            prompts, traces, advantages, rewards, head_losses = [], [], [], [], []
             try:  # a signal during the rollout drops this step (nothing of it has changed the model) and keeps the others
                 with stop.abandonable():
                     for user in users[:args.users_per_step].tolist():
@@ -216,9 +215,9 @@ def train(args):
                         prompt = user_prompt(tokenizer, instance, args.max_history, args.max_item_chars)
                         prompts.append((prompt[:-1], [prompt[-1:]] * args.group))
                         with models.mixed_precision(device, dtype):
-                            samples.append(rollout.sample_traces(model, tokenizer, *prompts[-1], args.max_new_tokens,
+                            traces.append(rollout.sample_traces(model, tokenizer, *prompts[-1], args.max_new_tokens,
                                                                  args.temperature, 1.0, generator))
-                        scores = head(samples[-1].final_hidden, candidate_matrix(embeddings, instance, device))  # [G, K]
+                        scores = head(traces[-1].final_hidden, candidate_matrix(embeddings, instance, device))  # [G, K]
                         # 3) fused reward, 4) group advantages for the tokens, 5) the head on the best trace
                         reward = fused_reward(scores, labels, args.beta)
                         rewards.append(reward)
@@ -231,15 +230,15 @@ def train(args):
             optimizers["head"].step()
             optimizers["head"].zero_grad(set_to_none=True)
             # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
-            stats = rollout.ppo_update(model, optimizers["llm"], prompts, samples, advantages, args, shared_prefix=True, dtype=dtype)
+            stats = rollout.ppo_update(model, optimizers["llm"], prompts, traces, advantages, args, shared_prefix=True, dtype=dtype)
             reward = torch.stack(rewards)
             row = {"step": step, "reward": reward.mean().item(), "best_reward": reward.max(-1).values.mean().item(),
                    "head_loss": head_loss.item(), "advantage_nonzero": (torch.stack(advantages) != 0).float().mean().item(),
-                   "truncated_share": (~torch.cat([s.finished for s in samples])).float().mean().item(),
-                   "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),
+                   "truncated_share": (~torch.cat([s.finished for s in traces])).float().mean().item(),
+                   "response_len": torch.cat([s.lengths for s in traces]).float().mean().item(),
                    "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"]}
             if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
-                raise data.UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr / --head-lr")
+                raise UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr / --head-lr")
             row = {**row, **validate(step), "step_time": time.time() - started}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -273,7 +272,7 @@ def main(argv=None):
     try:
         with stops.claim(args.out):  # a second run on this --out is refused until this one ends
             last = train(args)
-    except data.UsageError as error:
+    except UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
         print(f"interrupted: {stops.interrupted_message(args.out)}", file=sys.stderr)

@@ -53,16 +53,13 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints  # noqa: E402
-import config  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
+from protocol import UsageError  # noqa: E402
 import rollout  # noqa: E402
-import runs  # noqa: E402
-import stops  # noqa: E402
 from baselines.untrained import pointwise_scores  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
+from machinery import checkpoints, config, models, runs, stops  # noqa: E402
 
 THINK_INSTRUCTIONS = (
     "Decide whether to recommend the candidate item below to this user. Think before you answer, in three steps.\n"
@@ -82,10 +79,10 @@ def answer_reward(text, label, log_odds):
     return float(decision == label) + (FORMAT_REWARD if answer is not None else 0.0)
 
 
-def draw_answers(tokenizer, samples, texts, log_odds, generator):
-    """Departure 8: each trace of samples (rollout.Samples, K rows) whose text wrote no <answer> gets one
+def draw_answers(tokenizer, traces, texts, log_odds, generator):
+    """Departure 8: each trace of traces (rollout.Traces, K rows) whose text wrote no <answer> gets one
     appended, Recommend with probability sigmoid(log_odds[k]) (log_odds [K] on the CPU, one uniform per
-    trace from generator), a trailing eos dropped first. Returns (Samples, decision_odds [K]): the
+    trace from generator), a trailing eos dropped first. Returns (Traces, decision_odds [K]): the
     appended tokens count as response tokens (their decode-time log-probs are left 0: the update
     recomputes every log-prob), and decision_odds is log_odds where the trace answered itself, else +1
     or -1 for the drawn answer, so that answer_reward's read-out is the draw."""
@@ -94,26 +91,26 @@ def draw_answers(tokenizer, samples, texts, log_odds, generator):
     uniforms = torch.rand(len(texts), generator=generator, device=generator.device).cpu()
     draws = (uniforms < torch.sigmoid(log_odds.float())).long().tolist()
     rows, logprob_rows, decision_odds = [], [], []
-    for k, (ids, logprobs, text) in enumerate(zip(samples.token_lists(), samples.logprob_lists(), texts)):
+    for k, (ids, logprobs, text) in enumerate(zip(traces.token_lists(), traces.logprob_lists(), texts)):
         if data.parse_answer(text) is not None:
             rows.append(ids), logprob_rows.append(logprobs), decision_odds.append(float(log_odds[k]))
             continue
-        if ids and bool(samples.finished[k]) and ids[-1] == tokenizer.eos_token_id:
+        if ids and bool(traces.finished[k]) and ids[-1] == tokenizer.eos_token_id:
             ids, logprobs = ids[:-1], logprobs[:-1]
         rows.append(ids + options[draws[k]])
         logprob_rows.append(logprobs + [0.0] * len(options[draws[k]]))
         decision_odds.append(1.0 if draws[k] else -1.0)
-    width, device = max(map(len, rows)), samples.tokens.device
-    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=samples.tokens.dtype, device=device)
-    logprob_table = torch.zeros((len(rows), width), dtype=samples.logprobs.dtype, device=device)
+    width, device = max(map(len, rows)), traces.tokens.device
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=traces.tokens.dtype, device=device)
+    logprob_table = torch.zeros((len(rows), width), dtype=traces.logprobs.dtype, device=device)
     for k, (ids, logprobs) in enumerate(zip(rows, logprob_rows)):
         tokens[k, :len(ids)] = torch.tensor(ids, dtype=tokens.dtype)
         logprob_table[k, :len(ids)] = torch.tensor(logprobs, dtype=logprob_table.dtype)
-    lengths = torch.tensor([len(ids) for ids in rows], device=samples.lengths.device)
+    lengths = torch.tensor([len(ids) for ids in rows], device=traces.lengths.device)
     mask = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
-    answered = torch.tensor([data.parse_answer(text) is None for text in texts], device=samples.finished.device)
-    return dataclasses.replace(samples, tokens=tokens, logprobs=logprob_table, mask=mask, lengths=lengths,
-                               finished=samples.finished | answered), torch.tensor(decision_odds)
+    answered = torch.tensor([data.parse_answer(text) is None for text in texts], device=traces.finished.device)
+    return dataclasses.replace(traces, tokens=tokens, logprobs=logprob_table, mask=mask, lengths=lengths,
+                               finished=traces.finished | answered), torch.tensor(decision_odds)
 
 
 def choose_pairs(instance, negatives, generator):
@@ -158,10 +155,10 @@ def rank(model, tokenizer, instances, max_history, max_item_chars, max_new_token
     for instance in tqdm(instances, desc=desc, dynamic_ncols=True, disable=not progress):
         prefix, suffixes = data.encode_user(tokenizer, instance, max_history, max_item_chars,
                                             instructions=THINK_INSTRUCTIONS)
-        samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens, temperature=0.0)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in samples.token_lists()]
+        traces = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens, temperature=0.0)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in traces.token_lists()]
         answered += sum(data.parse_answer(text) is not None for text in texts)
-        cut += int((~samples.finished).sum())
+        cut += int((~traces.finished).sum())
         traces += len(texts)
         scores.append(answer_log_odds(model, tokenizer, prefix, suffixes, texts))
     return torch.stack(scores), {"answer_share": answered / max(traces, 1), "truncated_share": cut / max(traces, 1)}
@@ -207,7 +204,7 @@ def train(args):
             started = time.time()
             generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
             users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
-            prompts, samples, advantages, rewards, texts, truncated = [], [], [], [], [], []
+            prompts, traces, advantages, rewards, texts, truncated = [], [], [], [], [], []
             try:  # a signal during the rollout drops this step (nothing of it has changed the model) and keeps the others
                 with stop.abandonable():
                     for user in users[:args.users_per_step].tolist():
@@ -219,19 +216,19 @@ def train(args):
                                                             instructions=THINK_INSTRUCTIONS)
                         rows = [suffixes[k] for k, _ in pairs for _ in range(args.group)]
                         with models.mixed_precision(device, dtype):
-                            user_samples = rollout.sample_traces(model, tokenizer, prefix, rows, args.max_new_tokens,
+                            user_traces = rollout.sample_traces(model, tokenizer, prefix, rows, args.max_new_tokens,
                                                                  args.temperature, 1.0, generator)
                         # 3) an answer drawn for a trace that wrote none (departure 8), the rule reward,
                         # 4) standardized within each pair's group of G
-                        user_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in user_samples.token_lists()]
+                        user_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in user_traces.token_lists()]
                         with models.mixed_precision(device, dtype):
                             log_odds = answer_log_odds(model, tokenizer, prefix, rows, user_texts)
-                        truncated.append(~user_samples.finished)  # the trace's own end, before an answer is drawn
-                        user_samples, decision_odds = draw_answers(tokenizer, user_samples, user_texts, log_odds, generator)
+                        truncated.append(~user_traces.finished)  # the trace's own end, before an answer is drawn
+                        user_traces, decision_odds = draw_answers(tokenizer, user_traces, user_texts, log_odds, generator)
                         labels = [label for _, label in pairs for _ in range(args.group)]
                         reward = torch.tensor([answer_reward(text, label, odds) for text, label, odds in zip(user_texts, labels, decision_odds.tolist())])
                         prompts.append((prefix, rows))
-                        samples.append(user_samples)
+                        traces.append(user_traces)
                         advantages.append(grpo_advantages(reward.view(pairs_per_user, args.group)).view(-1))
                         rewards.append(reward)
                         texts += user_texts
@@ -239,16 +236,16 @@ def train(args):
                 raise stop.exit(f"step {step} was still rolling out and is dropped; " + keep(step - 1)) from None
             # 5) clipped PPO on the tokens
             # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
-            stats = rollout.ppo_update(model, optimizers["llm"], prompts, samples, advantages, args, shared_prefix=True, dtype=dtype)
+            stats = rollout.ppo_update(model, optimizers["llm"], prompts, traces, advantages, args, shared_prefix=True, dtype=dtype)
             reward = torch.cat(rewards)
             row = {"step": step, "reward": reward.mean().item(), "correct_share": (reward >= 1).float().mean().item(),
                    "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
                    "truncated_share": torch.cat(truncated).float().mean().item(),
-                   "response_len": torch.cat([s.lengths for s in samples]).float().mean().item(),  # a drawn answer's tokens too
+                   "response_len": torch.cat([s.lengths for s in traces]).float().mean().item(),  # a drawn answer's tokens too
                    "advantage_nonzero": (torch.cat(advantages) != 0).float().mean().item(),
                    "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"]}
             if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
-                raise data.UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
+                raise UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
             row = {**row, **validate(step), "step_time": time.time() - started}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -388,7 +385,7 @@ def main(argv=None):
     try:
         with stops.claim(args.out):  # a second run on this --out is refused until this one ends
             last = train(args)
-    except data.UsageError as error:
+    except UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
         print(f"interrupted: {stops.interrupted_message(args.out)}", file=sys.stderr)

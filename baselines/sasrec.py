@@ -29,12 +29,10 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints  # noqa: E402
-import config  # noqa: E402
 import data  # noqa: E402
-import runs  # noqa: E402
-import stops  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
+from protocol import UsageError  # noqa: E402
+from machinery import checkpoints, config, runs, stops  # noqa: E402
 
 FILES = ("sasrec.pt", "sasrec-log.json", "sasrec-state.pt")  # what a run writes into --out
 
@@ -85,7 +83,7 @@ class SASRec(torch.nn.Module):
         """[B, T] sequences, [B, K] candidate indices (0 = unknown item) -> [B, K] scores."""
         last = self(sequence)[:, -1]  # [B, dim]
         scores = (self.items(candidates) * last[:, None, :]).sum(-1)
-        return scores.masked_fill(candidates == 0, -1e9)  # departure 2: unknown items last
+        return scores.masked_fill(candidates == 0, -1e9)  # the SASRec departure 2 above: unknown items last
 
 
 def vocabulary(train):
@@ -179,7 +177,7 @@ def write_whole(path, obj):
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         kept = f"the earlier {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing is kept"
-        raise data.UsageError(f"saving {path} failed ({checkpoints.write_failure(os.path.dirname(path) or '.', error)}); {kept}") from None
+        raise UsageError(f"saving {path} failed ({checkpoints.write_failure(os.path.dirname(path) or '.', error)}); {kept}") from None
 
 
 def save(path, model, index, settings, log):
@@ -206,11 +204,11 @@ def load(path):
 
 
 def plan_out(args, settings):
-    """The main CLI's --out rules (runs.py): a DataError if out holds another model and neither --resume nor
+    """The main CLI's --out rules (machinery/runs.py): a DataError if out holds another model and neither --resume nor
     --overwrite is given, or --resume finds a state made with other settings or past --epochs. Returns the
     state to resume from, or None."""
     if args.resume and args.overwrite:
-        raise data.UsageError("--resume continues the model in --out and --overwrite replaces it: pass one of them")
+        raise UsageError("--resume continues the model in --out and --overwrite replaces it: pass one of them")
     found = [name for name in FILES if os.path.lexists(os.path.join(args.out, name))]
     if (foreign := next((name for name in found if not os.path.isfile(os.path.join(args.out, name))
                          or os.path.islink(os.path.join(args.out, name))), None)):
@@ -271,7 +269,7 @@ def main(argv=None):
         stop = stops.StopOnSignal("nothing (no state saved yet)")
         with stops.claim(args.out), stop:
             fit(args, stop)
-    except data.UsageError as error:
+    except UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
         state = os.path.join(args.out, "sasrec-state.pt")

@@ -13,14 +13,15 @@
 Every ranker returns scores, so every method is ranked the same way, by metrics.ndcg_from_scores
 (ties pessimistic: a ranker gains nothing from the order the candidates came in).
 
-Where these depart from the paper's baselines (Sec. 4.1.2 of the R2Rank paper):
-1. The paper compares with trained recommenders (SASRec, BERT4Rec, LightGCN, TALLRec, R2EC, ...) and
-   with DeepSeek-R1 asked for a ranked list. Here the baselines need no training and no other model:
-   random, popularity, and two zero-shot prompts of the evaluated LLM itself: pointwise (the
-   self-check prompt of Fig. 2, judged by the likelihood of its two answers, no reasoning generated)
-   and listwise (the paper's DeepSeek-R1 protocol, on the same backbone).
-2. Listwise: an output that names no candidate falls back to the input order, and candidates it
-   leaves out are appended in input order; parse_ranking counts both, so failures stay visible.
+Where these depart from the paper's baselines (Sec. 4.1.2 of the R2Rank paper; departure 24 of the one list, at
+the top of r2rank.py, in detail):
+- The paper compares with trained recommenders (SASRec, BERT4Rec, LightGCN, TALLRec, R2EC, ...) and
+  with DeepSeek-R1 asked for a ranked list. Here the baselines need no training and no other model:
+  random, popularity, and two zero-shot prompts of the evaluated LLM itself: pointwise (the
+  self-check prompt of Fig. 2, judged by the likelihood of its two answers, no reasoning generated)
+  and listwise (the paper's DeepSeek-R1 protocol, on the same backbone).
+- Listwise: an output that names no candidate falls back to the input order, and candidates it
+  leaves out are appended in input order; parse_ranking counts both, so failures stay visible.
 """
 import copy
 import re

@@ -7,7 +7,7 @@ operation: a process forked after torch has started its OpenMP threads hangs at 
 import torch
 
 import evaluate  # noqa: F401
-import models
+from machinery import models
 import r2rank  # noqa: F401
 import sft  # noqa: F401
 

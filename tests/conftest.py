@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import torch
 
-import data
+from machinery import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _context = None
@@ -108,5 +108,5 @@ def one_thread(request):
 def synthetic_dir(tmp_path_factory):
     """The built-in synthetic set with 40 users (32 / 4 / 4), built once per test module."""
     path = tmp_path_factory.mktemp("synthetic") / "data"
-    data.build_synthetic(str(path), users=40, seed=0)
+    datasets.build_synthetic(str(path), users=40, seed=0)
     return str(path)

@@ -19,15 +19,14 @@ import pytest
 import torch
 
 import algorithm1
-import config
 import data
-import models
 import plackett_luce
 import ppo
 import r2rank
 import rollout
 from head import ScoreHead, score_traces
 from metrics import ndcg_at_k
+from machinery import config, datasets, models
 
 from conftest import ROOT, run_script
 from test_rollout import _float64_copy
@@ -88,7 +87,7 @@ class RecordingAdamW:
 def batch(tmp_path_factory):
     """Two users of K = 4 candidates of the pointwise set, fixed traces of 1-4 tokens, the fp64 tiny model."""
     folder = str(tmp_path_factory.mktemp("pointwise") / "data")
-    data.build_synthetic(folder, users=20, pointwise=True, candidates=4)
+    datasets.build_synthetic(folder, users=20, pointwise=True, candidates=4)
     instances = data.load_split(folder, "train")[:2]
     model, tokenizer = models.build_tiny(seed=0)
     generator = torch.Generator().manual_seed(1)
@@ -129,11 +128,11 @@ def r2rank_step(monkeypatch, instances, model, tokenizer, traces, rankings, cfg)
     samples = []
     for (prefix, suffixes), user_traces in zip(prompts, traces):  # what rollout.sample_users returns, h_k included
         with torch.no_grad():
-            final_hidden = rollout.response_logprobs_shared(model, prefix, suffixes, user_traces, cfg.temperature, True)[2]
+            final_hidden = rollout.trace_logprobs_shared(model, prefix, suffixes, user_traces, cfg.temperature, True)[2]
         lengths = torch.tensor([len(t) for t in user_traces])
         width = int(lengths.max())
         tokens = torch.tensor([t + [0] * (width - len(t)) for t in user_traces])  # right-padded
-        samples.append(rollout.Samples(tokens, torch.zeros(tokens.shape), torch.arange(width)[None] < lengths[:, None],
+        samples.append(rollout.Traces(tokens, torch.zeros(tokens.shape), torch.arange(width)[None] < lengths[:, None],
                                        lengths, torch.zeros(len(lengths), dtype=torch.bool), final_hidden))
     losses = []
     monkeypatch.setattr(rollout, "llm_loss", recording(ppo.llm_loss, losses))

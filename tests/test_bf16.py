@@ -20,13 +20,12 @@ import torch
 from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import config
 import data
 import decode
-import models
 import rollout
 from conftest import ROOT, run_cli, run_script
 from head import ScoreHead
+from machinery import config, models
 
 BF16 = torch.bfloat16
 
@@ -49,11 +48,11 @@ def instances(synthetic_dir, users=2):
 
 
 class Recorder:
-    """Wraps rollout.response_logprobs and response_logprobs_shared: every call's arguments and log-probs."""
+    """Wraps rollout.trace_logprobs and trace_logprobs_shared: every call's arguments and log-probs."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        for name in ("response_logprobs", "response_logprobs_shared"):
+        for name in ("trace_logprobs", "trace_logprobs_shared"):
             original = getattr(rollout, name)
             monkeypatch.setattr(rollout, name, self.wrap(original))
 
@@ -244,7 +243,7 @@ def test_sft_in_bf16_steps_from_fresh_weights(synthetic_dir, tmp_path):
     models.hold_frozen_weights(model.requires_grad_(False), BF16)
     prompts, responses = encode_traces(tokenizer, train, traces)
     with torch.no_grad(), models.mixed_precision(torch.device("cpu"), BF16):
-        logp, mask = rollout.response_logprobs(model, prompts, responses)
+        logp, mask = rollout.trace_logprobs(model, prompts, responses)
     fresh_loss = -(logp[mask].sum() / mask.sum()).item()
     assert rows[1]["loss"] < rows[0]["loss"] - 0.05
     # checkpoint-1 holds the merged weights in fp32 (bf16 base + adapter): one rounding away from the run's

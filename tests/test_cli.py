@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import config
+from machinery import config
 from conftest import run_cli
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import models
+from machinery import models
 from baselines import r2ec, reczero
 from conftest import ROOT, run_cli, run_script
 
@@ -73,7 +73,7 @@ def test_answer_log_odds_match_a_plain_forward(tiny, synthetic_dir):
 def test_draw_answers_ends_unanswered_traces_with_a_drawn_answer(tiny):
     """A trace without an answer gets one appended (its eos dropped), drawn with P(Recommend) = sigmoid(log-odds);
     a trace with its own answer is kept as it is; the drawn decision is the sign of decision_odds."""
-    from rollout import Samples
+    from rollout import Traces
     _, tokenizer = tiny
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     own = encode(f"<answer>{data.NOT_RECOMMEND}</answer>")
@@ -82,16 +82,16 @@ def test_draw_answers_ends_unanswered_traces_with_a_drawn_answer(tiny):
     tokens = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
     lengths = torch.tensor([len(row) for row in rows])
     mask = torch.arange(width)[None] < lengths[:, None]
-    samples = Samples(tokens, torch.where(mask, -1.0, 0.0), mask, lengths, torch.tensor([False, True, True]), torch.zeros(3, 4))
+    traces = Traces(tokens, torch.where(mask, -1.0, 0.0), mask, lengths, torch.tensor([False, True, True]), torch.zeros(3, 4))
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
     log_odds = torch.tensor([50.0, -50.0, 50.0])  # draws: surely Recommend, surely Not
-    drawn, decision_odds = reczero.draw_answers(tokenizer, samples, texts, log_odds, torch.Generator().manual_seed(0))
+    drawn, decision_odds = reczero.draw_answers(tokenizer, traces, texts, log_odds, torch.Generator().manual_seed(0))
     assert drawn.token_lists() == [[5] + encode(f"<answer>{data.RECOMMEND}</answer>"), [7] + own, own]
     assert drawn.logprob_lists()[0] == [-1.0] + [0.0] * 6 and drawn.finished.all()
     assert drawn.mask.sum(1).tolist() == drawn.lengths.tolist()
     assert decision_odds.tolist() == [1.0, -1.0, 50.0]
     # frequencies: P(Recommend) = sigmoid(0.8) = 0.690 over 2000 draws (5 binomial SE = 0.052)
-    many = Samples(tokens[:1].repeat(2000, 1), samples.logprobs[:1].repeat(2000, 1), mask[:1].repeat(2000, 1),
+    many = Traces(tokens[:1].repeat(2000, 1), traces.logprobs[:1].repeat(2000, 1), mask[:1].repeat(2000, 1),
                    lengths[:1].repeat(2000), torch.zeros(2000, dtype=torch.bool), torch.zeros(2000, 4))
     _, odds = reczero.draw_answers(tokenizer, many, [texts[0]] * 2000, torch.full((2000,), 0.8), torch.Generator().manual_seed(1))
     assert (odds > 0).float().mean().item() == pytest.approx(1 / (1 + math.exp(-0.8)), abs=0.052)

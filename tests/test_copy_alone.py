@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 # Torch and the standard library are allowed; these are refused at import.
-BLOCKED = ("transformers", "tqdm", "safetensors", "numpy", "tokenizers", "scipy", "data", "sources", "models", "rollout",
+BLOCKED = ("transformers", "tqdm", "safetensors", "numpy", "tokenizers", "scipy", "machinery", "data", "sources", "models", "rollout",
            "decode", "sampling", "runs", "config", "distributed", "evaluate", "r2rank", "rl_run", "sft", "analyses")
 
 GUARD = textwrap.dedent("""

@@ -16,8 +16,8 @@ import pytest
 
 import data
 from data import DataError, Protocol
-import sources
-from sources import RawData
+from machinery import datasets, sources
+from machinery.sources import RawData
 
 from conftest import run_script
 
@@ -145,7 +145,7 @@ def test_amazon_cli_applies_window_order_truncation_and_drops(amazon_files, tmp_
 
 def test_amazon_explicit_window(amazon_files, tmp_path):
     reviews, meta = amazon_files
-    assert data.main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "w"),
+    assert datasets.main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "w"),
                       "--start", "2022-02-01", "--end", "2022-03-04", "--candidates", "4"]) == 0
     # In the window: dave's B10, B11, B10 again and carol's C1..C4 (C5, March 5 at 00:00, is just
     # outside). The pool is B10, B11, C1..C4. Carol touched all of C1..C5, so only B10 and B11 are left
@@ -212,7 +212,7 @@ def write_movielens_recbole(directory):
 def test_movielens_both_layouts(layout, tmp_path):
     path = layout(tmp_path / "ml")
     out = tmp_path / "out"
-    assert data.main(["movielens", "--path", str(path), "--out", str(out), "--candidates", "3"]) == 0
+    assert datasets.main(["movielens", "--path", str(path), "--out", str(out), "--candidates", "3"]) == 0
     instances = {inst["user_id"]: inst for split in read_all(out).values() for inst in split}
     assert set(instances) == {"1", "3", "4"}
     expected = {"1": (["1", "2", "3"], "4"), "3": (["2", "6"], "7"), "4": (["8"], "1")}
@@ -241,7 +241,7 @@ def test_movielens_reads_gzipped_files(layout, tmp_path):
     for name in os.listdir(plain):
         (packed / (name + ".gz")).write_bytes(gzip.compress((plain / name).read_bytes()))
     for path, out in ((plain, tmp_path / "from-plain"), (packed, tmp_path / "from-gzip")):
-        assert data.main(["movielens", "--path", str(path), "--out", str(out), "--candidates", "3"]) == 0
+        assert datasets.main(["movielens", "--path", str(path), "--out", str(out), "--candidates", "3"]) == 0
     for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
         assert (tmp_path / "from-gzip" / name).read_bytes() == (tmp_path / "from-plain" / name).read_bytes()
     inputs = json.loads((tmp_path / "from-gzip" / "stats.json").read_text())["inputs"]
@@ -254,7 +254,7 @@ ML100K = os.environ.get("R2RANK_ML100K", os.path.join(os.path.dirname(DATA_PY), 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(ML100K), reason="MovieLens-100K not found (set R2RANK_ML100K)")
 def test_real_movielens_100k(tmp_path):
-    assert data.main(["movielens", "--path", ML100K, "--out", str(tmp_path / "ml")]) == 0
+    assert datasets.main(["movielens", "--path", ML100K, "--out", str(tmp_path / "ml")]) == 0
     stats = json.loads((tmp_path / "ml" / "stats.json").read_text())
     # 943 users, 1,682 movies, 100,000 ratings; movie 267 is titled "unknown" and has 9 ratings.
     assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1681, 99991)
@@ -265,7 +265,7 @@ def test_real_movielens_100k(tmp_path):
 
 def test_movielens_help_says_no_window(capsys):
     with pytest.raises(SystemExit):
-        data.main(["movielens", "--help"])
+        datasets.main(["movielens", "--help"])
     assert "no window" in capsys.readouterr().out
 
 
@@ -454,7 +454,7 @@ def test_bad_movielens_files_fail_cleanly(tmp_path):
 
 def test_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(TypeError):  # not JSON-serializable, halfway through writing
-        data.write_dataset(tmp_path / "o", {"train": [{"a": 1}], "valid": [{"a": object()}]}, {})
+        datasets.write_dataset(tmp_path / "o", {"train": [{"a": 1}], "valid": [{"a": object()}]}, {})
     assert os.listdir(tmp_path) == []
 
 

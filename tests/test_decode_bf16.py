@@ -3,7 +3,7 @@ q and k are kept in fp32, the softmax is taken in fp32, and only the probabiliti
 for the product with the values.
 
 Oracles: the attention computed here by hand in fp32 from the same bf16 inputs; the model's own
-forward (rollout.response_logprobs, SDPA) under the same autocast, with its fp32 forward as the
+forward (rollout.trace_logprobs, SDPA) under the same autocast, with its fp32 forward as the
 yardstick of bf16 rounding. (conftest's autouse fixture runs every test on one torch thread.)
 """
 import pytest
@@ -11,8 +11,8 @@ import torch
 
 import data
 import decode
-import models
 import rollout
+from machinery import models, sources
 
 BF16 = torch.bfloat16
 
@@ -93,7 +93,7 @@ def test_attention_output_is_the_bf16_probabilities_times_the_values(prefix_leng
 
 
 def test_decoded_logprobs_round_like_the_models_own_forward_in_bf16():
-    """Log-probs recorded by sample_traces on decode.py, and response_logprobs (the model's forward,
+    """Log-probs recorded by sample_traces on decode.py, and trace_logprobs (the model's forward,
     SDPA) on the same tokens, both under bf16 autocast, on a few users' real prompts.
 
     Tolerance: the two paths compute the same function with different roundings, so their gap is
@@ -105,19 +105,19 @@ def test_decoded_logprobs_round_like_the_models_own_forward_in_bf16():
     model, tokenizer = models.build_tiny(seed=0)
     model.eval()
     assert decode.supported(model)  # sample_traces decodes on decode.py (fast_decode), not transformers' cache
-    splits, _ = data.build_instances(data.synthetic_raw(users=50, seed=0), data.Protocol(history=20, candidates=4))
+    splits, _ = data.build_instances(sources.synthetic_raw(users=50, seed=0), data.Protocol(history=20, candidates=4))
     gaps, bf16_errors = [], []
     for user in range(4):
         prefix, suffixes = data.encode_user(tokenizer, splits["train"][user])
         prompts = [prefix + suffix for suffix in suffixes]
         with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
-            samples = rollout.sample_traces(model, tokenizer, prefix, suffixes, 16,
+            traces = rollout.sample_traces(model, tokenizer, prefix, suffixes, 16,
                                             generator=torch.Generator().manual_seed(user))
-            forward_bf16, mask = rollout.response_logprobs(model, prompts, samples.token_lists())
+            forward_bf16, mask = rollout.trace_logprobs(model, prompts, traces.token_lists())
         with torch.no_grad():
-            forward_fp32, _ = rollout.response_logprobs(model, prompts, samples.token_lists())
-        assert torch.equal(mask, samples.mask) and mask.sum() > 0
-        gaps.append((samples.logprobs - forward_bf16)[mask].abs())
+            forward_fp32, _ = rollout.trace_logprobs(model, prompts, traces.token_lists())
+        assert torch.equal(mask, traces.mask) and mask.sum() > 0
+        gaps.append((traces.logprobs - forward_bf16)[mask].abs())
         bf16_errors.append((forward_bf16 - forward_fp32)[mask].abs())
     gap, bf16_error = torch.cat(gaps).mean().item(), torch.cat(bf16_errors).mean().item()
     assert bf16_error > 0.01  # bf16 does round here: the yardstick is not zero

@@ -15,10 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-import config
 import data
-import distributed
-import models
 from head import ScoreHead, score_traces
 import plackett_luce
 import r2rank
@@ -26,6 +23,7 @@ import rollout
 from conftest import ROOT, run_cli
 from metrics import ndcg_at_k
 from ppo import leave_one_out_baseline, reinforce_loss
+from machinery import config, datasets, distributed, models
 
 
 class KeepGradients(torch.optim.Optimizer):
@@ -48,13 +46,13 @@ def step_gradients(users, instances, total_users, total_tokens=None, sum_gradien
     cfg = config.Config(model="tiny", max_new_tokens=5, max_history=3, micro_batch=3, temperature=1.0, ppo_epochs=1)
     generators = [r2rank.user_generator(0, 0, u, "cpu") for u in users]
     chosen = [instances[u] for u in users]
-    samples, prompts = rollout.rollout_users(model, tokenizer, chosen, cfg, generators)
-    scores = score_traces(head, samples)
+    traces, prompts = rollout.rollout_users(model, tokenizer, chosen, cfg, generators)
+    scores = score_traces(head, traces)
     labels = torch.tensor([inst["labels"] for inst in chosen], dtype=torch.float32)
     rankings = torch.stack([plackett_luce.sample(scores[i].detach(), 4, g) for i, g in enumerate(generators)])
     reward = ndcg_at_k(labels[:, None, :].expand_as(rankings).gather(-1, rankings), 10)
     optimizer = KeepGradients(model.parameters())
-    rollout.ppo_update(model, optimizer, prompts, samples, reward.mean(1, keepdim=True).expand(-1, 20), cfg, True,
+    rollout.ppo_update(model, optimizer, prompts, traces, reward.mean(1, keepdim=True).expand(-1, 20), cfg, True,
                        total_tokens, sum_gradients)
     head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, leave_one_out_baseline(reward))
     (head_loss * len(users) / total_users).backward()
@@ -71,10 +69,10 @@ def rank_worker(rank, world, port, synthetic, out):
     users = distributed.shard([3, 8, 1, 5, 12])  # uneven: 3 users on rank 0, 2 on rank 1
     model, tokenizer = models.build_tiny(seed=0)
     cfg = config.Config(model="tiny", max_new_tokens=5, max_history=3)
-    samples, _ = rollout.rollout_users(model, tokenizer, [instances[u] for u in users], cfg,
+    traces, _ = rollout.rollout_users(model, tokenizer, [instances[u] for u in users], cfg,
                                        [r2rank.user_generator(0, 0, u, "cpu") for u in users])
-    samples_tokens = distributed.total(sum(int(s.lengths.sum()) for s in samples))
-    llm, head = step_gradients(users, instances, 5, samples_tokens, distributed.sum_gradients)
+    traces_tokens = distributed.total(sum(int(s.lengths.sum()) for s in traces))
+    llm, head = step_gradients(users, instances, 5, traces_tokens, distributed.sum_gradients)
     if rank == 0:
         torch.save({"llm": llm, "head": head}, out)
     dist.destroy_process_group()
@@ -163,7 +161,7 @@ def test_a_slow_rank_0_validation_is_waited_for_within_the_timeout(tmp_path):
     400-token traces): a 3-second timeout kills the run with one line naming the flag (so the test can
     fail), the default (120 minutes) waits for it."""
     data_dir = str(tmp_path / "data")
-    data.build_synthetic(data_dir, users=200, seed=0)  # 20 validation users
+    datasets.build_synthetic(data_dir, users=200, seed=0)  # 20 validation users
     common = ["--stage", "rl", "--model", "tiny", "--data", data_dir, "--users-per-step", "2", "--max-new-tokens", "400",
               "--max-steps", "1", "--eval-every", "1", "--eval-users", "20", "--max-history", "3"]
     short = torchrun(*common, "--dist-timeout", "0.05", "--out", str(tmp_path / "short"))

@@ -17,16 +17,13 @@ import pytest
 import torch
 
 import analyses
-import config
 import data
 from baselines import r2ec, untrained
-import eval_methods
 import evaluate
-import models
 import r2rank
-import checkpoints
 from head import ScoreHead
 from metrics import positive_ranks, rank_by_scores
+from machinery import checkpoints, config, datasets, eval_methods, models
 
 from conftest import run_script
 
@@ -114,7 +111,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "data"
-    data.build_synthetic(str(path), users=60)
+    datasets.build_synthetic(str(path), users=60)
     return str(path)
 
 
@@ -465,7 +462,7 @@ def test_the_dataset_is_named_by_its_directory_or_its_source(tmp_path):
 
 
 def test_the_flags_given_on_the_command_line_are_known_even_at_their_default():
-    import config
+    from machinery import config
 
     assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval", "--max-history", "20"])) == {"stage", "max_history"}
     assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval"])) == {"stage"}

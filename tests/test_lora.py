@@ -6,11 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import config
-import models
-import checkpoints
-import runs
 from conftest import run_cli
+from machinery import checkpoints, config, models, runs
 
 
 @pytest.fixture

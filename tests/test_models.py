@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-import models
+from protocol import UsageError
+from machinery import models
 
 # Parameter counts from the Qwen2.5-Instruct model cards (billions, two decimals): total, and without
 # the embeddings (the input embedding, and the output one where it is not tied).
@@ -23,13 +24,13 @@ def test_random_architectures_have_the_published_parameter_counts(name):
 
 
 def test_an_unknown_architecture_is_one_line():
-    with pytest.raises(models.data.UsageError, match="random:qwen2.5-1.5b"):
+    with pytest.raises(models.UsageError, match="random:qwen2.5-1.5b"):
         models.load_policy("random:qwen2.5-2b", torch.device("cpu"), torch.float32)
 
 
 def test_the_meta_device_is_refused_in_one_line():
     """meta holds shapes without values: a run on it would fail deep inside the first forward."""
-    with pytest.raises(models.data.UsageError, match=r"^--device meta: the meta device holds shapes only"):
+    with pytest.raises(models.UsageError, match=r"^--device meta: the meta device holds shapes only"):
         models.pick_device("meta")
     assert models.pick_device("cpu") == torch.device("cpu")
 
@@ -53,13 +54,13 @@ def test_a_head_of_another_width_or_hidden_size_is_one_line_naming_both(tmp_path
         return str(path), head
 
     other_model, _ = checkpoint("other-model", 8, 32, 8)
-    with pytest.raises(models.data.UsageError) as error:
+    with pytest.raises(models.UsageError) as error:
         models.load_head(other_model, 64, torch.device("cpu"))
     assert str(error.value) == (f"{other_model}/head.safetensors: a head of width 8 on hidden size 32, but this run needs "
                                 "width 8 (its r2rank.json) on hidden size 64 (the model's): start a new head with "
                                 "--new-head, or pass the model the head was trained on as --model")
     mixed, _ = checkpoint("mixed", 8, 64, 16)
-    with pytest.raises(models.data.UsageError, match=r"a head of width 8 on hidden size 64, but this run needs width 16"):
+    with pytest.raises(models.UsageError, match=r"a head of width 8 on hidden size 64, but this run needs width 16"):
         models.load_head(mixed, 64, torch.device("cpu"))
     same, saved = checkpoint("same", 8, 64, 8)
     loaded = models.load_head(same, 64, torch.device("cpu"))
@@ -70,7 +71,7 @@ def test_a_head_of_another_width_or_hidden_size_is_one_line_naming_both(tmp_path
 def test_the_update_layout_is_chosen_by_memory():
     """--gradient-checkpointing auto on CUDA: off when the shared-prefix update fits (Qwen2.5-1.5B, all weights, micro-batch 8:
     about 57 GiB estimated, x 1.25), on when it does not; off on a CPU; "on" / "off" as given."""
-    import memory
+    from machinery import memory
 
     config = models.qwen25_config("qwen2.5-1.5b")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

@@ -175,20 +175,20 @@ def test_batch_baseline_advantages_by_hand():
 
 
 def _toy():
-    """K = 4 items, one positive (item 1). Trace k is a binary rationale y_k ~ Bernoulli(sigmoid(theta_k));
-    a fixed head scores it s_k = base_k + lift_k y_k. The positive's rationale lifts its score a lot
+    """K = 4 items, one positive (item 1). Trace k is a binary trace y_k ~ Bernoulli(sigmoid(theta_k));
+    a fixed head scores it s_k = base_k + lift_k y_k. The positive's trace lifts its score a lot
     (it decides the ranking), a negative's a little."""
     theta = torch.tensor([0.3, -0.5, 0.8, 0.0], dtype=torch.float64)
     base = torch.tensor([1.0, 0.0, 0.5, -0.5], dtype=torch.float64)
     lift = torch.tensor([0.5, 6.0, 1.0, 0.3], dtype=torch.float64)
     labels = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
-    ys = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)), dtype=torch.float64)  # all 16 rationales
+    ys = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)), dtype=torch.float64)  # all 16 traces
     return theta, base, lift, labels, ys
 
 
 def _exact_gradient_and_update(advantage_fn, std=0.0):
     """(grad of E_y[V(std(s(y)))] w.r.t. theta, E_y[sum_k grad log pi(y_k) E[A_k | y]]), both by
-    enumeration over the 16 rationale vectors (and all 24 rankings for V); std: --pl-std."""
+    enumeration over the 16 trace vectors (and all 24 rankings for V); std: --pl-std."""
     theta, base, lift, labels, ys = _toy()
     leaf = theta.clone().requires_grad_(True)
     p1 = torch.sigmoid(leaf)
@@ -204,12 +204,12 @@ def _exact_gradient_and_update(advantage_fn, std=0.0):
 
 def test_counterfactual_update_is_the_exact_policy_gradient():
     """The update the counterfactual advantage drives equals grad E[NDCG] on the toy (up to the PL
-    Monte-Carlo error), including the coordinate whose rationale decides the ranking."""
+    Monte-Carlo error), including the coordinate whose trace decides the ranking."""
     generator = torch.Generator().manual_seed(0)
     true_grad, update = _exact_gradient_and_update(
         lambda s, y: counterfactual_advantages(s, y, num_samples=20_000, generator=generator))
     torch.testing.assert_close(update, true_grad, atol=2e-3, rtol=0)
-    assert true_grad[1] > 0.01  # the positive's rationale helps: pushed up
+    assert true_grad[1] > 0.01  # the positive's trace helps: pushed up
     # Power of the check: a baseline that depends on the trace itself (the mean of all K scores,
     # s_k included) is biased, and the same comparison catches it.
     def biased(scores, labels):

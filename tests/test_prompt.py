@@ -82,9 +82,8 @@ def test_the_rl_stage_runs_answer_only_and_records_it(synthetic_dir, tmp_path):
 
 
 def test_the_rollout_uses_the_chosen_prompt(synthetic_dir):
-    import config
-    import models
     import rollout
+    from machinery import config, models
 
     model, tokenizer = models.build_tiny()
     instance = data.load_split(synthetic_dir, "train")[0]

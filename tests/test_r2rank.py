@@ -7,19 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import config
 import data
-import models
 import plackett_luce
 import r2rank
-import checkpoints
-import runs
 import rollout
 from head import ScoreHead, score_traces
-from models import load_head
+from machinery.models import load_head
 from plackett_luce import standardized
 from metrics import ndcg_at_k, ndcg_from_scores
 from ppo import leave_one_out_baseline, reinforce_loss
+from machinery import checkpoints, config, models, runs
 
 from conftest import run_cli
 
@@ -40,7 +37,7 @@ def test_encode_user_prefix_plus_suffix_is_the_chat_prompt(synthetic_dir):
 def test_head_learns_to_rank_by_reinforce_through_plackett_luce():
     """Fixed per-candidate features; the relevant item is the one far out along a hidden direction u,
     on either side (relevance = a nonlinear hidden function, |u . x|, that a linear score cannot
-    express). Trained only by REINFORCE through Plackett-Luce samples with the NDCG@10 reward, the
+    express). Trained only by REINFORCE through Plackett-Luce rankings with the NDCG@10 reward, the
     head must lift held-out NDCG@10 from about random (~0.23 for 1 + 19) to well above 0.8."""
     generator = torch.Generator().manual_seed(0)
     users, K, H = 128, 20, 8
@@ -72,14 +69,14 @@ def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir
     cfg = config.Config(max_new_tokens=6, lr=1e-3, ppo_epochs=1, micro_batch=3, max_history=3)
     instance = data.load_split(synthetic_dir, "train")[0]
     instance = dict(instance, candidates=instance["candidates"][:4], labels=instance["labels"][:4])
-    samples, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
-    responses = samples[0].token_lists()
+    traces, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
+    responses = traces[0].token_lists()
     prefix, suffixes = prompts[0]
     initial = {name: value.clone() for name, value in model.state_dict().items()}
 
     def total_logp():
         with torch.no_grad():
-            logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes], responses)
+            logp, mask = rollout.trace_logprobs(model, [prefix + s for s in suffixes], responses)
         return (logp * mask).sum(-1)
 
     before = total_logp()
@@ -87,7 +84,7 @@ def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir
     for shared_prefix in (False, True):
         model.load_state_dict(initial)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        stats = rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix)
+        stats = rollout.ppo_update(model, optimizer, prompts, traces, advantages, cfg, shared_prefix)
         after = total_logp()
         assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
 
@@ -100,13 +97,13 @@ def test_theta_old_is_the_updates_own_forward_not_the_decoding_log_probs(synthet
     cfg = config.Config(max_new_tokens=5, lr=1e-3, ppo_epochs=2, micro_batch=2, max_history=3, temperature=0.8)
     instance = data.load_split(synthetic_dir, "train")[0]
     instance = dict(instance, candidates=instance["candidates"][:3], labels=instance["labels"][:3])
-    samples, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
+    traces, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
     advantages = torch.tensor([[1.0, -1.0, 0.5]])
     initial = {name: value.clone() for name, value in model.state_dict().items()}
     results = []
     for shift in (0.0, 0.5):
         model.load_state_dict(initial)
-        shifted = [rollout.Samples(**{**vars(samples[0]), "logprobs": samples[0].logprobs - shift * samples[0].mask})]
+        shifted = [rollout.Traces(**{**vars(traces[0]), "logprobs": traces[0].logprobs - shift * traces[0].mask})]
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         stats = rollout.ppo_update(model, optimizer, prompts, shifted, advantages, cfg)
         results.append((stats, {name: value.clone() for name, value in model.state_dict().items()}))
@@ -119,9 +116,9 @@ def test_theta_old_is_the_updates_own_forward_not_the_decoding_log_probs(synthet
 
     # By hand, with one epoch: ratio 1 exactly, so the loss is minus the token-weighted mean advantage.
     model.load_state_dict(initial)
-    one_epoch = rollout.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, samples, advantages,
+    one_epoch = rollout.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, traces, advantages,
                                   dataclasses.replace(cfg, ppo_epochs=1))
-    lengths = samples[0].lengths.float()
+    lengths = traces[0].lengths.float()
     assert one_epoch["ratio"] == pytest.approx(1.0, abs=1e-12) and one_epoch["approx_kl"] == 0.0
     assert one_epoch["ppo_loss"] == pytest.approx(-(advantages[0] * lengths).sum().item() / lengths.sum().item())
 
@@ -200,8 +197,8 @@ def test_cli_trains_the_llm_with_each_advantage(tmp_path, synthetic_dir, advanta
     """The advantages handed to the PPO update, against each rule worked out from the step's rewards by hand."""
     rewards, handed, ndcg, update = [], [], r2rank.ndcg_at_k, rollout.ppo_update
     monkeypatch.setattr(r2rank, "ndcg_at_k", lambda *args: rewards.append(ndcg(*args)) or rewards[-1])  # phase 3: [U, S]
-    monkeypatch.setattr(rollout, "ppo_update", lambda model, opt, prompts, samples, adv, *args, **kw:
-                        handed.append(adv.detach().clone()) or update(model, opt, prompts, samples, adv, *args, **kw))
+    monkeypatch.setattr(rollout, "ppo_update", lambda model, opt, prompts, traces, adv, *args, **kw:
+                        handed.append(adv.detach().clone()) or update(model, opt, prompts, traces, adv, *args, **kw))
     out = str(tmp_path / advantage)
     r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--users-per-step", "2",
                  "--max-new-tokens", "3", "--max-history", "3", "--max-steps", "1", "--lr", "1e-3", "--advantage",
@@ -399,7 +396,7 @@ def test_trace_stats_count_distinct_traces_and_mean_token_logprob_by_hand():
     def user(tokens, logprobs, lengths, finished):
         tokens, logprobs, lengths = torch.tensor(tokens), torch.tensor(logprobs), torch.tensor(lengths)
         mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        return rollout.Samples(tokens, logprobs, mask, lengths, torch.tensor(finished), torch.zeros(2, 4))
+        return rollout.Traces(tokens, logprobs, mask, lengths, torch.tensor(finished), torch.zeros(2, 4))
 
     same = user([[5, 6], [5, 6]], [[-1.0, -1.0], [-1.0, -1.0]], [2, 2], [False, False])  # 1 distinct text of 2
     # 2 of 2; the -9 is padding; the first trace ended with an eos exactly at the limit: not truncated

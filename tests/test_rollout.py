@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import models
+from machinery import models, sources
 import rollout
 import sampling
 
@@ -70,8 +70,8 @@ def test_recorded_logprobs_and_final_hidden_match_a_fresh_forward(tiny, temperat
                                     generator=torch.Generator().manual_seed(0), fast_decode=fast_decode)
     prompts = [prefix + s for s in suffixes]
     with torch.no_grad():
-        logp, mask = rollout.response_logprobs(model, prompts, samples.token_lists(), temperature)
-        untempered, _ = rollout.response_logprobs(model, prompts, samples.token_lists())
+        logp, mask = rollout.trace_logprobs(model, prompts, samples.token_lists(), temperature)
+        untempered, _ = rollout.trace_logprobs(model, prompts, samples.token_lists())
     assert torch.equal(mask, samples.mask)
     assert temperature == 1.0 or (logp - untempered)[mask].abs().max() > 0.01  # T does change them
     for k, (prompt, response) in enumerate(zip(prompts, samples.token_lists())):
@@ -117,7 +117,7 @@ def test_sampling_is_reproducible_and_logprob_gradient_flows(tiny):
     first = rollout.sample_traces(model, tokenizer, prefix, suffixes, 8, generator=torch.Generator().manual_seed(5))
     second = rollout.sample_traces(model, tokenizer, prefix, suffixes, 8, generator=torch.Generator().manual_seed(5))
     assert first.token_lists() == second.token_lists()
-    logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes], first.token_lists())
+    logp, mask = rollout.trace_logprobs(model, [prefix + s for s in suffixes], first.token_lists())
     logp[mask].sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
@@ -170,8 +170,8 @@ def test_shared_prefix_update_matches_the_plain_path_in_value_and_gradient(tiny)
         (logp * weights[:, :logp.shape[1]] * mask).sum().backward()
         return logp.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    plain = loss_and_grads(lambda: rollout.response_logprobs(model, [prefix + s for s in suffixes], responses, 0.7))
-    shared = loss_and_grads(lambda: rollout.response_logprobs_shared(model, prefix, suffixes, responses, 0.7))
+    plain = loss_and_grads(lambda: rollout.trace_logprobs(model, [prefix + s for s in suffixes], responses, 0.7))
+    shared = loss_and_grads(lambda: rollout.trace_logprobs_shared(model, prefix, suffixes, responses, 0.7))
     assert plain[0].dtype == torch.float64
     assert torch.equal(plain[1], shared[1])
     torch.testing.assert_close(shared[0], plain[0], atol=1e-12, rtol=0)
@@ -187,12 +187,12 @@ def test_decoding_uses_the_installed_transformers_cache_keyword(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         rollout.sample_traces(model, tokenizer, prefix, suffixes, 3, generator=torch.Generator().manual_seed(0))
-        rollout.response_logprobs_shared(model, prefix, suffixes, [[1, 2], [3], [4, 5]])
+        rollout.trace_logprobs_shared(model, prefix, suffixes, [[1, 2], [3], [4, 5]])
 
 
 def test_decode_forward_applies_lora_adapters_like_the_models_own(tiny):
     """decode.py calls the layers' own modules, so adapters (models.py) act in it as in the model's forward."""
-    import models
+    from machinery import models
 
     model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
     torch.manual_seed(0)
@@ -213,7 +213,7 @@ def _users(tokenizer, count, candidates=4):
     """Synthetic users with prompts of different lengths (histories of 4-10 items), K = `candidates`."""
     import data
 
-    splits, _ = data.build_instances(data.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=candidates))
+    splits, _ = data.build_instances(sources.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=candidates))
     prompts = [data.encode_user(tokenizer, instance) for instance in splits["train"][:count]]
     assert len({len(prefix) for prefix, _ in prompts}) > 1  # the longest prefix pads the others: exercised
     return prompts
@@ -262,16 +262,15 @@ def test_users_decoded_together_draw_what_each_draws_alone(early_stops, temperat
 def test_rollout_users_groups_by_rollout_rows_and_validation_rolls_out_together(tiny, monkeypatch):
     """rollout_users: groups of at most cfg.rollout_rows rows, the same K within a group; the tokens do not
     depend on the grouping. rl_run.validate (greedy) goes through it, so its users are batched too."""
-    import config
     import data
-    import rl_run
     from head import ScoreHead
+    from machinery import config, rl_run
 
     assert rollout.user_groups([4, 4, 4, 4, 4], 8) == [[0, 1], [2, 3], [4]]
     assert rollout.user_groups([4, 4, 3, 3, 4], 100) == [[0, 1], [2, 3], [4]]
     assert rollout.user_groups([20, 20], 10) == [[0], [1]]  # a user larger than the bound goes alone
     model, tokenizer = tiny
-    splits, _ = data.build_instances(data.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=4))
+    splits, _ = data.build_instances(sources.synthetic_raw(users=60, seed=0), data.Protocol(history=20, candidates=4))
     users = splits["train"][:5]
     groups, sample_users = [], rollout.sample_users
 

@@ -66,13 +66,10 @@ import types
 import pytest
 import torch
 
-import checkpoints
-
-import runs
-
-import stops
-from head import ScoreHead
 from conftest import ROOT, run_cli
+from head import ScoreHead
+from machinery import checkpoints, runs, stops
+from protocol import UsageError
 
 
 def rl(out, data_dir, *args):
@@ -329,7 +326,7 @@ def test_a_collapsed_score_spread_is_warned_about_once(tmp_path, synthetic_dir, 
     import r2rank
 
     score = r2rank.score_traces  # scores 1e-9 times the head's: a spread like that of a head blown up by a huge --lr
-    monkeypatch.setattr(r2rank, "score_traces", lambda head, samples: score(head, samples) * 1e-9)
+    monkeypatch.setattr(r2rank, "score_traces", lambda head, traces: score(head, traces) * 1e-9)
     r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(tmp_path / "run"), "--users-per-step",
                  "1", "--max-new-tokens", "2", "--max-history", "2", "--max-steps", "2", "--freeze-llm"])
     printed = capsys.readouterr().out
@@ -381,13 +378,13 @@ def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_hold
     assert checkpoints.check_disk(str(out), int(18.5 * gb), 10, 2) == int(18.5 * gb) * 3
     assert asked == [str(tmp_path)]  # the nearest parent that exists: out is created there
     free["bytes"] = 55 * gb
-    with pytest.raises(runs.UsageError) as refused:
+    with pytest.raises(UsageError) as refused:
         checkpoints.check_disk(str(out), int(18.5 * gb), 10, 2)
     assert str(refused.value) == (f"--out {out}: the checkpoints need 55.5 GB (3 of 18.5 GB at once: 10 saves, --keep-checkpoints 2 "
                                   "plus the one being written) but 55.0 GB are free there; keep fewer (--keep-checkpoints), save "
                                   "fewer (--save-every / --max-steps), train LoRA adapters (--lora-rank), or choose another --out")
     free["bytes"] = 184 * gb  # keep all: 10 x 18.5 = 185 GB
-    with pytest.raises(runs.UsageError, match=r"need 185\.0 GB \(10 of 18\.5 GB at once: 10 saves, all kept"):
+    with pytest.raises(UsageError, match=r"need 185\.0 GB \(10 of 18\.5 GB at once: 10 saves, all kept"):
         checkpoints.check_disk(str(out), int(18.5 * gb), 10, 0)
     # a resume into a run holding 2 checkpoints adds only the one being written; --overwrite frees what is there
     for step in (1, 2):
@@ -395,15 +392,15 @@ def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_hold
         (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"0" * 1000)
     free["bytes"] = 1000
     assert checkpoints.check_disk(str(out), 1000, 10, 2) == 1000
-    with pytest.raises(runs.UsageError, match="need 0.0 GB"):
+    with pytest.raises(UsageError, match="need 0.0 GB"):
         checkpoints.check_disk(str(out), 1001, 10, 2)
     assert checkpoints.check_disk(str(out), 1000, 3, 0, overwrite=True) == 3000  # 1000 free + the 2000 removed
-    with pytest.raises(runs.UsageError):
+    with pytest.raises(UsageError):
         checkpoints.check_disk(str(out), 1000, 4, 0, overwrite=True)
 
 
 def test_checkpoint_bytes_of_the_tiny_model_by_hand():
-    import models
+    from machinery import models
 
     model, tokenizer = models.build_tiny()
     vocab, hidden, ffn, layers, kv = len(tokenizer), 64, 256, 2, 32  # 2 key-value heads of 16
@@ -423,8 +420,7 @@ def test_checkpoint_bytes_of_the_tiny_model_by_hand():
 
 
 def test_checkpoint_bytes_bounds_a_saved_checkpoint(tmp_path):
-    import config
-    import models
+    from machinery import config, models
 
     model, tokenizer = models.build_tiny()
     head = ScoreHead(64, 8)
@@ -460,9 +456,9 @@ def test_overwrite_never_deletes_what_the_run_reads(tmp_path, synthetic_dir):
     # the baselines' rule (runs.plan_command): --model, --data inside a checkpoint of --out; --resume with --overwrite
     settings = {"out": str(out), "resume": False, "overwrite": True, "model": "tiny", "data": synthetic_dir}
     for name, path in [("model", start), ("data", str(out / "checkpoint-1"))]:
-        with pytest.raises(runs.UsageError, match=f"--overwrite would delete --{name} {path}, which this run reads"):
+        with pytest.raises(UsageError, match=f"--overwrite would delete --{name} {path}, which this run reads"):
             runs.plan_command({**settings, name: path}, path if name == "data" else synthetic_dir, 3)
-    with pytest.raises(runs.UsageError, match="--resume continues the run in --out and --overwrite replaces it"):
+    with pytest.raises(UsageError, match="--resume continues the run in --out and --overwrite replaces it"):
         runs.plan_command({**settings, "resume": True}, synthetic_dir, 3)
     assert runs.plan_command(settings, synthetic_dir, 3).overwrite  # --model tiny: nothing in --out is read
 
@@ -528,30 +524,35 @@ def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock_file(existing, t
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "ftruncate", full)
-    with pytest.raises(runs.UsageError, match=rf"^--out {out}: cannot write \.r2rank-lock there \(No space left on device\)"):
+    with pytest.raises(UsageError, match=rf"^--out {out}: cannot write \.r2rank-lock there \(No space left on device\)"):
         stops.claim(str(out))
     assert (os.listdir(out) == []) if existing else not out.exists()
 
 
 def test_a_stop_before_any_step_is_kept_leaves_nothing_that_refuses_the_same_command(tmp_path, synthetic_dir, monkeypatch, capsys):
     import r2rank
-    import rl_run
+    import rollout
+    from machinery import rl_run
 
-    def stop_inside(function):
+    def stop_inside(function, skip):
+        calls = []
+
         def stopped(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives while it runs, as a Ctrl-C would
-            time.sleep(5)
+            calls.append(1)
+            if len(calls) > skip:  # the rollout: after step 0's validation (which rolls out too) was logged
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while it runs, as a Ctrl-C would
+                time.sleep(5)
             return function(*args, **kwargs)
         return stopped
 
     out = tmp_path / "run"
     argv = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
             "--max-new-tokens", "4", "--max-history", "2", "--max-steps", "1", "--eval-every", "1", "--eval-users", "1"]
-    for target, name, message in [(rl_run, "validate", "stopped before step 1; nothing was written but the data"),
-                                  (rl_run.RLRun, "rollout", "step 1 was still rolling out and is dropped; no step had finished, "
-                                   "so nothing was written but the data")]:
-        with monkeypatch.context() as patch:  # the rollout: after step 0's validation was logged
-            patch.setattr(target, name, stop_inside(getattr(target, name)))
+    for target, name, skip, message in [(rl_run, "validate", 0, "stopped before step 1; nothing was written but the data"),
+                                        (rollout, "rollout_users", 1, "step 1 was still rolling out and is dropped; no step "
+                                         "had finished, so nothing was written but the data")]:
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, stop_inside(getattr(target, name), skip))
             with pytest.raises(SystemExit) as stopped:
                 r2rank.main(argv)
         assert stopped.value.code == 143 and f"stopped by SIGTERM: {message}\n" in capsys.readouterr().err

@@ -156,6 +156,7 @@ def test_a_failed_save_keeps_the_earlier_file_and_says_so(tmp_path, monkeypatch)
     import errno
 
     import data
+    from protocol import UsageError
 
     path = tmp_path / "sasrec-state.pt"
     sasrec.write_whole(str(path), {"epoch": 5})
@@ -165,7 +166,7 @@ def test_a_failed_save_keeps_the_earlier_file_and_says_so(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(data.UsageError) as refused:
+    with pytest.raises(UsageError) as refused:
         sasrec.write_whole(str(path), {"epoch": 10})
     message = str(refused.value)
     assert message.startswith(f"saving {path} failed (No space left on device: ") and message.endswith("; the earlier sasrec-state.pt is kept")

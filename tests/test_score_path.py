@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-import models
+from machinery import models
 from head import ScoreHead
 import rollout
 from metrics import ndcg_at_k
@@ -106,12 +106,12 @@ def setting():
     return model, head, prompts
 
 
-def _samples(responses, hidden_size):
-    """Samples holding fixed traces: the update reads the tokens (and, for its gap statistics, the rest)."""
+def _traces(responses, hidden_size):
+    """Traces holding fixed traces: the update reads the tokens (and, for its gap statistics, the rest)."""
     width = max(1, max(len(r) for r in responses))
     lengths = torch.tensor([len(r) for r in responses])
     tokens = torch.tensor([r + [0] * (width - len(r)) for r in responses], dtype=torch.long)  # right-padded
-    return rollout.Samples(tokens, torch.zeros(len(responses), width), torch.arange(width)[None] < lengths[:, None],
+    return rollout.Traces(tokens, torch.zeros(len(responses), width), torch.arange(width)[None] < lengths[:, None],
                            lengths, lengths > 0, torch.zeros(len(responses), hidden_size))
 
 
@@ -159,16 +159,16 @@ def test_update_gradient_is_the_exact_gradient_of_the_objective(setting, shared_
     def update(**kwargs):
         optimizer = RecordingOptimizer(model)
         cfg = types.SimpleNamespace(ppo_epochs=2, micro_batch=2, temperature=temperature, clip_eps=0.2, max_grad_norm=1e30)
-        samples = [_samples(r, model.config.hidden_size) for r in responses]
-        rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg, shared_prefix, **kwargs)
+        traces = [_traces(r, model.config.hidden_size) for r in responses]
+        rollout.ppo_update(model, optimizer, prompts, traces, advantages, cfg, shared_prefix, **kwargs)
         assert len(optimizer.steps) == (2 if tokens else 1)  # no tokens: no second epoch to move AdamW
         assert all(p.grad is None for p in head.parameters())  # phi learns from Eq. 5 only
         return optimizer.steps[0]
 
     gradient = update(head=head, score_grads=score_grads)
     without = update()  # --no-score-path: the tokens alone
-    monkeypatch.setattr(rollout, "response_logprobs_shared" if shared_prefix else "response_logprobs",
-                        _detaching(getattr(rollout, "response_logprobs_shared" if shared_prefix else "response_logprobs")))
+    monkeypatch.setattr(rollout, "trace_logprobs_shared" if shared_prefix else "trace_logprobs",
+                        _detaching(getattr(rollout, "trace_logprobs_shared" if shared_prefix else "trace_logprobs")))
     detached = update(head=head, score_grads=score_grads)  # a mutation: h_k without its gradient
 
     generator = torch.Generator().manual_seed(2)
@@ -209,11 +209,11 @@ def test_update_hidden_state_is_where_the_rollout_reads_it(setting):
     model, head, prompts = setting
     model_fp32, tokenizer = models.build_tiny(seed=0)
     for max_new_tokens in (0, 5):
-        samples = [rollout.sample_traces(model_fp32, tokenizer, prefix, suffixes, max_new_tokens,
+        traces = [rollout.sample_traces(model_fp32, tokenizer, prefix, suffixes, max_new_tokens,
                                          generator=torch.Generator().manual_seed(3)) for prefix, suffixes in prompts]
         cfg = types.SimpleNamespace(ppo_epochs=1, micro_batch=2, temperature=1.0, clip_eps=0.2, max_grad_norm=1.0)
         head32 = ScoreHead(model_fp32.config.hidden_size, 8)
-        stats = rollout.ppo_update(model_fp32, RecordingOptimizer(model_fp32), prompts, samples, torch.zeros(2, 3), cfg,
+        stats = rollout.ppo_update(model_fp32, RecordingOptimizer(model_fp32), prompts, traces, torch.zeros(2, 3), cfg,
                                    True, head=head32, score_grads=torch.zeros(2, 3))
         assert stats["decode_score_gap"] < 1e-4
-        assert samples[0].final_hidden.abs().max() > 0.1  # a real hidden state, so a gap would show
+        assert traces[0].final_hidden.abs().max() > 0.1  # a real hidden state, so a gap would show

@@ -1,6 +1,6 @@
 """sft.py: the SFT cold start of Sec. 3.4 on the tiny model and a stub teacher endpoint.
 
-Oracles: rollout.response_logprobs (an independent teacher-forced computation) for the SFT loss and
+Oracles: rollout.trace_logprobs (an independent teacher-forced computation) for the SFT loss and
 its effect; the stub endpoint's own request log for what sft-data asked; the stub's fixed rule
 (candidate color -> answer) for which replies must be kept.
 """
@@ -14,12 +14,12 @@ import threading
 import pytest
 import torch
 
-import config
 import data
-import models
+from protocol import UsageError
 import r2rank
 import rollout
 import sft
+from machinery import config, datasets, models
 
 from conftest import run_script
 
@@ -33,7 +33,7 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "synthetic"
-    data.build_synthetic(str(path), seed=0)
+    datasets.build_synthetic(str(path), seed=0)
     return str(path)
 
 
@@ -389,7 +389,7 @@ def test_sft_cli_lowers_the_loss_of_its_traces_and_feeds_rl(data_dir, train, tin
     after, _ = models.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
     prompts, responses = encode_traces(tokenizer, train, traces)
     with torch.no_grad():
-        mean_logp = [(lambda lp, m: (lp[m].sum() / m.sum()).item())(*rollout.response_logprobs(model, prompts, responses))
+        mean_logp = [(lambda lp, m: (lp[m].sum() / m.sum()).item())(*rollout.trace_logprobs(model, prompts, responses))
                      for model in (before, after)]
     assert mean_logp[1] > mean_logp[0] + 0.5
     assert rows[0]["loss"] == pytest.approx(-mean_logp[0], rel=1e-4)  # step 1 measured the untrained model on all 6
@@ -433,7 +433,7 @@ def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path
     rl_out = tmp_path / "rl"
     os.makedirs(rl_out / "checkpoint-1")
     (rl_out / "checkpoint-1" / "r2rank.json").write_text(json.dumps({"step": 1, "config": {"stage": "rl"}}))
-    with pytest.raises(data.UsageError, match="a checkpoint of --stage rl, not sft"):
+    with pytest.raises(UsageError, match="a checkpoint of --stage rl, not sft"):
         run(rl_out, 3, resume=True)
 
 
@@ -451,7 +451,7 @@ def test_sft_resume_refuses_other_traces_and_overwrite_keeps_the_traces_it_reads
     assert run().endswith("checkpoint-1")
     with open(path, "a") as f:  # sft-data asked more pairs: 16 traces now
         f.writelines(json.dumps(t) + "\n" for t in traces[8:])
-    with pytest.raises(data.UsageError, match=rf"--resume needs the settings that define the run unchanged; these differ: "
+    with pytest.raises(UsageError, match=rf"--resume needs the settings that define the run unchanged; these differ: "
                                               rf"--traces {path} \(its content differs from the checkpoint's\)"):
         run(sft_epochs=2, resume=True)
     assert run(overwrite=True).endswith("checkpoint-1")  # starts again on all 16 traces, which --overwrite leaves

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 import data
-import sources
 from data import DataError
+from machinery import datasets, sources
 
 
 def read_all(out_dir):
@@ -17,7 +17,7 @@ def read_all(out_dir):
 
 def test_synthetic_cli_is_deterministic(tmp_path):
     for name in ("a", "b"):
-        assert data.main(["synthetic", "--users", "30", "--out", str(tmp_path / name)]) == 0
+        assert datasets.main(["synthetic", "--users", "30", "--out", str(tmp_path / name)]) == 0
     for name in ["train.jsonl", "valid.jsonl", "test.jsonl", "stats.json"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -28,7 +28,7 @@ def category(item):
 
 def test_synthetic_labels_need_the_history(tmp_path):
     (tmp_path / "syn").mkdir()  # an empty directory is accepted
-    stats = data.build_synthetic(tmp_path / "syn")
+    stats = datasets.build_synthetic(tmp_path / "syn")
     assert stats["users"] == 200 and stats["instances"] == {"train": 160, "valid": 20, "test": 20}
     instances = [inst for split in read_all(tmp_path / "syn").values() for inst in split]
     positive_categories, negative_categories, history_hits = Counter(), Counter(), []
@@ -50,7 +50,7 @@ def test_synthetic_labels_need_the_history(tmp_path):
     # ... while the history does separate them: few negatives share a history category (2 of 8).
     assert sum(history_hits) / len(history_hits) < 0.35
     with pytest.raises(DataError, match="exists"):
-        data.build_synthetic(tmp_path / "syn")
+        datasets.build_synthetic(tmp_path / "syn")
 
 
 def fake(history, candidates, positive):
@@ -75,7 +75,7 @@ def test_category_match_ndcg_equals_random_tie_breaking(tmp_path):
     """A second estimate: rank by metrics.py's NDCG with the matches first and random tie-breaks."""
     import torch
     from metrics import ndcg_from_scores
-    stats = data.build_synthetic(tmp_path / "syn", users=100)
+    stats = datasets.build_synthetic(tmp_path / "syn", users=100)
     instances = data.load_split(tmp_path / "syn", "test")
     generator, estimates = torch.Generator().manual_seed(0), []
     for inst in instances:
@@ -88,36 +88,36 @@ def test_category_match_ndcg_equals_random_tie_breaking(tmp_path):
 
 
 def test_one_category_per_user(tmp_path):
-    stats = data.build_synthetic(tmp_path / "one", users=200, categories_per_user=1)
+    stats = datasets.build_synthetic(tmp_path / "one", users=200, categories_per_user=1)
     for inst in [inst for split in read_all(tmp_path / "one").values() for inst in split]:
         assert len({category(item) for item in inst["history"]}) == 1
     # about 19 * 4 / 88 negatives now share the history's category (7 of 95 items seen), against 3.5
     # with two categories, so the best NDCG@10 is much higher than the default set's
-    default = data.build_synthetic(tmp_path / "two", users=200)
+    default = datasets.build_synthetic(tmp_path / "two", users=200)
     assert stats["category_match_ndcg@10"]["train"] > default["category_match_ndcg@10"]["train"] + 0.15
     for bad in (0, 9):
         with pytest.raises(DataError, match="--categories-per-user must be 1 to 8"):
-            data.synthetic_raw(users=5, categories_per_user=bad)
+            sources.synthetic_raw(users=5, categories_per_user=bad)
 
 
 def test_too_few_users_is_one_line_naming_the_flag_and_its_bound(tmp_path, capsys):
     """--users below the fewest that give every split of --split a user (10 for 8:1:1: valid and test
     round down) would leave a split empty or no user at all; data.py says so in one line, writes nothing."""
     for users in ("-5", "0", "1", "9"):
-        assert data.main(["synthetic", "--users", users, "--out", str(tmp_path / "o")]) == 1
+        assert datasets.main(["synthetic", "--users", users, "--out", str(tmp_path / "o")]) == 1
         assert capsys.readouterr().err == (f"data.py: error: --users must be >= 10, the fewest that give every split "
                                            f"of --split 8:1:1 a user, got {users}\n")
         assert not (tmp_path / "o").exists()
-    assert data.main(["synthetic", "--users", "4", "--split", "2:1:1", "--out", str(tmp_path / "o")]) == 0
+    assert datasets.main(["synthetic", "--users", "4", "--split", "2:1:1", "--out", str(tmp_path / "o")]) == 0
     assert [len(split) for split in read_all(tmp_path / "o").values()] == [2, 1, 1]
-    assert data.fewest_users("8:1:1") == 10 and data.fewest_users("1:0:0") == 1 and data.fewest_users("0:1:2") == 3
+    assert datasets.fewest_users("8:1:1") == 10 and datasets.fewest_users("1:0:0") == 1 and datasets.fewest_users("0:1:2") == 3
     with pytest.raises(SystemExit) as exit_info:
-        data.main(["synthetic", "--split", "0:0:0", "--out", str(tmp_path / "p")])
+        datasets.main(["synthetic", "--split", "0:0:0", "--out", str(tmp_path / "p")])
     assert exit_info.value.code == 2 and "a --split like 8:1:1" in capsys.readouterr().err
 
 
 def test_pointwise_labels_are_the_candidates_own_category(tmp_path):
-    assert data.main(["synthetic", "--pointwise", "--candidates", "10", "--users", "100", "--out", str(tmp_path / "pw")]) == 0
+    assert datasets.main(["synthetic", "--pointwise", "--candidates", "10", "--users", "100", "--out", str(tmp_path / "pw")]) == 0
     for inst in [inst for split in read_all(tmp_path / "pw").values() for inst in split]:
         assert len(inst["candidates"]) == 10
         for item, label in zip(inst["candidates"], inst["labels"]):
@@ -130,7 +130,7 @@ def test_pointwise_labels_are_the_candidates_own_category(tmp_path):
 def test_pointwise_valid_and_test_items_are_new_to_training(tmp_path):
     """The quickstart's set cannot be solved by counting: no item a valid or test user meets (candidate
     or history) was met by a training user, and every side has camping items of its own colours."""
-    assert data.main(["synthetic", "--pointwise", "--candidates", "10", "--out", str(tmp_path / "pw")]) == 0
+    assert datasets.main(["synthetic", "--pointwise", "--candidates", "10", "--out", str(tmp_path / "pw")]) == 0
     splits = read_all(tmp_path / "pw")
     assert [len(split) for split in splits.values()] == [160, 20, 20]
     items = lambda split: {item["item_id"] for inst in splits[split] for item in inst["candidates"] + inst["history"]}
@@ -142,5 +142,5 @@ def test_pointwise_valid_and_test_items_are_new_to_training(tmp_path):
     positives = {inst["candidates"][inst["labels"].index(1)]["title"] for split in ("valid", "test") for inst in splits[split]}
     assert len(positives) == 6 and {new(title) for title in positives} == {1}  # Blue tent, Red lantern, ...
     # the split is the protocol's 8:1:1 by size, fixed by the source, and the same for the same seed
-    assert data.main(["synthetic", "--pointwise", "--candidates", "10", "--out", str(tmp_path / "again")]) == 0
+    assert datasets.main(["synthetic", "--pointwise", "--candidates", "10", "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "pw" / "test.jsonl").read_bytes() == (tmp_path / "again" / "test.jsonl").read_bytes()

@@ -19,7 +19,7 @@ Update (forward + backward of the token log-probs of the K traces), --update-var
     naive   full logits over every position, all K traces in one batch, no checkpointing
     plain   logits only at response positions, micro-batches, per-candidate prompts
     plain+ckpt  the same with gradient checkpointing (the GPU default)
-    shared  micro-batches that run the user's prompt prefix once (rollout.response_logprobs_shared)
+    shared  micro-batches that run the user's prompt prefix once (rollout.trace_logprobs_shared)
 Peak memory is the growth of the process's peak RSS during a phase on CPU (reset through
 /proc/self/clear_refs), torch.cuda.max_memory_allocated on GPU.
 """
@@ -34,15 +34,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
+from protocol import UsageError  # noqa: E402
 import plackett_luce  # noqa: E402
 import rollout  # noqa: E402
 from head import ScoreHead  # noqa: E402
+from machinery import config, models  # noqa: E402
 
 import flops  # noqa: E402  (tools/flops.py, beside this file)
-from memory import print_estimates  # noqa: E402
+from machinery.memory import print_estimates  # noqa: E402
 from rl_step import benchmark_instance, paper_scale, rl_step, rss_kib  # noqa: E402
 
 
@@ -130,9 +130,9 @@ def micro_batched_update(model, prefix, suffixes, responses, micro_batch, shared
     for start in range(0, len(suffixes), micro_batch):
         batch = slice(start, start + micro_batch)
         if shared:
-            logp, mask = rollout.response_logprobs_shared(model, prefix, suffixes[batch], responses[batch])
+            logp, mask = rollout.trace_logprobs_shared(model, prefix, suffixes[batch], responses[batch])
         else:
-            logp, mask = rollout.response_logprobs(model, [prefix + s for s in suffixes[batch]], responses[batch])
+            logp, mask = rollout.trace_logprobs(model, [prefix + s for s in suffixes[batch]], responses[batch])
         (-(logp * mask).sum() / total).backward()
 
 
@@ -162,7 +162,7 @@ def generate_traces(model, tokenizer, prompts, new_tokens, temperature, seed):
 
 def bench_rollout(model, tokenizer, prefix, suffixes, args, device, dtype):
     """generate, the rollout on transformers' cache, and the rollout on decode.py, on the same K prompts,
-    greedy then sampled. Returns the sampled decode.py run (seconds, Samples) for the phase table."""
+    greedy then sampled. Returns the sampled decode.py run (seconds, Traces) for the phase table."""
     prompts = [prefix + s for s in suffixes]
     runs = {}
     for temperature in (0.0, 1.0):
@@ -460,7 +460,7 @@ def main():
     check_args(parser, args)
     try:
         run(args)
-    except data.UsageError as error:  # a --rl-step model that cannot be loaded, say
+    except UsageError as error:  # a --rl-step model that cannot be loaded, say
         sys.exit(f"error: {error}")
 
 

@@ -5,11 +5,11 @@
 
 Not collected by pytest: it prints figures to read. The toy is Algorithm 1 with the LLM cut down to
 what can be enumerated. U users per step, K candidates each, one positive. Trace k of user u is a
-binary rationale y ~ Bernoulli(sigmoid(theta . x_uk)), theta in R^D shared by all users (the LLM's
+binary trace y ~ Bernoulli(sigmoid(theta . x_uk)), theta in R^D shared by all users (the LLM's
 weights), x_uk fixed features. A fixed head scores it s_uk = base_uk + lift_uk * y_uk. The reward is
 NDCG@10 of a Plackett-Luce ranking of the scores, J(theta) = mean_u E[NDCG_u].
 
-Exact, by enumerating all 2^K rationale vectors and all K! rankings per user:
+Exact, by enumerating all 2^K trace vectors and all K! rankings per user:
     grad J                       the true gradient
     E[update] per estimator      sum_k grad log pi(y_k) E[A_k | y], averaged over y
 Monte Carlo, over --steps simulated steps with the project's own functions (ppo.*, plackett_luce.*):
@@ -54,7 +54,7 @@ def exact_values(scores, labels, perms):
 
 
 def exact(toy):
-    """(grad J, {estimator: E[update]}) by enumeration over every user's 2^K rationale vectors."""
+    """(grad J, {estimator: E[update]}) by enumeration over every user's 2^K trace vectors."""
     users, K, _ = toy["x"].shape
     perms = torch.tensor(list(itertools.permutations(range(K))))
     ys = torch.tensor(list(itertools.product([0.0, 1.0], repeat=K)), dtype=torch.float64)  # [Y, K]

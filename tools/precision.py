@@ -7,7 +7,7 @@ figures behind the README's bf16 notes, measured side by side in one run.
 1. casts: weight casts (aten._to_copy of a parameter) in the decode steps of one rollout under bf16
    autocast, LoRA, the frozen base kept in fp32 against held in bf16 (models.hold_frozen_weights).
 2. decode gap: decode.py's log-probs of the same sampled tokens against the model's own forward
-   (rollout.response_logprobs), both under bf16 autocast, and each against an fp32 forward.
+   (rollout.trace_logprobs), both under bf16 autocast, and each against an fp32 forward.
 3. PPO: one rollout.ppo_update (2 epochs, lr 1e-2) on the same fp32-sampled traces, in fp32 and in
    bf16: approx_kl, clip_frac and ratio (epoch 1 is exactly ratio 1, so these are epoch 2's, halved).
 4. time: process CPU seconds of one bf16 rollout + update with LoRA, frozen base in fp32 against in
@@ -24,11 +24,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
 import rollout  # noqa: E402
 import sampling  # noqa: E402
+from machinery import config, models, sources  # noqa: E402
 
 from benchmark import smollm2_path  # noqa: E402  (tools/benchmark.py, beside this file)
 
@@ -56,7 +55,7 @@ def lora_copy(base, hold):
 
 def run(name, path, args):
     base, tokenizer = models.load_policy(path, CPU, torch.float32, seed=0)
-    raw = data.synthetic_raw(users=50, seed=0)
+    raw = sources.synthetic_raw(users=50, seed=0)
     users = data.build_instances(raw, data.Protocol(candidates=args.candidates))[0]["train"][:2]
     cfg = config.Config(model=name, max_new_tokens=args.new_tokens, max_history=args.history, ppo_epochs=2, lr=1e-2,
                         micro_batch=args.candidates)
@@ -74,15 +73,15 @@ def run(name, path, args):
 
     # 2) the decode gap, on tokens sampled once in fp32
     generators = [torch.Generator().manual_seed(u) for u in range(len(users))]
-    samples, prompts = rollout.rollout_users(base, tokenizer, users, cfg, generators)
+    traces, prompts = rollout.rollout_users(base, tokenizer, users, cfg, generators)
     gaps = {"decode.py bf16 vs forward bf16": [], "decode.py bf16 vs forward fp32": [], "forward bf16 vs forward fp32": []}
     with torch.no_grad():
-        for (prefix, suffixes), user_samples in zip(prompts, samples):
+        for (prefix, suffixes), user_traces in zip(prompts, traces):
             full = [prefix + s for s in suffixes]
-            responses = user_samples.token_lists()
-            exact, mask = rollout.response_logprobs(base, full, responses)
+            responses = user_traces.token_lists()
+            exact, mask = rollout.trace_logprobs(base, full, responses)
             with models.mixed_precision(CPU, BF16):
-                forward = rollout.response_logprobs(base, full, responses)[0]
+                forward = rollout.trace_logprobs(base, full, responses)[0]
                 decoded = teacher_forced_decode(base, prefix, suffixes, responses)
             for key, (a, b) in zip(gaps, ((decoded, forward), (decoded, exact), (forward, exact))):
                 gaps[key].append((a - b).abs()[mask])
@@ -96,7 +95,7 @@ def run(name, path, args):
         for dtype in (torch.float32, BF16):
             model, trained = lora_copy(base, dtype == BF16) if lora else (copy.deepcopy(base), None)
             trained = trained or list(model.parameters())
-            stats = rollout.ppo_update(model, torch.optim.AdamW(trained, lr=1e-2), prompts, samples, advantages, cfg,
+            stats = rollout.ppo_update(model, torch.optim.AdamW(trained, lr=1e-2), prompts, traces, advantages, cfg,
                                        shared_prefix=True, dtype=dtype)
             print(f"PPO epoch 2, {'LoRA       ' if lora else 'all weights'}, {str(dtype).removeprefix('torch.'):8}: "
                   f"approx_kl {2 * stats['approx_kl']:.4f}, clip_frac {2 * stats['clip_frac']:.3f}, "
@@ -109,8 +108,8 @@ def run(name, path, args):
             model, trained = lora_copy(base, hold)
             started = time.process_time()
             with models.mixed_precision(CPU, BF16):
-                step_samples, step_prompts = rollout.rollout_users(model, tokenizer, users, cfg, generators)
-            rollout.ppo_update(model, torch.optim.AdamW(trained, lr=1e-4), step_prompts, step_samples, advantages, cfg,
+                step_traces, step_prompts = rollout.rollout_users(model, tokenizer, users, cfg, generators)
+            rollout.ppo_update(model, torch.optim.AdamW(trained, lr=1e-4), step_prompts, step_traces, advantages, cfg,
                                shared_prefix=True, dtype=BF16)
             seconds[hold].append(time.process_time() - started)
     fp32_base, bf16_base = (min(seconds[hold]) for hold in (False, True))

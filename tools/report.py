@@ -34,9 +34,10 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+import data  # noqa: E402
+from protocol import UsageError  # noqa: E402
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
-import sources  # noqa: E402
 
 
 TRAINED = ("r2rank", "reczero", "r2ec")  # methods whose rows are a checkpoint's: one row per file
@@ -139,7 +140,7 @@ def read_metrics(path):
     a non-finite number in CURVE_KEYS (json writes NaN) is left out of its row, with a note on stderr."""
     rows, left_out, previous = [], [], None  # previous: (step, line) of the last row
     try:
-        for lineno, row in sources.read_jsonl(path):
+        for lineno, row in data.read_jsonl(path):
             step = row.get("step")
             if isinstance(step, bool) or not isinstance(step, int):
                 raise ReportError(f"{path}:{lineno}: no whole-number step ({step!r})")
@@ -153,7 +154,7 @@ def read_metrics(path):
                     left_out.append(f"line {lineno} {name} {json.dumps(row.pop(name))}")
             rows.append(row)
             previous = (step, lineno)
-    except sources.UsageError as error:
+    except UsageError as error:
         raise ReportError(str(error)) from None
     if not rows:
         raise ReportError(f"{path}: no metrics yet")

@@ -1,5 +1,5 @@
 """One RL step of a model through the project's own code, timed and with its peak memory beside
-memory.py's estimate; and --paper-scale, the ready GPU check. Run through benchmark.py:
+machinery/memory.py's estimate; and --paper-scale, the ready GPU check. Run through benchmark.py:
 
     python tools/benchmark.py --rl-step random:qwen2.5-0.5b --new-tokens 64
     python tools/benchmark.py --paper-scale          # CUDA: the tests, then Qwen2.5-1.5B and 3B steps
@@ -11,13 +11,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
 import rollout  # noqa: E402
 from head import ScoreHead  # noqa: E402
+from machinery import config, models, sources  # noqa: E402
 
-from memory import estimate_memory  # noqa: E402
+from machinery.memory import estimate_memory  # noqa: E402
 
 
 def rss_kib(field):
@@ -28,7 +27,7 @@ def rss_kib(field):
 def benchmark_instance(history, candidates, user=0):
     """A synthetic user (the `user`-th training user) with a full-length history (the synthetic set's
     are 4-10 items)."""
-    raw = data.synthetic_raw(users=50, seed=0)
+    raw = sources.synthetic_raw(users=50, seed=0)
     splits, _ = data.build_instances(raw, data.Protocol(candidates=candidates))
     instance = dict(splits["train"][user])
     pool = [item for inst in splits["train"] for item in inst["history"]]
@@ -83,13 +82,13 @@ def rl_step(name, args, device):
         return time.perf_counter() - start, peak - baseline, result
 
     generator = torch.Generator(device=device).manual_seed(0)
-    seconds, rollout_peak, (samples, prompts) = phase(lambda: rollout.rollout_users(model, tokenizer, instances, cfg, generator))
-    new = sum(int(s.lengths.sum()) for s in samples)
+    seconds, rollout_peak, (traces, prompts) = phase(lambda: rollout.rollout_users(model, tokenizer, instances, cfg, generator))
+    new = sum(int(s.lengths.sum()) for s in traces)
     advantages = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        head(torch.stack([s.final_hidden for s in samples]))
+        head(torch.stack([s.final_hidden for s in traces]))
     score_grads = torch.randn(args.users, len(suffixes), generator=torch.Generator().manual_seed(1))  # the score path, on by default
-    update_seconds, update_peak, stats = phase(lambda: rollout.ppo_update(model, optimizer, prompts, samples, advantages, cfg,
+    update_seconds, update_peak, stats = phase(lambda: rollout.ppo_update(model, optimizer, prompts, traces, advantages, cfg,
                                                                           shared, head=head, score_grads=score_grads, dtype=dtype),
                                                autocast=False)  # ppo_update autocasts its forwards, never its steps
     parts, peaks = estimate_memory(model.config, len(suffixes), prompt_tokens, args.new_tokens, args.micro_batch, checkpointing,

@@ -16,12 +16,12 @@ import socket
 import sys
 
 
-import distributed
+from machinery import distributed
 from protocol import UsageError
 
-import runs
+from machinery import runs
 
-import stops
+from machinery import stops
 
 try:  # POSIX; elsewhere --out is not locked
     import fcntl

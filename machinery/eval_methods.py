@@ -7,10 +7,9 @@ import json
 import os
 import shlex
 
-import config
 import data
-import models
-from baselines import r2ec
+from protocol import UsageError
+from machinery import config, models
 
 
 # A trained method needs a checkpoint of its own training: what its directory holds, and its record of settings.
@@ -38,7 +37,7 @@ def checkpoint_kind(model):
     or None (a hub id, tiny, a bare model, an SFT checkpoint)."""
     if models.has_head(model):
         return "r2rank"
-    if r2ec.has_head(model):
+    if os.path.isfile(os.path.join(model, "r2ec-head.safetensors")):  # baselines/r2ec.py's head (r2ec.has_head)
         return "r2ec"
     return "reczero" if os.path.isfile(os.path.join(model, "reczero.json")) else None
 
@@ -51,7 +50,7 @@ def servable(methods, model, named):
     for name in [name for name in methods if name in RECORDS and name != kind]:
         if named:
             fix = f"evaluate it with --methods {kind}" if kind else f"leave {name} out of --methods"
-            raise data.UsageError(f"--methods {name} needs {TRAINED_BY[name]}; --model {model} is {TRAINED_BY[kind]}: {fix}")
+            raise UsageError(f"--methods {name} needs {TRAINED_BY[name]}; --model {model} is {TRAINED_BY[kind]}: {fix}")
         # only r2rank is in the default --methods
         print(f"note: {model} has no trained scoring head (head.safetensors), so r2rank is skipped: an untrained "
               f"head's scores are noise. Pass a checkpoint directory of --stage rl as --model to evaluate R2Rank.")

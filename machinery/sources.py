@@ -21,19 +21,15 @@ checkerboard over nouns and colours, so every noun and every colour occurs on bo
 them, the other half to the training users, so no valid or test candidate was ever seen in training.
 Counting what training users liked (popularity) cannot rank them; reading "camping" can.
 """
-import gzip
-import json
 import math
 import os
 import random
 import re
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from tqdm import tqdm
-
+from data import read_jsonl, read_lines, require, shorten  # noqa: F401 (the readers of input files; sources.read_jsonl for callers)
 from protocol import DataError, UsageError  # noqa: F401 (sources.DataError for callers)
 
 STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
@@ -42,44 +38,6 @@ MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime 
 
 
 # ------------------------------------------------------------------- input files
-
-
-def read_lines(path, encoding="utf-8"):
-    """Yield (line_number, text) of a plain or gzip file, streamed, with a tqdm bar over its bytes."""
-    try:
-        raw = open(path, "rb")
-        is_gzip = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
-    lineno = 0
-    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=os.path.basename(path),
-               disable=None, leave=False)
-    with raw, bar:
-        try:
-            for lineno, line in enumerate(gzip.GzipFile(fileobj=raw) if is_gzip else raw, 1):
-                if lineno % 8192 == 0:
-                    bar.update(raw.tell() - bar.n)
-                try:
-                    text = line.decode(encoding)
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid {encoding} (byte {e.start + 1})") from None
-                yield lineno, text.rstrip("\r\n")
-        except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
-            raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from None
-
-
-def read_jsonl(path):
-    """Yield (line_number, dict) for each non-blank line of a JSON-lines file."""
-    for lineno, text in read_lines(path):
-        if text.strip():
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
 
 
 def read_rows(path, sep, count=None, encoding="utf-8"):
@@ -103,15 +61,6 @@ def read_atomic(path, required):
         raise DataError(f"{path}:1: the header lacks column(s) {', '.join(missing)}")
     for lineno, values in rows:
         yield lineno, dict(zip(columns, values))
-
-
-def require(record, name, kinds, path, lineno):
-    value = record.get(name)
-    if value is None:
-        raise DataError(f"{path}:{lineno}: missing required field '{name}'")
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise DataError(f"{path}:{lineno}: field '{name}' has the wrong type ({type(value).__name__})")
-    return value
 
 
 def as_int(text, path, lineno):
@@ -170,13 +119,6 @@ def amazon_reviews(path):
     for lineno, review in read_jsonl(path):
         user, item = require(review, "user_id", str, path, lineno), require(review, "parent_asin", str, path, lineno)
         yield user, item, int(require(review, "timestamp", (int, float), path, lineno) // 1000)  # ms -> s
-
-
-def shorten(text, max_chars):
-    """text cut to at most max_chars characters, "..." marking the cut."""
-    if len(text) <= max_chars:
-        return text
-    return text[:max_chars - 3].rstrip() + "..." if max_chars > 3 else text[:max_chars]
 
 
 def amazon_text(record):

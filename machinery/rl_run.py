@@ -1,16 +1,18 @@
 """What an RL run needs around Algorithm 1's step (r2rank.train_rl): its set-up, the step's users and
-random streams, phase 1 as a call, and the bookkeeping after each step, so that the loop a reader
+random streams, the block around phase 1, and the bookkeeping after each step, so that the loop a reader
 follows beside the paper shows the paper's phases and little else.
 
     run = setup_rl(cfg)                      data, model, head, optimizers, resume; the start-up checks
     book = Bookkeeper(cfg, run)              metrics.jsonl, progress bar, validation, checkpoints, stops
-    samples, prompts = book.rollout(step, lambda: run.rollout(cfg, instances, generators))
+    with book.rollout_phase(step):           autocast; a stop drops the step still rolling out
+        traces, prompts = rollout.rollout_users(...)   (MLP-only: run.cached_traces)
     book.end_step(step, row)                 checks, validates, logs, saves; stops when asked
 
 Stops (Ctrl-C, SIGTERM; stops.StopOnSignal): a step still rolling out is dropped at once (it has
 changed nothing) and the finished steps are kept, saved now if they were not; during an update the
 step finishes and is saved. Then the run stops. Under torchrun rank 0 validates, logs and saves.
 """
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -18,28 +20,25 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import checkpoints
 import data
-import distributed
-import memory
+from protocol import UsageError
 import rollout
-import runs
-import stops
 from metrics import ndcg_from_scores
 from head import ScoreHead, score_traces
-from models import (attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy, load_trace_cache,
+from machinery import checkpoints, datasets, distributed, memory, runs, stops
+from machinery.models import (attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy, load_trace_cache,
                     mixed_precision, pick_device, pick_dtype)
 
 
 @torch.no_grad()
-def validate(model, tokenizer, head, instances, cfg, samples=None, fast_decode=True):
+def validate(model, tokenizer, head, instances, cfg, traces=None, fast_decode=True):
     """(NDCG@10 of greedy traces ranked by the head's scores, the traces). Pass the traces of an
-    earlier call as samples to skip the rollout (they do not change while the LLM is frozen)."""
-    if samples is None:
-        samples, _ = rollout.rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0, fast_decode=fast_decode)
-    scores = score_traces(head, samples)
+    earlier call as traces to skip the rollout (they do not change while the LLM is frozen)."""
+    if traces is None:
+        traces, _ = rollout.rollout_users(model, tokenizer, instances, cfg, None, temperature=0.0, fast_decode=fast_decode)
+    scores = score_traces(head, traces)
     labels = torch.tensor([inst["labels"] for inst in instances])
-    return ndcg_from_scores(scores.cpu(), labels, 10).mean().item(), samples
+    return ndcg_from_scores(scores.cpu(), labels, 10).mean().item(), traces
 
 
 def users_for_step(num_users, users_per_step, seed, step):
@@ -67,16 +66,14 @@ class RLRun:
     optimizers: dict  # "head", and "llm" unless --freeze-llm
     plan: runs.Plan  # the step it starts at (0, or the checkpoint's), what --resume changed
     shared_prefix: bool  # the update runs a user's prompt prefix once per micro-batch
-    trace_cache: dict  # MLP-only: user_id -> Samples, sampled once and reused
+    trace_cache: dict  # MLP-only: user_id -> Traces, sampled once and reused (cached_traces)
     fast_decode: bool  # the rollout on decode.py's forward (False: transformers', after a failed start-up check)
     claim: stops.Claim = None  # --out held for this run (stops.claim), let go when the Bookkeeper's block ends
 
-    def rollout(self, cfg, instances, generators):
-        """Phase 1: one trace per candidate of every user, as (per-user Samples, per-user prompts).
-        MLP-only (--freeze-llm): the policy never changes, so a user's K traces are sampled at its first
-        step and reused whenever it comes back (a fixed sample instead of a fresh one; prompts None)."""
-        if not cfg.freeze_llm:
-            return rollout.rollout_users(self.model, self.tokenizer, instances, cfg, generators, fast_decode=self.fast_decode)
+    def cached_traces(self, cfg, instances, generators):
+        """Phase 1 of MLP-only (--freeze-llm, departure 11): the policy never changes, so a user's K traces
+        are sampled at its first step (rollout.rollout_users) and reused whenever it comes back (a fixed
+        sample instead of a fresh one). Returns (per-user Traces, None: no update reads the prompts)."""
         missing = [u for u, inst in enumerate(instances) if inst["user_id"] not in self.trace_cache]
         sampled = rollout.rollout_users(self.model, self.tokenizer, [instances[u] for u in missing], cfg,
                                         [generators[u] for u in missing], fast_decode=self.fast_decode)[0]
@@ -89,10 +86,10 @@ def setup_rl(cfg, rank_device=None):
     held for the run (stops.claim; None and let go when there is nothing to train or set-up fails).
     rank_device: this rank's GPU under torchrun (distributed.start)."""
     if cfg.freeze_llm and distributed.world() > 1:
-        raise data.UsageError("--freeze-llm is not supported under torchrun yet (each rank would cache its own users' "
+        raise UsageError("--freeze-llm is not supported under torchrun yet (each rank would cache its own users' "
                              "traces); run it as one process")
     if cfg.users_per_step < distributed.world():
-        raise data.UsageError(f"--users-per-step {cfg.users_per_step} leaves some of the {distributed.world()} ranks "
+        raise UsageError(f"--users-per-step {cfg.users_per_step} leaves some of the {distributed.world()} ranks "
                              "without a user: give each rank at least one")
     claim = stops.claim(cfg.out)  # a second run on this --out is refused until the run ends
     try:
@@ -114,13 +111,13 @@ def load_run(cfg, rank_device):
     # the data and --out are checked before the model loads: a bad input costs no download
     if not distributed.is_main():
         distributed.barrier()  # rank 0 builds the synthetic set, if it is the data
-    data_dir = data.prepare_data(cfg.data, cfg.out, cfg.seed)
+    data_dir = datasets.prepare_data(cfg.data, cfg.out, cfg.seed)
     if distributed.is_main():
         distributed.barrier()
     train = data.load_split(data_dir, "train")[: cfg.train_users or None]
     valid = data.load_split(data_dir, "valid", allow_empty=not cfg.eval_every)
     if cfg.users_per_step > len(train):
-        raise data.UsageError(f"--users-per-step {cfg.users_per_step} is more than the {len(train)} training users "
+        raise UsageError(f"--users-per-step {cfg.users_per_step} is more than the {len(train)} training users "
                              f"of {data_dir}" + (" kept by --train-users" if cfg.train_users else ""))
     plan = runs.plan_out(cfg, data_dir, cfg.max_steps)
     start_step, checkpoint = plan.start_step, plan.checkpoint
@@ -144,7 +141,7 @@ def load_run(cfg, rank_device):
         cfg.max_new_tokens, cfg.micro_batch, dtype.itemsize, cfg.lora_rank)
     enable_checkpointing(model, "on" if use_checkpointing else "off", device)
     if use_checkpointing and cfg.shared_prefix_update == "on":
-        raise data.UsageError("--shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
+        raise UsageError("--shared-prefix-update on needs --gradient-checkpointing off (checkpointed layers drop the KV cache)")
     shared_prefix = cfg.shared_prefix_update == "on" or (cfg.shared_prefix_update == "auto" and not use_checkpointing)
     model.eval()
     optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)}
@@ -166,7 +163,7 @@ def load_run(cfg, rank_device):
             print(f"warning: decode.py's log-probs differ from the model's forward by {gap:.3f} per token on this GPU "
                   f"(past the {rollout.DECODE_TOLERANCE[dtype]:g} that {dtype} rounding explains): the rollout uses "
                   "transformers' forward instead (slower)")
-    trace_cache = {}  # MLP-only: RLRun.rollout
+    trace_cache = {}  # MLP-only: RLRun.cached_traces
     if cfg.freeze_llm and checkpoint and os.path.isfile(os.path.join(checkpoint, "trace-cache.pt")):
         trace_cache = load_trace_cache(os.path.join(checkpoint, "trace-cache.pt"), cfg, device)
     elif cfg.freeze_llm and cfg.trace_cache:
@@ -197,7 +194,7 @@ class Bookkeeper:
         self.metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if self.main else None
         self.saved = run.plan.checkpoint  # the newest checkpoint of this run: what a stop keeps
         self.stop = stops.StopOnSignal(self.saved or "nothing (no checkpoint yet)")
-        self.valid_users, self.valid_samples = run.valid[: cfg.eval_users], None  # samples: MLP-only, rolled out once
+        self.valid_users, self.valid_traces = run.valid[: cfg.eval_users], None  # traces: MLP-only, rolled out once
         self.alone = distributed.world() == 1  # under torchrun a rank cannot drop a step alone: the others would wait for it
         self.warned_collapse, self.started, self.bar = False, None, None
 
@@ -239,19 +236,21 @@ class Bookkeeper:
         run = self.run
         try:
             with self.stop.abandonable(), mixed_precision(run.device, run.dtype):
-                ndcg, checked = validate(run.model, run.tokenizer, run.head, self.valid_users, self.cfg, self.valid_samples,
+                ndcg, checked = validate(run.model, run.tokenizer, run.head, self.valid_users, self.cfg, self.valid_traces,
                                          run.fast_decode)
         except stops.Abandoned:
             return None
-        self.valid_samples = checked if self.cfg.freeze_llm else None
+        self.valid_traces = checked if self.cfg.freeze_llm else None
         return ndcg
 
-    def rollout(self, step, sample):
-        """sample() (phase 1) under autocast; a signal drops this step, keeps the finished ones and stops the run."""
+    @contextlib.contextmanager
+    def rollout_phase(self, step):
+        """Phase 1's block: under autocast; a signal drops this step (it has changed nothing), keeps the
+        finished ones and stops the run."""
         cfg, run = self.cfg, self.run
         try:
             with self.stop.abandonable(self.alone), mixed_precision(run.device, run.dtype):
-                return sample()
+                yield
         except stops.Abandoned:  # nothing of this step is kept; the finished steps are
             if step > run.plan.start_step and self.saved != os.path.join(cfg.out, f"checkpoint-{step}"):
                 self.saved = self.save(step)
@@ -269,7 +268,7 @@ class Bookkeeper:
         """Phase 5 for the step's metrics row: checks, validation, the log line, the checkpoint; stops when asked."""
         cfg = self.cfg
         if problem := runs.non_finite(row, self.run.optimizers):  # nothing of this step is written
-            raise data.UsageError(f"step {step + 1}: {problem}, so the run stops without writing this step "
+            raise UsageError(f"step {step + 1}: {problem}, so the run stops without writing this step "
                                  f"(kept: {self.saved or 'no checkpoint'}); lower --lr / --head-lr, or check the weights it started from")
         if row["score_std"] < runs.COLLAPSED_SPREAD and not self.warned_collapse:
             self.warned_collapse = True
@@ -295,11 +294,11 @@ class Bookkeeper:
             raise stop.exit(f"{runs.steps_text(1, step + 1)} kept in {os.path.join(cfg.out, f'checkpoint-{step + 1}')}; "
                             "continue with --resume", say=self.main)  # every rank exits 128 + N, rank 0 says why
 
-    def row(self, step, samples, users_share, user_means, step_stats):
+    def row(self, step, traces, users_share, user_means, step_stats):
         """The step's metrics row. user_means: this rank's means over its users, weighted by users_share
         (its part of the step's users) and summed over the ranks; step_stats: already the whole step's."""
-        user_means = {**user_means, **rollout.trace_stats(samples, self.run.tokenizer)}
-        tokens = sum(int(s.lengths.sum()) for s in samples)  # token_logp is a mean over tokens, not users
+        user_means = {**user_means, **rollout.trace_stats(traces, self.run.tokenizer)}
+        tokens = sum(int(s.lengths.sum()) for s in traces)  # token_logp is a mean over tokens, not users
         token_logp = distributed.total(user_means.pop("token_logp") * tokens) / max(distributed.total(tokens), 1)
         return {"step": step + 1, **step_stats, **{name: distributed.total(value * users_share) for name, value in user_means.items()},
                 "token_logp": token_logp}

@@ -17,23 +17,24 @@ import torch
 from safetensors.torch import load_file
 
 import data
+from protocol import UsageError
 import rollout
-import runs
+from machinery import runs, sources
 from head import ScoreHead
 
 
 def pick_device(name):
-    """'auto' (cuda, then mps, then cpu) or a torch device name; one a machine lacks, or meta, is a data.UsageError."""
+    """'auto' (cuda, then mps, then cpu) or a torch device name; one a machine lacks, or meta, is a UsageError."""
     if name != "auto":
         try:
             device = torch.device(name)
         except RuntimeError as error:
-            raise data.UsageError(f"--device {name}: not a torch device ({error})") from None
+            raise UsageError(f"--device {name}: not a torch device ({error})") from None
         if device.type == "meta":  # tensors there have shapes and no values: nothing can be computed
-            raise data.UsageError(f"--device {name}: the meta device holds shapes only, no values, so nothing runs on it "
+            raise UsageError(f"--device {name}: the meta device holds shapes only, no values, so nothing runs on it "
                                   "(use --device cpu, cuda or auto)")
         if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not torch.backends.mps.is_available()):
-            raise data.UsageError(f"--device {name}: this machine has no {device.type.upper()} device (try --device auto)")
+            raise UsageError(f"--device {name}: this machine has no {device.type.upper()} device (try --device auto)")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -49,7 +50,7 @@ def pick_dtype(name, device):
     and Qwen2's activations overflow fp16's range. bf16 asked of a CUDA card without it (before
     Ampere) falls back to fp32, with one line that says so."""
     if name == "float16":
-        raise data.UsageError("--dtype float16 is not supported: there is no loss scaling, so small gradients underflow, "
+        raise UsageError("--dtype float16 is not supported: there is no loss scaling, so small gradients underflow, "
                              "and Qwen2's activations overflow fp16; use --dtype bfloat16 (or float32)")
     if name == "auto" and device.type != "cuda":
         return torch.float32  # on a CPU bf16 matmuls are slow and inexact
@@ -73,7 +74,7 @@ def offline_tokenizer(vocab_size=1024):
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order: pad, turn start, turn end
-    raw = data.synthetic_raw(users=50, seed=0)
+    raw = sources.synthetic_raw(users=50, seed=0)
     corpus = [data.SYSTEM_PROMPT, data.INSTRUCTIONS] + [f"{i['title']} - {i['text']}" for i in raw.items.values()]
     corpus += [f"The user liked the {i['title'].lower()}, so <answer>{data.RECOMMEND}</answer> or "
                f"<answer>{data.NOT_RECOMMEND}</answer>." for i in raw.items.values()]
@@ -135,7 +136,7 @@ def qwen25_config(name):
     from transformers import Qwen2Config
 
     if name not in QWEN25:
-        raise data.UsageError(f"--model random:{name}: unknown architecture; choose from {', '.join('random:' + n for n in QWEN25)}")
+        raise UsageError(f"--model random:{name}: unknown architecture; choose from {', '.join('random:' + n for n in QWEN25)}")
     hidden, intermediate, layers, heads, kv_heads, tied = QWEN25[name]
     return Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
@@ -221,7 +222,7 @@ def checkpoint_state_dict(model):
 
 def load_policy(name, device, dtype, seed=0):
     """(model, tokenizer) for 'tiny', a .gguf file, a local directory or a hub id. A model that cannot
-    be loaded is a data.UsageError naming it (one line for the CLI)."""
+    be loaded is a UsageError naming it (one line for the CLI)."""
     if name == "tiny":
         model, tokenizer = build_tiny(seed=seed)
     elif name.startswith("random:"):
@@ -229,14 +230,14 @@ def load_policy(name, device, dtype, seed=0):
         model = random_model(config, tokenizer, seed, device)  # built where it runs: no fp32 copy on the CPU first
     elif name.endswith(".gguf"):
         if not os.path.isfile(name):
-            raise data.UsageError(f"--model {name}: no such file")
+            raise UsageError(f"--model {name}: no such file")
         try:
             model, tokenizer = load_gguf(name)
         except ImportError as error:
-            raise data.UsageError(f"--model {name}: reading GGUF needs the optional gguf package (pip install gguf; {error})") from None
+            raise UsageError(f"--model {name}: reading GGUF needs the optional gguf package (pip install gguf; {error})") from None
         except Exception as error:  # not GGUF, truncated, or an architecture transformers cannot read: one line
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise data.UsageError(f"--model {name}: cannot read it as a GGUF model ({reason})") from None
+            raise UsageError(f"--model {name}: cannot read it as a GGUF model ({reason})") from None
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -244,13 +245,13 @@ def load_policy(name, device, dtype, seed=0):
             print(f"loading {name} from the Hugging Face hub (downloaded once, then cached; --model tiny needs none)")
         for file in sorted(os.listdir(name) if os.path.isdir(name) else []):  # the head and LoRA's too: a save cut short
             if file.endswith(".safetensors") and (problem := runs.safetensors_problem(os.path.join(name, file))):
-                raise data.UsageError(f"--model {name}: {problem}, so it is damaged; pass another checkpoint")
+                raise UsageError(f"--model {name}: {problem}, so it is damaged; pass another checkpoint")
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:  # not found, no network, not a model directory
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise data.UsageError(f"--model {name}: cannot load it ({reason})") from None
+            raise UsageError(f"--model {name}: cannot load it ({reason})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device=device, dtype=dtype), tokenizer
@@ -275,7 +276,7 @@ ADDED_TRACE_SETTINGS = {"prompt": "self-check"}  # added after caches were made:
 
 
 def load_trace_cache(path, cfg, device):
-    """{user_id: rollout.Samples} from a trace-cache.pt; refuses traces made with other trace settings
+    """{user_id: rollout.Traces} from a trace-cache.pt; refuses traces made with other trace settings
     (read from the r2rank.json beside it). --model may name the --freeze-llm checkpoint that holds the
     cache instead of the model that run started from: its LLM is the same, frozen."""
     if not os.path.isfile(path):
@@ -291,7 +292,7 @@ def load_trace_cache(path, cfg, device):
         if differ:
             sys.exit(f"error: {path}: its traces were made with " + ", ".join(f"--{n.replace('_', '-')} {saved.get(n)}" for n in differ)
                      + "; this run has " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ))
-    return {user: rollout.Samples(**fields) for user, fields in torch.load(path, map_location=device).items()}
+    return {user: rollout.Traces(**fields) for user, fields in torch.load(path, map_location=device).items()}
 
 
 # --------------------------------------------------------------------- the scoring head's file
@@ -300,17 +301,17 @@ def load_trace_cache(path, cfg, device):
 def load_head(path, hidden_size, device):
     """The scoring head saved in checkpoint directory `path` (its width is in r2rank.json), for a model of
     hidden size hidden_size. A head of another width or hidden size (files of two runs mixed, or another
-    --model) is a data.UsageError naming both shapes."""
+    --model) is a UsageError naming both shapes."""
     file = os.path.join(path, "head.safetensors")
     with open(os.path.join(path, "r2rank.json")) as f:
         width = json.load(f)["head_width"]
     if problem := runs.safetensors_problem(file):
-        raise data.UsageError(f"{path}: {problem}, so the head cannot be read; pass another checkpoint")
+        raise UsageError(f"{path}: {problem}, so the head cannot be read; pass another checkpoint")
     state, head = load_file(file), ScoreHead(hidden_size, width)
     found = {name: tuple(value.shape) for name, value in state.items()}
     if found != {name: tuple(value.shape) for name, value in head.state_dict().items()}:
         saved_width, saved_hidden = found.get("net.1.weight", ("?", "?"))  # [width, hidden size]
-        raise data.UsageError(f"{file}: a head of width {saved_width} on hidden size {saved_hidden}, but this run needs width "
+        raise UsageError(f"{file}: a head of width {saved_width} on hidden size {saved_hidden}, but this run needs width "
                               f"{width} (its r2rank.json) on hidden size {hidden_size} (the model's): start a new head with "
                               "--new-head, or pass the model the head was trained on as --model")
     head.load_state_dict(state)

@@ -9,8 +9,8 @@ tools/benchmark.py --rl-step measures one step beside this estimate.
 """
 import torch
 
-import config as cli_config
-import models
+from machinery import config as cli_config
+from machinery import models
 import rollout
 
 MICRO_BATCH = cli_config.Config().micro_batch  # the CLI's --micro-batch default: what a run uses unless told
@@ -74,7 +74,7 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
         "gradients (fp32)": 4 * trained,
         "AdamW states (fp32)": 8 * trained,
         "activations (one micro-batch)": activations,
-        "response logits (one micro-batch)": micro_batch * new_tokens * V * (12 + c),
+        "trace logits (one micro-batch)": micro_batch * new_tokens * V * (12 + c),
         "KV cache (rollout, one decode batch)": rows * (prompt_tokens + new_tokens) * L * kv * (4 + c),
         "optimizer step temporary": 4 * (trained if foreach else min(largest, trained)),
         # a tied embedding's gradient arrives twice (embedding, lm_head) and is summed: two V x H temporaries
@@ -82,7 +82,7 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
     }
     static = parts["weights"] + parts["autocast weight copies"] + parts["AdamW states (fp32)"]
     backward = static + sum(parts[name] for name in ("gradients (fp32)", "activations (one micro-batch)",
-                                                     "response logits (one micro-batch)", "tied-embedding gradient temporaries"))
+                                                     "trace logits (one micro-batch)", "tied-embedding gradient temporaries"))
     step = static + parts["gradients (fp32)"] + parts["optimizer step temporary"]
     rollout_peak = static + parts["KV cache (rollout, one decode batch)"] + 3 * 4 * rows * V  # and [rows, V] logits per token
     return parts, {"rollout": rollout_peak, "update": max(backward, step), "peak": max(rollout_peak, backward, step)}

@@ -13,10 +13,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from models import adapter_state_dict, checkpoint_state_dict, lora_layers
+from machinery.models import adapter_state_dict, checkpoint_state_dict, lora_layers
 from protocol import UsageError
 
-import runs
+from machinery import runs
 
 try:  # POSIX; elsewhere a file-size limit is not looked up
     import resource
@@ -140,7 +140,7 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_ca
     Holds the model (safetensors; LoRA adapters merged in, and also apart in lora.safetensors) and
     tokenizer, so the directory works as --model; head.safetensors
     (unless head is None), the optimizers' states, r2rank.json (step and run config), and with
-    --freeze-llm the cached traces (trace-cache.pt: {user_id: rollout.Samples fields}).
+    --freeze-llm the cached traces (trace-cache.pt: {user_id: rollout.Traces fields}).
     """
     with checkpoint_directory(out, step) as tmp:
         model.save_pretrained(tmp, state_dict=checkpoint_state_dict(model))  # safetensors, fp32, LoRA adapters merged in
@@ -151,7 +151,7 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, cfg, trace_ca
             save_file(head.state_dict(), os.path.join(tmp, "head.safetensors"))
         torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
         if trace_cache is not None:
-            torch.save({user: dataclasses.asdict(samples) for user, samples in trace_cache.items()},
+            torch.save({user: dataclasses.asdict(traces) for user, traces in trace_cache.items()},
                        os.path.join(tmp, "trace-cache.pt"))
         with open(os.path.join(tmp, "r2rank.json"), "w") as f:
             json.dump({"step": step, "config": dataclasses.asdict(cfg), "head_width": cfg.head_width, **(record or {})}, f, indent=1)

@@ -7,7 +7,7 @@ gradients summed so that the update is the one a single process computes for the
 Each rank holds the whole model (data parallelism, as torch's DistributedDataParallel does) and
 works on its share of the step's users: users[rank::world]. What makes N ranks equal one process:
 - randomness per user: a user's traces and rankings come from a generator seeded by
-  (seed, step, user), never from one stream shared by the users (r2rank.user_generator);
+  (seed, step, user), never from one stream shared by the users (rl_run.user_generator);
 - every loss is a share of the step's global total (the PPO loss of the tokens of the whole step,
   the head's loss of all users' rankings), so the gradients are summed, not averaged, across ranks;
 - rank 0 alone writes (metrics, checkpoints, eval files); every rank reads the same checkpoint.

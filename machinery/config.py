@@ -42,7 +42,7 @@ def number(value):
 
 
 AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT_INTERVAL = Bound(0), Bound(1), Bound(0, strict=True), Bound(0, True, 1.0)
-# Seeds are combined as (seed x 1,000,003 + step) x 1,000,003 + user (r2rank.user_generator), which must fit torch's 64 bits.
+# Seeds are combined as (seed x 1,000,003 + step) x 1,000,003 + user (rl_run.user_generator), which must fit torch's 64 bits.
 SEED_RANGE = Bound(0, high=2 ** 24 - 1)
 # AdamW moves each weight by about lr per step: above 1, weights and the head's scores blow up or collapse.
 LEARNING_RATE = Bound(0, high=1.0)
@@ -66,9 +66,11 @@ def arg(default, help, choices=None, group="common", allowed=None):
 COMMON = "common to every stage"
 RL = "--stage rl: Algorithm 1"
 BEYOND = "--stage rl, beyond the paper (the departures listed at the top of r2rank.py)"
+RL_RUN = "--stage rl: how the run is carried out (cost, the users trained on, what it starts from; not the algorithm)"
 SFT = "--stage sft-data, then --stage sft: the cold start (Sec. 3.4)"
 EVAL = "--stage eval: Table 2 and the analyses of Sec. 4"
-common, rl, beyond, sft_arg, eval_arg = (functools.partial(arg, group=group) for group in (COMMON, RL, BEYOND, SFT, EVAL))
+common, rl, beyond, rl_run, sft_arg, eval_arg = (functools.partial(arg, group=group)
+                                                 for group in (COMMON, RL, BEYOND, RL_RUN, SFT, EVAL))
 
 
 @dataclass
@@ -148,14 +150,16 @@ class Config:
     advantage_samples: int = beyond(256, "counterfactual: Plackett-Luce rankings per value estimate (no LLM cost)", allowed=ADVANTAGE_SAMPLES)
     pl_std: float = beyond(0.0, "if > 0, each user's K scores are standardized to this std before Plackett-Luce "
                            "(a PL temperature that follows the head's scale, departure 8; 0 = the paper's raw scores)", allowed=AT_LEAST_0)
-    shared_prefix_update: str = beyond("auto", "update: run a user's prompt prefix once for its K traces; auto = "
+
+    # --stage rl: how the run is carried out (not departures: the algorithm is the same either way)
+    shared_prefix_update: str = rl_run("auto", "update: run a user's prompt prefix once for its K traces; auto = "
                                        "when gradient checkpointing is off (the two do not combine)", ["auto", "on", "off"])
-    train_users: int = beyond(0, "train on the first N training users only (0 = all): a smaller set to roll out on a CPU", allowed=AT_LEAST_0)
-    response_prefix: str = beyond("", "text every reply is forced to start with, fed as part of the prompt and never "
+    train_users: int = rl_run(0, "train on the first N training users only (0 = all): a smaller set to roll out on a CPU", allowed=AT_LEAST_0)
+    response_prefix: str = rl_run("", "text every reply is forced to start with, fed as part of the prompt and never "
                                   "trained (e.g. '<think>'); pass the same to --stage eval")
-    trace_cache: str = beyond("", "--freeze-llm: start from the traces of an earlier --freeze-llm run "
+    trace_cache: str = rl_run("", "--freeze-llm: start from the traces of an earlier --freeze-llm run "
                               "(<its checkpoint>/trace-cache.pt), e.g. to train another head on them")
-    new_head: bool = beyond(False, "start a new scoring head even when --model is a checkpoint that has one, "
+    new_head: bool = rl_run(False, "start a new scoring head even when --model is a checkpoint that has one, "
                             "e.g. to train a head MLP-only on the LLM of an RL run")
 
     # --stage sft-data, then --stage sft: the cold start (Sec. 3.4)

