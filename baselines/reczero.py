@@ -155,10 +155,10 @@ def rank(model, tokenizer, instances, max_history, max_item_chars, max_new_token
     for instance in tqdm(instances, desc=desc, dynamic_ncols=True, disable=not progress):
         prefix, suffixes = data.encode_user(tokenizer, instance, max_history, max_item_chars,
                                             instructions=THINK_INSTRUCTIONS)
-        traces = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens, temperature=0.0)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in traces.token_lists()]
+        greedy = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens, temperature=0.0)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy.token_lists()]
         answered += sum(data.parse_answer(text) is not None for text in texts)
-        cut += int((~traces.finished).sum())
+        cut += int((~greedy.finished).sum())
         traces += len(texts)
         scores.append(answer_log_odds(model, tokenizer, prefix, suffixes, texts))
     return torch.stack(scores), {"answer_share": answered / max(traces, 1), "truncated_share": cut / max(traces, 1)}
