@@ -372,6 +372,7 @@ def evaluate_and_write(cfg, rank_device):
     model = tokenizer = head = None
     if any(name in PROMPTED for name in methods):
         model, tokenizer = models.load_policy(cfg.model, device, dtype, cfg.seed)  # a UsageError if it cannot
+        models.check_context(model, cfg.max_new_tokens)
         model.eval()
         if "r2rank" in methods:
             head = models.load_head(cfg.model, model.config.hidden_size, device).eval()

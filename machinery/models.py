@@ -254,7 +254,28 @@ def load_policy(name, device, dtype, seed=0):
             raise UsageError(f"--model {name}: cannot load it ({reason})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_tokenizer(name, tokenizer)
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def check_context(model, max_new_tokens):
+    """A UsageError when --max-new-tokens leaves no room in the model's context window (its
+    max_position_embeddings) for the prompt: the traces would run past the positions it was built for."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and max_new_tokens >= positions:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} does not fit the model's context window of {positions} "
+                         f"positions (max_position_embeddings) with the prompt before it: lower --max-new-tokens")
+
+
+def check_tokenizer(name, tokenizer):
+    """A UsageError unless the tokenizer encodes a line of the prompt into tokens that decode back to it.
+    A checkpoint directory without its tokenizer.json can load a tokenizer of a few special tokens that
+    encodes every prompt as []: the model would then rank candidates it never read."""
+    probe = data.SYSTEM_PROMPT
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if not ids or probe not in tokenizer.decode(ids):
+        raise UsageError(f"--model {name}: its tokenizer encodes the prompt as {len(ids)} tokens that do not read back "
+                         f"(a vocabulary of {len(tokenizer)}); is tokenizer.json missing? pass a directory with the model's tokenizer")
 
 
 def enable_checkpointing(model, setting, device):

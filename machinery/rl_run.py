@@ -26,7 +26,7 @@ import rollout
 from metrics import ndcg_from_scores
 from head import ScoreHead, score_traces
 from machinery import checkpoints, datasets, distributed, memory, runs, stops
-from machinery.models import (attach_lora, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy, load_trace_cache,
+from machinery.models import (attach_lora, check_context, enable_checkpointing, has_head, hold_frozen_weights, load_head, load_policy, load_trace_cache,
                     mixed_precision, pick_device, pick_dtype)
 
 
@@ -125,6 +125,7 @@ def load_run(cfg, rank_device):
         print(f"{checkpoint} is at --max-steps {cfg.max_steps} already: nothing to train (raise --max-steps to go on)")
         return None
     model, tokenizer = load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
+    check_context(model, cfg.max_new_tokens)
     hidden_size = model.config.hidden_size
     # a checkpoint of this run (--resume) or of an earlier RL run (--model <dir>) brings its head along
     source = checkpoint or (None if cfg.new_head else cfg.model)
