@@ -186,6 +186,9 @@ def load_run(cfg, rank_device):
 
 
 
+SILENT_STEPS = 10  # steps in a row without a reward signal before the log says so
+
+
 class Bookkeeper:
     """The bookkeeping of train_rl's steps (the module docstring says what a stop keeps)."""
 
@@ -198,6 +201,7 @@ class Bookkeeper:
         self.valid_users, self.valid_traces = run.valid[: cfg.eval_users], None  # traces: MLP-only, rolled out once
         self.alone = distributed.world() == 1  # under torchrun a rank cannot drop a step alone: the others would wait for it
         self.warned_collapse, self.started, self.bar = False, None, None
+        self.silent_steps, self.warned_silent = 0, False  # steps in a row with signal_share 0
 
     def __enter__(self):
         self.stop.__enter__()
@@ -275,6 +279,13 @@ class Bookkeeper:
             self.warned_collapse = True
             self.bar.write(f"warning: step {step + 1}: the head's scores have collapsed (spread {row['score_std']:.1e} over "
                            "a user's candidates): Plackett-Luce ranks at random and the head learns nothing; lower --head-lr / --lr")
+        self.silent_steps = self.silent_steps + 1 if row.get("signal_share", 1) == 0 else 0
+        if self.silent_steps == SILENT_STEPS and not self.warned_silent:
+            self.warned_silent = True
+            self.bar.write(f"warning: step {step + 1}: for {SILENT_STEPS} steps no user's {cfg.num_rankings} rankings differed "
+                           "in reward (signal_share 0), so neither the head nor the score path learns: the scores rank "
+                           "every user the same way each time (too far apart for Plackett-Luce to explore); lower "
+                           "--pl-std if set, else --head-lr / --lr")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and self.main:
             ndcg = self.validate()
             if ndcg is None:

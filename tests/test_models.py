@@ -107,3 +107,14 @@ def test_new_tokens_beyond_the_context_window_are_refused(synthetic_dir, tmp_pat
         assert result.stderr.strip().splitlines()[-1] == ("error: --max-new-tokens 5000 does not fit the model's context "
                                                           "window of 4096 positions (max_position_embeddings) with the "
                                                           "prompt before it: lower --max-new-tokens")
+
+
+def test_a_run_without_reward_signal_says_so_once(synthetic_dir, tmp_path):
+    """--pl-std 1e30 spreads a user's scores so far that every ranking drawn is the same (signal_share 0):
+    the head and the score path learn nothing. The log said nothing; now one line, once."""
+    from conftest import run_cli
+    result = run_cli("--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--max-new-tokens", "1", "--max-history", "0",
+                     "--users-per-step", "2", "--pl-std", "1e30", "--max-steps", "14", "--out", tmp_path / "run", "--threads", "1")
+    assert result.returncode == 0, result.stderr[-500:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "signal_share 0" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: step 10: for 10 steps"), lines
