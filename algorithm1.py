@@ -36,14 +36,16 @@ from metrics import ndcg_at_k, ndcg_from_scores
 from ppo import batch_baseline_advantages, leave_one_out_baseline, llm_loss, reinforce_loss, score_gradient
 from sampling import token_logprobs
 
-# The quickstart (README): r2rank.py --stage rl --model tiny --max-history 0 --max-new-tokens 1 --users-per-step 8
-# --lr 3e-3 --head-lr 3e-3 --pl-std 1 --num-rankings 32 --max-steps 100, on data.py synthetic --pointwise --candidates 10.
+# The quickstart (README): r2rank.py --stage rl --model tiny --max-history 0 --max-new-tokens 1 --temperature 0.3
+# --users-per-step 8 --lr 3e-3 --head-lr 3e-3 --pl-std 1 --num-rankings 32 --max-steps 100, on data.py synthetic
+# --pointwise --candidates 10.
 MODEL = "tiny"  # models.build_tiny (a random 2-layer Qwen2, built offline), or a hub id
 SEED = 0
 CANDIDATES = 10  # K per user
 MAX_HISTORY, MAX_ITEM_CHARS = 0, 200  # history items and characters per item line in the prompt
 MAX_NEW_TOKENS = 1  # a trace's token budget
-TEMPERATURE = 1.0  # of the traces; Eq. 6's log-probs are taken at the same temperature
+TEMPERATURE = 0.3  # of the traces; Eq. 6's log-probs are taken at the same temperature (the quickstart's: at 1 the
+#                   random model's one token is noise under the head, RESULTS.md)
 USERS_PER_STEP = 8  # the minibatch B
 NUM_RANKINGS = 32  # S, rankings per user (departure 1; the paper samples one)
 REWARD_K = 10  # rho = NDCG@10

@@ -37,9 +37,9 @@ from tools import report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 100
-# The README quickstart's R2Rank, the reference of the comparison. To be set to its final settings
-# (issue 42's ablation) or passed as --r2rank-args; --data, --out, --seed, --threads are added here.
-R2RANK_ARGS = (f"--model tiny --max-history 0 --max-new-tokens 1 --users-per-step 8 --lr 3e-3 --head-lr 3e-3 --pl-std 1 "
+# The README quickstart's R2Rank, the reference of the comparison (or --r2rank-args); --data, --out, --seed,
+# --threads are added here.
+R2RANK_ARGS = (f"--model tiny --max-history 0 --max-new-tokens 1 --temperature 0.3 --users-per-step 8 --lr 3e-3 --head-lr 3e-3 --pl-std 1 "
                f"--num-rankings 32 --max-steps {STEPS} --eval-every 25")
 # MLP-only: R2Rank's command with the LLM frozen. Greedy traces: a frozen LLM needs no sampling, and its
 # validation reads greedy ones; sampled one-token traces of the random model are noise (token_logp -4.4)
