@@ -71,6 +71,14 @@ def tree_bytes(path):
     return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
 
 
+def size_text(size):
+    """Bytes as text a person reads: 18.5 GB, 93 MB, 512 kB (a small model's checkpoint is no 0.0 GB)."""
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}" if unit == "GB" else f"{size / factor:.0f} {unit}"
+    return f"{size:.0f} bytes"
+
+
 def check_disk(out, one_checkpoint_bytes, saves, keep, overwrite=False):
     """A UsageError (one line) unless the checkpoints the run writes fit in the free space of --out's file
     system (out's nearest existing parent if out is not there yet): one_checkpoint_bytes (checkpoint_bytes)
@@ -85,10 +93,10 @@ def check_disk(out, one_checkpoint_bytes, saves, keep, overwrite=False):
     needed = added * one_checkpoint_bytes
     if needed > free:
         kept = "all kept (--keep-checkpoints 0)" if not keep else f"--keep-checkpoints {keep} plus the one being written"
-        raise UsageError(f"--out {out}: the checkpoints need {needed / GB:.1f} GB ({added} of {one_checkpoint_bytes / GB:.1f} "
-                        f"GB at once: {saves} saves, {kept}) but {free / GB:.1f} GB are free there; keep fewer "
-                        "(--keep-checkpoints), save fewer (--save-every / --max-steps), train LoRA adapters "
-                        "(--lora-rank), or choose another --out")
+        fewer = "keep fewer (--keep-checkpoints), " if keep != 1 else ""  # 1 is the fewest: the newest, beside the one written
+        raise UsageError(f"--out {out}: the checkpoints need {size_text(needed)} ({added} of {size_text(one_checkpoint_bytes)} "
+                        f"at once: {saves} saves, {kept}) but {size_text(free)} are free there; {fewer}save fewer "
+                        "(--save-every / --max-steps), train LoRA adapters (--lora-rank), or choose another --out")
     return needed
 
 

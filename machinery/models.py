@@ -241,6 +241,8 @@ def load_policy(name, device, dtype, seed=0):
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if problem := local_model_problem(name):
+            raise UsageError(f"--model {name}: {problem}")
         if not os.path.isdir(name):
             print(f"loading {name} from the Hugging Face hub (downloaded once, then cached; --model tiny needs none)")
         for file in sorted(os.listdir(name) if os.path.isdir(name) else []):  # the head and LoRA's too: a save cut short
@@ -256,6 +258,19 @@ def load_policy(name, device, dtype, seed=0):
         tokenizer.pad_token = tokenizer.eos_token
     check_tokenizer(name, tokenizer)
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def local_model_problem(name):
+    """Why `name` cannot be a model on this machine, or None (a model directory, or a hub id: "org/name").
+    A path (absolute, ./ or ../ or ~, or an existing file) is never sent to the hub."""
+    if os.path.isdir(name):
+        return None if os.path.isfile(os.path.join(name, "config.json")) else \
+            "a directory without config.json, so not a model directory (a checkpoint-<step>/ this project wrote has one)"
+    if os.path.exists(name):
+        return "a file, not a model directory, a .gguf file, tiny or a hub id"
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        return "no such directory (a hub id is org/name)"
+    return None
 
 
 def check_context(model, max_new_tokens):

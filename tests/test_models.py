@@ -118,3 +118,18 @@ def test_a_run_without_reward_signal_says_so_once(synthetic_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-500:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "signal_share 0" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: step 10: for 10 steps"), lines
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "no config"])
+def test_a_model_path_that_is_no_model_is_one_line_and_never_asks_the_hub(tmp_path, kind):
+    """--model /nonexistent or --model README.md went to the hub and came back as a repo-id or JSON error;
+    a directory without config.json as 'should have a model_type key'."""
+    path = {"missing": tmp_path / "none", "file": tmp_path / "README.md", "no config": tmp_path / "empty"}[kind]
+    if kind == "file":
+        path.write_text("# not a model\n")
+    if kind == "no config":
+        path.mkdir()
+    expected = {"missing": "no such directory", "file": "a file, not a model directory",
+                "no config": "a directory without config.json"}[kind]
+    with pytest.raises(UsageError, match=f"^--model {path}: {expected}"):
+        models.load_policy(str(path), torch.device("cpu"), torch.float32)

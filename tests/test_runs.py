@@ -392,8 +392,13 @@ def test_check_disk_refuses_what_does_not_fit_and_counts_what_a_run_already_hold
         (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"0" * 1000)
     free["bytes"] = 1000
     assert checkpoints.check_disk(str(out), 1000, 10, 2) == 1000
-    with pytest.raises(UsageError, match="need 0.0 GB"):
+    with pytest.raises(UsageError, match=r"need 1 kB \(1 of 1 kB at once: .*\) but 1 kB are free there; keep fewer"):
         checkpoints.check_disk(str(out), 1001, 10, 2)
+    # sizes a person reads (a tiny model's checkpoint was "0.0 GB"), and no "keep fewer" at --keep-checkpoints 1
+    with pytest.raises(UsageError) as refused:
+        checkpoints.check_disk(str(tmp_path / "other"), 93 * 10 ** 6, 10, 1)
+    assert "need 186 MB (2 of 93 MB at once: 10 saves, --keep-checkpoints 1 plus the one being written) but 1 kB" in str(refused.value)
+    assert "keep fewer" not in str(refused.value) and "; save fewer" in str(refused.value)
     assert checkpoints.check_disk(str(out), 1000, 3, 0, overwrite=True) == 3000  # 1000 free + the 2000 removed
     with pytest.raises(UsageError):
         checkpoints.check_disk(str(out), 1000, 4, 0, overwrite=True)
