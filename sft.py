@@ -108,7 +108,8 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
                     timeout=600):
     """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions, standard library
     only. Connection errors, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
-    seconds; other failures, and the last retry's, raise DataError naming the URL."""
+    seconds (a 429's Retry-After in seconds instead, up to 10 minutes); other failures, and the last
+    retry's, raise DataError naming the URL (a 401 or 403 without a key says which variable to set)."""
     endpoint = url.rstrip("/") + "/chat/completions"
     if not endpoint.startswith(("http://", "https://")):
         raise data.DataError(f"{endpoint}: not an http:// or https:// URL")
@@ -125,8 +126,14 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
             break
         except urllib.error.HTTPError as e:  # the server answered with an error status
             problem = f"HTTP {e.code} {e.reason}: {e.read(300).decode(errors='replace').strip()}"
+            if e.code in (401, 403) and not api_key:
+                problem += " (no API key was sent: set the variable --teacher-key-env names, OPENAI_API_KEY by default)"
             if e.code != 429 and e.code < 500:
                 raise data.DataError(f"{endpoint}: {problem}") from None
+            wait = retry_after(e.headers.get("Retry-After")) if e.code == 429 else None
+            if wait is not None and attempt < retries:  # the server says when: wait that long (at most 10 minutes)
+                time.sleep(min(wait, 600))
+                continue
         except (OSError, http.client.HTTPException) as e:  # no answer: refused, reset, timed out (URLError is an OSError)
             problem = str(getattr(e, "reason", e)) or type(e).__name__
         if attempt == retries:
@@ -136,6 +143,14 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
         return json.loads(payload)["choices"][0]["message"]["content"] or ""
     except (ValueError, KeyError, IndexError, TypeError):
         raise data.DataError(f"{endpoint}: not a chat completion: {payload[:300]!r}") from None
+
+
+def retry_after(value):
+    """Seconds from an HTTP Retry-After header given in seconds, or None (absent, or an HTTP date)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def endpoint_teacher(cfg):

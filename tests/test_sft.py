@@ -458,3 +458,39 @@ def test_sft_resume_refuses_other_traces_and_overwrite_keeps_the_traces_it_reads
     assert len(path.read_text().splitlines()) == 16
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(row["step"], row["traces"]) for row in rows] == [(1, 16)]
+
+
+def test_a_429_waits_as_long_as_retry_after_says_and_a_401_without_a_key_names_the_variable(stub_factory, monkeypatch):
+    """Retry-After was ignored (the backoff's 1 s instead), and a 401 did not say that no key had been sent."""
+    class Throttled(http.server.BaseHTTPRequestHandler):
+        calls = 0
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            Throttled.calls += 1
+            status, payload = (429, b"{}") if Throttled.calls == 1 else (200, json.dumps(
+                {"choices": [{"message": {"content": "ok"}}]}).encode())
+            self.send_response(status)
+            if status == 429:
+                self.send_header("Retry-After", "7")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Throttled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    slept = []
+    monkeypatch.setattr(sft.time, "sleep", slept.append)
+    try:
+        reply = sft.chat_completion(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", [], 1.0, 1.0, 8, backoff=1.0)
+    finally:
+        server.shutdown(), server.server_close()
+    assert reply == "ok" and slept == [7.0] and Throttled.calls == 2
+    assert sft.retry_after("Wed, 21 Oct 2026 07:28:00 GMT") is None and sft.retry_after("-3") == 0.0
+
+    stub = stub_factory(statuses=[401])
+    with pytest.raises(data.DataError, match=r"HTTP 401 .*no API key was sent: set the variable --teacher-key-env names"):
+        sft.chat_completion(stub.url, "m", [], 1.0, 1.0, 8, api_key=None)
