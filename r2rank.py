@@ -238,6 +238,8 @@ def main(argv=None):
         if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(error):
             raise
         flags = "--micro-batch, --max-new-tokens or --users-per-step, or pass --gradient-checkpointing on or --lora-rank"
+        if cfg.stage == "rl" and cfg.num_rankings * cfg.users_per_step >= 1024:  # S x U rankings of K items, and their log-probs
+            flags = f"--num-rankings ({cfg.num_rankings} rankings per user), " + flags
         if cfg.stage == "rl" and not cfg.freeze_llm and cfg.advantage == "counterfactual":  # the likeliest first
             flags = f"--advantage-samples ({cfg.advantage_samples} rankings of K + 1 score vectors per user), " + flags
         if distributed.is_main():

@@ -151,6 +151,12 @@ def test_out_of_memory_names_advantage_samples_when_the_counterfactual_advantage
         assert message.startswith("error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower ")
         assert ("lower --advantage-samples (4096 rankings" in message) == named, message
         assert "--micro-batch" in message
+    # many rankings per step (S x U >= 1024 of K items each): --num-rankings is named, not only the model's flags
+    for rankings, named in (("4096", True), ("8", False)):
+        with pytest.raises(SystemExit):
+            r2rank.main(["--model", "tiny", "--out", str(tmp_path / "o"), "--num-rankings", rankings])
+        message = capsys.readouterr().err
+        assert ("lower --num-rankings (4096 rankings per user), --micro-batch" in message) == named, message
 
 
 def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
