@@ -111,8 +111,11 @@ def keep_in_window(raw, records, protocol, path, remember_outside=True):
             if remember_outside:
                 raw.touched_outside.setdefault(user, set()).add(item)
     if not raw.interactions:
+        outside = raw.dropped["interactions_outside_window"]
+        if not outside:  # nothing at all: an empty file, not a window that missed
+            raise DataError(f"{path}: holds no interactions (an empty file?)")
         window = f"from {protocol.start or 'the start'} to {protocol.end or 'the end'}"
-        raise DataError(f"{path}: no interactions {window}")
+        raise DataError(f"{path}: none of its {outside:,} interactions is {window} (--start / --end)")
 
 
 def amazon_reviews(path):
