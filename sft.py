@@ -344,7 +344,7 @@ def fine_tune(cfg):
     optimizer = torch.optim.AdamW(trained, lr=cfg.sft_lr, weight_decay=0.0)
     models.hold_frozen_weights(model, dtype)  # LoRA's base: cast once, not at every forward
     if checkpoint:
-        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)["llm"])
+        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device, weights_only=True)["llm"])
         print(f"resumed from {checkpoint} at step {start_step}")
     runs.set_lr(optimizer, cfg.sft_lr)  # a changed --sft-lr applies to the restored optimizer too
     lengths = [len(r) for r in trace_ids]

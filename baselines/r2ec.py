@@ -154,7 +154,7 @@ def load(path, hidden_size, device):
     """(RecHead, {item_id: embedding}) saved in checkpoint directory `path`."""
     head = RecHead(hidden_size).to(device)
     head.load_state_dict(load_file(os.path.join(path, "r2ec-head.safetensors")))
-    return head.eval(), torch.load(os.path.join(path, "item-embeddings.pt"))
+    return head.eval(), torch.load(os.path.join(path, "item-embeddings.pt"), weights_only=True)
 
 
 def train(args):

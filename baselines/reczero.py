@@ -287,7 +287,7 @@ def log_start(metrics, plan, validate):
 def resume_optimizers(plan, optimizers, device, lrs):
     """With --resume, the optimizers' saved states, then each its learning rate of this run (lrs: name -> lr)."""
     if plan.checkpoint:
-        states = torch.load(os.path.join(plan.checkpoint, "optimizer.pt"), map_location=device)
+        states = torch.load(os.path.join(plan.checkpoint, "optimizer.pt"), map_location=device, weights_only=True)
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(states[name])
             runs.set_lr(optimizer, lrs[name])

@@ -193,7 +193,7 @@ def known_candidates(instances, index):
 def load(path):
     """(model, item index) from a file written by this script; a data.DataError if it cannot."""
     try:
-        saved = torch.load(path)
+        saved = torch.load(path, weights_only=True)
     except (OSError, RuntimeError) as error:
         raise data.DataError(f"--sasrec {path}: cannot read it ({str(error).splitlines()[0]}); "
                              "train one with python baselines/sasrec.py") from None
@@ -226,7 +226,7 @@ def plan_out(args, settings):
         print(f"--resume: no sasrec-state.pt in {args.out}, so training starts at epoch 0")
         return None
     try:
-        state = torch.load(path)
+        state = torch.load(path, weights_only=True)
     except Exception as error:  # cut short by a crash: say so, in one line
         raise data.DataError(f"{path}: cannot read it ({str(error).splitlines()[0]}); --overwrite starts again") from None
     differ = ["the data (train/valid.jsonl differ from the state's)" if n == "data_fingerprint" else

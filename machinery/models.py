@@ -328,7 +328,7 @@ def load_trace_cache(path, cfg, device):
         if differ:
             sys.exit(f"error: {path}: its traces were made with " + ", ".join(f"--{n.replace('_', '-')} {saved.get(n)}" for n in differ)
                      + "; this run has " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ))
-    return {user: rollout.Traces(**fields) for user, fields in torch.load(path, map_location=device).items()}
+    return {user: rollout.Traces(**fields) for user, fields in torch.load(path, map_location=device, weights_only=True).items()}
 
 
 # --------------------------------------------------------------------- the scoring head's file

@@ -150,7 +150,7 @@ def load_run(cfg, rank_device):
         trained = attach_lora(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
         optimizers["llm"] = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
     if checkpoint:
-        states = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device)
+        states = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device, weights_only=True)
         for name, opt in optimizers.items():
             opt.load_state_dict(states[name])
         print(f"resumed from {checkpoint} at step {start_step}")

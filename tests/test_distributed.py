@@ -89,7 +89,7 @@ def test_two_ranks_sum_to_the_single_process_gradient(synthetic_dir, tmp_path):
     single_llm, single_head = step_gradients([3, 8, 1, 5, 12], instances, 5)
     out = str(tmp_path / "grads.pt")
     mp.spawn(rank_worker, args=(2, free_port(), synthetic_dir, out), nprocs=2, join=True)
-    both = torch.load(out)
+    both = torch.load(out, weights_only=True)
     assert len(both["llm"]) == len(single_llm)
     for got, want in zip(both["llm"] + both["head"], single_llm + single_head):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

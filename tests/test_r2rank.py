@@ -229,9 +229,9 @@ def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_pat
     num_train = len(data.load_split(synthetic_dir, "train"))
     seen = {data.load_split(synthetic_dir, "train")[i]["user_id"]
             for step in range(3) for i in r2rank.users_for_step(num_train, 4, 0, step)}
-    cache = torch.load(os.path.join(out, "checkpoint-3", "trace-cache.pt"))
+    cache = torch.load(os.path.join(out, "checkpoint-3", "trace-cache.pt"), weights_only=True)
     assert set(cache) == seen  # every user sampled once, none missing
-    early = torch.load(os.path.join(out, "checkpoint-1", "trace-cache.pt"))
+    early = torch.load(os.path.join(out, "checkpoint-1", "trace-cache.pt"), weights_only=True)
     assert all(torch.equal(early[user]["tokens"], cache[user]["tokens"]) for user in early)  # reused, not redrawn
     first = load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))
     last = load_file(os.path.join(out, "checkpoint-3", "model.safetensors"))
@@ -255,7 +255,7 @@ def test_freeze_llm_first_train_users_validation_rolled_out_once_old_checkpoints
                  "--train-users", "5", "--eval-every", "2", "--eval-users", "3", "--save-every", "1", "--keep-checkpoints", "2"])
     assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-5", "checkpoint-6"]
     first_five = {inst["user_id"] for inst in data.load_split(synthetic_dir, "train")[:5]}
-    assert set(torch.load(os.path.join(out, "checkpoint-6", "trace-cache.pt"))) == first_five
+    assert set(torch.load(os.path.join(out, "checkpoint-6", "trace-cache.pt"), weights_only=True)) == first_five
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [row["step"] for row in rows if "valid_ndcg@10" in row] == [0, 2, 4, 6]  # 0: the start
@@ -335,8 +335,8 @@ def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_pat
     second = str(tmp_path / "second")
     r2rank.main(common + ["--out", second, "--max-steps", "2", "--head-width", "8", "--trace-cache", cache])
     assert rolled_out == []  # the three users' traces came from the first run
-    reused = torch.load(os.path.join(second, "checkpoint-2", "trace-cache.pt"))
-    assert all(torch.equal(reused[user]["tokens"], fields["tokens"]) for user, fields in torch.load(cache).items())
+    reused = torch.load(os.path.join(second, "checkpoint-2", "trace-cache.pt"), weights_only=True)
+    assert all(torch.equal(reused[user]["tokens"], fields["tokens"]) for user, fields in torch.load(cache, weights_only=True).items())
     continued = common[:common.index("--model") + 1] + [os.path.join(first, "checkpoint-1")] + common[common.index("--model") + 2:]
     r2rank.main(continued + ["--out", str(tmp_path / "from-checkpoint"), "--max-steps", "1", "--trace-cache", cache])
     assert rolled_out == []  # the checkpoint of the run that made the cache holds its frozen LLM: reused, not refused
@@ -366,7 +366,7 @@ def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(syn
     checkpoint = os.path.join(out, "checkpoint-2")
     model, tokenizer = models.load_policy(checkpoint, "cpu", torch.float32)
     train = {inst["user_id"]: inst for inst in data.load_split(synthetic_dir, "train")}
-    cache = torch.load(os.path.join(checkpoint, "trace-cache.pt"))
+    cache = torch.load(os.path.join(checkpoint, "trace-cache.pt"), weights_only=True)
     assert len(cache) == 4
     for user, fields in cache.items():
         assert fields["tokens"].shape == (20, 0)

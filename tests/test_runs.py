@@ -143,7 +143,7 @@ def test_resume_refuses_other_defining_settings_and_applies_changed_ones(tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert "resume at step 2, changed: --head-lr 0.001 -> 0.5, --lr 0.0001 -> 0.001" in resumed.stdout
     saved = os.path.join(out, "checkpoint-3")
-    groups = {name: state["param_groups"] for name, state in torch.load(os.path.join(saved, "optimizer.pt")).items()}
+    groups = {name: state["param_groups"] for name, state in torch.load(os.path.join(saved, "optimizer.pt"), weights_only=True).items()}
     assert {g["lr"] for g in groups["llm"]} == {1e-3} and {g["lr"] for g in groups["head"]} == {0.5}
     record = json.load(open(os.path.join(saved, "r2rank.json")))
     assert record["changes"] == [{"step": 2, "--head-lr": [1e-3, 0.5], "--lr": [1e-4, 1e-3], "--max-steps": [2, 3]}]

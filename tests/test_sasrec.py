@@ -92,7 +92,7 @@ def test_resume_writes_what_one_uninterrupted_run_writes(synthetic_dir, tmp_path
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "at epoch 5" in resumed.stdout, resumed.stderr
     logs = [json.loads((tmp_path / run / "sasrec-log.json").read_text()) for run in ("straight", "stopped")]
     assert logs[0] == logs[1] and [row["epoch"] for row in logs[0]] == [5, 10]
-    models = [torch.load(tmp_path / run / "sasrec.pt")["state"] for run in ("straight", "stopped")]
+    models = [torch.load(tmp_path / run / "sasrec.pt", weights_only=True)["state"] for run in ("straight", "stopped")]
     for name, tensor in models[0].items():
         torch.testing.assert_close(models[1][name], tensor, atol=0, rtol=0)
 
@@ -133,7 +133,7 @@ def test_a_signal_keeps_the_finished_epochs_and_resume_gives_the_uninterrupted_m
         time.sleep(0.3)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=300)
-        epoch = torch.load(state)["epoch"]
+        epoch = torch.load(state, weights_only=True)["epoch"]
         assert process.returncode == 128 + signum and "Traceback" not in stderr, stderr
         assert f"stopped by {signum.name}: {epochs_text(epoch)} kept in {state}; continue with --resume\n" in stderr, stderr
     train = lambda out, *args: run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(out), "--dim", "8",
@@ -143,7 +143,7 @@ def test_a_signal_keeps_the_finished_epochs_and_resume_gives_the_uninterrupted_m
     assert train(tmp_path / "straight").returncode == 0
     logs = [json.loads((tmp_path / run / "sasrec-log.json").read_text()) for run in ("straight", "stopped")]
     assert logs[0] == logs[1]
-    models = [torch.load(tmp_path / run / "sasrec.pt")["state"] for run in ("straight", "stopped")]
+    models = [torch.load(tmp_path / run / "sasrec.pt", weights_only=True)["state"] for run in ("straight", "stopped")]
     for name, tensor in models[0].items():
         torch.testing.assert_close(models[1][name], tensor, atol=0, rtol=0)
     refused = run_script(f"{ROOT}/baselines/sasrec.py", "--data", synthetic_dir, "--out", str(stopped), "--resume", "--overwrite", cwd=ROOT)
@@ -171,4 +171,4 @@ def test_a_failed_save_keeps_the_earlier_file_and_says_so(tmp_path, monkeypatch)
     message = str(refused.value)
     assert message.startswith(f"saving {path} failed (No space left on device: ") and message.endswith("; the earlier sasrec-state.pt is kept")
     monkeypatch.undo()
-    assert torch.load(path) == {"epoch": 5} and [p.name for p in tmp_path.iterdir()] == ["sasrec-state.pt"]
+    assert torch.load(path, weights_only=True) == {"epoch": 5} and [p.name for p in tmp_path.iterdir()] == ["sasrec-state.pt"]
