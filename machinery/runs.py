@@ -138,8 +138,15 @@ def checkpoint_problem(path, record="r2rank.json", extra=()):
             return problem
         if name.endswith(".pt") and not zipfile.is_zipfile(os.path.join(path, name)):  # torch.save writes a zip
             return f"{name} is missing or truncated"
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return "config.json is missing"
+    for name in ("config.json", "tokenizer.json"):  # the model's own: what from_pretrained reads first
+        try:
+            with open(os.path.join(path, name)) as f:
+                json.load(f)
+        except FileNotFoundError:
+            if name == "config.json":
+                return "config.json is missing"
+        except (OSError, ValueError):
+            return f"{name} is unreadable (not JSON)"
     return None
 
 

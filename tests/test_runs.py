@@ -192,6 +192,20 @@ def test_a_signal_keeps_every_finished_step_and_exits_with_one_line(tmp_path, sy
     assert steps(out) == list(range(1, last + 2))
 
 
+def test_resume_skips_a_checkpoint_whose_config_or_tokenizer_is_not_json(tmp_path, synthetic_dir):
+    """The README says --resume skips broken checkpoints; one whose config.json was cut mid-write was not
+    skipped (from_pretrained's traceback instead)."""
+    out = tmp_path / "run"
+    assert rl(out, synthetic_dir, "--max-steps", "3", "--keep-checkpoints", "0").returncode == 0
+    (out / "checkpoint-3" / "config.json").write_text('{"architectures": ["Qwen2')
+    (out / "checkpoint-2" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    resumed = rl(out, synthetic_dir, "--max-steps", "3", "--resume")
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    for step, name in ((3, "config.json"), (2, "tokenizer.json")):
+        assert f"--resume: {out}/checkpoint-{step} is broken ({name} is unreadable (not JSON)), so it is skipped" in resumed.stdout
+    assert f"resumed from {out}/checkpoint-1 at step 1" in resumed.stdout
+
+
 def test_resume_skips_each_broken_checkpoint_and_names_its_broken_file(tmp_path, synthetic_dir):
     out = tmp_path / "run"
     assert rl(out, synthetic_dir, "--max-steps", "3", "--keep-checkpoints", "0").returncode == 0  # checkpoint-1, -2, -3
