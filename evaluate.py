@@ -31,9 +31,7 @@ import dataclasses
 import itertools
 import json
 import os
-import signal
 import sys
-import threading
 import time
 import zlib
 
@@ -300,37 +298,11 @@ def chosen(text, allowed, flag):
 INTERRUPTED = "interrupted: the evaluation stopped before writing its results; nothing was written"
 
 
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler of stop_on_sigterm (a BaseException: no `except Exception` swallows it)."""
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """Within the block SIGTERM stops the evaluation as Ctrl-C does: at once, with the same one line, and
-    exit status 143 (128 + 15). Without it SIGTERM killed the process without a word."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
-        yield
-        return
-
-    def handle(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    except Terminated:
-        if distributed.is_main():
-            print(INTERRUPTED, file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_eval(cfg, rank_device=None):
     """--stage eval: every method of --methods on the same instances of --split, then --analyses.
     Under torchrun (rank_device: this rank's GPU, if any) the prompted methods split the users
     across ranks (sharded) and rank 0 writes the results. SIGTERM stops it as Ctrl-C does."""
-    with stop_on_sigterm(), stops.claim(cfg.out):  # one run per --out at a time; every rank calls it
+    with stops.stop_on_sigterm(INTERRUPTED), stops.claim(cfg.out):  # one run per --out at a time; every rank calls it
         return evaluate_and_write(cfg, rank_device)
 
 

@@ -249,7 +249,9 @@ def main(argv=None):
         if cfg.stage == "eval":
             print("interrupted: the evaluation stopped before writing its results; nothing was written", file=sys.stderr)
         elif cfg.stage == "sft-data":
-            print("interrupted: the pairs written so far are kept; the same command continues", file=sys.stderr)
+            import sft
+
+            print(sft.PAIRS_KEPT, file=sys.stderr)
         else:
             print(f"interrupted: {stops.interrupted_message(cfg.out)}", file=sys.stderr)
         sys.exit(130)

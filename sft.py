@@ -182,11 +182,15 @@ def local_teacher(cfg):
 # -------------------------------------------------------------------------------------- sft-data
 
 
+PAIRS_KEPT = "interrupted: the pairs written so far are kept; the same command continues"
+
+
 def build_traces(cfg):
     """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right."""
     if bool(cfg.teacher) == bool(cfg.teacher_url):
         raise UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
-    with stops.claim(cfg.out):  # two runs appending to the same traces would ask every pair twice
+    # two runs appending to the same traces would ask every pair twice; SIGTERM stops as Ctrl-C does (r2rank.main)
+    with stops.stop_on_sigterm(PAIRS_KEPT), stops.claim(cfg.out):
         return ask_teacher(cfg)
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 
 from machinery import distributed
@@ -194,3 +195,30 @@ def interrupted_message(out):
         return f"no checkpoint in {out}: nothing of the run is kept"
     return (f"kept {checkpoint}; --resume continues from it and runs the later steps again "
             "(their metrics.jsonl rows are dropped then)")
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler of stop_on_sigterm (a BaseException: no `except Exception` swallows it)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(message):
+    """For a stage without a step to finish (eval, sft-data): within the block SIGTERM stops it as Ctrl-C
+    does, at once, printing `message` (rank 0) and exiting 143 (128 + 15). Without it SIGTERM killed the
+    process without a word."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    except Terminated:
+        if distributed.is_main():
+            print(message, file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

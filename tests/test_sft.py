@@ -494,3 +494,48 @@ def test_a_429_waits_as_long_as_retry_after_says_and_a_401_without_a_key_names_t
     stub = stub_factory(statuses=[401])
     with pytest.raises(data.DataError, match=r"HTTP 401 .*no API key was sent: set the variable --teacher-key-env names"):
         sft.chat_completion(stub.url, "m", [], 1.0, 1.0, 8, api_key=None)
+
+
+def test_sigterm_during_sft_data_says_what_is_kept_as_ctrl_c_does(data_dir, tmp_path):
+    """SIGTERM during sft-data exited 143 without a word; now the same line as Ctrl-C, exit 143. The teacher
+    is a local endpoint that answers one pair, then hangs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+
+    class Hang(http.server.BaseHTTPRequestHandler):
+        asked = 0
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            Hang.asked += 1
+            if Hang.asked > 1:
+                time.sleep(60)
+            payload = json.dumps({"choices": [{"message": {"content": f"ok <answer>{data.RECOMMEND}</answer>"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hang)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "sft"
+    try:
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "r2rank.py"), "--stage", "sft-data", "--data", data_dir,
+                                    "--teacher-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--teacher-model", "m",
+                                    "--num-pairs", "4", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while Hang.asked < 2 and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        server.shutdown(), server.server_close()
+    assert process.returncode == 143 and "Traceback" not in stderr, (process.returncode, stderr)
+    assert stderr.strip().splitlines()[-1] == sft.PAIRS_KEPT
+    assert len([line for path in out.glob("*.jsonl") for line in path.read_text().splitlines()]) == 1  # the answered pair
