@@ -52,6 +52,16 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | tools/benchmark.py --rl-step nonexistent/model, --users 0, --new-tokens -5, --models foo | traceback; a run with 0 users or -5 tokens; foo ignored and a 10-minute sweep of the others | one line before any timing, exit 1 / 2 (test_cli.py) |
 | a parent_asin repeated in the Amazon meta file | the first record kept, no word | kept, and counted in stats.json's dropped ("repeated_item_records"), which data.py prints (test_data.py) |
 | --overwrite over a checkpoint-<step> that is a file or holds a folder; sasrec.py over a sasrec-log.json folder | deleted with the run | refused, naming it (sasrec: test_sasrec.py) |
+| --model a checkpoint without tokenizer.json | a 3-token tokenizer, every prompt [], eval 0.300 for 0.762 | "--model X: its tokenizer encodes the prompt as 0 tokens ...; is tokenizer.json missing?" (test_models.py) |
+| --max-new-tokens 5000 on the tiny model's 4,096 positions | generated past the context window | "--max-new-tokens 5000 does not fit the model's context window ..." in rl and eval (test_models.py) |
+| --pl-std 1e30, --lr 1 --head-lr 1 | signal_share 0, the head learns nothing, no word | after 10 such steps, once: "warning: step 10: ... (signal_share 0) ... lower --pl-std if set, else --head-lr / --lr" (test_models.py) |
+| --model /nonexistent, --model README.md, a directory without config.json | a hub lookup, then a repo-id, JSON or model_type error | one line each, no hub lookup (test_models.py, test_cli.py) |
+| the disk check for a tiny model's checkpoints | "need 0.1 GB (2 of 0.0 GB at once) ... keep fewer" at --keep-checkpoints 1 too | sizes in MB / kB; "keep fewer" only above --keep-checkpoints 1 |
+| an empty reviews file | "no interactions from 2021-10-01 to 2023-10-31" | "FILE: holds no interactions (an empty file?)" (test_data.py) |
+| out of memory with --num-rankings 4096 | the hint named --micro-batch and others, not the cause | --num-rankings named first when S x users >= 1024 (test_cli.py) |
+| the SFT teacher: 429 with Retry-After; 401 without $OPENAI_API_KEY | the backoff's 1 s; "HTTP 401" alone | Retry-After's seconds waited (at most 10 minutes); the 401 names the variable to set (test_sft.py) |
+| --resume, the newest checkpoint's config.json cut mid-write | from_pretrained's traceback | skipped, naming the file, as other broken checkpoints are |
+| SIGTERM during sft-data | exit 143, no word | Ctrl-C's line ("the pairs written so far are kept"), exit 143 (test_sft.py) |
 """
 import errno
 import json
