@@ -1,7 +1,8 @@
-"""The README's quickstart learns: its commands, exactly as printed there, for two seeds, end at
-validation NDCG@10 >= 0.9 on a set whose validation items were never seen in training (popularity
-cannot rank them, tests/test_synthetic.py). RESULTS.md has the same over seeds 0-9 at one and two
-threads; this keeps it so. About a minute per seed on one core."""
+"""The README's quickstart learns: its commands, exactly as printed there, for two seeds, are at
+validation NDCG@10 >= 0.9 by half their steps and still at the end, on a set whose validation items
+were never seen in training (popularity cannot rank them, tests/test_synthetic.py). RESULTS.md has the
+same over seeds 0-9 at one and two threads and on the oldest torch allowed; this keeps it so. About a
+minute per seed on one core."""
 import json
 import os
 import shlex
@@ -36,4 +37,5 @@ def test_the_quickstart_learns(tmp_path, seed):
     last = max(curve)
     assert last == int(rl_args[rl_args.index("--max-steps") + 1])
     assert curve[last] >= 0.9, curve
+    assert curve[last // 2] >= 0.9, curve  # with margin: there by half its steps, as every run of RESULTS.md's grid
     assert curve[0] < 0.7, curve  # it learned: the untrained model's ranking is near random (0.39 expected)
