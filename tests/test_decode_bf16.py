@@ -101,8 +101,10 @@ def test_decoded_logprobs_round_like_the_models_own_forward_in_bf16():
     tokens: the mean gap must stay under 3/4 of it. decode.py rounding as SDPA does measured 0.50 of
     it here (0.43-0.64 per user: the tiny model, its weights drawn with std 0.3, turns single roundings
     into log-prob changes of up to ~0.1); with the scores rounded to bf16 (the earlier decode.py) it
-    measured 1.03 (0.93-1.22 per user), as far from the model's bf16 forward as that is from fp32."""
-    model, tokenizer = models.build_tiny(seed=0)
+    measured 1.03 (0.93-1.22 per user), as far from the model's bf16 forward as that is from fp32.
+    The model keeps std 0.3 (--model tiny's is 0.1 since issue 42): there bf16's own error is large
+    enough to be the yardstick (0.007 at 0.1, under the 0.01 asked for below)."""
+    model, tokenizer = models.build_tiny(seed=0, init_std=0.3)
     model.eval()
     assert decode.supported(model)  # sample_traces decodes on decode.py (fast_decode), not transformers' cache
     splits, _ = data.build_instances(sources.synthetic_raw(users=50, seed=0), data.Protocol(history=20, candidates=4))
