@@ -43,7 +43,7 @@ class Claim:
     def release(self):
         if self.fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone, or --out became read-only: the lock still goes with the descriptor
             os.unlink(os.path.join(self.out, LOCK))  # before the lock is let go: see lock_file
         os.close(self.fd)
         self.fd = None

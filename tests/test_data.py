@@ -19,7 +19,7 @@ from data import DataError, Protocol
 from machinery import datasets, sources
 from machinery.sources import RawData
 
-from conftest import run_script
+from conftest import read_only, run_script
 
 DATA_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
 
@@ -539,3 +539,38 @@ def test_a_repeated_item_record_in_the_amazon_meta_is_counted_and_said(amazon_fi
     assert "dropped: repeated_item_records" in result.stdout
     titles = {c["item_id"]: c["title"] for split in read_all(out).values() for inst in split for c in inst["candidates"]}
     assert titles.get("B05", "Game B05") == "Game B05"  # the first record is kept
+
+
+@pytest.mark.parametrize("new", [False, True])
+def test_a_read_only_out_is_refused_before_the_build_naming_its_flag(new, tmp_path, monkeypatch, capsys):
+    """A read-only --out (chmod 555), or a new one inside it: one line naming --out, found before the raw data
+    is read (an Amazon category takes minutes), not after; no temporary folder named or left."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    out, built = folder / "new" if new else folder, []
+    monkeypatch.setattr(datasets, "synthetic_raw", lambda *args: built.append(args) or sources.synthetic_raw(*args))
+    read_only(folder, monkeypatch)
+    try:
+        code = datasets.main(["synthetic", "--users", "20", "--out", str(out)])
+    finally:
+        monkeypatch.undo()
+        os.chmod(folder, 0o755)
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"data.py: error: --out {out}: cannot {'create' if new else 'write into'} it (Permission denied)\n"
+    assert built == [] and os.listdir(folder) == []
+
+
+def test_the_built_in_set_in_a_read_only_folder_names_the_users_out(tmp_path, monkeypatch):
+    """r2rank.py without --data builds the synthetic set in <out>/data; when that folder is read-only the
+    message names the --out the user gave (it named <out>/data as if it were --out)."""
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    read_only(out / "data", monkeypatch)
+    try:
+        with pytest.raises(DataError) as refused:
+            datasets.prepare_data(None, str(out))
+    finally:
+        monkeypatch.undo()
+        os.chmod(out / "data", 0o755)
+    assert str(refused.value) == (f"--out {out} ({out}/data, where the synthetic set is built without --data): cannot write "
+                                  "into it (Permission denied)")

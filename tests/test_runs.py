@@ -62,6 +62,8 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | the SFT teacher: 429 with Retry-After; 401 without $OPENAI_API_KEY | the backoff's 1 s; "HTTP 401" alone | Retry-After's seconds waited (at most 10 minutes); the 401 names the variable to set (test_sft.py) |
 | --resume, the newest checkpoint's config.json cut mid-write | from_pretrained's traceback | skipped, naming the file, as other broken checkpoints are |
 | SIGTERM during sft-data | exit 143, no word | Ctrl-C's line ("the pairs written so far are kept"), exit 143 (test_sft.py) |
+| --out made read-only (chmod 555) while rl runs, so a checkpoint cannot be saved | a PermissionError traceback naming the temporary .tmp-checkpoint-N, then two more from the clean-up (metrics.jsonl, .r2rank-lock) | "step N: saving OUT/checkpoint-N failed (Permission denied: --out OUT cannot be written now; make it writable); kept ..."; a save error worded by safetensors or torch.save gives its cause, never the temporary file it names (.tmpXXXXXX) |
+| data.py --out a read-only folder, or a new one inside it; r2rank.py without --data, <out>/data read-only | found after the build (minutes for an Amazon category); <out>/data named as if it were --out | found before the raw files are read: "--out X: cannot write into it / cannot create it (Permission denied)"; "--out X (X/data, where the synthetic set is built without --data): ..." (test_data.py) |
 """
 import errno
 import json
@@ -76,7 +78,7 @@ import types
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, read_only, run_cli
 from head import ScoreHead
 from machinery import checkpoints, runs, stops
 from protocol import UsageError
@@ -618,3 +620,79 @@ def test_sigterm_under_torchrun_stops_every_rank_with_one_line(tmp_path, synthet
     assert stderr.count("stopped by SIGTERM") == 1 and line in stderr, stderr[-3000:]
     assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's report: both ranks stopped with 128 + 15
     assert runs.checkpoint_steps(out) == [last] and runs.checkpoint_problem(str(out / f"checkpoint-{last}")) is None
+
+
+# ------------------------------------------------------------------------------------- round 4
+
+
+@pytest.mark.parametrize("fails_at", [1, 2])
+def test_an_out_made_read_only_during_a_run_is_named_by_its_flag(fails_at, tmp_path, synthetic_dir, monkeypatch, capsys):
+    """--out turned read-only (chmod 555) while rl runs, so checkpoint-<fails_at> cannot be saved: one line
+    naming --out and the cause, not the temporary .tmp-checkpoint-<step> (before: a PermissionError traceback
+    naming it, then two more from the clean-up, metrics.jsonl and .r2rank-lock); the checkpoint before it kept."""
+    import r2rank
+    import transformers
+
+    save_pretrained, out = transformers.PreTrainedModel.save_pretrained, tmp_path / "run"
+
+    def read_only_at_the_save(model, directory, *args, **kwargs):
+        if directory.endswith(f"checkpoint-{fails_at}"):
+            read_only(out, monkeypatch)
+        return save_pretrained(model, directory, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", read_only_at_the_save)
+    argv = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
+            "--max-new-tokens", "1", "--max-history", "0", "--save-every", "1", "--max-steps", "3", "--threads", "1"]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            r2rank.main(argv)
+    finally:
+        monkeypatch.undo()
+        os.chmod(out, 0o755)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in err and ".tmp" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: step {fails_at}: saving {out}/checkpoint-{fails_at} failed (Permission denied: --out {out} cannot be "
+        "written now; make it writable); " + (f"kept {out}/checkpoint-1 and metrics.jsonl up to step 1; then continue with "
+                                              "--resume" if fails_at == 2 else "no earlier checkpoint, so nothing is kept "
+                                              "(metrics.jsonl as it is); then run it again with --overwrite"))
+    assert runs.checkpoint_steps(out) == ([1] if fails_at == 2 else []) and not (out / f".tmp-checkpoint-{fails_at}").exists()
+
+
+@pytest.mark.parametrize("stage", ["rl", "eval", "sft-data"])
+def test_a_read_only_out_is_refused_naming_its_flag_before_any_work(stage, tmp_path, synthetic_dir, monkeypatch, capsys):
+    """A read-only --out (chmod 555), or a new --out inside one: one line naming --out, before the model loads."""
+    import r2rank
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    for out, message in [(folder, "cannot write into it"), (folder / "new", "cannot create it")]:
+        read_only(folder, monkeypatch)
+        try:
+            with pytest.raises(SystemExit) as stopped:
+                r2rank.main(["--stage", stage, "--model", str(tmp_path / "no-model"), "--teacher", "tiny", "--data",
+                             synthetic_dir, "--out", str(out), "--threads", "1"])
+        finally:
+            monkeypatch.undo()
+            os.chmod(folder, 0o755)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 1 and err == f"error: --out {out}: {message} (Permission denied)\n", err
+        assert os.listdir(folder) == []
+
+
+def test_a_failed_write_is_told_by_its_cause_without_the_temporary_path(tmp_path):
+    """The errors a failed save raises, as safetensors and torch.save word them (seen as a user without write
+    permission): the cause, not the temporary file they name (safetensors writes into .tmpXXXXXX beside the file)."""
+    from safetensors import SafetensorError
+
+    out = str(tmp_path)
+    denied = [OSError(errno.EACCES, "Permission denied", f"{out}/.tmp-checkpoint-2"),
+              SafetensorError(f'Error while serializing: I/O error: Permission denied (os error 13) at path "{out}/.tmpGpWxj3"'),
+              RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: Permission denied"),
+              OSError(errno.EROFS, "Read-only file system", f"{out}/.tmp-checkpoint-2")]
+    for error in denied:
+        text = checkpoints.write_failure(out, error)
+        assert text.endswith(f": --out {out} cannot be written now; make it writable") and ".tmp" not in text, text
+        assert text.startswith(("Permission denied:", "Read-only file system:")), text
+    full = checkpoints.write_failure(out, SafetensorError(f'I/O error: No space left on device (os error 28) at path "{out}/.tmpAb"'))
+    assert full.startswith("No space left on device: ") and "free there; free space" in full and ".tmp" not in full
