@@ -48,9 +48,8 @@ from protocol import UsageError
 import rollout
 from machinery import checkpoints, datasets, models, runs, stops
 
-RETRIES = 5  # an endpoint request is retried this often on connection errors, 5xx and 429 ...
-BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds
-TIMEOUT_SECONDS = 600  # per request; reasoning models can take minutes
+RETRIES = 5  # an endpoint request is retried this often on connection errors, timeouts, 5xx and 429 ...
+BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds; each try waits --teacher-timeout for the reply
 
 
 # ------------------------------------------------------------------------------------ the pairs
@@ -105,11 +104,13 @@ def read_appended(path):
 
 
 def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_key=None, retries=5, backoff=1.0,
-                    timeout=600):
+                    timeout=120.0):
     """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions, standard library
-    only. Connection errors, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
+    only; each try waits at most `timeout` seconds (--teacher-timeout) for the connection and the reply.
+    Connection errors, timeouts, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
     seconds (a 429's Retry-After in seconds instead, up to 10 minutes); other failures, and the last
-    retry's, raise DataError naming the URL (a 401 or 403 without a key says which variable to set)."""
+    retry's, raise DataError naming the URL and, when it gives up, how long it tried in all and
+    --teacher-timeout (a 401 or 403 without a key says which variable to set)."""
     endpoint = url.rstrip("/") + "/chat/completions"
     if not endpoint.startswith(("http://", "https://")):
         raise data.DataError(f"{endpoint}: not an http:// or https:// URL")
@@ -118,6 +119,7 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
+    started = time.monotonic()
     for attempt in range(retries + 1):
         try:
             request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
@@ -137,12 +139,23 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
         except (OSError, http.client.HTTPException) as e:  # no answer: refused, reset, timed out (URLError is an OSError)
             problem = str(getattr(e, "reason", e)) or type(e).__name__
         if attempt == retries:
-            raise data.DataError(f"{endpoint}: {problem} (gave up after {retries + 1} attempts)")
+            raise data.DataError(f"{endpoint}: {problem} (gave up after {retries + 1} attempts, "
+                                 f"{duration_text(time.monotonic() - started)} in all; each waits at most --teacher-timeout "
+                                 f"{timeout:g} s for the reply)")
         time.sleep(backoff * 2 ** attempt)
     try:
         return json.loads(payload)["choices"][0]["message"]["content"] or ""
     except (ValueError, KeyError, IndexError, TypeError):
         raise data.DataError(f"{endpoint}: not a chat completion: {payload[:300]!r}") from None
+
+
+def duration_text(seconds):
+    """'2.5 s', '41 s' or '12 min 31 s'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def retry_after(value):
@@ -158,7 +171,7 @@ def endpoint_teacher(cfg):
     api_key = os.environ.get(cfg.teacher_key_env) if cfg.teacher_key_env else None
     return lambda instance, k, messages: chat_completion(cfg.teacher_url, cfg.teacher_model, messages, cfg.temperature,
                                                          cfg.top_p, cfg.max_new_tokens, api_key, RETRIES,
-                                                         BACKOFF_SECONDS, TIMEOUT_SECONDS)
+                                                         BACKOFF_SECONDS, cfg.teacher_timeout)
 
 
 def local_teacher(cfg):

@@ -44,7 +44,7 @@ from protocol import UsageError
 # The flags --resume lets change; every other flag of the stage defines the run.
 CHANGEABLE = {"max_steps", "lr", "head_lr", "sft_lr", "sft_epochs", "eval_every", "eval_users", "save_every",
               "keep_checkpoints", "device", "threads", "dtype", "micro_batch", "gradient_checkpointing", "dist_timeout",
-              "shared_prefix_update", "rollout_rows", "resume", "overwrite", "out", "data"}  # data: compared by content
+              "shared_prefix_update", "rollout_rows", "teacher_timeout", "resume", "overwrite", "out", "data"}  # data: by content
 STAGE_GROUPS = {"rl": (config.COMMON, config.RL, config.BEYOND, config.RL_RUN), "sft": (config.COMMON, config.SFT)}  # the flags defining a run
 
 

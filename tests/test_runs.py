@@ -64,6 +64,7 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | SIGTERM during sft-data | exit 143, no word | Ctrl-C's line ("the pairs written so far are kept"), exit 143 (test_sft.py) |
 | --out made read-only (chmod 555) while rl runs, so a checkpoint cannot be saved | a PermissionError traceback naming the temporary .tmp-checkpoint-N, then two more from the clean-up (metrics.jsonl, .r2rank-lock) | "step N: saving OUT/checkpoint-N failed (Permission denied: --out OUT cannot be written now; make it writable); kept ..."; a save error worded by safetensors or torch.save gives its cause, never the temporary file it names (.tmpXXXXXX) |
 | data.py --out a read-only folder, or a new one inside it; r2rank.py without --data, <out>/data read-only | found after the build (minutes for an Amazon category); <out>/data named as if it were --out | found before the raw files are read: "--out X: cannot write into it / cannot create it (Permission denied)"; "--out X (X/data, where the synthetic set is built without --data): ..." (test_data.py) |
+| an SFT teacher endpoint that never answers | 600 s per try, 6 tries: about an hour, then "timed out (gave up after 6 attempts)"; no flag | --teacher-timeout (seconds per request, default 120, in (0, 3600]); "URL: timed out (gave up after 6 attempts, 12 min 31 s in all; each waits at most --teacher-timeout 120 s for the reply)" (test_sft.py) |
 """
 import errno
 import json

@@ -539,3 +539,40 @@ def test_sigterm_during_sft_data_says_what_is_kept_as_ctrl_c_does(data_dir, tmp_
     assert process.returncode == 143 and "Traceback" not in stderr, (process.returncode, stderr)
     assert stderr.strip().splitlines()[-1] == sft.PAIRS_KEPT
     assert len([line for path in out.glob("*.jsonl") for line in path.read_text().splitlines()]) == 1  # the answered pair
+
+
+def test_a_teacher_that_never_answers_fails_after_teacher_timeout(data_dir, tmp_path, monkeypatch, capsys):
+    """A local endpoint that takes every request and never answers: each try waits --teacher-timeout (here
+    0.5 s), so 2 tries (RETRIES 1) fail in about a second, and the one line says how long it tried in all and
+    names the flag. Before: 600 s per try, 6 tries (about an hour), and no flag to shorten it."""
+    import time
+
+    release = threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            release.wait(60)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(sft, "RETRIES", 1)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            r2rank.main(["--stage", "sft-data", "--data", data_dir, "--out", str(tmp_path / "sft"), "--teacher-url", url,
+                         "--teacher-model", "m", "--num-pairs", "2", "--teacher-timeout", "0.5"])
+    finally:
+        release.set()
+        server.shutdown(), server.server_close()
+    took, err = time.monotonic() - started, capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err and 1.0 <= took < 30, (took, err)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {url}/chat/completions: timed out (gave up after 2 attempts, ") and \
+        line.endswith(" s in all; each waits at most --teacher-timeout 0.5 s for the reply)"), line
+    waited = float(line.split("attempts, ")[1].split(" s in all")[0])
+    assert 1.0 <= waited <= took, (waited, took)
+    assert (tmp_path / "sft" / "traces.jsonl").read_text() == ""  # nothing half-written
