@@ -246,7 +246,9 @@ def main(argv=None):
             print(f"error: out of memory ({str(error).strip().splitlines()[0][:200]}); lower {flags}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
-        if cfg.stage == "eval":
+        if not distributed.is_main():  # rank 0 says what is kept, for all
+            pass
+        elif cfg.stage == "eval":
             print("interrupted: the evaluation stopped before writing its results; nothing was written", file=sys.stderr)
         elif cfg.stage == "sft-data":
             import sft

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 
 from machinery import distributed
@@ -135,18 +136,25 @@ class StopOnSignal:
     loop updates it after each save), so the messages say exactly what is kept."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    RELAYED_WITHIN = 2.0  # seconds: under torchrun, a SIGINT this soon after the first is torchrun's copy of it
 
     def __init__(self, kept="nothing (no checkpoint yet)"):
-        self.requested, self.previous, self.kept, self.inside = None, {}, kept, False
+        self.requested, self.previous, self.kept, self.inside, self.requested_at = None, {}, kept, False, 0.0
 
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.requested is not None and signum == signal.SIGINT:
-            print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
+            # A terminal's Ctrl-C reaches every process of the group, torchrun included, and torchrun then sends
+            # each rank the signal it got: the same Ctrl-C twice, which must not read as a second one (it did
+            # when torchrun's copy came after the first was handled: the step in progress and its save were lost).
+            if distributed.world() > 1 and time.monotonic() - self.requested_at < self.RELAYED_WITHIN:
+                return
+            if distributed.is_main():  # rank 0 speaks for all
+                print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         if self.requested is not None:  # SIGTERM again (torchrun passes its own on): the stop is under way
             return
-        self.requested = signum
+        self.requested, self.requested_at = signum, time.monotonic()
         if self.inside:
             self.inside = False
             raise Abandoned

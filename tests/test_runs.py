@@ -65,6 +65,7 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | --out made read-only (chmod 555) while rl runs, so a checkpoint cannot be saved | a PermissionError traceback naming the temporary .tmp-checkpoint-N, then two more from the clean-up (metrics.jsonl, .r2rank-lock) | "step N: saving OUT/checkpoint-N failed (Permission denied: --out OUT cannot be written now; make it writable); kept ..."; a save error worded by safetensors or torch.save gives its cause, never the temporary file it names (.tmpXXXXXX) |
 | data.py --out a read-only folder, or a new one inside it; r2rank.py without --data, <out>/data read-only | found after the build (minutes for an Amazon category); <out>/data named as if it were --out | found before the raw files are read: "--out X: cannot write into it / cannot create it (Permission denied)"; "--out X (X/data, where the synthetic set is built without --data): ..." (test_data.py) |
 | an SFT teacher endpoint that never answers | 600 s per try, 6 tries: about an hour, then "timed out (gave up after 6 attempts)"; no flag | --teacher-timeout (seconds per request, default 120, in (0, 3600]); "URL: timed out (gave up after 6 attempts, 12 min 31 s in all; each waits at most --teacher-timeout 120 s for the reply)" (test_sft.py) |
+| Ctrl-C under torchrun (each rank gets the terminal's SIGINT, then torchrun's copy of it) | the copy, when it came after the first was handled, read as a second Ctrl-C: "SIGINT again: stopping now" from every rank, the step in progress and its checkpoint lost ("no checkpoint ... nothing of the run is kept") | a SIGINT within 2 s of the first is taken as torchrun's copy: the step finishes and is saved, one line (rank 0), every rank exits 130; machinery/README.md says what torchrun adds (its ChildFailedError or SignalException traceback, its exit 1, its SIGKILL 30 s on) |
 """
 import errno
 import json
@@ -697,3 +698,30 @@ def test_a_failed_write_is_told_by_its_cause_without_the_temporary_path(tmp_path
         assert text.startswith(("Permission denied:", "Read-only file system:")), text
     full = checkpoints.write_failure(out, SafetensorError(f'I/O error: No space left on device (os error 28) at path "{out}/.tmpAb"'))
     assert full.startswith("No space left on device: ") and "free there; free space" in full and ".tmp" not in full
+
+
+def test_ctrl_c_under_torchrun_keeps_the_step_and_every_rank_exits_130(tmp_path, synthetic_dir):
+    """A terminal's Ctrl-C reaches every process of the group, torchrun included, and torchrun sends each rank
+    the SIGINT it got: each rank gets the same Ctrl-C twice. When the copy came after the first was handled,
+    it read as a second Ctrl-C ("stopping now"): the step in progress and its checkpoint were lost, and every
+    rank printed it. Here the ranks get SIGINT, then the copy 0.3 s later; torchrun reports each rank's status."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "r2rank.py"),
+         "--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "2",
+         "--max-new-tokens", "4", "--max-history", "2", "--max-steps", "1000", "--save-every", "1000"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.1)
+    ranks = [int(pid) for pid in open(f"/proc/{process.pid}/task/{process.pid}/children").read().split()]
+    for copy in range(2):  # the terminal's SIGINT, then torchrun's copy of it
+        for rank in ranks:
+            os.kill(rank, signal.SIGINT)
+        time.sleep(0.3)
+    _, stderr = process.communicate(timeout=300)
+    last = steps(out)[-1]
+    line = f"stopped by SIGINT: {runs.steps_text(1, last)} kept in {out}/checkpoint-{last}; continue with --resume"
+    assert stderr.count("stopped by SIGINT") == 1 and line in stderr and "SIGINT again" not in stderr, stderr[-3000:]
+    assert stderr.count("exitcode  : 130") == 2, stderr[-3000:]  # torchrun's report: both ranks stopped with 128 + 2
+    assert runs.checkpoint_steps(out) == [last] and runs.checkpoint_problem(str(out / f"checkpoint-{last}")) is None
