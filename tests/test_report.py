@@ -248,3 +248,22 @@ def test_curve_groups_over_seeds_with_floors(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in result.stdout
     both = run_script(f"{ROOT}/tools/report.py", "curve", str(tmp_path / "sys-b-s0" / "metrics.jsonl"), "--group", "A=x", cwd=ROOT)
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_the_table_names_the_data_set_as_eval_does(synthetic_dir, tmp_path, capsys):
+    """The README's order: the synthetic set built into a folder called data, evaluated, then tabled. eval
+    calls it "synthetic" (its stats.json's inputs); the table called it by its folder's name, "data". A file
+    without the name (older ones) falls back to the folder's name."""
+    from conftest import run_cli
+
+    assert synthetic_dir.endswith("/data") and json.load(open(f"{synthetic_dir}/stats.json"))["inputs"] == ["synthetic"]
+    result = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "random,popularity",
+                     "--out", str(tmp_path / "eval"), "--bootstrap", "10")
+    assert result.returncode == 0, result.stderr
+    assert "| Method | synthetic @1 | @5 | @10 |" in result.stdout
+    path = str(tmp_path / "eval" / "eval-test.json")
+    assert report.merge_evals([path])[2] == "synthetic"
+    report.table([path])
+    assert "| Method | synthetic @1 | @5 | @10 |" in capsys.readouterr().out
+    old = eval_file(tmp_path / "old.json", {"random": [0.1] * 6}, data_dir="runs/vg/ml100k")
+    assert report.merge_evals([old])[2] == "ml100k"

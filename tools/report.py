@@ -101,7 +101,8 @@ def merge_evals(specs):
     groups = [(group, [(name, title) for name, title in rows if name in baseline_rows])
               for group, rows in evaluate.default_groups(model)[:2]]
     groups += [("Compared RL systems", trained["reczero"] + trained["r2ec"]), ("Ours", trained["r2rank"])]
-    return results, groups, os.path.basename(os.path.normpath(first[2]["data_dir"]))
+    # the data set's own name, as eval printed it ("synthetic" for <out>/data); older files: from its folder
+    return results, groups, first[2].get("dataset") or evaluate.dataset_name(first[2]["data_dir"])
 
 
 def significance_lines(results, tests, metric="ndcg@10"):
