@@ -200,6 +200,9 @@ def main(argv=None):
         parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
     try:
         check_out_dir(args.out, args.overwrite)  # before the slow part
+        reading = (f"{args.reviews} and {args.meta}" if args.source == "amazon" else args.path if args.source == "movielens"
+                   else "the generator")
+        print(f"building the {args.source} set from {reading} into {args.out} ...", flush=True)  # an Amazon category: minutes
         if args.source == "synthetic":
             stats = build_synthetic(args.out, args.users, overwrite=args.overwrite,
                                     categories_per_user=args.categories_per_user, pointwise=args.pointwise,

@@ -519,10 +519,16 @@ def test_overwrite_into_the_current_directory_holding_a_data_set(tmp_path):
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tmp_path):
-    """A real process (the signal must reach data.py itself): a large synthetic set, stopped while it is built."""
+    """A real process (the signal must reach data.py itself): a large synthetic set, stopped while it is built.
+    The signal is sent once data.py says it is building (a fixed 3 s sleep was flaky: under load the imports
+    took longer, and the Ctrl-C came before data.py could handle it)."""
+    import select
+
     process = subprocess.Popen([sys.executable, DATA_PY, "synthetic", "--users", "100000", "--out", str(tmp_path / "o")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    ready, _, _ = select.select([process.stdout], [], [], 300)  # a generous wait for the first line
+    assert ready and process.stdout.readline().startswith("building the synthetic set from the generator into "), \
+        process.stderr.read() if process.poll() is not None else "no line in 300 s"
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and stderr.strip() == f"data.py: stopped by Ctrl-C; nothing written to {tmp_path / 'o'}"
