@@ -71,7 +71,7 @@ def read_lines(path, encoding="utf-8"):
                     text = line.decode(encoding)
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid {encoding} (byte {e.start + 1})") from None
-                yield lineno, text.rstrip("\r\n")
+                yield lineno, text.rstrip("\r\n").removeprefix("\ufeff" if lineno == 1 else "")  # a BOM (Notepad's UTF-8)
         except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
             raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from None
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import asdict, fields
@@ -23,6 +24,10 @@ from protocol import DataError, Protocol, UsageError, build_instances
 from machinery.sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, synthetic_raw
 
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
+
+class Terminated(BaseException):
+    """Raised by data.py's SIGTERM handler, so that write_dataset's clean-up runs as it does on Ctrl-C."""
+
 
 DATASET_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "stats.json")  # all that write_dataset puts in --out
 TMP_PREFIX = ".data.py-tmp-"  # write_dataset's temporary directory, beside --out or in it
@@ -50,7 +55,10 @@ def check_out_dir(out_dir, overwrite, ignore=(), named=None):
         return
     if not os.path.isdir(out_dir):
         raise DataError(f"{named}: exists and is not a directory; choose another --out")
-    if (foreign := foreign_entry(out_dir, ignore)) is not None:
+    if (foreign := foreign_entry(out_dir, ignore)) is not None and foreign.startswith(TMP_PREFIX):
+        raise DataError(f"{named}: holds {foreign}, the temporary folder of a data.py that was killed (kill -9, a crash) "
+                        "or is still writing there; delete it once no data.py is running, then run this again")
+    if foreign is not None:
         raise DataError(f"{named}: holds {foreign}, which is not a data set's file; --overwrite replaces only "
                         "train/valid/test.jsonl and stats.json, so choose a new or empty --out")
     if set(os.listdir(out_dir)) - set(ignore) and not overwrite:
@@ -85,6 +93,7 @@ def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
         where = out_dir if exists else os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(where, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=where)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make a new --out unreadable to anyone else
         for name, instances in splits.items():
             with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(inst, ensure_ascii=False) + "\n" for inst in instances)
@@ -105,6 +114,13 @@ def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def current_umask():
+    """The process's umask (read by setting it, then setting it back): what a plain mkdir would apply."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, named=None, **protocol):
@@ -198,6 +214,23 @@ def main(argv=None):
     if (not re.fullmatch(r"\d+:\d+:\d+", protocol.split) or not any(int(part) for part in protocol.split.split(":"))
             or protocol.history < 1 or protocol.candidates < 2):
         parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
+    if args.source == "synthetic" and (protocol.start or protocol.end):
+        parser.error("--start / --end: the synthetic set is generated without a time window, so they would be ignored; "
+                     "leave them out")
+    if protocol.start and protocol.end and protocol.start > protocol.end:
+        parser.error(f"--start {protocol.start} is after --end {protocol.end}: the window would hold no interaction")
+    def terminated(signum, frame):  # SIGTERM (a job's time limit, `timeout`, kill) stops as Ctrl-C does
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)  # given back below (main is also called in-process)
+    try:
+        return build(args, protocol)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def build(args, protocol):
+    """main's work: the data set of args (the parsed command line) into --out; 0, or 1 / 130 / 143 after one line."""
     try:
         check_out_dir(args.out, args.overwrite)  # before the slow part
         reading = (f"{args.reviews} and {args.meta}" if args.source == "amazon" else args.path if args.source == "movielens"
@@ -215,9 +248,10 @@ def main(argv=None):
     except UsageError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # write_dataset's temporary files are gone; only its last few renames could be cut
-        print(f"data.py: stopped by Ctrl-C; nothing written to {args.out}", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as stop:  # write_dataset's temporary files are gone; only its last few renames could be cut
+        print(f"data.py: stopped by {'Ctrl-C' if isinstance(stop, KeyboardInterrupt) else 'SIGTERM'}; nothing written to "
+              f"{args.out}", file=sys.stderr)
+        return 130 if isinstance(stop, KeyboardInterrupt) else 143
     rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
     rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
     rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]

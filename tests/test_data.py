@@ -432,8 +432,8 @@ def test_unreadable_or_empty_inputs_fail_cleanly(amazon_files, tmp_path):
                                  (empty, "holds no interactions (an empty file?)")]:  # not a window that missed
         assert_fails(run_cli("amazon", "--reviews", bad_reviews, "--meta", meta, "--out", out),
                      str(bad_reviews), message, out)
-    result = run_cli("amazon", "--reviews", reviews, "--meta", meta, "--out", out, "--start", "2030-01-01")
-    assert_fails(result, str(reviews), "interactions is from 2030-01-01 to 2023-10-31 (--start / --end)", out)
+    result = run_cli("amazon", "--reviews", reviews, "--meta", meta, "--out", out, "--start", "2030-01-01", "--end", "2030-12-31")
+    assert_fails(result, str(reviews), "interactions is from 2030-01-01 to 2030-12-31 (--start / --end)", out)
 
 
 def test_bad_movielens_files_fail_cleanly(tmp_path):
@@ -580,3 +580,66 @@ def test_the_built_in_set_in_a_read_only_folder_names_the_users_out(tmp_path, mo
         os.chmod(out / "data", 0o755)
     assert str(refused.value) == (f"--out {out} ({out}/data, where the synthetic set is built without --data): cannot write "
                                   "into it (Permission denied)")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_a_new_out_gets_the_permissions_a_plain_mkdir_gives(umask, tmp_path):
+    """A new --out was the temporary folder renamed, mode 0700 (mkdtemp's): a data set no one else could read
+    (a shared machine, a team's folder). Now it has what os.mkdir gives under the same umask."""
+    before = os.umask(umask)
+    try:
+        os.mkdir(tmp_path / "plain")
+        datasets.build_synthetic(str(tmp_path / "built"), users=20)
+    finally:
+        os.umask(before)
+    mode = lambda path: os.stat(path).st_mode & 0o777
+    assert mode(tmp_path / "built") == mode(tmp_path / "plain") == 0o777 & ~umask
+
+
+def test_window_flags_that_would_be_ignored_or_select_nothing_are_refused(tmp_path):
+    ignored = run_cli("synthetic", "--users", 20, "--start", "2022-01-01", "--out", tmp_path / "a")
+    assert ignored.returncode == 2 and ignored.stderr.strip().splitlines()[-1] == (
+        "data.py: error: --start / --end: the synthetic set is generated without a time window, so they would "
+        "be ignored; leave them out")
+    backwards = run_cli("movielens", "--path", tmp_path, "--start", "2023-01-01", "--end", "2022-12-31", "--out", tmp_path / "b")
+    assert backwards.returncode == 2 and backwards.stderr.strip().splitlines()[-1].endswith(
+        "error: --start 2023-01-01 is after --end 2022-12-31: the window would hold no interaction")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_split_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Notepad's "UTF-8" starts a file with a BOM (EF BB BF): it was refused as malformed JSON at line 1, column 1."""
+    datasets.build_synthetic(str(tmp_path / "set"), users=20)
+    text = (tmp_path / "set" / "train.jsonl").read_bytes()
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + text.replace(b"\n", b"\r\n"))
+    assert data.load_split(str(tmp_path / "bom"), "train") == data.load_split(str(tmp_path / "set"), "train")
+
+
+def test_sigterm_is_one_line_exit_143_and_leaves_nothing(tmp_path):
+    """SIGTERM (a job's time limit, `timeout`) killed data.py where it stood: its temporary folder stayed beside
+    --out, and a later --out there was refused for holding it. Now it stops as Ctrl-C does."""
+    import select
+
+    process = subprocess.Popen([sys.executable, DATA_PY, "synthetic", "--users", "100000", "--out", str(tmp_path / "o")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([process.stdout], [], [], 300)
+    assert ready and process.stdout.readline().startswith("building the synthetic set")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and stderr.strip() == f"data.py: stopped by SIGTERM; nothing written to {tmp_path / 'o'}"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_temporary_folder_left_by_a_killed_run_is_named_as_one(tmp_path):
+    """kill -9 leaves write_dataset's temporary folder; it was refused as if it were the user's ("not a data set's
+    file"), with no word of what it is or that it can go."""
+    out = tmp_path / "o"
+    assert run_cli("synthetic", "--users", 20, "--out", out).returncode == 0
+    (out / f"{datasets.TMP_PREFIX}k1ll3d").mkdir()
+    (out / f"{datasets.TMP_PREFIX}k1ll3d" / "train.jsonl").write_text("half a set\n")
+    result = run_cli("synthetic", "--users", 20, "--out", out, "--overwrite")
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"data.py: error: --out {out}: holds {datasets.TMP_PREFIX}k1ll3d/, the temporary folder of a data.py that was killed "
+        "(kill -9, a crash) or is still writing there; delete it once no data.py is running, then run this again")
+    assert (out / f"{datasets.TMP_PREFIX}k1ll3d" / "train.jsonl").read_text() == "half a set\n"
