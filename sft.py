@@ -278,6 +278,8 @@ def read_traces(path, instances, max_history, max_item_chars):
     """Validated traces -> [(instance, candidate index, trace text)]. instances: user_id -> instance
     of the training split. A bad line is a DataError naming file:line."""
     traces = []
+    if not os.path.exists(path):  # the cold start's first stage not run yet, or another --out
+        raise data.DataError(f"{path}: no such file; --stage sft-data writes it (with the same --out), or pass --traces FILE")
     for lineno, record in data.read_jsonl(path):
         for name in ("user_id", "item_id", "response"):
             data.require(record, name, str, path, lineno)

@@ -179,7 +179,7 @@ class Config:
     sft_batch: int = sft_arg(16, "sft: traces per optimizer step, in micro-batches of --micro-batch", allowed=AT_LEAST_1)
 
     # --stage eval: Table 2 and the analyses of Sec. 4
-    split: str = eval_arg("test", "eval: which split to evaluate")
+    split: str = eval_arg("test", "eval: which split to evaluate", ["train", "valid", "test"])  # data.py's (protocol.SPLITS)
     methods: str = eval_arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run; also "
                             "sasrec (with --sasrec), reczero and r2ec (--model: a checkpoint of baselines/reczero.py or r2ec.py)")
     analyses: str = eval_arg("", "eval: comma-separated extra analyses: position,history-order,cold-start,history-length")

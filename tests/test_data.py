@@ -643,3 +643,19 @@ def test_a_temporary_folder_left_by_a_killed_run_is_named_as_one(tmp_path):
         f"data.py: error: --out {out}: holds {datasets.TMP_PREFIX}k1ll3d/, the temporary folder of a data.py that was killed "
         "(kill -9, a crash) or is still writing there; delete it once no data.py is running, then run this again")
     assert (out / f"{datasets.TMP_PREFIX}k1ll3d" / "train.jsonl").read_text() == "half a set\n"
+
+
+def test_a_data_folder_that_is_no_data_set_is_said_to_be_one(tmp_path):
+    """--data a file of the set, a missing folder, an empty folder: each said what it is (they were
+    "X/train.jsonl: cannot read file (Not a directory / No such file or directory)")."""
+    datasets.build_synthetic(str(tmp_path / "set"), users=20)
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "set" / "train.jsonl", "not a folder: a data set is the folder data.py writes (train, valid and "
+              "test.jsonl in it), not one of its files"),
+             (tmp_path / "none", f"no such folder; python data.py SOURCE --out {tmp_path / 'none'} builds one"),
+             (tmp_path / "empty", None)]
+    for folder, message in cases:
+        with pytest.raises(DataError) as refused:
+            data.load_split(str(folder), "train")
+        assert str(refused.value) == (f"{folder}: {message}" if message else f"{folder}/train.jsonl: no such file ({folder} "
+                                      "holds no .jsonl file); a data set of data.py has train.jsonl, valid.jsonl and test.jsonl")

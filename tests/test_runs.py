@@ -75,6 +75,9 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | a split file saved with a byte-order mark (Notepad's UTF-8), CRLF line ends | BOM: "malformed JSON (Unexpected UTF-8 BOM ...)" at line 1; CRLF read well | both read as the plain file (test_data.py) |
 | SIGTERM during data.py (a job's time limit, `timeout`) | killed where it stood: its temporary folder left beside --out | "data.py: stopped by SIGTERM; nothing written to OUT", exit 143, nothing left (test_data.py) |
 | data.py --out holding the temporary folder of a run killed with kill -9 | "holds .data.py-tmp-x/, which is not a data set's file" (as if the user's) | named as a killed data.py's temporary folder, to delete once no data.py runs; kept (test_data.py) |
+| --data an empty folder, a missing folder, one of the set's files; a set without valid.jsonl (rl) or test.jsonl (eval) | "X/train.jsonl: cannot read file (No such file or directory / Not a directory)" | "X: not a folder: a data set is the folder data.py writes ..." / "X: no such folder; python data.py SOURCE --out X builds one" / "X/test.jsonl: no such file (X holds train.jsonl, valid.jsonl); a data set of data.py has ..." (test_data.py, test_evaluate.py) |
+| eval --split foo | "X/foo.jsonl: cannot read file" | exit 2: "argument --split: invalid choice: 'foo' (choose from train, valid, test)" (test_evaluate.py) |
+| --stage sft before --stage sft-data | "OUT/traces.jsonl: cannot read file (No such file or directory)" | "OUT/traces.jsonl: no such file; --stage sft-data writes it (with the same --out), or pass --traces FILE" (test_sft.py) |
 """
 import errno
 import json

@@ -409,6 +409,10 @@ def test_sft_cli_bad_traces_exit_cleanly(data_dir, train, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{path}:2: missing required field 'response'" in result.stderr
     assert not (tmp_path / "sft").exists() or not any(n.startswith("checkpoint") for n in os.listdir(tmp_path / "sft"))
+    # --stage sft before --stage sft-data (or into another --out): what writes the file (it was "cannot read file")
+    missing = run_cli("--stage", "sft", "--model", "tiny", "--data", data_dir, "--out", tmp_path / "first")
+    assert missing.returncode == 1 and missing.stderr == (f"error: {tmp_path / 'first'}/traces.jsonl: no such file; --stage "
+                                                          "sft-data writes it (with the same --out), or pass --traces FILE\n")
 
 
 def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path):
