@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -178,7 +179,7 @@ def local_teacher(cfg):
     """ask(instance, k, messages) -> reply text, sampled from --teacher on the RL stage's prompt tokens.
     Each pair has its own seed, so a resumed run writes what an uninterrupted one would have."""
     device = models.pick_device(cfg.device)
-    model, tokenizer = models.load_policy(cfg.teacher, device, models.pick_dtype(cfg.dtype, device), cfg.seed)
+    model, tokenizer = models.load_policy(cfg.teacher, device, models.pick_dtype(cfg.dtype, device), cfg.seed, "--teacher")
     model.eval()
 
     def ask(instance, k, messages):
@@ -213,7 +214,7 @@ def ask_teacher(cfg):
     instances = data.load_split(datasets.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     rejected_path = sidecar(path, ".rejected.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    check_traces_path(path)  # before the data, the teacher and its first answer
     teacher = cfg.teacher or cfg.teacher_model or cfg.teacher_url  # what a resumed run must match
     earlier = read_appended(path) + read_appended(rejected_path)
     others = {record.get("teacher") for record in earlier} - {teacher}
@@ -258,6 +259,23 @@ def ask_teacher(cfg):
           f"{summary['negative']['accepted']}/{summary['negative']['asked']}, no answer tag {summary['no_answer']}) "
           f"-> {path} ({summary['wall_time_s']:.0f} s)")
     return summary
+
+
+def check_traces_path(path):
+    """A UsageError naming --traces unless its folder (made if missing) takes new files: sft-data appends to
+    the file and writes two beside it (.rejected.jsonl, .summary.json). A folder given as the file is refused."""
+    if os.path.isdir(path):
+        raise UsageError(f"--traces {path}: a folder; pass a file, e.g. {os.path.join(path, 'traces.jsonl')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(path):  # a run to continue: appended to
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        descriptor, probe = tempfile.mkstemp(prefix=".sft-data-write-test-", dir=folder)  # new files beside it
+        os.close(descriptor)
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"--traces {path}: cannot write there ({error.strerror or type(error).__name__})") from None
 
 
 def summarize(kept, rejected, teacher):

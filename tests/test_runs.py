@@ -78,6 +78,8 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | --data an empty folder, a missing folder, one of the set's files; a set without valid.jsonl (rl) or test.jsonl (eval) | "X/train.jsonl: cannot read file (No such file or directory / Not a directory)" | "X: not a folder: a data set is the folder data.py writes ..." / "X: no such folder; python data.py SOURCE --out X builds one" / "X/test.jsonl: no such file (X holds train.jsonl, valid.jsonl); a data set of data.py has ..." (test_data.py, test_evaluate.py) |
 | eval --split foo | "X/foo.jsonl: cannot read file" | exit 2: "argument --split: invalid choice: 'foo' (choose from train, valid, test)" (test_evaluate.py) |
 | --stage sft before --stage sft-data | "OUT/traces.jsonl: cannot read file (No such file or directory)" | "OUT/traces.jsonl: no such file; --stage sft-data writes it (with the same --out), or pass --traces FILE" (test_sft.py) |
+| sft-data --traces in a read-only folder (a new file, one to continue, one in a new subfolder); --traces a folder | PermissionError / IsADirectoryError traceback; a file to continue was asked about every pair, then failed on the temporary traces.summary.json.tmp | "--traces X: cannot write there (Permission denied)" / "--traces X: a folder; pass a file, e.g. X/traces.jsonl", before the teacher loads (test_sft.py) |
+| sft-data --teacher ./nope (a local teacher that is not there) | "--model ./nope: no such directory" (the wrong flag) | "--teacher ./nope: no such directory (a hub id is org/name)" (test_sft.py) |
 """
 import errno
 import json

@@ -21,7 +21,7 @@ import rollout
 import sft
 from machinery import config, datasets, models
 
-from conftest import run_script
+from conftest import read_only, run_script
 
 R2RANK_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "r2rank.py")
 
@@ -580,3 +580,34 @@ def test_a_teacher_that_never_answers_fails_after_teacher_timeout(data_dir, tmp_
     waited = float(line.split("attempts, ")[1].split(" s in all")[0])
     assert 1.0 <= waited <= took, (waited, took)
     assert (tmp_path / "sft" / "traces.jsonl").read_text() == ""  # nothing half-written
+
+
+def test_a_traces_file_that_cannot_be_written_is_refused_before_the_teacher(data_dir, tmp_path, monkeypatch):
+    """--traces in a read-only folder (chmod 555: a new file, one to continue, one in a new subfolder) or a folder:
+    one line naming --traces before the teacher is asked (they were a PermissionError or IsADirectoryError
+    traceback; a file to continue in a read-only folder was asked about every pair, then failed on the temporary
+    traces.summary.json.tmp). The endpoint here does not exist: nothing is asked."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "traces.jsonl").write_text("")
+    cases = [folder / "new.jsonl", folder / "traces.jsonl", folder / "sub" / "traces.jsonl"]
+    for path in cases:
+        read_only(folder, monkeypatch)
+        try:
+            with pytest.raises(UsageError) as refused:
+                sft.build_traces(sft_data_config(data_dir, tmp_path / "out", "http://127.0.0.1:9/v1", traces=str(path)))
+        finally:
+            monkeypatch.undo()
+            os.chmod(folder, 0o755)
+        assert str(refused.value) == f"--traces {path}: cannot write there (Permission denied)"
+    with pytest.raises(UsageError, match=rf"^--traces {tmp_path}: a folder; pass a file, e.g. {tmp_path}/traces.jsonl$"):
+        sft.build_traces(sft_data_config(data_dir, tmp_path / "out", "http://127.0.0.1:9/v1", traces=str(tmp_path)))
+    assert sorted(os.listdir(folder)) == ["traces.jsonl"]
+
+
+def test_a_local_teacher_that_cannot_be_loaded_is_named_by_its_flag(data_dir, tmp_path, capsys):
+    """--teacher ./nope was reported as "--model ./nope: no such directory"."""
+    with pytest.raises(SystemExit) as exit_info:
+        r2rank.main(["--stage", "sft-data", "--data", data_dir, "--out", str(tmp_path / "out"), "--teacher", "./nope",
+                     "--num-pairs", "2"])
+    assert exit_info.value.code == 1 and capsys.readouterr().err == "error: --teacher ./nope: no such directory (a hub id is org/name)\n"
