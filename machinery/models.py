@@ -339,8 +339,13 @@ def load_head(path, hidden_size, device):
     hidden size hidden_size. A head of another width or hidden size (files of two runs mixed, or another
     --model) is a UsageError naming both shapes."""
     file = os.path.join(path, "head.safetensors")
-    with open(os.path.join(path, "r2rank.json")) as f:
-        width = json.load(f)["head_width"]
+    try:
+        with open(os.path.join(path, "r2rank.json")) as f:
+            width = int(json.load(f)["head_width"])
+    except (OSError, ValueError, KeyError, TypeError) as error:  # a checkpoint copied in part, or cut mid-write
+        reason = "missing" if isinstance(error, FileNotFoundError) else "unreadable (no head_width)"
+        raise UsageError(f"--model {path}: r2rank.json is {reason}, so its head's width is unknown; pass another "
+                         "checkpoint, or --new-head to start a new head on this model") from None
     if problem := runs.safetensors_problem(file):
         raise UsageError(f"{path}: {problem}, so the head cannot be read; pass another checkpoint")
     state, head = load_file(file), ScoreHead(hidden_size, width)

@@ -80,6 +80,8 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | --stage sft before --stage sft-data | "OUT/traces.jsonl: cannot read file (No such file or directory)" | "OUT/traces.jsonl: no such file; --stage sft-data writes it (with the same --out), or pass --traces FILE" (test_sft.py) |
 | sft-data --traces in a read-only folder (a new file, one to continue, one in a new subfolder); --traces a folder | PermissionError / IsADirectoryError traceback; a file to continue was asked about every pair, then failed on the temporary traces.summary.json.tmp | "--traces X: cannot write there (Permission denied)" / "--traces X: a folder; pass a file, e.g. X/traces.jsonl", before the teacher loads (test_sft.py) |
 | sft-data --teacher ./nope (a local teacher that is not there) | "--model ./nope: no such directory" (the wrong flag) | "--teacher ./nope: no such directory (a hub id is org/name)" (test_sft.py) |
+| eval --methods sasrec --sasrec sasrec-log.json (the log beside the model), a stats.json, another torch file | torch.load's UnpicklingError traceback ("Weights only load failed ..."), or a KeyError | "--sasrec X: not a model of baselines/sasrec.py (the file it writes is OUT/sasrec.pt); ..." (test_sasrec.py) |
+| rl --model a checkpoint copied without its r2rank.json, or with it cut short | FileNotFoundError / JSONDecodeError traceback (the head's width) | "--model X: r2rank.json is missing / unreadable (no head_width), so its head's width is unknown; pass another checkpoint, or --new-head ..." |
 """
 import errno
 import json
@@ -739,3 +741,21 @@ def test_ctrl_c_under_torchrun_keeps_the_step_and_every_rank_exits_130(tmp_path,
     assert stderr.count("stopped by SIGINT") == 1 and line in stderr and "SIGINT again" not in stderr, stderr[-3000:]
     assert stderr.count("exitcode  : 130") == 2, stderr[-3000:]  # torchrun's report: both ranks stopped with 128 + 2
     assert runs.checkpoint_steps(out) == [last] and runs.checkpoint_problem(str(out / f"checkpoint-{last}")) is None
+
+
+def test_a_checkpoint_without_its_r2rank_json_as_model_is_one_line(tmp_path, synthetic_dir):
+    """--model a checkpoint whose r2rank.json is missing or cut short (copied in part), for rl: it was
+    FileNotFoundError's or JSONDecodeError's traceback from reading the head's width. --new-head starts a new
+    head on its model instead."""
+    assert rl(tmp_path / "run", synthetic_dir, "--max-steps", "1").returncode == 0
+    checkpoint = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run" / "checkpoint-1", checkpoint)
+    for damage, reason in [(lambda: (checkpoint / "r2rank.json").write_text('{"step": 1, "conf'), "unreadable (no head_width)"),
+                           (lambda: (checkpoint / "r2rank.json").unlink(), "missing")]:
+        damage()
+        result = rl(tmp_path / f"out-{reason[:7]}", synthetic_dir, "--max-steps", "1", "--model", str(checkpoint))
+        assert result.returncode == 1 and last_line(result) == (
+            f"error: --model {checkpoint}: r2rank.json is {reason}, so its head's width is unknown; pass another checkpoint, "
+            "or --new-head to start a new head on this model"), result.stderr
+    fresh = rl(tmp_path / "new-head", synthetic_dir, "--max-steps", "1", "--model", str(checkpoint), "--new-head")
+    assert fresh.returncode == 0 and steps(tmp_path / "new-head") == [1], fresh.stderr
