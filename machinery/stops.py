@@ -123,6 +123,39 @@ def lock_file(out):
     return fd
 
 
+class ReaderlessStdout:
+    """sys.stdout for a run that must outlive the reader of its output: when that reader ends (`| head`,
+    quitting `| less`), a print raised BrokenPipeError and the run died with a traceback, losing its steps
+    since the last checkpoint. Then the output goes to /dev/null, with one note on stderr, and the run goes
+    on (its rows are in metrics.jsonl, its results in its files)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_left()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_left()
+
+    def reader_left(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # the text left in the stream's buffer goes nowhere, at exit too
+        os.close(devnull)
+        print("note: the reader of this output has gone (a pipe into head or less?); the run goes on without printing "
+              "(metrics.jsonl and its other files are written as before)", file=sys.stderr, flush=True)
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
+        return getattr(self.stream, name)
+
+
 class Abandoned(Exception):
     """Raised by StopOnSignal's handler inside an abandonable() block: the work in flight is dropped."""
 

@@ -267,3 +267,20 @@ def test_the_table_names_the_data_set_as_eval_does(synthetic_dir, tmp_path, caps
     assert "| Method | synthetic @1 | @5 | @10 |" in capsys.readouterr().out
     old = eval_file(tmp_path / "old.json", {"random": [0.1] * 6}, data_dir="runs/vg/ml100k")
     assert report.merge_evals([old])[2] == "ml100k"
+
+
+def test_a_table_piped_into_head_ends_quietly(tmp_path):
+    """`python tools/report.py table ... | head -1` was a BrokenPipeError traceback once head had its line."""
+    import subprocess
+    import sys
+
+    import os
+
+    path = eval_file(tmp_path / "eval.json", {"random": [0.1, 0.2, 0.1, 0.2, 0.1, 0.2], "pointwise": [0.3] * 6})
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has gone (head had its lines) before the table is written
+    process = subprocess.Popen([sys.executable, f"{ROOT}/tools/report.py", "table", path], stdout=writer,
+                               stderr=subprocess.PIPE, text=True)
+    os.close(writer)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 141 and stderr == "", stderr

@@ -82,6 +82,8 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | sft-data --teacher ./nope (a local teacher that is not there) | "--model ./nope: no such directory" (the wrong flag) | "--teacher ./nope: no such directory (a hub id is org/name)" (test_sft.py) |
 | eval --methods sasrec --sasrec sasrec-log.json (the log beside the model), a stats.json, another torch file | torch.load's UnpicklingError traceback ("Weights only load failed ..."), or a KeyError | "--sasrec X: not a model of baselines/sasrec.py (the file it writes is OUT/sasrec.pt); ..." (test_sasrec.py) |
 | rl --model a checkpoint copied without its r2rank.json, or with it cut short | FileNotFoundError / JSONDecodeError traceback (the head's width) | "--model X: r2rank.json is missing / unreadable (no head_width), so its head's width is unknown; pass another checkpoint, or --new-head ..." |
+| python r2rank.py ... \| head (or quitting \| less): the reader of the output goes | the next print's BrokenPipeError: a traceback, the run dead, its steps since the last checkpoint lost | the output goes to /dev/null with one note on stderr; the run goes on and ends as it would have |
+| python tools/report.py table ... \| head | BrokenPipeError traceback after head's lines | quiet, exit 141 (128 + SIGPIPE) (test_report.py) |
 """
 import errno
 import json
@@ -759,3 +761,21 @@ def test_a_checkpoint_without_its_r2rank_json_as_model_is_one_line(tmp_path, syn
             "or --new-head to start a new head on this model"), result.stderr
     fresh = rl(tmp_path / "new-head", synthetic_dir, "--max-steps", "1", "--model", str(checkpoint), "--new-head")
     assert fresh.returncode == 0 and steps(tmp_path / "new-head") == [1], fresh.stderr
+
+
+def test_a_run_outlives_the_reader_of_its_output(tmp_path, synthetic_dir):
+    """`python r2rank.py ... | head -1` (or quitting `| less`): the next print raised BrokenPipeError and the run
+    died with a traceback, its steps since the last checkpoint lost. Now it goes on without printing, says so
+    once, and ends as it would have."""
+    out = tmp_path / "run"
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has gone before the first line (head -0; or head -1 a line later)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "r2rank.py"), "--stage", "rl", "--model", "tiny", "--data", synthetic_dir,
+         "--out", str(out), "--users-per-step", "1", "--max-new-tokens", "1", "--max-history", "0", "--max-steps", "20",
+         "--save-every", "10", "--threads", "1"], cwd=ROOT, stdout=writer, stderr=subprocess.PIPE, text=True)
+    os.close(writer)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("note: the reader of this output has gone") == 1
+    assert steps(out) == list(range(1, 21)) and runs.checkpoint_steps(out) == [10, 20]

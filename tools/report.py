@@ -383,7 +383,8 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     table_args = commands.add_parser("table", help="one Table-2 layout from several eval-<split>.json files")
     table_args.add_argument("files", nargs="+", help="eval-<split>.json of --stage eval, optionally =Title for its trained row (R2Rank, reczero, r2ec)")
-    table_args.add_argument("--dataset", help="the dataset's name in the header (default: the data directory's name)")
+    table_args.add_argument("--dataset", help="the dataset's name in the header (default: the name eval gave it, in the "
+                            "first file's config)")
     curve_args = commands.add_parser("curve", help="reward and validation NDCG@10 per step of a run, as text or a PNG")
     curve_args.add_argument("metrics", nargs="*", help="metrics.jsonl of --stage rl, optionally =Label (default: its directory)")
     curve_args.add_argument("--group", action="append", default=[], metavar="NAME=GLOB",
@@ -410,6 +411,9 @@ def main(argv=None):
             curve(args.metrics, max(args.window, 1), args.png)
     except ReportError as error:
         sys.exit(f"error: {error}")
+    except BrokenPipeError:  # the reader of a pipe had enough (| head): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left in the buffer goes nowhere
+        sys.exit(128 + 13)  # 128 + SIGPIPE, a shell's status for a writer its reader left
 
 
 if __name__ == "__main__":
