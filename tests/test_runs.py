@@ -82,8 +82,8 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | sft-data --teacher ./nope (a local teacher that is not there) | "--model ./nope: no such directory" (the wrong flag) | "--teacher ./nope: no such directory (a hub id is org/name)" (test_sft.py) |
 | eval --methods sasrec --sasrec sasrec-log.json (the log beside the model), a stats.json, another torch file | torch.load's UnpicklingError traceback ("Weights only load failed ..."), or a KeyError | "--sasrec X: not a model of baselines/sasrec.py (the file it writes is OUT/sasrec.pt); ..." (test_sasrec.py) |
 | rl --model a checkpoint copied without its r2rank.json, or with it cut short | FileNotFoundError / JSONDecodeError traceback (the head's width) | "--model X: r2rank.json is missing / unreadable (no head_width), so its head's width is unknown; pass another checkpoint, or --new-head ..." |
-| python r2rank.py ... \| head (or quitting \| less): the reader of the output goes | the next print's BrokenPipeError: a traceback, the run dead, its steps since the last checkpoint lost | the output goes to /dev/null with one note on stderr; the run goes on and ends as it would have |
-| python tools/report.py table ... \| head | BrokenPipeError traceback after head's lines | quiet, exit 141 (128 + SIGPIPE) (test_report.py) |
+| python r2rank.py ... piped into head (or into less, then quit): the reader of the output goes | the next print's BrokenPipeError: a traceback, the run dead, its steps since the last checkpoint lost | the output goes to /dev/null with one note on stderr; the run goes on and ends as it would have |
+| python tools/report.py table ... piped into head | BrokenPipeError traceback after head's lines | quiet, exit 141 (128 + SIGPIPE) (test_report.py) |
 """
 import errno
 import json
