@@ -84,6 +84,7 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | rl --model a checkpoint copied without its r2rank.json, or with it cut short | FileNotFoundError / JSONDecodeError traceback (the head's width) | "--model X: r2rank.json is missing / unreadable (no head_width), so its head's width is unknown; pass another checkpoint, or --new-head ..." |
 | python r2rank.py ... piped into head (or into less, then quit): the reader of the output goes | the next print's BrokenPipeError: a traceback, the run dead, its steps since the last checkpoint lost | the output goes to /dev/null with one note on stderr; the run goes on and ends as it would have |
 | python tools/report.py table ... piped into head | BrokenPipeError traceback after head's lines | quiet, exit 141 (128 + SIGPIPE) (test_report.py) |
+| a full disk while a metrics.jsonl row is appended (rl, sft; between checkpoints) | OSError traceback | "OUT/metrics.jsonl: cannot write step N's row (No space left on device); free space ..., then continue with --resume ..." (the file closed, so no second error at exit) |
 """
 import errno
 import json
@@ -779,3 +780,48 @@ def test_a_run_outlives_the_reader_of_its_output(tmp_path, synthetic_dir):
     assert process.wait(timeout=300) == 0 and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.count("note: the reader of this output has gone") == 1
     assert steps(out) == list(range(1, 21)) and runs.checkpoint_steps(out) == [10, 20]
+
+
+def test_a_full_disk_at_a_metrics_row_is_one_line(tmp_path, synthetic_dir, monkeypatch, capsys):
+    """The disk fills while step 2's row is appended to metrics.jsonl (between checkpoints): it was the OSError's
+    traceback. One line naming the file; --resume then continues from checkpoint-1."""
+    import io
+
+    import r2rank
+    from machinery import rl_run
+
+    class FillsAtStep2(io.StringIO):
+        def __init__(self, real):
+            super().__init__()
+            self.real, self.name = real, real.name
+
+        def write(self, text):
+            if '"step": 2' in text:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.real.write(text)
+
+        def flush(self):
+            self.real.flush()
+
+        def close(self):
+            self.real.close()
+
+    opened = rl_run.Bookkeeper.__init__
+
+    def with_a_disk_that_fills(book, *args):
+        opened(book, *args)
+        book.metrics_file = FillsAtStep2(book.metrics_file)
+
+    monkeypatch.setattr(rl_run.Bookkeeper, "__init__", with_a_disk_that_fills)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
+                     "--max-new-tokens", "1", "--max-history", "0", "--save-every", "1", "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: {out}/metrics.jsonl: cannot write step 2's row (No space left on device); "
+                                            "free space (or make --out writable), then continue with --resume from the newest "
+                                            "checkpoint")
+    monkeypatch.undo()
+    resumed = rl(out, synthetic_dir, "--max-steps", "3", "--resume", "--max-new-tokens", "1", "--max-history", "0")
+    assert resumed.returncode == 0 and f"resumed from {out}/checkpoint-1 at step 1" in resumed.stdout and steps(out) == [1, 2, 3]
