@@ -478,3 +478,15 @@ def test_the_flags_given_on_the_command_line_are_known_even_at_their_default():
 
     assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval", "--max-history", "20"])) == {"stage", "max_history"}
     assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval"])) == {"stage"}
+
+
+@pytest.mark.parametrize("analysis", ["position", "history-order"])
+def test_an_analysis_of_prompted_methods_without_one_is_refused(analysis, synthetic, tmp_path):
+    """--analyses position (or history-order) reruns the methods that read the prompt; with --methods random it
+    wrote "position": {} into the eval file without a word."""
+    result = run_cli("--model", "tiny", "--data", synthetic, "--out", str(tmp_path / "out"), "--methods", "random,popularity",
+                     "--analyses", analysis, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == (
+        f"error: --analyses {analysis} reruns the methods that read the prompt (r2rank, pointwise, listwise, reczero, r2ec), "
+        f"and --methods random,popularity has none of them: add one, or leave {analysis} out\n")
+    assert not (tmp_path / "out" / "eval-test.json").exists()

@@ -284,3 +284,17 @@ def test_a_table_piped_into_head_ends_quietly(tmp_path):
     os.close(writer)
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 141 and stderr == "", stderr
+
+
+def test_a_row_cut_short_at_the_end_is_left_out_with_a_note(tmp_path):
+    """A run killed while it wrote a row leaves it cut short, without its newline (--resume drops it): the curve
+    of such a run was refused ("malformed JSON") instead of drawn."""
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "reward": 0.2 + 0.1 * s, "step_time": 1.0} for s in (1, 2)]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 3, "rew')
+    run = run_script("tools/report.py", "curve", str(metrics), cwd=ROOT)
+    assert run.returncode == 0 and run.stderr == f"note: {metrics}:3: a row cut short (the run stopped while writing it) is left out\n"
+    assert "2 steps, 0.00 h of step time" in run.stdout
+    metrics.write_text(json.dumps(rows[0]) + '\n{"step": 3, "rew\n' + json.dumps(rows[1]) + "\n")  # not the last line: refused
+    run = run_script("tools/report.py", "curve", str(metrics), cwd=ROOT)
+    assert run.returncode == 1 and f"{metrics}:2: malformed JSON" in run.stderr

@@ -85,6 +85,9 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | python r2rank.py ... piped into head (or into less, then quit): the reader of the output goes | the next print's BrokenPipeError: a traceback, the run dead, its steps since the last checkpoint lost | the output goes to /dev/null with one note on stderr; the run goes on and ends as it would have |
 | python tools/report.py table ... piped into head | BrokenPipeError traceback after head's lines | quiet, exit 141 (128 + SIGPIPE) (test_report.py) |
 | a full disk while a metrics.jsonl row is appended (rl, sft; between checkpoints) | OSError traceback | "OUT/metrics.jsonl: cannot write step N's row (No space left on device); free space ..., then continue with --resume ..." (the file closed, so no second error at exit) |
+| eval --analyses position (or history-order) with --methods random,popularity | "position": {} written to the eval file, no word | refused before any method runs: "--analyses position reruns the methods that read the prompt (...), and --methods ... has none of them" (test_evaluate.py) |
+| tools/report.py curve on a run killed while it wrote a row (its last line cut short) | refused: "FILE:N: malformed JSON" | drawn without that row, with a note on stderr; a bad line elsewhere is still refused (test_report.py) |
+| tools/compare.py --out a read-only place | os.makedirs's PermissionError traceback | "error: --out X: cannot create it (Permission denied)", before any run (test_cli.py) |
 """
 import errno
 import json

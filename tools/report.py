@@ -140,6 +140,7 @@ def read_metrics(path):
     """metrics.jsonl -> list of row dicts, their steps rising. A bad line raises ReportError naming it;
     a non-finite number in CURVE_KEYS (json writes NaN) is left out of its row, with a note on stderr."""
     rows, left_out, previous = [], [], None  # previous: (step, line) of the last row
+    torn = torn_last_line(path)
     try:
         for lineno, row in data.read_jsonl(path):
             step = row.get("step")
@@ -156,12 +157,25 @@ def read_metrics(path):
             rows.append(row)
             previous = (step, lineno)
     except UsageError as error:
-        raise ReportError(str(error)) from None
+        if torn is None or not str(error).startswith(f"{path}:{torn}: malformed JSON"):
+            raise ReportError(str(error)) from None
+        print(f"note: {path}:{torn}: a row cut short (the run stopped while writing it) is left out", file=sys.stderr)
     if not rows:
         raise ReportError(f"{path}: no metrics yet")
     if left_out:
         print(f"note: {path}: non-finite values left out: " + ", ".join(left_out), file=sys.stderr)
     return rows
+
+
+def torn_last_line(path):
+    """The number of path's last line when the file does not end with a newline (a row cut short by a run that
+    stopped mid-write, which --resume drops), else None."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError:
+        return None  # read_jsonl says why
+    return content.count(b"\n") + 1 if content and not content.endswith(b"\n") else None
 
 
 def moving_average(values, window):
