@@ -88,6 +88,16 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | eval --analyses position (or history-order) with --methods random,popularity | "position": {} written to the eval file, no word | refused before any method runs: "--analyses position reruns the methods that read the prompt (...), and --methods ... has none of them" (test_evaluate.py) |
 | tools/report.py curve on a run killed while it wrote a row (its last line cut short) | refused: "FILE:N: malformed JSON" | drawn without that row, with a note on stderr; a bad line elsewhere is still refused (test_report.py) |
 | tools/compare.py --out a read-only place | os.makedirs's PermissionError traceback | "error: --out X: cannot create it (Permission denied)", before any run (test_cli.py) |
+| Tried and handled well already (no change): | | |
+| paths with spaces and non-ASCII letters (data.py --out, rl --out, eval --model / --data / --out, report.py table) | - | every file written and read; the table's header shows the name as it is |
+| eval --methods "" / Random / "random,"; --analyses bogus; --eval-limit beyond the split's users | - | one line naming the flag and the choices / the trailing comma ignored / all the users evaluated |
+| eval --out an existing file; eval-test.json a folder, with --overwrite | - | "--out X: exists and is not a directory" / "could not write X/eval-test.json (Is a directory); the results are in the table printed above" |
+| train.jsonl cut mid-line; a corrupt stats.json in --data | - | "FILE:160: malformed JSON (...)" / eval names the set by its folder |
+| --resume into an --out that does not exist; --out the same folder as --data | - | "--resume: no checkpoint in X, so the run starts at step 0" / the run's files beside the set, nothing replaced |
+| kill -9 during eval, then eval again | - | nothing written but .r2rank-lock, which blocks nothing: the next eval runs and removes it |
+| a hub id with a typo, without a network | - | "--model X: cannot load it (We couldn't connect to 'https://huggingface.co' ...)" |
+| data.py --users 0 / -5, --categories-per-user 9, --candidates 1000, --out with a trailing slash | - | one line each ("--users must be >= 10 ...", "... 1 to 8", "no user is left after the protocol (... users_with_too_few_negatives: 200)"); the slash is fine |
+| sft --traces a malformed or an empty file; sft-data --teacher-url without http:// | - | "FILE:1: malformed JSON (...)" / "FILE: no traces" / "URL: not an http:// or https:// URL" |
 """
 import errno
 import json
