@@ -7,7 +7,8 @@
             if stop.requested: save a checkpoint, then raise stop.exit(...)
 
 The lock is an flock on <out>/.r2rank-lock, which the kernel lets go when the process ends, however
-it ends. What a run's --out holds and what --resume may change: runs.py.
+it ends. A run also outlives the reader of its output (ReaderlessStdout: `| head`, a `| less` quit).
+What a run's --out holds and what --resume may change: runs.py.
 """
 import contextlib
 import os
