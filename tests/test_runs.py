@@ -102,6 +102,7 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -547,7 +548,8 @@ def test_a_failed_save_keeps_the_checkpoint_before_it_and_says_so_in_one_line(tm
         r2rank.main(argv)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stopped.value.code == 1 and err.startswith(f"error: step 2: saving {out}/checkpoint-2 failed (No space left on device: ")
-    assert "GB free there; free space, keep fewer checkpoints (--keep-checkpoints) or choose another --out" in err
+    assert re.search(r"\d (GB|MB|kB|bytes) free there; free space, keep fewer checkpoints \(--keep-checkpoints\) or choose "
+                     "another --out", err), err  # the free space in units a person reads (checkpoints.size_text)
     assert err.endswith(f"kept {out}/checkpoint-1 and metrics.jsonl up to step 1; then continue with --resume"), err
     assert sorted(os.listdir(out)) == ["checkpoint-1", "metrics.jsonl"]  # no .tmp-checkpoint-2, no lock left
     assert steps(out) == [1] and runs.checkpoint_problem(str(out / "checkpoint-1")) is None
