@@ -71,7 +71,7 @@ def read_lines(path, encoding="utf-8"):
                     text = line.decode(encoding)
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid {encoding} (byte {e.start + 1})") from None
-                yield lineno, text.rstrip("\r\n")
+                yield lineno, text.rstrip("\r\n").removeprefix("\ufeff" if lineno == 1 else "")  # a BOM (Notepad's UTF-8)
         except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
             raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from None
 
@@ -139,8 +139,17 @@ def check_instance(inst, path, lineno):
 
 def load_split(data_dir, split, allow_empty=False):
     """Instances of <data_dir>/<split>.jsonl, each checked by check_instance, all with the same number
-    of candidates K and distinct user_ids; a DataError names the file and line of a bad record."""
+    of candidates K and distinct user_ids; a DataError names the file and line of a bad record, or says what
+    data_dir is when it is no data set (a file, a missing folder, a folder without that split)."""
     path, instances, first_line = os.path.join(data_dir, f"{split}.jsonl"), [], {}
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: " + ("not a folder: a data set is the folder data.py writes (train, valid and test.jsonl "
+                                           "in it), not one of its files" if os.path.exists(data_dir) else
+                                           f"no such folder; python data.py SOURCE --out {data_dir} builds one"))
+    if not os.path.exists(path):
+        there = sorted(name for name in os.listdir(data_dir) if name.endswith(".jsonl"))
+        raise DataError(f"{path}: no such file ({data_dir} holds {', '.join(there) if there else 'no .jsonl file'}); "
+                        "a data set of data.py has train.jsonl, valid.jsonl and test.jsonl")
     for lineno, inst in read_jsonl(path):
         check_instance(inst, path, lineno)
         if instances and len(inst["candidates"]) != len(instances[0]["candidates"]):

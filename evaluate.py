@@ -322,6 +322,10 @@ def evaluate_and_write(cfg, rank_device):
     methods = eval_methods.servable(methods, cfg.model, named="methods" in chosen_now)
     if not methods:
         raise UsageError("--methods: nothing left to evaluate")
+    for name in [name for name in ("position", "history-order") if name in wanted]:  # before any method runs
+        if not any(method in PROMPTED for method in methods):
+            raise UsageError(f"--analyses {name} reruns the methods that read the prompt ({', '.join(PROMPTED)}), and "
+                             f"--methods {','.join(methods)} has none of them: add one, or leave {name} out")
     kind = eval_methods.checkpoint_kind(cfg.model)  # the trained method that runs, if any: with the trace settings of its training
     trained_cfg = (eval_methods.method_settings(cfg, kind, chosen_now, any(name in PROMPTED and name != kind for name in methods))
                    if kind in methods else cfg)

@@ -211,6 +211,8 @@ def main(argv=None):
         interrupted_before_start()
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
+    else:
+        sys.stdout = stops.ReaderlessStdout(sys.stdout)  # `| head` must not kill a training run (given back below)
     try:
         if distributed.world() > 1 and cfg.stage in ("sft-data", "sft"):
             raise UsageError(f"--stage {cfg.stage} runs as one process (torchrun covers rl and eval)")
@@ -246,7 +248,9 @@ def main(argv=None):
             print(f"error: out of memory ({str(error).strip().splitlines()[0][:200]}); lower {flags}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
-        if cfg.stage == "eval":
+        if not distributed.is_main():  # rank 0 says what is kept, for all
+            pass
+        elif cfg.stage == "eval":
             print("interrupted: the evaluation stopped before writing its results; nothing was written", file=sys.stderr)
         elif cfg.stage == "sft-data":
             import sft
@@ -257,6 +261,8 @@ def main(argv=None):
         sys.exit(130)
     finally:
         distributed.stop()
+        if isinstance(sys.stdout, stops.ReaderlessStdout):
+            sys.stdout = sys.stdout.stream
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -48,9 +49,8 @@ from protocol import UsageError
 import rollout
 from machinery import checkpoints, datasets, models, runs, stops
 
-RETRIES = 5  # an endpoint request is retried this often on connection errors, 5xx and 429 ...
-BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds
-TIMEOUT_SECONDS = 600  # per request; reasoning models can take minutes
+RETRIES = 5  # an endpoint request is retried this often on connection errors, timeouts, 5xx and 429 ...
+BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds; each try waits --teacher-timeout for the reply
 
 
 # ------------------------------------------------------------------------------------ the pairs
@@ -105,11 +105,13 @@ def read_appended(path):
 
 
 def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_key=None, retries=5, backoff=1.0,
-                    timeout=600):
+                    timeout=120.0):
     """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions, standard library
-    only. Connection errors, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
+    only; each try waits at most `timeout` seconds (--teacher-timeout) for the connection and the reply.
+    Connection errors, timeouts, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
     seconds (a 429's Retry-After in seconds instead, up to 10 minutes); other failures, and the last
-    retry's, raise DataError naming the URL (a 401 or 403 without a key says which variable to set)."""
+    retry's, raise DataError naming the URL and, when it gives up, how long it tried in all and
+    --teacher-timeout (a 401 or 403 without a key says which variable to set)."""
     endpoint = url.rstrip("/") + "/chat/completions"
     if not endpoint.startswith(("http://", "https://")):
         raise data.DataError(f"{endpoint}: not an http:// or https:// URL")
@@ -118,6 +120,7 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
+    started = time.monotonic()
     for attempt in range(retries + 1):
         try:
             request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
@@ -137,12 +140,23 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
         except (OSError, http.client.HTTPException) as e:  # no answer: refused, reset, timed out (URLError is an OSError)
             problem = str(getattr(e, "reason", e)) or type(e).__name__
         if attempt == retries:
-            raise data.DataError(f"{endpoint}: {problem} (gave up after {retries + 1} attempts)")
+            raise data.DataError(f"{endpoint}: {problem} (gave up after {retries + 1} attempts, "
+                                 f"{duration_text(time.monotonic() - started)} in all; each waits at most --teacher-timeout "
+                                 f"{timeout:g} s for the reply)")
         time.sleep(backoff * 2 ** attempt)
     try:
         return json.loads(payload)["choices"][0]["message"]["content"] or ""
     except (ValueError, KeyError, IndexError, TypeError):
         raise data.DataError(f"{endpoint}: not a chat completion: {payload[:300]!r}") from None
+
+
+def duration_text(seconds):
+    """'2.5 s', '41 s' or '12 min 31 s'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def retry_after(value):
@@ -158,14 +172,14 @@ def endpoint_teacher(cfg):
     api_key = os.environ.get(cfg.teacher_key_env) if cfg.teacher_key_env else None
     return lambda instance, k, messages: chat_completion(cfg.teacher_url, cfg.teacher_model, messages, cfg.temperature,
                                                          cfg.top_p, cfg.max_new_tokens, api_key, RETRIES,
-                                                         BACKOFF_SECONDS, TIMEOUT_SECONDS)
+                                                         BACKOFF_SECONDS, cfg.teacher_timeout)
 
 
 def local_teacher(cfg):
     """ask(instance, k, messages) -> reply text, sampled from --teacher on the RL stage's prompt tokens.
     Each pair has its own seed, so a resumed run writes what an uninterrupted one would have."""
     device = models.pick_device(cfg.device)
-    model, tokenizer = models.load_policy(cfg.teacher, device, models.pick_dtype(cfg.dtype, device), cfg.seed)
+    model, tokenizer = models.load_policy(cfg.teacher, device, models.pick_dtype(cfg.dtype, device), cfg.seed, "--teacher")
     model.eval()
 
     def ask(instance, k, messages):
@@ -200,7 +214,7 @@ def ask_teacher(cfg):
     instances = data.load_split(datasets.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
     path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
     rejected_path = sidecar(path, ".rejected.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    check_traces_path(path)  # before the data, the teacher and its first answer
     teacher = cfg.teacher or cfg.teacher_model or cfg.teacher_url  # what a resumed run must match
     earlier = read_appended(path) + read_appended(rejected_path)
     others = {record.get("teacher") for record in earlier} - {teacher}
@@ -247,6 +261,23 @@ def ask_teacher(cfg):
     return summary
 
 
+def check_traces_path(path):
+    """A UsageError naming --traces unless its folder (made if missing) takes new files: sft-data appends to
+    the file and writes two beside it (.rejected.jsonl, .summary.json). A folder given as the file is refused."""
+    if os.path.isdir(path):
+        raise UsageError(f"--traces {path}: a folder; pass a file, e.g. {os.path.join(path, 'traces.jsonl')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(path):  # a run to continue: appended to
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        descriptor, probe = tempfile.mkstemp(prefix=".sft-data-write-test-", dir=folder)  # new files beside it
+        os.close(descriptor)
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"--traces {path}: cannot write there ({error.strerror or type(error).__name__})") from None
+
+
 def summarize(kept, rejected, teacher):
     """Counts over everything in the files (this run and the runs it resumed)."""
     def counts(label):
@@ -265,6 +296,8 @@ def read_traces(path, instances, max_history, max_item_chars):
     """Validated traces -> [(instance, candidate index, trace text)]. instances: user_id -> instance
     of the training split. A bad line is a DataError naming file:line."""
     traces = []
+    if not os.path.exists(path):  # the cold start's first stage not run yet, or another --out
+        raise data.DataError(f"{path}: no such file; --stage sft-data writes it (with the same --out), or pass --traces FILE")
     for lineno, record in data.read_jsonl(path):
         for name in ("user_id", "item_id", "response"):
             data.require(record, name, str, path, lineno)

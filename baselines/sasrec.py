@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import sys
 
 import torch
@@ -197,6 +198,11 @@ def load(path):
     except (OSError, RuntimeError) as error:
         raise data.DataError(f"--sasrec {path}: cannot read it ({str(error).splitlines()[0]}); "
                              "train one with python baselines/sasrec.py") from None
+    except (pickle.UnpicklingError, EOFError, ValueError):  # a JSON or text file, sasrec-log.json say
+        saved = None
+    if not (isinstance(saved, dict) and {"state", "index", "settings"} <= saved.keys()):
+        raise data.DataError(f"--sasrec {path}: not a model of baselines/sasrec.py (the file it writes is OUT/sasrec.pt); "
+                             "train one with python baselines/sasrec.py --data DIR --out OUT")
     settings = saved["settings"]
     model = SASRec(len(saved["index"]), settings["dim"], settings["blocks"], dropout=settings["dropout"])
     model.load_state_dict(saved["state"])

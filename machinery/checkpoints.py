@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -106,9 +107,9 @@ WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # torch.save reports a 
 @contextlib.contextmanager
 def checkpoint_directory(out, step, record="r2rank.json", extra=()):
     """The directory to write <out>/checkpoint-<step> into: a temporary one, renamed into place when the
-    block ends. When a write fails (a full disk, a file-size limit), it is removed, metrics.jsonl is cut
-    back to the newest whole checkpoint (which is kept) and a UsageError says so in one line. record,
-    extra: as in checkpoint_problem."""
+    block ends. When a write fails (a full disk, a file-size limit, an --out that became read-only), it is
+    removed, metrics.jsonl is cut back to the newest whole checkpoint (which is kept) and a UsageError says
+    so in one line, naming --out, never the temporary directory. record, extra: as in checkpoint_problem."""
     final, tmp = os.path.join(out, f"checkpoint-{step}"), os.path.join(out, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -119,24 +120,49 @@ def checkpoint_directory(out, step, record="r2rank.json", extra=()):
         shutil.rmtree(tmp, ignore_errors=True)
         kept = next((s for s in reversed(runs.checkpoint_steps(out)) if s < step
                      and runs.checkpoint_problem(os.path.join(out, f"checkpoint-{s}"), record, extra) is None), None)
-        runs.cut_metrics(out, kept)  # no row without its checkpoint: --resume would drop them anyway
-        what = (f"kept {out}/checkpoint-{kept} and metrics.jsonl up to step {kept}; " if kept is not None
-                else "no earlier checkpoint, so nothing is kept (metrics.jsonl removed); ")
-        raise UsageError(f"step {step}: saving {final} failed ({write_failure(out, error)}); {what}"
-                         + ("then continue with --resume" if kept is not None else "then run it again")) from None
+        try:
+            runs.cut_metrics(out, kept)  # no row without its checkpoint: --resume would drop them anyway
+            rows = f"metrics.jsonl up to step {kept}" if kept is not None else "metrics.jsonl removed"
+        except OSError:  # --out cannot be written at all now: metrics.jsonl stays as it is
+            rows = "metrics.jsonl as it is (--resume drops its later rows)" if kept is not None else "metrics.jsonl as it is"
+        what = (f"kept {out}/checkpoint-{kept} and {rows}; then continue with --resume" if kept is not None
+                else f"no earlier checkpoint, so nothing is kept ({rows}); then run it again"
+                + (" with --overwrite" if os.path.isfile(os.path.join(out, "metrics.jsonl")) else ""))
+        raise UsageError(f"step {step}: saving {final} failed ({write_failure(out, error)}); {what}") from None
+
+
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_cause(error):
+    """(errno or None, the reason in words) of a failed write, without the path the error names: that path
+    is often an internal temporary one (.tmp-checkpoint-<step>/, safetensors' .tmpXXXXXX, <file>.tmp).
+    An OSError has its errno; safetensors writes "I/O error: Permission denied (os error 13) at path ...",
+    torch.save "[enforce fail at ...] . open file failed with strerror: Permission denied"."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno, error.strerror or os.strerror(error.errno)
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if found := re.search(r"os error (\d+)", text):
+        return int(found.group(1)), os.strerror(int(found.group(1)))
+    if found := re.search(r"strerror: (.+)$", text):
+        reason = found.group(1).strip()
+        return next((code for code in errno.errorcode if os.strerror(code) == reason), None), reason
+    return None, re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)[:200]
 
 
 def write_failure(out, error):
-    """Why a write into out failed, and what to do, in a few words: a full disk, or a file-size limit (ulimit -f).
-    torch.save's failed write is a RuntimeError without an errno: then both are named."""
-    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0][:200]
-    code = getattr(error, "errno", None)
+    """Why a write into --out failed, and what to do, in a few words: a full disk, a file-size limit
+    (ulimit -f), or an --out that cannot be written (a permission, a read-only file system). torch.save's
+    failed write may carry no reason: then a full disk and the file-size limit are both named."""
+    code, text = write_cause(error)
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else None
     size_limit = f"the file-size limit (ulimit -f) is {limit} bytes" if resource and limit != resource.RLIM_INFINITY else ""
-    free = f"{shutil.disk_usage(runs.existing_parent(out)).free / GB:.1f} GB free there"
-    if code == errno.EFBIG or "os error 27" in text:
+    free = f"{size_text(shutil.disk_usage(runs.existing_parent(out)).free)} free there"
+    if code in NOT_WRITABLE:
+        return f"{text}: --out {out} cannot be written now; make it writable"
+    if code == errno.EFBIG:
         return f"{text}: {size_limit}; raise it" if size_limit else f"{text}: the file system's largest file is smaller; choose another --out"
-    if code in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in text or "os error 122" in text or not size_limit:
+    if code in (errno.ENOSPC, errno.EDQUOT) or not size_limit:
         return f"{text}: {free}; free space, keep fewer checkpoints (--keep-checkpoints) or choose another --out"
     return f"{text}: {size_limit} and {free}; raise the limit or free space"
 

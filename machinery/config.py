@@ -53,6 +53,8 @@ LEARNING_RATE = Bound(0, high=1.0)
 # the Monte-Carlo error of an NDCG value (in [0, 1]) is below 0.003, and the common random numbers
 # shrink that of the difference further.
 ADVANTAGE_SAMPLES = Bound(1, high=2 ** 15)
+# --teacher-timeout: above 0; at most an hour (the default, 120 s, fits a reply of a few thousand tokens).
+TEACHER_TIMEOUT = Bound(0, True, 3600.0)
 # A sampling temperature below this is greedy in all but name (token log-probs ~0, no policy gradient).
 MIN_TEMPERATURE = 0.01
 
@@ -168,13 +170,16 @@ class Config:
     teacher_url: str = sft_arg("", "sft-data: OpenAI-compatible endpoint instead, e.g. http://localhost:8000/v1")
     teacher_model: str = sft_arg("", "sft-data: model name sent to --teacher-url")
     teacher_key_env: str = sft_arg("OPENAI_API_KEY", "sft-data: environment variable holding the endpoint's API key")
+    teacher_timeout: float = sft_arg(120.0, "sft-data: seconds one request to --teacher-url waits for the reply; one that "
+                                     "times out is tried again, as a 5xx is (sft.RETRIES times); raise it for a slow "
+                                     "reasoning model", allowed=TEACHER_TIMEOUT)
     num_pairs: int = sft_arg(200, "sft-data: (user, candidate) pairs to ask the teacher about, half positive", allowed=AT_LEAST_1)
     sft_epochs: int = sft_arg(2, "sft: passes over the traces", allowed=AT_LEAST_1)
     sft_lr: float = sft_arg(1e-5, "sft: learning rate (AdamW)", allowed=LEARNING_RATE)
     sft_batch: int = sft_arg(16, "sft: traces per optimizer step, in micro-batches of --micro-batch", allowed=AT_LEAST_1)
 
     # --stage eval: Table 2 and the analyses of Sec. 4
-    split: str = eval_arg("test", "eval: which split to evaluate")
+    split: str = eval_arg("test", "eval: which split to evaluate", ["train", "valid", "test"])  # data.py's (protocol.SPLITS)
     methods: str = eval_arg("r2rank,random,popularity,pointwise,listwise", "eval: comma-separated methods to run; also "
                             "sasrec (with --sasrec), reczero and r2ec (--model: a checkpoint of baselines/reczero.py or r2ec.py)")
     analyses: str = eval_arg("", "eval: comma-separated extra analyses: position,history-order,cold-start,history-length")

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import asdict, fields
@@ -23,6 +24,10 @@ from protocol import DataError, Protocol, UsageError, build_instances
 from machinery.sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, synthetic_raw
 
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
+
+class Terminated(BaseException):
+    """Raised by data.py's SIGTERM handler, so that write_dataset's clean-up runs as it does on Ctrl-C."""
+
 
 DATASET_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "stats.json")  # all that write_dataset puts in --out
 TMP_PREFIX = ".data.py-tmp-"  # write_dataset's temporary directory, beside --out or in it
@@ -38,33 +43,57 @@ def foreign_entry(out_dir, ignore=()):
     return None
 
 
-def check_out_dir(out_dir, overwrite, ignore=()):
-    """A DataError (one line) unless out_dir is missing, empty, or holds a data set and overwrite is set.
-    --overwrite replaces a data set, recognised by its files: nothing but train/valid/test.jsonl and
-    stats.json (DATASET_FILES). A directory holding anything else (a file or folder this module did not
-    write: "." or a parent directory, say) is refused whatever the flags, naming it, and nothing is deleted."""
+def check_out_dir(out_dir, overwrite, ignore=(), named=None):
+    """A DataError (one line) unless out_dir is missing, empty, or holds a data set and overwrite is set,
+    and a data set can be written there (check_writable). --overwrite replaces a data set, recognised by
+    its files: nothing but train/valid/test.jsonl and stats.json (DATASET_FILES). A directory holding
+    anything else (a file or folder this module did not write: "." or a parent directory, say) is refused
+    whatever the flags, naming it, and nothing is deleted. named: how the messages name out_dir (its flag)."""
+    named = named or f"--out {out_dir}"
     if not os.path.lexists(out_dir):
+        check_writable(out_dir, named)
         return
     if not os.path.isdir(out_dir):
-        raise DataError(f"--out {out_dir}: exists and is not a directory; choose another --out")
-    if (foreign := foreign_entry(out_dir, ignore)) is not None:
-        raise DataError(f"--out {out_dir}: holds {foreign}, which is not a data set's file; --overwrite replaces only "
+        raise DataError(f"{named}: exists and is not a directory; choose another --out")
+    if (foreign := foreign_entry(out_dir, ignore)) is not None and foreign.startswith(TMP_PREFIX):
+        raise DataError(f"{named}: holds {foreign}, the temporary folder of a data.py that was killed (kill -9, a crash) "
+                        "or is still writing there; delete it once no data.py is running, then run this again")
+    if foreign is not None:
+        raise DataError(f"{named}: holds {foreign}, which is not a data set's file; --overwrite replaces only "
                         "train/valid/test.jsonl and stats.json, so choose a new or empty --out")
     if set(os.listdir(out_dir)) - set(ignore) and not overwrite:
-        raise DataError(f"--out {out_dir}: a data set exists there; pass --overwrite to replace it, or another --out")
+        raise DataError(f"{named}: a data set exists there; pass --overwrite to replace it, or another --out")
+    check_writable(out_dir, named)
 
 
-def write_dataset(out_dir, splits, stats, overwrite=False):
+def check_writable(out_dir, named):
+    """A DataError naming out_dir by its flag (named) unless a folder can be made in it, or where it would be
+    created (its nearest existing parent, which must be a folder): tried, then removed. So a read-only
+    --out is found before the slow part, and no message names write_dataset's temporary folder."""
+    where = os.path.abspath(out_dir)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise DataError(f"{named}: cannot create it ({where} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=where))
+    except OSError as error:
+        raise DataError(f"{named}: cannot {'write into' if where == os.path.abspath(out_dir) else 'create'} it "
+                        f"({error.strerror or type(error).__name__})") from None
+
+
+def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
     """Write <split>.jsonl and stats.json into a temporary directory, then move them to out_dir, so a
     failure leaves nothing behind: a new out_dir is the temporary one renamed; an existing one (empty,
     or a data set and overwrite, check_out_dir) gets each file renamed into it, the old set's other files
-    removed, stats.json last. Nothing else in out_dir is ever touched."""
-    check_out_dir(out_dir, overwrite)
+    removed, stats.json last. Nothing else in out_dir is ever touched. named: as in check_out_dir."""
+    check_out_dir(out_dir, overwrite, named=named)
     exists, tmp = os.path.isdir(out_dir), None
     try:
         where = out_dir if exists else os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(where, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=where)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make a new --out unreadable to anyone else
         for name, instances in splits.items():
             with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(inst, ensure_ascii=False) + "\n" for inst in instances)
@@ -73,7 +102,7 @@ def write_dataset(out_dir, splits, stats, overwrite=False):
         if not exists:
             os.rename(tmp, out_dir)
             return
-        check_out_dir(out_dir, overwrite, ignore=[os.path.basename(tmp)])  # again: the build may have taken minutes
+        check_out_dir(out_dir, overwrite, ignore=[os.path.basename(tmp)], named=named)  # again: the build may have taken minutes
         written = sorted(os.listdir(tmp), key=lambda name: name == "stats.json")
         for name in set(DATASET_FILES) - set(written):
             with contextlib.suppress(FileNotFoundError):
@@ -81,18 +110,25 @@ def write_dataset(out_dir, splits, stats, overwrite=False):
         for name in written:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     except OSError as e:
-        raise DataError(f"--out {out_dir}: cannot write ({e.strerror})") from None
+        raise DataError(f"{named or f'--out {out_dir}'}: cannot write ({e.strerror or type(e).__name__})") from None
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, **protocol):
+def current_umask():
+    """The process's umask (read by setting it, then setting it back): what a plain mkdir would apply."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, named=None, **protocol):
     """Build the synthetic set (pointwise: its pointwise variant, sources.py) into out_dir (missing, empty,
     or a data set and overwrite: check_out_dir) and return its stats; `protocol` takes Protocol's other fields (history, candidates, split).
     stats.json adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split
-    (sources.category_match_ndcg; 1 on the pointwise set)."""
-    check_out_dir(out_dir, overwrite)
+    (sources.category_match_ndcg; 1 on the pointwise set). named: as in check_out_dir."""
+    check_out_dir(out_dir, overwrite, named=named)
     protocol = Protocol(seed=seed, **protocol)
     if users < fewest_users(protocol.split):
         raise UsageError(f"--users must be >= {fewest_users(protocol.split)}, the fewest that give every split of "
@@ -105,7 +141,7 @@ def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_
                                            for name, split in splits.items() if name != "train"}
     stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split, 10, best), 4)
                                        for name, split in splits.items() if split}
-    write_dataset(out_dir, splits, stats, overwrite)
+    write_dataset(out_dir, splits, stats, overwrite, named)
     return stats
 
 
@@ -127,7 +163,8 @@ def prepare_data(data_dir, out, seed=0):
         if os.path.isdir(path) and (foreign := foreign_entry(path)) is not None:
             raise DataError(f"--out {out}: {path} holds {foreign}, not the synthetic set that is built there when "
                             "--data is not given; pass --data, or choose another --out")
-        build_synthetic(path, seed=seed, overwrite=True)
+        build_synthetic(path, seed=seed, overwrite=True, named=f"--out {out} ({path}, where the synthetic set is "
+                        "built without --data)")
     return path
 
 
@@ -177,8 +214,28 @@ def main(argv=None):
     if (not re.fullmatch(r"\d+:\d+:\d+", protocol.split) or not any(int(part) for part in protocol.split.split(":"))
             or protocol.history < 1 or protocol.candidates < 2):
         parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
+    if args.source == "synthetic" and (protocol.start or protocol.end):
+        parser.error("--start / --end: the synthetic set is generated without a time window, so they would be ignored; "
+                     "leave them out")
+    if protocol.start and protocol.end and protocol.start > protocol.end:
+        parser.error(f"--start {protocol.start} is after --end {protocol.end}: the window would hold no interaction")
+    def terminated(signum, frame):  # SIGTERM (a job's time limit, `timeout`, kill) stops as Ctrl-C does
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)  # given back below (main is also called in-process)
+    try:
+        return build(args, protocol)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def build(args, protocol):
+    """main's work: the data set of args (the parsed command line) into --out; 0, or 1 / 130 / 143 after one line."""
     try:
         check_out_dir(args.out, args.overwrite)  # before the slow part
+        reading = (f"{args.reviews} and {args.meta}" if args.source == "amazon" else args.path if args.source == "movielens"
+                   else "the generator")
+        print(f"building the {args.source} set from {reading} into {args.out} ...", flush=True)  # an Amazon category: minutes
         if args.source == "synthetic":
             stats = build_synthetic(args.out, args.users, overwrite=args.overwrite,
                                     categories_per_user=args.categories_per_user, pointwise=args.pointwise,
@@ -191,9 +248,10 @@ def main(argv=None):
     except UsageError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # write_dataset's temporary files are gone; only its last few renames could be cut
-        print(f"data.py: stopped by Ctrl-C; nothing written to {args.out}", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as stop:  # write_dataset's temporary files are gone; only its last few renames could be cut
+        print(f"data.py: stopped by {'Ctrl-C' if isinstance(stop, KeyboardInterrupt) else 'SIGTERM'}; nothing written to "
+              f"{args.out}", file=sys.stderr)
+        return 130 if isinstance(stop, KeyboardInterrupt) else 143
     rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
     rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
     rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]

@@ -139,12 +139,12 @@ QWEN25 = {  # hidden, intermediate, layers, attention heads, key-value heads, ti
 }
 
 
-def qwen25_config(name):
+def qwen25_config(name, flag="--model"):
     """The Qwen2Config of a QWEN25 architecture: vocabulary 151,936, rope theta 1e6, RMSNorm eps 1e-6."""
     from transformers import Qwen2Config
 
     if name not in QWEN25:
-        raise UsageError(f"--model random:{name}: unknown architecture; choose from {', '.join('random:' + n for n in QWEN25)}")
+        raise UsageError(f"{flag} random:{name}: unknown architecture; choose from {', '.join('random:' + n for n in QWEN25)}")
     hidden, intermediate, layers, heads, kv_heads, tied = QWEN25[name]
     return Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
@@ -228,43 +228,43 @@ def checkpoint_state_dict(model):
     return state
 
 
-def load_policy(name, device, dtype, seed=0):
+def load_policy(name, device, dtype, seed=0, flag="--model"):
     """(model, tokenizer) for 'tiny', a .gguf file, a local directory or a hub id. A model that cannot
-    be loaded is a UsageError naming it (one line for the CLI)."""
+    be loaded is a UsageError naming it by its flag (one line for the CLI; sft-data's teacher: --teacher)."""
     if name == "tiny":
         model, tokenizer = build_tiny(seed=seed)
     elif name.startswith("random:"):
-        config, tokenizer = qwen25_config(name.removeprefix("random:")), offline_tokenizer()
+        config, tokenizer = qwen25_config(name.removeprefix("random:"), flag), offline_tokenizer()
         model = random_model(config, tokenizer, seed, device)  # built where it runs: no fp32 copy on the CPU first
     elif name.endswith(".gguf"):
         if not os.path.isfile(name):
-            raise UsageError(f"--model {name}: no such file")
+            raise UsageError(f"{flag} {name}: no such file")
         try:
             model, tokenizer = load_gguf(name)
         except ImportError as error:
-            raise UsageError(f"--model {name}: reading GGUF needs the optional gguf package (pip install gguf; {error})") from None
+            raise UsageError(f"{flag} {name}: reading GGUF needs the optional gguf package (pip install gguf; {error})") from None
         except Exception as error:  # not GGUF, truncated, or an architecture transformers cannot read: one line
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(f"--model {name}: cannot read it as a GGUF model ({reason})") from None
+            raise UsageError(f"{flag} {name}: cannot read it as a GGUF model ({reason})") from None
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if problem := local_model_problem(name):
-            raise UsageError(f"--model {name}: {problem}")
+            raise UsageError(f"{flag} {name}: {problem}")
         if not os.path.isdir(name):
             print(f"loading {name} from the Hugging Face hub (downloaded once, then cached; --model tiny needs none)")
         for file in sorted(os.listdir(name) if os.path.isdir(name) else []):  # the head and LoRA's too: a save cut short
             if file.endswith(".safetensors") and (problem := runs.safetensors_problem(os.path.join(name, file))):
-                raise UsageError(f"--model {name}: {problem}, so it is damaged; pass another checkpoint")
+                raise UsageError(f"{flag} {name}: {problem}, so it is damaged; pass another checkpoint")
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:  # not found, no network, not a model directory
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(f"--model {name}: cannot load it ({reason})") from None
+            raise UsageError(f"{flag} {name}: cannot load it ({reason})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    check_tokenizer(name, tokenizer)
+    check_tokenizer(name, tokenizer, flag)
     return model.to(device=device, dtype=dtype), tokenizer
 
 
@@ -290,14 +290,14 @@ def check_context(model, max_new_tokens):
                          f"positions (max_position_embeddings) with the prompt before it: lower --max-new-tokens")
 
 
-def check_tokenizer(name, tokenizer):
+def check_tokenizer(name, tokenizer, flag="--model"):
     """A UsageError unless the tokenizer encodes a line of the prompt into tokens that decode back to it.
     A checkpoint directory without its tokenizer.json can load a tokenizer of a few special tokens that
     encodes every prompt as []: the model would then rank candidates it never read."""
     probe = data.SYSTEM_PROMPT
     ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
     if not ids or probe not in tokenizer.decode(ids):
-        raise UsageError(f"--model {name}: its tokenizer encodes the prompt as {len(ids)} tokens that do not read back "
+        raise UsageError(f"{flag} {name}: its tokenizer encodes the prompt as {len(ids)} tokens that do not read back "
                          f"(a vocabulary of {len(tokenizer)}); is tokenizer.json missing? pass a directory with the model's tokenizer")
 
 
@@ -347,8 +347,13 @@ def load_head(path, hidden_size, device):
     hidden size hidden_size. A head of another width or hidden size (files of two runs mixed, or another
     --model) is a UsageError naming both shapes."""
     file = os.path.join(path, "head.safetensors")
-    with open(os.path.join(path, "r2rank.json")) as f:
-        width = json.load(f)["head_width"]
+    try:
+        with open(os.path.join(path, "r2rank.json")) as f:
+            width = int(json.load(f)["head_width"])
+    except (OSError, ValueError, KeyError, TypeError) as error:  # a checkpoint copied in part, or cut mid-write
+        reason = "missing" if isinstance(error, FileNotFoundError) else "unreadable (no head_width)"
+        raise UsageError(f"--model {path}: r2rank.json is {reason}, so its head's width is unknown; pass another "
+                         "checkpoint, or --new-head to start a new head on this model") from None
     if problem := runs.safetensors_problem(file):
         raise UsageError(f"{path}: {problem}, so the head cannot be read; pass another checkpoint")
     state, head = load_file(file), ScoreHead(hidden_size, width)

@@ -24,6 +24,7 @@ What --resume compares with the checkpoint it continues (r2rank.json holds the r
   would otherwise keep the saved one), printed, and recorded in the next checkpoints' r2rank.json
   under "changes".
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -44,7 +45,7 @@ from protocol import UsageError
 # The flags --resume lets change; every other flag of the stage defines the run.
 CHANGEABLE = {"max_steps", "lr", "head_lr", "sft_lr", "sft_epochs", "eval_every", "eval_users", "save_every",
               "keep_checkpoints", "device", "threads", "dtype", "micro_batch", "gradient_checkpointing", "dist_timeout",
-              "shared_prefix_update", "rollout_rows", "resume", "overwrite", "out", "data"}  # data: compared by content
+              "shared_prefix_update", "rollout_rows", "teacher_timeout", "resume", "overwrite", "out", "data"}  # data: by content
 STAGE_GROUPS = {"rl": (config.COMMON, config.RL, config.BEYOND, config.RL_RUN), "sft": (config.COMMON, config.SFT)}  # the flags defining a run
 
 
@@ -378,9 +379,16 @@ def prune_checkpoints(out, keep):
 # Disk space, checked before a run writes anything: a full fine-tune of Qwen2.5-1.5B saves 18.5 GB per
 # checkpoint, so keeping all of a 500-step run's saves every 50 steps would take 185 GB.
 def log_row(metrics_file, row, write):
-    """Append row to metrics.jsonl (flushed, so a crash keeps it) and show it as one line."""
-    metrics_file.write(json.dumps(row) + "\n")
-    metrics_file.flush()
+    """Append row to metrics.jsonl (flushed, so a crash keeps it) and show it as one line. A failed write (a
+    full disk, a quota, --out gone read-only) is a UsageError: --resume drops the row's unfinished part."""
+    try:
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            metrics_file.close()  # closed here, so that no later flush of the failed row raises again
+        raise UsageError(f"{metrics_file.name}: cannot write step {row.get('step')}'s row ({error.strerror or error}); "
+                         "free space (or make --out writable), then continue with --resume from the newest checkpoint") from None
     write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 

@@ -7,7 +7,8 @@
             if stop.requested: save a checkpoint, then raise stop.exit(...)
 
 The lock is an flock on <out>/.r2rank-lock, which the kernel lets go when the process ends, however
-it ends. What a run's --out holds and what --resume may change: runs.py.
+it ends. A run also outlives the reader of its output (ReaderlessStdout: `| head`, a `| less` quit).
+What a run's --out holds and what --resume may change: runs.py.
 """
 import contextlib
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 
 from machinery import distributed
@@ -43,7 +45,7 @@ class Claim:
     def release(self):
         if self.fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone, or --out became read-only: the lock still goes with the descriptor
             os.unlink(os.path.join(self.out, LOCK))  # before the lock is let go: see lock_file
         os.close(self.fd)
         self.fd = None
@@ -122,6 +124,39 @@ def lock_file(out):
     return fd
 
 
+class ReaderlessStdout:
+    """sys.stdout for a run that must outlive the reader of its output: when that reader ends (`| head`,
+    quitting `| less`), a print raised BrokenPipeError and the run died with a traceback, losing its steps
+    since the last checkpoint. Then the output goes to /dev/null, with one note on stderr, and the run goes
+    on (its rows are in metrics.jsonl, its results in its files)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_left()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_left()
+
+    def reader_left(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # the text left in the stream's buffer goes nowhere, at exit too
+        os.close(devnull)
+        print("note: the reader of this output has gone (a pipe into head or less?); the run goes on without printing "
+              "(metrics.jsonl and its other files are written as before)", file=sys.stderr, flush=True)
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
+        return getattr(self.stream, name)
+
+
 class Abandoned(Exception):
     """Raised by StopOnSignal's handler inside an abandonable() block: the work in flight is dropped."""
 
@@ -135,18 +170,25 @@ class StopOnSignal:
     loop updates it after each save), so the messages say exactly what is kept."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    RELAYED_WITHIN = 2.0  # seconds: under torchrun, a SIGINT this soon after the first is torchrun's copy of it
 
     def __init__(self, kept="nothing (no checkpoint yet)"):
-        self.requested, self.previous, self.kept, self.inside = None, {}, kept, False
+        self.requested, self.previous, self.kept, self.inside, self.requested_at = None, {}, kept, False, 0.0
 
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.requested is not None and signum == signal.SIGINT:
-            print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
+            # A terminal's Ctrl-C reaches every process of the group, torchrun included, and torchrun then sends
+            # each rank the signal it got: the same Ctrl-C twice, which must not read as a second one (it did
+            # when torchrun's copy came after the first was handled: the step in progress and its save were lost).
+            if distributed.world() > 1 and time.monotonic() - self.requested_at < self.RELAYED_WITHIN:
+                return
+            if distributed.is_main():  # rank 0 speaks for all
+                print(f"\nSIGINT again: stopping now; kept: {self.kept}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         if self.requested is not None:  # SIGTERM again (torchrun passes its own on): the stop is under way
             return
-        self.requested = signum
+        self.requested, self.requested_at = signum, time.monotonic()
         if self.inside:
             self.inside = False
             raise Abandoned

@@ -110,3 +110,61 @@ def synthetic_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("synthetic") / "data"
     datasets.build_synthetic(str(path), users=40, seed=0)
     return str(path)
+
+
+def read_only(folder, monkeypatch):
+    """Make folder read-only as `chmod 555` does: nothing can be created, removed or renamed in it (its files
+    stay writable). Returns "chmod" where the chmod binds; as root it does not (root writes anyway), and then
+    the os calls that create, remove or rename an entry of folder raise PermissionError in this process, as
+    they would for another user (calls relative to a dir_fd, as shutil.rmtree makes, pass). The caller's
+    monkeypatch undoes the patches; chmod the folder back before its tmp_path is cleaned up."""
+    import builtins
+    import errno
+
+    os.chmod(folder, 0o555)
+    if not os.access(folder, os.W_OK):
+        return "chmod"
+    top = os.path.realpath(folder)
+
+    def inside(path, dir_fd=None):
+        return dir_fd is None and not isinstance(path, int) and os.path.dirname(os.path.realpath(os.fspath(path))) == top
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+
+    def guard(function, creates=False):
+        def guarded(path, *args, dir_fd=None, **kwargs):
+            if inside(path, dir_fd) and not (creates and os.path.exists(path)):
+                refused(path)
+            return function(path, *args, **({"dir_fd": dir_fd} if dir_fd is not None else {}), **kwargs)
+        return guarded
+
+    def guard_move(function):
+        def guarded(source, target, *args, **kwargs):
+            for path in (source, target):
+                if inside(path):
+                    refused(path)
+            return function(source, target, *args, **kwargs)
+        return guarded
+
+    opened = builtins.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax") and inside(file) and not os.path.exists(file):
+            refused(file)
+        return opened(file, mode, *args, **kwargs)
+
+    raw_open = os.open
+
+    def guarded_raw_open(path, flags, *args, dir_fd=None, **kwargs):
+        if flags & os.O_CREAT and inside(path, dir_fd) and not os.path.exists(path):
+            refused(path)
+        return raw_open(path, flags, *args, **({"dir_fd": dir_fd} if dir_fd is not None else {}), **kwargs)
+
+    for name in ("mkdir", "unlink", "remove", "rmdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name), creates=name == "mkdir"))
+    for name in ("rename", "replace"):
+        monkeypatch.setattr(os, name, guard_move(getattr(os, name)))
+    monkeypatch.setattr(os, "open", guarded_raw_open)
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    return "simulated"

@@ -2,6 +2,7 @@
 settings or inputs stopped before any work with one line that names them."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, synthetic_dir):
     synthetic = synthetic_dir
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0
-    assert "missing/train.jsonl" in result.stderr and "Traceback" not in result.stderr
+    missing = tmp_path / "missing"  # said to be a missing folder (it was "missing/train.jsonl: cannot read file")
+    assert result.stderr == f"error: {missing}: no such folder; python data.py SOURCE --out {missing} builds one\n"
     missing_model = run_cli("--model", str(tmp_path / "no-model"), "--data", synthetic, "--out", str(tmp_path / "o2"))
     assert missing_model.returncode == 1 and "Traceback" not in missing_model.stderr
     assert missing_model.stderr == f"error: --model {tmp_path / 'no-model'}: no such directory (a hub id is org/name)\n"
@@ -201,3 +203,19 @@ def test_benchmark_refuses_bad_flags_in_one_line(flags, message, monkeypatch):
     assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert "==" not in result.stdout  # no model was benchmarked
+
+
+def test_compare_refuses_an_out_it_cannot_write_before_any_run(tmp_path, monkeypatch):
+    """tools/compare.py --out a read-only folder: it was os.makedirs's PermissionError traceback."""
+    from conftest import read_only
+    from tools import compare
+
+    read_only(tmp_path, monkeypatch)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            compare.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "cmp"), "--seeds", "0"])
+    finally:
+        monkeypatch.undo()
+        os.chmod(tmp_path, 0o755)
+    assert stopped.value.code == f"error: --out {tmp_path / 'cmp'}: cannot create it (Permission denied)"
+    assert os.listdir(tmp_path) == []

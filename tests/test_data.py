@@ -19,7 +19,7 @@ from data import DataError, Protocol
 from machinery import datasets, sources
 from machinery.sources import RawData
 
-from conftest import run_script
+from conftest import read_only, run_script
 
 DATA_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
 
@@ -432,8 +432,8 @@ def test_unreadable_or_empty_inputs_fail_cleanly(amazon_files, tmp_path):
                                  (empty, "holds no interactions (an empty file?)")]:  # not a window that missed
         assert_fails(run_cli("amazon", "--reviews", bad_reviews, "--meta", meta, "--out", out),
                      str(bad_reviews), message, out)
-    result = run_cli("amazon", "--reviews", reviews, "--meta", meta, "--out", out, "--start", "2030-01-01")
-    assert_fails(result, str(reviews), "interactions is from 2030-01-01 to 2023-10-31 (--start / --end)", out)
+    result = run_cli("amazon", "--reviews", reviews, "--meta", meta, "--out", out, "--start", "2030-01-01", "--end", "2030-12-31")
+    assert_fails(result, str(reviews), "interactions is from 2030-01-01 to 2030-12-31 (--start / --end)", out)
 
 
 def test_bad_movielens_files_fail_cleanly(tmp_path):
@@ -519,10 +519,16 @@ def test_overwrite_into_the_current_directory_holding_a_data_set(tmp_path):
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tmp_path):
-    """A real process (the signal must reach data.py itself): a large synthetic set, stopped while it is built."""
+    """A real process (the signal must reach data.py itself): a large synthetic set, stopped while it is built.
+    The signal is sent once data.py says it is building (a fixed 3 s sleep was flaky: under load the imports
+    took longer, and the Ctrl-C came before data.py could handle it)."""
+    import select
+
     process = subprocess.Popen([sys.executable, DATA_PY, "synthetic", "--users", "100000", "--out", str(tmp_path / "o")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    ready, _, _ = select.select([process.stdout], [], [], 300)  # a generous wait for the first line
+    assert ready and process.stdout.readline().startswith("building the synthetic set from the generator into "), \
+        process.stderr.read() if process.poll() is not None else "no line in 300 s"
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and stderr.strip() == f"data.py: stopped by Ctrl-C; nothing written to {tmp_path / 'o'}"
@@ -539,3 +545,117 @@ def test_a_repeated_item_record_in_the_amazon_meta_is_counted_and_said(amazon_fi
     assert "dropped: repeated_item_records" in result.stdout
     titles = {c["item_id"]: c["title"] for split in read_all(out).values() for inst in split for c in inst["candidates"]}
     assert titles.get("B05", "Game B05") == "Game B05"  # the first record is kept
+
+
+@pytest.mark.parametrize("new", [False, True])
+def test_a_read_only_out_is_refused_before_the_build_naming_its_flag(new, tmp_path, monkeypatch, capsys):
+    """A read-only --out (chmod 555), or a new one inside it: one line naming --out, found before the raw data
+    is read (an Amazon category takes minutes), not after; no temporary folder named or left."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    out, built = folder / "new" if new else folder, []
+    monkeypatch.setattr(datasets, "synthetic_raw", lambda *args: built.append(args) or sources.synthetic_raw(*args))
+    read_only(folder, monkeypatch)
+    try:
+        code = datasets.main(["synthetic", "--users", "20", "--out", str(out)])
+    finally:
+        monkeypatch.undo()
+        os.chmod(folder, 0o755)
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"data.py: error: --out {out}: cannot {'create' if new else 'write into'} it (Permission denied)\n"
+    assert built == [] and os.listdir(folder) == []
+
+
+def test_the_built_in_set_in_a_read_only_folder_names_the_users_out(tmp_path, monkeypatch):
+    """r2rank.py without --data builds the synthetic set in <out>/data; when that folder is read-only the
+    message names the --out the user gave (it named <out>/data as if it were --out)."""
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    read_only(out / "data", monkeypatch)
+    try:
+        with pytest.raises(DataError) as refused:
+            datasets.prepare_data(None, str(out))
+    finally:
+        monkeypatch.undo()
+        os.chmod(out / "data", 0o755)
+    assert str(refused.value) == (f"--out {out} ({out}/data, where the synthetic set is built without --data): cannot write "
+                                  "into it (Permission denied)")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_a_new_out_gets_the_permissions_a_plain_mkdir_gives(umask, tmp_path):
+    """A new --out was the temporary folder renamed, mode 0700 (mkdtemp's): a data set no one else could read
+    (a shared machine, a team's folder). Now it has what os.mkdir gives under the same umask."""
+    before = os.umask(umask)
+    try:
+        os.mkdir(tmp_path / "plain")
+        datasets.build_synthetic(str(tmp_path / "built"), users=20)
+    finally:
+        os.umask(before)
+    mode = lambda path: os.stat(path).st_mode & 0o777
+    assert mode(tmp_path / "built") == mode(tmp_path / "plain") == 0o777 & ~umask
+
+
+def test_window_flags_that_would_be_ignored_or_select_nothing_are_refused(tmp_path):
+    ignored = run_cli("synthetic", "--users", 20, "--start", "2022-01-01", "--out", tmp_path / "a")
+    assert ignored.returncode == 2 and ignored.stderr.strip().splitlines()[-1] == (
+        "data.py: error: --start / --end: the synthetic set is generated without a time window, so they would "
+        "be ignored; leave them out")
+    backwards = run_cli("movielens", "--path", tmp_path, "--start", "2023-01-01", "--end", "2022-12-31", "--out", tmp_path / "b")
+    assert backwards.returncode == 2 and backwards.stderr.strip().splitlines()[-1].endswith(
+        "error: --start 2023-01-01 is after --end 2022-12-31: the window would hold no interaction")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_split_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Notepad's "UTF-8" starts a file with a BOM (EF BB BF): it was refused as malformed JSON at line 1, column 1."""
+    datasets.build_synthetic(str(tmp_path / "set"), users=20)
+    text = (tmp_path / "set" / "train.jsonl").read_bytes()
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + text.replace(b"\n", b"\r\n"))
+    assert data.load_split(str(tmp_path / "bom"), "train") == data.load_split(str(tmp_path / "set"), "train")
+
+
+def test_sigterm_is_one_line_exit_143_and_leaves_nothing(tmp_path):
+    """SIGTERM (a job's time limit, `timeout`) killed data.py where it stood: its temporary folder stayed beside
+    --out, and a later --out there was refused for holding it. Now it stops as Ctrl-C does."""
+    import select
+
+    process = subprocess.Popen([sys.executable, DATA_PY, "synthetic", "--users", "100000", "--out", str(tmp_path / "o")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([process.stdout], [], [], 300)
+    assert ready and process.stdout.readline().startswith("building the synthetic set")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and stderr.strip() == f"data.py: stopped by SIGTERM; nothing written to {tmp_path / 'o'}"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_temporary_folder_left_by_a_killed_run_is_named_as_one(tmp_path):
+    """kill -9 leaves write_dataset's temporary folder; it was refused as if it were the user's ("not a data set's
+    file"), with no word of what it is or that it can go."""
+    out = tmp_path / "o"
+    assert run_cli("synthetic", "--users", 20, "--out", out).returncode == 0
+    (out / f"{datasets.TMP_PREFIX}k1ll3d").mkdir()
+    (out / f"{datasets.TMP_PREFIX}k1ll3d" / "train.jsonl").write_text("half a set\n")
+    result = run_cli("synthetic", "--users", 20, "--out", out, "--overwrite")
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"data.py: error: --out {out}: holds {datasets.TMP_PREFIX}k1ll3d/, the temporary folder of a data.py that was killed "
+        "(kill -9, a crash) or is still writing there; delete it once no data.py is running, then run this again")
+    assert (out / f"{datasets.TMP_PREFIX}k1ll3d" / "train.jsonl").read_text() == "half a set\n"
+
+
+def test_a_data_folder_that_is_no_data_set_is_said_to_be_one(tmp_path):
+    """--data a file of the set, a missing folder, an empty folder: each said what it is (they were
+    "X/train.jsonl: cannot read file (Not a directory / No such file or directory)")."""
+    datasets.build_synthetic(str(tmp_path / "set"), users=20)
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "set" / "train.jsonl", "not a folder: a data set is the folder data.py writes (train, valid and "
+              "test.jsonl in it), not one of its files"),
+             (tmp_path / "none", f"no such folder; python data.py SOURCE --out {tmp_path / 'none'} builds one"),
+             (tmp_path / "empty", None)]
+    for folder, message in cases:
+        with pytest.raises(DataError) as refused:
+            data.load_split(str(folder), "train")
+        assert str(refused.value) == (f"{folder}: {message}" if message else f"{folder}/train.jsonl: no such file ({folder} "
+                                      "holds no .jsonl file); a data set of data.py has train.jsonl, valid.jsonl and test.jsonl")

@@ -7,6 +7,7 @@ import errno
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,10 +257,21 @@ def test_cli_writes_the_json_and_skips_r2rank_without_a_head(synthetic, tmp_path
 
 
 def test_cli_missing_split_is_a_clear_error(synthetic, tmp_path):
+    """--split is one of data.py's three (it was any name, then "nosuchsplit.jsonl: cannot read file"); a data
+    set without the split asked for says what it holds."""
     result = run_cli("--model", "tiny", "--data", synthetic, "--out", str(tmp_path), "--methods", "random",
                      "--split", "nosuchsplit", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "nosuchsplit.jsonl: cannot read file" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "argument --split: invalid choice: 'nosuchsplit' (choose from " in last and "train" in last and "test" in last, last
+    partial = tmp_path / "no-test"
+    partial.mkdir()
+    for name in ("train.jsonl", "valid.jsonl"):
+        shutil.copy(os.path.join(synthetic, name), partial / name)
+    result = run_cli("--model", "tiny", "--data", str(partial), "--out", str(tmp_path / "out"), "--methods", "random", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == (f"error: {partial}/test.jsonl: no such file ({partial} holds train.jsonl, "
+                                                        "valid.jsonl); a data set of data.py has train.jsonl, valid.jsonl and "
+                                                        "test.jsonl\n")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -466,3 +478,15 @@ def test_the_flags_given_on_the_command_line_are_known_even_at_their_default():
 
     assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval", "--max-history", "20"])) == {"stage", "max_history"}
     assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval"])) == {"stage"}
+
+
+@pytest.mark.parametrize("analysis", ["position", "history-order"])
+def test_an_analysis_of_prompted_methods_without_one_is_refused(analysis, synthetic, tmp_path):
+    """--analyses position (or history-order) reruns the methods that read the prompt; with --methods random it
+    wrote "position": {} into the eval file without a word."""
+    result = run_cli("--model", "tiny", "--data", synthetic, "--out", str(tmp_path / "out"), "--methods", "random,popularity",
+                     "--analyses", analysis, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == (
+        f"error: --analyses {analysis} reruns the methods that read the prompt (r2rank, pointwise, listwise, reczero, r2ec), "
+        f"and --methods random,popularity has none of them: add one, or leave {analysis} out\n")
+    assert not (tmp_path / "out" / "eval-test.json").exists()

@@ -248,3 +248,53 @@ def test_curve_groups_over_seeds_with_floors(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in result.stdout
     both = run_script(f"{ROOT}/tools/report.py", "curve", str(tmp_path / "sys-b-s0" / "metrics.jsonl"), "--group", "A=x", cwd=ROOT)
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_the_table_names_the_data_set_as_eval_does(synthetic_dir, tmp_path, capsys):
+    """The README's order: the synthetic set built into a folder called data, evaluated, then tabled. eval
+    calls it "synthetic" (its stats.json's inputs); the table called it by its folder's name, "data". A file
+    without the name (older ones) falls back to the folder's name."""
+    from conftest import run_cli
+
+    assert synthetic_dir.endswith("/data") and json.load(open(f"{synthetic_dir}/stats.json"))["inputs"] == ["synthetic"]
+    result = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "random,popularity",
+                     "--out", str(tmp_path / "eval"), "--bootstrap", "10")
+    assert result.returncode == 0, result.stderr
+    assert "| Method | synthetic @1 | @5 | @10 |" in result.stdout
+    path = str(tmp_path / "eval" / "eval-test.json")
+    assert report.merge_evals([path])[2] == "synthetic"
+    report.table([path])
+    assert "| Method | synthetic @1 | @5 | @10 |" in capsys.readouterr().out
+    old = eval_file(tmp_path / "old.json", {"random": [0.1] * 6}, data_dir="runs/vg/ml100k")
+    assert report.merge_evals([old])[2] == "ml100k"
+
+
+def test_a_table_piped_into_head_ends_quietly(tmp_path):
+    """`python tools/report.py table ... | head -1` was a BrokenPipeError traceback once head had its line."""
+    import subprocess
+    import sys
+
+    import os
+
+    path = eval_file(tmp_path / "eval.json", {"random": [0.1, 0.2, 0.1, 0.2, 0.1, 0.2], "pointwise": [0.3] * 6})
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has gone (head had its lines) before the table is written
+    process = subprocess.Popen([sys.executable, f"{ROOT}/tools/report.py", "table", path], stdout=writer,
+                               stderr=subprocess.PIPE, text=True)
+    os.close(writer)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 141 and stderr == "", stderr
+
+
+def test_a_row_cut_short_at_the_end_is_left_out_with_a_note(tmp_path):
+    """A run killed while it wrote a row leaves it cut short, without its newline (--resume drops it): the curve
+    of such a run was refused ("malformed JSON") instead of drawn."""
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "reward": 0.2 + 0.1 * s, "step_time": 1.0} for s in (1, 2)]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 3, "rew')
+    run = run_script("tools/report.py", "curve", str(metrics), cwd=ROOT)
+    assert run.returncode == 0 and run.stderr == f"note: {metrics}:3: a row cut short (the run stopped while writing it) is left out\n"
+    assert "2 steps, 0.00 h of step time" in run.stdout
+    metrics.write_text(json.dumps(rows[0]) + '\n{"step": 3, "rew\n' + json.dumps(rows[1]) + "\n")  # not the last line: refused
+    run = run_script("tools/report.py", "curve", str(metrics), cwd=ROOT)
+    assert run.returncode == 1 and f"{metrics}:2: malformed JSON" in run.stderr

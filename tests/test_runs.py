@@ -62,10 +62,47 @@ test_data.py's, test_sasrec.py's, test_compared_rl.py's and test_evaluate.py's c
 | the SFT teacher: 429 with Retry-After; 401 without $OPENAI_API_KEY | the backoff's 1 s; "HTTP 401" alone | Retry-After's seconds waited (at most 10 minutes); the 401 names the variable to set (test_sft.py) |
 | --resume, the newest checkpoint's config.json cut mid-write | from_pretrained's traceback | skipped, naming the file, as other broken checkpoints are |
 | SIGTERM during sft-data | exit 143, no word | Ctrl-C's line ("the pairs written so far are kept"), exit 143 (test_sft.py) |
+| --out made read-only (chmod 555) while rl runs, so a checkpoint cannot be saved | a PermissionError traceback naming the temporary .tmp-checkpoint-N, then two more from the clean-up (metrics.jsonl, .r2rank-lock) | "step N: saving OUT/checkpoint-N failed (Permission denied: --out OUT cannot be written now; make it writable); kept ..."; a save error worded by safetensors or torch.save gives its cause, never the temporary file it names (.tmpXXXXXX) |
+| data.py --out a read-only folder, or a new one inside it; r2rank.py without --data, <out>/data read-only | found after the build (minutes for an Amazon category); <out>/data named as if it were --out | found before the raw files are read: "--out X: cannot write into it / cannot create it (Permission denied)"; "--out X (X/data, where the synthetic set is built without --data): ..." (test_data.py) |
+| an SFT teacher endpoint that never answers | 600 s per try, 6 tries: about an hour, then "timed out (gave up after 6 attempts)"; no flag | --teacher-timeout (seconds per request, default 120, in (0, 3600]); "URL: timed out (gave up after 6 attempts, 12 min 31 s in all; each waits at most --teacher-timeout 120 s for the reply)" (test_sft.py) |
+| Ctrl-C under torchrun (each rank gets the terminal's SIGINT, then torchrun's copy of it) | the copy, when it came after the first was handled, read as a second Ctrl-C: "SIGINT again: stopping now" from every rank, the step in progress and its checkpoint lost ("no checkpoint ... nothing of the run is kept") | a SIGINT within 2 s of the first is taken as torchrun's copy: the step finishes and is saved, one line (rank 0), every rank exits 130; machinery/README.md says what torchrun adds (its ChildFailedError or SignalException traceback, its exit 1, its SIGKILL 30 s on) |
+| tools/report.py table on the README's eval of the synthetic set (built into a folder called data) | the table's header said "data" where eval's said "synthetic" | the data set's name from the eval file's config ("dataset"); a file without it: evaluate.dataset_name of its folder (test_report.py) |
+| tests/test_data.py's Ctrl-C test under load | SIGINT after a fixed 3 s: flaky when the imports took longer (the signal came before data.py could handle it) | data.py prints "building the <source> set from <input> into OUT ..." before the slow part (an Amazon category takes minutes without a word); the test waits for that line (up to 300 s), then sends SIGINT |
+| Faults tried beyond the issue (round 4): | | |
+| data.py --out a new folder, the set then read by another user or a team's group | mode 0700 (the temporary folder's, renamed): "Permission denied" for everyone else | the mode a plain mkdir gives under the umask (test_data.py) |
+| data.py --out /dev/null/x (a file where a parent folder should be) | "cannot write (File exists)" | "--out /dev/null/x: cannot create it (/dev/null is not a directory)", before the build |
+| data.py synthetic --start / --end; --start after --end (any source) | accepted and ignored without a word; a backwards window read every file, then "none of its N interactions is from ..." | exit 2 before any work: "the synthetic set is generated without a time window ...; leave them out" / "--start X is after --end Y" (test_data.py) |
+| a split file saved with a byte-order mark (Notepad's UTF-8), CRLF line ends | BOM: "malformed JSON (Unexpected UTF-8 BOM ...)" at line 1; CRLF read well | both read as the plain file (test_data.py) |
+| SIGTERM during data.py (a job's time limit, `timeout`) | killed where it stood: its temporary folder left beside --out | "data.py: stopped by SIGTERM; nothing written to OUT", exit 143, nothing left (test_data.py) |
+| data.py --out holding the temporary folder of a run killed with kill -9 | "holds .data.py-tmp-x/, which is not a data set's file" (as if the user's) | named as a killed data.py's temporary folder, to delete once no data.py runs; kept (test_data.py) |
+| --data an empty folder, a missing folder, one of the set's files; a set without valid.jsonl (rl) or test.jsonl (eval) | "X/train.jsonl: cannot read file (No such file or directory / Not a directory)" | "X: not a folder: a data set is the folder data.py writes ..." / "X: no such folder; python data.py SOURCE --out X builds one" / "X/test.jsonl: no such file (X holds train.jsonl, valid.jsonl); a data set of data.py has ..." (test_data.py, test_evaluate.py) |
+| eval --split foo | "X/foo.jsonl: cannot read file" | exit 2: "argument --split: invalid choice: 'foo' (choose from train, valid, test)" (test_evaluate.py) |
+| --stage sft before --stage sft-data | "OUT/traces.jsonl: cannot read file (No such file or directory)" | "OUT/traces.jsonl: no such file; --stage sft-data writes it (with the same --out), or pass --traces FILE" (test_sft.py) |
+| sft-data --traces in a read-only folder (a new file, one to continue, one in a new subfolder); --traces a folder | PermissionError / IsADirectoryError traceback; a file to continue was asked about every pair, then failed on the temporary traces.summary.json.tmp | "--traces X: cannot write there (Permission denied)" / "--traces X: a folder; pass a file, e.g. X/traces.jsonl", before the teacher loads (test_sft.py) |
+| sft-data --teacher ./nope (a local teacher that is not there) | "--model ./nope: no such directory" (the wrong flag) | "--teacher ./nope: no such directory (a hub id is org/name)" (test_sft.py) |
+| eval --methods sasrec --sasrec sasrec-log.json (the log beside the model), a stats.json, another torch file | torch.load's UnpicklingError traceback ("Weights only load failed ..."), or a KeyError | "--sasrec X: not a model of baselines/sasrec.py (the file it writes is OUT/sasrec.pt); ..." (test_sasrec.py) |
+| rl --model a checkpoint copied without its r2rank.json, or with it cut short | FileNotFoundError / JSONDecodeError traceback (the head's width) | "--model X: r2rank.json is missing / unreadable (no head_width), so its head's width is unknown; pass another checkpoint, or --new-head ..." |
+| python r2rank.py ... piped into head (or into less, then quit): the reader of the output goes | the next print's BrokenPipeError: a traceback, the run dead, its steps since the last checkpoint lost | the output goes to /dev/null with one note on stderr; the run goes on and ends as it would have |
+| python tools/report.py table ... piped into head | BrokenPipeError traceback after head's lines | quiet, exit 141 (128 + SIGPIPE) (test_report.py) |
+| a full disk while a metrics.jsonl row is appended (rl, sft; between checkpoints) | OSError traceback | "OUT/metrics.jsonl: cannot write step N's row (No space left on device); free space ..., then continue with --resume ..." (the file closed, so no second error at exit) |
+| eval --analyses position (or history-order) with --methods random,popularity | "position": {} written to the eval file, no word | refused before any method runs: "--analyses position reruns the methods that read the prompt (...), and --methods ... has none of them" (test_evaluate.py) |
+| tools/report.py curve on a run killed while it wrote a row (its last line cut short) | refused: "FILE:N: malformed JSON" | drawn without that row, with a note on stderr; a bad line elsewhere is still refused (test_report.py) |
+| tools/compare.py --out a read-only place | os.makedirs's PermissionError traceback | "error: --out X: cannot create it (Permission denied)", before any run (test_cli.py) |
+| Tried and handled well already (no change): | | |
+| paths with spaces and non-ASCII letters (data.py --out, rl --out, eval --model / --data / --out, report.py table) | - | every file written and read; the table's header shows the name as it is |
+| eval --methods "" / Random / "random,"; --analyses bogus; --eval-limit beyond the split's users | - | one line naming the flag and the choices / the trailing comma ignored / all the users evaluated |
+| eval --out an existing file; eval-test.json a folder, with --overwrite | - | "--out X: exists and is not a directory" / "could not write X/eval-test.json (Is a directory); the results are in the table printed above" |
+| train.jsonl cut mid-line; a corrupt stats.json in --data | - | "FILE:160: malformed JSON (...)" / eval names the set by its folder |
+| --resume into an --out that does not exist; --out the same folder as --data | - | "--resume: no checkpoint in X, so the run starts at step 0" / the run's files beside the set, nothing replaced |
+| kill -9 during eval, then eval again | - | nothing written but .r2rank-lock, which blocks nothing: the next eval runs and removes it |
+| a hub id with a typo, without a network | - | "--model X: cannot load it (We couldn't connect to 'https://huggingface.co' ...)" |
+| data.py --users 0 / -5, --categories-per-user 9, --candidates 1000, --out with a trailing slash | - | one line each ("--users must be >= 10 ...", "... 1 to 8", "no user is left after the protocol (... users_with_too_few_negatives: 200)"); the slash is fine |
+| sft --traces a malformed or an empty file; sft-data --teacher-url without http:// | - | "FILE:1: malformed JSON (...)" / "FILE: no traces" / "URL: not an http:// or https:// URL" |
 """
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,7 +113,7 @@ import types
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, read_only, run_cli
 from head import ScoreHead
 from machinery import checkpoints, runs, stops
 from protocol import UsageError
@@ -511,7 +548,8 @@ def test_a_failed_save_keeps_the_checkpoint_before_it_and_says_so_in_one_line(tm
         r2rank.main(argv)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stopped.value.code == 1 and err.startswith(f"error: step 2: saving {out}/checkpoint-2 failed (No space left on device: ")
-    assert "GB free there; free space, keep fewer checkpoints (--keep-checkpoints) or choose another --out" in err
+    assert re.search(r"\d (GB|MB|kB|bytes) free there; free space, keep fewer checkpoints \(--keep-checkpoints\) or choose "
+                     "another --out", err), err  # the free space in units a person reads (checkpoints.size_text)
     assert err.endswith(f"kept {out}/checkpoint-1 and metrics.jsonl up to step 1; then continue with --resume"), err
     assert sorted(os.listdir(out)) == ["checkpoint-1", "metrics.jsonl"]  # no .tmp-checkpoint-2, no lock left
     assert steps(out) == [1] and runs.checkpoint_problem(str(out / "checkpoint-1")) is None
@@ -618,3 +656,187 @@ def test_sigterm_under_torchrun_stops_every_rank_with_one_line(tmp_path, synthet
     assert stderr.count("stopped by SIGTERM") == 1 and line in stderr, stderr[-3000:]
     assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's report: both ranks stopped with 128 + 15
     assert runs.checkpoint_steps(out) == [last] and runs.checkpoint_problem(str(out / f"checkpoint-{last}")) is None
+
+
+# ------------------------------------------------------------------------------------- round 4
+
+
+@pytest.mark.parametrize("fails_at", [1, 2])
+def test_an_out_made_read_only_during_a_run_is_named_by_its_flag(fails_at, tmp_path, synthetic_dir, monkeypatch, capsys):
+    """--out turned read-only (chmod 555) while rl runs, so checkpoint-<fails_at> cannot be saved: one line
+    naming --out and the cause, not the temporary .tmp-checkpoint-<step> (before: a PermissionError traceback
+    naming it, then two more from the clean-up, metrics.jsonl and .r2rank-lock); the checkpoint before it kept."""
+    import r2rank
+    import transformers
+
+    save_pretrained, out = transformers.PreTrainedModel.save_pretrained, tmp_path / "run"
+
+    def read_only_at_the_save(model, directory, *args, **kwargs):
+        if directory.endswith(f"checkpoint-{fails_at}"):
+            read_only(out, monkeypatch)
+        return save_pretrained(model, directory, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", read_only_at_the_save)
+    argv = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
+            "--max-new-tokens", "1", "--max-history", "0", "--save-every", "1", "--max-steps", "3", "--threads", "1"]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            r2rank.main(argv)
+    finally:
+        monkeypatch.undo()
+        os.chmod(out, 0o755)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in err and ".tmp" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: step {fails_at}: saving {out}/checkpoint-{fails_at} failed (Permission denied: --out {out} cannot be "
+        "written now; make it writable); " + (f"kept {out}/checkpoint-1 and metrics.jsonl up to step 1; then continue with "
+                                              "--resume" if fails_at == 2 else "no earlier checkpoint, so nothing is kept "
+                                              "(metrics.jsonl as it is); then run it again with --overwrite"))
+    assert runs.checkpoint_steps(out) == ([1] if fails_at == 2 else []) and not (out / f".tmp-checkpoint-{fails_at}").exists()
+
+
+@pytest.mark.parametrize("stage", ["rl", "eval", "sft-data"])
+def test_a_read_only_out_is_refused_naming_its_flag_before_any_work(stage, tmp_path, synthetic_dir, monkeypatch, capsys):
+    """A read-only --out (chmod 555), or a new --out inside one: one line naming --out, before the model loads."""
+    import r2rank
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    for out, message in [(folder, "cannot write into it"), (folder / "new", "cannot create it")]:
+        read_only(folder, monkeypatch)
+        try:
+            with pytest.raises(SystemExit) as stopped:
+                r2rank.main(["--stage", stage, "--model", str(tmp_path / "no-model"), "--teacher", "tiny", "--data",
+                             synthetic_dir, "--out", str(out), "--threads", "1"])
+        finally:
+            monkeypatch.undo()
+            os.chmod(folder, 0o755)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 1 and err == f"error: --out {out}: {message} (Permission denied)\n", err
+        assert os.listdir(folder) == []
+
+
+def test_a_failed_write_is_told_by_its_cause_without_the_temporary_path(tmp_path):
+    """The errors a failed save raises, as safetensors and torch.save word them (seen as a user without write
+    permission): the cause, not the temporary file they name (safetensors writes into .tmpXXXXXX beside the file)."""
+    from safetensors import SafetensorError
+
+    out = str(tmp_path)
+    denied = [OSError(errno.EACCES, "Permission denied", f"{out}/.tmp-checkpoint-2"),
+              SafetensorError(f'Error while serializing: I/O error: Permission denied (os error 13) at path "{out}/.tmpGpWxj3"'),
+              RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: Permission denied"),
+              OSError(errno.EROFS, "Read-only file system", f"{out}/.tmp-checkpoint-2")]
+    for error in denied:
+        text = checkpoints.write_failure(out, error)
+        assert text.endswith(f": --out {out} cannot be written now; make it writable") and ".tmp" not in text, text
+        assert text.startswith(("Permission denied:", "Read-only file system:")), text
+    full = checkpoints.write_failure(out, SafetensorError(f'I/O error: No space left on device (os error 28) at path "{out}/.tmpAb"'))
+    assert full.startswith("No space left on device: ") and "free there; free space" in full and ".tmp" not in full
+
+
+def test_ctrl_c_under_torchrun_keeps_the_step_and_every_rank_exits_130(tmp_path, synthetic_dir):
+    """A terminal's Ctrl-C reaches every process of the group, torchrun included, and torchrun sends each rank
+    the SIGINT it got: each rank gets the same Ctrl-C twice. When the copy came after the first was handled,
+    it read as a second Ctrl-C ("stopping now"): the step in progress and its checkpoint were lost, and every
+    rank printed it. Here the ranks get SIGINT, then the copy 0.3 s later; torchrun reports each rank's status."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "r2rank.py"),
+         "--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "2",
+         "--max-new-tokens", "4", "--max-history", "2", "--max-steps", "1000", "--save-every", "1000"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.1)
+    ranks = [int(pid) for pid in open(f"/proc/{process.pid}/task/{process.pid}/children").read().split()]
+    for copy in range(2):  # the terminal's SIGINT, then torchrun's copy of it
+        for rank in ranks:
+            os.kill(rank, signal.SIGINT)
+        time.sleep(0.3)
+    _, stderr = process.communicate(timeout=300)
+    last = steps(out)[-1]
+    line = f"stopped by SIGINT: {runs.steps_text(1, last)} kept in {out}/checkpoint-{last}; continue with --resume"
+    assert stderr.count("stopped by SIGINT") == 1 and line in stderr and "SIGINT again" not in stderr, stderr[-3000:]
+    assert stderr.count("exitcode  : 130") == 2, stderr[-3000:]  # torchrun's report: both ranks stopped with 128 + 2
+    assert runs.checkpoint_steps(out) == [last] and runs.checkpoint_problem(str(out / f"checkpoint-{last}")) is None
+
+
+def test_a_checkpoint_without_its_r2rank_json_as_model_is_one_line(tmp_path, synthetic_dir):
+    """--model a checkpoint whose r2rank.json is missing or cut short (copied in part), for rl: it was
+    FileNotFoundError's or JSONDecodeError's traceback from reading the head's width. --new-head starts a new
+    head on its model instead."""
+    assert rl(tmp_path / "run", synthetic_dir, "--max-steps", "1").returncode == 0
+    checkpoint = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run" / "checkpoint-1", checkpoint)
+    for damage, reason in [(lambda: (checkpoint / "r2rank.json").write_text('{"step": 1, "conf'), "unreadable (no head_width)"),
+                           (lambda: (checkpoint / "r2rank.json").unlink(), "missing")]:
+        damage()
+        result = rl(tmp_path / f"out-{reason[:7]}", synthetic_dir, "--max-steps", "1", "--model", str(checkpoint))
+        assert result.returncode == 1 and last_line(result) == (
+            f"error: --model {checkpoint}: r2rank.json is {reason}, so its head's width is unknown; pass another checkpoint, "
+            "or --new-head to start a new head on this model"), result.stderr
+    fresh = rl(tmp_path / "new-head", synthetic_dir, "--max-steps", "1", "--model", str(checkpoint), "--new-head")
+    assert fresh.returncode == 0 and steps(tmp_path / "new-head") == [1], fresh.stderr
+
+
+def test_a_run_outlives_the_reader_of_its_output(tmp_path, synthetic_dir):
+    """`python r2rank.py ... | head -1` (or quitting `| less`): the next print raised BrokenPipeError and the run
+    died with a traceback, its steps since the last checkpoint lost. Now it goes on without printing, says so
+    once, and ends as it would have."""
+    out = tmp_path / "run"
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has gone before the first line (head -0; or head -1 a line later)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "r2rank.py"), "--stage", "rl", "--model", "tiny", "--data", synthetic_dir,
+         "--out", str(out), "--users-per-step", "1", "--max-new-tokens", "1", "--max-history", "0", "--max-steps", "20",
+         "--save-every", "10", "--threads", "1"], cwd=ROOT, stdout=writer, stderr=subprocess.PIPE, text=True)
+    os.close(writer)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("note: the reader of this output has gone") == 1
+    assert steps(out) == list(range(1, 21)) and runs.checkpoint_steps(out) == [10, 20]
+
+
+def test_a_full_disk_at_a_metrics_row_is_one_line(tmp_path, synthetic_dir, monkeypatch, capsys):
+    """The disk fills while step 2's row is appended to metrics.jsonl (between checkpoints): it was the OSError's
+    traceback. One line naming the file; --resume then continues from checkpoint-1."""
+    import io
+
+    import r2rank
+    from machinery import rl_run
+
+    class FillsAtStep2(io.StringIO):
+        def __init__(self, real):
+            super().__init__()
+            self.real, self.name = real, real.name
+
+        def write(self, text):
+            if '"step": 2' in text:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.real.write(text)
+
+        def flush(self):
+            self.real.flush()
+
+        def close(self):
+            self.real.close()
+
+    opened = rl_run.Bookkeeper.__init__
+
+    def with_a_disk_that_fills(book, *args):
+        opened(book, *args)
+        book.metrics_file = FillsAtStep2(book.metrics_file)
+
+    monkeypatch.setattr(rl_run.Bookkeeper, "__init__", with_a_disk_that_fills)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "1",
+                     "--max-new-tokens", "1", "--max-history", "0", "--save-every", "1", "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: {out}/metrics.jsonl: cannot write step 2's row (No space left on device); "
+                                            "free space (or make --out writable), then continue with --resume from the newest "
+                                            "checkpoint")
+    monkeypatch.undo()
+    resumed = rl(out, synthetic_dir, "--max-steps", "3", "--resume", "--max-new-tokens", "1", "--max-history", "0")
+    assert resumed.returncode == 0 and f"resumed from {out}/checkpoint-1 at step 1" in resumed.stdout and steps(out) == [1, 2, 3]

@@ -172,3 +172,17 @@ def test_a_failed_save_keeps_the_earlier_file_and_says_so(tmp_path, monkeypatch)
     assert message.startswith(f"saving {path} failed (No space left on device: ") and message.endswith("; the earlier sasrec-state.pt is kept")
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 5} and [p.name for p in tmp_path.iterdir()] == ["sasrec-state.pt"]
+
+
+def test_a_sasrec_file_that_is_no_sasrec_model_is_one_line(synthetic_dir, tmp_path):
+    """--sasrec given sasrec-log.json (the log beside the model), a stats.json, or a torch file of something else:
+    one line, not torch.load's UnpicklingError traceback or a KeyError."""
+    log, other = tmp_path / "sasrec-log.json", tmp_path / "optimizer.pt"
+    log.write_text(json.dumps({"epochs": [{"epoch": 1, "loss": 0.5}]}))
+    torch.save({"llm": {"state": {}}}, other)
+    for path in (log, other, f"{synthetic_dir}/stats.json"):
+        result = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--out", str(tmp_path / "eval"),
+                         "--methods", "sasrec", "--sasrec", str(path))
+        assert result.returncode == 1 and result.stderr == (
+            f"error: --sasrec {path}: not a model of baselines/sasrec.py (the file it writes is OUT/sasrec.pt); train one "
+            "with python baselines/sasrec.py --data DIR --out OUT\n"), result.stderr

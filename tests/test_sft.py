@@ -21,7 +21,7 @@ import rollout
 import sft
 from machinery import config, datasets, models
 
-from conftest import run_script
+from conftest import read_only, run_script
 
 R2RANK_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "r2rank.py")
 
@@ -409,6 +409,10 @@ def test_sft_cli_bad_traces_exit_cleanly(data_dir, train, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{path}:2: missing required field 'response'" in result.stderr
     assert not (tmp_path / "sft").exists() or not any(n.startswith("checkpoint") for n in os.listdir(tmp_path / "sft"))
+    # --stage sft before --stage sft-data (or into another --out): what writes the file (it was "cannot read file")
+    missing = run_cli("--stage", "sft", "--model", "tiny", "--data", data_dir, "--out", tmp_path / "first")
+    assert missing.returncode == 1 and missing.stderr == (f"error: {tmp_path / 'first'}/traces.jsonl: no such file; --stage "
+                                                          "sft-data writes it (with the same --out), or pass --traces FILE\n")
 
 
 def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path):
@@ -539,3 +543,71 @@ def test_sigterm_during_sft_data_says_what_is_kept_as_ctrl_c_does(data_dir, tmp_
     assert process.returncode == 143 and "Traceback" not in stderr, (process.returncode, stderr)
     assert stderr.strip().splitlines()[-1] == sft.PAIRS_KEPT
     assert len([line for path in out.glob("*.jsonl") for line in path.read_text().splitlines()]) == 1  # the answered pair
+
+
+def test_a_teacher_that_never_answers_fails_after_teacher_timeout(data_dir, tmp_path, monkeypatch, capsys):
+    """A local endpoint that takes every request and never answers: each try waits --teacher-timeout (here
+    0.5 s), so 2 tries (RETRIES 1) fail in about a second, and the one line says how long it tried in all and
+    names the flag. Before: 600 s per try, 6 tries (about an hour), and no flag to shorten it."""
+    import time
+
+    release = threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            release.wait(60)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(sft, "RETRIES", 1)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            r2rank.main(["--stage", "sft-data", "--data", data_dir, "--out", str(tmp_path / "sft"), "--teacher-url", url,
+                         "--teacher-model", "m", "--num-pairs", "2", "--teacher-timeout", "0.5"])
+    finally:
+        release.set()
+        server.shutdown(), server.server_close()
+    took, err = time.monotonic() - started, capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err and 1.0 <= took < 30, (took, err)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {url}/chat/completions: timed out (gave up after 2 attempts, ") and \
+        line.endswith(" s in all; each waits at most --teacher-timeout 0.5 s for the reply)"), line
+    waited = float(line.split("attempts, ")[1].split(" s in all")[0])
+    assert 1.0 <= waited <= took, (waited, took)
+    assert (tmp_path / "sft" / "traces.jsonl").read_text() == ""  # nothing half-written
+
+
+def test_a_traces_file_that_cannot_be_written_is_refused_before_the_teacher(data_dir, tmp_path, monkeypatch):
+    """--traces in a read-only folder (chmod 555: a new file, one to continue, one in a new subfolder) or a folder:
+    one line naming --traces before the teacher is asked (they were a PermissionError or IsADirectoryError
+    traceback; a file to continue in a read-only folder was asked about every pair, then failed on the temporary
+    traces.summary.json.tmp). The endpoint here does not exist: nothing is asked."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "traces.jsonl").write_text("")
+    cases = [folder / "new.jsonl", folder / "traces.jsonl", folder / "sub" / "traces.jsonl"]
+    for path in cases:
+        read_only(folder, monkeypatch)
+        try:
+            with pytest.raises(UsageError) as refused:
+                sft.build_traces(sft_data_config(data_dir, tmp_path / "out", "http://127.0.0.1:9/v1", traces=str(path)))
+        finally:
+            monkeypatch.undo()
+            os.chmod(folder, 0o755)
+        assert str(refused.value) == f"--traces {path}: cannot write there (Permission denied)"
+    with pytest.raises(UsageError, match=rf"^--traces {tmp_path}: a folder; pass a file, e.g. {tmp_path}/traces.jsonl$"):
+        sft.build_traces(sft_data_config(data_dir, tmp_path / "out", "http://127.0.0.1:9/v1", traces=str(tmp_path)))
+    assert sorted(os.listdir(folder)) == ["traces.jsonl"]
+
+
+def test_a_local_teacher_that_cannot_be_loaded_is_named_by_its_flag(data_dir, tmp_path, capsys):
+    """--teacher ./nope was reported as "--model ./nope: no such directory"."""
+    with pytest.raises(SystemExit) as exit_info:
+        r2rank.main(["--stage", "sft-data", "--data", data_dir, "--out", str(tmp_path / "out"), "--teacher", "./nope",
+                     "--num-pairs", "2"])
+    assert exit_info.value.code == 1 and capsys.readouterr().err == "error: --teacher ./nope: no such directory (a hub id is org/name)\n"

@@ -149,7 +149,10 @@ def main(argv=None):
                         f"{MLP_ONLY_EXTRA!r}); without --data, --out, --seed, --threads")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every command")
     args = parser.parse_args(argv)
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    except OSError as error:  # a read-only place, a file in the way: before anything runs
+        sys.exit(f"error: --out {args.out}: cannot create it ({error.strerror or error})")
     timings = os.path.join(args.out, "timings.jsonl")
     floor_files = floors(args, timings)
     evals = {}

@@ -101,7 +101,8 @@ def merge_evals(specs):
     groups = [(group, [(name, title) for name, title in rows if name in baseline_rows])
               for group, rows in evaluate.default_groups(model)[:2]]
     groups += [("Compared RL systems", trained["reczero"] + trained["r2ec"]), ("Ours", trained["r2rank"])]
-    return results, groups, os.path.basename(os.path.normpath(first[2]["data_dir"]))
+    # the data set's own name, as eval printed it ("synthetic" for <out>/data); older files: from its folder
+    return results, groups, first[2].get("dataset") or evaluate.dataset_name(first[2]["data_dir"])
 
 
 def significance_lines(results, tests, metric="ndcg@10"):
@@ -139,6 +140,7 @@ def read_metrics(path):
     """metrics.jsonl -> list of row dicts, their steps rising. A bad line raises ReportError naming it;
     a non-finite number in CURVE_KEYS (json writes NaN) is left out of its row, with a note on stderr."""
     rows, left_out, previous = [], [], None  # previous: (step, line) of the last row
+    torn = torn_last_line(path)
     try:
         for lineno, row in data.read_jsonl(path):
             step = row.get("step")
@@ -155,12 +157,25 @@ def read_metrics(path):
             rows.append(row)
             previous = (step, lineno)
     except UsageError as error:
-        raise ReportError(str(error)) from None
+        if torn is None or not str(error).startswith(f"{path}:{torn}: malformed JSON"):
+            raise ReportError(str(error)) from None
+        print(f"note: {path}:{torn}: a row cut short (the run stopped while writing it) is left out", file=sys.stderr)
     if not rows:
         raise ReportError(f"{path}: no metrics yet")
     if left_out:
         print(f"note: {path}: non-finite values left out: " + ", ".join(left_out), file=sys.stderr)
     return rows
+
+
+def torn_last_line(path):
+    """The number of path's last line when the file does not end with a newline (a row cut short by a run that
+    stopped mid-write, which --resume drops), else None."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError:
+        return None  # read_jsonl says why
+    return content.count(b"\n") + 1 if content and not content.endswith(b"\n") else None
 
 
 def moving_average(values, window):
@@ -382,7 +397,8 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     table_args = commands.add_parser("table", help="one Table-2 layout from several eval-<split>.json files")
     table_args.add_argument("files", nargs="+", help="eval-<split>.json of --stage eval, optionally =Title for its trained row (R2Rank, reczero, r2ec)")
-    table_args.add_argument("--dataset", help="the dataset's name in the header (default: the data directory's name)")
+    table_args.add_argument("--dataset", help="the dataset's name in the header (default: the name eval gave it, in the "
+                            "first file's config)")
     curve_args = commands.add_parser("curve", help="reward and validation NDCG@10 per step of a run, as text or a PNG")
     curve_args.add_argument("metrics", nargs="*", help="metrics.jsonl of --stage rl, optionally =Label (default: its directory)")
     curve_args.add_argument("--group", action="append", default=[], metavar="NAME=GLOB",
@@ -409,6 +425,9 @@ def main(argv=None):
             curve(args.metrics, max(args.window, 1), args.png)
     except ReportError as error:
         sys.exit(f"error: {error}")
+    except BrokenPipeError:  # the reader of a pipe had enough (| head): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left in the buffer goes nowhere
+        sys.exit(128 + 13)  # 128 + SIGPIPE, a shell's status for a writer its reader left
 
 
 if __name__ == "__main__":
