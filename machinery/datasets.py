@@ -13,10 +13,10 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
-import tempfile
 from dataclasses import asdict, fields
 from datetime import date
 
@@ -75,11 +75,22 @@ def check_writable(out_dir, named):
         where = os.path.dirname(where)
     if not os.path.isdir(where):
         raise DataError(f"{named}: cannot create it ({where} is not a directory)")
+    probe = temporary_name(where)
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=where))
+        os.mkdir(probe)
     except OSError as error:
         raise DataError(f"{named}: cannot {'write into' if where == os.path.abspath(out_dir) else 'create'} it "
                         f"({error.strerror or type(error).__name__})") from None
+    finally:  # also after a Ctrl-C that lands right after the mkdir
+        with contextlib.suppress(OSError):
+            os.rmdir(probe)
+
+
+def temporary_name(where):
+    """A new name for a temporary folder in `where`, chosen before the folder is made, so that a `finally`
+    removes it even when a Ctrl-C lands between its creation and the next line (tempfile.mkdtemp's name is
+    known only once it returns). os.mkdir gives it the mode a plain mkdir gives (mkdtemp's is 0700)."""
+    return os.path.join(where, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
@@ -88,12 +99,12 @@ def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
     or a data set and overwrite, check_out_dir) gets each file renamed into it, the old set's other files
     removed, stats.json last. Nothing else in out_dir is ever touched. named: as in check_out_dir."""
     check_out_dir(out_dir, overwrite, named=named)
-    exists, tmp = os.path.isdir(out_dir), None
+    exists = os.path.isdir(out_dir)
+    where = out_dir if exists else os.path.dirname(os.path.abspath(out_dir))
+    tmp = temporary_name(where)
     try:
-        where = out_dir if exists else os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(where, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=where)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make a new --out unreadable to anyone else
+        os.mkdir(tmp)
         for name, instances in splits.items():
             with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(inst, ensure_ascii=False) + "\n" for inst in instances)
@@ -112,15 +123,7 @@ def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
     except OSError as e:
         raise DataError(f"{named or f'--out {out_dir}'}: cannot write ({e.strerror or type(e).__name__})") from None
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def current_umask():
-    """The process's umask (read by setting it, then setting it back): what a plain mkdir would apply."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, named=None, **protocol):
