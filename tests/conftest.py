@@ -10,6 +10,7 @@ Tests about the process itself (signals, torchrun) still start their own with su
 import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,13 @@ def _run_in_child(script, args, cwd, environ, stdout_path, stderr_path):
     sys.argv = [script, *args]
     sys.path[0:0] = [os.path.dirname(os.path.abspath(script))]  # as `python script` puts the script's folder first
     runpy.run_path(script, run_name="__main__")  # SystemExit sets the exit status, as in a plain run
+
+
+def terminal_sigint():
+    """preexec_fn of a child that must take Ctrl-C as a process started from a terminal does: SIGINT at its
+    default. A child inherits an ignored SIGINT (pytest started in the background by a shell, or under
+    nohup), and Python then installs no KeyboardInterrupt handler, so the Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_script(script, *args, cwd=None, timeout=600):

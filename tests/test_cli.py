@@ -169,6 +169,8 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
     import subprocess
     import sys
 
+    from conftest import terminal_sigint
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     interrupt_at_torch = (
         "import os, runpy, signal, sys\n"
@@ -182,7 +184,7 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
         "runpy.run_path('r2rank.py', run_name='__main__')\n")
     out = tmp_path / "o"
     result = subprocess.run([sys.executable, "-c", interrupt_at_torch, "--model", "tiny", "--out", str(out)], cwd=root,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, preexec_fn=terminal_sigint)
     assert result.returncode == 130, result.stderr
     assert result.stderr == "interrupted before anything started; nothing was written\n"
     assert not out.exists()

@@ -19,7 +19,7 @@ from data import DataError, Protocol
 from machinery import datasets, sources
 from machinery.sources import RawData
 
-from conftest import read_only, run_script
+from conftest import read_only, run_script, terminal_sigint
 
 DATA_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
 
@@ -525,7 +525,7 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tmp_path):
     import select
 
     process = subprocess.Popen([sys.executable, DATA_PY, "synthetic", "--users", "100000", "--out", str(tmp_path / "o")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=terminal_sigint)
     ready, _, _ = select.select([process.stdout], [], [], 300)  # a generous wait for the first line
     assert ready and process.stdout.readline().startswith("building the synthetic set from the generator into "), \
         process.stderr.read() if process.poll() is not None else "no line in 300 s"
@@ -622,7 +622,7 @@ def test_sigterm_is_one_line_exit_143_and_leaves_nothing(tmp_path):
     import select
 
     process = subprocess.Popen([sys.executable, DATA_PY, "synthetic", "--users", "100000", "--out", str(tmp_path / "o")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=terminal_sigint)
     ready, _, _ = select.select([process.stdout], [], [], 300)
     assert ready and process.stdout.readline().startswith("building the synthetic set")
     process.send_signal(signal.SIGTERM)
