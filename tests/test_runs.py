@@ -115,7 +115,7 @@ import types
 import pytest
 import torch
 
-from conftest import ROOT, read_only, run_cli
+from conftest import ROOT, read_only, run_cli, terminal_sigint
 from head import ScoreHead
 from machinery import checkpoints, runs, stops
 from protocol import UsageError
@@ -746,7 +746,8 @@ def test_ctrl_c_under_torchrun_keeps_the_step_and_every_rank_exits_130(tmp_path,
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "r2rank.py"),
          "--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", str(out), "--users-per-step", "2",
          "--max-new-tokens", "4", "--max-history", "2", "--max-steps", "1000", "--save-every", "1000"], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        preexec_fn=terminal_sigint)  # as from a terminal, also when the suite runs in the background
     metrics, deadline = out / "metrics.jsonl", time.time() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
         time.sleep(0.1)
