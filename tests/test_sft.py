@@ -4,6 +4,7 @@ Oracles: rollout.trace_logprobs (an independent teacher-forced computation) for 
 its effect; the stub endpoint's own request log for what sft-data asked; the stub's fixed rule
 (candidate color -> answer) for which replies must be kept.
 """
+import contextlib
 import http.server
 import importlib.util
 import json
@@ -101,6 +102,19 @@ class Stub:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def local_endpoint(handler):
+    """A local HTTP server on a free port, in a thread, answering with `handler` (its request log
+    silenced); yields its OpenAI-style base URL, and shuts it down after."""
+    quiet = type(handler.__name__, (handler,), {"log_message": lambda self, *args: None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown(), server.server_close()
 
 
 @pytest.fixture
@@ -481,17 +495,10 @@ def test_a_429_waits_as_long_as_retry_after_says_and_a_401_without_a_key_names_t
             self.end_headers()
             self.wfile.write(payload)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Throttled)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     slept = []
     monkeypatch.setattr(sft.time, "sleep", slept.append)
-    try:
-        reply = sft.chat_completion(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", [], 1.0, 1.0, 8, backoff=1.0)
-    finally:
-        server.shutdown(), server.server_close()
+    with local_endpoint(Throttled) as url:
+        reply = sft.chat_completion(url, "m", [], 1.0, 1.0, 8, backoff=1.0)
     assert reply == "ok" and slept == [7.0] and Throttled.calls == 2
     assert sft.retry_after("Wed, 21 Oct 2026 07:28:00 GMT") is None and sft.retry_after("-3") == 0.0
 
@@ -523,23 +530,16 @@ def test_sigterm_during_sft_data_says_what_is_kept_as_ctrl_c_does(data_dir, tmp_
             self.end_headers()
             self.wfile.write(payload)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hang)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "sft"
-    try:
+    with local_endpoint(Hang) as url:
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "r2rank.py"), "--stage", "sft-data", "--data", data_dir,
-                                    "--teacher-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--teacher-model", "m",
+                                    "--teacher-url", url, "--teacher-model", "m",
                                     "--num-pairs", "4", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while Hang.asked < 2 and process.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
-    finally:
-        server.shutdown(), server.server_close()
     assert process.returncode == 143 and "Traceback" not in stderr, (process.returncode, stderr)
     assert stderr.strip().splitlines()[-1] == sft.PAIRS_KEPT
     assert len([line for path in out.glob("*.jsonl") for line in path.read_text().splitlines()]) == 1  # the answered pair
@@ -557,21 +557,15 @@ def test_a_teacher_that_never_answers_fails_after_teacher_timeout(data_dir, tmp_
         def do_POST(self):
             release.wait(60)
 
-        def log_message(self, *args):
-            pass
-
     monkeypatch.setattr(sft, "RETRIES", 1)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     started = time.monotonic()
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            r2rank.main(["--stage", "sft-data", "--data", data_dir, "--out", str(tmp_path / "sft"), "--teacher-url", url,
-                         "--teacher-model", "m", "--num-pairs", "2", "--teacher-timeout", "0.5"])
-    finally:
-        release.set()
-        server.shutdown(), server.server_close()
+    with local_endpoint(Silent) as url:
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                r2rank.main(["--stage", "sft-data", "--data", data_dir, "--out", str(tmp_path / "sft"), "--teacher-url", url,
+                             "--teacher-model", "m", "--num-pairs", "2", "--teacher-timeout", "0.5"])
+        finally:
+            release.set()  # the handlers' threads end before the server shuts down
     took, err = time.monotonic() - started, capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err and 1.0 <= took < 30, (took, err)
     line = err.strip().splitlines()[-1]
