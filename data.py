@@ -45,7 +45,16 @@ import zlib
 
 from tqdm import tqdm
 
-from protocol import SPLITS, DataError, Protocol, UsageError, build_instances, split_sizes  # noqa: F401 (data.X for callers)
+SPLITS = ("train", "valid", "test")
+
+
+class UsageError(Exception):
+    """A run cannot go on for a reason its user can act on (a flag, a file, a setting): one line naming what to
+    change, which the command line prints without a traceback."""
+
+
+class DataError(UsageError):
+    """A data set or data file that cannot be used; the message names the file and, where there is one, the line."""
 
 
 # ---------------------------------------------------------------- reading
@@ -252,7 +261,7 @@ def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, respons
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     return encode(texts[0][:cut]), [encode(text[cut:]) for text in texts]
 
-if __name__ == "__main__":  # building a data set is run machinery: machinery/datasets.py (this file stays its command)
-    from machinery import datasets
+if __name__ == "__main__":  # building a data set: datasets.py (this file stays its command)
+    import datasets
 
     sys.exit(datasets.main())

@@ -1,6 +1,7 @@
 """Policy-gradient losses of R2Rank (Eqs. 5-6 of the R2Rank paper) and the LLM's advantages, as pure
 functions.
 
+    token_logprobs              log pi_theta of the sampled tokens at the sampling temperature (Eq. 6's ratio)
     clipped_token_loss          token-level clipped PPO for the LLM's trace tokens         (Eq. 6)
     llm_loss                    a micro-batch's part of the LLM's loss: Eq. 6 plus the score path
     reinforce_loss              REINFORCE for the scoring head through log P(tau | s)      (Eq. 5)
@@ -31,6 +32,17 @@ import torch
 
 import plackett_luce
 from metrics import ndcg_at_k
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log softmax(logits / T) at the targets, in fp32 or wider: each token's log-prob under the distribution it
+    was sampled from (departure 6). logits [..., V], targets [...] -> [...]. Temperature 0 (greedy) has no
+    sampling distribution: the untempered model's log-probs are returned then."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 from bf16, fp64 stays
+    if temperature > 0 and temperature != 1:
+        logits = logits / temperature
+    # gather minus logsumexp: the log softmax at the target only, without a second [..., V] tensor
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
@@ -84,7 +96,7 @@ def clipped_token_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
 
 def llm_loss(logp, old_logp, advantages, mask, divisor, clip_eps=0.2, scores=None, score_grads=None):
     """One micro-batch's part of the LLM's loss in an RL step: summed over the step's micro-batches,
-    its gradient is the step's estimate of - grad_theta J / D (rollout.ppo_update accumulates it).
+    its gradient is the step's estimate of - grad_theta J / D (r2rank.ppo_update accumulates it).
 
         the tokens (Eq. 6):      - sum over the micro-batch's valid tokens of min(r A, clip(r) A) / D
         the score path (Sec. 3.3, departure 7 of r2rank.py):  - sum_k g_k s_k(theta) / D
@@ -134,7 +146,7 @@ def score_gradient(scores, rankings, reward, baseline=None, std=0.0):
     the baseline of each ranking does not depend on that ranking (the leave-one-out baseline depends
     on the other S - 1 only, which are drawn independently given s; E[grad log P] = 0 removes it).
     It is the head's REINFORCE (Eq. 5) stopped at the scores: the head's loss back-propagates the same
-    quantity into phi, and rollout.ppo_update carries it on into theta through h_k.
+    quantity into phi, and r2rank.ppo_update carries it on into theta through h_k.
     """
     raw = scores.detach().to(torch.promote_types(scores.dtype, torch.float32)).requires_grad_(True)
     weight = reward if baseline is None else reward - baseline

@@ -19,16 +19,6 @@ from dataclasses import asdict, dataclass, field
 SPLITS = ("train", "valid", "test")
 
 
-class UsageError(Exception):
-    """A run cannot go on for a reason its user can act on (a flag, a file, a setting): the message is
-    one line naming what to change, and the command line prints it without a traceback."""
-
-
-class DataError(UsageError):
-    """A data set or data file that cannot be used; the message names the file and, when there is
-    one, the line and field."""
-
-
 def flag(default, text):
     return field(default=default, metadata={"help": text})
 
@@ -98,7 +88,7 @@ def build_instances(raw, protocol):
                            "candidates": [entry(item) for item in candidates],
                            "labels": [int(item == positive) for item in candidates]}
     if not instances:
-        raise DataError(f"{', '.join(raw.inputs)}: no user is left after the protocol ({dict(dropped)})")
+        raise ValueError(f"{', '.join(raw.inputs)}: no user is left after the protocol ({dict(dropped)})")
 
     users = sorted(instances)
     split_of = getattr(raw, "split_of", None)

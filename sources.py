@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from data import read_jsonl, read_lines, require, shorten  # noqa: F401 (the readers of input files; sources.read_jsonl for callers)
-from protocol import DataError, UsageError  # noqa: F401 (sources.DataError for callers)
+from data import DataError, UsageError  # noqa: F401 (sources.DataError for callers)
 
 STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
 MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "

@@ -20,8 +20,10 @@ import sys
 from dataclasses import asdict, fields
 from datetime import date
 
-from protocol import DataError, Protocol, UsageError, build_instances
-from machinery.sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, synthetic_raw
+from data import DataError, UsageError
+from protocol import Protocol
+from protocol import build_instances as protocol_instances
+from sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, synthetic_raw
 
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
 
@@ -146,6 +148,14 @@ def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_
                                        for name, split in splits.items() if split}
     write_dataset(out_dir, splits, stats, overwrite, named)
     return stats
+
+
+def build_instances(raw, protocol):
+    """protocol.build_instances, with "no user is left" as a DataError (one line)."""
+    try:
+        return protocol_instances(raw, protocol)
+    except ValueError as error:
+        raise DataError(str(error)) from None
 
 
 def fewest_users(split):
