@@ -18,7 +18,7 @@ at the top of r2rank.py):
     industrial tiers 0 / 1-5 / >5 instead.
 30. History length (Fig. 4): four equal-width buckets of the history length shown (1..--max-history);
     the paper's second variant (cutting 20-item histories to their last k) is not implemented.
-31. History order (Table 7): the shown history (its last --max-history items) is shuffled R times per
+31. History order (Table 7): the shown history (its last --max-history items) is shuffled R = 5 times per
     user. "std" and "range" are each user's spread of NDCG@10 over the R shuffles, averaged over users;
     the spread of the split's mean over the shuffles is reported beside them.
 32. Position (Fig. 5): the positive moves to the first, middle and last position, the other candidates
@@ -35,11 +35,9 @@ import numpy as np
 import torch
 
 import data
-from metrics import bootstrap_ci, ndcg_from_scores, positive_ranks
-
-
-def labels_of(instances):
-    return torch.tensor([inst["labels"] for inst in instances], dtype=torch.float32)  # [U, K]
+from metrics import ndcg_from_scores, positive_ranks
+from r2rank import labels_of
+from stats import bootstrap_ci
 
 
 # ------------------------------------------------------------- the rankers again, on changed inputs
@@ -87,15 +85,15 @@ def position_analysis(rankers, names, instances):
     return out
 
 
-def history_order_analysis(rankers, names, instances, results, cfg, shown=None):
-    """Table 7: NDCG@10 over R shuffles of each user's shown history. shown: {name: the history length that
-    method is shown} (a trained method keeps its training's, eval_methods.method_settings); default cfg.max_history."""
+def history_order_analysis(rankers, names, instances, results, shown, seed=0, shuffles=5):
+    """Table 7: NDCG@10 over `shuffles` shuffles of each user's shown history. shown: {name: the history
+    length that method is shown} (a trained method keeps its training's, evaluate.trained_args)."""
     labels, out = labels_of(instances), {}
     for name in names:
-        values, max_history = [], (shown or {}).get(name, cfg.max_history)
-        for r in range(cfg.history_shuffles):
-            shuffled = [shuffle_history(inst, max_history, f"{cfg.seed}/{r}/{inst['user_id']}") for inst in instances]
-            scores, _ = rankers[name](shuffled, f"{name}, history shuffle {r + 1}/{cfg.history_shuffles}")
+        values = []
+        for r in range(shuffles):
+            shuffled = [shuffle_history(inst, shown[name], f"{seed}/{r}/{inst['user_id']}") for inst in instances]
+            scores, _ = rankers[name](shuffled, f"{name}, history shuffle {r + 1}/{shuffles}")
             values.append(ndcg_from_scores(scores, labels, 10))
         values = torch.stack(values).double()  # [R, U]
         split_means = values.mean(1)

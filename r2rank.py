@@ -206,7 +206,7 @@ def ppo_update(model, optimizer, prompts, traces, advantages, args, head=None, s
     epochs = args.ppo_epochs if tokens else 1
     fixed_head = {name: p.detach() for name, p in head.named_parameters()} if head is not None else None
     old_logp, stats = {}, {}
-    shared = not getattr(model, "is_gradient_checkpointing", False)
+    shared = not model.is_activation_checkpointing  # a checkpointed layer drops a cache: whole prompts then
     model.train()
     for epoch in range(epochs):
         for u, ((prefix, suffixes), user_traces) in enumerate(zip(prompts, traces)):
@@ -214,7 +214,10 @@ def ppo_update(model, optimizer, prompts, traces, advantages, args, head=None, s
                 rows = slice(start, start + args.micro_batch)
                 with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
                     logp, mask, hidden = forward_traces(model, prefix, suffixes[rows], user_traces[rows], args.temperature, shared)
-                    old_logp.setdefault((u, start), logp.detach())  # theta_old: the first epoch's forward
+                    if epoch == 0:  # theta_old: the first epoch's own forward (departure 5)
+                        old_logp[u, start] = logp.detach()
+                        if tokens:  # the mean log-prob of a sampled token: near 0 when the policy stops exploring
+                            stats["token_logp"] = stats.get("token_logp", 0.0) + logp.detach().sum().item() / tokens
                     scores = g = None
                     if fixed_head is not None and epoch == 0:  # f_phi(h_k(theta)) with phi held: into theta only
                         scores, g = torch.func.functional_call(head, fixed_head, (hidden,)), score_grads[u, rows]
@@ -249,7 +252,7 @@ def train_rl(args):
     if source:  # a checkpoint of an RL run brings its head along
         runs.load_head(head, source)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # transformers' own switch; the update then feeds whole prompts
+        model.activation_checkpointing_enable()  # transformers' own switch; the update then feeds whole prompts
     optimizers = {"head": torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=0.01)}
     if args.freeze_llm:
         model.requires_grad_(False)
@@ -437,7 +440,8 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=8, help="traces per forward/backward (memory only, same gradient)")
     g.add_argument("--max-history", type=int, default=20, help="history items shown in the prompt (the latest)")
     g.add_argument("--max-item-chars", type=int, default=200, help="characters of an item's line in the prompt")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="a trace's token budget; 0: no trace, h_k at the prompt's end")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="a trace's token budget (the paper gives none); "
+                   "0: no trace, h_k at the prompt's end")
     g.add_argument("--prompt", default="self-check", choices=sorted(data.PROMPTS),
                    help="self-check (Fig. 2) or answer-only (Table 5's 'Without CoT')")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the traces")
@@ -469,6 +473,8 @@ def parse_args(argv=None):
     g.add_argument("--teacher-url", default="", help="sft-data: an OpenAI-compatible endpoint instead; key from $OPENAI_API_KEY")
     g.add_argument("--teacher-model", default="", help="sft-data: the model name sent to --teacher-url")
     g.add_argument("--teacher-timeout", type=float, default=120.0, help="sft-data: seconds one request waits for its reply")
+    g.add_argument("--teacher-max-tokens", type=int, default=4096, help="sft-data: the teacher's own token budget per reply "
+                   "(a reasoning model's thinking counts against it on most endpoints)")
     g.add_argument("--num-pairs", type=int, default=200, help="sft-data: (user, candidate) pairs to ask about, half positive")
     g.add_argument("--sft-epochs", type=int, default=2, help="sft: passes over the traces")
     g.add_argument("--sft-lr", type=float, default=1e-5, help="sft: learning rate (AdamW)")
@@ -486,7 +492,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.given = {a.dest for a in p._actions if any(opt in (argv if argv is not None else sys.argv[1:]) for opt in a.option_strings)}
     for name in ("micro_batch", "max_steps", "users_per_step", "ppo_epochs", "num_rankings", "save_every", "eval_users",
-                 "head_width", "max_item_chars", "num_pairs", "sft_epochs", "sft_batch"):
+                 "head_width", "max_item_chars", "num_pairs", "sft_epochs", "sft_batch", "teacher_max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("lr", "head_lr", "sft_lr", "temperature", "pl_std", "clip_eps", "max_grad_norm", "teacher_timeout",

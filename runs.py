@@ -377,7 +377,12 @@ def log_row(metrics, row, write=print):
     except OSError as error:
         raise UsageError(f"{metrics.name}: cannot write step {row.get('step')}'s row ({error.strerror}); free space, then "
                          "--resume from the newest checkpoint") from None
-    write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    try:
+        write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    except BrokenPipeError:  # `| head` has gone: the run goes on, its rows in metrics.jsonl
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("note: the reader of this output has gone; the run goes on without printing (metrics.jsonl has every row)",
+              file=sys.stderr)
 
 
 STOP = {"signal": None, "at": 0.0}

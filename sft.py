@@ -12,29 +12,35 @@ one at a time: a rerun skips every pair found in either file, so an interrupted 
 stopped (a torn last line is cut off and its pair asked again). traces.summary.json has the counts.
 
 sft: next-token loss on the trace tokens only; the prompt is exactly what the RL stage feeds the
-policy (data.encode_user), the trace is the teacher's text followed by the tokenizer's eos.
+policy (r2rank.prompt_tokens), the trace is the teacher's text followed by the tokenizer's eos.
 Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head.
 
 Where this departs from the paper, which gives no SFT details beyond the data filter (the numbers of the one
 list, at the top of r2rank.py):
 19. The teacher is any local transformers model (--teacher) or OpenAI-compatible endpoint
-    (--teacher-url), not only DeepSeek-R1. Only the reply's `content` is kept: a reasoning model's
-    separate `reasoning_content` is dropped, the student learns the three-part answer the template asks for.
+    (--teacher-url, key from $OPENAI_API_KEY), not only DeepSeek-R1, sampled at --temperature with top_p 1
+    and a budget of its own, --teacher-max-tokens (4096: a reasoning model's thinking counts against it;
+    --max-new-tokens is the student's). Only the reply's `content` is kept: a reasoning model's separate
+    `reasoning_content` is dropped, the student learns the three-part answer the template asks for.
 20. --num-pairs pairs, half positive and half negative, each user giving at most one positive and one
     negative pair, instead of every training instance: with 1 positive among K = 20 candidates, all
     pairs would be 95% negative. Both halves come from seeded shuffles that do not depend on
     --num-pairs, so a larger --num-pairs extends the same list.
 21. One teacher sample per pair; a wrong or answerless reply is dropped, not asked again.
-22. The loss is the per-token mean over a batch's trace tokens (--micro-batch traces per forward,
+22. The loss is the per-token mean over a step's trace tokens (--micro-batch traces per forward,
     --sft-batch traces per optimizer step), AdamW at a constant --sft-lr, no weight decay, gradient norm
     clipped at --max-grad-norm.
 23. The trace (the teacher's reply) is stripped of surrounding whitespace before tokenization.
 """
+import argparse
+import hashlib
 import http.client
 import json
 import math
 import os
 import random
+import signal
+import sys
 import tempfile
 import time
 import urllib.error
@@ -42,15 +48,18 @@ import urllib.request
 import zlib
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import data
-from protocol import UsageError
-import rollout
-from machinery import checkpoints, datasets, models, runs, stops
+import lora
+import r2rank
+import runs
+from data import UsageError
 
 RETRIES = 5  # an endpoint request is retried this often on connection errors, timeouts, 5xx and 429 ...
 BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds; each try waits --teacher-timeout for the reply
+PAIRS_KEPT = "interrupted: the pairs written so far are kept; the same command continues"
 
 
 # ------------------------------------------------------------------------------------ the pairs
@@ -104,22 +113,19 @@ def read_appended(path):
 # ---------------------------------------------------------------------------------- the teachers
 
 
-def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_key=None, retries=5, backoff=1.0,
-                    timeout=120.0):
-    """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions, standard library
-    only; each try waits at most `timeout` seconds (--teacher-timeout) for the connection and the reply.
-    Connection errors, timeouts, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
+def chat_completion(url, model, messages, temperature, max_tokens, api_key=None, retries=5, backoff=1.0, timeout=120.0):
+    """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions (top_p 1), standard
+    library only; each try waits at most `timeout` seconds (--teacher-timeout) for the connection and the
+    reply. Connection errors, timeouts, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
     seconds (a 429's Retry-After in seconds instead, up to 10 minutes); other failures, and the last
     retry's, raise DataError naming the URL and, when it gives up, how long it tried in all and
     --teacher-timeout (a 401 or 403 without a key says which variable to set)."""
     endpoint = url.rstrip("/") + "/chat/completions"
     if not endpoint.startswith(("http://", "https://")):
         raise data.DataError(f"{endpoint}: not an http:// or https:// URL")
-    body = json.dumps({"model": model, "messages": messages, "temperature": temperature, "top_p": top_p,
+    body = json.dumps({"model": model, "messages": messages, "temperature": temperature, "top_p": 1.0,
                        "max_tokens": max_tokens}).encode()
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
     started = time.monotonic()
     for attempt in range(retries + 1):
         try:
@@ -130,7 +136,7 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
         except urllib.error.HTTPError as e:  # the server answered with an error status
             problem = f"HTTP {e.code} {e.reason}: {e.read(300).decode(errors='replace').strip()}"
             if e.code in (401, 403) and not api_key:
-                problem += " (no API key was sent: set the variable --teacher-key-env names, OPENAI_API_KEY by default)"
+                problem += " (no API key was sent: set OPENAI_API_KEY)"
             if e.code != 429 and e.code < 500:
                 raise data.DataError(f"{endpoint}: {problem}") from None
             wait = retry_after(e.headers.get("Retry-After")) if e.code == 429 else None
@@ -152,10 +158,8 @@ def chat_completion(url, model, messages, temperature, top_p, max_tokens, api_ke
 
 def duration_text(seconds):
     """'2.5 s', '41 s' or '12 min 31 s'."""
-    if seconds < 10:
-        return f"{seconds:.1f} s"
     if seconds < 60:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
@@ -167,28 +171,29 @@ def retry_after(value):
         return None
 
 
-def endpoint_teacher(cfg):
+def endpoint_teacher(args):
     """ask(instance, k, messages) -> reply text, from --teacher-url."""
-    api_key = os.environ.get(cfg.teacher_key_env) if cfg.teacher_key_env else None
-    return lambda instance, k, messages: chat_completion(cfg.teacher_url, cfg.teacher_model, messages, cfg.temperature,
-                                                         cfg.top_p, cfg.max_new_tokens, api_key, RETRIES,
-                                                         BACKOFF_SECONDS, cfg.teacher_timeout)
+    api_key = os.environ.get("OPENAI_API_KEY")
+    return lambda instance, k, messages: chat_completion(args.teacher_url, args.teacher_model, messages, args.temperature,
+                                                         args.teacher_max_tokens, api_key, RETRIES, BACKOFF_SECONDS,
+                                                         args.teacher_timeout)
 
 
-def local_teacher(cfg):
+def local_teacher(args):
     """ask(instance, k, messages) -> reply text, sampled from --teacher on the RL stage's prompt tokens.
     Each pair has its own seed, so a resumed run writes what an uninterrupted one would have."""
-    device = models.pick_device(cfg.device)
-    model, tokenizer = models.load_policy(cfg.teacher, device, models.pick_dtype(cfg.dtype, device), cfg.seed, "--teacher")
+    device = runs.pick_device(args.device)
+    dtype = runs.pick_dtype(args.dtype, device)
+    model, tokenizer = r2rank.load_model(args.teacher, device, torch.float32, args.seed, "--teacher")
+    lora.hold_frozen_weights(model.requires_grad_(False), dtype)  # nothing is trained: every weight cast once
     model.eval()
 
     def ask(instance, k, messages):
-        prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
-        key = f"{cfg.seed}/{instance['user_id']}/{instance['candidates'][k]['item_id']}"
-        generator = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
-        samples = rollout.sample_traces(model, tokenizer, prefix, [suffixes[k]], cfg.max_new_tokens, cfg.temperature,
-                                        cfg.top_p, generator)
-        return tokenizer.decode(samples.token_lists()[0], skip_special_tokens=True)
+        prefix, suffixes = r2rank.prompt_tokens(tokenizer, [instance], args)[0]
+        torch.manual_seed(zlib.crc32(f"{args.seed}/{instance['user_id']}/{instance['candidates'][k]['item_id']}".encode()))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            traces, _ = r2rank.rollout(model, tokenizer, [(prefix, [suffixes[k]])], args.teacher_max_tokens, args.temperature)
+        return tokenizer.decode(traces[0], skip_special_tokens=True)
 
     return ask
 
@@ -196,26 +201,34 @@ def local_teacher(cfg):
 # -------------------------------------------------------------------------------------- sft-data
 
 
-PAIRS_KEPT = "interrupted: the pairs written so far are kept; the same command continues"
-
-
-def build_traces(cfg):
-    """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right."""
-    if bool(cfg.teacher) == bool(cfg.teacher_url):
+def build_traces(args):
+    """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right.
+    Ctrl-C or SIGTERM stops at once (the pair in flight is asked again next time): exit 130 / 143."""
+    if bool(args.teacher) == bool(args.teacher_url):
         raise UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
-    # two runs appending to the same traces would ask every pair twice; SIGTERM stops as Ctrl-C does (r2rank.main)
-    with stops.stop_on_sigterm(PAIRS_KEPT), stops.claim(cfg.out):
-        return ask_teacher(cfg)
+    runs.claim(args.out)  # two runs appending to the same traces would ask every pair twice
+
+    def stop_now(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop_now)
+    try:
+        return ask_teacher(args)
+    except KeyboardInterrupt as stop:  # Ctrl-C raises it without a signal number
+        runs.say(PAIRS_KEPT)
+        sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def ask_teacher(cfg):
+def ask_teacher(args):
     """build_traces' work, once --out is held."""
     started = time.time()
-    instances = data.load_split(datasets.prepare_data(cfg.data, cfg.out, cfg.seed), "train")
-    path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
+    instances = data.load_split(runs.prepare_data(args), "train")
+    path = args.traces or os.path.join(args.out, "traces.jsonl")
     rejected_path = sidecar(path, ".rejected.jsonl")
     check_traces_path(path)  # before the data, the teacher and its first answer
-    teacher = cfg.teacher or cfg.teacher_model or cfg.teacher_url  # what a resumed run must match
+    teacher = args.teacher or args.teacher_model or args.teacher_url  # what a resumed run must match
     earlier = read_appended(path) + read_appended(rejected_path)
     others = {record.get("teacher") for record in earlier} - {teacher}
     if others:
@@ -223,21 +236,22 @@ def ask_teacher(cfg):
                              "pass another --traces or delete it and its sidecars")
     asked = {(record["user_id"], record["item_id"]) for record in earlier}
 
-    pairs = choose_pairs(instances, cfg.num_pairs, cfg.seed)
+    pairs = choose_pairs(instances, args.num_pairs, args.seed)
     key = lambda pair: (instances[pair[0]]["user_id"], instances[pair[0]]["candidates"][pair[1]]["item_id"])
     pending = [pair for pair in pairs if key(pair) not in asked]
     n_pos = sum(instances[u]["labels"][k] for u, k in pairs)
     print(f"{len(pairs)} pairs ({n_pos} positive, {len(pairs) - n_pos} negative) from {len(instances)} training users; "
-          f"{len(pairs) - len(pending)} already asked, {len(pending)} to ask; teacher {teacher}")
-    if len(pairs) < cfg.num_pairs:
+          f"{len(pairs) - len(pending)} already asked, {len(pending)} to ask; teacher {teacher}, "
+          f"--teacher-max-tokens {args.teacher_max_tokens}")
+    if len(pairs) < args.num_pairs:
         print(f"only {len(pairs)} pairs: each user gives at most one positive and one negative pair")
-    ask = (endpoint_teacher(cfg) if cfg.teacher_url else local_teacher(cfg)) if pending else None
+    ask = (endpoint_teacher(args) if args.teacher_url else local_teacher(args)) if pending else None
     accepted = 0
     with open(path, "a", encoding="utf-8") as kept, open(rejected_path, "a", encoding="utf-8") as dropped:
         bar = tqdm(pending, desc="sft-data", dynamic_ncols=True)
         for done, (u, k) in enumerate(bar, 1):
             instance = instances[u]
-            messages = data.self_check_messages(instance, k, cfg.max_history, cfg.max_item_chars)
+            messages = data.self_check_messages(instance, k, args.max_history, args.max_item_chars, data.PROMPTS[args.prompt])
             response = ask(instance, k, messages)
             decision, label = data.parse_answer(response), instance["labels"][k]
             record = {"user_id": instance["user_id"], "item_id": instance["candidates"][k]["item_id"], "label": label,
@@ -258,6 +272,9 @@ def ask_teacher(cfg):
           f"(positives {summary['positive']['accepted']}/{summary['positive']['asked']}, negatives "
           f"{summary['negative']['accepted']}/{summary['negative']['asked']}, no answer tag {summary['no_answer']}) "
           f"-> {path} ({summary['wall_time_s']:.0f} s)")
+    if summary["no_answer"] > summary["asked"] / 4:  # replies cut off before their <answer>, most often
+        print(f"warning: {summary['no_answer']} of {summary['asked']} replies have no <answer> tag; raise the teacher's "
+              f"budget: --teacher-max-tokens (now {args.teacher_max_tokens})")
     return summary
 
 
@@ -292,7 +309,7 @@ def summarize(kept, rejected, teacher):
 # ------------------------------------------------------------------------------------------ sft
 
 
-def read_traces(path, instances, max_history, max_item_chars):
+def read_traces(path, instances, args):
     """Validated traces -> [(instance, candidate index, trace text)]. instances: user_id -> instance
     of the training split. A bad line is a DataError naming file:line."""
     traces = []
@@ -314,134 +331,113 @@ def read_traces(path, instances, max_history, max_item_chars):
                                  f"<answer>{data.NOT_RECOMMEND}</answer> tag")
         if decision != instance["labels"][k]:
             raise data.DataError(f"{path}:{lineno}: the response's answer contradicts the label {instance['labels'][k]}")
-        if "messages" in record and record["messages"] != data.self_check_messages(instance, k, max_history, max_item_chars):
-            raise data.DataError(f"{path}:{lineno}: the prompt differs from the one built from this data with "
-                                 "--max-history / --max-item-chars (were the traces made with other settings?)")
+        messages = data.self_check_messages(instance, k, args.max_history, args.max_item_chars, data.PROMPTS[args.prompt])
+        if "messages" in record and record["messages"] != messages:
+            raise data.DataError(f"{path}:{lineno}: the prompt differs from the one built from this data with --prompt, "
+                                 "--max-history and --max-item-chars (were the traces made with other settings?)")
         traces.append((instance, k, record["response"]))
     if not traces:
         raise data.DataError(f"{path}: no traces")
     return traces
 
 
-def accumulate_gradients(model, prompts, trace_ids, micro_batch, dtype=torch.float32):
-    """Backward of the per-token mean NLL of the traces (token ids) given their prompts, in micro-batches of
-    micro_batch traces: each micro-batch's summed NLL is divided by the whole batch's token count (the
-    same teacher-forced log-probs as the RL update, rollout.trace_logprobs). Returns that mean.
-    dtype: the compute dtype; each forward runs under its own autocast context, the backward outside
-    it, and the caller steps the optimizer outside any (models.mixed_precision says why)."""
-    total_tokens = sum(len(r) for r in trace_ids)
-    loss_sum = 0.0
-    device = model.get_output_embeddings().weight.device
+def accumulate_gradients(model, prompts, traces, micro_batch, dtype=torch.float32):
+    """Backward of the per-token mean NLL of traces (token-id lists) given their prompts (whole prompts,
+    token ids), in micro-batches of micro_batch traces: each micro-batch's summed NLL is divided by the
+    whole batch's token count, so the summed gradients are those of the mean. The log-probs are the RL
+    update's (r2rank.forward_traces at temperature 1). Forward and loss under autocast, backward outside
+    it; the caller steps the optimizer. Returns the mean NLL."""
+    total_tokens = max(1, sum(map(len, traces)))
+    nll_sum = 0.0
     for start in range(0, len(prompts), micro_batch):
-        with models.mixed_precision(device, dtype):  # forward and loss only
-            logp, mask = rollout.trace_logprobs(model, prompts[start:start + micro_batch], trace_ids[start:start + micro_batch])
-            nll = -(logp * mask).sum()
-        (nll / max(total_tokens, 1)).backward()
-        loss_sum += nll.item()
-    return loss_sum / max(total_tokens, 1)
+        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logp, mask, _ = r2rank.forward_traces(model, [], prompts[start:start + micro_batch],
+                                                  traces[start:start + micro_batch], 1.0)
+            nll = -(logp * mask).sum()  # the users differ: each row holds its whole prompt, no shared prefix
+        (nll / total_tokens).backward()
+        nll_sum += nll.item()
+    return nll_sum / total_tokens
 
 
-def train_sft(cfg):
-    """--stage sft: fine-tune --model on the traces, loss on the trace tokens only."""
-    with stops.claim(cfg.out):  # a second run on this --out is refused until this one ends
-        return fine_tune(cfg)
-
-
-def fine_tune(cfg):
-    """train_sft's work, once --out is held."""
-    device = models.pick_device(cfg.device)
-    dtype = models.pick_dtype(cfg.dtype, device)
-    data_dir = datasets.prepare_data(cfg.data, cfg.out, cfg.seed)
-    instances = {inst["user_id"]: inst for inst in data.load_split(data_dir, "train")}
-    path = cfg.traces or os.path.join(cfg.out, "traces.jsonl")
-    traces = read_traces(path, instances, cfg.max_history, cfg.max_item_chars)  # fail before loading a model
-    batch_size = cfg.sft_batch
-    steps_per_epoch = math.ceil(len(traces) / batch_size)
-    max_steps = cfg.sft_epochs * steps_per_epoch
-    # refuses another run's --out, or a resume that would mix two (other data, or other traces)
-    plan = runs.plan_out(cfg, data_dir, max_steps, files={"--traces": path})
-    start_step, checkpoint = plan.start_step, plan.checkpoint
-    if start_step == max_steps:
-        print(f"{checkpoint} is at the last step ({max_steps}) already: nothing to train (raise --sft-epochs to go on)")
-        return checkpoint
-    model, tokenizer = models.load_policy(checkpoint or cfg.model, device, torch.float32, cfg.seed)  # fp32 master weights
+def train_sft(args):
+    """--stage sft: fine-tune --model on the traces, loss on the trace tokens only. Returns the last checkpoint."""
+    # --out held, the data, the checkpoint to resume from; the stage's length is --sft-epochs (below), not --max-steps
+    run = runs.start_run(argparse.Namespace(**{**vars(args), "max_steps": math.inf}), "sft")
+    device, dtype = run.device, run.dtype
+    instances = {inst["user_id"]: inst for inst in data.load_split(run.data_dir, "train")}
+    path = args.traces or os.path.join(args.out, "traces.jsonl")
+    traces = read_traces(path, instances, args)  # fail before loading a model
+    with open(path, "rb") as f:
+        args.traces_sha256 = hashlib.sha256(f.read()).hexdigest()  # recorded in the checkpoints' r2rank.json
+    if run.checkpoint:
+        with open(os.path.join(run.checkpoint, "r2rank.json")) as f:
+            if json.load(f)["args"].get("traces_sha256") != args.traces_sha256:
+                raise UsageError(f"{run.checkpoint}: --resume needs the settings that define the run unchanged; these "
+                                 f"differ: --traces {path} (its content differs from the checkpoint's)")
+    steps_per_epoch = math.ceil(len(traces) / args.sft_batch)
+    max_steps = args.sft_epochs * steps_per_epoch
+    if run.start_step >= max_steps:
+        print(f"{run.checkpoint} is at step {run.start_step}, the last of {args.sft_epochs} epochs: nothing to train "
+              "(raise --sft-epochs to go on)")
+        return run.checkpoint
+    model, tokenizer = r2rank.load_model(run.checkpoint or args.model, device, torch.float32, args.seed)  # fp32 master weights
 
     # prompt tokens exactly as in the RL stage; trace = teacher text + eos (the end of the turn)
-    prompts, trace_ids, encoded = [], [], {}
-    for instance, k, text in traces:
-        if instance["user_id"] not in encoded:
-            encoded[instance["user_id"]] = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
-        prefix, suffixes = encoded[instance["user_id"]]
-        prompts.append(prefix + suffixes[k])
-        trace_ids.append(tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    users = {inst["user_id"]: inst for inst, _, _ in traces}
+    encoded = dict(zip(users, r2rank.prompt_tokens(tokenizer, list(users.values()), args)))  # user_id -> (prefix, suffixes)
+    prompts = [encoded[inst["user_id"]][0] + encoded[inst["user_id"]][1][k] for inst, k, _ in traces]
+    trace_ids = [tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _, _, text in traces]
 
-    use_checkpointing = models.enable_checkpointing(model, cfg.gradient_checkpointing, device)
-    torch.manual_seed(cfg.seed)  # --lora-rank: the adapters A are drawn from it
-    trained = models.attach_lora(model, cfg.lora_rank, checkpoint) if cfg.lora_rank else model.parameters()
-    optimizer = torch.optim.AdamW(trained, lr=cfg.sft_lr, weight_decay=0.0)
-    models.hold_frozen_weights(model, dtype)  # LoRA's base: cast once, not at every forward
-    if checkpoint:
-        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device, weights_only=True)["llm"])
-        print(f"resumed from {checkpoint} at step {start_step}")
-    runs.set_lr(optimizer, cfg.sft_lr)  # a changed --sft-lr applies to the restored optimizer too
-    lengths = [len(r) for r in trace_ids]
-    n_pos = sum(instance["labels"][k] for instance, k, _ in traces)
-    print(f"{len(traces)} traces ({n_pos} positive) x {cfg.sft_epochs} epochs, {batch_size} per step in micro-batches of "
-          f"{cfg.micro_batch} = {max_steps} steps; trace tokens mean {sum(lengths) / len(lengths):.0f}, max "
-          f"{max(lengths)} ({sum(n > cfg.max_new_tokens for n in lengths)} over --max-new-tokens); device {device}, "
-          f"{dtype}, gradient checkpointing {'on' if use_checkpointing else 'off'}")
-    checkpoints.check_disk(cfg.out, checkpoints.checkpoint_bytes(model, {"llm": optimizer}),
-                    checkpoints.saves_planned(start_step, max_steps, cfg.save_every), cfg.keep_checkpoints, plan.overwrite)
-    runs.start(cfg.out, plan)  # the first write into --out
-    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft", dynamic_ncols=True)
-    saved = plan.checkpoint
-    # Ctrl-C, SIGTERM: a step still in its forward/backward is dropped at once (the weights have not moved) and the
-    # steps before it are saved; a step past it finishes and is saved. Then the run stops.
-    with stops.StopOnSignal(saved or "nothing (no checkpoint yet)") as stop:
-        for step in bar:
-            started = time.time()
-            # 1) the step's traces: a seeded shuffle per epoch, so a resumed run sees the same batches
-            epoch, index = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(traces), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
-            batch = order[index * batch_size:(index + 1) * batch_size]
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    torch.manual_seed(args.seed)  # --lora-rank: the adapters' A are drawn from it
+    trained = lora.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
+    if args.lora_rank and run.checkpoint:
+        lora.restore_adapters(model, load_file(os.path.join(run.checkpoint, "lora.safetensors"), device=str(device)))
+    optimizer = torch.optim.AdamW(trained, lr=args.sft_lr, weight_decay=0.0, fused=device.type == "cuda")
+    runs.restore_optimizers({"llm": optimizer}, run.checkpoint, {"llm": args.sft_lr})  # a changed --sft-lr applies
+    lora.hold_frozen_weights(model, dtype)  # LoRA's base: cast once, not at every forward
+    model.eval()
+    lengths = [len(t) for t in trace_ids]
+    n_pos = sum(inst["labels"][k] for inst, k, _ in traces)
+    print(f"{len(traces)} traces ({n_pos} positive) x {args.sft_epochs} epochs, {args.sft_batch} per step in micro-batches "
+          f"of {args.micro_batch} = {max_steps} steps; trace tokens mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "
+          f"({sum(n > args.max_new_tokens for n in lengths)} over --max-new-tokens); {device}, {dtype} compute, gradient "
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+    runs.check_disk(args.out, model, {"llm": optimizer}, args.keep_checkpoints)
+    metrics = runs.open_metrics(args.out, run.start_step)
+    runs.catch_signals()  # Ctrl-C, SIGTERM: the step in progress finishes and is saved, then the run stops
+    bar = tqdm(range(run.start_step, max_steps), initial=run.start_step, total=max_steps, desc="sft", dynamic_ncols=True,
+               disable=None)
+    for step in bar:
+        started = time.time()
+        # 1) the step's traces: a seeded shuffle per epoch, so a resumed run sees the same batches
+        epoch, index = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(traces), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)).tolist()
+        batch = order[index * args.sft_batch:(index + 1) * args.sft_batch]
 
-            # 2) forward and backward in micro-batches: the per-token mean NLL over the step's traces
-            model.train()
-            try:
-                with stop.abandonable():  # bf16 compute on GPU (autocast around each forward), fp32 weights
-                    loss = accumulate_gradients(model, [prompts[i] for i in batch], [trace_ids[i] for i in batch],
-                                                cfg.micro_batch, dtype)
-            except stops.Abandoned:
-                if step > start_step and saved != os.path.join(cfg.out, f"checkpoint-{step}"):
-                    optimizer.zero_grad(set_to_none=True)
-                    saved = checkpoints.save_checkpoint(cfg.out, step, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
-                metrics_file.close()
-                if not saved:  # an empty metrics.jsonl: gone, so that the same command runs again
-                    runs.cut_metrics(cfg.out, None)
-                raise stop.exit(f"step {step + 1} was dropped mid-way; " + (f"{runs.steps_text(1, step)} kept in {saved}; "
-                                "continue with --resume" if saved else "no step had finished, so nothing was kept")) from None
+        # 2) forward and backward in micro-batches: the per-token mean NLL over the step's traces
+        model.train()
+        loss = accumulate_gradients(model, [prompts[i] for i in batch], [trace_ids[i] for i in batch], args.micro_batch, dtype)
 
-            # 3) update, outside any autocast context: the next step's forward casts the new weights
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.eval()
+        # 3) update, outside any autocast context: the next step's forward casts the new weights
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
 
-            # 4) log, checkpoint
-            row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
-                   "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
-            if problem := runs.non_finite(row, {"llm": optimizer}):  # nothing of this step is written
-                raise UsageError(f"step {step + 1}: {problem}, so the run stops without writing this step "
-                                     f"(kept: {saved or 'no checkpoint'}); lower --sft-lr")
-            runs.log_row(metrics_file, row, bar.write)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps or stop.requested:
-                saved = checkpoints.save_checkpoint(cfg.out, step + 1, model, tokenizer, None, {"llm": optimizer}, cfg, record=plan.record())
-                stop.kept = saved
-                if cfg.keep_checkpoints:
-                    runs.prune_checkpoints(cfg.out, cfg.keep_checkpoints)
-                if stop.requested:
-                    metrics_file.close()
-                    raise stop.exit(f"{runs.steps_text(1, step + 1)} kept in {saved}; continue with --resume")
-    metrics_file.close()
-    return runs.latest_checkpoint(cfg.out)
+        # 4) log, checkpoint
+        row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),
+               "tokens": sum(lengths[i] for i in batch), "grad_norm": grad_norm, "step_time": time.time() - started}
+        if bad := [name for name, value in row.items() if not math.isfinite(value)]:
+            raise UsageError(f"step {step + 1}: non-finite {', '.join(bad)}, so the run stops without saving this step; "
+                             "lower --sft-lr")
+        runs.log_row(metrics, row, bar.write)
+        stop = runs.stop_signal()
+        if (step + 1) % args.save_every == 0 or step + 1 == max_steps or stop:
+            runs.save_checkpoint(args.out, step + 1, model, tokenizer, None, {"llm": optimizer}, args, run)
+        if stop:
+            runs.say(f"stopped by {signal.Signals(stop).name}: steps 1-{step + 1} kept in "
+                     f"{os.path.join(args.out, f'checkpoint-{step + 1}')}; continue with --resume")
+            sys.exit(128 + stop)
+    return os.path.join(args.out, f"checkpoint-{max_steps}")

@@ -3,20 +3,20 @@
 answer and GRPO's group-relative advantages. The opposite choice to R2Rank's listwise reward.
 
     python baselines/reczero.py --data data/ml100k --model M --out runs/reczero      # trains
-    python r2rank.py --stage eval --data data/ml100k --model runs/reczero/checkpoint-40 --methods reczero \\
-        --max-new-tokens 64                                      # the training's trace budget
+    python r2rank.py --stage eval --data data/ml100k --model runs/reczero/checkpoint-40 --methods reczero
 
 One training step (train):
     1) pairs: each of the step's users gives its positive and --negatives random negatives
-    2) rollout: --group G traces per pair, from the think-before-recommendation prompt (its prefix shared)
+    2) rollout: --group G traces per pair, from the think-before-recommendation prompt, in one
+       r2rank.rollout call (each user's prompt prefix run once)
     3) reward: 1 for the right decision, plus FORMAT_REWARD when the trace wrote its own <answer> (answer_reward);
        a trace that wrote none is ended by an answer drawn with the model's own odds (draw_answers, departure 8)
     4) advantages standardized within each group of G (ppo.grpo_advantages)
-    5) the clipped token loss of R2Rank (rollout.ppo_update, ppo.clipped_token_loss)
+    5) R2Rank's clipped PPO on the tokens (r2rank.ppo_update); log, checkpoint
 Ranking at eval (rank): one greedy trace per candidate, cut before its <answer>; the score is
 log P(Recommend) - log P(Not Recommend) of the answer's deciding token after that reasoning and
-"<answer>" (answer_log_odds, untrained.pointwise_scores). A cut trace still gets a score, so every
-candidate is ranked.
+"<answer>" (answer_log_odds). A cut trace still gets a score, so every candidate is ranked.
+This file also holds what baselines/r2ec.py shares: the flags, the LLM's setup, the end of a step.
 
 Where this departs from RecZero:
 1. RecZero predicts a rating and is rewarded by its error; the protocol here has a binary label (the
@@ -31,35 +31,34 @@ Where this departs from RecZero:
    of its deciding token (the rest of an answer is the template's; answer_log_odds says why).
 7. RecZero alone (pure RL); RecOne's supervised cold start is not included.
 8. A trace that writes no <answer> within its budget is ended by one, drawn from the two the template
-   allows with the model's own odds (P(Recommend) = sigmoid of the deciding token's log-odds), its tokens appended
-   to the trace and trained like the trace's own (draw_answers): the model is held to the format, as
-   constrained decoding would. A small model rarely answers (SmolLM2-135M: 0 of 16 traces at 64 tokens;
-   the random tiny model, after its one-token trace, ~2 in 639), and pure RL then has nothing to act on:
-   deciding by the sign of the log-odds instead (this file's earlier rule) gives every trace of a group
-   the same decision whenever the reasoning does not sway it, so every GRPO advantage is 0 (tiny model,
-   one-token traces: 0 in 99 of 100 steps). The drawn answer's probability is what eval ranks by, so the
-   update trains the eval's score directly. Its reward has no FORMAT_REWARD (the model did not write it).
+   allows with the model's own odds (P(Recommend) = sigmoid of the deciding token's log-odds), its tokens
+   appended to the trace and trained like the trace's own (draw_answers): the model is held to the format,
+   as constrained decoding would. A small model rarely answers (SmolLM2-135M: 0 of 16 traces at 64 tokens),
+   and pure RL then has nothing to act on: deciding by the sign of the log-odds instead gives every trace
+   of a group the same decision whenever the reasoning does not sway it, so every GRPO advantage is 0.
+   The drawn answer's probability is what eval ranks by, so the update trains the eval's score directly.
+   Its reward has no FORMAT_REWARD (the model did not write it).
 9. --eval-every: NDCG@10 on validation users during training, ranked as at eval (rank), like R2Rank's.
 """
 import argparse
-import dataclasses
-import json
 import math
 import os
+import signal
 import sys
 import time
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from protocol import UsageError  # noqa: E402
-import rollout  # noqa: E402
-from baselines.untrained import pointwise_scores  # noqa: E402
+import lora  # noqa: E402
+import r2rank  # noqa: E402
+import runs  # noqa: E402
+from data import UsageError  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
-from machinery import checkpoints, config, models, runs, stops  # noqa: E402
 
 THINK_INSTRUCTIONS = (
     "Decide whether to recommend the candidate item below to this user. Think before you answer, in three steps.\n"
@@ -70,6 +69,10 @@ THINK_INSTRUCTIONS = (
 FORMAT_REWARD = 0.1  # for a trace that writes its own <answer>: a small push towards the template
 
 
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def answer_reward(text, label, log_odds):
     """The rule reward of one trace for a 0/1 label: 1 if its decision is right, plus FORMAT_REWARD if
     it wrote an <answer>. The decision is that answer (the last one), or, without one, Recommend when
@@ -77,40 +80,6 @@ def answer_reward(text, label, log_odds):
     answer = data.parse_answer(text)
     decision = answer if answer is not None else int(log_odds > 0)
     return float(decision == label) + (FORMAT_REWARD if answer is not None else 0.0)
-
-
-def draw_answers(tokenizer, traces, texts, log_odds, generator):
-    """Departure 8: each trace of traces (rollout.Traces, K rows) whose text wrote no <answer> gets one
-    appended, Recommend with probability sigmoid(log_odds[k]) (log_odds [K] on the CPU, one uniform per
-    trace from generator), a trailing eos dropped first. Returns (Traces, decision_odds [K]): the
-    appended tokens count as response tokens (their decode-time log-probs are left 0: the update
-    recomputes every log-prob), and decision_odds is log_odds where the trace answered itself, else +1
-    or -1 for the drawn answer, so that answer_reward's read-out is the draw."""
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-    options = {1: encode(f"<answer>{data.RECOMMEND}</answer>"), 0: encode(f"<answer>{data.NOT_RECOMMEND}</answer>")}
-    uniforms = torch.rand(len(texts), generator=generator, device=generator.device).cpu()
-    draws = (uniforms < torch.sigmoid(log_odds.float())).long().tolist()
-    rows, logprob_rows, decision_odds = [], [], []
-    for k, (ids, logprobs, text) in enumerate(zip(traces.token_lists(), traces.logprob_lists(), texts)):
-        if data.parse_answer(text) is not None:
-            rows.append(ids), logprob_rows.append(logprobs), decision_odds.append(float(log_odds[k]))
-            continue
-        if ids and bool(traces.finished[k]) and ids[-1] == tokenizer.eos_token_id:
-            ids, logprobs = ids[:-1], logprobs[:-1]
-        rows.append(ids + options[draws[k]])
-        logprob_rows.append(logprobs + [0.0] * len(options[draws[k]]))
-        decision_odds.append(1.0 if draws[k] else -1.0)
-    width, device = max(map(len, rows)), traces.tokens.device
-    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=traces.tokens.dtype, device=device)
-    logprob_table = torch.zeros((len(rows), width), dtype=traces.logprobs.dtype, device=device)
-    for k, (ids, logprobs) in enumerate(zip(rows, logprob_rows)):
-        tokens[k, :len(ids)] = torch.tensor(ids, dtype=tokens.dtype)
-        logprob_table[k, :len(ids)] = torch.tensor(logprobs, dtype=logprob_table.dtype)
-    lengths = torch.tensor([len(ids) for ids in rows], device=traces.lengths.device)
-    mask = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
-    answered = torch.tensor([data.parse_answer(text) is None for text in texts], device=traces.finished.device)
-    return dataclasses.replace(traces, tokens=tokens, logprobs=logprob_table, mask=mask, lengths=lengths,
-                               finished=traces.finished | answered), torch.tensor(decision_odds)
 
 
 def choose_pairs(instance, negatives, generator):
@@ -131,269 +100,274 @@ def deciding_tokens(tokenizer):
     """The two answers' token ids up to the first token where they differ, that token included
     ("<answer>Recommend" and "<answer>Not" when the tokenizer splits them so): the decision; the
     rest of each answer is the template's."""
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-    yes_ids, no_ids = encode(f"<answer>{data.RECOMMEND}</answer>"), encode(f"<answer>{data.NOT_RECOMMEND}</answer>")
+    yes_ids = encode(tokenizer, f"<answer>{data.RECOMMEND}</answer>")
+    no_ids = encode(tokenizer, f"<answer>{data.NOT_RECOMMEND}</answer>")
     common = next(i for i, (a, b) in enumerate(zip(yes_ids + [None], no_ids + [None])) if a != b)
     return yes_ids[:common + 1], no_ids[:common + 1]
 
 
-def answer_log_odds(model, tokenizer, prefix, suffixes, texts):
-    """[len(texts)] log P(Recommend) - log P(Not Recommend) of the deciding token after "<answer>"
-    (deciding_tokens), each teacher-forced after prompt prefix + suffixes[i] and the reasoning of
-    texts[i] (its answer cut off). The whole answers' ratio would add the template's tail: ~1 for a
-    model that follows it, but for the random tiny model a penalty of ~6 nats on the longer answer."""
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-    reasoned = [suffix + encode(reasoning_before_answer(text)) for suffix, text in zip(suffixes, texts)]
-    return pointwise_scores(model, prefix, reasoned, *deciding_tokens(tokenizer))
+@torch.no_grad()
+def answer_log_odds(model, tokenizer, prefix, suffixes, texts, rows_per_forward=16):
+    """[len(texts)] fp32 on the CPU: log P(Recommend) - log P(Not Recommend) of the deciding token after
+    "<answer>" (deciding_tokens), each teacher-forced after prompt prefix + suffixes[i] and the reasoning
+    of texts[i] (its answer cut off); r2rank.forward_traces scores the two one-token "traces" of each.
+    The whole answers' ratio would add the template's tail: ~1 for a model that follows it, but for the
+    random tiny model a penalty of ~6 nats on the longer answer."""
+    yes_ids, no_ids = deciding_tokens(tokenizer)
+    contexts = [suffix + encode(tokenizer, reasoning_before_answer(text)) + yes_ids[:-1] for suffix, text in zip(suffixes, texts)]
+    rows = [context for context in contexts for _ in range(2)]  # [2n]: each context, then with yes, then with no
+    answers = [[yes_ids[-1]], [no_ids[-1]]] * len(contexts)
+    logp = torch.cat([r2rank.forward_traces(model, prefix, rows[i:i + rows_per_forward], answers[i:i + rows_per_forward], 1.0)[0][:, 0]
+                      for i in range(0, len(rows), rows_per_forward)]).float().cpu()
+    return logp[0::2] - logp[1::2]
+
+
+def draw_answers(tokenizer, traces, texts, log_odds, stops, generator):
+    """Departure 8: each trace (a token-id list) whose text wrote no <answer> gets one appended, Recommend
+    with probability sigmoid(log_odds[k]) (log_odds [K], one uniform per trace from generator), a trailing
+    stop token (stops: token ids) dropped first. Returns (traces, decision_odds [K]): decision_odds is
+    log_odds where the trace answered itself, else +1 or -1 for the drawn answer, so that answer_reward's
+    read-out is the draw. The update recomputes every log-prob, the appended tokens' too."""
+    options = {1: encode(tokenizer, f"<answer>{data.RECOMMEND}</answer>"), 0: encode(tokenizer, f"<answer>{data.NOT_RECOMMEND}</answer>")}
+    draws = (torch.rand(len(texts), generator=generator) < torch.sigmoid(log_odds.float().cpu())).long().tolist()
+    drawn, decision_odds = [], []
+    for trace, text, odds, draw in zip(traces, texts, log_odds.tolist(), draws):
+        if data.parse_answer(text) is not None:
+            drawn.append(trace)
+            decision_odds.append(odds)
+        else:
+            drawn.append((trace[:-1] if trace and trace[-1] in stops else trace) + options[draw])
+            decision_odds.append(1.0 if draw else -1.0)
+    return drawn, torch.tensor(decision_odds)
+
+
+def truncated(trace, max_new_tokens, stops):
+    """Whether the rollout cut this trace at its budget (it wrote no stop token)."""
+    return bool(max_new_tokens) and len(trace) == max_new_tokens and trace[-1] not in stops
 
 
 @torch.no_grad()
-def rank(model, tokenizer, instances, max_history, max_item_chars, max_new_tokens, desc="reczero", progress=True):
+def rank(model, tokenizer, instances, max_history, max_item_chars, max_new_tokens, desc="reczero"):
     """([U, K] scores, info): per candidate, a greedy trace, then the log-odds of the two answers after
     its reasoning. info: the share of greedy traces with a parsable answer and of those cut."""
-    scores, answered, cut, traces = [], 0, 0, 0
-    for instance in tqdm(instances, desc=desc, dynamic_ncols=True, disable=not progress):
-        prefix, suffixes = data.encode_user(tokenizer, instance, max_history, max_item_chars,
-                                            instructions=THINK_INSTRUCTIONS)
-        greedy = rollout.sample_traces(model, tokenizer, prefix, suffixes, max_new_tokens, temperature=0.0)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy.token_lists()]
+    K, stops = len(instances[0]["candidates"]), model.generation_config.eos_token_id
+    per_call, scores, answered, cut = max(1, r2rank.ROLLOUT_ROWS // K), [], 0, 0
+    for start in tqdm(range(0, len(instances), per_call), desc=desc, dynamic_ncols=True, disable=None, leave=False):
+        prompts = [data.encode_user(tokenizer, inst, max_history, max_item_chars, instructions=THINK_INSTRUCTIONS)
+                   for inst in instances[start:start + per_call]]
+        traces, _ = r2rank.rollout(model, tokenizer, prompts, max_new_tokens, 0.0)
+        texts = [tokenizer.decode(trace, skip_special_tokens=True) for trace in traces]
         answered += sum(data.parse_answer(text) is not None for text in texts)
-        cut += int((~greedy.finished).sum())
-        traces += len(texts)
-        scores.append(answer_log_odds(model, tokenizer, prefix, suffixes, texts))
-    return torch.stack(scores), {"answer_share": answered / max(traces, 1), "truncated_share": cut / max(traces, 1)}
+        cut += sum(truncated(trace, max_new_tokens, stops) for trace in traces)
+        scores += [answer_log_odds(model, tokenizer, prefix, suffixes, texts[u * K:(u + 1) * K])
+                   for u, (prefix, suffixes) in enumerate(prompts)]
+    return torch.stack(scores), {"answer_share": answered / (len(instances) * K), "truncated_share": cut / (len(instances) * K)}
 
 
 def train(args):
     """The RL loop; writes <out>/metrics.jsonl and <out>/checkpoint-<step>/ (a --model for eval)."""
-    device = models.pick_device(args.device)
-    dtype = models.pick_dtype(args.dtype, device)
-    instances = data.load_split(args.data, "train")
+    run = runs.start_run(args, "reczero")  # --out held, the data, the checkpoint to resume from (runs.py)
+    instances = data.load_split(run.data_dir, "train")
+    check_users(args, instances)
+    K, P, G = len(instances[0]["candidates"]), 1 + args.negatives, args.group
+    if args.negatives > K - 1:
+        raise data.DataError(f"--negatives {args.negatives}: an instance of {run.data_dir} has only {K - 1} negatives")
+    model, tokenizer, optimizers = load_policy(args, run)
+    runs.check_disk(args.out, model, optimizers, args.keep_checkpoints)
+    stops = model.generation_config.eos_token_id
+    print(f"{args.users_per_step} users x {P} pairs x {G} traces = {args.users_per_step * P * G} traces per step "
+          f"(<= {args.max_new_tokens} tokens each); {len(instances)} training users; {run.device}, {run.dtype} compute")
+    valid = data.load_split(run.data_dir, "valid")[:args.eval_users] if args.eval_every else []
+
+    def validate():  # NDCG@10 of the validation users, ranked as at eval
+        with autocast(run):
+            return valid_ndcg(rank(model, tokenizer, valid, args.max_history, args.max_item_chars, args.max_new_tokens, "valid")[0], valid)
+    metrics, bar = start_logging(args, run, validate, "reczero")
+    for step in bar:
+        started = time.time()
+        seed = args.seed * 1_000_003 + step
+        users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(seed))[:args.users_per_step].tolist()
+        generator = torch.Generator().manual_seed(seed)  # the negatives and the drawn answers
+        # 1) pairs: each user's positive and negatives; its G traces per pair share the user's prompt prefix
+        pairs = [choose_pairs(instances[u], args.negatives, generator) for u in users]
+        prompts = []
+        for u, user_pairs in zip(users, pairs):
+            prefix, suffixes = data.encode_user(tokenizer, instances[u], args.max_history, args.max_item_chars,
+                                                instructions=THINK_INSTRUCTIONS)
+            prompts.append((prefix, [suffixes[k] for k, _ in user_pairs for _ in range(G)]))  # P * G rows, pair-major
+
+        # 2) rollout: G traces per pair, every user's in one generate call
+        torch.manual_seed(seed)  # the traces' draws: a resume repeats them
+        with autocast(run):
+            flat, _ = r2rank.rollout(model, tokenizer, prompts, args.max_new_tokens, args.temperature)
+        texts = [tokenizer.decode(trace, skip_special_tokens=True) for trace in flat]
+
+        # 3) an answer drawn for a trace that wrote none (departure 8), then the rule reward
+        traces, rewards = [], []
+        for u, ((prefix, rows), user_pairs) in enumerate(zip(prompts, pairs)):
+            user_texts = texts[u * P * G:(u + 1) * P * G]
+            with autocast(run):
+                log_odds = answer_log_odds(model, tokenizer, prefix, rows, user_texts)
+            user_traces, decision_odds = draw_answers(tokenizer, flat[u * P * G:(u + 1) * P * G], user_texts, log_odds, stops, generator)
+            labels = [label for _, label in user_pairs for _ in range(G)]
+            rewards.append(torch.tensor([answer_reward(*row) for row in zip(user_texts, labels, decision_odds.tolist())]))
+            traces.append(user_traces)
+        reward = torch.stack(rewards)  # [U, P * G]
+
+        # 4) advantages standardized within each pair's group of G
+        advantages = grpo_advantages(reward.view(len(users), P, G)).view(len(users), P * G)
+
+        # 5) clipped PPO on the tokens, then log and checkpoint
+        stats = r2rank.ppo_update(model, optimizers["llm"], prompts, traces, advantages.to(run.device), args, dtype=run.dtype)
+        row = {"step": step + 1, "reward": reward.mean().item(), "correct_share": (reward >= 1).float().mean().item(),
+               "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
+               "truncated_share": sum(truncated(t, args.max_new_tokens, stops) for t in flat) / len(flat),  # before the draws
+               "response_len": sum(len(t) for user in traces for t in user) / len(flat),  # a drawn answer's tokens too
+               "advantage_nonzero": (advantages != 0).float().mean().item(), **stats}
+        end_step(args, run, row, started, validate, metrics, bar, model, tokenizer, None, optimizers)
+    print(f"wrote {os.path.join(args.out, 'metrics.jsonl')} and {os.path.join(args.out, f'checkpoint-{args.max_steps}')}")
+
+
+# ----------------------------------------------------------------------- shared with baselines/r2ec.py
+
+
+def autocast(run):
+    """Forward passes in the run's compute dtype (weights stay fp32); never around an optimizer step."""
+    return torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
+
+
+def check_users(args, instances):
     if args.users_per_step > len(instances):
         raise data.DataError(f"--users-per-step {args.users_per_step} is more than the {len(instances)} training users")
-    K = len(instances[0]["candidates"])
-    if args.negatives > K - 1:
-        raise data.DataError(f"--negatives {args.negatives}: an instance has only {K - 1} negatives")
-    plan = runs.plan_command(vars(args), args.data, args.max_steps, record="reczero.json")  # the main CLI's --out rules
-    if plan.start_step == args.max_steps:
-        print(f"{plan.checkpoint} is at --max-steps {args.max_steps} already: nothing to train (raise --max-steps to go on)")
-        return None
-    model, tokenizer = models.load_policy(plan.checkpoint or args.model, device, torch.float32, args.seed)  # fp32 master weights
-    optimizers = {"llm": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)}
-    resume_optimizers(plan, optimizers, device, {"llm": args.lr})
-    pairs_per_user = 1 + args.negatives
-    print(f"{args.users_per_step} users x {pairs_per_user} pairs x {args.group} traces = "
-          f"{args.users_per_step * pairs_per_user * args.group} traces per step (<= {args.max_new_tokens} tokens each); "
-          f"{len(instances)} training users; device {device}, {dtype}")
-    runs.start(args.out, plan)  # the first write into --out: --overwrite clears, a resume cuts metrics.jsonl back
-    run_started, row, saved = time.time(), None, plan.start_step
-    validate = validation(args, lambda instances: with_dtype(device, dtype, rank, model, tokenizer, instances, args.max_history,
-                                                             args.max_item_chars, args.max_new_tokens, "valid", False)[0])
-
-    def keep(done):
-        """Save the finished steps 1..done unless they are saved already; what is kept, in words."""
-        nonlocal saved
-        if done > saved:
-            save(args, done, model, tokenizer, optimizers, plan)
-            saved = done
-        return runs.kept_text(args.out, done)
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics, stops.StopOnSignal(plan.checkpoint or "nothing") as stop:
-        log_start(metrics, plan, validate)
-        for step in tqdm(range(plan.start_step + 1, args.max_steps + 1), initial=plan.start_step, total=args.max_steps,
-                         desc="reczero", dynamic_ncols=True):
-            started = time.time()
-            generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-            users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
-            prompts, traces, advantages, rewards, texts, truncated = [], [], [], [], [], []
-            try:  # a signal during the rollout drops this step (nothing of it has changed the model) and keeps the others
-                with stop.abandonable():
-                    for user in users[:args.users_per_step].tolist():
-                        # 1) pairs, 2) G traces per pair: the user's prompt prefix is shared by all of them
-                        instance = instances[user]
-                        pair_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + user)
-                        pairs = choose_pairs(instance, args.negatives, pair_generator)
-                        prefix, suffixes = data.encode_user(tokenizer, instance, args.max_history, args.max_item_chars,
-                                                            instructions=THINK_INSTRUCTIONS)
-                        rows = [suffixes[k] for k, _ in pairs for _ in range(args.group)]
-                        with models.mixed_precision(device, dtype):
-                            user_traces = rollout.sample_traces(model, tokenizer, prefix, rows, args.max_new_tokens,
-                                                                 args.temperature, 1.0, generator)
-                        # 3) an answer drawn for a trace that wrote none (departure 8), the rule reward,
-                        # 4) standardized within each pair's group of G
-                        user_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in user_traces.token_lists()]
-                        with models.mixed_precision(device, dtype):
-                            log_odds = answer_log_odds(model, tokenizer, prefix, rows, user_texts)
-                        truncated.append(~user_traces.finished)  # the trace's own end, before an answer is drawn
-                        user_traces, decision_odds = draw_answers(tokenizer, user_traces, user_texts, log_odds, generator)
-                        labels = [label for _, label in pairs for _ in range(args.group)]
-                        reward = torch.tensor([answer_reward(text, label, odds) for text, label, odds in zip(user_texts, labels, decision_odds.tolist())])
-                        prompts.append((prefix, rows))
-                        traces.append(user_traces)
-                        advantages.append(grpo_advantages(reward.view(pairs_per_user, args.group)).view(-1))
-                        rewards.append(reward)
-                        texts += user_texts
-            except stops.Abandoned:
-                raise stop.exit(f"step {step} was still rolling out and is dropped; " + keep(step - 1)) from None
-            # 5) clipped PPO on the tokens
-            # autocast inside, around each forward only: its optimizer steps must see no cached bf16 weights
-            stats = rollout.ppo_update(model, optimizers["llm"], prompts, traces, advantages, args, shared_prefix=True, dtype=dtype)
-            reward = torch.cat(rewards)
-            row = {"step": step, "reward": reward.mean().item(), "correct_share": (reward >= 1).float().mean().item(),
-                   "answer_share": sum(data.parse_answer(t) is not None for t in texts) / len(texts),
-                   "truncated_share": torch.cat(truncated).float().mean().item(),
-                   "response_len": torch.cat([s.lengths for s in traces]).float().mean().item(),  # a drawn answer's tokens too
-                   "advantage_nonzero": (torch.cat(advantages) != 0).float().mean().item(),
-                   "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"]}
-            if problem := runs.non_finite(row, optimizers):  # nothing of this step is written
-                raise UsageError(f"step {step}: {problem}, so the run stops without writing this step; lower --lr")
-            row = {**row, **validate(step), "step_time": time.time() - started}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            out_of_time = args.minutes and time.time() - run_started > 60 * args.minutes
-            if step % args.save_every == 0 or step == args.max_steps or out_of_time or stop.requested:
-                keep(step)
-                stop.kept = f"{args.out}/checkpoint-{step}"
-            if stop.requested:
-                raise stop.exit(keep(step))
-            if out_of_time:
-                print(f"--minutes {args.minutes:g} spent: stopped after step {step}")
-                break
-    return row
 
 
-def validation(args, rank_users):
-    """--eval-every's check, shared with baselines/r2ec.py: validate(step) -> the row's {"valid_ndcg@10": NDCG@10
-    of rank_users(instances) -> [U, K] scores on the first --eval-users validation users} at a multiple of
-    --eval-every (step 0: the start), else {}."""
-    instances = data.load_split(args.data, "valid")[:args.eval_users] if args.eval_every else []
-    labels = torch.tensor([instance["labels"] for instance in instances])
-
-    def validate(step):
-        if not args.eval_every or step % args.eval_every:
-            return {}
-        return {"valid_ndcg@10": ndcg_from_scores(rank_users(instances).float().cpu(), labels, 10).mean().item()}
-    return validate
-
-
-def log_start(metrics, plan, validate):
-    """Step 0's row, the start's validation, when a run starts from step 0 and validates."""
-    started = time.time()
-    if plan.start_step == 0 and (row := validate(0)):
-        metrics.write(json.dumps({"step": 0, **row, "step_time": time.time() - started}) + "\n")
-        metrics.flush()
-        print(f"step 0: validation NDCG@10 {row['valid_ndcg@10']:.3f}")
+def load_policy(args, run):
+    """The LLM to train in fp32 master weights, with --gradient-checkpointing and --lora-rank as r2rank.train_rl
+    sets them up (LoRA's adapters restored on --resume), and {"llm": its AdamW}, restored on --resume."""
+    model, tokenizer = r2rank.load_model(run.checkpoint or args.model, run.device, torch.float32, args.seed)
+    torch.manual_seed(args.seed)  # LoRA's A
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()  # transformers' own switch; ppo_update then feeds whole prompts
+    trained = lora.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
+    if args.lora_rank and run.checkpoint:
+        lora.restore_adapters(model, load_file(os.path.join(run.checkpoint, "lora.safetensors"), device=str(run.device)))
+    lora.hold_frozen_weights(model, run.dtype)  # LoRA's base, cast once to the compute dtype
+    optimizers = {"llm": torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0, fused=run.device.type == "cuda")}
+    runs.restore_optimizers(optimizers, run.checkpoint, {"llm": args.lr})
+    return model.eval(), tokenizer, optimizers
 
 
-def resume_optimizers(plan, optimizers, device, lrs):
-    """With --resume, the optimizers' saved states, then each its learning rate of this run (lrs: name -> lr)."""
-    if plan.checkpoint:
-        states = torch.load(os.path.join(plan.checkpoint, "optimizer.pt"), map_location=device, weights_only=True)
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(states[name])
-            runs.set_lr(optimizer, lrs[name])
-        print(f"resumed from {plan.checkpoint} at step {plan.start_step}")
+def valid_ndcg(scores, instances):
+    return ndcg_from_scores(scores.float(), r2rank.labels_of(instances), 10).mean().item()
 
 
-def with_dtype(device, dtype, function, *args):
-    """function(*args) under models.mixed_precision(device, dtype)."""
-    with models.mixed_precision(device, dtype):
-        return function(*args)
+def start_logging(args, run, validate, desc):
+    """metrics.jsonl (cut back to the checkpoint on --resume), Ctrl-C / SIGTERM caught, step 0's validation
+    (--eval-every, from step 0 only); returns (metrics, the bar over the steps to run)."""
+    metrics = runs.open_metrics(args.out, run.start_step)
+    runs.catch_signals()  # Ctrl-C, SIGTERM: the step in progress finishes and is saved, then the run stops
+    if args.eval_every and run.start_step == 0:
+        runs.log_row(metrics, {"step": 0, "valid_ndcg@10": validate()})
+    return metrics, tqdm(range(run.start_step, args.max_steps), initial=run.start_step, total=args.max_steps, desc=desc,
+                         dynamic_ncols=True, disable=None)
 
 
-def save(args, step, model, tokenizer, optimizers, plan, record="reczero.json", extra=None, extra_files=()):
-    """<out>/checkpoint-<step>/: the LLM (works as --model), optimizer.pt, and record (step, settings, the
-    data's fingerprint), written into a temporary directory and renamed (checkpoints.checkpoint_directory: a
-    failed write keeps the checkpoint before it and says so); extra(directory) writes extra_files more."""
-    with checkpoints.checkpoint_directory(args.out, step, record, extra_files) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save({name: optimizer.state_dict() for name, optimizer in optimizers.items()}, os.path.join(tmp, "optimizer.pt"))
-        if extra is not None:
-            extra(tmp)
-        with open(os.path.join(tmp, record), "w") as f:
-            json.dump({"step": step, "settings": vars(args), **plan.record()}, f, indent=1)
+def end_step(args, run, row, started, validate, metrics, bar, model, tokenizer, head, optimizers):
+    """The end of a step, as in r2rank.train_rl: validation when due, the row logged (a non-finite value stops
+    the run without saving the step), a checkpoint when due or when a signal asked the run to stop, which it
+    then does (exit 128 + the signal)."""
+    step = row["step"]
+    if args.eval_every and step % args.eval_every == 0:
+        row["valid_ndcg@10"] = validate()
+    row["step_time"] = time.time() - started
+    if bad := [name for name, value in row.items() if not math.isfinite(value)]:
+        raise UsageError(f"step {step}: non-finite {', '.join(bad)}, so the run stops without saving this step; lower --lr")
+    runs.log_row(metrics, row, bar.write)
+    stop = runs.stop_signal()
+    if step % args.save_every == 0 or step == args.max_steps or stop:
+        runs.save_checkpoint(args.out, step, model, tokenizer, head, optimizers, args, run)
+    if stop:
+        runs.say(f"stopped by {signal.Signals(stop).name}: steps 1-{step} kept in "
+                 f"{os.path.join(args.out, f'checkpoint-{step}')}; continue with --resume")
+        sys.exit(128 + stop)
 
 
-def add_rl_arguments(parser, steps=40, users=2, group=4, tokens=64):
-    """The flags of an LLM RL run, shared with baselines/r2ec.py (defaults per system)."""
-    parser.add_argument("--data", required=True, help="dataset directory written by data.py (its train.jsonl)")
-    parser.add_argument("--model", required=True, help="the LLM to train: tiny, a .gguf file, a directory or a hub id")
-    parser.add_argument("--out", required=True, help="output directory: metrics.jsonl and checkpoint-<step>/")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out; the settings "
-                        "that define the run must be unchanged (--max-steps, --minutes, --save-every, learning rates and "
-                        "the compute layout may change)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out; without it, or "
-                        "--resume, another run's --out is refused")
-    parser.add_argument("--max-steps", type=int, default=steps, help="RL steps")
-    parser.add_argument("--minutes", type=float, default=0, help="stop (and checkpoint) after the step that passes "
-                        "this many minutes of training: a CPU budget (0 = none, --max-steps only)")
-    parser.add_argument("--users-per-step", type=int, default=users, help="users per step")
-    parser.add_argument("--group", type=int, default=group, help="G, traces per group: GRPO's group")
-    parser.add_argument("--max-new-tokens", type=int, default=tokens, help="token budget of one trace")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the traces (> 0)")
-    parser.add_argument("--lr", type=float, default=1e-6, help="LLM learning rate (AdamW)")
-    parser.add_argument("--clip-eps", type=float, default=0.2, help="PPO clipping epsilon")
-    parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over a step's traces, one optimizer step each")
-    parser.add_argument("--micro-batch", type=int, default=8, help="traces per forward/backward (memory only)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
-    parser.add_argument("--max-history", type=int, default=20, help="history items shown in the prompt")
-    parser.add_argument("--max-item-chars", type=int, default=200, help="characters per item line")
-    parser.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end)")
-    parser.add_argument("--eval-every", type=int, default=0, help="every N steps (and at the start, as step 0), NDCG@10 "
-                        "on validation users ranked as at eval (greedy traces), logged as valid_ndcg@10; 0 = never")
-    parser.add_argument("--eval-users", type=int, default=32, help="validation users in that check (the first N)")
-    parser.add_argument("--seed", type=int, default=0, help="users, negatives and traces")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="compute dtype of the forward passes (auto: bf16 on a GPU that has it, fp32 on CPU; float16 is refused: no loss scaling)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = 1 for --model tiny, else torch's default)")
+def rl_parser(description, users, group, tokens=64, steps=40):
+    """The flags of an LLM RL run (defaults per system); parse with parse_rl."""
+    p = argparse.ArgumentParser(description=" ".join(description.split("\n\n")[0].split()),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--data", default="", help="data set folder (python data.py); empty: the built-in synthetic set in <out>/data")
+    add("--model", required=True, help="the LLM to train: tiny, random:<architecture>, a .gguf file, a folder or a hub id")
+    add("--out", required=True, help="output folder: metrics.jsonl and checkpoint-<step>/")
+    add("--resume", action="store_true", help="continue the run in --out from its newest whole checkpoint")
+    add("--overwrite", action="store_true", help="replace the run in --out (only what this project wrote there)")
+    add("--max-steps", type=int, default=steps, help="RL steps")
+    add("--users-per-step", type=int, default=users, help="users per step")
+    add("--group", type=int, default=group, help="G, traces per group: GRPO's group")
+    add("--max-new-tokens", type=int, default=tokens, help="token budget of one trace")
+    add("--temperature", type=float, default=1.0, help="sampling temperature of the traces (> 0)")
+    add("--lr", type=float, default=1e-6, help="LLM learning rate (AdamW)")
+    add("--clip-eps", type=float, default=0.2, help="PPO's clipping epsilon")
+    add("--ppo-epochs", type=int, default=2, help="passes over a step's traces, one optimizer step each")
+    add("--micro-batch", type=int, default=8, help="traces per forward/backward (memory only, same gradient)")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip of the LLM's update")
+    add("--max-history", type=int, default=20, help="history items shown in the prompt (the latest)")
+    add("--max-item-chars", type=int, default=200, help="characters of an item's line in the prompt")
+    add("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters instead of every weight (0: all)")
+    add("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)")
+    add("--save-every", type=int, default=20, help="checkpoint every N steps and at the end")
+    add("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints (0: all)")
+    add("--eval-every", type=int, default=0, help="validation NDCG@10 every N steps and at step 0, ranked as at eval (0: never)")
+    add("--eval-users", type=int, default=32, help="validation users in that check (the first N)")
+    add("--seed", type=int, default=0, help="seeds the users, the negatives, the traces, the tiny model")
+    add("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+        help="compute precision under autocast (auto: bfloat16 on CUDA, else float32); weights stay fp32")
+    add("--threads", type=int, default=0, help="CPU threads (0: 1 for --model tiny, else torch's default)")
+    return p
 
 
-def check_rl_arguments(parser, args, at_least_1=()):
-    """parser.error for a flag of add_rl_arguments out of range; sets --threads."""
-    for name in ("max_steps", "users_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "save_every", "eval_users", *at_least_1):
+def parse_rl(p, argv, stage):
+    """args of rl_parser's flags (and the system's own), checked; args.stage names the run's checkpoints."""
+    p.set_defaults(stage=stage)
+    args = p.parse_args(argv)
+    for name in ("max_steps", "users_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "save_every", "eval_users",
+                 "max_item_chars"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.group < 2:
-        parser.error("--group must be >= 2: GRPO's advantage compares the traces of a group")
+        p.error("--group must be >= 2: GRPO's advantage compares the traces of a group")
     for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if args.eval_every < 0:
-        parser.error(f"--eval-every must be >= 0, got {args.eval_every}")
-    if args.temperature < config.MIN_TEMPERATURE or args.minutes < 0 or args.clip_eps <= 0 or args.max_grad_norm <= 0:
-        parser.error(f"--temperature must be >= {config.MIN_TEMPERATURE:g}, --clip-eps and --max-grad-norm > 0, --minutes >= 0")
-    for name in ("lr", "head_lr"):
-        if name in vars(args) and not config.LEARNING_RATE.allows(getattr(args, name)):
-            parser.error(f"--{name.replace('_', '-')} must be {config.LEARNING_RATE}, got {getattr(args, name):g}")
-    if not config.SEED_RANGE.allows(args.seed):
-        parser.error(f"--seed must be {config.SEED_RANGE}, got {args.seed}")
-    config.set_threads(args.threads, args.model)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_rl_arguments(parser)
-    parser.add_argument("--negatives", type=int, default=1, help="negatives per user and step, beside its positive")
-    args = parser.parse_args(argv)
-    check_rl_arguments(parser, args, ["negatives"])
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (not math.isfinite(value) or value < 0 or
+                                                                                  (name.endswith("lr") and value > 1)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0{' and <= 1' if name.endswith('lr') else ''}, got {value}")
+    if args.temperature == 0:
+        p.error("--temperature 0 samples greedy traces, which have no policy gradient: use > 0")
+    if args.threads or args.model == "tiny":
+        torch.set_num_threads(args.threads or 1)  # the tiny model's ops are too small to share between threads
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main_of(train, args):
+    """train(args), its errors as one line (exit 1), a second Ctrl-C as what it kept (exit 130)."""
     try:
-        with stops.claim(args.out):  # a second run on this --out is refused until this one ends
-            last = train(args)
-    except UsageError as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:  # a second Ctrl-C
-        print(f"interrupted: {stops.interrupted_message(args.out)}", file=sys.stderr)
+        train(args)
+    except UsageError as error:  # bad input, a full disk, another run in --out
+        runs.say(f"error: {error}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        runs.say(f"interrupted: {runs.kept_text(args.out)}")
         sys.exit(130)
-    if last is None:
-        return
-    print(f"step {last['step']}: reward {last['reward']:.3f}, answer share {last['answer_share']:.2f}; "
-          f"wrote {args.out}/checkpoint-{last['step']}")
+
+
+def main(argv=None):
+    p = rl_parser(__doc__, users=2, group=4)
+    p.add_argument("--negatives", type=int, default=1, help="negatives per user and step, beside its positive")
+    args = parse_rl(p, argv, "reczero")
+    if args.negatives < 1:
+        p.error(f"--negatives must be >= 1, got {args.negatives}")
+    main_of(train, args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
 
 import torch
@@ -31,9 +32,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import runs  # noqa: E402
+from data import UsageError  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
-from protocol import UsageError  # noqa: E402
-from machinery import checkpoints, config, runs, stops  # noqa: E402
 
 FILES = ("sasrec.pt", "sasrec-log.json", "sasrec-state.pt")  # what a run writes into --out
 
@@ -110,11 +111,11 @@ def candidate_scores(model, instances, index):
 
 
 def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-3, batch_size=128, dropout=0.2,
-          seed=0, eval_every=5, state_path=None, run_settings=None, resume_state=None, stop=None):
+          seed=0, eval_every=5, state_path=None, run_settings=None, resume_state=None):
     """(the model with the best validation NDCG@10, item index, per-check log). With state_path, the whole
     training state (and run_settings, what a resume must match) is saved there at each validation check;
-    resume_state (one such state) continues it. stop (a stops.StopOnSignal): after a signal the epoch in
-    progress finishes, the state is saved, and the run stops."""
+    resume_state (one such state) continues it. After Ctrl-C or SIGTERM (runs.catch_signals) the epoch in
+    progress finishes, the state is saved, and the run stops (exit 128 + the signal's number)."""
     torch.manual_seed(seed)
     index = vocabulary(train_instances)
     model = SASRec(len(index), dim, blocks, dropout=dropout)
@@ -151,15 +152,15 @@ def train(train_instances, valid_instances, epochs=200, dim=50, blocks=2, lr=1e-
             log.append({"epoch": epoch, "loss": loss.item(), "valid_ndcg@10": ndcg})
             if ndcg > best:
                 best, best_state = ndcg, {k: v.clone() for k, v in model.state_dict().items()}
-        stopping = stop is not None and stop.requested
-        if state_path and (epoch % eval_every == 0 or epoch == epochs or stopping):
+        stop = runs.stop_signal() if state_path else None
+        if state_path and (epoch % eval_every == 0 or epoch == epochs or stop):
             write_whole(state_path, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
                                      "best_state": best_state, "log": log, "settings": run_settings})
-            if stop is not None:
-                stop.kept = f"{epochs_text(epoch)} in {state_path}"
-        if stopping:
-            raise stop.exit(f"{epochs_text(epoch)} kept in {state_path}; continue with --resume")
+        if stop:
+            print(f"stopped by {signal.Signals(stop).name}: {epochs_text(epoch)} kept in {state_path}; continue with --resume",
+                  file=sys.stderr)
+            sys.exit(128 + stop)
     model.load_state_dict(best_state)
     return model, index, log
 
@@ -174,25 +175,16 @@ def write_whole(path, obj):
     try:
         torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except checkpoints.WRITE_ERRORS as error:
+    except (OSError, RuntimeError) as error:  # a full disk, a file-size limit; torch.save may raise RuntimeError
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         kept = f"the earlier {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing is kept"
-        raise UsageError(f"saving {path} failed ({checkpoints.write_failure(os.path.dirname(path) or '.', error)}); {kept}") from None
+        raise UsageError(f"saving {path} failed ({getattr(error, 'strerror', None) or runs.first_line(error)}); {kept}") from None
 
 
-def save(path, model, index, settings, log):
-    write_whole(path, {"state": model.state_dict(), "index": index, "settings": settings, "log": log})
-
-
-def known_candidates(instances, index):
-    """(candidates the model has an embedding for, all candidates) over instances."""
-    candidates = [c["item_id"] for inst in instances for c in inst["candidates"]]
-    return sum(item in index for item in candidates), len(candidates)
-
-
-def load(path):
-    """(model, item index) from a file written by this script; a data.DataError if it cannot."""
+def load(path, instances, where):
+    """(model, item index) from a file written by this script, for the candidates of instances (read from
+    where); a data.DataError if it cannot be read, or knows none of those candidates (another data set's)."""
     try:
         saved = torch.load(path, weights_only=True)
     except (OSError, RuntimeError) as error:
@@ -206,11 +198,17 @@ def load(path):
     settings = saved["settings"]
     model = SASRec(len(saved["index"]), settings["dim"], settings["blocks"], dropout=settings["dropout"])
     model.load_state_dict(saved["state"])
+    candidates = [c["item_id"] for inst in instances for c in inst["candidates"]]
+    known, total = sum(item in saved["index"] for item in candidates), len(candidates)
+    if known == 0:
+        raise data.DataError(f"--sasrec {path}: knows none of the {total} candidates of {where} (trained on another data set?)")
+    if known < total:
+        print(f"note: SASRec knows {known} of the {total} candidates ({known / total:.0%}); the others rank last")
     return model.eval(), saved["index"]
 
 
 def plan_out(args, settings):
-    """The main CLI's --out rules (machinery/runs.py): a DataError if out holds another model and neither --resume nor
+    """The main CLI's --out rules (runs.start_run): a DataError if out holds another model and neither --resume nor
     --overwrite is given, or --resume finds a state made with other settings or past --epochs. Returns the
     state to resume from, or None."""
     if args.resume and args.overwrite:
@@ -236,7 +234,7 @@ def plan_out(args, settings):
     except Exception as error:  # cut short by a crash: say so, in one line
         raise data.DataError(f"{path}: cannot read it ({str(error).splitlines()[0]}); --overwrite starts again") from None
     differ = ["the data (train/valid.jsonl differ from the state's)" if n == "data_fingerprint" else
-              f"{runs.flag(n)} {state['settings'].get(n)!r} -> {v!r}" for n, v in settings.items() if state["settings"].get(n) != v]
+              f"--{n.replace('_', '-')} {state['settings'].get(n)!r} -> {v!r}" for n, v in settings.items() if state["settings"].get(n) != v]
     if differ:
         raise data.DataError(f"{path}: --resume needs every setting but --epochs unchanged; these differ: " + "; ".join(differ))
     if state["epoch"] > args.epochs:
@@ -268,24 +266,23 @@ def main(argv=None):
         parser.error(f"--dropout must be in [0, 1), got {args.dropout:g}")
     if not 0 < args.lr <= 1:
         parser.error(f"--lr must be in (0, 1], got {args.lr:g}")
-    if not config.SEED_RANGE.allows(args.seed):
-        parser.error(f"--seed must be {config.SEED_RANGE}, got {args.seed}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must be in [0, {2 ** 32 - 1}], got {args.seed}")
     try:
-        # one run per --out at a time; Ctrl-C / SIGTERM: the epoch in progress finishes, is saved, and the run stops
-        stop = stops.StopOnSignal("nothing (no state saved yet)")
-        with stops.claim(args.out), stop:
-            fit(args, stop)
+        runs.claim(args.out)  # one run per --out at a time
+        runs.catch_signals()  # Ctrl-C / SIGTERM: the epoch in progress finishes, is saved, and the run stops
+        fit(args)
     except UsageError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C
         state = os.path.join(args.out, "sasrec-state.pt")
-        print(f"interrupted: kept {stop.kept}; --resume continues from it" if os.path.isfile(state)
+        print(f"interrupted: kept {state}; --resume continues from it" if os.path.isfile(state)
               else "interrupted: no epoch was saved, so nothing is kept", file=sys.stderr)
         sys.exit(130)
 
 
-def fit(args, stop):
-    """main's work once --out is held: the checks, training (stopped by stop), sasrec.pt and its log."""
+def fit(args):
+    """main's work once --out is held: the checks, training, sasrec.pt and its log."""
     train_instances, valid = data.load_split(args.data, "train"), data.load_split(args.data, "valid")
     settings = {**{name: getattr(args, name) for name in ("dim", "blocks", "dropout", "lr", "seed")},
                 "data_fingerprint": runs.data_fingerprint(args.data)}  # what --resume must find unchanged
@@ -293,12 +290,11 @@ def fit(args, stop):
     if resume_state is not None and resume_state["epoch"] == args.epochs:
         print(f"{args.out}/sasrec-state.pt is at --epochs {args.epochs} already: nothing to train (raise --epochs to go on)")
         return
-    if resume_state is not None:
-        stop.kept = f"{epochs_text(resume_state['epoch'])} in {args.out}/sasrec-state.pt"
     model, index, log = train(train_instances, valid, args.epochs, args.dim, args.blocks, args.lr, dropout=args.dropout,
                               seed=args.seed, state_path=os.path.join(args.out, "sasrec-state.pt"),
-                              run_settings=settings, resume_state=resume_state, stop=stop)
-    save(os.path.join(args.out, "sasrec.pt"), model, index, {k: v for k, v in vars(args).items() if k not in ("overwrite", "resume")}, log)
+                              run_settings=settings, resume_state=resume_state)
+    settings = {k: v for k, v in vars(args).items() if k not in ("overwrite", "resume")}
+    write_whole(os.path.join(args.out, "sasrec.pt"), {"state": model.state_dict(), "index": index, "settings": settings, "log": log})
     with open(os.path.join(args.out, "sasrec-log.json"), "w") as f:
         json.dump(log, f, indent=1)
     best = max(log, key=lambda row: row["valid_ndcg@10"])

@@ -23,19 +23,21 @@ the top of r2rank.py, in detail):
 - Listwise: an output that names no candidate falls back to the input order, and candidates it
   leaves out are appended in input order; parse_ranking counts both, so failures stay visible.
 """
-import copy
+import os
 import re
+import sys
 from collections import Counter
 
 import torch
 from tqdm import tqdm
 
-from data import NOT_RECOMMEND, RECOMMEND, candidate_text, user_context_text
-from rollout import cache_kwargs, positions_from_mask, prefill, sample_traces
-from sampling import token_logprobs
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import NOT_RECOMMEND, RECOMMEND, candidate_text, user_context_text  # noqa: E402
+from r2rank import forward_traces, rollout  # noqa: E402
 
 # The listwise answer gets min(--max-new-tokens, 8 K) new tokens: "[12] > " takes about 4 to 5 tokens.
 LISTWISE_TOKENS_PER_ITEM = 8
+LISTWISE_USERS_PER_CALL = 8  # listwise prompts generated together (one generate call)
 LISTWISE_SYSTEM = "You are a recommendation assistant. You rank candidate items for one user."
 
 
@@ -61,53 +63,31 @@ def popularity_scores(instances, counts):
 
 
 @torch.no_grad()
-def pointwise_scores(model, prefix_ids, suffix_ids_list, yes_ids, no_ids, rows_per_forward=16):
+def pointwise_scores(model, prefix_ids, suffix_ids_list, yes_ids, no_ids, rows_per_forward=40):
     """Zero-shot pointwise scores: log P(yes answer | prompt k) - log P(no answer | prompt k), per candidate.
 
-    prefix_ids:      prompt tokens shared by the K candidates (user context), run through the model once
+    prefix_ids:      prompt tokens shared by the K candidates (user context), its KV cache computed once per forward
     suffix_ids_list: K lists; prompt k = prefix_ids + suffix_ids_list[k], ending where the answer starts
     yes_ids, no_ids: the two answers, e.g. "<answer>Recommend</answer>" and "<answer>Not Recommend</answer>"
     returns:         [K] fp32 on the CPU.
 
-    The answers' common first tokens ("<answer>") have the same log-prob under both, so only the
-    tokens after them are scored: the difference of the summed log-probs of the differing tokens is
-    the log-likelihood ratio of the two whole answers. The 2K rows (candidate k with each answer)
-    continue a copy of the prefix's KV cache, rows_per_forward at a time (memory only; same scores).
+    The answers' common first tokens ("<answer>") have the same log-prob under both, so they join the
+    prompt and only the tokens after them are scored: the difference of the summed log-probs of the
+    differing tokens is the log-likelihood ratio of the two whole answers. The 2K rows (candidate k
+    with each answer) go through r2rank.forward_traces, rows_per_forward at a time (memory only).
     """
     common = 0
     while common < min(len(yes_ids), len(no_ids)) and yes_ids[common] == no_ids[common]:
         common += 1
-    rows = [suffix + answer for suffix in suffix_ids_list for answer in (yes_ids, no_ids)]  # [2K], k-major
-    scored = torch.tensor([len(yes_ids) - common, len(no_ids) - common] * len(suffix_ids_list))  # [2K]
-    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    device = lm_head.weight.device
-    P = len(prefix_ids)
-    prefix_cache = prefill(decoder, prefix_ids, 1, device)
+    suffixes = [suffix + yes_ids[:common] for suffix in suffix_ids_list for _ in range(2)]  # [2K], k-major
+    answers = [yes_ids[common:], no_ids[common:]] * len(suffix_ids_list)
     totals = []
-    for start in range(0, len(rows), rows_per_forward):
-        batch, counts = rows[start:start + rows_per_forward], scored[start:start + rows_per_forward]
-        B, L, T = len(batch), max(len(r) for r in batch), int(counts.max())
-        assert P + L > T, "nothing precedes the answer"
-        # [B, L] left-padded (prefix | pad | suffix + answer), so every answer ends in the last column
-        block = torch.zeros((B, L), dtype=torch.long, device=device)
-        block_mask = torch.zeros((B, L), dtype=torch.long, device=device)
-        for i, row in enumerate(batch):
-            block[i, L - len(row):] = torch.tensor(row, device=device)
-            block_mask[i, L - len(row):] = 1
-        attention_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=device), block_mask], dim=1)
-        cache = None
-        if P:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(B)
-        hidden = decoder(input_ids=block, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask)[:, P:],
-                         **cache_kwargs(decoder, cache)).last_hidden_state  # [B, L, H]
-        # Column t predicts token t + 1: the last T columns' tokens are predicted by the T before them.
-        logp = token_logprobs(lm_head(hidden[:, L - T - 1:L - 1]), block[:, L - T:])  # [B, T]
-        keep = torch.arange(T, device=device)[None, :] >= T - counts.to(device)[:, None]  # each row's own tokens
-        totals.append((logp * keep).sum(-1))
+    for start in range(0, len(suffixes), rows_per_forward):
+        rows = slice(start, start + rows_per_forward)
+        logp, _, _ = forward_traces(model, prefix_ids, suffixes[rows], answers[rows], temperature=1.0)  # [B, T], 0-padded
+        totals.append(logp.sum(-1))
     totals = torch.cat(totals).view(-1, 2)  # [K, 2]: yes, no
-    return (totals[:, 0] - totals[:, 1]).cpu()
+    return (totals[:, 0] - totals[:, 1]).float().cpu()
 
 
 def listwise_messages(instance, max_history=20, max_item_chars=200):
@@ -163,16 +143,20 @@ def rank_listwise(model, tokenizer, instances, max_history, max_item_chars, max_
     """[U, K] listwise scores of every instance from a greedy answer, and what parsing it found:
     {"parse": {"unparsable", "incomplete", "appended", "repeated", "out_of_range"}, "examples": [...]}
     (users with no usable number, users with some candidates missing, candidates appended, ...)."""
-    scores, examples = [], []
+    K = len(instances[0]["candidates"])
+    answers = []
+    for start in tqdm(range(0, len(instances), LISTWISE_USERS_PER_CALL), desc=desc, dynamic_ncols=True):
+        prompts = []
+        for instance in instances[start:start + LISTWISE_USERS_PER_CALL]:
+            text = tokenizer.apply_chat_template(listwise_messages(instance, max_history, max_item_chars),
+                                                 tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompts.append((ids[:-1], [ids[-1:]]))  # one "candidate" per user: the whole prompt
+        traces, _ = rollout(model, tokenizer, prompts, min(max_new_tokens, LISTWISE_TOKENS_PER_ITEM * K), temperature=0.0)
+        answers += [tokenizer.decode(trace, skip_special_tokens=True) for trace in traces]
+    scores = []
     totals = dict.fromkeys(["unparsable", "incomplete", "appended", "repeated", "out_of_range"], 0)
-    for instance in tqdm(instances, desc=desc, dynamic_ncols=True):
-        K = len(instance["candidates"])
-        text = tokenizer.apply_chat_template(listwise_messages(instance, max_history, max_item_chars),
-                                             tokenize=False, add_generation_prompt=True)
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-        budget = min(max_new_tokens, LISTWISE_TOKENS_PER_ITEM * K)
-        sample = sample_traces(model, tokenizer, [], [prompt], budget, temperature=0.0)
-        answer = tokenizer.decode(sample.token_lists()[0], skip_special_tokens=True)
+    for answer in answers:
         order, counts = parse_ranking(answer, K)
         scores.append(scores_from_order(order))
         totals["unparsable"] += counts["parsed"] == 0
@@ -180,6 +164,4 @@ def rank_listwise(model, tokenizer, instances, max_history, max_item_chars, max_
         totals["appended"] += counts["missing"]
         totals["repeated"] += counts["repeated"]
         totals["out_of_range"] += counts["out_of_range"]
-        if len(examples) < 3:
-            examples.append(answer[:300])
-    return torch.stack(scores), {"parse": totals, "examples": examples}
+    return torch.stack(scores), {"parse": totals, "examples": [answer[:300] for answer in answers[:3]]}

@@ -18,7 +18,7 @@ import tempfile
 import pytest
 import torch
 
-from machinery import datasets
+import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _context = None
@@ -110,6 +110,24 @@ def one_thread(request):
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def float64_copy(model):
+    """A copy of model in fp64, RMSNorm included (transformers' RMSNorm computes in fp32 whatever its input):
+    two exact computations of one function then agree to ~1e-14, so a tight tolerance tells a real
+    difference from rounding."""
+    import copy
+    import types
+
+    model = copy.deepcopy(model).double()
+
+    def rms_norm(self, hidden):
+        return self.weight * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(rms_norm, module)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,11 @@ from datetime import datetime, timezone
 import pytest
 
 import data
-from data import DataError, Protocol
-from machinery import datasets, sources
-from machinery.sources import RawData
+from data import DataError
+import datasets
+import sources
+from protocol import Protocol, build_instances
+from sources import RawData
 
 from conftest import read_only, run_script, terminal_sigint
 
@@ -283,7 +285,7 @@ def many_users(count=500, items=60, per_user=4, seed=1):
 
 def test_splits_are_disjoint_8_1_1_and_candidates_are_valid():
     raw = many_users()
-    splits, stats = data.build_instances(raw, Protocol(history=20, candidates=10, seed=3))
+    splits, stats = build_instances(raw, Protocol(history=20, candidates=10, seed=3))
     users = {split: [inst["user_id"] for inst in instances] for split, instances in splits.items()}
     assert [len(users[s]) for s in data.SPLITS] == [400, 50, 50]
     assert set(users["train"]) | set(users["valid"]) | set(users["test"]) == {f"user{n:03d}" for n in range(500)}
@@ -305,7 +307,7 @@ def test_splits_are_disjoint_8_1_1_and_candidates_are_valid():
 
 
 def test_positive_position_is_uniform_over_slots():
-    splits, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=0))
+    splits, _ = build_instances(many_users(), Protocol(candidates=10, seed=0))
     slots = Counter(inst["labels"].index(1) for instances in splits.values() for inst in instances)
     assert set(slots) == set(range(10))  # every slot hit
     expected = 500 / 10
@@ -314,11 +316,21 @@ def test_positive_position_is_uniform_over_slots():
 
 
 def test_same_seed_same_data_other_seed_other_data():
-    first, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=7))
-    again, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=7))
-    other, _ = data.build_instances(many_users(), Protocol(candidates=10, seed=8))
+    first, _ = build_instances(many_users(), Protocol(candidates=10, seed=7))
+    again, _ = build_instances(many_users(), Protocol(candidates=10, seed=7))
+    other, _ = build_instances(many_users(), Protocol(candidates=10, seed=8))
     assert json.dumps(first) == json.dumps(again)
     assert [i["user_id"] for i in first["test"]] != [i["user_id"] for i in other["test"]]
+
+
+def test_nobody_left_is_a_value_error_in_the_protocol_and_a_data_error_in_datasets():
+    """protocol.py (standard library only) raises ValueError when no user survives; datasets.py turns it
+    into the one-line DataError the command prints. Here: one user with one interaction, no history."""
+    raw = RawData([("u", "m1", 0)], {"m1": {"title": "Movie 1", "text": ""}}, {}, ["toy.jsonl"])
+    with pytest.raises(ValueError, match=r"^toy.jsonl: no user is left after the protocol .*users_without_history"):
+        build_instances(raw, Protocol(candidates=2))
+    with pytest.raises(DataError, match=r"^toy.jsonl: no user is left after the protocol"):
+        datasets.build_instances(raw, Protocol(candidates=2))
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -1,4 +1,5 @@
-"""NDCG against hand-computed values; the Wilcoxon test and the bootstrap against independent oracles.
+"""NDCG against hand-computed values (metrics.py); the Wilcoxon test and the bootstrap (stats.py) against
+independent oracles.
 
 Oracles: every 2^n sign assignment enumerated; textbook critical values of the signed-rank test;
 Darwin's Zea mays differences from Fisher's "The Design of Experiments" (T = 24, exact two-sided
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import (average_ranks, bootstrap_ci, ndcg_at_k, ndcg_from_scores, rank_by_scores, significance_marker,
-                     wilcoxon_signed_rank)
+from metrics import ndcg_at_k, ndcg_from_scores, rank_by_scores
+from stats import average_ranks, bootstrap_ci, significance_marker, wilcoxon_signed_rank
 
 
 def test_binary_single_positive_matches_hand_computation():

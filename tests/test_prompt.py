@@ -72,22 +72,30 @@ def test_the_rl_stage_runs_answer_only_and_records_it(synthetic_dir, tmp_path):
 
     out = tmp_path / "no-cot"
     result = run_cli("--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--prompt", "answer-only",
-                     "--max-new-tokens", 8, "--max-steps", 1, "--users-per-step", 1, "--device", "cpu")
+                     "--max-new-tokens", 8, "--max-steps", 1, "--users-per-step", 1, "--device", "cpu", "--threads", 1)
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / "checkpoint-1" / "r2rank.json").read_text())["config"]["prompt"] == "answer-only"
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert json.loads((out / "checkpoint-1" / "r2rank.json").read_text())["args"]["prompt"] == "answer-only"
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step": 1,' in line]
     assert row["response_len"] > 0 and "approx_kl" in row  # PPO acted on the decision's tokens
-    refused = run_cli("--stage", "sft", "--model", "tiny", "--prompt", "answer-only")
-    assert refused.returncode == 2 and "--prompt answer-only does not go with SFT" in refused.stderr
+
+
+@pytest.mark.parametrize("stage", ["sft-data", "sft"])
+def test_sft_refuses_the_answer_only_prompt(stage, capsys):
+    """The cold start teaches the self-check format (the teacher's traces answer Fig. 2's prompt)."""
+    import r2rank
+
+    with pytest.raises(SystemExit) as exit_info:
+        r2rank.parse_args(["--stage", stage, "--model", "tiny", "--prompt", "answer-only"])
+    assert exit_info.value.code == 2 and "--prompt answer-only does not go with SFT" in capsys.readouterr().err
 
 
 def test_the_rollout_uses_the_chosen_prompt(synthetic_dir):
-    import rollout
-    from machinery import config, models
+    import r2rank
 
-    model, tokenizer = models.build_tiny()
+    _, tokenizer = r2rank.load_model("tiny", "cpu")
     instance = data.load_split(synthetic_dir, "train")[0]
-    for prompt, marker in (("answer-only", "nothing else"), ("self-check", "Self-check")):
-        _, prompts = rollout.rollout_users(model, tokenizer, [instance], config.Config(model="tiny", prompt=prompt,
-                                                                                     max_new_tokens=1), None)
-        assert marker in tokenizer.decode(prompts[0][0])
+    for prompt, marker, absent in (("answer-only", "nothing else", "Self-check"), ("self-check", "Self-check", "nothing else")):
+        args = r2rank.parse_args(["--model", "tiny", "--prompt", prompt])
+        [(prefix, suffixes)] = r2rank.prompt_tokens(tokenizer, [instance], args)
+        assert marker in tokenizer.decode(prefix) and absent not in tokenizer.decode(prefix)
+        assert len(suffixes) == len(instance["candidates"])

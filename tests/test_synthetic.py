@@ -8,7 +8,8 @@ import pytest
 
 import data
 from data import DataError
-from machinery import datasets, sources
+import datasets
+import sources
 
 
 def read_all(out_dir):
