@@ -264,4 +264,8 @@ def encode_user(tokenizer, instance, max_history=20, max_item_chars=200, respons
 if __name__ == "__main__":  # building a data set: datasets.py (this file stays its command)
     import datasets
 
-    sys.exit(datasets.main())
+    try:
+        sys.exit(datasets.main())
+    except BrokenPipeError:  # `| head` has read what it wanted; the data set is written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

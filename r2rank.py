@@ -49,8 +49,21 @@ import signal
 import sys
 import time
 
-import torch
+
+def stopped_before_start(signum, frame):
+    """Ctrl-C or SIGTERM while torch and transformers load (the first seconds): one line, nothing written."""
+    if os.environ.get("RANK", "0") == "0":
+        print("stopped before anything started; nothing was written", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stopped_before_start)
+    signal.signal(signal.SIGTERM, stopped_before_start)
+
+import torch  # noqa: E402 (after the handlers above: these imports take seconds)
 import torch.distributed as dist
+import transformers
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import DynamicCache, GenerationConfig
@@ -512,6 +525,10 @@ def parse_args(argv=None):
         p.error("--lora-rank trains adapters of the LLM, and --freeze-llm trains none")
     if args.gradient_checkpointing and args.freeze_llm:
         p.error("--gradient-checkpointing saves memory in the LLM's update, and --freeze-llm makes none")
+    try:
+        args.out.encode("utf-8")
+    except UnicodeEncodeError:
+        p.error(f"--out {args.out!r}: not valid UTF-8, which checkpoint files cannot record; choose another name")
     if args.threads or args.model == "tiny":
         torch.set_num_threads(args.threads or 1)  # the tiny model's ops are too small to share between threads
     return args
@@ -520,6 +537,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     runs.start_processes()  # under torchrun: join the group (nanoGPT's way); rank 0 alone prints
+    transformers.utils.logging.disable_progress_bar()  # its save bars would mix with the step lines
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # until a training loop takes them over: stop at once
+    signal.signal(signal.SIGTERM, runs.stop_now)
     try:
         if args.stage == "rl":
             train_rl(args)
@@ -538,9 +558,9 @@ def main(argv=None):
         runs.say(f"error: out of memory ({runs.first_line(error)[:200]}); lower --micro-batch, --max-new-tokens or "
                  "--users-per-step, or pass --gradient-checkpointing or --lora-rank 16")
         sys.exit(1)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training step
+    except (KeyboardInterrupt, runs.Stopped) as stop:  # a second Ctrl-C, or a signal outside a training step
         runs.say(f"interrupted: {runs.kept_text(args.out)}")
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

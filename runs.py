@@ -388,6 +388,14 @@ def log_row(metrics, row, write=print):
 STOP = {"signal": None, "at": 0.0}
 
 
+class Stopped(BaseException):
+    """SIGTERM outside a training step: stop at once (what is on disk is kept), as Ctrl-C does."""
+
+
+def stop_now(signum, frame):
+    raise Stopped(signum)
+
+
 def catch_signals():
     """From here on Ctrl-C (SIGINT) or SIGTERM asks the run to stop after the step in progress, which is then
     saved (exit 130 / 143); a second Ctrl-C stops at once, keeping what is on disk. Under torchrun a SIGINT
