@@ -27,8 +27,3 @@ class ScoreHead(torch.nn.Module):
     def forward(self, hidden):
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head stays fp32
             return self.net(hidden.to(self.net[1].weight.dtype)).squeeze(-1)
-
-
-def score_traces(head, traces):
-    """Phase 2: s_k = f_phi(h_k) (Eq. 2) for every user's K traces -> [U, K] fp32."""
-    return torch.stack([head(s.final_hidden) for s in traces])

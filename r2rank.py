@@ -128,8 +128,8 @@ def prefix_cache(model, prefixes, copies):
     `copies` times along the batch: rows u * copies ... (u + 1) * copies - 1 are user u's. With gradient
     when called with gradient enabled. Returns (cache, prefix ids [U * copies, P], their mask)."""
     P, device = max(map(len, prefixes)), model.device
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prefixes], device=device)  # [U, P]
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prefixes], device=device)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prefixes], dtype=torch.long, device=device)  # [U, P]
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prefixes], dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
     if P:
         model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -147,6 +147,8 @@ def rollout(model, tokenizer, prompts, max_new_tokens, temperature):
     the budget; hidden [U * K, H] fp32: h_k, the last layer's state (after the final norm, what the LM head
     reads) at the trace's final token, or at the prompt's last token for an empty trace)."""
     K, device = len(prompts[0][1]), model.device
+    if any(not s for _, user_suffixes in prompts for s in user_suffixes):  # every row needs a token past the cache
+        prompts = [(prefix[:-1], [prefix[-1:] + s for s in user_suffixes]) for prefix, user_suffixes in prompts]
     suffixes = [s for _, user_suffixes in prompts for s in user_suffixes]
     cache, prefix_ids, prefix_mask = prefix_cache(model, [p for p, _ in prompts], K)
     L = max(map(len, suffixes))
