@@ -258,6 +258,8 @@ def train_rl(args):
     device, dtype, main = run.device, run.dtype, run.rank == 0
     train = data.load_split(run.data_dir, "train")
     valid = data.load_split(run.data_dir, "valid")[:args.eval_users] if args.eval_every else []
+    if run.start_step > args.max_steps:
+        raise UsageError(f"{run.checkpoint}: already past --max-steps {args.max_steps}; raise it to train further")
     if args.users_per_step > len(train):
         raise UsageError(f"--users-per-step {args.users_per_step} is more than the {len(train)} training users of {run.data_dir}")
     model, tokenizer = load_model(run.checkpoint or args.model, device, torch.float32, args.seed)  # fp32 master weights
@@ -543,6 +545,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # until a training loop takes them over: stop at once
     signal.signal(signal.SIGTERM, runs.stop_now)
     try:
+        if runs.world() > 1 and args.stage in ("sft-data", "sft"):
+            raise UsageError(f"--stage {args.stage} runs as one process (torchrun splits --stage rl and eval)")
         if args.stage == "rl":
             train_rl(args)
         elif args.stage in ("sft-data", "sft"):

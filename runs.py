@@ -259,8 +259,6 @@ def check_resume(args, stage, run):
         differ.append(f"the data ({run.data_dir}: train/valid.jsonl differ from the checkpoint's)")
     if differ:
         raise UsageError(f"{run.checkpoint}: --resume needs the settings that define the run unchanged; these differ: " + "; ".join(differ))
-    if run.start_step > args.max_steps:
-        raise UsageError(f"{run.checkpoint}: already past --max-steps {args.max_steps}; raise it to train further")
     print(f"resumed from {run.checkpoint} at step {run.start_step}")
 
 

@@ -13,7 +13,8 @@ stopped (a torn last line is cut off and its pair asked again). traces.summary.j
 
 sft: next-token loss on the trace tokens only; the prompt is exactly what the RL stage feeds the
 policy (r2rank.prompt_tokens), the trace is the teacher's text followed by the tokenizer's eos.
-Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head.
+Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head; --resume needs the
+traces it started on (their sha256 is in the checkpoint's r2rank.json).
 
 Where this departs from the paper, which gives no SFT details beyond the data filter (the numbers of the one
 list, at the top of r2rank.py):
@@ -32,7 +33,6 @@ list, at the top of r2rank.py):
     clipped at --max-grad-norm.
 23. The trace (the teacher's reply) is stripped of surrounding whitespace before tokenization.
 """
-import argparse
 import hashlib
 import http.client
 import json
@@ -114,12 +114,11 @@ def read_appended(path):
 
 
 def chat_completion(url, model, messages, temperature, max_tokens, api_key=None, retries=5, backoff=1.0, timeout=120.0):
-    """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions (top_p 1), standard
-    library only; each try waits at most `timeout` seconds (--teacher-timeout) for the connection and the
-    reply. Connection errors, timeouts, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ...
-    seconds (a 429's Retry-After in seconds instead, up to 10 minutes); other failures, and the last
-    retry's, raise DataError naming the URL and, when it gives up, how long it tried in all and
-    --teacher-timeout (a 401 or 403 without a key says which variable to set)."""
+    """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions (top_p 1), standard library
+    only; each try waits at most `timeout` seconds (--teacher-timeout) for the connection and the reply.
+    Connection errors, timeouts, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ... seconds
+    (a 429's Retry-After seconds instead, up to 10 minutes); other failures, and the last retry's, raise a
+    DataError naming the URL (and, when it gives up, how long it tried, and --teacher-timeout)."""
     endpoint = url.rstrip("/") + "/chat/completions"
     if not endpoint.startswith(("http://", "https://")):
         raise data.DataError(f"{endpoint}: not an http:// or https:// URL")
@@ -139,16 +138,15 @@ def chat_completion(url, model, messages, temperature, max_tokens, api_key=None,
                 problem += " (no API key was sent: set OPENAI_API_KEY)"
             if e.code != 429 and e.code < 500:
                 raise data.DataError(f"{endpoint}: {problem}") from None
-            wait = retry_after(e.headers.get("Retry-After")) if e.code == 429 else None
-            if wait is not None and attempt < retries:  # the server says when: wait that long (at most 10 minutes)
-                time.sleep(min(wait, 600))
+            wait = e.headers.get("Retry-After", "") if e.code == 429 else ""
+            if wait.isdigit() and attempt < retries:  # the server says when (in seconds, or as a date: ignored)
+                time.sleep(min(int(wait), 600))
                 continue
         except (OSError, http.client.HTTPException) as e:  # no answer: refused, reset, timed out (URLError is an OSError)
             problem = str(getattr(e, "reason", e)) or type(e).__name__
         if attempt == retries:
-            raise data.DataError(f"{endpoint}: {problem} (gave up after {retries + 1} attempts, "
-                                 f"{duration_text(time.monotonic() - started)} in all; each waits at most --teacher-timeout "
-                                 f"{timeout:g} s for the reply)")
+            raise data.DataError(f"{endpoint}: {problem} (gave up after {retries + 1} attempts, {time.monotonic() - started:.1f} "
+                                 f"s in all; each waits at most --teacher-timeout {timeout:g} s for the reply)")
         time.sleep(backoff * 2 ** attempt)
     try:
         return json.loads(payload)["choices"][0]["message"]["content"] or ""
@@ -156,43 +154,25 @@ def chat_completion(url, model, messages, temperature, max_tokens, api_key=None,
         raise data.DataError(f"{endpoint}: not a chat completion: {payload[:300]!r}") from None
 
 
-def duration_text(seconds):
-    """'2.5 s', '41 s' or '12 min 31 s'."""
-    if seconds < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
-
-
-def retry_after(value):
-    """Seconds from an HTTP Retry-After header given in seconds, or None (absent, or an HTTP date)."""
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
 def endpoint_teacher(args):
     """ask(instance, k, messages) -> reply text, from --teacher-url."""
-    api_key = os.environ.get("OPENAI_API_KEY")
     return lambda instance, k, messages: chat_completion(args.teacher_url, args.teacher_model, messages, args.temperature,
-                                                         args.teacher_max_tokens, api_key, RETRIES, BACKOFF_SECONDS,
-                                                         args.teacher_timeout)
+                                                         args.teacher_max_tokens, os.environ.get("OPENAI_API_KEY"),
+                                                         RETRIES, BACKOFF_SECONDS, args.teacher_timeout)
 
 
 def local_teacher(args):
     """ask(instance, k, messages) -> reply text, sampled from --teacher on the RL stage's prompt tokens.
     Each pair has its own seed, so a resumed run writes what an uninterrupted one would have."""
     device = runs.pick_device(args.device)
-    dtype = runs.pick_dtype(args.dtype, device)
-    model, tokenizer = r2rank.load_model(args.teacher, device, torch.float32, args.seed, "--teacher")
-    lora.hold_frozen_weights(model.requires_grad_(False), dtype)  # nothing is trained: every weight cast once
+    # only sampled, never trained: the weights in the compute dtype (bfloat16 on a GPU) need no autocast
+    model, tokenizer = r2rank.load_model(args.teacher, device, runs.pick_dtype(args.dtype, device), args.seed, "--teacher")
     model.eval()
 
     def ask(instance, k, messages):
         prefix, suffixes = r2rank.prompt_tokens(tokenizer, [instance], args)[0]
         torch.manual_seed(zlib.crc32(f"{args.seed}/{instance['user_id']}/{instance['candidates'][k]['item_id']}".encode()))
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            traces, _ = r2rank.rollout(model, tokenizer, [(prefix, [suffixes[k]])], args.teacher_max_tokens, args.temperature)
+        traces, _ = r2rank.rollout(model, tokenizer, [(prefix, [suffixes[k]])], args.teacher_max_tokens, args.temperature)
         return tokenizer.decode(traces[0], skip_special_tokens=True)
 
     return ask
@@ -211,14 +191,12 @@ def build_traces(args):
     def stop_now(signum, frame):
         raise KeyboardInterrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop_now)
+    signal.signal(signal.SIGTERM, stop_now)
     try:
         return ask_teacher(args)
-    except KeyboardInterrupt as stop:  # Ctrl-C raises it without a signal number
+    except KeyboardInterrupt as stop:  # Ctrl-C's carries no signal number
         runs.say(PAIRS_KEPT)
         sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def ask_teacher(args):
@@ -297,12 +275,10 @@ def check_traces_path(path):
 
 def summarize(kept, rejected, teacher):
     """Counts over everything in the files (this run and the runs it resumed)."""
-    def counts(label):
-        return {"asked": sum(r.get("label") == label for r in kept + rejected),
-                "accepted": sum(r.get("label") == label for r in kept)}
-    asked = len(kept) + len(rejected)
-    return {"teacher": teacher, "asked": asked, "accepted": len(kept),
-            "acceptance_rate": len(kept) / max(asked, 1), "positive": counts(1), "negative": counts(0),
+    counts = lambda label: {"asked": sum(r.get("label") == label for r in kept + rejected),
+                            "accepted": sum(r.get("label") == label for r in kept)}
+    return {"teacher": teacher, "asked": len(kept + rejected), "accepted": len(kept), "acceptance_rate": len(kept) /
+            max(1, len(kept + rejected)), "positive": counts(1), "negative": counts(0),
             "no_answer": sum(r.get("decision") is None for r in rejected)}
 
 
@@ -342,11 +318,9 @@ def read_traces(path, instances, args):
 
 
 def accumulate_gradients(model, prompts, traces, micro_batch, dtype=torch.float32):
-    """Backward of the per-token mean NLL of traces (token-id lists) given their prompts (whole prompts,
-    token ids), in micro-batches of micro_batch traces: each micro-batch's summed NLL is divided by the
-    whole batch's token count, so the summed gradients are those of the mean. The log-probs are the RL
-    update's (r2rank.forward_traces at temperature 1). Forward and loss under autocast, backward outside
-    it; the caller steps the optimizer. Returns the mean NLL."""
+    """Backward of the per-token mean NLL of traces given their prompts (token-id lists), micro_batch traces per
+    forward (r2rank.forward_traces, the RL update's log-probs, at temperature 1): each micro-batch's summed NLL
+    over the whole batch's token count. Forward and loss under autocast, backward outside. Returns the mean NLL."""
     total_tokens = max(1, sum(map(len, traces)))
     nll_sum = 0.0
     for start in range(0, len(prompts), micro_batch):
@@ -362,7 +336,7 @@ def accumulate_gradients(model, prompts, traces, micro_batch, dtype=torch.float3
 def train_sft(args):
     """--stage sft: fine-tune --model on the traces, loss on the trace tokens only. Returns the last checkpoint."""
     # --out held, the data, the checkpoint to resume from; the stage's length is --sft-epochs (below), not --max-steps
-    run = runs.start_run(argparse.Namespace(**{**vars(args), "max_steps": math.inf}), "sft")
+    run = runs.start_run(args, "sft")
     device, dtype = run.device, run.dtype
     instances = {inst["user_id"]: inst for inst in data.load_split(run.data_dir, "train")}
     path = args.traces or os.path.join(args.out, "traces.jsonl")
@@ -377,8 +351,7 @@ def train_sft(args):
     steps_per_epoch = math.ceil(len(traces) / args.sft_batch)
     max_steps = args.sft_epochs * steps_per_epoch
     if run.start_step >= max_steps:
-        print(f"{run.checkpoint} is at step {run.start_step}, the last of {args.sft_epochs} epochs: nothing to train "
-              "(raise --sft-epochs to go on)")
+        print(f"{run.checkpoint} is the last step of {args.sft_epochs} epochs: nothing to train (raise --sft-epochs)")
         return run.checkpoint
     model, tokenizer = r2rank.load_model(run.checkpoint or args.model, device, torch.float32, args.seed)  # fp32 master weights
 
@@ -389,7 +362,7 @@ def train_sft(args):
     trace_ids = [tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _, _, text in traces]
 
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     torch.manual_seed(args.seed)  # --lora-rank: the adapters' A are drawn from it
     trained = lora.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
     if args.lora_rank and run.checkpoint:
@@ -397,7 +370,7 @@ def train_sft(args):
     optimizer = torch.optim.AdamW(trained, lr=args.sft_lr, weight_decay=0.0, fused=device.type == "cuda")
     runs.restore_optimizers({"llm": optimizer}, run.checkpoint, {"llm": args.sft_lr})  # a changed --sft-lr applies
     lora.hold_frozen_weights(model, dtype)  # LoRA's base: cast once, not at every forward
-    model.eval()
+    model.train()  # gradient checkpointing acts in training mode only (Qwen2 has no dropout)
     lengths = [len(t) for t in trace_ids]
     n_pos = sum(inst["labels"][k] for inst, k, _ in traces)
     print(f"{len(traces)} traces ({n_pos} positive) x {args.sft_epochs} epochs, {args.sft_batch} per step in micro-batches "
@@ -417,14 +390,12 @@ def train_sft(args):
         batch = order[index * args.sft_batch:(index + 1) * args.sft_batch]
 
         # 2) forward and backward in micro-batches: the per-token mean NLL over the step's traces
-        model.train()
         loss = accumulate_gradients(model, [prompts[i] for i in batch], [trace_ids[i] for i in batch], args.micro_batch, dtype)
 
         # 3) update, outside any autocast context: the next step's forward casts the new weights
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.eval()
 
         # 4) log, checkpoint
         row = {"step": step + 1, "epoch": epoch + 1, "loss": loss, "traces": len(batch),

@@ -248,7 +248,7 @@ def load_policy(args, run):
     model, tokenizer = r2rank.load_model(run.checkpoint or args.model, run.device, torch.float32, args.seed)
     torch.manual_seed(args.seed)  # LoRA's A
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # transformers' own switch; ppo_update then feeds whole prompts
+        model.activation_checkpointing_enable()  # transformers' own switch; ppo_update then feeds whole prompts
     trained = lora.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
     if args.lora_rank and run.checkpoint:
         lora.restore_adapters(model, load_file(os.path.join(run.checkpoint, "lora.safetensors"), device=str(run.device)))

@@ -52,9 +52,11 @@ def fast_retries(monkeypatch):
 def in_process(argv, stage=r2rank.main):
     """r2rank.main(argv), or stage(r2rank.parse_args(argv)) (sft.build_traces, sft.train_sft), in this process; then
     --out let go, as the end of a run's process lets it go (runs.claim): the tests run several on one --out."""
+    sigterm = signal.getsignal(signal.SIGTERM)  # sft-data's handler goes with the run, as with its process
     try:
         return stage(argv) if stage is r2rank.main else stage(r2rank.parse_args(argv))
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         if getattr(runs.claim, "held", None) is not None:
             os.close(runs.claim.held)
             runs.claim.held = None
@@ -304,16 +306,15 @@ def test_a_429_waits_as_long_as_retry_after_says_and_a_401_without_a_key_names_t
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             Throttled.calls += 1
-            if Throttled.calls == 1:
-                return reply(self, 429, {}, [("Retry-After", "7")])
+            if Throttled.calls < 3:  # seconds, then an HTTP date (not waited for: the backoff's 2 s instead)
+                return reply(self, 429, {}, [("Retry-After", ["7", "Wed, 21 Oct 2026 07:28:00 GMT"][Throttled.calls - 1])])
             reply(self, 200, {"choices": [{"message": {"content": "ok"}}]})
 
     slept = []
     monkeypatch.setattr(sft.time, "sleep", slept.append)
     with local_endpoint(Throttled) as url:
         answer = sft.chat_completion(url, "m", [], 1.0, 8, backoff=1.0)
-    assert answer == "ok" and slept == [7.0] and Throttled.calls == 2
-    assert sft.retry_after("Wed, 21 Oct 2026 07:28:00 GMT") is None and sft.retry_after("-3") == 0.0
+    assert answer == "ok" and slept == [7, 2.0] and Throttled.calls == 3
 
     stub = stub_factory(statuses=[401])
     with pytest.raises(data.DataError, match=r"HTTP 401 .*no API key was sent: set OPENAI_API_KEY"):
@@ -558,12 +559,13 @@ def test_sft_cli_bad_traces_exit_cleanly(data_dir, train, tmp_path):
                                                           "sft-data writes it (with the same --out), or pass --traces FILE\n")
 
 
-def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path):
+@pytest.mark.parametrize("memory", [[], ["--lora-rank", 4, "--gradient-checkpointing"]], ids=["all-weights", "lora"])
+def test_sft_resume_continues_exactly_where_it_stopped(data_dir, train, tmp_path, memory):
     traces = write_traces(tmp_path / "traces.jsonl", hand_written_traces(train, 4))
 
     def run(out, epochs, *flags):
         result = run_cli("--stage", "sft", *TINY, "--data", data_dir, "--out", out, "--traces", traces, "--sft-epochs", epochs,
-                         "--sft-lr", 1e-3, "--sft-batch", 2, "--micro-batch", 1, "--save-every", 1, *flags)
+                         "--sft-lr", 1e-3, "--sft-batch", 2, "--micro-batch", 1, "--save-every", 1, *memory, *flags)
         assert result.returncode == 0, result.stderr
         return result
 
@@ -604,3 +606,22 @@ def test_sft_resume_refuses_other_traces_and_overwrite_keeps_the_traces_it_reads
     assert len(path.read_text().splitlines()) == 16
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(row["step"], row["traces"]) for row in rows] == [(1, 16)]
+
+
+def test_a_stop_signal_finishes_the_step_saves_it_and_exits(data_dir, train, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM (what runs.stop_signal reports; here SIGTERM, after step 2): step 2 is finished and saved,
+    the run exits 143 saying so, and --resume goes on from it."""
+    out = tmp_path / "sft"
+    argv = ["--stage", "sft", *TINY, "--data", data_dir, "--out", str(out), "--traces",
+            str(write_traces(tmp_path / "traces.jsonl", hand_written_traces(train, 4))), "--sft-batch", "1", "--sft-epochs", "1"]
+    monkeypatch.setattr(runs, "catch_signals", lambda: None)  # this process's handlers stay pytest's
+    reported = iter([None, signal.SIGTERM])
+    monkeypatch.setattr(runs, "stop_signal", lambda: next(reported))
+    with pytest.raises(SystemExit) as stopped:
+        in_process(argv, sft.train_sft)
+    assert stopped.value.code == 143 and capsys.readouterr().err.endswith(
+        f"stopped by SIGTERM: steps 1-2 kept in {out}/checkpoint-2; continue with --resume\n")
+    assert runs.checkpoint_steps(out) == [2]
+    monkeypatch.setattr(runs, "stop_signal", lambda: None)
+    assert in_process(argv + ["--resume"], sft.train_sft) == f"{out}/checkpoint-4"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
