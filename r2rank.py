@@ -83,6 +83,7 @@ from ppo import (batch_baseline_advantages, counterfactual_advantages, leave_one
 TINY_DEFAULTS = dict(max_history=0, max_new_tokens=1, temperature=0.3, users_per_step=8, lr=3e-3, head_lr=3e-3,
                      pl_std=1.0, num_rankings=32, max_steps=100, eval_every=25, out="runs/tiny")
 ROLLOUT_ROWS = 160  # traces generated in one call at validation and evaluation (whole users)
+MAX_GRAD_NORM = 1.0  # the LLM's gradient-norm clip (RL and SFT)
 
 
 # ----------------------------------------------------------------------------------- the policy
@@ -243,7 +244,7 @@ def ppo_update(model, optimizer, prompts, traces, advantages, args, head=None, s
         if dist.is_initialized():  # every process's gradient, summed: the one process's update
             for p in trained:
                 dist.all_reduce(p.grad)
-        torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
@@ -470,7 +471,6 @@ def parse_args(argv=None):
     g.add_argument("--head-width", type=int, default=256, help="the scoring head's hidden width")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over a step's traces, one optimizer step each")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO's clipping epsilon")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip of the LLM's update")
     g.add_argument("--freeze-llm", action="store_true", help="train the head only (Table 3's MLP-only)")
     g.add_argument("--num-rankings", type=int, default=8, help="S, Plackett-Luce rankings per user (the paper: 1)")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
@@ -512,7 +512,7 @@ def parse_args(argv=None):
                  "head_width", "max_item_chars", "num_pairs", "sft_epochs", "sft_batch", "teacher_max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "head_lr", "sft_lr", "temperature", "pl_std", "clip_eps", "max_grad_norm", "teacher_timeout",
+    for name in ("lr", "head_lr", "sft_lr", "temperature", "pl_std", "clip_eps", "teacher_timeout",
                  "seed", "threads", "lora_rank", "max_history", "max_new_tokens", "eval_every", "keep_checkpoints", "eval_limit"):
         value = getattr(args, name)
         if not (value == value and abs(value) != float("inf")) or value < 0 or (name.endswith("lr") and value > 1):

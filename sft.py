@@ -30,7 +30,7 @@ list, at the top of r2rank.py):
 21. One teacher sample per pair; a wrong or answerless reply is dropped, not asked again.
 22. The loss is the per-token mean over a step's trace tokens (--micro-batch traces per forward,
     --sft-batch traces per optimizer step), AdamW at a constant --sft-lr, no weight decay, gradient norm
-    clipped at --max-grad-norm.
+    clipped at 1 (r2rank.MAX_GRAD_NORM).
 23. The trace (the teacher's reply) is stripped of surrounding whitespace before tokenization.
 """
 import hashlib
@@ -393,7 +393,7 @@ def train_sft(args):
         loss = accumulate_gradients(model, [prompts[i] for i in batch], [trace_ids[i] for i in batch], args.micro_batch, dtype)
 
         # 3) update, outside any autocast context: the next step's forward casts the new weights
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, r2rank.MAX_GRAD_NORM).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

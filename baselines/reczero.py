@@ -312,7 +312,6 @@ def rl_parser(description, users, group, tokens=64, steps=40):
     add("--clip-eps", type=float, default=0.2, help="PPO's clipping epsilon")
     add("--ppo-epochs", type=int, default=2, help="passes over a step's traces, one optimizer step each")
     add("--micro-batch", type=int, default=8, help="traces per forward/backward (memory only, same gradient)")
-    add("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip of the LLM's update")
     add("--max-history", type=int, default=20, help="history items shown in the prompt (the latest)")
     add("--max-item-chars", type=int, default=200, help="characters of an item's line in the prompt")
     add("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters instead of every weight (0: all)")
