@@ -101,13 +101,17 @@ def load_model(name, device, dtype=torch.float32, seed=0, flag="--model"):
 
         if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
             raise UsageError(f"{flag} {name}: a folder without config.json, so not a model folder")
-        if not os.path.isdir(name) and (os.path.exists(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        if os.path.isfile(name):
+            raise UsageError(f"{flag} {name}: a file, not a model folder, a .gguf file, tiny or a hub id")
+        if not os.path.isdir(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
             raise UsageError(f"{flag} {name}: no such model folder (a hub id is org/name)")
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as error:  # not found, no network, a damaged file: one line
             raise UsageError(f"{flag} {name}: cannot load it ({runs.first_line(error)})") from None
+    if not tokenizer(data.SYSTEM_PROMPT, add_special_tokens=False)["input_ids"]:  # a folder without its tokenizer.json
+        raise UsageError(f"{flag} {name}: its tokenizer turns the prompt into no tokens (is tokenizer.json missing?)")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # the rollout's padding needs one
     stops = model.generation_config.eos_token_id
     stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)

@@ -46,8 +46,15 @@ def _forkserver():
     return _context
 
 
-def _run_in_child(script, args, cwd, environ, stdout_path, stderr_path):
-    """In the forked process: `python script args` from cwd with this environment, output into the two files."""
+def _run_in_child(script, args, cwd, environ, stdout_path, stderr_path, fresh=False):
+    """In the forked process: `python script args` from cwd with this environment, output into the two files.
+    fresh: the project's modules are imported again, found as a plain `python script` finds them (torch and
+    transformers stay loaded)."""
+    if fresh:
+        project = lambda path: (os.path.realpath(path) + os.sep).startswith(os.path.realpath(ROOT) + os.sep)
+        sys.path[:] = [path for path in sys.path if path and not project(path)]  # '' too: a script run has none
+        for name in [name for name, module in sys.modules.items() if getattr(module, "__file__", None) and project(module.__file__)]:
+            del sys.modules[name]
     os.environ.clear()
     os.environ.update(environ)  # the caller's, as a subprocess would inherit it (not the server's)
     for fd, path in ((1, stdout_path), (2, stderr_path)):
@@ -68,12 +75,13 @@ def terminal_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_script(script, *args, cwd=None, timeout=600):
+def run_script(script, *args, cwd=None, timeout=600, fresh=False):
     """`python script ARGS` (cwd: the current directory when None) as a forked process; returns a
-    subprocess.CompletedProcess with text stdout and stderr, like subprocess.run(..., capture_output=True)."""
+    subprocess.CompletedProcess with text stdout and stderr, like subprocess.run(..., capture_output=True).
+    fresh: the project's own modules imported anew from the script's sys.path (_run_in_child)."""
     args = [str(a) for a in args]
     with tempfile.NamedTemporaryFile() as out, tempfile.NamedTemporaryFile() as err:
-        process = _forkserver().Process(target=_run_in_child, args=(script, args, cwd, dict(os.environ), out.name, err.name))
+        process = _forkserver().Process(target=_run_in_child, args=(script, args, cwd, dict(os.environ), out.name, err.name, fresh))
         process.start()
         process.join(timeout)
         if process.exitcode is None:
@@ -98,6 +106,22 @@ def stop_the_fork_server():
         import multiprocessing.forkserver
 
         multiprocessing.forkserver._forkserver._stop()
+
+
+@pytest.fixture(autouse=True)
+def run_state_restored():
+    """An in-process run (r2rank.main) installs its Ctrl-C / SIGTERM handlers, may record a stop, and holds
+    its --out's lock for the life of the process: all three are undone after each test."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    runs = sys.modules.get("runs")
+    if runs is not None and hasattr(runs, "STOP"):
+        runs.STOP.update(signal=None, at=0.0)
+    held = getattr(runs.claim, "held", None) if runs is not None else None
+    if held is not None and os.path.realpath(f"/proc/self/fd/{held}").endswith(runs.LOCK):  # still the lock's
+        os.close(runs.claim.__dict__.pop("held"))
 
 
 @pytest.fixture(autouse=True)

@@ -79,17 +79,7 @@ def test_the_rl_stage_runs_answer_only_and_records_it(synthetic_dir, tmp_path):
     assert row["response_len"] > 0 and "approx_kl" in row  # PPO acted on the decision's tokens
 
 
-@pytest.mark.parametrize("stage", ["sft-data", "sft"])
-def test_sft_refuses_the_answer_only_prompt(stage, capsys):
-    """The cold start teaches the self-check format (the teacher's traces answer Fig. 2's prompt)."""
-    import r2rank
-
-    with pytest.raises(SystemExit) as exit_info:
-        r2rank.parse_args(["--stage", stage, "--model", "tiny", "--prompt", "answer-only"])
-    assert exit_info.value.code == 2 and "--prompt answer-only does not go with SFT" in capsys.readouterr().err
-
-
-def test_the_rollout_uses_the_chosen_prompt(synthetic_dir):
+def test_prompt_tokens_use_the_chosen_prompt(synthetic_dir):
     import r2rank
 
     _, tokenizer = r2rank.load_model("tiny", "cpu")

@@ -103,6 +103,21 @@ def test_greedy_traces_of_several_users_equal_generate_on_each_whole_prompt(tiny
     assert stops == "eos" or len({len(trace) for trace in traces}) > 1  # and rows end at different steps
 
 
+def test_a_prompt_with_an_empty_prefix_or_empty_suffixes_is_the_whole_prompt(tiny, prompts):
+    """How the prompt is split between prefix and suffixes changes nothing: all of it in the suffixes (no
+    cache), or all of it in the prefix (each row's first token is then the prefix's last)."""
+    model, tokenizer = tiny
+    (prefix, suffixes), other = prompts[0], prompts[1]
+    whole = [prefix + suffix for suffix in suffixes]
+    expected = [generate_alone(model, prompt, 6) for prompt in whole]
+    no_prefix, _ = r2rank.rollout(model, tokenizer, [([], whole), other], 6, 0.0)
+    assert no_prefix[:K] == expected
+    no_suffix, hidden = r2rank.rollout(model, tokenizer, [(whole[1], [[]] * K), other], 6, 0.0)
+    assert no_suffix[:K] == [expected[1]] * K
+    with torch.no_grad():
+        torch.testing.assert_close(hidden[0], plain_forward(model, whole[1] + expected[1])[1][-1], atol=1e-4, rtol=0)
+
+
 def test_traces_stop_after_the_first_stop_token_or_at_the_budget(tiny, prompts):
     model, tokenizer = tiny
     with stop_tokens(model, a_third_of_the_vocabulary(model)) as stops:

@@ -2,7 +2,7 @@
 
 Oracles: the expected value of ppo.score_gradient over every ranking (and every pair of rankings,
 for the leave-one-out baseline), against finite differences of V(s) computed from Plackett-Luce's
-product formula written out here; and one update of rollout.ppo_update on the tiny model in fp64,
+product formula written out here; and one update of r2rank.ppo_update on the tiny model in fp64,
 against central finite differences of the objective it claims to ascend,
 
     F(theta) = (1 / D) [ sum_k A_k log pi_theta(y_k) + sum_u V(std(s_u(theta))) ],   s_uk = f_phi(h_k(theta, y_k)),
@@ -17,14 +17,13 @@ import types
 import pytest
 import torch
 
-from machinery import models
+import models
+import r2rank
+from conftest import float64_copy
 from head import ScoreHead
-import rollout
 from metrics import ndcg_at_k
 from plackett_luce import standardized
 from ppo import leave_one_out_baseline, score_gradient
-
-from test_rollout import _float64_copy, _prompts
 
 
 def _pl_probability(scores, ranking):
@@ -94,25 +93,26 @@ class RecordingOptimizer:
             p.grad = None
 
 
+def update_args(**changes):
+    return types.SimpleNamespace(**{**dict(ppo_epochs=2, micro_batch=2, temperature=1.0, clip_eps=0.2), **changes})
+
+
+def two_users(tokenizer):
+    """Two users of K = 3 candidates: prefixes of different lengths, suffixes of different lengths."""
+    prefix = tokenizer("Instructions and a user context, shared by all candidates.\n")["input_ids"]
+    suffixes = [tokenizer(text)["input_ids"] for text in ["Red tent", "Blue watering can - category: gardening", "Gamepad"]]
+    assert len({len(s) for s in suffixes}) == 3
+    return [(prefix, suffixes), (prefix[:-2], suffixes[::-1])]
+
+
 @pytest.fixture(scope="module")
 def setting():
-    """The tiny model in fp64, a head, two users of K = 3 candidates (their prompts share a prefix)."""
+    """The tiny model in fp64, a head, two users' prompts."""
     model, tokenizer = models.build_tiny(seed=0)
-    model = _float64_copy(model.eval())
+    model = float64_copy(model.eval())
     torch.manual_seed(0)
     head = ScoreHead(model.config.hidden_size, 8).double()
-    prefix, suffixes = _prompts(tokenizer)
-    prompts = [(prefix, suffixes), (prefix[:-2], suffixes[::-1])]  # two users
-    return model, head, prompts
-
-
-def _traces(responses, hidden_size):
-    """Traces holding fixed traces: the update reads the tokens (and, for its gap statistics, the rest)."""
-    width = max(1, max(len(r) for r in responses))
-    lengths = torch.tensor([len(r) for r in responses])
-    tokens = torch.tensor([r + [0] * (width - len(r)) for r in responses], dtype=torch.long)  # right-padded
-    return rollout.Traces(tokens, torch.zeros(len(responses), width), torch.arange(width)[None] < lengths[:, None],
-                           lengths, lengths > 0, torch.zeros(len(responses), hidden_size))
+    return model, head, two_users(tokenizer)
 
 
 def _oracle(model, head, prompts, responses, temperature):
@@ -132,12 +132,13 @@ def _oracle(model, head, prompts, responses, temperature):
     return torch.stack(logps), torch.stack(scores)
 
 
-@pytest.mark.parametrize("shared_prefix", [True, False])
+@pytest.mark.parametrize("layout", ["shared prefix", "whole prompts (gradient checkpointing)"])
 @pytest.mark.parametrize("trace_lengths", [[[2, 1, 3], [1, 4, 2]], [[0, 0, 0], [0, 0, 0]]])
-def test_update_gradient_is_the_exact_gradient_of_the_objective(setting, shared_prefix, trace_lengths, monkeypatch):
+def test_update_gradient_is_the_exact_gradient_of_the_objective(setting, layout, trace_lengths, monkeypatch):
     """The first PPO epoch's gradient (tokens + score path, micro-batches of 2 over K = 3, --pl-std 1)
     equals finite differences of F along random directions of every weight; with empty traces
-    (--max-new-tokens 0) it is the score path alone, D = the trace count, and there is no second epoch."""
+    (--max-new-tokens 0) it is the score path alone, D = the trace count, and there is no second epoch.
+    The second layout is the one --gradient-checkpointing runs: every row holds its whole prompt."""
     model, head, prompts = setting
     std, temperature, labels = 1.0, 0.7, torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
     generator = torch.Generator().manual_seed(1)
@@ -155,21 +156,34 @@ def test_update_gradient_is_the_exact_gradient_of_the_objective(setting, shared_
         raw = _oracle(model, head, prompts, responses, temperature)[1]
         score_grads = torch.stack([_finite_difference_gradient(lambda s: _value(standardized(s[None], std)[0], labels[u]),
                                                                raw[u]) for u in range(2)])
+    layouts = []
+    forward_traces = r2rank.forward_traces
+
+    def recorded(*args, **kwargs):
+        layouts.append(kwargs.get("shared", args[5] if len(args) > 5 else True))
+        return forward_traces(*args, **kwargs)
+
+    monkeypatch.setattr(r2rank, "forward_traces", recorded)
+    monkeypatch.setattr(r2rank, "MAX_GRAD_NORM", 1e30)  # the gradient itself, not its clipped step
+    if layout != "shared prefix":
+        model.activation_checkpointing_enable()  # as r2rank.train_rl switches it on
 
     def update(**kwargs):
         optimizer = RecordingOptimizer(model)
-        cfg = types.SimpleNamespace(ppo_epochs=2, micro_batch=2, temperature=temperature, clip_eps=0.2, max_grad_norm=1e30)
-        traces = [_traces(r, model.config.hidden_size) for r in responses]
-        rollout.ppo_update(model, optimizer, prompts, traces, advantages, cfg, shared_prefix, **kwargs)
+        r2rank.ppo_update(model, optimizer, prompts, responses, advantages, update_args(temperature=temperature), **kwargs)
         assert len(optimizer.steps) == (2 if tokens else 1)  # no tokens: no second epoch to move AdamW
         assert all(p.grad is None for p in head.parameters())  # phi learns from Eq. 5 only
         return optimizer.steps[0]
 
-    gradient = update(head=head, score_grads=score_grads)
-    without = update()  # --no-score-path: the tokens alone
-    monkeypatch.setattr(rollout, "trace_logprobs_shared" if shared_prefix else "trace_logprobs",
-                        _detaching(getattr(rollout, "trace_logprobs_shared" if shared_prefix else "trace_logprobs")))
-    detached = update(head=head, score_grads=score_grads)  # a mutation: h_k without its gradient
+    try:
+        gradient = update(head=head, score_grads=score_grads)
+        without = update()  # --no-score-path: the tokens alone
+        monkeypatch.setattr(r2rank, "forward_traces", lambda *args, **kwargs: _detached_hidden(recorded(*args, **kwargs)))
+        detached = update(head=head, score_grads=score_grads)  # a mutation: h_k without its gradient
+    finally:
+        if layout != "shared prefix":
+            model.activation_checkpointing_disable()
+    assert set(layouts) == {layout == "shared prefix"}
 
     generator = torch.Generator().manual_seed(2)
     parameters = dict(model.named_parameters())
@@ -196,24 +210,32 @@ def test_update_gradient_is_the_exact_gradient_of_the_objective(setting, shared_
             assert abs(along(wrong) - numeric) > 1e-4 * max(abs(numeric), 1e-3), (float(along(wrong)), float(numeric))
 
 
-def _detaching(function):
-    def wrapper(*args, **kwargs):
-        out = function(*args, **kwargs)
-        return (*out[:2], out[2].detach()) if len(out) == 3 else out
-    return wrapper
+def _detached_hidden(out):
+    logp, mask, hidden = out
+    return logp, mask, hidden.detach()
 
 
-def test_update_hidden_state_is_where_the_rollout_reads_it(setting):
-    """The update's h_k is the rollout's: the scores it computes from its own forward equal the ones
-    the head gave the decoded traces (decode_score_gap), with and without a trace."""
-    model, head, prompts = setting
-    model_fp32, tokenizer = models.build_tiny(seed=0)
-    for max_new_tokens in (0, 5):
-        traces = [rollout.sample_traces(model_fp32, tokenizer, prefix, suffixes, max_new_tokens,
-                                         generator=torch.Generator().manual_seed(3)) for prefix, suffixes in prompts]
-        cfg = types.SimpleNamespace(ppo_epochs=1, micro_batch=2, temperature=1.0, clip_eps=0.2, max_grad_norm=1.0)
-        head32 = ScoreHead(model_fp32.config.hidden_size, 8)
-        stats = rollout.ppo_update(model_fp32, RecordingOptimizer(model_fp32), prompts, traces, torch.zeros(2, 3), cfg,
-                                   True, head=head32, score_grads=torch.zeros(2, 3))
-        assert stats["decode_score_gap"] < 1e-4
-        assert traces[0].final_hidden.abs().max() > 0.1  # a real hidden state, so a gap would show
+@pytest.mark.parametrize("max_new_tokens", [0, 5])
+def test_update_hidden_state_is_where_the_rollout_reads_it(monkeypatch, max_new_tokens):
+    """The h_k that ppo_update's score path reads (its forward, in micro-batches) is the rollout's, with and
+    without a trace: f_phi of it is the score the step ranked by."""
+    model, tokenizer = models.build_tiny(seed=0)
+    model.eval()
+    prompts = two_users(tokenizer)
+    torch.manual_seed(3)
+    flat, hidden = r2rank.rollout(model, tokenizer, prompts, max_new_tokens, 1.0)
+    assert hidden.abs().max() > 0.1  # a real hidden state, so a gap would show
+    seen, forward_traces = [], r2rank.forward_traces
+
+    def recorded(*args, **kwargs):
+        out = forward_traces(*args, **kwargs)
+        seen.append(out[2].detach())
+        return out
+
+    monkeypatch.setattr(r2rank, "forward_traces", recorded)
+    head = ScoreHead(model.config.hidden_size, 8)
+    traces = [flat[:3], flat[3:]]
+    r2rank.ppo_update(model, RecordingOptimizer(model), prompts, traces, torch.zeros(2, 3), update_args(ppo_epochs=1),
+                      head=head, score_grads=torch.zeros(2, 3))
+    assert [len(h) for h in seen] == [2, 1, 2, 1]  # micro-batches of 2 over K = 3, per user
+    torch.testing.assert_close(torch.cat(seen), hidden, atol=1e-5, rtol=0)
