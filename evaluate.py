@@ -3,10 +3,7 @@
     python r2rank.py --stage eval --model runs/r2rank/checkpoint-100 --data data/ml100k
     python r2rank.py --stage eval --model tiny --methods random,popularity,pointwise --analyses position
 
-    run_eval(args)   every method on the same candidates -> <out>/eval-<split>.json, Table 2, then --analyses
-
-NDCG@k is in metrics.py, the Wilcoxon test and the bootstrap intervals in stats.py; the baselines in
-baselines/untrained.py; the analyses of Sec. 4.4 and 4.5 (Fig. 3-5, Table 7) in analyses.py.
+run_eval(args): every method on the same users -> Table 2, <out>/eval-<split>.json; then analyses.py's --analyses.
 
 Where this departs from the paper, which leaves these points open unless said (the numbers of the one list,
 at the top of r2rank.py):
@@ -31,7 +28,6 @@ import itertools
 import json
 import os
 import shlex
-import signal
 import sys
 import time
 from argparse import Namespace
@@ -59,10 +55,6 @@ GROUPS = {"Baselines": {"random": "Random", "popularity": "Popularity", "sasrec"
           "Prompted LLM": {"pointwise": "Pointwise, zero-shot", "listwise": "Listwise, zero-shot"},
           "Compared RL systems": {"reczero": "RecZero-style, pointwise GRPO", "r2ec": "R2ec-style, dual head"},
           "Ours": {"r2rank": "R2Rank"}}
-ASCII_MARKERS = str.maketrans({"†": "+", "‡": "++", "§": "+++"})
-
-
-# --------------------------------------------------------------------------------- per-user results
 
 
 def summarize(scores, instances, seed):
@@ -80,12 +72,11 @@ def pairwise_tests(results):
     """Wilcoxon test of every pair of methods on every NDCG@k, paired by user."""
     pairs = {}
     for a, b in itertools.combinations(results, 2):
-        pairs[f"{a} vs {b}"] = {}
         for metric in (f"ndcg@{k}" for k in KS):
             x, y = ([user[metric] for user in results[name]["per_user"]] for name in (a, b))
             statistic, p_value = wilcoxon_signed_rank(x, y)
-            pairs[f"{a} vs {b}"][metric] = {"statistic": statistic, "p_value": p_value,
-                                            "nonzero": int(np.count_nonzero(np.round(np.subtract(x, y), 12)))}
+            pairs.setdefault(f"{a} vs {b}", {})[metric] = {"statistic": statistic, "p_value": p_value,
+                                                           "nonzero": int(np.count_nonzero(np.round(np.subtract(x, y), 12)))}
     return {"test": "two-sided paired Wilcoxon signed-rank on per-user values, zero differences dropped",
             "markers": "† p < 0.05, ‡ p < 0.01, § p < 0.001", "pairs": pairs}
 
@@ -94,9 +85,8 @@ def pair_test(tests, a, b, metric):
     return (tests["pairs"].get(f"{a} vs {b}") or tests["pairs"][f"{b} vs {a}"])[metric]
 
 
-# ------------------------------------------------------------------- what --model is a checkpoint of
+# ------------------------------------------- what --model is a checkpoint of: its r2rank.json names the stage
 
-# A trained method needs a checkpoint of its own training: its r2rank.json names the stage that wrote it.
 TRAINED = {"rl": "r2rank", "reczero": "reczero", "r2ec": "r2ec"}  # that stage -> the method
 TRAINED_BY = {"r2rank": "a checkpoint of --stage rl", "reczero": "a checkpoint of baselines/reczero.py",
               "r2ec": "a checkpoint of baselines/r2ec.py",
@@ -111,23 +101,15 @@ def checkpoint_record(model):
     return {}
 
 
-def checkpoint_kind(model):
-    """The trained method --model is a checkpoint of (r2rank, reczero or r2ec); None for a hub id, tiny, a bare
-    model, an SFT checkpoint."""
-    return TRAINED.get(checkpoint_record(model).get("stage"))
-
-
 def servable(methods, args):
-    """(methods less the trained ones --model is no checkpoint of, its kind). One named in --methods is refused
-    in one line (reczero on an R2ec checkpoint would be reported as RecZero's); r2rank from the default
-    --methods is skipped with a note, so that a bare model evaluates the baselines."""
-    kind = checkpoint_kind(args.model)
+    """(methods less the trained ones --model is no checkpoint of, its kind). One named in --methods is refused (reczero
+    on an R2ec checkpoint would be reported as RecZero's); r2rank from the default --methods is skipped, with a note."""
+    kind = TRAINED.get(checkpoint_record(args.model).get("stage"))  # None: a hub id, tiny, a bare or SFT model
     for name in [name for name in methods if name in TRAINED_BY and name != kind]:
         if "methods" in args.given:
             fix = f"evaluate it with --methods {kind}" if kind else f"leave {name} out of --methods"
             raise UsageError(f"--methods {name} needs {TRAINED_BY[name]}; --model {args.model} is {TRAINED_BY[kind]}: {fix}")
-        print(f"note: {args.model} is no checkpoint of --stage rl, so it has no trained scoring head and r2rank is skipped: "
-              "an untrained head's scores are noise. Pass a checkpoint folder of --stage rl as --model to evaluate R2Rank.")
+        print(f"note: {args.model} is no checkpoint of --stage rl, so it has no trained scoring head: r2rank is skipped")
         methods.remove(name)
     return methods, kind
 
@@ -137,9 +119,8 @@ def as_flag(setting, value):
 
 
 def trained_args(args, kind, others):
-    """args for the trained method `kind`: the trace settings its checkpoint was trained with (r2rank.json),
-    but for those given on the command line (args.given). One note names the settings taken, one each given
-    setting that differs from training. others: whether other methods read the prompt (and keep args')."""
+    """args for the trained method `kind`: the trace settings of its r2rank.json but those given on the command line,
+    each difference noted. others: whether other methods read the prompt (and keep args')."""
     record = checkpoint_record(args.model)
     trained = {setting: record[setting] for setting in TRACE_SETTINGS if setting in record}
     for setting, value in trained.items():
@@ -159,9 +140,8 @@ def trained_args(args, kind, others):
 
 
 def make_rankers(args, own, model, tokenizer, dtype, head=None, counts=None, sasrec_model=None, r2ec_model=None):
-    """name -> rank(instances, desc) -> (scores [U, K] fp32 on the CPU, info dict), each instance's candidates
-    scored in the order given (the analyses rerun them on reordered candidates or shuffled histories).
-    own: the args of the trained method (trained_args), which its ranker reads; the others read args."""
+    """name -> rank(instances, desc) -> (scores [U, K] fp32 on the CPU, info dict), candidates scored in the order
+    given (the analyses reorder them). own: the args of the trained method (trained_args); the others read args."""
     self_check = lambda inst: data.encode_user(tokenizer, inst, args.max_history, args.max_item_chars)  # Fig. 2's prompt
     rankers = {
         "r2rank": lambda instances, desc: (r2rank.score_users(model, tokenizer, head, instances, own, dtype), {}),
@@ -176,24 +156,21 @@ def make_rankers(args, own, model, tokenizer, dtype, head=None, counts=None, sas
         "r2ec": lambda instances, desc: r2ec.rank(model, tokenizer, *r2ec_model, instances, own.max_history, own.max_item_chars,
                                                   own.max_new_tokens, desc),
     }
-    device_type = model.device.type if model is not None else "cpu"
-    return {name: sharded(rank, device_type, dtype) if name in PROMPTED else rank for name, rank in rankers.items()}
+    return {name: sharded(rank, model, dtype) if name in PROMPTED else rank for name, rank in rankers.items()}
 
 
-def sharded(rank_users, device_type, dtype):
-    """A prompted ranker, run under autocast at dtype. Under torchrun each process scores users[rank::world] and
-    every process gets all users' scores, in their order, and one info (merged)."""
+def sharded(rank_users, model, dtype):
+    """A prompted ranker, under autocast at dtype on the model's device. Under torchrun each process scores
+    users[rank::world]; every process gets all users' scores, in their order, and one info (merged)."""
     def rank_all(instances, desc):
         mine, K = instances[runs.rank()::runs.world()], len(instances[0]["candidates"])
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
             scores, info = rank_users(mine, desc) if mine else (torch.zeros(0, K), {})
         if runs.world() == 1:
             return scores, info
         parts = [None] * runs.world()
         dist.all_gather_object(parts, (scores.tolist(), len(mine), info))
-        rows = [None] * len(instances)
-        for r, (part, _, _) in enumerate(parts):
-            rows[r::len(parts)] = part
+        rows = [parts[i % len(parts)][0][i // len(parts)] for i in range(len(instances))]  # process r had users[r::world]
         return torch.tensor(rows, dtype=torch.float32), merged([(n, info) for _, n, info in parts if n])
     return rank_all
 
@@ -211,8 +188,7 @@ def merged(infos):
 
 
 def unparsable(result):
-    """Users whose answer named no candidate, of one method's result: listwise scores those users in the
-    candidates' input order (untrained.rank_listwise); 0 for the methods that parse nothing."""
+    """Users whose answer named no candidate (listwise scores them in the input order); 0 for methods that parse none."""
     return (result.get("parse") or {}).get("unparsable", 0)
 
 
@@ -222,14 +198,11 @@ def rankable(result):
 
 
 def markdown_table(results, tests, dataset, model_name):
-    """Table 2's layout: a row per method in GROUPS, NDCG@1/5/10; each column's best is bold and marked by its
-    test against the column's runner-up. A method with unparsable answers says how many in its row, and when
-    they are most of them it is left out of the bold and the test (rankable)."""
-    cells = {name: {} for name in results}
+    """Table 2: a row per method in GROUPS, NDCG@1/5/10; each column's best is bold and marked by its test against
+    the runner-up. A row says how many answers were unparsable; when most, it is never bold (rankable)."""
+    cells = {name: {f"ndcg@{k}": f"{result[f'ndcg@{k}']:.3f}" for k in KS} for name, result in results.items()}
     for metric in (f"ndcg@{k}" for k in KS):
         ranked = sorted((name for name in results if rankable(results[name])), key=lambda name: results[name][metric], reverse=True)
-        for name in results:
-            cells[name][metric] = f"{results[name][metric]:.3f}"
         if len(ranked) > 1 and results[ranked[0]][metric] > results[ranked[1]][metric]:
             marker = significance_marker(pair_test(tests, ranked[0], ranked[1], metric)["p_value"])
             cells[ranked[0]][metric] = f"**{cells[ranked[0]][metric]}**{marker}"
@@ -247,9 +220,8 @@ def markdown_table(results, tests, dataset, model_name):
 
 
 def dataset_name(data_dir):
-    """The data set's name in the table's header: its folder's name, unless that is the generic "data" (the
-    synthetic set built into <out>/data, or a layout like vg/data): then "synthetic" when its stats.json says
-    it was built from the synthetic source, else the parent folder's name."""
+    """The data set's name in the table's header: its folder's name, or for a folder named "data" (<out>/data, vg/data)
+    "synthetic" when its stats.json says it was built from the synthetic source, else the parent folder's name."""
     path = os.path.abspath(data_dir)
     if os.path.basename(path) != "data":
         return os.path.basename(path)
@@ -263,13 +235,12 @@ def show(text):
     """print, with the paper's markers as +, ++, +++ where stdout cannot encode them (an ASCII locale)."""
     encoding = sys.stdout.encoding or "ascii"
     if "†‡§".encode(encoding, "replace").decode(encoding) != "†‡§":
-        text = text.translate(ASCII_MARKERS)
+        text = text.translate(str.maketrans({"†": "+", "‡": "++", "§": "+++"}))
     print(text.encode(encoding, "replace").decode(encoding))
 
 
 def print_report(results, tests, found, dataset, model_name):
-    """Table 2, the intervals and parse counts per method, r2rank's test against the best other method, and
-    one line per analysis: everything a reader needs, printed before the JSON is written."""
+    """Table 2, each method's interval and parse counts, r2rank's test against the best other, the analyses."""
     show("\n" + markdown_table(results, tests, dataset, model_name) + "\n")
     show(f"{tests['markers']}; bold: best in the column, tested against the runner-up ({tests['test']}).")
     for name, result in results.items():
@@ -288,20 +259,6 @@ def print_report(results, tests, found, dataset, model_name):
         show(line)
 
 
-def write_results(path, report):
-    """report as JSON at path, whole or not at all: written beside it, then renamed into place. A failed write
-    (no space, a file-size limit, a permission) is one line saying where the numbers still are."""
-    try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise UsageError(f"could not write {path} ({error.strerror or error}); the results are in the table printed "
-                         "above (the per-user values and the tests of every pair are lost)") from None
-
-
 # ---------------------------------------------------------------------------------------- the stage
 
 INTERRUPTED = "interrupted: the evaluation stopped before writing its results; nothing was written"
@@ -315,16 +272,13 @@ def chosen(text, allowed, flag):
 
 
 def run_eval(args):
-    """--stage eval: every method of --methods on the same users of --split, then --analyses; returns the path
-    of eval-<split>.json. Ctrl-C or SIGTERM stop it at once: one line, nothing written, exit 130 / 143."""
-    previous = signal.signal(signal.SIGTERM, runs.stop_now)  # SIGTERM raises runs.Stopped, as Ctrl-C KeyboardInterrupt
+    """--stage eval: every method of --methods on the same users of --split, then --analyses; returns the path of
+    eval-<split>.json. Ctrl-C or SIGTERM (runs.Stopped, from r2rank.main): one line, nothing written, exit 130 / 143."""
     try:
         return evaluate(args)
     except (KeyboardInterrupt, runs.Stopped) as stop:
         runs.say(INTERRUPTED)
         sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def evaluate(args):
@@ -396,6 +350,14 @@ def evaluate(args):
               "users": len(instances), "candidates": K, "device": str(device), "dtype": str(dtype), "traces": "greedy"}
     if kind in results:  # the trace settings the trained method ran with (its training's, unless given)
         config["trace_settings"] = {kind: {setting: getattr(own, setting) for setting in TRACE_SETTINGS}}
-    write_results(path, {"methods": results, "tests": tests, "analyses": found, "config": config})
+    try:  # whole or not at all: written beside it, then renamed into place
+        with open(path + ".tmp", "w") as f:
+            json.dump({"methods": results, "tests": tests, "analyses": found, "config": config}, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as error:  # no space, a file-size limit, a permission
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise UsageError(f"could not write {path} ({error.strerror or error}); the results are in the table printed "
+                         "above (the per-user values and the tests of every pair are lost)") from None
     print(f"wrote {path}")
     return path

@@ -572,6 +572,7 @@ def main(argv=None):
         runs.say(f"interrupted: {runs.kept_text(args.out)}")
         sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
     finally:
+        runs.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 

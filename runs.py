@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+import data
 import lora
 from data import UsageError
 
@@ -134,7 +135,14 @@ def claim(out):
                          "wait for it or choose another --out") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    claim.held = fd  # kept open (and locked) until the process ends
+    claim.held = fd  # kept open (and locked) until release() or the process's end
+
+
+def release():
+    """Let --out go (the end of main): another run, in this process or another, may take it."""
+    if getattr(claim, "held", None) is not None:
+        os.close(claim.held)
+        claim.held = None
 
 
 def prepare_data(args):
@@ -219,8 +227,11 @@ def start_run(args, stage):
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")
+    if args.data and not os.path.isfile(os.path.join(args.data, "train.jsonl")):
+        data.load_split(args.data, "train")  # the one-line error naming the folder, before --out is touched
     if rank() == 0:
         claim(args.out)
+    barrier()  # --out exists for every process
     data_dir = prepare_data(args)
     found = sorted(n for n in os.listdir(args.out) if re.fullmatch(r"metrics\.jsonl|(\.tmp-)?checkpoint-\d+", n))
     foreign = sorted(n for n in os.listdir(args.out) if not RUN_FILE.fullmatch(n))
@@ -306,10 +317,19 @@ def save_checkpoint(out, step, model, tokenizer, head, optimizers, args, run):
                       "data_fingerprint": run.fingerprint}
             with open(os.path.join(tmp, "r2rank.json"), "w") as f:
                 json.dump(record, f, indent=1)
+            umask = os.umask(0)
+            os.umask(umask)
+            for name in files:  # safetensors writes 0600; a checkpoint is read as other files are
+                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
             if os.path.isdir(final):
                 remove_run_file(final)
-            os.rename(tmp, final)
-        except (OSError, RuntimeError) as error:  # a full disk, a read-only --out, a file-size limit
+            if os.path.isdir(final):  # the user's files kept there: ours move in beside them, r2rank.json last
+                for name in sorted(os.listdir(tmp), key=lambda name: name == "r2rank.json"):
+                    os.replace(os.path.join(tmp, name), os.path.join(final, name))
+                os.rmdir(tmp)
+            else:
+                os.rename(tmp, final)
+        except Exception as error:  # a full disk, a read-only --out, a file-size limit (OSError, safetensors' own)
             shutil.rmtree(tmp, ignore_errors=True)
             newest = newest_whole_checkpoint(out)[0]
             raise UsageError(f"step {step}: saving {final} failed ({first_line(error)[:160]}); free space or make --out "

@@ -7,14 +7,12 @@
 
 sft-data: for (user, candidate) pairs of the training split, ask the teacher for the self-check trace
 (data.self_check_messages, Fig. 2) and keep it only when its <answer> matches the label. Kept traces
-go to traces.jsonl, the others to traces.rejected.jsonl, one line per asked pair, appended and flushed
-one at a time: a rerun skips every pair found in either file, so an interrupted run resumes where it
-stopped (a torn last line is cut off and its pair asked again). traces.summary.json has the counts.
+go to traces.jsonl, the others to traces.rejected.jsonl, one flushed line per asked pair: a rerun skips
+every pair in either file (a torn last line is cut off, its pair asked again). traces.summary.json: the counts.
 
 sft: next-token loss on the trace tokens only; the prompt is exactly what the RL stage feeds the
 policy (r2rank.prompt_tokens), the trace is the teacher's text followed by the tokenizer's eos.
-Checkpoints (no head) work as --model for --stage rl, which starts a fresh scoring head; --resume needs the
-traces it started on (their sha256 is in the checkpoint's r2rank.json).
+Checkpoints (no head) work as --model for --stage rl; --resume needs the traces it started on (their sha256).
 
 Where this departs from the paper, which gives no SFT details beyond the data filter (the numbers of the one
 list, at the top of r2rank.py):
@@ -71,64 +69,44 @@ def choose_pairs(instances, num_pairs, seed):
     rng = random.Random(f"sft-pairs/{seed}")
     users = list(range(len(instances)))
     positive_users, negative_users = rng.sample(users, len(users)), rng.sample(users, len(users))
-    positives = [(u, instances[u]["labels"].index(1)) for u in positive_users if 1 in instances[u]["labels"]]
-    negatives = []
-    for u in negative_users:
-        choices = [k for k, label in enumerate(instances[u]["labels"]) if not label]
-        if choices:
-            negatives.append((u, random.Random(f"sft-negative/{seed}/{instances[u]['user_id']}").choice(choices)))
+    positives = [(u, instances[u]["labels"].index(1)) for u in positive_users]  # load_split: a 1 and a 0 in each
+    negatives = [(u, random.Random(f"sft-negative/{seed}/{instances[u]['user_id']}").choice(
+        [k for k, label in enumerate(instances[u]["labels"]) if not label])) for u in negative_users]
     n_pos, n_neg = min(num_pairs - num_pairs // 2, len(positives)), min(num_pairs // 2, len(negatives))
     pairs = [pair for two in zip(positives[:n_pos], negatives[:n_neg]) for pair in two]
     return pairs + positives[n_neg:n_pos] + negatives[n_pos:n_neg]
 
 
-def sidecar(path, suffix):
-    """traces.jsonl -> traces<suffix>, next to it."""
-    return (path[:-len(".jsonl")] if path.endswith(".jsonl") else path) + suffix
-
-
 def read_appended(path):
-    """Records of a JSON-lines file written one flushed line at a time. A torn last line (a crash in
-    mid-write) is cut off the file; any other malformed line is a DataError naming file:line."""
+    """Records of a JSON-lines file written one flushed line at a time. A torn last line (a crash in mid-write)
+    is cut off the file; any other malformed line is a DataError naming file:line."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    tail, records = lines.pop(), []  # tail: what follows the last newline, normally b""
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise data.DataError(f"{path}:{lineno}: malformed JSON ({e})") from None
-            if not isinstance(records[-1], dict) or not {"user_id", "item_id"} <= records[-1].keys():
-                raise data.DataError(f"{path}:{lineno}: expected an object with user_id and item_id")
-    if tail.strip():
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) - len(tail))
-        print(f"{path}:{len(lines) + 1}: dropped a torn last line (an interrupted run); its pair is asked again")
-    return records
+        text = f.read()
+    if (tail := text[text.rfind(b"\n") + 1:]).strip():
+        os.truncate(path, len(text) - len(tail))
+        print(f"{path}:{len(text.splitlines())}: dropped a torn last line (an interrupted run); its pair is asked again")
+    return [record for _, record in data.read_jsonl(path)]
 
 
 # ---------------------------------------------------------------------------------- the teachers
 
 
 def chat_completion(url, model, messages, temperature, max_tokens, api_key=None, retries=5, backoff=1.0, timeout=120.0):
-    """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions (top_p 1), standard library
-    only; each try waits at most `timeout` seconds (--teacher-timeout) for the connection and the reply.
-    Connection errors, timeouts, 5xx and 429 are retried `retries` times, after backoff * 1, 2, 4, ... seconds
-    (a 429's Retry-After seconds instead, up to 10 minutes); other failures, and the last retry's, raise a
-    DataError naming the URL (and, when it gives up, how long it tried, and --teacher-timeout)."""
+    """The reply text of an OpenAI-compatible endpoint: POST {url}/chat/completions (top_p 1), standard library only.
+    Each try waits `timeout` s; connection errors, timeouts, 5xx and 429 are retried `retries` times after backoff
+    * 1, 2, 4, ... s (a 429's Retry-After seconds instead, up to 10 min). Any other failure is a DataError."""
     endpoint = url.rstrip("/") + "/chat/completions"
     if not endpoint.startswith(("http://", "https://")):
         raise data.DataError(f"{endpoint}: not an http:// or https:// URL")
     body = json.dumps({"model": model, "messages": messages, "temperature": temperature, "top_p": 1.0,
                        "max_tokens": max_tokens}).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
-    started = time.monotonic()
+    request, started = urllib.request.Request(endpoint, data=body, headers=headers, method="POST"), time.monotonic()
     for attempt in range(retries + 1):
+        delay = backoff * 2 ** attempt
         try:
-            request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
             with urllib.request.urlopen(request, timeout=timeout) as reply:
                 payload = reply.read()
             break
@@ -138,34 +116,24 @@ def chat_completion(url, model, messages, temperature, max_tokens, api_key=None,
                 problem += " (no API key was sent: set OPENAI_API_KEY)"
             if e.code != 429 and e.code < 500:
                 raise data.DataError(f"{endpoint}: {problem}") from None
-            wait = e.headers.get("Retry-After", "") if e.code == 429 else ""
-            if wait.isdigit() and attempt < retries:  # the server says when (in seconds, or as a date: ignored)
-                time.sleep(min(int(wait), 600))
-                continue
+            if e.code == 429 and (wait := e.headers.get("Retry-After", "")).isdigit():  # seconds (a date: ignored)
+                delay = min(int(wait), 600)
         except (OSError, http.client.HTTPException) as e:  # no answer: refused, reset, timed out (URLError is an OSError)
             problem = str(getattr(e, "reason", e)) or type(e).__name__
         if attempt == retries:
             raise data.DataError(f"{endpoint}: {problem} (gave up after {retries + 1} attempts, {time.monotonic() - started:.1f} "
                                  f"s in all; each waits at most --teacher-timeout {timeout:g} s for the reply)")
-        time.sleep(backoff * 2 ** attempt)
+        time.sleep(delay)
     try:
         return json.loads(payload)["choices"][0]["message"]["content"] or ""
     except (ValueError, KeyError, IndexError, TypeError):
         raise data.DataError(f"{endpoint}: not a chat completion: {payload[:300]!r}") from None
 
 
-def endpoint_teacher(args):
-    """ask(instance, k, messages) -> reply text, from --teacher-url."""
-    return lambda instance, k, messages: chat_completion(args.teacher_url, args.teacher_model, messages, args.temperature,
-                                                         args.teacher_max_tokens, os.environ.get("OPENAI_API_KEY"),
-                                                         RETRIES, BACKOFF_SECONDS, args.teacher_timeout)
-
-
 def local_teacher(args):
     """ask(instance, k, messages) -> reply text, sampled from --teacher on the RL stage's prompt tokens.
     Each pair has its own seed, so a resumed run writes what an uninterrupted one would have."""
-    device = runs.pick_device(args.device)
-    # only sampled, never trained: the weights in the compute dtype (bfloat16 on a GPU) need no autocast
+    device = runs.pick_device(args.device)  # sampled only: weights in the compute dtype, no autocast
     model, tokenizer = r2rank.load_model(args.teacher, device, runs.pick_dtype(args.dtype, device), args.seed, "--teacher")
     model.eval()
 
@@ -183,49 +151,53 @@ def local_teacher(args):
 
 def build_traces(args):
     """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right.
-    Ctrl-C or SIGTERM stops at once (the pair in flight is asked again next time): exit 130 / 143."""
-    if bool(args.teacher) == bool(args.teacher_url):
-        raise UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
-    runs.claim(args.out)  # two runs appending to the same traces would ask every pair twice
-
-    def stop_now(signum, frame):
-        raise KeyboardInterrupt(signum)
-
-    signal.signal(signal.SIGTERM, stop_now)
+    Ctrl-C or SIGTERM (runs.Stopped, from r2rank.main) stops at once, exit 130 / 143; the pair in flight is asked again."""
     try:
         return ask_teacher(args)
-    except KeyboardInterrupt as stop:  # Ctrl-C's carries no signal number
+    except (KeyboardInterrupt, runs.Stopped) as stop:
         runs.say(PAIRS_KEPT)
-        sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
+        sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
 
 
 def ask_teacher(args):
-    """build_traces' work, once --out is held."""
+    if bool(args.teacher) == bool(args.teacher_url):
+        raise UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
+    runs.claim(args.out)  # two runs appending to the same traces would ask every pair twice
     started = time.time()
     instances = data.load_split(runs.prepare_data(args), "train")
     path = args.traces or os.path.join(args.out, "traces.jsonl")
-    rejected_path = sidecar(path, ".rejected.jsonl")
-    check_traces_path(path)  # before the data, the teacher and its first answer
+    rejected_path, summary_path = path.removesuffix(".jsonl") + ".rejected.jsonl", path.removesuffix(".jsonl") + ".summary.json"
+    if os.path.isdir(path):
+        raise UsageError(f"--traces {path}: a folder; pass a file, e.g. {os.path.join(path, 'traces.jsonl')}")
+    try:  # before the teacher: the file is appended to, two are written beside it
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "a").close()
+        tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path))).close()
+    except OSError as error:
+        raise UsageError(f"--traces {path}: cannot write there ({error.strerror or type(error).__name__})") from None
     teacher = args.teacher or args.teacher_model or args.teacher_url  # what a resumed run must match
     earlier = read_appended(path) + read_appended(rejected_path)
     others = {record.get("teacher") for record in earlier} - {teacher}
     if others:
         raise data.DataError(f"{path}: written by another teacher ({', '.join(map(str, others))}); "
                              "pass another --traces or delete it and its sidecars")
-    asked = {(record["user_id"], record["item_id"]) for record in earlier}
+    seen = {(record.get("user_id"), record.get("item_id")) for record in earlier}
 
     pairs = choose_pairs(instances, args.num_pairs, args.seed)
     key = lambda pair: (instances[pair[0]]["user_id"], instances[pair[0]]["candidates"][pair[1]]["item_id"])
-    pending = [pair for pair in pairs if key(pair) not in asked]
+    pending = [pair for pair in pairs if key(pair) not in seen]
     n_pos = sum(instances[u]["labels"][k] for u, k in pairs)
     print(f"{len(pairs)} pairs ({n_pos} positive, {len(pairs) - n_pos} negative) from {len(instances)} training users; "
           f"{len(pairs) - len(pending)} already asked, {len(pending)} to ask; teacher {teacher}, "
           f"--teacher-max-tokens {args.teacher_max_tokens}")
     if len(pairs) < args.num_pairs:
         print(f"only {len(pairs)} pairs: each user gives at most one positive and one negative pair")
-    ask = (endpoint_teacher(args) if args.teacher_url else local_teacher(args)) if pending else None
+    ask = local_teacher(args) if pending and args.teacher else (  # a local model loads only when there is work
+        lambda instance, k, messages: chat_completion(args.teacher_url, args.teacher_model, messages, args.temperature,
+                                                      args.teacher_max_tokens, os.environ.get("OPENAI_API_KEY"), RETRIES,
+                                                      BACKOFF_SECONDS, args.teacher_timeout))
     accepted = 0
-    with open(path, "a", encoding="utf-8") as kept, open(rejected_path, "a", encoding="utf-8") as dropped:
+    with open(path, "a", encoding="utf-8") as kept_file, open(rejected_path, "a", encoding="utf-8") as rejected_file:
         bar = tqdm(pending, desc="sft-data", dynamic_ncols=True)
         for done, (u, k) in enumerate(bar, 1):
             instance = instances[u]
@@ -234,52 +206,29 @@ def ask_teacher(args):
             decision, label = data.parse_answer(response), instance["labels"][k]
             record = {"user_id": instance["user_id"], "item_id": instance["candidates"][k]["item_id"], "label": label,
                       "decision": decision, "teacher": teacher, "messages": messages, "response": response}
-            out = kept if decision == label else dropped
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
+            out = kept_file if decision == label else rejected_file
+            print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
             os.fsync(out.fileno())  # a crash loses at most the pair in flight
             accepted += decision == label
             bar.set_postfix(accepted=f"{accepted}/{done}")
 
-    summary = summarize(read_appended(path), read_appended(rejected_path), teacher)
-    summary.update(asked_this_run=len(pending), wall_time_s=round(time.time() - started, 1))
-    with open(sidecar(path, ".summary.json.tmp"), "w") as f:
+    kept, rejected = read_appended(path), read_appended(rejected_path)  # this run's and those it resumed
+    asked, no_answer = len(kept + rejected), sum(r.get("decision") is None for r in rejected)
+    pos, neg = ({"asked": sum(r.get("label") == label for r in kept + rejected),
+                 "accepted": sum(r.get("label") == label for r in kept)} for label in (1, 0))
+    summary = {"teacher": teacher, "asked": asked, "accepted": len(kept), "acceptance_rate": len(kept) / max(1, asked),
+               "positive": pos, "negative": neg, "no_answer": no_answer, "asked_this_run": len(pending),
+               "wall_time_s": round(time.time() - started, 1)}
+    with open(summary_path + ".tmp", "w") as f:
         json.dump(summary, f, indent=1)
-    os.replace(sidecar(path, ".summary.json.tmp"), sidecar(path, ".summary.json"))
-    print(f"acceptance rate {summary['acceptance_rate']:.1%}: kept {summary['accepted']} of {summary['asked']} pairs "
-          f"(positives {summary['positive']['accepted']}/{summary['positive']['asked']}, negatives "
-          f"{summary['negative']['accepted']}/{summary['negative']['asked']}, no answer tag {summary['no_answer']}) "
+    os.replace(summary_path + ".tmp", summary_path)
+    print(f"acceptance rate {summary['acceptance_rate']:.1%}: kept {len(kept)} of {asked} pairs (positives "
+          f"{pos['accepted']}/{pos['asked']}, negatives {neg['accepted']}/{neg['asked']}, no answer tag {no_answer}) "
           f"-> {path} ({summary['wall_time_s']:.0f} s)")
-    if summary["no_answer"] > summary["asked"] / 4:  # replies cut off before their <answer>, most often
-        print(f"warning: {summary['no_answer']} of {summary['asked']} replies have no <answer> tag; raise the teacher's "
-              f"budget: --teacher-max-tokens (now {args.teacher_max_tokens})")
+    if no_answer > asked / 4:  # replies cut off before their <answer>, most often
+        print(f"warning: {no_answer} of {asked} replies have no <answer> tag; raise the teacher's budget: "
+              f"--teacher-max-tokens (now {args.teacher_max_tokens})")
     return summary
-
-
-def check_traces_path(path):
-    """A UsageError naming --traces unless its folder (made if missing) takes new files: sft-data appends to
-    the file and writes two beside it (.rejected.jsonl, .summary.json). A folder given as the file is refused."""
-    if os.path.isdir(path):
-        raise UsageError(f"--traces {path}: a folder; pass a file, e.g. {os.path.join(path, 'traces.jsonl')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if os.path.exists(path):  # a run to continue: appended to
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
-        descriptor, probe = tempfile.mkstemp(prefix=".sft-data-write-test-", dir=folder)  # new files beside it
-        os.close(descriptor)
-        os.remove(probe)
-    except OSError as error:
-        raise UsageError(f"--traces {path}: cannot write there ({error.strerror or type(error).__name__})") from None
-
-
-def summarize(kept, rejected, teacher):
-    """Counts over everything in the files (this run and the runs it resumed)."""
-    counts = lambda label: {"asked": sum(r.get("label") == label for r in kept + rejected),
-                            "accepted": sum(r.get("label") == label for r in kept)}
-    return {"teacher": teacher, "asked": len(kept + rejected), "accepted": len(kept), "acceptance_rate": len(kept) /
-            max(1, len(kept + rejected)), "positive": counts(1), "negative": counts(0),
-            "no_answer": sum(r.get("decision") is None for r in rejected)}
 
 
 # ------------------------------------------------------------------------------------------ sft
@@ -288,20 +237,17 @@ def summarize(kept, rejected, teacher):
 def read_traces(path, instances, args):
     """Validated traces -> [(instance, candidate index, trace text)]. instances: user_id -> instance
     of the training split. A bad line is a DataError naming file:line."""
-    traces = []
     if not os.path.exists(path):  # the cold start's first stage not run yet, or another --out
         raise data.DataError(f"{path}: no such file; --stage sft-data writes it (with the same --out), or pass --traces FILE")
+    traces = []
     for lineno, record in data.read_jsonl(path):
-        for name in ("user_id", "item_id", "response"):
-            data.require(record, name, str, path, lineno)
-        instance = instances.get(record["user_id"])
-        if instance is None:
-            raise data.DataError(f"{path}:{lineno}: user {record['user_id']!r} is not in the training split")
-        items = [c["item_id"] for c in instance["candidates"]]
-        if record["item_id"] not in items:
-            raise data.DataError(f"{path}:{lineno}: item {record['item_id']!r} is not a candidate of user {record['user_id']!r}")
-        k = items.index(record["item_id"])
-        decision = data.parse_answer(record["response"])
+        user, item, response = (data.require(record, name, str, path, lineno) for name in ("user_id", "item_id", "response"))
+        if user not in instances:
+            raise data.DataError(f"{path}:{lineno}: user {user!r} is not in the training split")
+        items = [c["item_id"] for c in instances[user]["candidates"]]
+        if item not in items:
+            raise data.DataError(f"{path}:{lineno}: item {item!r} is not a candidate of user {user!r}")
+        instance, k, decision = instances[user], items.index(item), data.parse_answer(response)
         if decision is None:
             raise data.DataError(f"{path}:{lineno}: the response has no <answer>{data.RECOMMEND}</answer> or "
                                  f"<answer>{data.NOT_RECOMMEND}</answer> tag")
@@ -311,16 +257,15 @@ def read_traces(path, instances, args):
         if "messages" in record and record["messages"] != messages:
             raise data.DataError(f"{path}:{lineno}: the prompt differs from the one built from this data with --prompt, "
                                  "--max-history and --max-item-chars (were the traces made with other settings?)")
-        traces.append((instance, k, record["response"]))
+        traces.append((instance, k, response))
     if not traces:
         raise data.DataError(f"{path}: no traces")
     return traces
 
 
 def accumulate_gradients(model, prompts, traces, micro_batch, dtype=torch.float32):
-    """Backward of the per-token mean NLL of traces given their prompts (token-id lists), micro_batch traces per
-    forward (r2rank.forward_traces, the RL update's log-probs, at temperature 1): each micro-batch's summed NLL
-    over the whole batch's token count. Forward and loss under autocast, backward outside. Returns the mean NLL."""
+    """Backward of the per-token mean NLL of traces (token-id lists) given their prompts, micro_batch traces per
+    r2rank.forward_traces at temperature 1, forward under autocast, backward outside. Returns the mean NLL."""
     total_tokens = max(1, sum(map(len, traces)))
     nll_sum = 0.0
     for start in range(0, len(prompts), micro_batch):
@@ -335,9 +280,7 @@ def accumulate_gradients(model, prompts, traces, micro_batch, dtype=torch.float3
 
 def train_sft(args):
     """--stage sft: fine-tune --model on the traces, loss on the trace tokens only. Returns the last checkpoint."""
-    # --out held, the data, the checkpoint to resume from; the stage's length is --sft-epochs (below), not --max-steps
     run = runs.start_run(args, "sft")
-    device, dtype = run.device, run.dtype
     instances = {inst["user_id"]: inst for inst in data.load_split(run.data_dir, "train")}
     path = args.traces or os.path.join(args.out, "traces.jsonl")
     traces = read_traces(path, instances, args)  # fail before loading a model
@@ -353,7 +296,7 @@ def train_sft(args):
     if run.start_step >= max_steps:
         print(f"{run.checkpoint} is the last step of {args.sft_epochs} epochs: nothing to train (raise --sft-epochs)")
         return run.checkpoint
-    model, tokenizer = r2rank.load_model(run.checkpoint or args.model, device, torch.float32, args.seed)  # fp32 master weights
+    model, tokenizer = r2rank.load_model(run.checkpoint or args.model, run.device, torch.float32, args.seed)  # fp32 master weights
 
     # prompt tokens exactly as in the RL stage; trace = teacher text + eos (the end of the turn)
     users = {inst["user_id"]: inst for inst, _, _ in traces}
@@ -366,16 +309,16 @@ def train_sft(args):
     torch.manual_seed(args.seed)  # --lora-rank: the adapters' A are drawn from it
     trained = lora.add_adapters(model, args.lora_rank) if args.lora_rank else list(model.parameters())
     if args.lora_rank and run.checkpoint:
-        lora.restore_adapters(model, load_file(os.path.join(run.checkpoint, "lora.safetensors"), device=str(device)))
-    optimizer = torch.optim.AdamW(trained, lr=args.sft_lr, weight_decay=0.0, fused=device.type == "cuda")
+        lora.restore_adapters(model, load_file(os.path.join(run.checkpoint, "lora.safetensors"), device=str(run.device)))
+    optimizer = torch.optim.AdamW(trained, lr=args.sft_lr, weight_decay=0.0, fused=run.device.type == "cuda")
     runs.restore_optimizers({"llm": optimizer}, run.checkpoint, {"llm": args.sft_lr})  # a changed --sft-lr applies
-    lora.hold_frozen_weights(model, dtype)  # LoRA's base: cast once, not at every forward
+    lora.hold_frozen_weights(model, run.dtype)  # LoRA's base: cast once, not at every forward
     model.train()  # gradient checkpointing acts in training mode only (Qwen2 has no dropout)
     lengths = [len(t) for t in trace_ids]
     n_pos = sum(inst["labels"][k] for inst, k, _ in traces)
     print(f"{len(traces)} traces ({n_pos} positive) x {args.sft_epochs} epochs, {args.sft_batch} per step in micro-batches "
           f"of {args.micro_batch} = {max_steps} steps; trace tokens mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "
-          f"({sum(n > args.max_new_tokens for n in lengths)} over --max-new-tokens); {device}, {dtype} compute, gradient "
+          f"({sum(n > args.max_new_tokens for n in lengths)} over --max-new-tokens); {run.device}, {run.dtype} compute, gradient "
           f"checkpointing {'on' if args.gradient_checkpointing else 'off'}")
     runs.check_disk(args.out, model, {"llm": optimizer}, args.keep_checkpoints)
     metrics = runs.open_metrics(args.out, run.start_step)
@@ -390,7 +333,7 @@ def train_sft(args):
         batch = order[index * args.sft_batch:(index + 1) * args.sft_batch]
 
         # 2) forward and backward in micro-batches: the per-token mean NLL over the step's traces
-        loss = accumulate_gradients(model, [prompts[i] for i in batch], [trace_ids[i] for i in batch], args.micro_batch, dtype)
+        loss = accumulate_gradients(model, [prompts[i] for i in batch], [trace_ids[i] for i in batch], args.micro_batch, run.dtype)
 
         # 3) update, outside any autocast context: the next step's forward casts the new weights
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, r2rank.MAX_GRAD_NORM).item()

@@ -1,12 +1,7 @@
 """Where R2Rank's data comes from, before the protocol of data.py: input files read with errors that name
 the file and line, the Amazon Reviews 2023 and MovieLens-100K sources, and the built-in synthetic set.
 
-    read_lines(path)            (line number, text) of a plain or gzip file, with a progress bar
-    read_jsonl(path)            (line number, dict) of a JSON-lines file
-    read_rows(path, sep)        (line number, fields) of a delimited file
-    read_atomic(path, required) (line number, {column: value}) of a RecBole atomic file
     load_amazon(reviews, meta, protocol), load_movielens(path, protocol), synthetic_raw(...)  -> RawData
-    generate_synthetic(users, seed, categories_per_user, held_out)  -> (items, profiles, interactions)
     category_match_ndcg(instances, k, category)   the best NDCG@k any ranker can expect on synthetic instances
 
 The synthetic set (not in the paper): a small generated set whose labels only the history reveals.
@@ -29,8 +24,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from data import read_jsonl, read_lines, require, shorten  # noqa: F401 (the readers of input files; sources.read_jsonl for callers)
-from data import DataError, UsageError  # noqa: F401 (sources.DataError for callers)
+from data import DataError, read_jsonl, read_lines, require, shorten
+from protocol import SPLITS, split_sizes
 
 STORED_TEXT_CHARS = 500  # Amazon item texts are cut to this when the dataset is built (prompts cut further)
 MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
@@ -41,8 +36,7 @@ MOVIELENS_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime 
 
 
 def read_rows(path, sep, count=None, encoding="utf-8"):
-    """Yield (line_number, fields) of a delimited file; each row has `count` fields (default: as many
-    as the first row)."""
+    """Yield (line_number, fields) of a delimited file, `count` fields a row (default: the first row's)."""
     for lineno, text in read_lines(path, encoding):
         if text.strip():
             values = text.split(sep)
@@ -56,8 +50,7 @@ def read_atomic(path, required):
     """Yield (line_number, {column: value}) of a RecBole atomic file (tab-separated, "name:type" header)."""
     rows = read_rows(path, "\t")
     columns = [name.split(":")[0] for name in next(rows, (1, []))[1]]
-    missing = [name for name in required if name not in columns]
-    if missing:
+    if missing := [name for name in required if name not in columns]:
         raise DataError(f"{path}:1: the header lacks column(s) {', '.join(missing)}")
     for lineno, values in rows:
         yield lineno, dict(zip(columns, values))
@@ -94,8 +87,7 @@ def clean(value):
 
 def window_seconds(protocol):
     """[lo, hi) in Unix seconds, days at UTC midnight; the end day is included."""
-    def day(text):
-        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    day = lambda text: datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
     return (day(protocol.start) if protocol.start else float("-inf"),
             day(protocol.end) + 86400 if protocol.end else float("inf"))
 
@@ -110,12 +102,11 @@ def keep_in_window(raw, records, protocol, path, remember_outside=True):
             raw.dropped["interactions_outside_window"] += 1
             if remember_outside:
                 raw.touched_outside.setdefault(user, set()).add(item)
-    if not raw.interactions:
+    if not raw.interactions:  # a window that missed, or an empty file
         outside = raw.dropped["interactions_outside_window"]
-        if not outside:  # nothing at all: an empty file, not a window that missed
-            raise DataError(f"{path}: holds no interactions (an empty file?)")
         window = f"from {protocol.start or 'the start'} to {protocol.end or 'the end'}"
-        raise DataError(f"{path}: none of its {outside:,} interactions is {window} (--start / --end)")
+        raise DataError(f"{path}: none of its {outside:,} interactions is {window} (--start / --end)" if outside
+                        else f"{path}: holds no interactions (an empty file?)")
 
 
 def amazon_reviews(path):
@@ -200,39 +191,29 @@ def load_movielens(path, protocol):
     keep_in_window(raw, records, protocol, inter)
     raw.items = {item: described for item, described in movies.items() if described["title"]}
     raw.dropped["items_without_title"] = len(movies) - len(raw.items)
-    for user, age, gender, occupation in users:
-        gender = {"M": "male", "F": "female"}.get(gender, gender)
-        raw.profiles[user] = f"Age {age}, {gender}, occupation: {occupation}"
+    raw.profiles = {user: f"Age {age}, {({'M': 'male', 'F': 'female'}).get(gender, gender)}, occupation: {occupation}"
+                    for user, age, gender, occupation in users}
     return raw
 
 
 def synthetic_raw(users=200, seed=0, categories_per_user=2, pointwise=False, split="8:1:1"):
-    """The synthetic set (generate_synthetic) as RawData. Pointwise: `split`'s valid and test users are
-    drawn here (raw.split_of fixes them for the protocol) and meet only new items (is_new_item), the
-    training users only the others (generate_synthetic); the protocol draws negatives from the items a
-    user never touched, and every camping item and every item of the other side is listed as touched
-    outside the window, so no negative is a camping item or an item of the other side."""
-    held_out, split_of = set(), {}
+    """The synthetic set (generate_synthetic) as RawData. Pointwise: `split`'s valid and test users are drawn here
+    (raw.split_of fixes them) and meet only new items (is_new_item), the training users only the others; every camping
+    item and every item of the other side is touched outside the window, so the protocol draws no negative of them."""
+    held_out, split_of = None, {}
     if pointwise:
-        from protocol import SPLITS, split_sizes
-
         order = list(range(users))
         random.Random(f"synthetic-split/{seed}").shuffle(order)
         n_train, n_valid, _ = split_sizes(users, split)
         for position, number in enumerate(order):
             split_of[f"u{number:04d}"] = SPLITS[(position >= n_train) + (position >= n_train + n_valid)]
-        held_out = {number for number in range(users) if split_of[f"u{number:04d}"] != "train"}
-    try:
-        items, profiles, interactions = generate_synthetic(users, seed, categories_per_user, held_out if pointwise else None)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+        held_out = set(order[n_train:])
+    items, profiles, interactions = generate_synthetic(users, seed, categories_per_user, held_out)
     raw = RawData(interactions, items, profiles, ["synthetic"], split_of=split_of)
     if pointwise:
         new = {item for item, it in items.items() if is_new_item(it)}
         liked = {item for item, it in items.items() if item_category(it) == POINTWISE_CATEGORY}
-        for number in range(users):
-            other_side = set(items) - new if number in held_out else new
-            raw.touched_outside[f"u{number:04d}"] = liked | other_side
+        raw.touched_outside = {f"u{n:04d}": liked | (set(items) - new if n in held_out else new) for n in range(users)}
     return raw
 
 
@@ -251,13 +232,11 @@ START = int(datetime(2022, 1, 1, tzinfo=timezone.utc).timestamp())  # the first 
 
 
 def generate_synthetic(users=200, seed=0, categories_per_user=2, held_out=None):
-    """(items {item_id: {"title", "text"}}, profiles {user_id: text}, interactions [(user_id, item_id,
-    unix seconds)]), deterministic for a seed; the positive is each user's last interaction.
-    held_out None: the history-based set. A set of user numbers: the pointwise set, whose positive is a
-    camping item (POINTWISE_CATEGORY) not in the history, whatever the history; the users in held_out
-    touch only new items (is_new_item), the others only the rest."""
+    """(items {item_id: {"title", "text"}}, profiles {user_id: text}, interactions [(user_id, item_id, unix seconds)]),
+    seeded; a user's positive is its last interaction. held_out None: the history-based set; a set of user numbers:
+    the pointwise set (positive: a camping item), whose held_out users touch only new items, the others the rest."""
     if not 1 <= categories_per_user <= len(CATEGORIES):
-        raise ValueError(f"--categories-per-user must be 1 to {len(CATEGORIES)}, not {categories_per_user}")
+        raise DataError(f"--categories-per-user must be 1 to {len(CATEGORIES)}, not {categories_per_user}")
     rng = random.Random(f"synthetic/{seed}")
     items, profiles, interactions = {}, {}, []
     by_category, category_of = defaultdict(list), {}
@@ -288,9 +267,8 @@ def generate_synthetic(users=200, seed=0, categories_per_user=2, held_out=None):
 
 
 def is_new_item(item):
-    """Whether a synthetic item is one of the pointwise set's valid and test items: its noun's and its
-    colour's places in CATEGORIES and COLORS add up to an odd number ("Blue tent" and "Red lantern" are,
-    "Red tent" and "Blue lantern" are not), half of every category and every noun and colour on both sides."""
+    """Whether a synthetic item is one of the pointwise set's valid and test items: its noun's and colour's places in
+    CATEGORIES and COLORS add up to an odd number ("Blue tent", "Red lantern"; not "Red tent", "Blue lantern")."""
     color, noun = item["title"].split(" ", 1)
     return (COLORS.index(color.lower()) + CATEGORIES[item_category(item)].index(noun)) % 2 == 1
 
@@ -301,12 +279,10 @@ def item_category(item):
 
 
 def category_match_ndcg(instances, k=10, category=None):
-    """Expected NDCG@k of ranking first the candidates whose category occurs in the history (or is
-    `category`: the pointwise set's), ties at random. With the whole history shown this is the best any
-    ranker can expect: given the candidates, each of those is equally likely to be the positive (a
-    uniform draw from the unseen items of the history's categories) and no other candidate can be. For
-    m such candidates out of n, the positive's rank is uniform over 1..m if it is one of them, else over
-    m+1..n. On the pointwise set m = 1: it is 1."""
+    """Expected NDCG@k of ranking first the candidates whose category occurs in the history (or is `category`: the
+    pointwise set's), ties at random: with the whole history shown the best any ranker can expect, since each of those
+    is equally likely to be the positive and no other can be. For m such candidates out of n, the positive's rank is
+    uniform over 1..m if it is one of them, else over m+1..n. On the pointwise set m = 1: it is 1."""
     total = 0.0
     for inst in instances:
         seen = {category} if category else {item_category(item) for item in inst["history"]}

@@ -5,12 +5,11 @@ trace's final hidden state into a score for every candidate at once. Trained by 
     python baselines/r2ec.py --data data/ml100k --model M --out runs/r2ec          # trains
     python r2rank.py --stage eval --data data/ml100k --model runs/r2ec/checkpoint-40 --methods r2ec
 
-Scores: s_k = <W LN(h), LN(e_k)> / sqrt(H) (RecHead), h the hidden state at the trace's last token,
-e_k candidate k's item embedding, LN a LayerNorm without weights, W an H x H matrix (identity at
-the start). Item embeddings: the backbone's last hidden state at the last token of the item's line
-("title - text", data.candidate_text), computed once by the starting LLM for every item of the
-data set and kept fixed (item_embeddings); they ride in the head's state dict (head.safetensors of a
-checkpoint). A learned table would have nothing for the items only test users meet; the text always exists.
+Scores: s_k = <W LN(h), LN(e_k)> / sqrt(H) (RecHead), h the hidden state at the trace's last token, e_k candidate
+k's item embedding, LN a LayerNorm without weights, W an H x H matrix (identity at the start). Item embeddings: the
+backbone's last hidden state at the last token of the item's line (data.candidate_text), computed once by the
+starting LLM for every item of the data set and kept fixed (item_embeddings), saved in the head's state dict.
+A learned table would have nothing for the items only test users meet; the text always exists.
 
 One RecPO step (train):
     1) rollout: G traces per user from the user prompt, every user's in one r2rank.rollout call
@@ -24,8 +23,7 @@ Where this departs from R2ec:
 1. The head is trained on the detached hidden state: its loss does not reach the LLM (R2ec trains the
    backbone through both heads).
 2. The item embeddings come from the starting LLM and stay fixed; R2ec's come from the trained one.
-3. Ranking reward and head loss use the protocol's K candidates (a softmax over 20), not the whole
-   item set.
+3. Ranking reward and head loss use the protocol's K candidates (a softmax over 20), not the whole item set.
 4. No KL penalty to a reference model; theta_old and the per-token mean as in R2Rank (ppo.py).
 5. Eval scores one greedy trace per user; training reads sampled ones (the best of G for the head).
 6. --eval-every: NDCG@10 on validation users during training, ranked as at eval (rank), like R2Rank's.
@@ -43,9 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import r2rank  # noqa: E402
 import runs  # noqa: E402
-from baselines.reczero import (autocast, check_users, end_step, load_policy, main_of, parse_rl, rl_parser,  # noqa: E402
-                               start_logging, truncated, valid_ndcg)
-from data import UsageError  # noqa: E402
+from baselines.reczero import autocast, end_step, load_policy, main_of, parse_rl, rl_parser, start_logging, truncated  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
 
@@ -56,20 +52,17 @@ BETA = 0.05  # the similarity term's weight in the fused reward (R2ec's value)
 
 
 def user_prompt(tokenizer, instance, max_history=20, max_item_chars=200):
-    """Token ids of the chat prompt that asks for reasoning about the user, assistant turn opened, as
-    r2rank.rollout takes a user: (every token but the last, [the last])."""
+    """The chat prompt asking for reasoning about the user, as r2rank.rollout takes it: (ids but the last, [the last])."""
     context = data.user_context_text(instance, max_history, max_item_chars)
-    messages = [{"role": "system", "content": SYSTEM},
-                {"role": "user", "content": f"{USER_INSTRUCTIONS}\n\nUSER CONTEXT\n{context}"}]
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{USER_INSTRUCTIONS}\n\nUSER CONTEXT\n{context}"}]
     ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                     add_special_tokens=False)["input_ids"]
     return ids[:-1], [ids[-1:]]
 
 
 class RecHead(torch.nn.Module):
-    """The recommendation head: [..., H] hidden states and [..., K, H] item embeddings -> [..., K] scores.
-    embeddings ({item_id: [H]}) are kept as buffers (item_vectors [N, H], item_ids [N, bytes] utf-8, 0-padded),
-    so that runs.save_checkpoint writes them with the head; load reads them back."""
+    """The recommendation head: [..., H] hidden states and [..., K, H] item embeddings -> [..., K] scores. embeddings
+    ({item_id: [H]}) ride as buffers (item_vectors [N, H], item_ids [N, bytes] utf-8, 0-padded); load reads them back."""
 
     def __init__(self, hidden_size, embeddings=None):
         super().__init__()
@@ -96,9 +89,8 @@ def fused_reward(scores, labels, beta=BETA, k=10):
 
 
 def best_trace_loss(scores, labels, reward):
-    """The head's loss: cross-entropy of the positive among the K candidates under the scores of each user's
-    trace with the highest reward (the first one on ties), mean over users.
-    scores [..., G, K], labels [..., K], reward [..., G]."""
+    """The head's loss: cross-entropy of the positive among the K candidates under the scores of each user's trace
+    with the highest reward (the first on ties), mean over users. scores [..., G, K], labels [..., K], reward [..., G]."""
     best = reward.argmax(-1)[..., None, None].expand(*reward.shape[:-1], 1, scores.shape[-1])
     best_scores = scores.gather(-2, best).squeeze(-2)  # [..., K]
     return torch.nn.functional.cross_entropy(best_scores.reshape(-1, scores.shape[-1]), labels.argmax(-1).reshape(-1))
@@ -124,11 +116,8 @@ def item_embeddings(model, tokenizer, items, max_item_chars=200, batch=32):
 
 def dataset_items(data_dir):
     """{item_id: item} over every history item and candidate of the data set's three splits."""
-    items = {}
-    for split in data.SPLITS:
-        for inst in data.load_split(data_dir, split, allow_empty=True):
-            items.update((item["item_id"], item) for item in inst["history"] + inst["candidates"])
-    return items
+    return {item["item_id"]: item for split in data.SPLITS for inst in data.load_split(data_dir, split, allow_empty=True)
+            for item in inst["history"] + inst["candidates"]}
 
 
 def candidate_matrix(embeddings, instances, device):
@@ -157,7 +146,7 @@ def load(path, hidden_size, device):
     file = os.path.join(path, "head.safetensors")
     state = load_file(file) if os.path.isfile(file) else {}
     if "item_ids" not in state:
-        raise UsageError(f"--model {path}: not a checkpoint of baselines/r2ec.py (no head.safetensors with item embeddings)")
+        raise data.UsageError(f"--model {path}: not a checkpoint of baselines/r2ec.py (no head.safetensors with item embeddings)")
     embeddings = {bytes(row).rstrip(b"\0").decode(): vector for row, vector in zip(state["item_ids"].tolist(), state["item_vectors"])}
     head = RecHead(hidden_size, embeddings).to(device)
     head.load_state_dict(state)
@@ -168,8 +157,7 @@ def train(args):
     """The RecPO loop; writes <out>/metrics.jsonl and <out>/checkpoint-<step>/ (a --model for eval)."""
     run = runs.start_run(args, "r2ec")  # --out held, the data, the checkpoint to resume from (runs.py)
     instances = data.load_split(run.data_dir, "train")
-    check_users(args, instances)
-    model, tokenizer, optimizers = load_policy(args, run)
+    model, tokenizer, optimizers = load_policy(args, run, instances)
     if run.checkpoint:  # the item embeddings stay those of the starting LLM
         head, embeddings = load(run.checkpoint, model.config.hidden_size, run.device)
     else:
@@ -178,20 +166,13 @@ def train(args):
         head = RecHead(model.config.hidden_size, embeddings).to(run.device)
     optimizers["head"] = torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=0.0)
     runs.restore_optimizers({"head": optimizers["head"]}, run.checkpoint, {"head": args.head_lr})
-    runs.check_disk(args.out, model, optimizers, args.keep_checkpoints)
     U, G = args.users_per_step, args.group
     print(f"{U} users x {G} traces = {U * G} traces per step (<= {args.max_new_tokens} tokens each); {len(embeddings)} "
           f"item embeddings; {len(instances)} training users; {run.device}, {run.dtype} compute")
-    valid = data.load_split(run.data_dir, "valid")[:args.eval_users] if args.eval_every else []
-
-    def validate():  # NDCG@10 of the validation users, ranked as at eval
-        with autocast(run):
-            return valid_ndcg(rank(model, tokenizer, head, embeddings, valid, args.max_history, args.max_item_chars,
-                                   args.max_new_tokens, "valid")[0], valid)
-    metrics, bar = start_logging(args, run, validate, "r2ec")
+    metrics, bar, validate = start_logging(args, run, "r2ec", lambda valid: rank(
+        model, tokenizer, head, embeddings, valid, args.max_history, args.max_item_chars, args.max_new_tokens, "valid")[0])
     for step in bar:
-        started = time.time()
-        seed = args.seed * 1_000_003 + step
+        started, seed = time.time(), args.seed * 1_000_003 + step
         batch = [instances[u] for u in torch.randperm(len(instances), generator=torch.Generator().manual_seed(seed))[:U].tolist()]
         labels = r2rank.labels_of(batch).to(run.device)  # [U, K]
 

@@ -7,15 +7,13 @@ answer and GRPO's group-relative advantages. The opposite choice to R2Rank's lis
 
 One training step (train):
     1) pairs: each of the step's users gives its positive and --negatives random negatives
-    2) rollout: --group G traces per pair, from the think-before-recommendation prompt, in one
-       r2rank.rollout call (each user's prompt prefix run once)
+    2) rollout: --group G traces per pair from the think-before-recommendation prompt, one r2rank.rollout call
     3) reward: 1 for the right decision, plus FORMAT_REWARD when the trace wrote its own <answer> (answer_reward);
        a trace that wrote none is ended by an answer drawn with the model's own odds (draw_answers, departure 8)
     4) advantages standardized within each group of G (ppo.grpo_advantages)
     5) R2Rank's clipped PPO on the tokens (r2rank.ppo_update); log, checkpoint
-Ranking at eval (rank): one greedy trace per candidate, cut before its <answer>; the score is
-log P(Recommend) - log P(Not Recommend) of the answer's deciding token after that reasoning and
-"<answer>" (answer_log_odds). A cut trace still gets a score, so every candidate is ranked.
+Ranking at eval (rank): one greedy trace per candidate, cut before its <answer>, scored by the log-odds of the
+answer's deciding token after it (answer_log_odds); a cut trace still gets a score, so every candidate is ranked.
 This file also holds what baselines/r2ec.py shares: the flags, the LLM's setup, the end of a step.
 
 Where this departs from RecZero:
@@ -30,14 +28,11 @@ Where this departs from RecZero:
 6. Ranking by the answer's log-odds after a greedy trace (RecZero ranks by its predicted rating), those
    of its deciding token (the rest of an answer is the template's; answer_log_odds says why).
 7. RecZero alone (pure RL); RecOne's supervised cold start is not included.
-8. A trace that writes no <answer> within its budget is ended by one, drawn from the two the template
-   allows with the model's own odds (P(Recommend) = sigmoid of the deciding token's log-odds), its tokens
-   appended to the trace and trained like the trace's own (draw_answers): the model is held to the format,
-   as constrained decoding would. A small model rarely answers (SmolLM2-135M: 0 of 16 traces at 64 tokens),
-   and pure RL then has nothing to act on: deciding by the sign of the log-odds instead gives every trace
-   of a group the same decision whenever the reasoning does not sway it, so every GRPO advantage is 0.
-   The drawn answer's probability is what eval ranks by, so the update trains the eval's score directly.
-   Its reward has no FORMAT_REWARD (the model did not write it).
+8. A trace that writes no <answer> within its budget is ended by one drawn with the model's own odds
+   (P(Recommend) = sigmoid of the deciding token's log-odds), appended and trained like the trace's own tokens
+   (draw_answers), as constrained decoding would; no FORMAT_REWARD. A small model rarely answers (SmolLM2-135M:
+   0 of 16 traces at 64 tokens), and deciding by the sign of the log-odds would give a group one decision, so
+   every GRPO advantage 0. The drawn answer's probability is what eval ranks by: the update trains it directly.
 9. --eval-every: NDCG@10 on validation users during training, ranked as at eval (rank), like R2Rank's.
 """
 import argparse
@@ -57,7 +52,6 @@ import data  # noqa: E402
 import lora  # noqa: E402
 import r2rank  # noqa: E402
 import runs  # noqa: E402
-from data import UsageError  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
 
@@ -68,6 +62,8 @@ THINK_INSTRUCTIONS = (
     "# Match: how well the two fit.\n"
     f"End with exactly one of <answer>{data.RECOMMEND}</answer> or <answer>{data.NOT_RECOMMEND}</answer>.")
 FORMAT_REWARD = 0.1  # for a trace that writes its own <answer>: a small push towards the template
+AT_LEAST_ONE = {"max_steps", "users_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "save_every", "eval_users",
+                "max_item_chars", "negatives"}  # the counts parse_rl checks
 
 
 def encode(tokenizer, text):
@@ -75,9 +71,8 @@ def encode(tokenizer, text):
 
 
 def answer_reward(text, label, log_odds):
-    """The rule reward of one trace for a 0/1 label: 1 if its decision is right, plus FORMAT_REWARD if
-    it wrote an <answer>. The decision is that answer (the last one), or, without one, Recommend when
-    log_odds (log P(Recommend) - log P(Not Recommend) after the reasoning, as at eval) is > 0."""
+    """The rule reward of one trace for a 0/1 label: 1 if its decision (its last <answer>, else Recommend when
+    log_odds > 0, as at eval) is right, plus FORMAT_REWARD if it wrote an <answer>."""
     answer = data.parse_answer(text)
     decision = answer if answer is not None else int(log_odds > 0)
     return float(decision == label) + (FORMAT_REWARD if answer is not None else 0.0)
@@ -93,14 +88,12 @@ def choose_pairs(instance, negatives, generator):
 
 def reasoning_before_answer(text):
     """The text of a trace up to its last "<answer>" (the whole text when it has none)."""
-    cut = text.rfind("<answer>")
-    return text if cut < 0 else text[:cut]
+    return text.rpartition("<answer>")[0] if "<answer>" in text else text
 
 
 def deciding_tokens(tokenizer):
-    """The two answers' token ids up to the first token where they differ, that token included
-    ("<answer>Recommend" and "<answer>Not" when the tokenizer splits them so): the decision; the
-    rest of each answer is the template's."""
+    """The two answers' token ids up to the first one where they differ, included ("<answer>Recommend" and
+    "<answer>Not" when the tokenizer splits them so): the decision; the rest of each answer is the template's."""
     yes_ids = encode(tokenizer, f"<answer>{data.RECOMMEND}</answer>")
     no_ids = encode(tokenizer, f"<answer>{data.NOT_RECOMMEND}</answer>")
     common = next(i for i, (a, b) in enumerate(zip(yes_ids + [None], no_ids + [None])) if a != b)
@@ -109,11 +102,9 @@ def deciding_tokens(tokenizer):
 
 @torch.no_grad()
 def answer_log_odds(model, tokenizer, prefix, suffixes, texts, rows_per_forward=16):
-    """[len(texts)] fp32 on the CPU: log P(Recommend) - log P(Not Recommend) of the deciding token after
-    "<answer>" (deciding_tokens), each teacher-forced after prompt prefix + suffixes[i] and the reasoning
-    of texts[i] (its answer cut off); r2rank.forward_traces scores the two one-token "traces" of each.
-    The whole answers' ratio would add the template's tail: ~1 for a model that follows it, but for the
-    random tiny model a penalty of ~6 nats on the longer answer."""
+    """[len(texts)] fp32 on the CPU: log P(Recommend) - log P(Not Recommend) of the deciding token (deciding_tokens),
+    teacher-forced after prefix + suffixes[i] and the reasoning of texts[i]. The whole answers' ratio would add
+    the template's tail: ~1 for a model that follows it, ~6 nats against the longer answer for the tiny model."""
     yes_ids, no_ids = deciding_tokens(tokenizer)
     contexts = [suffix + encode(tokenizer, reasoning_before_answer(text)) + yes_ids[:-1] for suffix, text in zip(suffixes, texts)]
     rows = [context for context in contexts for _ in range(2)]  # [2n]: each context, then with yes, then with no
@@ -124,22 +115,15 @@ def answer_log_odds(model, tokenizer, prefix, suffixes, texts, rows_per_forward=
 
 
 def draw_answers(tokenizer, traces, texts, log_odds, stops, generator):
-    """Departure 8: each trace (a token-id list) whose text wrote no <answer> gets one appended, Recommend
-    with probability sigmoid(log_odds[k]) (log_odds [K], one uniform per trace from generator), a trailing
-    stop token (stops: token ids) dropped first. Returns (traces, decision_odds [K]): decision_odds is
-    log_odds where the trace answered itself, else +1 or -1 for the drawn answer, so that answer_reward's
-    read-out is the draw. The update recomputes every log-prob, the appended tokens' too."""
-    options = {1: encode(tokenizer, f"<answer>{data.RECOMMEND}</answer>"), 0: encode(tokenizer, f"<answer>{data.NOT_RECOMMEND}</answer>")}
-    draws = (torch.rand(len(texts), generator=generator) < torch.sigmoid(log_odds.float().cpu())).long().tolist()
-    drawn, decision_odds = [], []
-    for trace, text, odds, draw in zip(traces, texts, log_odds.tolist(), draws):
-        if data.parse_answer(text) is not None:
-            drawn.append(trace)
-            decision_odds.append(odds)
-        else:
-            drawn.append((trace[:-1] if trace and trace[-1] in stops else trace) + options[draw])
-            decision_odds.append(1.0 if draw else -1.0)
-    return drawn, torch.tensor(decision_odds)
+    """Departure 8: each trace (token ids) whose text wrote no <answer> gets one appended (a trailing stop token
+    dropped first), Recommend with probability sigmoid(log_odds[k]) (log_odds [K]). Returns (traces, decision_odds [K]):
+    log_odds where the trace answered itself, else +1 / -1 for the drawn answer (answer_reward's read-out)."""
+    options = [encode(tokenizer, f"<answer>{data.NOT_RECOMMEND}</answer>"), encode(tokenizer, f"<answer>{data.RECOMMEND}</answer>")]
+    draws = (torch.rand(len(texts), generator=generator) < torch.sigmoid(log_odds.float().cpu())).long().tolist()  # 1: Recommend
+    own = [data.parse_answer(text) is not None for text in texts]
+    drawn = [trace if mine else (trace[:-1] if trace and trace[-1] in stops else trace) + options[draw]
+             for trace, mine, draw in zip(traces, own, draws)]
+    return drawn, torch.tensor([odds if mine else 2.0 * draw - 1.0 for odds, mine, draw in zip(log_odds.tolist(), own, draws)])
 
 
 def truncated(trace, max_new_tokens, stops):
@@ -149,8 +133,7 @@ def truncated(trace, max_new_tokens, stops):
 
 @torch.no_grad()
 def rank(model, tokenizer, instances, max_history, max_item_chars, max_new_tokens, desc="reczero"):
-    """([U, K] scores, info): per candidate, a greedy trace, then the log-odds of the two answers after
-    its reasoning. info: the share of greedy traces with a parsable answer and of those cut."""
+    """([U, K] scores, info): a greedy trace per candidate, scored by answer_log_odds; info: the shares answered and cut."""
     K, stops = len(instances[0]["candidates"]), model.generation_config.eos_token_id
     per_call, scores, answered, cut = max(1, r2rank.ROLLOUT_ROWS // K), [], 0, 0
     for start in tqdm(range(0, len(instances), per_call), desc=desc, dynamic_ncols=True, disable=None, leave=False):
@@ -169,33 +152,25 @@ def train(args):
     """The RL loop; writes <out>/metrics.jsonl and <out>/checkpoint-<step>/ (a --model for eval)."""
     run = runs.start_run(args, "reczero")  # --out held, the data, the checkpoint to resume from (runs.py)
     instances = data.load_split(run.data_dir, "train")
-    check_users(args, instances)
     K, P, G = len(instances[0]["candidates"]), 1 + args.negatives, args.group
     if args.negatives > K - 1:
         raise data.DataError(f"--negatives {args.negatives}: an instance of {run.data_dir} has only {K - 1} negatives")
-    model, tokenizer, optimizers = load_policy(args, run)
-    runs.check_disk(args.out, model, optimizers, args.keep_checkpoints)
+    model, tokenizer, optimizers = load_policy(args, run, instances)
     stops = model.generation_config.eos_token_id
     print(f"{args.users_per_step} users x {P} pairs x {G} traces = {args.users_per_step * P * G} traces per step "
           f"(<= {args.max_new_tokens} tokens each); {len(instances)} training users; {run.device}, {run.dtype} compute")
-    valid = data.load_split(run.data_dir, "valid")[:args.eval_users] if args.eval_every else []
-
-    def validate():  # NDCG@10 of the validation users, ranked as at eval
-        with autocast(run):
-            return valid_ndcg(rank(model, tokenizer, valid, args.max_history, args.max_item_chars, args.max_new_tokens, "valid")[0], valid)
-    metrics, bar = start_logging(args, run, validate, "reczero")
+    metrics, bar, validate = start_logging(args, run, "reczero", lambda valid: rank(
+        model, tokenizer, valid, args.max_history, args.max_item_chars, args.max_new_tokens, "valid")[0])
     for step in bar:
-        started = time.time()
-        seed = args.seed * 1_000_003 + step
+        started, seed = time.time(), args.seed * 1_000_003 + step
         users = torch.randperm(len(instances), generator=torch.Generator().manual_seed(seed))[:args.users_per_step].tolist()
         generator = torch.Generator().manual_seed(seed)  # the negatives and the drawn answers
         # 1) pairs: each user's positive and negatives; its G traces per pair share the user's prompt prefix
         pairs = [choose_pairs(instances[u], args.negatives, generator) for u in users]
-        prompts = []
-        for u, user_pairs in zip(users, pairs):
-            prefix, suffixes = data.encode_user(tokenizer, instances[u], args.max_history, args.max_item_chars,
-                                                instructions=THINK_INSTRUCTIONS)
-            prompts.append((prefix, [suffixes[k] for k, _ in user_pairs for _ in range(G)]))  # P * G rows, pair-major
+        encoded = [data.encode_user(tokenizer, instances[u], args.max_history, args.max_item_chars, instructions=THINK_INSTRUCTIONS)
+                   for u in users]
+        prompts = [(prefix, [suffixes[k] for k, _ in user_pairs for _ in range(G)])  # P * G rows, pair-major
+                   for (prefix, suffixes), user_pairs in zip(encoded, pairs)]
 
         # 2) rollout: G traces per pair, every user's in one generate call
         torch.manual_seed(seed)  # the traces' draws: a resume repeats them
@@ -237,14 +212,11 @@ def autocast(run):
     return torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
 
 
-def check_users(args, instances):
+def load_policy(args, run, instances):
+    """The LLM to train in fp32 master weights, with --gradient-checkpointing and --lora-rank as r2rank.train_rl
+    sets them up, and {"llm": its AdamW}, both restored on --resume; --users-per-step and the free space checked."""
     if args.users_per_step > len(instances):
         raise data.DataError(f"--users-per-step {args.users_per_step} is more than the {len(instances)} training users")
-
-
-def load_policy(args, run):
-    """The LLM to train in fp32 master weights, with --gradient-checkpointing and --lora-rank as r2rank.train_rl
-    sets them up (LoRA's adapters restored on --resume), and {"llm": its AdamW}, restored on --resume."""
     model, tokenizer = r2rank.load_model(run.checkpoint or args.model, run.device, torch.float32, args.seed)
     torch.manual_seed(args.seed)  # LoRA's A
     if args.gradient_checkpointing:
@@ -255,41 +227,40 @@ def load_policy(args, run):
     lora.hold_frozen_weights(model, run.dtype)  # LoRA's base, cast once to the compute dtype
     optimizers = {"llm": torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0, fused=run.device.type == "cuda")}
     runs.restore_optimizers(optimizers, run.checkpoint, {"llm": args.lr})
+    runs.check_disk(args.out, model, optimizers, args.keep_checkpoints)
     return model.eval(), tokenizer, optimizers
 
 
-def valid_ndcg(scores, instances):
-    return ndcg_from_scores(scores.float(), r2rank.labels_of(instances), 10).mean().item()
+def start_logging(args, run, desc, rank_valid):
+    """(metrics.jsonl cut back to the checkpoint on --resume, the bar over the steps to run, validate: NDCG@10 of the
+    validation users ranked by rank_valid(instances) -> [U, K] as at eval); signals caught, step 0 validated."""
+    valid = data.load_split(run.data_dir, "valid")[:args.eval_users] if args.eval_every else []
 
-
-def start_logging(args, run, validate, desc):
-    """metrics.jsonl (cut back to the checkpoint on --resume), Ctrl-C / SIGTERM caught, step 0's validation
-    (--eval-every, from step 0 only); returns (metrics, the bar over the steps to run)."""
+    def validate():
+        with autocast(run):
+            return ndcg_from_scores(rank_valid(valid).float(), r2rank.labels_of(valid), 10).mean().item()
     metrics = runs.open_metrics(args.out, run.start_step)
     runs.catch_signals()  # Ctrl-C, SIGTERM: the step in progress finishes and is saved, then the run stops
     if args.eval_every and run.start_step == 0:
         runs.log_row(metrics, {"step": 0, "valid_ndcg@10": validate()})
     return metrics, tqdm(range(run.start_step, args.max_steps), initial=run.start_step, total=args.max_steps, desc=desc,
-                         dynamic_ncols=True, disable=None)
+                         dynamic_ncols=True, disable=None), validate
 
 
 def end_step(args, run, row, started, validate, metrics, bar, model, tokenizer, head, optimizers):
-    """The end of a step, as in r2rank.train_rl: validation when due, the row logged (a non-finite value stops
-    the run without saving the step), a checkpoint when due or when a signal asked the run to stop, which it
-    then does (exit 128 + the signal)."""
+    """As r2rank.train_rl ends a step: validation when due, the row logged (a non-finite value stops the run
+    unsaved), a checkpoint when due or when a signal asked the run to stop, which it then does."""
     step = row["step"]
     if args.eval_every and step % args.eval_every == 0:
         row["valid_ndcg@10"] = validate()
     row["step_time"] = time.time() - started
     if bad := [name for name, value in row.items() if not math.isfinite(value)]:
-        raise UsageError(f"step {step}: non-finite {', '.join(bad)}, so the run stops without saving this step; lower --lr")
+        raise data.UsageError(f"step {step}: non-finite {', '.join(bad)}, so the run stops without saving this step; lower --lr")
     runs.log_row(metrics, row, bar.write)
-    stop = runs.stop_signal()
-    if step % args.save_every == 0 or step == args.max_steps or stop:
+    if (stop := runs.stop_signal()) or step % args.save_every == 0 or step == args.max_steps:
         runs.save_checkpoint(args.out, step, model, tokenizer, head, optimizers, args, run)
     if stop:
-        runs.say(f"stopped by {signal.Signals(stop).name}: steps 1-{step} kept in "
-                 f"{os.path.join(args.out, f'checkpoint-{step}')}; continue with --resume")
+        runs.say(f"stopped by {signal.Signals(stop).name}: steps 1-{step} kept in {args.out}/checkpoint-{step}; continue with --resume")
         sys.exit(128 + stop)
 
 
@@ -322,8 +293,7 @@ def rl_parser(description, users, group, tokens=64, steps=40):
     add("--eval-users", type=int, default=32, help="validation users in that check (the first N)")
     add("--seed", type=int, default=0, help="seeds the users, the negatives, the traces, the tiny model")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
-    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-        help="compute precision under autocast (auto: bfloat16 on CUDA, else float32); weights stay fp32")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast's precision (auto: bfloat16 on CUDA); weights fp32")
     add("--threads", type=int, default=0, help="CPU threads (0: 1 for --model tiny, else torch's default)")
     return p
 
@@ -332,21 +302,15 @@ def parse_rl(p, argv, stage):
     """args of rl_parser's flags (and the system's own), checked; args.stage names the run's checkpoints."""
     p.set_defaults(stage=stage)
     args = p.parse_args(argv)
-    for name in ("max_steps", "users_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "save_every", "eval_users",
-                 "max_item_chars"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.group < 2:
         p.error("--group must be >= 2: GRPO's advantage compares the traces of a group")
-    for name, value in vars(args).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (not math.isfinite(value) or value < 0 or
-                                                                                  (name.endswith("lr") and value > 1)):
-            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0{' and <= 1' if name.endswith('lr') else ''}, got {value}")
+    for name, value in vars(args).items():  # numbers: finite, >= 0 (>= 1 for counts), a learning rate <= 1
+        low, lr = int(name in AT_LEAST_ONE), name.endswith("lr")
+        if type(value) in (int, float) and not (math.isfinite(value) and value >= low and (value <= 1 or not lr)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= {low}{' and <= 1' if lr else ''}, got {value}")
     if args.temperature == 0:
         p.error("--temperature 0 samples greedy traces, which have no policy gradient: use > 0")
-    try:
-        args.out.encode("utf-8")
-    except UnicodeEncodeError:
+    if any(0xD800 <= ord(c) < 0xE000 for c in args.out):  # bytes that are not UTF-8
         p.error(f"--out {args.out!r}: not valid UTF-8, which checkpoint files cannot record; choose another name")
     if args.threads or args.model == "tiny":
         torch.set_num_threads(args.threads or 1)  # the tiny model's ops are too small to share between threads
@@ -354,14 +318,12 @@ def parse_rl(p, argv, stage):
 
 
 def main_of(train, args):
-    """train(args) as r2rank.main runs a stage: its errors as one line (exit 1); a second Ctrl-C, or a signal
-    before the loop takes them over, as what it kept (exit 130 / 143)."""
+    """train(args) as r2rank.main runs a stage: errors in one line (exit 1), a stop as what it kept (exit 130 / 143)."""
     transformers.utils.logging.disable_progress_bar()  # its save bars would mix with the step lines
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, runs.stop_now)
     try:
         train(args)
-    except UsageError as error:  # bad input, a full disk, another run in --out
+    except data.UsageError as error:  # bad input, a full disk, another run in --out
         runs.say(f"error: {error}")
         sys.exit(1)
     except (KeyboardInterrupt, runs.Stopped) as stop:
@@ -372,10 +334,7 @@ def main_of(train, args):
 def main(argv=None):
     p = rl_parser(__doc__, users=2, group=4)
     p.add_argument("--negatives", type=int, default=1, help="negatives per user and step, beside its positive")
-    args = parse_rl(p, argv, "reczero")
-    if args.negatives < 1:
-        p.error(f"--negatives must be >= 1, got {args.negatives}")
-    main_of(train, args)
+    main_of(train, parse_rl(p, argv, "reczero"))
 
 
 if __name__ == "__main__":

@@ -64,29 +64,16 @@ def popularity_scores(instances, counts):
 
 @torch.no_grad()
 def pointwise_scores(model, prefix_ids, suffix_ids_list, yes_ids, no_ids, rows_per_forward=40):
-    """Zero-shot pointwise scores: log P(yes answer | prompt k) - log P(no answer | prompt k), per candidate.
-
-    prefix_ids:      prompt tokens shared by the K candidates (user context), its KV cache computed once per forward
-    suffix_ids_list: K lists; prompt k = prefix_ids + suffix_ids_list[k], ending where the answer starts
-    yes_ids, no_ids: the two answers, e.g. "<answer>Recommend</answer>" and "<answer>Not Recommend</answer>"
-    returns:         [K] fp32 on the CPU.
-
-    The answers' common first tokens ("<answer>") have the same log-prob under both, so they join the
-    prompt and only the tokens after them are scored: the difference of the summed log-probs of the
-    differing tokens is the log-likelihood ratio of the two whole answers. The 2K rows (candidate k
-    with each answer) go through r2rank.forward_traces, rows_per_forward at a time (memory only).
-    """
-    common = 0
-    while common < min(len(yes_ids), len(no_ids)) and yes_ids[common] == no_ids[common]:
-        common += 1
+    """[K] fp32 on the CPU: log P(yes_ids | prompt k) - log P(no_ids | prompt k), prompt k = prefix_ids (the user
+    context, shared by the K candidates) + suffix_ids_list[k], ending where the answer starts. The answers' common
+    first tokens ("<answer>") have one log-prob under both, so they join the prompt: the differing tokens' log-ratio
+    is the whole answers'. 2K rows through r2rank.forward_traces, rows_per_forward at a time (memory only)."""
+    common = len(os.path.commonprefix([yes_ids, no_ids]))  # the shared first tokens (commonprefix takes lists too)
     suffixes = [suffix + yes_ids[:common] for suffix in suffix_ids_list for _ in range(2)]  # [2K], k-major
     answers = [yes_ids[common:], no_ids[common:]] * len(suffix_ids_list)
-    totals = []
-    for start in range(0, len(suffixes), rows_per_forward):
-        rows = slice(start, start + rows_per_forward)
-        logp, _, _ = forward_traces(model, prefix_ids, suffixes[rows], answers[rows], temperature=1.0)  # [B, T], 0-padded
-        totals.append(logp.sum(-1))
-    totals = torch.cat(totals).view(-1, 2)  # [K, 2]: yes, no
+    logp = [forward_traces(model, prefix_ids, suffixes[i:i + rows_per_forward], answers[i:i + rows_per_forward], 1.0)[0]
+            for i in range(0, len(suffixes), rows_per_forward)]  # [B, T] each, 0-padded
+    totals = torch.cat([rows.sum(-1) for rows in logp]).view(-1, 2)  # [K, 2]: yes, no
     return (totals[:, 0] - totals[:, 1]).float().cpu()
 
 
@@ -154,14 +141,8 @@ def rank_listwise(model, tokenizer, instances, max_history, max_item_chars, max_
             prompts.append((ids[:-1], [ids[-1:]]))  # one "candidate" per user: the whole prompt
         traces, _ = rollout(model, tokenizer, prompts, min(max_new_tokens, LISTWISE_TOKENS_PER_ITEM * K), temperature=0.0)
         answers += [tokenizer.decode(trace, skip_special_tokens=True) for trace in traces]
-    scores = []
-    totals = dict.fromkeys(["unparsable", "incomplete", "appended", "repeated", "out_of_range"], 0)
-    for answer in answers:
-        order, counts = parse_ranking(answer, K)
-        scores.append(scores_from_order(order))
-        totals["unparsable"] += counts["parsed"] == 0
-        totals["incomplete"] += 0 < counts["parsed"] < K
-        totals["appended"] += counts["missing"]
-        totals["repeated"] += counts["repeated"]
-        totals["out_of_range"] += counts["out_of_range"]
-    return torch.stack(scores), {"parse": totals, "examples": [answer[:300] for answer in answers[:3]]}
+    orders, counts = zip(*(parse_ranking(answer, K) for answer in answers))
+    totals = {"unparsable": sum(c["parsed"] == 0 for c in counts), "incomplete": sum(0 < c["parsed"] < K for c in counts),
+              "appended": sum(c["missing"] for c in counts), "repeated": sum(c["repeated"] for c in counts),
+              "out_of_range": sum(c["out_of_range"] for c in counts)}
+    return torch.stack([scores_from_order(order) for order in orders]), {"parse": totals, "examples": [a[:300] for a in answers[:3]]}

@@ -1,41 +1,35 @@
-"""The README's quickstart learns: its commands, exactly as printed there, for two seeds, are at
-validation NDCG@10 >= 0.9 by half their steps and still at the end, on a set whose validation items
-were never seen in training (popularity cannot rank them, tests/test_synthetic.py). RESULTS.md has the
-same over seeds 0-9 at one and two threads and on the oldest torch allowed; this keeps it so. About a
-minute per seed on one core."""
+"""The README's quickstart learns: its command, as printed there (the tiny model's defaults,
+r2rank.TINY_DEFAULTS: 100 steps on the pointwise synthetic set it builds in <out>/data), for two seeds,
+is at validation NDCG@10 >= 0.9 by half its steps and still at the end, on validation items no training user
+met (popularity cannot rank them, tests/test_synthetic.py). About a minute per seed on one core; the
+two seeds run side by side."""
 import json
 import os
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 
-import pytest
+import r2rank
+from conftest import ROOT, run_cli
 
-from conftest import ROOT, run_cli, run_script
 
-
-def quickstart_commands():
-    """The README quickstart's data.py and r2rank.py argument lists (the line continuations joined)."""
+def quickstart_args():
+    """The arguments of the README quickstart's `python r2rank.py` line."""
     text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
-    line = lambda start: shlex.split(next(row for row in text.splitlines() if row.startswith(start)).split("#")[0])[2:]
-    return line("python data.py synthetic --pointwise"), line("python r2rank.py --stage rl --model tiny")
+    line = next(row for row in text.splitlines() if row.startswith("python r2rank.py --stage rl --model tiny"))
+    return shlex.split(line.split("#")[0])[2:]
 
 
-def replaced(args, flag, value):
-    args = list(args)
-    args[args.index(flag) + 1] = str(value)
-    return args
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_quickstart_learns(tmp_path, seed):
-    data_args, rl_args = quickstart_commands()
-    assert run_script(os.path.join(ROOT, "data.py"), *replaced(data_args, "--out", tmp_path / "data")).returncode == 0
-    rl_args = replaced(replaced(rl_args, "--data", tmp_path / "data"), "--out", tmp_path / "run")
-    result = run_cli(*rl_args, "--seed", seed, "--threads", 1)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    curve = {row["step"]: row["valid_ndcg@10"] for row in rows if "valid_ndcg@10" in row}
-    last = max(curve)
-    assert last == int(rl_args[rl_args.index("--max-steps") + 1])
-    assert curve[last] >= 0.9, curve
-    assert curve[last // 2] >= 0.9, curve  # with margin: there by half its steps, as every run of RESULTS.md's grid
-    assert curve[0] < 0.7, curve  # it learned: the untrained model's ranking is near random (0.39 expected)
+def test_the_quickstart_learns_for_two_seeds(tmp_path):
+    args = quickstart_args()
+    assert args[:4] == ["--stage", "rl", "--model", "tiny"] and "--data" not in args
+    with ThreadPoolExecutor(2) as pool:  # the two seeds side by side, one core each
+        results = list(pool.map(lambda seed: run_cli(*args, "--out", tmp_path / f"seed-{seed}", "--seed", seed, "--threads", 1),
+                                (0, 1)))
+    last = r2rank.TINY_DEFAULTS["max_steps"]
+    for seed, result in enumerate(results):
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(tmp_path / f"seed-{seed}" / "metrics.jsonl") as f:
+            curve = {row["step"]: row["valid_ndcg@10"] for row in map(json.loads, f) if "valid_ndcg@10" in row}
+        assert sorted(curve) == list(range(0, last + 1, r2rank.TINY_DEFAULTS["eval_every"])), (seed, curve)
+        assert curve[last // 2] >= 0.9 and curve[last] >= 0.9, (seed, curve)  # there by half its steps, and at the end
+        assert curve[0] < 0.7, (seed, curve)  # it learned: the untrained model's ranking is near random

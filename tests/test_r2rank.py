@@ -1,44 +1,252 @@
-"""The RL stage: its pieces against independent computations, and the real CLI on the tiny model."""
-import dataclasses
+"""The RL stage of r2rank.py on the tiny model: what the CLI writes, checked against computations made apart
+from it (a plain transformers load, a plain forward of each whole prompt, NDCG@10 by hand, the advantage
+rules worked out from the step's rewards), and an uninterrupted run as the oracle of --resume."""
 import json
+import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import data
+import models
 import plackett_luce
 import r2rank
-import rollout
-from head import ScoreHead, score_traces
-from machinery.models import load_head
-from plackett_luce import standardized
+import runs
+from head import ScoreHead
 from metrics import ndcg_at_k, ndcg_from_scores
+from plackett_luce import standardized
 from ppo import leave_one_out_baseline, reinforce_loss
-from machinery import checkpoints, config, models, runs
 
-from conftest import run_cli
+from conftest import ROOT, run_cli, run_script
 
 
-def test_encode_user_prefix_plus_suffix_is_the_chat_prompt(synthetic_dir):
-    _, tokenizer = models.build_tiny()
-    cfg = config.Config()
-    instance = data.load_split(synthetic_dir, "train")[0]
-    prefix, suffixes = data.encode_user(tokenizer, instance, cfg.max_history, cfg.max_item_chars, cfg.response_prefix)
-    assert len(suffixes) == len(instance["candidates"])
-    for k, suffix in enumerate(suffixes):
-        expected = tokenizer.apply_chat_template(data.self_check_messages(instance, k), tokenize=False,
-                                                 add_generation_prompt=True)
-        assert tokenizer.decode(prefix + suffix) == expected
-    assert instance["candidates"][0]["title"] not in tokenizer.decode(prefix)
+def rl_argv(out, data_dir, *extra):
+    """A tiny run: 2 users of 20 candidates, 3-token traces, a checkpoint every step, no validation."""
+    return ["--stage", "rl", "--model", "tiny", "--data", data_dir, "--out", str(out), "--users-per-step", "2",
+            "--max-new-tokens", "3", "--max-history", "2", "--eval-every", "0", "--save-every", "1", "--threads", "1", *extra]
+
+
+def rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def saved(out, step, name="model"):
+    return load_file(os.path.join(out, f"checkpoint-{step}", f"{name}.safetensors"))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def untrained():
+    """The weights every tiny run starts from (--seed 0)."""
+    return models.build_tiny(seed=0)[0].state_dict()
+
+
+def ndcg10_by_hand(scores, labels):
+    """NDCG@10 of one user: candidates sorted by score, gain = label, discount 1 / log2(position + 1)."""
+    order = sorted(range(len(scores)), key=lambda k: -scores[k])
+    dcg = sum(labels[k] / math.log2(i + 2) for i, k in enumerate(order[:10]))
+    return dcg / sum(label / math.log2(i + 2) for i, label in enumerate(sorted(labels, reverse=True)[:10]))
+
+
+def prompt_hidden(model, tokenizer, instance, max_history):
+    """h_k of every candidate without a trace, by one plain forward of each whole prompt: [K, H]."""
+    prefix, suffixes = data.encode_user(tokenizer, instance, max_history)
+    with torch.no_grad():
+        return torch.stack([model.model(input_ids=torch.tensor([prefix + s])).last_hidden_state[0, -1] for s in suffixes])
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def test_the_cli_logs_a_row_per_step_and_writes_checkpoints_transformers_loads(tmp_path, synthetic_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    result = run_cli(*rl_argv(out, synthetic_dir, "--max-steps", "3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 users x 20 candidates = 40 traces per step" in result.stdout
+    logged = rows(out)
+    assert [row["step"] for row in logged] == [1, 2, 3]
+    assert [line.split()[:2] for line in result.stdout.splitlines() if line.startswith("step ")] == \
+        [["step", "1"], ["step", "2"], ["step", "3"]]  # one line per step, as in metrics.jsonl
+    for row in logged:
+        assert {"reward", "ndcg@10_greedy", "head_loss", "approx_kl", "clip_frac", "ratio", "response_len", "step_time"} <= set(row)
+        assert 0.0 <= row["reward"] <= 1.0 and 1.0 <= row["response_len"] <= 3.0
+    # --keep-checkpoints 2 (the default): the two newest; no temporary folder left
+    assert sorted(n for n in os.listdir(out) if n != runs.LOCK) == ["checkpoint-2", "checkpoint-3", "metrics.jsonl"]
+    checkpoint = out / "checkpoint-3"
+    record = json.loads((checkpoint / "r2rank.json").read_text())
+    assert record["step"] == 3 and record["args"]["max_new_tokens"] == 3
+    assert record["files"] == {name: os.path.getsize(checkpoint / name) for name in os.listdir(checkpoint) if name != "r2rank.json"}
+    # a plain transformers model and tokenizer, the weights those of model.safetensors, trained away from the start
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    weights = saved(out, 3)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
+    _, tiny_tokenizer = models.build_tiny()
+    text = "Would the user like the Blue tent? <answer>"
+    assert tokenizer(text).input_ids == tiny_tokenizer(text).input_ids
+    start = untrained()
+    assert any(not torch.equal(start[name], tensor) for name, tensor in weights.items())
+    head = ScoreHead(model.config.hidden_size, 256)
+    head.load_state_dict(load_file(str(checkpoint / "head.safetensors")))  # strict: every weight of the head, no other
+    assert not same(saved(out, 2, "head"), saved(out, 3, "head")) and not same(saved(out, 2), weights)
+
+
+def test_resume_after_a_stop_gives_the_uninterrupted_runs_rows_and_weights(tmp_path, synthetic_dir):
+    """The oracle is the same command run without a stop. The stopped run is killed after step 3 was logged but
+    before its save (a row, and a second one cut short, beyond checkpoint-2): --resume runs step 3 again."""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    common = ["--save-every", "2", "--keep-checkpoints", "0"]
+    assert run_cli(*rl_argv(whole, synthetic_dir, *common, "--max-steps", "4")).returncode == 0
+    assert run_cli(*rl_argv(stopped, synthetic_dir, *common, "--max-steps", "2")).returncode == 0
+    with open(stopped / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**rows(whole)[2], "reward": -1.0}) + "\n" + '{"step": 4, "rew')
+    resumed = run_cli(*rl_argv(stopped, synthetic_dir, *common, "--max-steps", "4", "--resume"))
+    assert resumed.returncode == 0 and f"resumed from {stopped}/checkpoint-2 at step 2" in resumed.stdout, resumed.stderr[-3000:]
+    drop_time = lambda rs: [{k: v for k, v in row.items() if k != "step_time"} for row in rs]
+    assert drop_time(rows(stopped)) == drop_time(rows(whole))
+    for name in ("model", "head"):
+        assert same(saved(stopped, 4, name), saved(whole, 4, name)), name
+    optimizer = lambda out: torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(optimizer(stopped)["llm"]["state"][0].values(),
+                                                 optimizer(whole)["llm"]["state"][0].values()))
+
+
+def test_main_runs_twice_in_one_process_on_one_out(tmp_path, synthetic_dir):
+    """r2rank.main called again in the same Python process (a notebook, a script), to resume: the first call's
+    hold on --out must not refuse the second."""
+    out = tmp_path / "run"
+    r2rank.main(rl_argv(out, synthetic_dir, "--max-steps", "1"))
+    r2rank.main(rl_argv(out, synthetic_dir, "--max-steps", "2", "--resume"))
+    assert [row["step"] for row in rows(out)] == [1, 2]
+
+
+@pytest.mark.parametrize("advantage", ["reward", "batch", "counterfactual"])
+def test_each_advantage_trains_the_llm(advantage, tmp_path, synthetic_dir, monkeypatch):
+    """The advantages handed to the PPO update, against each rule worked out from the step's rewards by hand;
+    the LLM's weights move."""
+    rewards, handed, ndcg, update = [], [], r2rank.ndcg_at_k, r2rank.ppo_update
+    monkeypatch.setattr(r2rank, "ndcg_at_k", lambda *args: rewards.append(ndcg(*args)) or rewards[-1])  # phase 3: [U, S]
+    monkeypatch.setattr(r2rank, "ppo_update", lambda model, opt, prompts, traces, adv, *args, **kw:
+                        handed.append(adv.detach().clone()) or update(model, opt, prompts, traces, adv, *args, **kw))
+    out = tmp_path / advantage
+    r2rank.main(rl_argv(out, synthetic_dir, "--max-steps", "1", "--advantage", advantage, "--temperature", "1", "--lr", "1e-3"))
+    (row,) = rows(out)
+    (reward,), (given,) = rewards, handed  # [2 users, S], [2 users, K]
+    means = reward.mean(1)
+    if advantage == "reward":  # Eq. (6): every trace of a user gets the mean reward of its rankings
+        torch.testing.assert_close(given, means[:, None].expand(2, 20))
+    elif advantage == "batch":  # minus the other user's mean reward
+        torch.testing.assert_close(given, torch.stack([means[0] - means[1], means[1] - means[0]])[:, None].expand(2, 20))
+    else:  # one value per trace (exact values: test_ppo.py)
+        assert given.shape == (2, 20) and (given.std(1) > 0).all()
+    assert row["reward"] == pytest.approx(means.mean().item(), abs=1e-6)
+    trained, start = saved(out, 1), untrained()
+    assert any(not torch.equal(tensor, start[name]) for name, tensor in trained.items())
+
+
+def test_freeze_llm_keeps_the_llm_and_trains_the_head(tmp_path, synthetic_dir):
+    out = tmp_path / "mlp"
+    r2rank.main(rl_argv(out, synthetic_dir, "--freeze-llm", "--max-steps", "2", "--keep-checkpoints", "0"))
+    start = untrained()
+    for step in (1, 2):
+        assert all(torch.equal(tensor, start[name]) for name, tensor in saved(out, step).items())
+    assert not same(saved(out, 1, "head"), saved(out, 2, "head"))
+    assert not {"ratio", "clip_frac", "approx_kl", "ppo_loss"} & set(rows(out)[0])  # no PPO update, no PPO numbers
+
+
+def test_head_lr_0_freezes_the_head_and_the_start_is_validated_as_step_0(tmp_path, synthetic_dir):
+    """--max-new-tokens 0: the LLM learns through the score path alone (its h_k at the prompt's last token),
+    the head stays; step 0's validation is recomputed by hand from plain forwards of the untrained model."""
+    out = tmp_path / "run"
+    r2rank.main(rl_argv(out, synthetic_dir, "--head-lr", "0", "--lr", "1e-3", "--max-steps", "2", "--max-new-tokens", "0",
+                        "--eval-every", "2", "--eval-users", "3", "--keep-checkpoints", "0"))
+    logged = rows(out)
+    assert [row["step"] for row in logged] == [0, 1, 2] and set(logged[0]) == {"step", "valid_ndcg@10"}
+    assert "valid_ndcg@10" in logged[2] and "valid_ndcg@10" not in logged[1]
+    assert same(saved(out, 1, "head"), saved(out, 2, "head"))  # AdamW at lr 0: no step, no decay
+    assert not same(saved(out, 1), saved(out, 2))  # while the LLM learns
+    model, tokenizer = models.build_tiny(seed=0)
+    head = ScoreHead(model.config.hidden_size, 256)
+    head.load_state_dict(saved(out, 1, "head"))
+    valid = data.load_split(synthetic_dir, "valid")[:3]
+    with torch.no_grad():
+        by_hand = [ndcg10_by_hand(head(prompt_hidden(model, tokenizer, inst, 2)).tolist(), inst["labels"]) for inst in valid]
+    assert logged[0]["valid_ndcg@10"] == pytest.approx(sum(by_hand) / 3, abs=1e-6)
+
+
+def test_no_trace_trains_the_head_on_the_prompts_last_hidden_state(tmp_path, synthetic_dir, monkeypatch):
+    seen, rollout = [], r2rank.rollout
+    monkeypatch.setattr(r2rank, "rollout", lambda model, tokenizer, prompts, *args:
+                        seen.append(rollout(model, tokenizer, prompts, *args)) or seen[-1])
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(0))  # step 0's users, as the run draws them
+    out = tmp_path / "run"
+    r2rank.main(rl_argv(out, synthetic_dir, "--freeze-llm", "--max-steps", "2", "--max-new-tokens", "0", "--keep-checkpoints", "0"))
+    traces, hidden = seen[0]
+    assert traces == [[]] * 40
+    model, tokenizer = models.build_tiny(seed=0)
+    train = data.load_split(synthetic_dir, "train")
+    expected = torch.cat([prompt_hidden(model, tokenizer, train[i], 2) for i in order[:2].tolist()])
+    torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=0)
+    assert [row["response_len"] for row in rows(out)] == [0.0, 0.0]
+    assert not same(saved(out, 1, "head"), saved(out, 2, "head"))
+
+
+def test_pl_std_reaches_the_plackett_luce_sampler(tmp_path, synthetic_dir, monkeypatch):
+    seen, sample = [], plackett_luce.sample
+    monkeypatch.setattr(plackett_luce, "sample", lambda scores, *args, **kw: seen.append(scores) or sample(scores, *args, **kw))
+    out = tmp_path / "run"
+    r2rank.main(rl_argv(out, synthetic_dir, "--freeze-llm", "--pl-std", "3", "--max-steps", "2", "--max-new-tokens", "1"))
+    assert len(seen) == 2 and all(scores.shape == (2, 20) for scores in seen)
+    for scores in seen:
+        torch.testing.assert_close(scores.std(-1, correction=0), torch.full((2,), 3.0))
+    assert all(abs(row["score_std"] - 3.0) > 1e-3 for row in rows(out))  # the head's own spread is logged
+
+
+def test_a_checkpoint_given_as_model_brings_its_head(tmp_path, synthetic_dir):
+    common = ["--freeze-llm", "--max-steps", "1", "--max-new-tokens", "1", "--head-width", "8"]
+    r2rank.main(rl_argv(tmp_path / "first", synthetic_dir, *common, "--seed", "1"))  # a trained head
+    source = str(tmp_path / "first" / "checkpoint-1")
+    r2rank.main(rl_argv(tmp_path / "fresh", synthetic_dir, *common, "--head-lr", "0"))
+    kept = rl_argv(tmp_path / "kept", synthetic_dir, *common, "--head-lr", "0")
+    kept[kept.index("tiny")] = source
+    r2rank.main(kept)
+    heads = {name: saved(tmp_path / name, 1, "head") for name in ("first", "fresh", "kept")}
+    assert same(heads["kept"], heads["first"]) and not same(heads["fresh"], heads["first"])
+
+
+def test_model_tiny_alone_takes_the_quickstarts_defaults_and_builds_its_data(tmp_path):
+    args = r2rank.parse_args(["--stage", "rl", "--model", "tiny"])
+    assert {name: getattr(args, name) for name in r2rank.TINY_DEFAULTS} == r2rank.TINY_DEFAULTS
+    assert r2rank.parse_args(["--model", "tiny", "--lr", "1e-4"]).lr == 1e-4  # a flag typed wins
+    other = r2rank.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"])  # another model keeps the general defaults
+    assert all(getattr(other, name) != value for name, value in r2rank.TINY_DEFAULTS.items() if name != "max_steps")
+    result = run_script(os.path.join(ROOT, "r2rank.py"), "--stage", "rl", "--model", "tiny", "--max-steps", "1",
+                        "--eval-every", "0", cwd=tmp_path)  # short: test_quickstart.py runs the whole command
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / r2rank.TINY_DEFAULTS["out"]
+    assert "8 users x 10 candidates = 80 traces per step (<= 1 tokens each), 32 rankings per user" in result.stdout
+    assert [row["step"] for row in rows(out)] == [1]
+    for split in ("train", "valid", "test"):  # pointwise: the positives are the camping items, and only they
+        for inst in data.load_split(str(out / "data"), split):
+            assert len(inst["candidates"]) == 10 and sum(inst["labels"]) >= 1
+            assert [int("category: camping" in c["text"]) for c in inst["candidates"]] == inst["labels"]
+
+
+# --------------------------------------------------------------------------- the pieces it is built of
 
 
 def test_head_learns_to_rank_by_reinforce_through_plackett_luce():
-    """Fixed per-candidate features; the relevant item is the one far out along a hidden direction u,
-    on either side (relevance = a nonlinear hidden function, |u . x|, that a linear score cannot
-    express). Trained only by REINFORCE through Plackett-Luce rankings with the NDCG@10 reward, the
-    head must lift held-out NDCG@10 from about random (~0.23 for 1 + 19) to well above 0.8."""
+    """Fixed per-candidate features; the relevant item is the one far out along a hidden direction u, on either
+    side (|u . x|, which no linear score expresses). Trained only by REINFORCE through Plackett-Luce rankings
+    with the NDCG@10 reward, the head lifts held-out NDCG@10 from about random (~0.23 for 1 + 19) above 0.8."""
     generator = torch.Generator().manual_seed(0)
     users, K, H = 128, 20, 8
     u = torch.nn.functional.normalize(torch.randn(H, generator=generator), dim=0)
@@ -64,239 +272,6 @@ def test_head_learns_to_rank_by_reinforce_through_plackett_luce():
     assert random_ndcg < 0.35 and before < 0.5 and after > 0.8, (random_ndcg, before, after)
 
 
-def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(synthetic_dir):
-    model, tokenizer = models.build_tiny()
-    cfg = config.Config(max_new_tokens=6, lr=1e-3, ppo_epochs=1, micro_batch=3, max_history=3)
-    instance = data.load_split(synthetic_dir, "train")[0]
-    instance = dict(instance, candidates=instance["candidates"][:4], labels=instance["labels"][:4])
-    traces, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
-    responses = traces[0].token_lists()
-    prefix, suffixes = prompts[0]
-    initial = {name: value.clone() for name, value in model.state_dict().items()}
-
-    def total_logp():
-        with torch.no_grad():
-            logp, mask = rollout.trace_logprobs(model, [prefix + s for s in suffixes], responses)
-        return (logp * mask).sum(-1)
-
-    before = total_logp()
-    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
-    for shared_prefix in (False, True):
-        model.load_state_dict(initial)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        stats = rollout.ppo_update(model, optimizer, prompts, traces, advantages, cfg, shared_prefix)
-        after = total_logp()
-        assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
-
-
-def test_theta_old_is_the_updates_own_forward_not_the_decoding_log_probs(synthetic_dir):
-    """Decode-time log-probs shifted by 0.5 (as a different code path or precision could shift them)
-    change nothing in the update: epoch 1's ratio is exactly 1, and epoch 2's ratio measures only how
-    far epoch 1 moved the policy. The shift shows up in decode_logp_gap alone."""
-    model, tokenizer = models.build_tiny()
-    cfg = config.Config(max_new_tokens=5, lr=1e-3, ppo_epochs=2, micro_batch=2, max_history=3, temperature=0.8)
-    instance = data.load_split(synthetic_dir, "train")[0]
-    instance = dict(instance, candidates=instance["candidates"][:3], labels=instance["labels"][:3])
-    traces, prompts = rollout.rollout_users(model, tokenizer, [instance], cfg, torch.Generator().manual_seed(0))
-    advantages = torch.tensor([[1.0, -1.0, 0.5]])
-    initial = {name: value.clone() for name, value in model.state_dict().items()}
-    results = []
-    for shift in (0.0, 0.5):
-        model.load_state_dict(initial)
-        shifted = [rollout.Traces(**{**vars(traces[0]), "logprobs": traces[0].logprobs - shift * traces[0].mask})]
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        stats = rollout.ppo_update(model, optimizer, prompts, shifted, advantages, cfg)
-        results.append((stats, {name: value.clone() for name, value in model.state_dict().items()}))
-    (plain, plain_weights), (shifted, shifted_weights) = results
-    for name in plain_weights:
-        assert torch.equal(plain_weights[name], shifted_weights[name]), name
-    for name in ("ratio", "clip_frac", "approx_kl", "ppo_loss"):
-        assert plain[name] == shifted[name]
-    assert plain["decode_logp_gap"] < 1e-4 and shifted["decode_logp_gap"] == pytest.approx(0.5, abs=1e-4)
-
-    # By hand, with one epoch: ratio 1 exactly, so the loss is minus the token-weighted mean advantage.
-    model.load_state_dict(initial)
-    one_epoch = rollout.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, traces, advantages,
-                                  dataclasses.replace(cfg, ppo_epochs=1))
-    lengths = traces[0].lengths.float()
-    assert one_epoch["ratio"] == pytest.approx(1.0, abs=1e-12) and one_epoch["approx_kl"] == 0.0
-    assert one_epoch["ppo_loss"] == pytest.approx(-(advantages[0] * lengths).sum().item() / lengths.sum().item())
-
-
-def test_scores_do_not_depend_on_candidate_order_under_greedy_decoding(synthetic_dir):
-    model, tokenizer = models.build_tiny()
-    cfg = config.Config(max_new_tokens=5, max_history=4)
-    instance = data.load_split(synthetic_dir, "train")[1]
-    order = torch.randperm(len(instance["candidates"]), generator=torch.Generator().manual_seed(0)).tolist()
-    shuffled = dict(instance, candidates=[instance["candidates"][i] for i in order], labels=[instance["labels"][i] for i in order])
-    torch.manual_seed(0)
-    head = ScoreHead(model.config.hidden_size, 16)
-    scores = score_traces(head, rollout.rollout_users(model, tokenizer, [instance], cfg, None, 0.0)[0])[0]
-    shuffled_scores = score_traces(head, rollout.rollout_users(model, tokenizer, [shuffled], cfg, None, 0.0)[0])[0]
-    torch.testing.assert_close(shuffled_scores, scores[order], atol=1e-5, rtol=0)
-
-
-def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
-    model, tokenizer = models.build_tiny(seed=3)
-    cfg = config.Config(max_new_tokens=5, max_history=4, head_width=16)
-    torch.manual_seed(0)
-    head = ScoreHead(model.config.hidden_size, cfg.head_width)
-    optimizers = {"head": torch.optim.AdamW(head.parameters())}
-    instances = data.load_split(synthetic_dir, "valid")[:2]
-
-    def greedy_scores(m, t, h):
-        return score_traces(h, rollout.rollout_users(m, t, instances, cfg, None, 0.0)[0])
-
-    expected = greedy_scores(model, tokenizer, head)
-    path = checkpoints.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, optimizers, cfg)
-    assert path.endswith("checkpoint-7") and runs.latest_checkpoint(str(tmp_path)) == path
-    model2, tokenizer2 = models.load_policy(path, torch.device("cpu"), torch.float32)
-    head2 = load_head(path, model2.config.hidden_size, "cpu")
-    torch.testing.assert_close(greedy_scores(model2, tokenizer2, head2), expected)
-
-
-def test_cli_trains_logs_checkpoints_and_resumes(tmp_path, synthetic_dir):
-    out = str(tmp_path / "run")
-    common = ["--model", "tiny", "--data", synthetic_dir, "--out", out, "--users-per-step", "1",
-              "--max-new-tokens", "6", "--max-history", "3", "--save-every", "1", "--lr", "1e-4"]
-    first = run_cli("--stage", "rl", "--max-steps", "2", *common)
-    assert first.returncode == 0, first.stderr
-    assert "1 users x 20 candidates = 20 traces per step" in first.stdout
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [row["step"] for row in rows] == [1, 2]
-    for key in ("reward", "ndcg@10_greedy", "approx_kl", "clip_frac", "response_len", "answer_share", "step_time"):
-        assert all(key in row for row in rows), key
-    assert 0.0 <= rows[0]["reward"] <= 1.0
-    checkpoint = os.path.join(out, "checkpoint-2")
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "head.safetensors", "optimizer.pt", "r2rank.json"):
-        assert os.path.isfile(os.path.join(checkpoint, name)), name
-    assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
-    # Both the LLM and the head were updated between the two checkpoints.
-    first_model = load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))
-    second_model = load_file(os.path.join(checkpoint, "model.safetensors"))
-    assert any(not torch.equal(first_model[name], second_model[name]) for name in first_model)
-    first_head = load_file(os.path.join(out, "checkpoint-1", "head.safetensors"))
-    second_head = load_file(os.path.join(checkpoint, "head.safetensors"))
-    assert all(not torch.equal(first_head[name], second_head[name]) for name in first_head)
-
-    # the resumed run also exercises gradient checkpointing (and with it the per-candidate update)
-    second = run_cli("--stage", "rl", "--max-steps", "3", "--resume", "--gradient-checkpointing", "on", *common)
-    assert second.returncode == 0, second.stderr
-    assert "resumed from" in second.stdout and "checkpoint-2" in second.stdout
-    assert "gradient checkpointing on (as given), shared-prefix update off" in second.stdout
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [row["step"] for row in rows] == [1, 2, 3]
-    # The resumed head is the saved one, not a fresh initialization.
-    saved = load_head(checkpoint, 64, "cpu")
-    resumed = load_head(os.path.join(out, "checkpoint-3"), 64, "cpu")
-    assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), resumed.state_dict().values()))
-
-
-@pytest.mark.parametrize("advantage", ["reward", "batch", "counterfactual"])
-def test_cli_trains_the_llm_with_each_advantage(tmp_path, synthetic_dir, advantage, monkeypatch):
-    """The advantages handed to the PPO update, against each rule worked out from the step's rewards by hand."""
-    rewards, handed, ndcg, update = [], [], r2rank.ndcg_at_k, rollout.ppo_update
-    monkeypatch.setattr(r2rank, "ndcg_at_k", lambda *args: rewards.append(ndcg(*args)) or rewards[-1])  # phase 3: [U, S]
-    monkeypatch.setattr(rollout, "ppo_update", lambda model, opt, prompts, traces, adv, *args, **kw:
-                        handed.append(adv.detach().clone()) or update(model, opt, prompts, traces, adv, *args, **kw))
-    out = str(tmp_path / advantage)
-    r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--users-per-step", "2",
-                 "--max-new-tokens", "3", "--max-history", "3", "--max-steps", "1", "--lr", "1e-3", "--advantage",
-                 advantage, "--advantage-samples", "16", "--temperature", "0.8", "--ppo-epochs", "1"])
-    (row,) = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    (reward,), (given,) = rewards, handed  # [2 users, S], [2 users, K]
-    means = reward.mean(1)
-    if advantage == "reward":  # Eq. (6): every trace of a user gets the mean reward of its rankings
-        expected = means[:, None].expand_as(given)
-    elif advantage == "batch":  # minus the other user's mean reward
-        expected = torch.stack([means[0] - means[1], means[1] - means[0]])[:, None].expand_as(given)
-    if advantage != "counterfactual":  # its values: exact toys in test_ppo.py
-        torch.testing.assert_close(given, expected)
-    assert row["advantage_abs"] == pytest.approx(given.abs().mean().item(), abs=1e-6)
-    assert row["reward"] == pytest.approx(means.mean().item(), abs=1e-6)
-    assert 0.0 <= row["decode_logp_gap"] < 1e-3  # fp32 on a CPU: the decoding and the update's forward agree closely
-    start, _ = models.build_tiny()
-    trained = load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))
-    assert any(not torch.equal(trained[name], value) for name, value in start.state_dict().items() if name in trained)
-
-
-def test_mlp_only_samples_each_users_traces_once_and_keeps_the_llm_fixed(tmp_path, synthetic_dir):
-    out = str(tmp_path / "mlp")
-    result = run_cli("--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
-                     "--max-steps", "3", "--users-per-step", "4", "--max-new-tokens", "4", "--max-history", "3",
-                     "--save-every", "1", "--keep-checkpoints", "0")  # checkpoint-1 is compared with checkpoint-3
-    assert result.returncode == 0, result.stderr
-    num_train = len(data.load_split(synthetic_dir, "train"))
-    seen = {data.load_split(synthetic_dir, "train")[i]["user_id"]
-            for step in range(3) for i in r2rank.users_for_step(num_train, 4, 0, step)}
-    cache = torch.load(os.path.join(out, "checkpoint-3", "trace-cache.pt"), weights_only=True)
-    assert set(cache) == seen  # every user sampled once, none missing
-    early = torch.load(os.path.join(out, "checkpoint-1", "trace-cache.pt"), weights_only=True)
-    assert all(torch.equal(early[user]["tokens"], cache[user]["tokens"]) for user in early)  # reused, not redrawn
-    first = load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))
-    last = load_file(os.path.join(out, "checkpoint-3", "model.safetensors"))
-    assert all(torch.equal(first[name], last[name]) for name in first)
-    assert not all(torch.equal(a, b) for a, b in zip(load_file(os.path.join(out, "checkpoint-1", "head.safetensors")).values(),
-                                                     load_file(os.path.join(out, "checkpoint-3", "head.safetensors")).values()))
-
-
-def test_freeze_llm_first_train_users_validation_rolled_out_once_old_checkpoints_pruned(synthetic_dir, tmp_path, monkeypatch):
-    greedy_rollouts, rollout_users = [], rollout.rollout_users
-
-    def counting(model, tokenizer, instances, cfg, generator, temperature=None, fast_decode=True):
-        if temperature == 0.0:
-            greedy_rollouts.append([inst["user_id"] for inst in instances])
-        return rollout_users(model, tokenizer, instances, cfg, generator, temperature, fast_decode)
-
-    monkeypatch.setattr(rollout, "rollout_users", counting)
-    out = str(tmp_path / "run")
-    r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
-                 "--max-steps", "6", "--users-per-step", "4", "--max-new-tokens", "4", "--max-history", "3",
-                 "--train-users", "5", "--eval-every", "2", "--eval-users", "3", "--save-every", "1", "--keep-checkpoints", "2"])
-    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-5", "checkpoint-6"]
-    first_five = {inst["user_id"] for inst in data.load_split(synthetic_dir, "train")[:5]}
-    assert set(torch.load(os.path.join(out, "checkpoint-6", "trace-cache.pt"), weights_only=True)) == first_five
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert [row["step"] for row in rows if "valid_ndcg@10" in row] == [0, 2, 4, 6]  # 0: the start
-    assert len(greedy_rollouts) == 1  # the frozen LLM's validation traces are reused
-    assert greedy_rollouts[0] == [inst["user_id"] for inst in data.load_split(synthetic_dir, "valid")[:3]]
-
-
-def test_head_lr_0_freezes_the_head_and_the_start_is_validated_as_step_0(synthetic_dir, tmp_path):
-    out = str(tmp_path / "run")
-    r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--head-lr", "0",
-                 "--lr", "1e-3", "--max-steps", "2", "--users-per-step", "2", "--max-new-tokens", "3",
-                 "--max-history", "3", "--eval-every", "2", "--eval-users", "3", "--save-every", "1"])
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert [row["step"] for row in rows] == [0, 1, 2] and set(rows[0]) == {"step", "valid_ndcg@10", "step_time"}
-    heads = [load_file(os.path.join(out, f"checkpoint-{step}", "head.safetensors")) for step in (1, 2)]
-    assert all(torch.equal(heads[0][name], heads[1][name]) for name in heads[0])  # AdamW at lr 0: no step, no decay
-    llms = [load_file(os.path.join(out, f"checkpoint-{step}", "model.safetensors")) for step in (1, 2)]
-    assert any(not torch.equal(llms[0][name], llms[1][name]) for name in llms[0])  # while the LLM learns
-    # step 0 is the untrained LLM under that (unchanged) head
-    cfg = config.parse_config(["--max-new-tokens", "3", "--max-history", "3"])
-    model, tokenizer = models.load_policy("tiny", torch.device("cpu"), torch.float32)
-    head = load_head(os.path.join(out, "checkpoint-1"), model.config.hidden_size, "cpu")
-    start, _ = r2rank.validate(model, tokenizer, head, data.load_split(synthetic_dir, "valid")[:3], cfg)
-    assert rows[0]["valid_ndcg@10"] == pytest.approx(start)
-
-
-def test_new_head_ignores_the_head_saved_with_the_model(synthetic_dir, tmp_path):
-    common = ["--stage", "rl", "--freeze-llm", "--data", synthetic_dir, "--max-steps", "1", "--users-per-step", "1",
-              "--max-new-tokens", "2", "--max-history", "3", "--head-width", "8"]
-    r2rank.main(common + ["--model", "tiny", "--out", str(tmp_path / "first"), "--seed", "1"])  # a trained head
-    source = str(tmp_path / "first" / "checkpoint-1")
-    r2rank.main(common + ["--model", "tiny", "--out", str(tmp_path / "fresh"), "--head-lr", "0"])
-    r2rank.main(common + ["--model", source, "--out", str(tmp_path / "kept"), "--head-lr", "0"])
-    r2rank.main(common + ["--model", source, "--out", str(tmp_path / "new"), "--head-lr", "0", "--new-head"])
-    heads = {name: load_file(str(tmp_path / name / "checkpoint-1" / "head.safetensors")) for name in ("first", "fresh", "kept", "new")}
-    same = lambda a, b: all(torch.equal(heads[a][key], heads[b][key]) for key in heads[a])
-    assert same("kept", "first") and not same("new", "first")
-    assert same("new", "fresh")  # the seeded initialization of a run from the bare LLM
-
-
 def test_standardized_scores_by_hand():
     scores = torch.tensor([[0.0, 10.0, 20.0], [5.0, 5.0, 5.0]])
     # population std of (0, 10, 20) is sqrt(200 / 3) = 8.16497; 2 * 10 / 8.16497 = 2.44949
@@ -304,116 +279,77 @@ def test_standardized_scores_by_hand():
     assert standardized(scores, 0.0) is scores  # off: the paper's raw scores
 
 
-def test_pl_std_reaches_the_plackett_luce_sampler(synthetic_dir, tmp_path, monkeypatch):
-    seen, sample = [], plackett_luce.sample
-    monkeypatch.setattr(plackett_luce, "sample", lambda scores, *args: seen.append(scores) or sample(scores, *args))
-    out = str(tmp_path / "run")
-    r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--pl-std", "3",
-                 "--max-steps", "2", "--users-per-step", "2", "--max-new-tokens", "2", "--max-history", "3"])
-    assert len(seen) == 2 * 2  # per user, each from its own generator
-    for scores in seen:
-        torch.testing.assert_close(scores.std(-1, correction=0), torch.tensor(3.0))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert all(abs(row["score_std"] - 3.0) > 1e-3 for row in rows)  # the head's own spread is logged
-    assert r2rank.signal_share(torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.3, 0.2], [0.1, 0.1, 0.1], [0.0, 0.0, 1.0]])) == 0.5
-
-
-def test_trace_cache_of_another_run_is_reused_and_checked(synthetic_dir, tmp_path, monkeypatch):
-    common = ["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--max-history", "3",
-              "--users-per-step", "3", "--train-users", "3", "--max-new-tokens", "4"]
-    first = str(tmp_path / "first")
-    r2rank.main(common + ["--out", first, "--max-steps", "1"])
-    cache = os.path.join(first, "checkpoint-1", "trace-cache.pt")
-    rolled_out, rollout_users = [], rollout.rollout_users
-
-    def counting(model, tokenizer, instances, cfg, generator, temperature=None, fast_decode=True):
-        rolled_out.extend(inst["user_id"] for inst in instances)
-        return rollout_users(model, tokenizer, instances, cfg, generator, temperature, fast_decode)
-
-    monkeypatch.setattr(rollout, "rollout_users", counting)
-    second = str(tmp_path / "second")
-    r2rank.main(common + ["--out", second, "--max-steps", "2", "--head-width", "8", "--trace-cache", cache])
-    assert rolled_out == []  # the three users' traces came from the first run
-    reused = torch.load(os.path.join(second, "checkpoint-2", "trace-cache.pt"), weights_only=True)
-    assert all(torch.equal(reused[user]["tokens"], fields["tokens"]) for user, fields in torch.load(cache, weights_only=True).items())
-    continued = common[:common.index("--model") + 1] + [os.path.join(first, "checkpoint-1")] + common[common.index("--model") + 2:]
-    r2rank.main(continued + ["--out", str(tmp_path / "from-checkpoint"), "--max-steps", "1", "--trace-cache", cache])
-    assert rolled_out == []  # the checkpoint of the run that made the cache holds its frozen LLM: reused, not refused
-    elsewhere = common[:common.index("--model") + 1] + [str(tmp_path / "from-checkpoint" / "checkpoint-1")] \
-        + common[common.index("--model") + 2:]
-    beside = run_cli(*elsewhere, "--out", str(tmp_path / "beside"), "--trace-cache", cache)
-    assert beside.returncode == 1 and "traces were made with --model tiny" in beside.stderr  # another checkpoint: still checked
-    other = run_cli(*common, "--out", str(tmp_path / "third"), "--trace-cache", cache, "--max-new-tokens", "5")
-    assert other.returncode == 1 and "Traceback" not in other.stderr
-    assert "traces were made with --max-new-tokens 4; this run has --max-new-tokens 5" in other.stderr
-    forced = run_cli(*common, "--out", str(tmp_path / "fourth"), "--trace-cache", cache, "--response-prefix", "User")
-    assert forced.returncode == 1 and "made with --response-prefix ; this run has --response-prefix User" in forced.stderr
-    settings = os.path.join(first, "checkpoint-1", "r2rank.json")
-    with open(settings) as f:
-        saved = json.load(f)
-    del saved["config"]["response_prefix"]  # a cache that does not record a setting is refused, not guessed
-    with open(settings, "w") as f:
-        json.dump(saved, f)
-    unknown = run_cli(*common, "--out", str(tmp_path / "fifth"), "--trace-cache", cache)
-    assert unknown.returncode == 1 and "made with --response-prefix None" in unknown.stderr
-
-
-def test_no_reasoning_control_trains_a_head_on_the_prompts_last_hidden_state(synthetic_dir, tmp_path):
-    out = str(tmp_path / "no-trace")
-    r2rank.main(["--stage", "rl", "--freeze-llm", "--model", "tiny", "--data", synthetic_dir, "--out", out,
-                 "--max-steps", "2", "--users-per-step", "2", "--max-new-tokens", "0", "--max-history", "3"])
-    checkpoint = os.path.join(out, "checkpoint-2")
-    model, tokenizer = models.load_policy(checkpoint, "cpu", torch.float32)
-    train = {inst["user_id"]: inst for inst in data.load_split(synthetic_dir, "train")}
-    cache = torch.load(os.path.join(checkpoint, "trace-cache.pt"), weights_only=True)
-    assert len(cache) == 4
-    for user, fields in cache.items():
-        assert fields["tokens"].shape == (20, 0)
-        prefix, suffixes = data.encode_user(tokenizer, train[user], max_history=3)
-        with torch.no_grad():  # the whole prompt of the last candidate, one plain forward
-            forward = model(input_ids=torch.tensor([prefix + suffixes[-1]]), output_hidden_states=True)
-        torch.testing.assert_close(fields["final_hidden"][-1], forward.hidden_states[-1][0, -1], atol=1e-4, rtol=0)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert [(row["response_len"], row["distinct_share"]) for row in rows] == [(0.0, 1 / 20)] * 2
-
-
-def test_response_prefix_ends_every_candidates_prompt(synthetic_dir):
-    _, tokenizer = models.build_tiny()
+def one_user(synthetic_dir, candidates=4, max_new_tokens=6, temperature=1.0):
+    """The tiny model, one training user with its first candidates, its prompts and sampled traces."""
+    model, tokenizer = models.build_tiny(seed=0)
     instance = data.load_split(synthetic_dir, "train")[0]
-    prefix, suffixes = data.encode_user(tokenizer, instance)
-    forced_prefix, forced = data.encode_user(tokenizer, instance, response_prefix="Yes, the")
-    assert forced_prefix == prefix and len(forced) == len(suffixes) == 20
-    for plain, suffix in zip(suffixes, forced):
-        assert tokenizer.decode(suffix) == tokenizer.decode(plain) + "Yes, the"
+    instance = dict(instance, candidates=instance["candidates"][:candidates], labels=instance["labels"][:candidates])
+    prompts = [data.encode_user(tokenizer, instance, 3)]
+    torch.manual_seed(0)
+    traces, _ = r2rank.rollout(model, tokenizer, prompts, max_new_tokens, temperature)
+    return model, prompts, [traces]
 
 
-def test_trace_stats_count_distinct_traces_and_mean_token_logprob_by_hand():
-    _, tokenizer = models.build_tiny()
-    pad = tokenizer.pad_token_id
-
-    def user(tokens, logprobs, lengths, finished):
-        tokens, logprobs, lengths = torch.tensor(tokens), torch.tensor(logprobs), torch.tensor(lengths)
-        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        return rollout.Traces(tokens, logprobs, mask, lengths, torch.tensor(finished), torch.zeros(2, 4))
-
-    same = user([[5, 6], [5, 6]], [[-1.0, -1.0], [-1.0, -1.0]], [2, 2], [False, False])  # 1 distinct text of 2
-    # 2 of 2; the -9 is padding; the first trace ended with an eos exactly at the limit: not truncated
-    different = user([[5, 6], [7, pad]], [[-0.5, -0.5], [-3.0, -9.0]], [2, 1], [True, True])
-    stats = rollout.trace_stats([same, different], tokenizer)
-    assert stats["distinct_share"] == pytest.approx((1 / 2 + 2 / 2) / 2)
-    assert stats["token_logp"] == pytest.approx((-4.0 - 1.0 - 3.0) / 7)
-    assert stats["truncated_share"] == pytest.approx(2 / 4) and stats["response_len"] == pytest.approx(7 / 4)
+def ppo_args(**changes):
+    return SimpleNamespace(**{"ppo_epochs": 1, "micro_batch": 3, "temperature": 1.0, "clip_eps": 0.2, "max_grad_norm": 1e9, **changes})
 
 
-def test_a_step_without_tokens_logs_no_token_statistics(synthetic_dir, tmp_path):
-    """--max-new-tokens 0 trains the LLM through the score path alone: the means over tokens (ratio,
-    clip_frac, approx_kl, ppo_loss, decode_logp_gap) are undefined and left out of the log, not written as 0."""
-    out = str(tmp_path / "no-tokens")
-    r2rank.main(["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--out", out, "--max-steps", "1",
-                 "--users-per-step", "1", "--max-new-tokens", "0", "--max-history", "3"])
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        row = json.loads(f.readline())
-    assert not {"ratio", "clip_frac", "approx_kl", "ppo_loss", "decode_logp_gap", "decode_logp_gap_max"} & set(row), row
-    assert row["response_len"] == 0.0 and "decode_score_gap" in row and "advantage_abs" in row
+@pytest.mark.parametrize("whole_prompts", [False, True])
+def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(whole_prompts, synthetic_dir):
+    model, prompts, traces = one_user(synthetic_dir)
+    if whole_prompts:  # gradient checkpointing: the update feeds whole prompts instead of a prefix cache
+        model.gradient_checkpointing_enable()
+    (prefix, suffixes), = prompts
+
+    def total_logp():
+        with torch.no_grad():
+            logp, mask, _ = r2rank.forward_traces(model, prefix, suffixes, traces[0], 1.0)
+        return (logp * mask).sum(-1)
+
+    before = total_logp()
+    r2rank.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1e-3), prompts, traces,
+                      torch.tensor([[1.0, 1.0, -1.0, -1.0]]), ppo_args())
+    after = total_logp()
+    assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all(), (before, after)
+
+
+def test_ppo_updates_first_epoch_has_ratio_1_and_minus_the_token_mean_advantage_as_loss(synthetic_dir):
+    """theta_old is the update's own first forward: ratio exactly 1, no KL, and the loss minus the
+    token-weighted mean advantage, by hand."""
+    model, prompts, traces = one_user(synthetic_dir, candidates=3, max_new_tokens=5, temperature=0.8)
+    advantages = torch.tensor([[1.0, -1.0, 0.5]])
+    stats = r2rank.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, traces, advantages,
+                              ppo_args(temperature=0.8, micro_batch=2))
+    lengths = torch.tensor([len(t) for t in traces[0]], dtype=torch.float32)
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-9) and stats["approx_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert stats["ppo_loss"] == pytest.approx(-(advantages[0] * lengths).sum().item() / lengths.sum().item(), abs=1e-6)
+
+
+def test_greedy_scores_do_not_depend_on_the_candidates_order(synthetic_dir):
+    model, tokenizer = models.build_tiny(seed=0)
+    args = r2rank.parse_args(["--model", "tiny", "--max-new-tokens", "5", "--max-history", "4"])
+    instance = data.load_split(synthetic_dir, "train")[1]
+    order = torch.randperm(len(instance["candidates"]), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = dict(instance, candidates=[instance["candidates"][i] for i in order], labels=[instance["labels"][i] for i in order])
+    torch.manual_seed(0)
+    head = ScoreHead(model.config.hidden_size, 16)
+    scores = r2rank.score_users(model, tokenizer, head, [instance], args, torch.float32)[0]
+    shuffled_scores = r2rank.score_users(model, tokenizer, head, [shuffled], args, torch.float32)[0]
+    torch.testing.assert_close(shuffled_scores, scores[order], atol=1e-5, rtol=0)
+
+
+def test_a_reloaded_checkpoint_gives_the_same_scores(tmp_path, synthetic_dir):
+    model, tokenizer = models.build_tiny(seed=3)
+    args = r2rank.parse_args(["--model", "tiny", "--max-new-tokens", "5", "--max-history", "4", "--head-width", "16"])
+    torch.manual_seed(0)
+    head = ScoreHead(model.config.hidden_size, 16)
+    instances = data.load_split(synthetic_dir, "valid")[:2]
+    expected = r2rank.score_users(model, tokenizer, head, instances, args, torch.float32)
+    runs.save_checkpoint(str(tmp_path), 7, model, tokenizer, head, {"head": torch.optim.AdamW(head.parameters())}, args,
+                         SimpleNamespace(fingerprint="-"))
+    path = str(tmp_path / "checkpoint-7")
+    assert runs.newest_whole_checkpoint(str(tmp_path)) == (path, 7)
+    model2, tokenizer2 = r2rank.load_model(path, torch.device("cpu"))
+    head2 = ScoreHead(model2.config.hidden_size, 16)
+    runs.load_head(head2, path)
+    torch.testing.assert_close(r2rank.score_users(model2, tokenizer2, head2, instances, args, torch.float32), expected)
