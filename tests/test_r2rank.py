@@ -298,7 +298,7 @@ def ppo_args(**changes):
 def test_ppo_update_moves_log_probs_with_the_sign_of_the_advantage(whole_prompts, synthetic_dir):
     model, prompts, traces = one_user(synthetic_dir)
     if whole_prompts:  # gradient checkpointing: the update feeds whole prompts instead of a prefix cache
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     (prefix, suffixes), = prompts
 
     def total_logp():
