@@ -1,5 +1,8 @@
 """tools/report.py: the merged results table and the text learning curve."""
 import json
+import random
+import subprocess
+import sys
 
 import pytest
 
@@ -258,7 +261,7 @@ def test_the_table_names_the_data_set_as_eval_does(synthetic_dir, tmp_path, caps
 
     assert synthetic_dir.endswith("/data") and json.load(open(f"{synthetic_dir}/stats.json"))["inputs"] == ["synthetic"]
     result = run_cli("--stage", "eval", "--model", "tiny", "--data", synthetic_dir, "--methods", "random,popularity",
-                     "--out", str(tmp_path / "eval"), "--bootstrap", "10")
+                     "--out", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr
     assert "| Method | synthetic @1 | @5 | @10 |" in result.stdout
     path = str(tmp_path / "eval" / "eval-test.json")
@@ -298,3 +301,44 @@ def test_a_row_cut_short_at_the_end_is_left_out_with_a_note(tmp_path):
     metrics.write_text(json.dumps(rows[0]) + '\n{"step": 3, "rew\n' + json.dumps(rows[1]) + "\n")  # not the last line: refused
     run = run_script("tools/report.py", "curve", str(metrics), cwd=ROOT)
     assert run.returncode == 1 and f"{metrics}:2: malformed JSON" in run.stderr
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(100_000)  # a figure passed where a metrics file goes
+
+
+@pytest.mark.parametrize("command, content, expected", [
+    ("curve", "/dev/zero", "error: /dev/zero:1: a line over 1 MB, so not a metrics.jsonl of --stage rl"),
+    ("curve", PNG, "error: {path}:1: not UTF-8 text (byte 1), so not a metrics.jsonl"),
+    ("curve", b"x" * 3_000_000, "error: {path}:1: a line over 1 MB, so not a metrics.jsonl of --stage rl"),
+    ("curve", b'{"step": 1, "reward": "' + b"a" * 100_000 + b'"}\n', "error: {path}:1: reward is 'aaaa"),
+    ("curve", b"# notes\n" + b"y" * 100_000 + b"\n", "error: {path}:1: malformed JSON ('Expecting value') in '# notes\\n'"),
+    ("table", "/dev/zero", "error: /dev/zero: not an evaluation file of --stage eval (it does not start as a JSON object)"),
+    ("table", PNG, "error: {path}: not an evaluation file of --stage eval (it does not start as a JSON object)"),
+])
+def test_input_that_is_not_what_it_reads_ends_in_one_short_line(command, content, expected, tmp_path):
+    """A device, a binary file, one endless line: one line of at most ~200 characters, in a fresh interpreter
+    within 10 s (a line is read in at most 1 MB, an eval file refused at its first bytes)."""
+    path = content if isinstance(content, str) else str(tmp_path / "input")
+    if not isinstance(content, str):
+        open(path, "wb").write(content)
+    run = subprocess.run([sys.executable, f"{ROOT}/tools/report.py", command, path], capture_output=True, text=True, timeout=10)
+    assert run.returncode == 1 and run.stdout == "", run.stderr
+    assert len(run.stderr.splitlines()) == 1 and len(run.stderr) < 250 + len(path), run.stderr
+    assert run.stderr.startswith(expected.format(path=path)), run.stderr
+
+
+@pytest.mark.parametrize("script", ["report", "compare", "benchmark", "memory", "speed", "benchmark_estimators"])
+def test_every_tool_answers_help_from_the_repository_root(script):
+    run = run_script(f"{ROOT}/tools/{script}.py", "--help", cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.startswith("usage:"), run.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rl-step", "nonexistent/model"], "error: --model nonexistent/model: cannot load it ("),
+    (["--users", "0"], "benchmark.py: error: --users must be >= 1, got 0"),
+    (["--new-tokens", "-5"], "benchmark.py: error: --new-tokens must be >= 1, got -5")])
+def test_benchmark_refuses_bad_flags_in_one_line(flags, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is not asked: the same refusal, at once
+    run = run_script(f"{ROOT}/tools/benchmark.py", *flags, "--threads", "1", cwd=ROOT, timeout=120)
+    assert run.returncode in (1, 2) and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(message) and "==" not in run.stdout, run.stderr

@@ -1,4 +1,4 @@
-"""Every system beside R2Rank on the same task (issue 42): train each for the given seeds, evaluate each
+"""Every system beside R2Rank on the same task: train each for the given seeds, evaluate each
 trained run on the test split, and write one table and one figure.
 
     python data.py synthetic --pointwise --candidates 10 --out runs/cmp/data
@@ -16,7 +16,7 @@ Out (--out):
     eval/<system>-s<seed>/eval-test.json   --stage eval of its last checkpoint: NDCG@{1,5,10}, per-user values
     floors/eval-{valid,test}.json          random and popularity
     eval/<system>-mean.json                per-user NDCG averaged over the seeds (the table's rows)
-    table.md, comparison.png, timings.jsonl (wall seconds of each training and eval command)
+    table.md, timings.jsonl (wall seconds of each training and eval command), comparison.png (with matplotlib)
 It resumes: a run whose last checkpoint exists is not trained again (a run cut short continues with
 --resume), an eval file that exists is not computed again; a system or seed added later costs only
 its own runs. One command at a time, in the foreground; nice the whole script on a shared machine.
@@ -25,6 +25,7 @@ pair of rows, on per-user values; each row's line lists its p-value against R2Ra
 tools/report.py curve --group, one median line and min-max band per system.
 """
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -37,10 +38,9 @@ from tools import report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 100
-# The README quickstart's R2Rank, the reference of the comparison (or --r2rank-args); --data, --out, --seed,
-# --threads are added here.
-R2RANK_ARGS = (f"--model tiny --max-history 0 --max-new-tokens 1 --temperature 0.3 --users-per-step 8 --lr 3e-3 --head-lr 3e-3 --pl-std 1 "
-               f"--num-rankings 32 --max-steps {STEPS} --eval-every 25")
+# The README quickstart's R2Rank, the reference of the comparison (or --r2rank-args): --model tiny brings the
+# quickstart's settings (r2rank.TINY_DEFAULTS); --data, --out, --seed, --threads are added here.
+R2RANK_ARGS = f"--model tiny --max-steps {STEPS} --eval-every 25"
 # MLP-only: R2Rank's command with the LLM frozen. Greedy traces: a frozen LLM needs no sampling, and its
 # validation reads greedy ones; sampled one-token traces of the random model are noise (token_logp -4.4)
 # that the head is then validated on greedy traces it never saw (RESULTS.md, the comparison).
@@ -79,8 +79,17 @@ def run(argv, log_path, timings, name):
     with open(timings, "a") as f:
         f.write(json.dumps({"run": name, "seconds": round(seconds, 1), "exit": code}) + "\n")
     if code != 0:
-        sys.exit(f"error: {name} failed (exit {code}); its output is in {log_path}")
+        sys.exit(f"error: {name} failed (exit {code}): {last_line(log_path)} (all its output: {log_path})")
     print(f"{name}: {seconds:.0f} s")
+
+
+def last_line(path):
+    """The last line a command wrote into its log (its error, when it failed), at most 200 characters."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        tail = f.read().decode("utf-8", "replace").replace("\r", "\n")  # a progress bar's redraws are lines too
+    lines = [line.strip() for line in tail.split("\n") if line.strip()]
+    return (lines[-1][:200] if lines else "no output")
 
 
 def train(system, seed, args, timings):
@@ -173,8 +182,9 @@ def main(argv=None):
             sys.stdout = stdout
     print(open(table_path).read())
     groups = [f"{TITLES[system]}={os.path.join(args.out, system)}-s*/metrics.jsonl" for system in evals]
-    report.compare_curves(groups, [floor_files["valid"]], os.path.join(args.out, "comparison.png"))
-    print(f"wrote {table_path}, {os.path.join(args.out, 'comparison.png')}, {timings}")
+    png = os.path.join(args.out, "comparison.png") if importlib.util.find_spec("matplotlib") else None  # an optional extra
+    report.compare_curves(groups, [floor_files["valid"]], png)
+    print(f"wrote {table_path}, {timings}, " + (png or "no figure (pip install matplotlib draws comparison.png)"))
 
 
 if __name__ == "__main__":

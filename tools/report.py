@@ -6,24 +6,15 @@
     python tools/report.py curve --group 'R2Rank=runs/cmp/r2rank-s*/metrics.jsonl' --group 'MLP-only=runs/cmp/mlp-s*/metrics.jsonl' \
         --floors runs/cmp/floors/eval-valid.json --png comparison.png
 
-`table` reads the per-user NDCG values that `python r2rank.py --stage eval` writes (eval-<split>.json),
-puts every method of every file in one table in the layout of the paper's Table 2, and tests every
-pair with the paired Wilcoxon signed-rank test. A file's trained row (R2Rank, or a compared RL system:
-reczero, r2ec) takes the title given after "=", so several trained runs (MLP-only, RL, a system before
-and after training, ...) can sit side by side. All files must hold the same users.
+`table`: every method of eval-<split>.json files (`--stage eval`, the same users in each) in the layout
+of the paper's Table 2, every pair tested by the paired Wilcoxon signed-rank test on per-user values. A
+file's trained row (R2Rank, reczero, r2ec) takes the title after "=", so several trained runs sit side by side.
 
-`curve` draws the training reward (a moving average, since one step sees few users) and the
-validation NDCG@10 from a run's metrics.jsonl as a character chart. With --png it draws the reward,
-the validation NDCG@10 and the PPO's approx_kl against the step into a PNG instead, one line per
-metrics file (several seeds on one figure; "=Label" names a file's line). The PNG needs matplotlib, an
-optional extra (`pip install matplotlib`); nothing else here does.
-
-`curve --group NAME=GLOB` (repeated, one per system) compares systems over seeds instead: each glob's
-metrics files are one system's seeds, and at every validation step the system's median over its seeds
-is printed with the min-max band and the seed count (group_curves); --png draws each system's median
-as a line and its band as a shaded area, in one panel. --floors adds horizontal lines: an eval file of
---stage eval on the validation split (its random and popularity rows; --split valid, since the curves
-are validation NDCG@10), or NAME=VALUE.
+`curve`: the training reward (a moving average: one step sees few users) and the validation NDCG@10 of a
+metrics.jsonl as a character chart; with --png the reward, the validation NDCG@10 and approx_kl of every
+file (its line named by "=Label") in a PNG. `curve --group NAME=GLOB` (one per system): each system's
+median validation NDCG@10 over its seeds' files with the min-max band, per step; --floors adds the random
+and popularity rows of an eval-valid.json, or NAME=VALUE. The PNG needs matplotlib (an optional extra).
 """
 import argparse
 import glob
@@ -34,29 +25,43 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
-import data  # noqa: E402
-from protocol import UsageError  # noqa: E402
-import evaluate  # noqa: E402
-import metrics  # noqa: E402
+import stats  # noqa: E402
+# evaluate (which imports torch and transformers, seconds) is imported by the table's functions only: a curve needs none
 
 
 TRAINED = ("r2rank", "reczero", "r2ec")  # methods whose rows are a checkpoint's: one row per file
+MAX_LINE = 2**20  # bytes of one metrics row read at most (a row is a few hundred): a file that is not one ends at once
+MAX_EVAL = 2**28  # bytes of an eval file read at most (per-user values of 100,000 users and 8 methods: ~80 MB)
 
 
-class ReportError(ValueError):
+class ReportError(Exception):
     """A bad input file or argument; the message names it."""
 
 
 # ------------------------------------------------------------------------------------------- table
 
 
+def shorten(value, chars=80):
+    """repr(value) cut to about `chars` characters: what an error shows of a bad value."""
+    text = repr(value)
+    return text if len(text) <= chars else text[:chars] + "..."
+
+
 def read_eval(path):
+    """(methods, config) of an eval-<split>.json, read in at most MAX_EVAL bytes; anything else is one ReportError."""
     try:
-        with open(path) as f:
-            found = json.load(f)
+        with open(path, "rb") as f:
+            if not f.peek(2**16).lstrip().startswith(b"{"):  # a binary file, /dev/zero: refused at its first bytes
+                raise ReportError(f"{path}: not an evaluation file of --stage eval (it does not start as a JSON object)")
+            content = f.read(MAX_EVAL + 1)
+        if len(content) > MAX_EVAL:
+            raise ReportError(f"{path}: over {MAX_EVAL // 2**20} MB, so not an evaluation file of --stage eval")
+        found = json.loads(content)
         methods, config = found["methods"], found["config"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ReportError(f"{path}: not an evaluation file of --stage eval ({error!r})") from None
+        raise ReportError(f"{path}: not an evaluation file of --stage eval ({shorten(error, 200)})") from None
+    import evaluate
+
     if not isinstance(methods, dict) or not methods:
         raise ReportError(f'{path}: no method results in it ("methods" is empty)')
     wanted = ["user_id"] + [f"ndcg@{k}" for k in evaluate.KS]  # the per-user values the Wilcoxon tests pair
@@ -72,12 +77,15 @@ def read_eval(path):
 
 
 def merge_evals(specs):
-    """specs: ["path" or "path=Title", ...] -> (results {key: method result}, groups for
-    evaluate.markdown_table, dataset name). A method met twice (e.g. random) is kept once."""
+    """specs: ["path" or "path=Title", ...] -> (results {key: method result}, groups for markdown_table,
+    dataset name). A method met twice (e.g. random) is kept once; a trained method's rows are keyed method:title."""
+    found = [(spec, *read_eval(spec.partition("=")[0])) for spec in specs]
+    import evaluate
+
+    titles = {name: title for rows in evaluate.GROUPS.values() for name, title in rows.items()}
     results, baseline_rows, trained, first, prompted_model = {}, {}, {name: [] for name in TRAINED}, None, None
-    for spec in specs:
+    for spec, methods, config in found:
         path, _, title = spec.partition("=")
-        methods, config = read_eval(path)
         users = [user["user_id"] for user in next(iter(methods.values()))["per_user"]]
         if first is None:
             first = (path, users, config)
@@ -89,45 +97,64 @@ def merge_evals(specs):
                 row_title = title or os.path.dirname(path) or path
                 key = f"{name}:{row_title}"
                 if key in results:
-                    raise ReportError(f"{spec}: two {evaluate.TITLES[name]} rows called {row_title!r}; give each file its own title")
+                    raise ReportError(f"{spec}: two {titles[name]} rows called {row_title!r}; give each file its own title")
                 results[key] = result
                 trained[name].append((key, row_title))
             elif name not in results:
                 results[name] = result
-                baseline_rows[name] = evaluate.TITLES[name]
+                baseline_rows[name] = titles.get(name, name)
                 if name in evaluate.PROMPTED and prompted_model is None:
                     prompted_model = config["model"]  # the model the zero-shot rows ran on
     model = os.path.basename(os.path.normpath(prompted_model or first[2]["model"]))
-    groups = [(group, [(name, title) for name, title in rows if name in baseline_rows])
-              for group, rows in evaluate.default_groups(model)[:2]]
+    groups = [(group if group == "Baselines" else f"{group}: {model}",
+               [(name, title) for name, title in rows.items() if name in baseline_rows])
+              for group, rows in evaluate.GROUPS.items() if not set(rows) & set(TRAINED)]  # Table 2's untrained groups
     groups += [("Compared RL systems", trained["reczero"] + trained["r2ec"]), ("Ours", trained["r2rank"])]
     # the data set's own name, as eval printed it ("synthetic" for <out>/data); older files: from its folder
     return results, groups, first[2].get("dataset") or evaluate.dataset_name(first[2]["data_dir"])
 
 
-def significance_lines(results, tests, metric="ndcg@10"):
-    """For every trained row: its Wilcoxon p-value against each other row on metric."""
-    label = lambda key: key.partition(":")[2] or key  # "r2rank:RL" -> "RL"; "random" stays
-    lines = []
-    for name in (n for n in results if n.partition(":")[0] in TRAINED and ":" in n):
-        others = []
-        for other in (o for o in results if o != name):
-            p_value = evaluate.pair_test(tests, name, other, metric)["p_value"]
-            sign = "+" if results[name][metric] > results[other][metric] else "-"
-            others.append(f"{label(other)} {p_value:.2g}{metrics.significance_marker(p_value)} ({sign})")
-        lines.append(f"{label(name)} vs " + ", ".join(others))
-    return lines
+def markdown_table(results, tests, dataset, groups):
+    """Table 2's layout, as evaluate.markdown_table, with rows of any title (several trained rows): groups
+    [(group title, [(key, row title)])]; each column's best is bold and marked by its test against the
+    column's runner-up. A method with unparsable answers says how many, and is never best when they are most."""
+    import evaluate
+
+    metrics = [f"ndcg@{k}" for k in evaluate.KS]
+    best = {}
+    for metric in metrics:
+        ranked = sorted((key for key in results if evaluate.rankable(results[key])), key=lambda key: -results[key][metric])
+        if len(ranked) > 1 and results[ranked[0]][metric] > results[ranked[1]][metric]:
+            p_value = evaluate.pair_test(tests, ranked[0], ranked[1], metric)["p_value"]
+            best[metric] = (ranked[0], stats.significance_marker(p_value))
+    lines = [f"| Method | {dataset} @1 | @5 | @10 |", "|---|---:|---:|---:|"]
+    for group, rows in groups:
+        lines += [f"| *{group}* | | | |"] if rows else []
+        for key, title in rows:
+            if failed := evaluate.unparsable(results[key]):
+                title += (f" ({failed} of {len(results[key]['per_user'])} answers unparsable"
+                          + (")" if evaluate.rankable(results[key]) else "; not marked best)"))
+            cells = [f"**{results[key][m]:.3f}**{best[m][1]}" if best.get(m, ("",))[0] == key else f"{results[key][m]:.3f}"
+                     for m in metrics]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(specs, dataset=None):
+    """The table, then for every trained row its Wilcoxon p-value against each other row on NDCG@10."""
     results, groups, found_dataset = merge_evals(specs)
-    dataset = dataset or found_dataset
+    import evaluate
+
     tests = evaluate.pairwise_tests(results)
-    print(evaluate.markdown_table(results, tests, dataset, groups))
+    print(markdown_table(results, tests, dataset or found_dataset, groups))
     print(f"\n{tests['markers']}; bold: best in the column, tested against the runner-up ({tests['test']}).")
     print("Two-sided Wilcoxon p-values on NDCG@10 of each trained row, (+) when it is higher:")
-    for line in significance_lines(results, tests):
-        print("  " + line)
+    label = lambda key: key.partition(":")[2] or key  # "r2rank:RL" -> "RL"; "random" stays
+    for name in (n for n in results if n.partition(":")[0] in TRAINED and ":" in n):
+        others = [f"{label(other)} {(p := evaluate.pair_test(tests, name, other, 'ndcg@10')['p_value']):.2g}"
+                  f"{stats.significance_marker(p)} ({'+' if results[name]['ndcg@10'] > results[other]['ndcg@10'] else '-'})"
+                  for other in results if other != name]
+        print(f"  {label(name)} vs " + ", ".join(others))
 
 
 # ------------------------------------------------------------------------------------------- curve
@@ -137,29 +164,48 @@ CURVE_KEYS = ("reward", "valid_ndcg@10", "approx_kl", "step_time")  # the number
 
 
 def read_metrics(path):
-    """metrics.jsonl -> list of row dicts, their steps rising. A bad line raises ReportError naming it;
-    a non-finite number in CURVE_KEYS (json writes NaN) is left out of its row, with a note on stderr."""
+    """metrics.jsonl -> list of row dicts, their steps rising. A bad line raises ReportError naming it (a line
+    over MAX_LINE bytes too: /dev/zero or a binary file ends at its first line); a last line cut short (a run
+    stopped while writing it) and a non-finite number in CURVE_KEYS (json writes NaN) are left out, with a
+    note on stderr."""
     rows, left_out, previous = [], [], None  # previous: (step, line) of the last row
-    torn = torn_last_line(path)
     try:
-        for lineno, row in data.read_jsonl(path):
+        f = open(path, "rb")
+    except OSError as error:
+        raise ReportError(f"{path}: cannot read it ({error.strerror or error})") from None
+    with f:
+        for lineno, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+            if len(line) > MAX_LINE:
+                raise ReportError(f"{path}:{lineno}: a line over {MAX_LINE // 2**20} MB, so not a metrics.jsonl of --stage rl")
+            try:
+                text = line.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")  # a BOM (Notepad's UTF-8)
+            except UnicodeDecodeError as error:
+                raise ReportError(f"{path}:{lineno}: not UTF-8 text (byte {error.start + 1}), so not a metrics.jsonl") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except ValueError as error:
+                if not line.endswith(b"\n"):  # the last line, cut short: --resume drops it too
+                    print(f"note: {path}:{lineno}: a row cut short (the run stopped while writing it) is left out", file=sys.stderr)
+                    break
+                raise ReportError(f"{path}:{lineno}: malformed JSON ({shorten(getattr(error, 'msg', error), 100)}) "
+                                  f"in {shorten(text[:100])}") from None
+            if not isinstance(row, dict):
+                raise ReportError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             step = row.get("step")
             if isinstance(step, bool) or not isinstance(step, int):
-                raise ReportError(f"{path}:{lineno}: no whole-number step ({step!r})")
+                raise ReportError(f"{path}:{lineno}: no whole-number step ({shorten(step)})")
             if previous is not None and step <= previous[0]:  # a resume cuts the file back, so only two runs do this
                 raise ReportError(f"{path}:{lineno}: step {step} after step {previous[0]} (line {previous[1]}): "
                                   "the rows of two runs in one file (two runs wrote into one --out?)")
             for name in [name for name in CURVE_KEYS if name in row]:
                 if isinstance(row[name], bool) or not isinstance(row[name], (int, float)):
-                    raise ReportError(f"{path}:{lineno}: {name} is {row[name]!r}, not a number")
+                    raise ReportError(f"{path}:{lineno}: {name} is {shorten(row[name])}, not a number")
                 if not math.isfinite(row[name]):
                     left_out.append(f"line {lineno} {name} {json.dumps(row.pop(name))}")
             rows.append(row)
             previous = (step, lineno)
-    except UsageError as error:
-        if torn is None or not str(error).startswith(f"{path}:{torn}: malformed JSON"):
-            raise ReportError(str(error)) from None
-        print(f"note: {path}:{torn}: a row cut short (the run stopped while writing it) is left out", file=sys.stderr)
     if not rows:
         raise ReportError(f"{path}: no metrics yet")
     if left_out:
@@ -167,21 +213,9 @@ def read_metrics(path):
     return rows
 
 
-def torn_last_line(path):
-    """The number of path's last line when the file does not end with a newline (a row cut short by a run that
-    stopped mid-write, which --resume drops), else None."""
-    try:
-        with open(path, "rb") as f:
-            content = f.read()
-    except OSError:
-        return None  # read_jsonl says why
-    return content.count(b"\n") + 1 if content and not content.endswith(b"\n") else None
-
-
 def moving_average(values, window):
     """Mean of each value and the window - 1 before it (fewer at the start)."""
-    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
-            for i in range(len(values))]
+    return [sum(last := values[max(0, i - window + 1): i + 1]) / len(last) for i in range(len(values))]
 
 
 def ascii_chart(series, width=64, height=14):
@@ -203,12 +237,6 @@ def ascii_chart(series, width=64, height=14):
     lines.append(" " * 8 + f"{x_low:<{width // 2}g}{x_high:>{width - width // 2}g}  (step)")
     lines.append("  " + "   ".join(f"{mark} {label}" for label, mark, _ in series))
     return lines
-
-
-def split_spec(spec):
-    """"path" or "path=Label" -> (path, label); the label defaults to the run's directory."""
-    path, _, label = spec.partition("=")
-    return path, label or os.path.dirname(path) or path
 
 
 def run_series(rows, window):
@@ -235,7 +263,8 @@ def curve(specs, window, png=None):
     """Each metrics file as a text chart and a summary line; with png, the files on one figure instead."""
     runs = []
     for spec in specs:
-        path, label = split_spec(spec)
+        path, _, label = spec.partition("=")  # the label defaults to the run's folder
+        label = label or os.path.dirname(path) or path
         rows = read_metrics(path)
         series = run_series(rows, window)
         if not series["reward"] and not series["valid_ndcg@10"]:
@@ -254,20 +283,31 @@ def curve(specs, window, png=None):
                   series["reward_mean"])]
         if series["valid_ndcg@10"]:
             chart.append(("validation NDCG@10 (greedy traces, ranked by score)", "o", series["valid_ndcg@10"]))
-        for line in ascii_chart(chart):
-            print(line)
-        print(summary(rows, series))
+        print("\n".join(ascii_chart(chart) + [summary(rows, series)]))
+
+
+def new_figure(height):
+    """A matplotlib Figure 8 inches wide (matplotlib: an optional extra, which only the PNG needs)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ReportError(f"--png needs matplotlib, an optional extra ({error}); install it with: pip install matplotlib") from None
+    return Figure(figsize=(8, height), dpi=100, layout="constrained")
+
+
+def save(figure, png):
+    try:
+        figure.savefig(png, format="png")  # whatever the file's name ends in
+    except OSError as error:
+        raise ReportError(f"--png {png}: cannot write it ({error.strerror or error})") from None
 
 
 def draw_png(runs, png, window):
     """runs: [(label, run_series(...))] -> png: three panels against the step (reward, validation
     NDCG@10, approx_kl), one colour per run."""
-    try:  # an optional extra: only the PNG needs it
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as error:
-        raise ReportError(f"--png needs matplotlib, an optional extra ({error}); install it with: pip install matplotlib") from None
-    figure = Figure(figsize=(8, 9), dpi=100, layout="constrained")
+    figure = new_figure(9)
+    from matplotlib.ticker import MaxNLocator
+
     reward_axes, valid_axes, kl_axes = figure.subplots(3, 1, sharex=True)
     for index, (label, series) in enumerate(runs):
         color = f"C{index % 10}"
@@ -295,10 +335,7 @@ def draw_png(runs, png, window):
     reward_axes.legend(fontsize=9, loc="best")
     kl_axes.set_xlabel("step")
     kl_axes.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
-    try:
-        figure.savefig(png, format="png")  # whatever the file's name ends in
-    except OSError as error:
-        raise ReportError(f"--png {png}: cannot write it ({error.strerror or error})") from None
+    save(figure, png)
 
 
 # ------------------------------------------------------------------------------ curves over seeds
@@ -333,9 +370,9 @@ def read_floors(specs):
         methods, config = read_eval(spec)
         if config.get("split") not in (None, "valid"):
             print(f"note: --floors {spec} is of split {config.get('split')}, the curves are validation NDCG@10", file=sys.stderr)
-        for method in ("random", "popularity"):
+        for method, title in (("random", "Random"), ("popularity", "Popularity")):
             if method in methods:
-                floors[evaluate.TITLES[method]] = methods[method]["ndcg@10"]
+                floors[title] = methods[method]["ndcg@10"]
     return floors
 
 
@@ -368,11 +405,7 @@ def compare_curves(group_specs, floor_specs=(), png=None):
 
 def draw_comparison(curves, floors, png):
     """curves: group_curves(...); floors: {name: value} -> png, one panel: each system's median line and min-max band."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ReportError(f"--png needs matplotlib, an optional extra ({error}); install it with: pip install matplotlib") from None
-    figure = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    figure = new_figure(5)
     axes = figure.subplots()
     for index, (name, points) in enumerate(curves.items()):
         steps, medians, lows, highs, counts = zip(*points)
@@ -386,31 +419,23 @@ def draw_comparison(curves, floors, png):
     axes.set_title("validation NDCG@10 over seeds: median (line), min-max (band)", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="best")
-    try:
-        figure.savefig(png, format="png")
-    except OSError as error:
-        raise ReportError(f"--png {png}: cannot write it ({error.strerror or error})") from None
+    save(figure, png)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     table_args = commands.add_parser("table", help="one Table-2 layout from several eval-<split>.json files")
-    table_args.add_argument("files", nargs="+", help="eval-<split>.json of --stage eval, optionally =Title for its trained row (R2Rank, reczero, r2ec)")
-    table_args.add_argument("--dataset", help="the dataset's name in the header (default: the name eval gave it, in the "
-                            "first file's config)")
+    table_args.add_argument("files", nargs="+", help="eval-<split>.json files, each optionally =Title (its trained row's)")
+    table_args.add_argument("--dataset", help="the dataset's name in the header (default: the first file's)")
     curve_args = commands.add_parser("curve", help="reward and validation NDCG@10 per step of a run, as text or a PNG")
     curve_args.add_argument("metrics", nargs="*", help="metrics.jsonl of --stage rl, optionally =Label (default: its directory)")
-    curve_args.add_argument("--group", action="append", default=[], metavar="NAME=GLOB",
-                            help="compare systems over seeds instead: one system's metrics.jsonl files (a quoted glob); "
-                                 "repeat per system. Prints, and with --png draws, each one's median validation NDCG@10 "
-                                 "and min-max band per step")
+    curve_args.add_argument("--group", action="append", default=[], metavar="NAME=GLOB", help="instead: one system's "
+                            "metrics files (a quoted glob), repeated per system: medians and min-max bands over seeds")
     curve_args.add_argument("--floors", action="append", default=[], metavar="FILE or NAME=VALUE",
-                            help="with --group: horizontal lines, from an eval-valid.json of --stage eval (its random "
-                                 "and popularity rows) or a value; repeatable")
+                            help="with --group: lines at an eval-valid.json's random and popularity rows, or at a value")
     curve_args.add_argument("--window", type=int, default=10, help="steps in the reward's moving average")
-    curve_args.add_argument("--png", help="draw reward, validation NDCG@10 and approx_kl of every file into this PNG "
-                                          "(needs matplotlib: pip install matplotlib)")
+    curve_args.add_argument("--png", help="draw the curves into this PNG (needs matplotlib: pip install matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "curve" and bool(args.metrics) == bool(args.group):
         parser.error("curve: give metrics files, or --group NAME=GLOB (one per system), not both")
