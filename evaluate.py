@@ -197,9 +197,12 @@ def rankable(result):
     return 2 * unparsable(result) <= len(result["per_user"])
 
 
-def markdown_table(results, tests, dataset, model_name):
-    """Table 2: a row per method in GROUPS, NDCG@1/5/10; each column's best is bold and marked by its test against
-    the runner-up. A row says how many answers were unparsable; when most, it is never bold (rankable)."""
+def markdown_table(results, tests, dataset, model_name, rows=None):
+    """Table 2, NDCG@1/5/10: rows [(group title, key of results, row title)], by default one per method of GROUPS
+    (tools/report.py passes several trained rows). Each column's best is bold and marked by its test against the
+    runner-up. A row says how many answers were unparsable; when most, it is never bold (rankable)."""
+    rows = rows or [(group if group == "Baselines" else f"{group}: {model_name}", name, title)
+                    for group, titles in GROUPS.items() for name, title in titles.items() if name in results]
     cells = {name: {f"ndcg@{k}": f"{result[f'ndcg@{k}']:.3f}" for k in KS} for name, result in results.items()}
     for metric in (f"ndcg@{k}" for k in KS):
         ranked = sorted((name for name in results if rankable(results[name])), key=lambda name: results[name][metric], reverse=True)
@@ -207,15 +210,12 @@ def markdown_table(results, tests, dataset, model_name):
             marker = significance_marker(pair_test(tests, ranked[0], ranked[1], metric)["p_value"])
             cells[ranked[0]][metric] = f"**{cells[ranked[0]][metric]}**{marker}"
     lines = [f"| Method | {dataset} @1 | @5 | @10 |", "|---|---:|---:|---:|"]
-    for group, titles in GROUPS.items():
-        names = [name for name in titles if name in results]
-        if names:
-            lines.append(f"| *{group}{'' if group == 'Baselines' else ': ' + model_name}* | | | |")
-        for name in names:
-            title, failed = titles[name], unparsable(results[name])
-            if failed:
-                title += f" ({failed} of {len(results[name]['per_user'])} answers unparsable" + ("; not marked best)" if not rankable(results[name]) else ")")
-            lines.append(f"| {title} | " + " | ".join(cells[name].values()) + " |")
+    for index, (group, name, title) in enumerate(rows):
+        if index == 0 or rows[index - 1][0] != group:
+            lines.append(f"| *{group}* | | | |")
+        if failed := unparsable(results[name]):
+            title += f" ({failed} of {len(results[name]['per_user'])} answers unparsable" + ("; not marked best)" if not rankable(results[name]) else ")")
+        lines.append(f"| {title} | " + " | ".join(cells[name].values()) + " |")
     return "\n".join(lines)
 
 

@@ -245,9 +245,7 @@ def ppo_update(model, optimizer, prompts, traces, advantages, args, head=None, s
                 loss.backward()
                 for name, value in mb_stats.items():  # token means of the micro-batch -> of the step
                     stats[name] = stats.get(name, 0.0) + value * mask.sum().item() / divisor / epochs
-        if dist.is_initialized():  # every process's gradient, summed: the one process's update
-            for p in trained:
-                dist.all_reduce(p.grad)
+        sum_gradients(trained)  # under torchrun: every process's gradient, summed (the one process's update)
         torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -336,9 +334,7 @@ def train_rl(args):
         head_loss = reinforce_loss(plackett_luce.log_prob(scores[:, None, :], rankings), reward, baseline)
         optimizers["head"].zero_grad(set_to_none=True)
         (head_loss * len(users) / args.users_per_step).backward()  # this process's share of the step's mean
-        if dist.is_initialized():
-            for p in head.parameters():
-                dist.all_reduce(p.grad)
+        sum_gradients(head.parameters())
         optimizers["head"].step()
 
         # 5) log, validate, checkpoint: means over all the step's users (every process's)
@@ -410,6 +406,11 @@ def labels_of(instances):
 
 
 # --------------------------------------------------------------------------------- torchrun, nanoGPT's way
+
+
+def sum_gradients(parameters):
+    for p in parameters if dist.is_initialized() else []:
+        dist.all_reduce(p.grad)
 
 
 def all_sum(value):
@@ -542,39 +543,50 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    runs.start_processes()  # under torchrun: join the group (nanoGPT's way); rank 0 alone prints
+def run_stage(stage, args):
+    """stage(args) with every stage's ending (the baselines' training too): bad input, a full disk or another run
+    in --out is one line (exit 1), as is running out of memory; a signal outside a training step stops at once
+    (130 / 143), saying what is kept."""
     transformers.utils.logging.disable_progress_bar()  # its save bars would mix with the step lines
     signal.signal(signal.SIGINT, signal.default_int_handler)  # until a training loop takes them over: stop at once
     signal.signal(signal.SIGTERM, runs.stop_now)
     try:
-        if runs.world() > 1 and args.stage in ("sft-data", "sft"):
-            raise UsageError(f"--stage {args.stage} runs as one process (torchrun splits --stage rl and eval)")
-        if args.stage == "rl":
-            train_rl(args)
-        elif args.stage in ("sft-data", "sft"):
-            import sft
-
-            sft.build_traces(args) if args.stage == "sft-data" else sft.train_sft(args)
-        else:
-            import evaluate
-
-            evaluate.run_eval(args)
-    except UsageError as error:  # bad input, a full disk, another run in --out: one line
+        stage(args)
+    except UsageError as error:
         runs.say(f"error: {error}")
         sys.exit(1)
     except (torch.OutOfMemoryError, MemoryError) as error:
         runs.say(f"error: out of memory ({runs.first_line(error)[:200]}); lower --micro-batch, --max-new-tokens or "
                  "--users-per-step, or pass --gradient-checkpointing or --lora-rank 16")
         sys.exit(1)
-    except (KeyboardInterrupt, runs.Stopped) as stop:  # a second Ctrl-C, or a signal outside a training step
+    except (KeyboardInterrupt, runs.Stopped) as stop:
         runs.say(f"interrupted: {runs.kept_text(args.out)}")
         sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
     finally:
         runs.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs.start_processes()  # under torchrun: join the group (nanoGPT's way); rank 0 alone prints
+    run_stage(run_any_stage, args)
+
+
+def run_any_stage(args):
+    if runs.world() > 1 and args.stage in ("sft-data", "sft"):
+        raise UsageError(f"--stage {args.stage} runs as one process (torchrun splits --stage rl and eval)")
+    if args.stage == "rl":
+        train_rl(args)
+    elif args.stage in ("sft-data", "sft"):
+        import sft
+
+        sft.build_traces(args) if args.stage == "sft-data" else sft.train_sft(args)
+    else:
+        import evaluate
+
+        evaluate.run_eval(args)
 
 
 if __name__ == "__main__":

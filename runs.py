@@ -1,18 +1,11 @@
 """What a user relies on around a training run, as plain functions: one run per --out at a time, --resume
 from the newest whole checkpoint, --overwrite that removes only what the project wrote, Ctrl-C or SIGTERM
-that keep every finished step, checkpoints written atomically, bad input and a full disk as one line; the
-device, the precision and torchrun's processes.
-
-    run = start_run(args, "rl")     # --out held, the data ready, the checkpoint to resume from; one-line refusals
-    metrics = open_metrics(args.out, run.start_step)
-    for step in ...:                # Algorithm 1's step (r2rank.py)
-        log_row(metrics, row)
-        save_checkpoint(args.out, step + 1, model, tokenizer, head, optimizers, args, run)
-        if stop_signal(): ...       # Ctrl-C / SIGTERM: the step finished, is saved, then the run stops
+that keep every finished step, atomic checkpoints, bad input and a full disk as one line; the device, the
+precision and torchrun's processes. r2rank.train_rl shows them in use.
 
 A checkpoint-<step>/ is written into .tmp-checkpoint-<step>/ and renamed into place; its r2rank.json lists
-every file written with its size, which is how a whole checkpoint is told from a damaged one and how
---overwrite and pruning know which files are the project's: anything else in --out is left alone and named.
+every file written with its size: that tells a whole checkpoint from a damaged one, and tells --overwrite
+and pruning which files are the project's (anything else is left alone and named).
 """
 import contextlib
 import hashlib

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import r2rank  # noqa: E402
 import runs  # noqa: E402
-from baselines.reczero import autocast, end_step, load_policy, main_of, parse_rl, rl_parser, start_logging, truncated  # noqa: E402
+from baselines.reczero import autocast, end_step, load_policy, parse_rl, rl_parser, start_logging, truncated  # noqa: E402
 from metrics import ndcg_from_scores  # noqa: E402
 from ppo import grpo_advantages  # noqa: E402
 
@@ -211,7 +211,7 @@ def main(argv=None):
     p = rl_parser(__doc__, users=4, group=4)
     p.add_argument("--head-lr", type=float, default=1e-3, help="recommendation-head learning rate (AdamW)")
     p.add_argument("--beta", type=float, default=BETA, help="weight of the similarity term in the fused reward")
-    main_of(train, parse_rl(p, argv, "r2ec"))
+    r2rank.run_stage(train, parse_rl(p, argv, "r2ec"))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import sys
 import time
 
 import torch
-import transformers
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -317,24 +316,10 @@ def parse_rl(p, argv, stage):
     return args
 
 
-def main_of(train, args):
-    """train(args) as r2rank.main runs a stage: errors in one line (exit 1), a stop as what it kept (exit 130 / 143)."""
-    transformers.utils.logging.disable_progress_bar()  # its save bars would mix with the step lines
-    signal.signal(signal.SIGTERM, runs.stop_now)
-    try:
-        train(args)
-    except data.UsageError as error:  # bad input, a full disk, another run in --out
-        runs.say(f"error: {error}")
-        sys.exit(1)
-    except (KeyboardInterrupt, runs.Stopped) as stop:
-        runs.say(f"interrupted: {runs.kept_text(args.out)}")
-        sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
-
-
 def main(argv=None):
     p = rl_parser(__doc__, users=2, group=4)
     p.add_argument("--negatives", type=int, default=1, help="negatives per user and step, beside its positive")
-    main_of(train, parse_rl(p, argv, "reczero"))
+    r2rank.run_stage(train, parse_rl(p, argv, "reczero"))
 
 
 if __name__ == "__main__":
