@@ -51,7 +51,9 @@ def _run_in_child(script, args, cwd, environ, stdout_path, stderr_path, fresh=Fa
     fresh: the project's modules are imported again, found as a plain `python script` finds them (torch and
     transformers stay loaded)."""
     if fresh:
-        project = lambda path: (os.path.realpath(path) + os.sep).startswith(os.path.realpath(ROOT) + os.sep)
+        def project(path):  # the repository's own files, not those of a venv inside it (README's .venv)
+            path = os.path.realpath(path) + os.sep
+            return path.startswith(os.path.realpath(ROOT) + os.sep) and f"{os.sep}site-packages{os.sep}" not in path
         sys.path[:] = [path for path in sys.path if path and not project(path)]  # '' too: a script run has none
         for name in [name for name, module in sys.modules.items() if getattr(module, "__file__", None) and project(module.__file__)]:
             del sys.modules[name]
