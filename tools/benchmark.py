@@ -22,13 +22,13 @@ from data import UsageError  # noqa: E402
 from head import ScoreHead  # noqa: E402
 from protocol import Protocol  # noqa: E402
 
-GIB, DEFAULTS = 2**30, r2rank.parse_args([])  # DEFAULTS: what a run uses unless told (micro-batch, users per step)
+GIB, MARGIN, DEFAULTS = 2**30, 1.25, r2rank.parse_args([])  # DEFAULTS: what a run uses unless told (micro-batch, users per step)
 
 
 def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch=DEFAULTS.micro_batch, checkpointing=True,
                     compute_bytes=2, lora_rank=0, fused=True, shared_prefix_tokens=0, rollout_rows=None):
     """(bytes by part, peaks {"rollout", "update", "peak"}) of one steady-state RL step in r2rank.py's layouts.
-    compute_bytes: 2 under bf16 autocast, 4 in fp32; fused: AdamW's CUDA step; shared_prefix_tokens: 0 with
+    compute_bytes: 2 under bf16 autocast, 4 in fp32; fused: AdamW's fused CUDA step (r2rank.py's); shared_prefix_tokens: 0 with
     checkpointing (whole prompts); rollout_rows: users x K in one generate call. Activations per token and layer:
     what a Qwen2 layer keeps for backward; the tied-embedding term was measured (1.69 GiB tied, 1.18 untied)."""
     H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
@@ -50,7 +50,7 @@ def estimate_memory(config, K=20, prompt_tokens=700, new_tokens=512, micro_batch
              "activations (one micro-batch)": activations,
              "trace logits (one micro-batch)": micro_batch * new_tokens * V * (12 + c),
              "KV cache (rollout)": rows * (prompt_tokens + new_tokens) * L * 2 * kv * c,
-             "optimizer step temporary": 4 * (trained if fused else min(V * H, trained)),
+             "optimizer step temporary": 0 if fused else 4 * trained,  # foreach AdamW: one as large as the weights
              "tied-embedding gradient temporaries": 2 * 4 * V * H if tied and not lora_rank else 0}  # arrives twice, summed
     static = parts["weights"] + parts["autocast weight copies"] + parts["AdamW states (fp32)"]
     backward = static + sum(parts[name] for name in ("gradients (fp32)", "activations (one micro-batch)",
@@ -74,6 +74,14 @@ def print_estimates(candidates, prompt_tokens, new_tokens, micro_batch, users):
                  for checkpointing in (True, False) for rank in (0, 16)]
         print(f"| Qwen2.5-{name.split('-')[1].upper()} | {found[0][0]['weights'] / 4e9:.2f} B | "  # fp32 weights, 4 bytes each
               + " | ".join(f"{peaks['peak'] / GIB:.1f} GiB" for _, peaks in found) + " |")
+    print(f"\n== what fits: the estimate x {MARGIN} (peaks measured on the CPU ran 1.17-1.21 times it) against a card ==\n"
+          "| model | setting | needs | 24 GB | 40 GB | 80 GB |\n|---|---|---:|:-:|:-:|:-:|")
+    for name in ("qwen2.5-1.5b", "qwen2.5-3b"):
+        for rank, checkpointing in ((0, True), (0, False), (16, True), (16, False)):
+            need = MARGIN * estimate_memory(models.qwen25_config(name), candidates, prompt_tokens, new_tokens, micro_batch, checkpointing,
+                                            lora_rank=rank, shared_prefix_tokens=0 if checkpointing else shared, rollout_rows=rows)[1]["peak"] / GIB
+            setting = f"{'--lora-rank 16' if rank else 'all weights'}{', --gradient-checkpointing' if checkpointing else ''}"
+            print(f"| {name} | {setting} | {need:.1f} GiB | " + " | ".join("yes" if need <= card else "-" for card in (24, 40, 80)) + " |")
 
 
 def rss_bytes(field):  # VmRSS (now) or VmHWM (the peak since the last reset) of this process
