@@ -555,9 +555,11 @@ def run_stage(stage, args):
     except UsageError as error:
         runs.say(f"error: {error}")
         sys.exit(1)
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        runs.say(f"error: out of memory ({runs.first_line(error)[:200]}); lower --micro-batch, --max-new-tokens or "
-                 "--users-per-step, or pass --gradient-checkpointing or --lora-rank 16")
+    except (torch.OutOfMemoryError, MemoryError) as error:  # the next setting of README's memory table
+        fix = ("--gradient-checkpointing" if not getattr(args, "gradient_checkpointing", True) else "--micro-batch 2"
+               if getattr(args, "micro_batch", 2) > 2 else "--lora-rank 16 --lr 1e-4" if not getattr(args, "lora_rank", 1)
+               else "a lower --max-new-tokens or --users-per-step")
+        runs.say(f"error: out of memory ({runs.first_line(error)[:200]}); try {fix} (python tools/benchmark.py --estimate)")
         sys.exit(1)
     except (KeyboardInterrupt, runs.Stopped) as stop:
         runs.say(f"interrupted: {runs.kept_text(args.out)}")

@@ -43,3 +43,17 @@ def test_each_table_row_runs_by_its_flags(row, tmp_path):
             assert str(record["args"][flag[2:].replace("-", "_")]) == value
     assert os.path.isfile(out / "checkpoint-2" / "head.safetensors")
     assert torch.isfinite(load_file(str(out / "checkpoint-2" / "head.safetensors"))["net.1.weight"]).all()
+
+
+@pytest.mark.parametrize("flags, fix", [([], "--gradient-checkpointing"), (["--gradient-checkpointing"], "--micro-batch 2"),
+                                        (["--gradient-checkpointing", "--micro-batch", "2"], "--lora-rank 16 --lr 1e-4"),
+                                        (["--gradient-checkpointing", "--micro-batch", "2", "--lora-rank", "4"], "--max-new-tokens")])
+def test_out_of_memory_names_the_next_setting_of_the_memory_table(flags, fix, capsys):
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(SystemExit) as stopped:
+        r2rank.run_stage(out_of_memory, r2rank.parse_args(["--out", "unused", *flags]))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: out of memory (CUDA out of memory.")
+    assert f"try {fix}" in err or (fix == "--max-new-tokens" and fix in err)
