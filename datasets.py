@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, fields
 from datetime import date
 
-from data import DataError, UsageError
+from data import SPLITS, DataError, UsageError
 from protocol import Protocol
 from protocol import build_instances as protocol_instances
 from sources import POINTWISE_CATEGORY, category_match_ndcg, load_amazon, load_movielens, synthetic_raw
@@ -137,14 +137,6 @@ def fewest_users(split):
     return max([1] + [-(-sum(parts) // part) for part in parts[1:] if part])
 
 
-def prepare_data(data_dir, out, seed=0):
-    """data_dir when given, else the synthetic set in <out>/data, built once (a folder of the user's there is refused)."""
-    path = os.path.join(out, "data")
-    if not data_dir and not os.path.exists(os.path.join(path, "train.jsonl")):
-        build_synthetic(path, seed=seed, overwrite=True, named=f"--out {out} ({path}, where the synthetic set is built without --data)")
-    return data_dir or path
-
-
 def day_arg(text):
     try:
         return date.fromisoformat(text).isoformat()
@@ -183,6 +175,9 @@ def main(argv=None):
     if (not re.fullmatch(r"\d+:\d+:\d+", protocol.split) or not any(int(part) for part in protocol.split.split(":"))
             or protocol.history < 1 or protocol.candidates < 2):
         parser.error("need --history >= 1, --candidates >= 2 and a --split like 8:1:1")
+    if empty := [name for name, share in zip(SPLITS, protocol.split.split(":")) if not int(share)]:
+        parser.error(f"--split {protocol.split} leaves {' and '.join(empty)} empty; the RL stage trains on train and "
+                     "validates on valid, and eval reads test")
     if args.source == "synthetic" and (protocol.start or protocol.end):
         parser.error("--start / --end: the synthetic set is generated without a time window, so they would be ignored; "
                      "leave them out")
@@ -196,7 +191,8 @@ def main(argv=None):
     try:
         check_out_dir(args.out, args.overwrite)  # before the slow part
         reading = f"{args.reviews} and {args.meta}" if args.source == "amazon" else getattr(args, "path", "the generator")
-        print(f"building the {args.source} set from {reading} into {args.out} ...", flush=True)  # an Amazon category: minutes
+        with contextlib.suppress(BrokenPipeError):  # no reader left (`| true`): the set is built all the same
+            print(f"building the {args.source} set from {reading} into {args.out} ...", flush=True)  # an Amazon category: minutes
         if args.source == "synthetic":
             stats = build_synthetic(args.out, args.users, overwrite=args.overwrite, categories_per_user=args.categories_per_user,
                                     pointwise=args.pointwise, **asdict(protocol))

@@ -103,13 +103,12 @@ def checkpoint_record(model):
 
 def servable(methods, args):
     """(methods less the trained ones --model is no checkpoint of, its kind). One named in --methods is refused (reczero
-    on an R2ec checkpoint would be reported as RecZero's); r2rank from the default --methods is skipped, with a note."""
+    on an R2ec checkpoint would be reported as RecZero's); r2rank from the default --methods is skipped (noted later)."""
     kind = TRAINED.get(checkpoint_record(args.model).get("stage"))  # None: a hub id, tiny, a bare or SFT model
     for name in [name for name in methods if name in TRAINED_BY and name != kind]:
         if "methods" in args.given:
             fix = f"evaluate it with --methods {kind}" if kind else f"leave {name} out of --methods"
             raise UsageError(f"--methods {name} needs {TRAINED_BY[name]}; --model {args.model} is {TRAINED_BY[kind]}: {fix}")
-        print(f"note: {args.model} is no checkpoint of --stage rl, so it has no trained scoring head: r2rank is skipped")
         methods.remove(name)
     return methods, kind
 
@@ -289,10 +288,9 @@ def evaluate(args):
         raise UsageError("--methods: nothing left to evaluate")
     if kind in methods and (problem := runs.checkpoint_problem(args.model)):
         raise UsageError(f"--model {args.model}: {problem}, so the checkpoint is damaged; pass another one")
-    for name in [name for name in ("position", "history-order") if name in wanted]:
-        if not any(method in PROMPTED for method in methods):
-            raise UsageError(f"--analyses {name} reruns the methods that read the prompt ({', '.join(PROMPTED)}), and "
-                             f"--methods {','.join(methods)} has none of them: add one, or leave {name} out")
+    if unread := [name for name in ("position", "history-order") if name in wanted and not set(methods) & set(PROMPTED)]:
+        raise UsageError(f"--analyses {unread[0]} reruns the methods that read the prompt ({', '.join(PROMPTED)}), and "
+                         f"--methods {','.join(methods)} has none of them: add one, or leave {unread[0]} out")
     if "sasrec" in methods and not args.sasrec:
         raise UsageError("--methods sasrec needs --sasrec FILE (python baselines/sasrec.py --data DIR --out OUT writes OUT/sasrec.pt)")
     if runs.rank() == 0:
@@ -312,6 +310,8 @@ def evaluate(args):
     if any(name in PROMPTED for name in methods):
         model, tokenizer = r2rank.load_model(args.model, device, torch.float32, args.seed)  # autocast computes at dtype
         model.eval()
+    if "methods" not in args.given and kind != "r2rank":  # skipped by servable; said after --model's own errors
+        print(f"note: {args.model} is no checkpoint of --stage rl, so it has no trained scoring head: r2rank is skipped")
     if "r2rank" in methods:  # the head's width is the checkpoint's
         head = ScoreHead(model.config.hidden_size, checkpoint_record(args.model)["head_width"]).to(device).eval()
         runs.load_head(head, args.model)

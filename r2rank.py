@@ -53,8 +53,8 @@ import time
 def stopped_before_start(signum, frame):
     """Ctrl-C or SIGTERM while torch and transformers load (the first seconds): one line, nothing written."""
     if os.environ.get("RANK", "0") == "0":
-        print("stopped before anything started; nothing was written", file=sys.stderr)
-    sys.exit(128 + signum)
+        print("stopped before anything started; nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # not sys.exit: torch's import of numpy swallows an exception raised inside it
 
 
 if __name__ == "__main__":

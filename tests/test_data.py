@@ -10,12 +10,14 @@ import subprocess
 import sys
 from collections import Counter
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import pytest
 
 import data
 from data import DataError
 import datasets
+import runs
 import sources
 from protocol import Protocol, build_instances
 from sources import RawData
@@ -585,12 +587,11 @@ def test_the_built_in_set_in_a_read_only_folder_names_the_users_out(tmp_path, mo
     read_only(out / "data", monkeypatch)
     try:
         with pytest.raises(DataError) as refused:
-            datasets.prepare_data(None, str(out))
+            runs.prepare_data(SimpleNamespace(data=None, out=str(out), model="tiny", seed=0))
     finally:
         monkeypatch.undo()
         os.chmod(out / "data", 0o755)
-    assert str(refused.value) == (f"--out {out} ({out}/data, where the synthetic set is built without --data): cannot write "
-                                  "into it (Permission denied)")
+    assert str(refused.value) == f"--out {out} (its data/): cannot write into it (Permission denied)"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])

@@ -309,6 +309,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(100_000)  # a figure pas
 
 @pytest.mark.parametrize("command, content, expected", [
     ("curve", "/dev/zero", "error: /dev/zero:1: not a metrics.jsonl row of --stage rl (a line over 1 MB)"),
+    ("curve", "/dev/urandom", "error: /dev/urandom:"),  # :1: unless the random first line is blank (skipped)
     ("curve", PNG, "error: {path}:1: not a metrics.jsonl row of --stage rl ('utf-8' codec can't decode byte 0x89"),
     ("curve", b"x" * 3_000_000, "error: {path}:1: not a metrics.jsonl row of --stage rl (a line over 1 MB)"),
     ("curve", b'{"step": 1, "reward": "' + b"a" * 100_000 + b'"}\n', "error: {path}:1: not a metrics.jsonl row of --stage rl (reward is 'aaaa"),

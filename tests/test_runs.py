@@ -1,5 +1,6 @@
-"""What users rely on around a training run (runs.py), as one table of faults: each made as a user meets it
-(a second run, a note in a checkpoint folder, a damaged checkpoint, Ctrl-C, a full disk, a closed pipe),
+"""What users rely on around a training run (runs.py, and data.py and --stage eval beside it), as one table of
+faults: each made as a user meets it (a second run, a note in a checkpoint folder, a damaged checkpoint, Ctrl-C or
+SIGTERM at any point, a full disk, a closed pipe, an ASCII terminal, an --out or --model that cannot be used),
 with the exit status and the line the user gets; each case also checks what the run left in --out.
 
     fault | how it is made (a function below) | exit status | the line (str.format'ed with what the case saw)
@@ -8,6 +9,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import r2rank
 import runs
-from conftest import ROOT, _forkserver, _run_in_child, read_only, run_cli, terminal_sigint
+from conftest import ROOT, _forkserver, _run_in_child, read_only, run_cli, run_script, terminal_sigint
 
 
 def rl(out, data_dir, *extra):
@@ -276,6 +278,109 @@ def non_finite_scores(ctx):
     return result, {}
 
 
+def a_users_own_checkpoint_folder_at_resume(ctx):
+    out = ctx.tmp / "run"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / "note.txt").write_text("mine\n")
+    result = run_cli(*rl(out, ctx.data, "--max-steps", "2", "--resume"))
+    assert os.listdir(out / "checkpoint-1") == ["note.txt"] and (out / "checkpoint-1" / "note.txt").read_text() == "mine\n"
+    assert f"--resume: {out}/checkpoint-1 is broken (r2rank.json is missing or unreadable), so it is skipped" in result.stdout
+    return result, {"out": out}
+
+
+def handles_sigterm(pid):
+    """Whether process pid has a SIGTERM handler of its own (the SigCgt mask of /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+def sigterm_while_torch_loads(ctx):
+    """A fresh `python r2rank.py`, sent SIGTERM once its first handler is in place: torch and transformers are
+    loading (that handler comes just before them). Then the same command runs, not refused."""
+    out = ctx.tmp / "run"
+    argv = rl(out, ctx.data, "--max-steps", "1")
+    process = subprocess.Popen([sys.executable, "r2rank.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    while process.poll() is None and not handles_sigterm(process.pid):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert stderr == "stopped before anything started; nothing was written\n" and not out.exists(), stderr[-2000:]
+    again = run_cli(*argv)
+    assert again.returncode == 0 and steps(out) == [1], again.stderr[-2000:]
+    swallowing = ctx.tmp / "swallowing.py"  # as torch's import of numpy does with an exception raised inside it
+    swallowing.write_text("import signal, r2rank\ntry:\n    r2rank.stopped_before_start(signal.SIGTERM, None)\n"
+                          "except BaseException:\n    pass\nprint('went on')\n")
+    assert run_script(str(swallowing), cwd=ROOT).returncode == 143
+    return subprocess.CompletedProcess([], process.returncode, stdout, stderr), {}
+
+
+def sigterm_during_set_up(ctx):
+    """SIGTERM once --out is taken, as the model loads; then the same command runs, not refused."""
+    out = ctx.tmp / "run"
+    argv = rl(out, ctx.data, "--max-steps", "1")
+    load_model = r2rank.load_model
+
+    def terminated_while_loading(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return load_model(*args, **kwargs)
+
+    ctx.monkeypatch.setattr(r2rank, "load_model", terminated_while_loading)
+    result = in_process(ctx, argv)
+    ctx.monkeypatch.undo()
+    assert result.stderr.count("\n") == 1 and runs.checkpoint_steps(out) == [], result.stderr[-2000:]
+    again = run_cli(*argv)
+    assert again.returncode == 0 and steps(out) == [1], again.stderr[-2000:]
+    return result, {"out": out}
+
+
+def an_out_that_is_not_utf8(ctx):
+    out = str(ctx.tmp / "bad") + "\udcff"  # `--out $'bad\xff'`, as Python decodes that argument
+    result = run_cli(*rl(out, ctx.data, "--max-steps", "1"))
+    assert os.listdir(ctx.tmp) == []
+    return result, {"out": out}
+
+
+def data_py_output_piped_into_head(ctx):
+    """`python data.py synthetic --out X | head -1`, and `| true` (no reader even for the first line): X is written."""
+    results = {}
+    for reader in ("head -1", "true"):
+        out = ctx.tmp / reader.split()[0]
+        command = (f"{shlex.quote(sys.executable)} data.py synthetic --users 20 --out {shlex.quote(str(out))} | {reader}; "
+                   "exit ${PIPESTATUS[0]}")
+        results[reader] = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert sorted(os.listdir(out)) == ["stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"], results[reader].stderr
+    assert results["true"].returncode == 0 and results["true"].stdout == results["true"].stderr == "", results["true"]
+    return results["head -1"], {"out": ctx.tmp / "head"}
+
+
+def a_split_without_valid_and_test(ctx):
+    out = ctx.tmp / "data"
+    result = run_script(os.path.join(ROOT, "data.py"), "synthetic", "--split", "1:0:0", "--out", out)
+    assert not out.exists()
+    return result, {}
+
+
+def eval_with_a_missing_model(ctx):
+    """The default --methods would skip r2rank with a note; the error about --model comes first, alone."""
+    result = run_cli("--stage", "eval", "--model", "/nonexistent", "--threads", "1", "--out", ctx.tmp / "eval")
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stdout + result.stderr
+    return result, {}
+
+
+def eval_under_an_ascii_locale(ctx):
+    """LC_ALL=C, PYTHONIOENCODING=ascii: a fresh interpreter (a forked one keeps the encoding its server started with)."""
+    out = ctx.tmp / "eval"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONIOENCODING": "ascii"}
+    argv = [sys.executable, "r2rank.py", "--stage", "eval", "--model", "tiny", "--threads", "1", "--data", ctx.data,
+            "--methods", "random,popularity", "--out", str(out)]
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert set(json.loads((out / "eval-test.json").read_text())["methods"]) == {"random", "popularity"}, result.stderr[-2000:]
+    assert "+ p < 0.05" in result.stdout, result.stdout
+    return result, {"out": out}
+
+
 def truncated(name):
     return lambda checkpoint: os.truncate(checkpoint / name, os.path.getsize(checkpoint / name) - 100)
 
@@ -308,6 +413,19 @@ FAULTS = [
     ("the output piped into head -1", output_piped_into_head, 0, "note: the reader of this output has gone"),
     ("non-finite scores (a NaN in the head it starts from)", non_finite_scores, 1,
      "error: step 1: non-finite "),
+    ("--resume, a checkpoint-1 of the user's own holding only a note", a_users_own_checkpoint_folder_at_resume, 1,
+     "--resume: no checkpoint in {out} is whole (each is named above); --overwrite starts again"),
+    ("SIGTERM while torch loads", sigterm_while_torch_loads, 143, "stopped before anything started; nothing was written"),
+    ("SIGTERM during set-up", sigterm_during_set_up, 143, "interrupted: no checkpoint in {out}: nothing kept"),
+    ("an --out that is not valid UTF-8", an_out_that_is_not_utf8, 2,
+     "r2rank.py: error: --out {out!r}: not valid UTF-8, which checkpoint files cannot record; choose another name"),
+    ("data.py's output piped into head -1", data_py_output_piped_into_head, 0,
+     "building the synthetic set from the generator into {out} ..."),
+    ("data.py --split 1:0:0", a_split_without_valid_and_test, 2, "data.py: error: --split 1:0:0 leaves valid and test empty; "
+     "the RL stage trains on train and validates on valid, and eval reads test"),
+    ("--stage eval, a --model that does not exist", eval_with_a_missing_model, 1,
+     "error: --model /nonexistent: no such model folder (a hub id is org/name)"),
+    ("--stage eval under an ASCII locale", eval_under_an_ascii_locale, 0, "wrote {out}/eval-test.json"),
 ]
 
 
