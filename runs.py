@@ -178,7 +178,7 @@ def newest_whole_checkpoint(out):
         path = os.path.join(out, f"checkpoint-{step}")
         if (problem := checkpoint_problem(path)) is None:
             return path, step
-        print(f"--resume: {path} is broken ({problem}), so it is skipped")
+        print(f"--resume: {path} is broken ({problem}), so it is skipped", file=sys.stderr)  # beside the error that names it
     return None, 0
 
 

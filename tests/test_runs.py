@@ -284,7 +284,7 @@ def a_users_own_checkpoint_folder_at_resume(ctx):
     (out / "checkpoint-1" / "note.txt").write_text("mine\n")
     result = run_cli(*rl(out, ctx.data, "--max-steps", "2", "--resume"))
     assert os.listdir(out / "checkpoint-1") == ["note.txt"] and (out / "checkpoint-1" / "note.txt").read_text() == "mine\n"
-    assert f"--resume: {out}/checkpoint-1 is broken (r2rank.json is missing or unreadable), so it is skipped" in result.stdout
+    assert f"--resume: {out}/checkpoint-1 is broken (r2rank.json is missing or unreadable), so it is skipped" in result.stderr
     return result, {"out": out}
 
 
