@@ -146,3 +146,33 @@ def test_torchrun_trains_rank_0_alone_writes_and_it_resumes(synthetic_dir, tmp_p
     for name in ("model", "head"):
         a, b = (load_file(str(out / "checkpoint-3" / f"{name}.safetensors")) for out in (resumed, whole))
         assert all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_ctrl_c_under_torchrun_keeps_the_step_in_progress(synthetic_dir, tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and every rank, and torchrun then relays a SIGINT of its own to each rank:
+    that copy must not count as a second Ctrl-C (which stops at once). Every rank finishes its step; rank 0 saves
+    it, says so once, and --resume goes on from it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    common = ["--stage", "rl", "--model", "tiny", "--data", synthetic_dir, "--users-per-step", "4", "--max-new-tokens", "3",
+              "--max-history", "2", "--eval-every", "0", "--save-every", "1000", "--out", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                os.path.join(ROOT, "r2rank.py"), *common, "--max-steps", "1000"], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.isfile(out / "metrics.jsonl") and os.path.getsize(out / "metrics.jsonl")):
+        time.sleep(0.2)
+    if process.poll() is not None or time.time() >= deadline:
+        process.kill()
+        pytest.skip(f"torchrun did not reach a step here: {process.communicate()[1].strip().splitlines()[-1:]}")
+    os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the whole process group
+    stdout, stderr = process.communicate(timeout=120)
+    assert stderr.count("stopped by SIGINT: steps 1-") == 1, stderr[-3000:]  # rank 0 alone says it
+    assert "SIGINT again" not in stderr and "interrupted:" not in stderr, stderr[-3000:]  # the relay is no second Ctrl-C
+    last = rows(out)[-1]["step"]
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == [f"checkpoint-{last}"]
+    again = torchrun(*common, "--max-steps", str(last + 1), "--resume")
+    assert again.returncode == 0 and [row["step"] for row in rows(out)] == list(range(1, last + 2)), again.stderr[-3000:]
