@@ -83,9 +83,9 @@ def random_model(config, tokenizer, seed, device="cpu"):
 
 
 # The tiny model's initial weight std. With the usual 0.02 a random tied model just repeats its input
-# token. At 0.3 (before issue 42) its attention was nearly one-hot: the last position read about three
-# tokens (attention entropy 1.2 of a uniform 5.3), so the score path had to route the candidate's text
-# there through near-zero attention gradients, and whether the quickstart learned in 100 steps was
+# token. At 0.3 its attention is nearly one-hot: the last position read about three
+# tokens (attention entropy 1.2 of a uniform 5.3), so the score path has to route the candidate's text
+# there through near-zero attention gradients, and whether the quickstart learns in 100 steps is
 # chance (RESULTS.md). At 0.1 attention starts nearly uniform (entropy 5.1) and every seed learns.
 TINY_INIT_STD = 0.1
 
