@@ -220,3 +220,17 @@ def read_only(folder, monkeypatch):
     monkeypatch.setattr(os, "open", guarded_raw_open)
     monkeypatch.setattr(builtins, "open", guarded_open)
     return "simulated"
+
+
+_failed = []
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _failed.append(report.nodeid)
+
+
+def pytest_unconfigure(config):
+    """The failed tests' names once more, after pytest's summary line: a CI log cut to its last line still names them."""
+    if _failed:
+        print(f"{len(_failed)} failed: {' '.join(dict.fromkeys(_failed))}", file=sys.__stdout__, flush=True)
