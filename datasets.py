@@ -63,7 +63,17 @@ def check_out_dir(out_dir, overwrite, ignore=(), named=None):
         raise DataError(f"{named}: cannot {'write into' if where == os.path.abspath(out_dir) else 'create'} it "
                         f"({error.strerror or type(error).__name__})") from None
     finally:  # also after a Ctrl-C that lands right after the mkdir
-        shutil.rmtree(probe, ignore_errors=True)
+        remove_folder(probe)
+
+
+def remove_folder(path):
+    """shutil.rmtree, finished when a Ctrl-C or SIGTERM lands inside it (a Python handler raises between any two
+    bytecodes, and the folder would stay): the folder goes, then the stop goes on."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except (KeyboardInterrupt, Terminated):
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def temporary_name(where):
@@ -100,7 +110,7 @@ def write_dataset(out_dir, splits, stats, overwrite=False, named=None):
     except OSError as e:
         raise DataError(f"{named or f'--out {out_dir}'}: cannot write ({e.strerror or type(e).__name__})") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_folder(tmp)
 
 
 def build_synthetic(out_dir, users=200, seed=0, overwrite=False, categories_per_user=2, pointwise=False, named=None, **protocol):

@@ -643,6 +643,38 @@ def test_sigterm_is_one_line_exit_143_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("where", ["the check of --out", "the clean-up after a replaced set"])
+def test_a_stop_that_lands_while_a_temporary_folder_is_removed_still_removes_it(where, tmp_path, monkeypatch):
+    """A SIGTERM that arrived as check_out_dir removed its probe folder (right after data.py's first line) stopped
+    the run inside the removal, and the folder stayed. Here the first removal sends one before it starts."""
+    def terminated(signum, frame):
+        raise datasets.Terminated
+
+    rmdir, sent = os.rmdir, []
+
+    def stopped_first(path, *args, **kwargs):
+        if not sent:
+            sent.append(path)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before rmdir runs
+        rmdir(path, *args, **kwargs)
+
+    out = tmp_path / "o"
+    if where != "the check of --out":
+        datasets.build_synthetic(str(out), users=20)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    monkeypatch.setattr(os, "rmdir", stopped_first)
+    try:
+        with pytest.raises(datasets.Terminated):
+            if where == "the check of --out":
+                datasets.check_out_dir(str(out), False)
+            else:
+                datasets.build_synthetic(str(out), users=20, overwrite=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent and sorted(os.listdir(tmp_path)) == ([] if where == "the check of --out" else ["o"])
+    assert not [name for name in os.listdir(out) if name.startswith(".")] if out.exists() else True
+
+
 def test_a_temporary_folder_left_by_a_killed_run_is_named_as_one(tmp_path):
     """kill -9 leaves write_dataset's temporary folder; it was refused as if it were the user's ("not a data set's
     file"), with no word of what it is or that it can go."""
