@@ -260,9 +260,6 @@ def print_report(results, tests, found, dataset, model_name):
 
 # ---------------------------------------------------------------------------------------- the stage
 
-INTERRUPTED = "interrupted: the evaluation stopped before writing its results; nothing was written"
-
-
 def chosen(text, allowed, flag):
     names = [name.strip() for name in text.split(",") if name.strip()]
     if unknown := [name for name in names if name not in allowed]:
@@ -272,16 +269,8 @@ def chosen(text, allowed, flag):
 
 def run_eval(args):
     """--stage eval: every method of --methods on the same users of --split, then --analyses; returns the path of
-    eval-<split>.json. Ctrl-C or SIGTERM (runs.Stopped, from r2rank.main): one line, nothing written, exit 130 / 143."""
-    try:
-        return evaluate(args)
-    except (KeyboardInterrupt, runs.Stopped) as stop:
-        runs.say(INTERRUPTED)
-        sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
-
-
-def evaluate(args):
-    """run_eval's work: check, load, rank, test, analyse; print the table, then write the JSON (rank 0)."""
+    eval-<split>.json. Checks, loads, ranks, tests, analyses; prints the table, then writes the JSON (rank 0), so a
+    stop before the end (r2rank.run_stage's line) writes nothing."""
     methods, wanted = chosen(args.methods, METHODS, "--methods"), chosen(args.analyses, ANALYSES, "--analyses")
     methods, kind = servable(methods, args)  # before anything is written
     if not methods:

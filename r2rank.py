@@ -543,6 +543,10 @@ def parse_args(argv=None):
     return args
 
 
+STOPPED = {"eval": "the evaluation stopped before writing its results; nothing was written",  # what a stop keeps
+           "sft-data": "the pairs written so far are kept; the same command continues"}
+
+
 def run_stage(stage, args):
     """stage(args) with every stage's ending (the baselines' training too): bad input, a full disk or another run
     in --out is one line (exit 1), as is running out of memory; a signal outside a training step stops at once
@@ -562,7 +566,7 @@ def run_stage(stage, args):
         runs.say(f"error: out of memory ({runs.first_line(error)[:200]}); try {fix} (python tools/benchmark.py --estimate)")
         sys.exit(1)
     except (KeyboardInterrupt, runs.Stopped) as stop:
-        runs.say(f"interrupted: {runs.kept_text(args.out)}")
+        runs.say(f"interrupted: {STOPPED.get(getattr(args, 'stage', None)) or runs.kept_text(args.out)}")
         sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
     finally:
         runs.release()

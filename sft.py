@@ -57,7 +57,6 @@ from data import UsageError
 
 RETRIES = 5  # an endpoint request is retried this often on connection errors, timeouts, 5xx and 429 ...
 BACKOFF_SECONDS = 1.0  # ... after waiting 1, 2, 4, 8, 16 seconds; each try waits --teacher-timeout for the reply
-PAIRS_KEPT = "interrupted: the pairs written so far are kept; the same command continues"
 
 
 # ------------------------------------------------------------------------------------ the pairs
@@ -151,15 +150,7 @@ def local_teacher(args):
 
 def build_traces(args):
     """--stage sft-data: ask the teacher about --num-pairs pairs; keep the replies whose answer is right.
-    Ctrl-C or SIGTERM (runs.Stopped, from r2rank.main) stops at once, exit 130 / 143; the pair in flight is asked again."""
-    try:
-        return ask_teacher(args)
-    except (KeyboardInterrupt, runs.Stopped) as stop:
-        runs.say(PAIRS_KEPT)
-        sys.exit(143 if isinstance(stop, runs.Stopped) else 130)
-
-
-def ask_teacher(args):
+    A stop (r2rank.run_stage's line) keeps the pairs written; the pair in flight is asked again."""
     if bool(args.teacher) == bool(args.teacher_url):
         raise UsageError("sft-data needs one teacher: --teacher (a local model) or --teacher-url (an endpoint)")
     runs.claim(args.out)  # two runs appending to the same traces would ask every pair twice

@@ -490,5 +490,5 @@ def test_a_signal_during_eval_says_nothing_was_written(signum, synthetic, tmp_pa
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signum and "Traceback" not in stderr, (process.returncode, stderr)
-    assert stderr.strip().splitlines()[-1] == evaluate.INTERRUPTED
+    assert stderr.strip().splitlines()[-1] == f"interrupted: {r2rank.STOPPED['eval']}"
     assert os.listdir(out) == [runs.LOCK]

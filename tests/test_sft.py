@@ -344,7 +344,7 @@ def test_sigterm_during_sft_data_says_what_is_kept_as_ctrl_c_does(data_dir, tmp_
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and "Traceback" not in stderr, (process.returncode, stderr)
-    assert stderr.strip().splitlines()[-1] == sft.PAIRS_KEPT
+    assert stderr.strip().splitlines()[-1] == f"interrupted: {r2rank.STOPPED['sft-data']}"
     assert len([line for path in out.glob("*.jsonl") for line in path.read_text().splitlines()]) == 1  # the answered pair
 
 
