@@ -36,6 +36,7 @@ top of r2rank.py; 12-14 are implemented in protocol.py):
     before it (their KV cache is computed once). --prompt answer-only is Table 5's
     "Without CoT": the decision alone.
 """
+import errno
 import gzip
 import json
 import os
@@ -266,6 +267,10 @@ if __name__ == "__main__":  # building a data set: datasets.py (this file stays 
 
     try:
         sys.exit(datasets.main())
-    except BrokenPipeError:  # `| head` has read what it wanted; the data set is written
+    except OSError as error:  # standard output: `| head` read what it wanted, or `> /dev/full`
+        if error.errno not in (errno.EPIPE, errno.ENOSPC):  # (writes to --out are write_dataset's one-line errors)
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if error.errno == errno.ENOSPC:  # the summary, printed after the set was written, found the device full
+            print(f"data.py: the data set is written; its summary could not be printed ({error.strerror})", file=sys.stderr)
         sys.exit(0)

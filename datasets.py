@@ -201,7 +201,7 @@ def main(argv=None):
     try:
         check_out_dir(args.out, args.overwrite)  # before the slow part
         reading = f"{args.reviews} and {args.meta}" if args.source == "amazon" else getattr(args, "path", "the generator")
-        with contextlib.suppress(BrokenPipeError):  # no reader left (`| true`): the set is built all the same
+        with contextlib.suppress(OSError):  # no reader left (`| true`), a full device: the set is built all the same
             print(f"building the {args.source} set from {reading} into {args.out} ...", flush=True)  # an Amazon category: minutes
         if args.source == "synthetic":
             stats = build_synthetic(args.out, args.users, overwrite=args.overwrite, categories_per_user=args.categories_per_user,

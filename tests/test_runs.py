@@ -355,6 +355,14 @@ def data_py_output_piped_into_head(ctx):
     return results["head -1"], {"out": ctx.tmp / "head"}
 
 
+def data_py_output_to_a_full_device(ctx):
+    out = ctx.tmp / "data"
+    command = f"{shlex.quote(sys.executable)} data.py synthetic --users 20 --out {shlex.quote(str(out))} > /dev/full"
+    result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert sorted(os.listdir(out)) == ["stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"], result.stderr
+    return result, {}
+
+
 def a_split_without_valid_and_test(ctx):
     out = ctx.tmp / "data"
     result = run_script(os.path.join(ROOT, "data.py"), "synthetic", "--split", "1:0:0", "--out", out)
@@ -421,6 +429,8 @@ FAULTS = [
      "r2rank.py: error: --out {out!r}: not valid UTF-8, which checkpoint files cannot record; choose another name"),
     ("data.py's output piped into head -1", data_py_output_piped_into_head, 0,
      "building the synthetic set from the generator into {out} ..."),
+    ("data.py's output to a full device", data_py_output_to_a_full_device, 0,
+     "data.py: the data set is written; its summary could not be printed (No space left on device)"),
     ("data.py --split 1:0:0", a_split_without_valid_and_test, 2, "data.py: error: --split 1:0:0 leaves valid and test empty; "
      "the RL stage trains on train and validates on valid, and eval reads test"),
     ("--stage eval, a --model that does not exist", eval_with_a_missing_model, 1,
