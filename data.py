@@ -1,6 +1,6 @@
 """Datasets for R2Rank under the paper's protocol (Sec. 4.1.1), and the self-check prompt (Fig. 2) that
-shows one (user, candidate) pair of an instance to the LLM. The raw sources are read by machinery/sources.py and
-the sets written by machinery/datasets.py, which runs this file's command.
+shows one (user, candidate) pair of an instance to the LLM. The raw sources are read by sources.py and
+the sets written by datasets.py, which runs this file's command.
 
     python data.py amazon --reviews Video_Games.jsonl.gz --meta meta_Video_Games.jsonl.gz --out data/vg
     python data.py movielens --path ml-100k --out data/ml100k
@@ -28,7 +28,7 @@ top of r2rank.py; 12-14 are implemented in protocol.py):
 15. MovieLens has no time window by default (its 1997-98 dates all fall outside the Amazon one), and
     its placeholder title "unknown" counts as no title.
 16. Timestamps are stored (Unix seconds) but left out of the prompt.
-17. A synthetic source (not in the paper, see machinery/sources.py) gives a small set whose labels only the
+17. A synthetic source (not in the paper, see sources.py) gives a small set whose labels only the
     history reveals; --pointwise, one whose labels the candidate's own text reveals (the quickstart's).
 18. The self-check prompt of Fig. 2 is reworded (INSTRUCTIONS), with the same three parts in the same
     order and the same two answers, a system line of its own, and the context labelled USER CONTEXT and

@@ -8,7 +8,7 @@ raw: any object with interactions [(user_id, item_id, unix seconds)], items {ite
 "text"}} (titled items only), profiles {user_id: text}, inputs [file names], touched_outside
 {user_id: items touched outside the time window}, dropped (a Counter of what the source dropped) and,
 optionally, split_of {user_id: "train", "valid" or "test"} where the source fixes the split itself:
-machinery/sources.RawData. data.py reads the instances and builds the prompt.
+sources.RawData. data.py reads the instances and builds the prompt.
 
 Departures 12-14 of the one list (the top of r2rank.py; details in data.py's docstring) are implemented here.
 """
